@@ -1,0 +1,28 @@
+"""Input validation shared by layers and the model: clear errors instead of silent NaNs."""
+
+import torch
+
+
+def check_image_batch(x: torch.Tensor, channels: int | None = None, name: str = "input") -> None:
+    """Raise TypeError/ValueError naming the problem if `x` is not a finite floating (B, C, H, W) batch."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(x.shape)} ({x.dim()}-D)")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} has {x.shape[1]} channels, expected {channels} (shape {tuple(x.shape)})")
+    check_finite(x, name)
+
+
+def check_finite(x: torch.Tensor, name: str = "input") -> None:
+    # One reduction; on CUDA this synchronises, so the model calls it at its boundary only.
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or Inf)")
+
+
+def check_even_spatial(x: torch.Tensor, name: str = "input") -> None:
+    h, w = x.shape[-2:]
+    if h % 2 or w % 2:
+        raise ValueError(f"{name} spatial size {h}x{w} is odd; squeezing needs H and W divisible by 2")

@@ -1,0 +1,278 @@
+"""The Glow model (Kingma & Dhariwal 2018): a multi-scale flow with a pluggable compute backend.
+
+Input convention (see docs/DESIGN.md): images are uint8 in [0, 255] or floats in [0, 1] (read on the
+8-bit grid); `preprocess` maps them to [-0.5, 0.5) with `n_bits` quantisation and uniform dequantisation
+noise. `encode`/`decode` work in that continuous space; `sample` returns floats in [0, 1].
+
+Backends share every parameter, so switching `model.backend` never changes the function computed:
+- "reference": the pure-PyTorch layers in glowfast.reference.
+- "fused": Triton kernels for the flow steps (glowfast.fused) and one batched-LU call (glowfast.ops) for
+  all plain-W log-determinants per forward and all inverses per decode.
+- "auto": "fused" when the input is on a CUDA device and the kernels can run, else "reference" (still
+  using the batched LU op for plain W).
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ._checks import check_finite, check_image_batch
+from .reference import COUPLINGS, PERMUTATIONS, FlowStep, Split2d, TopPrior, squeeze2d, unsqueeze2d
+
+BACKENDS = ("reference", "fused", "auto")
+
+
+class GlowOutput(NamedTuple):
+    log_prob: torch.Tensor  # (B,) nats, log-likelihood of the discrete image (dequantisation bound)
+    bits_per_dim: torch.Tensor  # (B,)
+    y_logits: torch.Tensor | None  # (B, n_classes) for class-conditional models
+
+
+class GlowLevel(nn.Module):
+    """squeeze -> K flow steps -> (split, except at the top level)."""
+
+    def __init__(self, channels: int, K: int, split: bool, **step_kwargs):
+        super().__init__()
+        self.steps = nn.ModuleList(FlowStep(channels, **step_kwargs) for _ in range(K))
+        self.split = Split2d(channels) if split else None
+
+
+class Glow(nn.Module):
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        K: int,
+        L: int,
+        hidden_channels: int = 512,
+        coupling: str = "affine",
+        permutation: str = "invconv",
+        lu: bool = True,
+        learn_top: bool = True,
+        n_classes: int | None = None,
+        n_bits: int = 8,
+        backend: str = "reference",
+    ):
+        super().__init__()
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}")
+        c, h, w = (int(v) for v in image_shape)
+        if K < 1 or L < 1:
+            raise ValueError(f"K and L must be >= 1, got K={K}, L={L}")
+        if h % 2**L or w % 2**L:
+            raise ValueError(f"image size {h}x{w} is not divisible by 2^L = {2**L} (L={L} squeezes)")
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {tuple(COUPLINGS)}, got {coupling!r}")
+        if permutation not in PERMUTATIONS:
+            raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
+        if not 1 <= n_bits <= 8:
+            raise ValueError(f"n_bits must be in 1..8, got {n_bits}")
+        if n_classes is not None and n_classes < 2:
+            raise ValueError(f"n_classes must be >= 2 or None, got {n_classes}")
+        self.image_shape = (c, h, w)
+        self.config = dict(image_shape=(c, h, w), K=K, L=L, hidden_channels=hidden_channels, coupling=coupling,
+                           permutation=permutation, lu=lu, learn_top=learn_top, n_classes=n_classes,
+                           n_bits=n_bits)
+        self.n_bits = n_bits
+        self.n_bins = 2**n_bits
+        self.n_classes = n_classes
+        self.backend = backend
+        levels = []
+        for level in range(L):
+            c, h, w = 4 * c, h // 2, w // 2
+            split = level < L - 1
+            levels.append(GlowLevel(c, K, split, hidden_channels=hidden_channels, coupling=coupling,
+                                    permutation=permutation, lu=lu))
+            if split:
+                c = c // 2
+        self.levels = nn.ModuleList(levels)
+        self.top_shape = (c, h, w)
+        self.prior = TopPrior(self.top_shape, learn_top=learn_top, n_classes=n_classes)
+
+    # ----------------------------------------------------------------------------------------- backend
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    def resolve_backend(self, device: torch.device) -> str:
+        """The compute path used for tensors on `device`; raises if "fused" cannot run there."""
+        if self.backend == "reference":
+            return "reference"
+        from . import fused
+
+        ok, reason = fused.fused_available(device)
+        if self.backend == "fused" and not ok:
+            raise RuntimeError(f"backend='fused' cannot run on {device}: {reason}. "
+                               "Use backend='auto' or 'reference'.")
+        return "fused" if ok else "reference"
+
+    def steps(self) -> list[FlowStep]:
+        return [step for level in self.levels for step in level.steps]
+
+    def _uses_batched_lu(self) -> bool:
+        """Plain-W log-determinants/inverses go through one batched-LU call unless backend='reference'."""
+        return self.backend != "reference" and self.steps()[0].has_plain_invconv
+
+    def _w_logabsdets(self) -> list | None:
+        if not self._uses_batched_lu():
+            return None
+        from .ops import batched_slogdet
+
+        return list(batched_slogdet([s.permute.weight for s in self.steps()])[1])
+
+    def _w_inverses(self) -> list | None:
+        if not self._uses_batched_lu():
+            return None
+        from .ops import batched_inverse
+
+        return list(batched_inverse([s.permute.weight for s in self.steps()]))
+
+    def _steps_forward(self, steps, z, w_lds, backend):
+        if backend == "fused":
+            from . import fused
+
+            return fused.steps_forward(list(steps), z, w_lds)
+        logdet = z.new_zeros(z.shape[0])
+        for i, step in enumerate(steps):
+            z, ld = step(z, None if w_lds is None else w_lds[i])
+            logdet = logdet + ld
+        return z, logdet
+
+    def _steps_inverse(self, steps, z, w_invs, backend):
+        if backend == "fused":
+            from . import fused
+
+            return fused.steps_inverse(list(steps), z, w_invs)
+        for i in reversed(range(len(steps))):
+            z = steps[i].inverse(z, None if w_invs is None else w_invs[i])
+        return z
+
+    # ----------------------------------------------------------------------------------------- data
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def preprocess(self, x: torch.Tensor, dequantize: bool = True,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (uint8 in [0, 255] or float in [0, 1]) -> continuous model space [-0.5, 0.5)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)} ({x.dim()}-D)")
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"images have shape (C, H, W) = {tuple(x.shape[1:])}, model expects "
+                             f"{self.image_shape}")
+        if x.dtype == torch.uint8:
+            x = x.to(self._param_dtype())
+        elif x.is_floating_point():
+            check_finite(x, "images")
+            if bool((x < 0).any() or (x > 1).any()):
+                raise ValueError("float images must lie in [0, 1] (uint8 images in [0, 255])")
+            x = torch.round(x.to(self._param_dtype()) * 255)
+        else:
+            raise TypeError(f"images must be uint8 or floating point, got dtype {x.dtype}")
+        x = torch.floor(x / 2 ** (8 - self.n_bits)) / self.n_bins - 0.5
+        if dequantize:
+            x = x + torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) / self.n_bins
+        return x
+
+    def postprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> float images in [0, 1] on the n_bits grid."""
+        x = torch.floor((x + 0.5) * self.n_bins).clamp(0, self.n_bins - 1)
+        return x * (2 ** (8 - self.n_bits)) / 255.0
+
+    # ----------------------------------------------------------------------------------------- flow
+    def _flow(self, x: torch.Tensor):
+        """x in model space -> (latents, logdet, sum of the split priors' log p(z2 | z1))."""
+        check_image_batch(x, self.image_shape[0], "x")
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"x has shape (C, H, W) = {tuple(x.shape[1:])}, model expects {self.image_shape}")
+        backend = self.resolve_backend(x.device)
+        w_lds = self._w_logabsdets()
+        k = 0
+        z = x
+        logdet = x.new_zeros(x.shape[0])
+        log_pz = x.new_zeros(x.shape[0])
+        latents = []
+        for level in self.levels:
+            z = squeeze2d(z)
+            n = len(level.steps)
+            z, ld = self._steps_forward(level.steps, z, None if w_lds is None else w_lds[k: k + n], backend)
+            k += n
+            logdet = logdet + ld
+            if level.split is not None:
+                z, z2, lp = level.split(z)
+                latents.append(z2)
+                log_pz = log_pz + lp
+        latents.append(z)
+        return latents, logdet, log_pz
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x in model space -> (latents, logdet): one factored-out latent per split, then the top one."""
+        latents, logdet, _ = self._flow(x)
+        return latents, logdet
+
+    def decode(self, latents: list[torch.Tensor | None], y: torch.Tensor | None = None,
+               temperature: float = 1.0, generator: torch.Generator | None = None,
+               n: int | None = None) -> torch.Tensor:
+        """Latents -> x in model space. A None latent is drawn from its prior at `temperature`."""
+        if len(latents) != len(self.levels):
+            raise ValueError(f"expected {len(self.levels)} latents (one per level), got {len(latents)}")
+        z = latents[-1]
+        device = next(self.parameters()).device
+        if z is None:
+            if n is None:
+                known = [t for t in latents if t is not None]
+                n = known[0].shape[0] if known else None
+            if n is None:
+                raise ValueError("decode: all latents are None; pass n (the number of samples)")
+            z = self.prior.sample(n, y, temperature, generator, device, self._param_dtype())
+        else:
+            check_finite(z, "top latent")
+        backend = self.resolve_backend(z.device)
+        w_invs = self._w_inverses()
+        k = sum(len(level.steps) for level in self.levels)
+        for i in reversed(range(len(self.levels))):
+            level = self.levels[i]
+            if level.split is not None:
+                z = level.split.inverse(z, latents[i], temperature, generator)
+            n_steps = len(level.steps)
+            k -= n_steps
+            z = self._steps_inverse(level.steps, z, None if w_invs is None else w_invs[k: k + n_steps], backend)
+            z = unsqueeze2d(z)
+        return z
+
+    # ----------------------------------------------------------------------------------------- likelihood
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, dequantize: bool = True,
+                generator: torch.Generator | None = None) -> GlowOutput:
+        """Images -> GlowOutput(log_prob, bits_per_dim, y_logits). Training minimises bits_per_dim.mean()."""
+        xc = self.preprocess(x, dequantize=dequantize, generator=generator)
+        latents, logdet, log_pz = self._flow(xc)
+        log_pz = log_pz + self.prior.log_prob(latents[-1], y)
+        num_dims = math.prod(self.image_shape)
+        log_prob = log_pz + logdet - num_dims * math.log(self.n_bins)
+        bpd = -log_prob / (num_dims * math.log(2.0))
+        return GlowOutput(log_prob, bpd, self.prior.class_logits(latents[-1]))
+
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None, dequantize: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample log-likelihood in nats of the discrete images, including the dequantisation term."""
+        return self.forward(x, y, dequantize, generator).log_prob
+
+    def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None, dequantize: bool = True,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.forward(x, y, dequantize, generator).bits_per_dim
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, y: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images as floats in [0, 1]; temperature scales every prior's standard deviation."""
+        x = self.decode([None] * len(self.levels), y=y, temperature=temperature, generator=generator, n=n)
+        return self.postprocess(x)
+

@@ -1,0 +1,66 @@
+"""ActNorm2d: per-channel affine map with data-dependent initialisation (Glow §3.1)."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class ActNorm2d(nn.Module):
+    """y = (x + bias) * exp(log_scale); logdet = H*W*sum(log_scale).
+
+    The first forward call in training mode initialises bias = -mean and log_scale = -log(std + eps)
+    per channel from that batch, so the outputs have zero mean and unit variance per channel.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.channels = channels
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set bias and log_scale from the batch `x` (B, C, H, W)."""
+        mean, std = self.batch_stats(x)
+        self.set_from_stats(mean, std)
+
+    @staticmethod
+    @torch.no_grad()
+    def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std over (B, H, W) — over all ranks' batches under torch.distributed.
+
+        Averaging the first and second moments across ranks (equal per-rank batch sizes, as
+        DistributedSampler gives) makes the initialisation identical on every rank, as DDP requires.
+        """
+        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
+        moments = torch.stack([flat.mean(dim=1), flat.pow(2).mean(dim=1)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(moments)
+            moments /= dist.get_world_size()
+        mean, sq = moments
+        std = (sq - mean**2).clamp_min(0).sqrt()
+        return mean.to(x.dtype), std.to(x.dtype)
+
+    @torch.no_grad()
+    def set_from_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + self.eps))
+        self.initialized.fill_(True)
+
+    def needs_init(self) -> bool:
+        return self.training and not bool(self.initialized)
+
+    def logdet(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return (h * w * self.log_scale.sum()).expand(x.shape[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.needs_init():
+            self.initialize(x)
+        y = (x + self.bias.view(1, -1, 1, 1)) * torch.exp(self.log_scale).view(1, -1, 1, 1)
+        return y, self.logdet(x)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * torch.exp(-self.log_scale).view(1, -1, 1, 1) - self.bias.view(1, -1, 1, 1)
