@@ -1,0 +1,175 @@
+"""glowfast.ood on synthetic distributions with known answers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from glowfast import ood
+
+
+def _phi(x):
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+# ----------------------------------------------------------------------------------------------- AUROC
+@pytest.mark.parametrize("d", [0.0, 0.5, 1.0, 2.0])
+def test_auroc_gaussians_known_answer(d):
+    # s_in ~ N(0,1), s_out ~ N(d,1): P(s_out > s_in) = Phi(d / sqrt(2)).
+    rng = np.random.default_rng(1)
+    n = 4000
+    a = ood.auroc(rng.normal(0, 1, n), rng.normal(d, 1, n))
+    expected = _phi(d / math.sqrt(2))
+    # the standard error of the Mann-Whitney AUROC at n = 4000 per side is <= ~0.0065
+    assert abs(a - expected) < 0.02, (a, expected)
+
+
+def test_auroc_symmetry_and_complement():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(0, 1, 300), rng.normal(0.7, 2, 500)
+    assert ood.auroc(x, y) == pytest.approx(1.0 - ood.auroc(y, x), abs=1e-12)
+
+
+def test_auroc_perfect_and_reversed_separation():
+    assert ood.auroc([0.0, 1.0, 2.0], [3.0, 4.0]) == 1.0
+    assert ood.auroc([3.0, 4.0], [0.0, 1.0, 2.0]) == 0.0
+
+
+def test_auroc_ties_count_one_half():
+    assert ood.auroc([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5
+    # pairs (in, out): (0,1) 1, (0,2) 1, (1,1) 0.5, (1,2) 1  -> 3.5 / 4
+    assert ood.auroc([0.0, 1.0], [1.0, 2.0]) == pytest.approx(0.875)
+    # heavily tied integer scores against a brute-force pair count
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 5, 200).astype(float), rng.integers(1, 6, 150).astype(float)
+    brute = ((b[None, :] > a[:, None]).sum() + 0.5 * (b[None, :] == a[:, None]).sum()) / (a.size * b.size)
+    assert ood.auroc(a, b) == pytest.approx(brute, abs=1e-12)
+
+
+def test_auroc_matches_sklearn_and_roc_curve():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(4)
+    a, b = np.round(rng.normal(0, 1, 700), 1), np.round(rng.normal(0.4, 1.3, 400), 1)
+    labels = np.r_[np.zeros(a.size), np.ones(b.size)]
+    ref = metrics.roc_auc_score(labels, np.r_[a, b])
+    assert ood.auroc(a, b) == pytest.approx(ref, abs=1e-12)
+    fpr, tpr = ood.roc_curve(a, b)
+    assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", [[], np.array([]), [1.0, np.nan], [np.inf], 3.0])
+def test_auroc_bad_input(bad):
+    with pytest.raises(ValueError):
+        ood.auroc(bad, [1.0, 2.0])
+    with pytest.raises(ValueError):
+        ood.auroc([1.0, 2.0], bad)
+
+
+# ----------------------------------------------------------------------------------------------- typicality
+D = 50
+C = 0.5 * D * math.log(2 * math.pi)
+
+
+def gaussian_nll(n, sigma=1.0, seed=0):
+    """NLL under N(0, I_D) of n samples x ~ N(0, sigma^2 I_D): C + ||x||^2 / 2 = C + sigma^2 chi2_D / 2."""
+    x = np.random.default_rng(seed).normal(0.0, sigma, size=(n, D))
+    return C + 0.5 * (x**2).sum(1)
+
+
+def exact_epsilon(M, alpha):
+    """The alpha-quantile of |mean NLL of M samples - H| with H = C + D/2: mean NLL = C + chi2_{MD} / (2M)."""
+    stats = pytest.importorskip("scipy.stats")
+    optimize = pytest.importorskip("scipy.optimize")
+    k = M * D
+
+    def coverage(eps):
+        return stats.chi2.cdf(k + 2 * M * eps, k) - stats.chi2.cdf(max(k - 2 * M * eps, 0.0), k) - alpha
+
+    return optimize.brentq(coverage, 1e-9, 10 * D)
+
+
+@pytest.mark.parametrize("M", [1, 10, 100])
+def test_typicality_epsilon_matches_chi_square(M):
+    alpha = 0.95
+    held = gaussian_nll(20000, seed=1)
+    eps = ood.typicality_epsilon(held, C + D / 2, M, K=4000, alpha=alpha, rng=0)
+    assert eps == pytest.approx(exact_epsilon(M, alpha), rel=0.08)
+
+
+def test_typicality_in_distribution_flagged_at_nominal_rate():
+    alpha = 0.95
+    train, held, test = gaussian_nll(20000, seed=1), gaussian_nll(5000, seed=2), gaussian_nll(20000, seed=3)
+    table = ood.typicality_table(train, held, test, {}, Ms=(1, 5, 25, 100), K=4000, alpha=alpha,
+                                 n_batches=2000, rng=0)
+    assert table["entropy_estimate"] == pytest.approx(C + D / 2, abs=0.2)  # the true entropy of N(0, I_D)
+    for row in table["rows"]:
+        # nominal 1 - alpha = 0.05; binomial SE at 2000 batches ~0.005, plus bootstrap/H-hat error
+        assert abs(row["in_distribution_flagged"] - (1 - alpha)) < 0.03, row
+
+
+def test_typicality_flags_higher_likelihood_shifted_scale():
+    """x ~ N(0, 0.8^2 I): same mean, HIGHER likelihood than in-distribution data (a likelihood threshold
+    misses it: AUROC < 0.5), yet outside the typical set, so the typicality test flags it as M grows."""
+    alpha = 0.99
+    train, held, test = gaussian_nll(20000, seed=1), gaussian_nll(5000, seed=2), gaussian_nll(10000, seed=3)
+    narrow = gaussian_nll(10000, sigma=0.8, seed=4)
+    wide = gaussian_nll(10000, sigma=1.2, seed=5)
+    assert ood.auroc(test, narrow) < 0.2  # likelihood says "more in-distribution than the test set"
+    Ms = (1, 2, 5, 10, 25, 50, 100)
+    table = ood.typicality_table(train, held, test, {"narrow": narrow, "wide": wide}, Ms=Ms, K=2000,
+                                 alpha=alpha, n_batches=1000, rng=0)
+    rates = [row["ood_flagged"]["narrow"] for row in table["rows"]]
+    assert rates[0] < 0.2  # single inputs: hard to tell
+    assert rates[-1] == 1.0  # M = 100: always flagged
+    assert all(b >= a - 0.05 for a, b in zip(rates, rates[1:])), rates  # (nearly) monotone in M
+    assert table["rows"][-1]["ood_flagged"]["wide"] == 1.0
+    for row in table["rows"]:
+        assert row["in_distribution_flagged"] < 0.03
+    assert table["mean_nll"]["narrow"] < table["mean_nll"]["test_in"]
+
+
+def test_typicality_test_single_and_batched():
+    H = 10.0
+    assert ood.typicality_test([10.0, 10.2], H, 0.5) is False
+    assert ood.typicality_test([12.0, 11.0], H, 0.5) is True
+    assert ood.typicality_test([8.0, 9.0], H, 0.5) is True  # too likely is OOD too
+    flags = ood.typicality_test(np.array([[10.0, 10.0], [11.0, 11.0], [9.0, 8.0]]), H, 0.5)
+    assert flags.tolist() == [False, True, True]
+    assert ood.typicality_statistic([9.0, 8.0], H) == pytest.approx(1.5)
+
+
+def test_batch_means_without_replacement_uses_distinct_items():
+    x = np.arange(10, dtype=float)
+    m = ood.batch_means(x, 10, 5, rng=0)
+    assert np.allclose(m, 4.5)  # every batch of 10 out of 10 distinct items is the whole set
+    assert ood.batch_means(x, 3, 7, rng=0).shape == (7,)
+    assert ood.bootstrap_batch_means(x, 20, 30, rng=0).shape == (30,)  # with replacement: M > N is fine
+
+
+def test_typicality_bad_input():
+    x = np.ones(10)
+    with pytest.raises(ValueError):
+        ood.typicality_epsilon([], 1.0, 5)
+    with pytest.raises(ValueError):
+        ood.typicality_epsilon(x, 1.0, 0)
+    with pytest.raises(ValueError):
+        ood.typicality_epsilon(x, 1.0, 2.5)
+    for alpha in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            ood.typicality_epsilon(x, 1.0, 5, alpha=alpha)
+    with pytest.raises(ValueError):
+        ood.typicality_epsilon(x, 1.0, 5, K=0)
+    with pytest.raises(ValueError):
+        ood.typicality_epsilon(x, float("nan"), 5)
+    with pytest.raises(ValueError):
+        ood.fraction_flagged(x, 1.0, -1.0, 2)
+    with pytest.raises(ValueError):
+        ood.fraction_flagged([], 1.0, 1.0, 2)
+    with pytest.raises(ValueError):
+        ood.batch_means(x, 11, 3, replace=False)
+    with pytest.raises(ValueError):
+        ood.typicality_test([], 1.0, 1.0)
+    with pytest.raises(ValueError):
+        ood.typicality_table(x, x, x, {}, Ms=(0,))
