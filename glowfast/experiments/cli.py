@@ -1,0 +1,184 @@
+"""Command line and the shared context of the experiments (models and scores computed once per process)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import find_checkpoint
+from ..model import Glow
+from .common import (
+    ModelSpec,
+    Trained,
+    _log,
+    bpd_unit_note,
+    build_model,
+    load_split,
+    model_summary,
+    nll_bits_per_dim,
+    provenance,
+    resolve_device,
+    resolve_preset,
+    set_backend,
+    train,
+    write_results,
+)
+
+EXPERIMENTS = ("ablation-permutation", "ablation-coupling", "samples", "interpolation", "attributes", "ood",
+               "typicality")
+
+
+class Context:
+    def __init__(self, args, preset, notes, device):
+        self.preset = preset
+        self.notes = notes
+        self.device = device
+        self.backend = args.backend
+        self.data_dir = args.data_dir
+        self.cache = Path(args.cache)
+        self.checkpoint = args.checkpoint
+        self.args_cifar = args.cifar
+        self.alpha = args.alpha
+        self.out = Path(args.out)
+        self._models: dict[str, Trained] = {}
+        self._scores: dict = {}
+        self._main_test_bpd: dict | None = None
+
+    def get_model(self, spec: ModelSpec) -> Trained:
+        key = spec.key()
+        if key not in self._models:
+            self._models[key] = train(spec, self.data_dir, self.device, self.backend, self.cache)
+        return self._models[key]
+
+    def main_model(self) -> Trained:
+        if self.checkpoint:
+            if "__checkpoint__" not in self._models:
+                self._models["__checkpoint__"] = self._load_checkpoint(self.checkpoint)
+            return self._models["__checkpoint__"]
+        return self.get_model(self.preset.main)
+
+    def _load_checkpoint(self, path) -> Trained:
+        p, state = find_checkpoint(path, map_location="cpu")
+        if "spec" in state:
+            spec = ModelSpec(**{k: v for k, v in state["spec"].items() if k in {f.name for f in fields(ModelSpec)}})
+            model = build_model(spec)
+        else:  # a glowfast.train checkpoint: model state + Glow config
+            cfg = dict(state["config"].get("model", state["config"]))
+            cfg = {k: v for k, v in cfg.items() if k in Glow.__init__.__code__.co_varnames}
+            cfg.pop("backend", None)
+            model = Glow(**cfg)
+            spec = replace(self.preset.main, size=int(model.image_shape[-1]), K=len(model.levels[0].steps),
+                           L=len(model.levels), conditional=model.n_classes is not None,
+                           hidden=int(cfg.get("hidden_channels", 0)), holdout=0)
+        model.load_state_dict(state["model"])
+        model.to(self.device).eval()
+        set_backend(model, self.backend, self.device)
+        _log(f"using checkpoint {p}")
+        return Trained(model, spec, state.get("history", {}), p, cached=True)
+
+    def scores(self, trained: Trained):
+        from .ood_exp import Scores
+
+        key = id(trained)
+        if key not in self._scores:
+            self._scores[key] = Scores(self, trained, self.preset.ood_n)
+        return self._scores[key]
+
+    def main_test_bpd(self) -> dict:
+        """Headline numbers of the shared model on the whole test set (computed once)."""
+        if self._main_test_bpd is None:
+            t = self.main_model()
+            te = load_split(t.spec.dataset, "test", self.data_dir, t.spec.size)
+            d = {"n_test": int(te.images.shape[0]), "bpd_unit": bpd_unit_note(t.spec)}
+            d["test_bpd_marginal"] = float(nll_bits_per_dim(t.model, te.images, self.device).mean())
+            if t.model.n_classes:
+                d["test_bpd_given_true_class"] = float(
+                    nll_bits_per_dim(t.model, te.images, self.device, labels=te.labels).mean())
+            self._main_test_bpd = d
+        return self._main_test_bpd
+
+    def main_summary(self) -> dict:
+        return {**model_summary(self.main_model()), **self.main_test_bpd()}
+
+
+def run_one(ctx: Context, name: str) -> tuple[dict, str]:
+    from .ablation import run_ablation
+    from .generative import run_attributes, run_interpolation, run_samples
+    from .ood_exp import run_ood, run_typicality
+
+    if name == "ablation-permutation":
+        return run_ablation(ctx, "permutation")
+    if name == "ablation-coupling":
+        return run_ablation(ctx, "coupling")
+    if name == "samples":
+        return run_samples(ctx)
+    if name == "interpolation":
+        return run_interpolation(ctx)
+    if name == "attributes":
+        return run_attributes(ctx)
+    if name == "ood":
+        return run_ood(ctx)
+    if name == "typicality":
+        return run_typicality(ctx, ctx.alpha)
+    raise ValueError(f"unknown experiment {name!r}")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m glowfast.experiments",
+                                 description="Reproduce the Glow literature's experiments (see module docstring).")
+    ap.add_argument("names", nargs="+", metavar="NAME", choices=(*EXPERIMENTS, "all"),
+                    help=f"one or more of {', '.join(EXPERIMENTS)}, or all")
+    ap.add_argument("--config", default="tiny", choices=("tiny", "small", "full"))
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--out", default=None, help="output folder (one NAME) or root folder (several / all)")
+    ap.add_argument("--cache", default=None, help="trained-model cache (default: OUT_ROOT/models)")
+    ap.add_argument("--checkpoint", default=None, help="use this model as the shared model of experiments 2-6")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", default="auto", choices=("auto", "reference", "fused"))
+    ap.add_argument("--steps", type=int, default=None, help="override every model's number of training steps")
+    ap.add_argument("--time-limit", type=float, default=None, help="override each model's training time cap (s)")
+    ap.add_argument("--alpha", type=float, default=0.99, help="typicality test confidence (paper: 0.99)")
+    ap.add_argument("--cifar", action="store_true", help="ood: also train a CIFAR-10 model (needs its data)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    names = list(EXPERIMENTS) if "all" in args.names else list(dict.fromkeys(args.names))
+    single = len(names) == 1
+    root = Path(args.out) if args.out else (Path("results") / names[0] if single else Path("results"))
+    cache_root = root.parent if single else root
+    args.cache = args.cache or str(cache_root / "models")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    preset, notes = resolve_preset(args.config, args.data_dir, args.steps, args.time_limit)
+    if args.seed:
+        preset = replace(preset, main=replace(preset.main, seed=args.seed),
+                         ablation=replace(preset.ablation, seed=args.seed))
+    argv_list = list(argv) if argv is not None else None
+    prov = provenance(device, argv_list)
+    ctx = Context(args, preset, notes, device)
+    timings = {}
+    for name in names:
+        ctx.out = root if single else root / name
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        _log(f"{name} (config {preset.name}, device {device}) -> {ctx.out}")
+        results, md = run_one(ctx, name)
+        wall = time.perf_counter() - t0
+        timings[name] = wall
+        results = {"config": preset.name, "config_notes": preset.notes, "notes": notes, "wall_s": wall,
+                   "preset": {"main": asdict(preset.main), "ablation": asdict(preset.ablation)}, **results}
+        header = f"Config **{preset.name}**: {preset.notes}\n" + "".join(f"\n- {n}" for n in notes)
+        header += f"\n\nWall time of this command (this process, incl. training unless cached): {wall:.1f} s.\n\n"
+        write_results(ctx.out, name, results, header + md, prov)
+        _log(f"{name} done in {wall:.1f}s")
+    return 0

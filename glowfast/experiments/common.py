@@ -1,0 +1,562 @@
+"""Shared machinery of the experiments: configs, data, training, likelihoods, images and reports."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import CheckpointError, find_checkpoint, save_checkpoint
+from ..data import DatasetNotFoundError, dataset_info, get_dataset
+from ..model import Glow
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to train: architecture + data + optimisation. Its hash names its cache folder."""
+
+    dataset: str
+    size: int
+    K: int
+    L: int
+    hidden: int
+    coupling: str = "affine"
+    permutation: str = "invconv"
+    lu: bool = True
+    conditional: bool = True
+    batch: int = 64
+    steps: int = 200
+    lr: float = 1e-3
+    warmup: int = 50
+    max_grad_norm: float = 50.0
+    time_limit_s: float = 1e9  # training stops early (and says so) when it runs past this
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_n: int = 1000  # test images for the periodic evaluation (0 = all)
+    holdout: int = 0  # last `holdout` training images are held out (typicality's validation set)
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        tag = f"{self.dataset}-{self.size}px-K{self.K}L{self.L}h{self.hidden}-{self.coupling}-{self.permutation}"
+        return f"{tag}{'-cond' if self.conditional else ''}-{hashlib.sha1(blob).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one config (tiny: CPU smoke test; small: ~10 min of CPU; full: one H100, < 10 min/command)."""
+
+    name: str
+    main: ModelSpec  # the shared class-conditional model of experiments 2-6
+    reverse_steps: int  # the second OOD model (trained on the OOD set of the main model), steps
+    reverse_time_limit_s: float
+    ablation: ModelSpec  # the base model of the ablations (unconditional)
+    ood_n: int  # images scored per OOD set (and of the in-distribution test set), 0 = all
+    score_n_train: int  # training images scored for typicality's entropy estimate
+    typicality_K: int
+    typicality_batches: int
+    grid_n: int  # samples per temperature grid (a square number)
+    per_class: int  # samples per class in the class-conditional grid
+    interp_steps: int
+    notes: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        main=ModelSpec("mnist", 16, K=2, L=2, hidden=32, batch=64, steps=120, warmup=20, eval_n=256, holdout=500,
+                       time_limit_s=25),
+        reverse_steps=60, reverse_time_limit_s=12,
+        ablation=ModelSpec("mnist", 16, K=2, L=2, hidden=32, conditional=False, batch=64, steps=40, warmup=10,
+                           eval_every=10, eval_n=256, time_limit_s=10),
+        ood_n=512, score_n_train=512, typicality_K=200, typicality_batches=200, grid_n=16, per_class=4,
+        interp_steps=6,
+        notes="CPU smoke test: a tiny model trained for seconds; numbers are meaningless."),
+    "small": Preset(
+        name="small",
+        main=ModelSpec("mnist", 28, K=4, L=2, hidden=64, batch=64, steps=100000, warmup=100, eval_n=2000,
+                       holdout=5000, time_limit_s=420),
+        reverse_steps=100000, reverse_time_limit_s=240,
+        ablation=ModelSpec("mnist", 28, K=4, L=2, hidden=64, conditional=False, batch=64, steps=300, warmup=50,
+                           eval_every=50, eval_n=1000, time_limit_s=300),
+        ood_n=2000, score_n_train=5000, typicality_K=1000, typicality_batches=1000, grid_n=64, per_class=8,
+        interp_steps=8,
+        notes="CPU, small model (2 cores): trained for minutes, far from converged."),
+    "full": Preset(
+        name="full",
+        main=ModelSpec("mnist", 28, K=16, L=2, hidden=512, batch=256, steps=4000, warmup=200, eval_n=0,
+                       holdout=5000, time_limit_s=300),
+        reverse_steps=2000, reverse_time_limit_s=150,
+        ablation=ModelSpec("mnist", 28, K=8, L=2, hidden=256, conditional=False, batch=256, steps=1500,
+                           warmup=100, eval_every=100, eval_n=2000, time_limit_s=120),
+        ood_n=0, score_n_train=10000, typicality_K=2000, typicality_batches=2000, grid_n=64, per_class=10,
+        interp_steps=9,
+        notes="One H100: every command < 10 min (estimate, see results/README.md)."),
+}
+
+TINY_FALLBACK = "digits"  # used by the tiny config when MNIST is not under --data-dir (no download needed)
+
+
+def resolve_preset(name: str, data_dir: str | os.PathLike, steps: int | None = None,
+                   time_limit: float | None = None) -> tuple[Preset, list[str]]:
+    """The preset, with the tiny config's fallback to digits when MNIST is missing; returns (preset, notes)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; choose from {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    notes = []
+    if not dataset_available("mnist", data_dir):
+        if name != "tiny":
+            raise DatasetNotFoundError(
+                f"MNIST is not under {data_dir!r}: run `python -m glowfast.data prepare mnist --data-dir "
+                f"{data_dir}` (or use --config tiny, which falls back to scikit-learn's digits)")
+        notes.append(f"MNIST not found under {data_dir}: the tiny config uses the 8x8 digits dataset instead.")
+        p = replace(p, main=replace(p.main, dataset=TINY_FALLBACK, size=8, holdout=200),
+                    ablation=replace(p.ablation, dataset=TINY_FALLBACK, size=8), ood_n=256, score_n_train=300)
+    if steps is not None:
+        p = replace(p, main=replace(p.main, steps=steps), ablation=replace(p.ablation, steps=steps),
+                    reverse_steps=steps)
+    if time_limit is not None:
+        p = replace(p, main=replace(p.main, time_limit_s=time_limit),
+                    ablation=replace(p.ablation, time_limit_s=time_limit), reverse_time_limit_s=time_limit)
+    return p, notes
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+_AVAILABLE: dict[tuple[str, str], bool] = {}
+
+
+def dataset_available(name: str, data_dir) -> bool:
+    key = (name, str(Path(data_dir).resolve()))
+    if key not in _AVAILABLE:
+        try:
+            get_dataset(name, "test", data_dir)
+            _AVAILABLE[key] = True
+        except (DatasetNotFoundError, FileNotFoundError):
+            _AVAILABLE[key] = False
+    return _AVAILABLE[key]
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    name: str
+
+
+def load_split(name: str, split: str, data_dir, size: int, image_shape=None, n: int | None = None,
+               in_dist: str | None = None) -> Split:
+    """uint8 images + labels of a dataset split at `size`. Besides glowfast.data's sets:
+    ``inverted-<name>`` = 255 - images of another set (e.g. inverted-digits)."""
+    if name.startswith("inverted-") and name != "inverted-mnist":
+        base = load_split(name[len("inverted-"):], split, data_dir, size, n=n)
+        return Split(255 - base.images, base.labels, name)
+    if name in ("noise", "constant"):
+        ds = get_dataset(name, split, data_dir, image_shape=tuple(image_shape), n=n or 2000)
+    else:
+        ds = get_dataset(name, split, data_dir, size=size)
+    images = getattr(ds, "images", None)
+    labels = getattr(ds, "labels", None)
+    if not isinstance(images, torch.Tensor):
+        pairs = [ds[i] for i in range(len(ds) if n is None else min(n, len(ds)))]
+        images = torch.stack([p[0] for p in pairs])
+        labels = torch.tensor([int(p[1]) for p in pairs])
+    if n is not None and n < images.shape[0]:
+        g = torch.Generator().manual_seed(1234)
+        idx = torch.randperm(images.shape[0], generator=g)[:n].sort().values
+        images, labels = images[idx], labels[idx]
+    return Split(images.contiguous(), labels.to(torch.int64), name)
+
+
+def train_holdout(spec: ModelSpec, data_dir) -> tuple[Split, Split | None]:
+    """The training split minus its last `holdout` images, and those held-out images (validation)."""
+    full = load_split(spec.dataset, "train", data_dir, spec.size)
+    if spec.holdout <= 0:
+        return full, None
+    h = min(spec.holdout, full.images.shape[0] // 5)
+    return (Split(full.images[:-h], full.labels[:-h], full.name),
+            Split(full.images[-h:], full.labels[-h:], full.name + "-heldout"))
+
+
+# ------------------------------------------------------------------------------------------------ device & model
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_model(spec: ModelSpec, backend: str = "reference") -> Glow:
+    info = dataset_info(spec.dataset, spec.size)
+    n_classes = info.n_classes if spec.conditional and info.n_classes >= 2 else None
+    return Glow(info.image_shape, K=spec.K, L=spec.L, hidden_channels=spec.hidden, coupling=spec.coupling,
+                permutation=spec.permutation, lu=spec.lu, n_classes=n_classes, backend="reference")
+
+
+def set_backend(model: Glow, backend: str, device: torch.device) -> str:
+    """Set `backend`, falling back to 'reference' (with a warning) when it cannot run here.
+    Returns the compute path actually used on `device`."""
+    model.backend = backend
+    try:
+        with torch.no_grad():
+            x = torch.zeros((2, *model.image_shape), dtype=torch.uint8, device=device)
+            y = torch.zeros(2, dtype=torch.long, device=device) if model.n_classes else None
+            was = model.training
+            model.eval()
+            model(x, y)
+            model.train(was)
+        return model.resolve_backend(device)
+    except (ImportError, RuntimeError, NotImplementedError) as e:
+        if backend == "reference":
+            raise
+        warnings.warn(f"backend={backend!r} unavailable ({type(e).__name__}: {e}); using 'reference'",
+                      stacklevel=2)
+        model.backend = "reference"
+        return "reference"
+
+
+# ------------------------------------------------------------------------------------------------ likelihoods
+
+
+@torch.no_grad()
+def class_log_likelihoods(model: Glow, xc: torch.Tensor) -> torch.Tensor:
+    """log p(x | y) in nats for every class y, (B, n_classes), from ONE flow pass over x (model space).
+
+    Only the top prior depends on y in Glow, so the flow, its log-determinant and the split priors are shared.
+    """
+    latents, logdet, log_pz = model._flow(xc)
+    top = latents[-1]
+    b = top.shape[0]
+    const = logdet + log_pz - math.prod(model.image_shape) * math.log(model.n_bins)
+    cols = [model.prior.log_prob(top, torch.full((b,), c, dtype=torch.long, device=top.device)) for c in
+            range(model.n_classes)]
+    return torch.stack(cols, 1) + const[:, None]
+
+
+@torch.no_grad()
+def nll_bits_per_dim(model: Glow, images: torch.Tensor, device, batch_size: int = 500, seed: int = 0,
+                     labels: torch.Tensor | None = None, return_class_ll: bool = False):
+    """Per-image −log p(x) in bits/dim (numpy, (N,)). A class-conditional model is scored by its marginal
+    p(x) = mean_y p(x | y) (uniform class prior), or by p(x | y) when ``labels`` are given.
+    Dequantisation noise comes from a private generator seeded with ``seed``."""
+    model.eval()
+    d = math.prod(model.image_shape)
+    g = torch.Generator(device=device).manual_seed(seed)
+    out, cls = [], []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i: i + batch_size].to(device)
+        if model.n_classes and labels is None:
+            xc = model.preprocess(x, dequantize=True, generator=g)
+            ll = class_log_likelihoods(model, xc)
+            lp = torch.logsumexp(ll, 1) - math.log(model.n_classes)
+            if return_class_ll:
+                cls.append(ll.double().cpu())
+        else:
+            y = labels[i: i + batch_size].to(device) if (labels is not None and model.n_classes) else None
+            lp = model(x, y, generator=g).log_prob
+        out.append((-lp / (d * math.log(2.0))).double().cpu())
+    bpd = torch.cat(out).numpy()
+    if return_class_ll:
+        return bpd, torch.cat(cls).numpy()
+    return bpd
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class Trained:
+    model: Glow
+    spec: ModelSpec
+    history: dict = field(default_factory=dict)  # steps, test_bpd, train_bpd, wall_s, ...
+    path: Path | None = None
+    cached: bool = False
+
+
+def _log(msg: str) -> None:
+    print(f"[glowfast.experiments {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto",
+          cache_dir: str | os.PathLike | None = None, log_every: int = 100) -> Trained:
+    """Train (or load from ``cache_dir/<spec.key()>``) the model of ``spec``.
+
+    A minimal loop on in-memory uint8 tensors (Adam, linear warm-up, gradient clipping, uniform
+    dequantisation); ActNorm initialises itself on the first batch. Test bits/dim is evaluated every
+    ``spec.eval_every`` steps on ``spec.eval_n`` test images (fixed dequantisation noise) for the
+    Figure-3-style curves. Checkpoints are written with glowfast.checkpoint.
+    """
+    run_dir = Path(cache_dir) / spec.key() if cache_dir is not None else None
+    if run_dir is not None and (run_dir / "checkpoints").is_dir():
+        try:
+            _, state = find_checkpoint(run_dir, map_location="cpu")
+            if state.get("spec") == asdict(spec) and state.get("complete"):
+                model = build_model(spec)
+                model.load_state_dict(state["model"])
+                model.to(device)
+                set_backend(model, backend, device)
+                _log(f"loaded cached model {run_dir}")
+                return Trained(model, spec, state["history"], run_dir, cached=True)
+        except CheckpointError as e:
+            warnings.warn(f"ignoring cache {run_dir}: {e}", stacklevel=2)
+
+    torch.manual_seed(spec.seed)
+    tr, _ = train_holdout(spec, data_dir)
+    te = load_split(spec.dataset, "test", data_dir, spec.size)
+    if spec.eval_n and spec.eval_n < te.images.shape[0]:
+        g = torch.Generator().manual_seed(99)
+        idx = torch.randperm(te.images.shape[0], generator=g)[: spec.eval_n]
+        te = Split(te.images[idx], te.labels[idx], te.name)
+    x_all, y_all = tr.images.to(device), tr.labels.to(device)
+    n = x_all.shape[0]
+    batch = min(spec.batch, n)
+    model = build_model(spec).to(device)
+    path_used = set_backend(model, backend, device)
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup)))
+    conditional = model.n_classes is not None
+    hist = {"step": [], "test_bpd": [], "train_bpd": [], "wall_s": [], "compute_path": path_used,
+            "device": str(device), "n_train": n}
+
+    def evaluate(step: int, train_bpd: float, t_train: float) -> None:
+        bpd = nll_bits_per_dim(model, te.images, device, labels=te.labels if conditional else None)
+        model.train()
+        hist["step"].append(step)
+        hist["test_bpd"].append(float(bpd.mean()))
+        hist["train_bpd"].append(train_bpd)
+        hist["wall_s"].append(t_train)
+        _log(f"{spec.key()} step {step}: test bpd {bpd.mean():.4f} (train {train_bpd:.4f}, {t_train:.0f}s)")
+
+    model.train()
+    perm = torch.randperm(n, device=device)
+    pos = 0
+    t_train = 0.0  # training time only (evaluation excluded)
+    running = []
+    step = 0
+    stopped_early = False
+    if spec.eval_every:
+        evaluate(0, float("nan"), 0.0)
+    t0 = time.perf_counter()
+    while step < spec.steps:
+        if pos + batch > n:
+            perm, pos = torch.randperm(n, device=device), 0
+        idx = perm[pos: pos + batch]
+        pos += batch
+        out = model(x_all[idx], y_all[idx] if conditional else None)
+        loss = out.bits_per_dim.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+        opt.step()
+        sched.step()
+        step += 1
+        running.append(loss.detach())
+        do_eval = bool(spec.eval_every) and step % spec.eval_every == 0
+        if not (step % 10 == 0 or do_eval or step == spec.steps or step % log_every == 0):
+            continue
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        t_train, t0 = t_train + now - t0, now
+        over = t_train > spec.time_limit_s
+        recent = float(torch.stack(running[-min(len(running), max(10, spec.eval_every or 50)):]).mean())
+        running = running[-200:]
+        if not math.isfinite(recent):
+            raise FloatingPointError(f"{spec.key()}: training loss became {recent} by step {step}")
+        if step % log_every == 0:
+            _log(f"{spec.key()} step {step}/{spec.steps} train bpd {recent:.4f} ({t_train:.0f}s)")
+        if do_eval or step == spec.steps or over:
+            evaluate(step, recent, t_train)
+            t0 = time.perf_counter()
+        if over:
+            stopped_early = step < spec.steps
+            if stopped_early:
+                _log(f"{spec.key()}: time limit {spec.time_limit_s:.0f}s reached at step {step}/{spec.steps}")
+            break
+    if not hist["step"] or hist["step"][-1] != step:
+        evaluate(step, float(torch.stack(running[-50:]).mean()) if running else float("nan"), t_train)
+    hist.update(steps_done=step, stopped_by_time_limit=stopped_early, train_s=t_train,
+                s_per_step=t_train / max(1, step))
+    model.eval()
+    if run_dir is not None:
+        save_checkpoint({"model": model.state_dict(), "config": dict(model.config), "spec": asdict(spec),
+                         "history": hist, "complete": True}, run_dir / "checkpoints")
+    return Trained(model, spec, hist, run_dir)
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def image_grid(images: torch.Tensor | np.ndarray, nrow: int, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] -> one (H', W') or (H', W', 3) array, row-major, `nrow` per row."""
+    x = torch.as_tensor(images).detach().float().cpu()
+    if x.dtype == torch.uint8:
+        x = x / 255.0
+    n, c, h, w = x.shape
+    ncol = nrow
+    nrows = max(1, math.ceil(n / ncol))
+    grid = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), pad_value)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = x[i]
+    g = grid.clamp(0, 1).numpy()
+    return g[0] if c == 1 else np.transpose(g, (1, 2, 0))
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
+def save_grid(path: Path, images, nrow: int, title: str | None = None, row_labels=None, col_labels=None,
+              scale: float = 0.5) -> Path:
+    """Save an image grid as a PNG with matplotlib (optional title and row/column labels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = image_grid(images, nrow)
+    h, w = g.shape[:2]
+    cell = images.shape[-1] + 1
+    fig_w = max(3.0, w / cell * scale + (1.0 if row_labels is not None else 0.2))
+    fig_h = max(2.0, h / cell * scale + (0.6 if title else 0.2) + (0.3 if col_labels is not None else 0))
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    ax.imshow(g, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if row_labels is not None:
+        ch = images.shape[-2] + 1
+        ax.set_yticks([1 + ch * i + ch / 2 for i in range(len(row_labels))])
+        ax.set_yticklabels(row_labels, fontsize=7)
+    if col_labels is not None:
+        ax.set_xticks([1 + cell * i + cell / 2 for i in range(len(col_labels))])
+        ax.set_xticklabels(col_labels, fontsize=7)
+        ax.xaxis.tick_top()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "glowfast"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, " \
+           f"{torch.get_num_threads()} torch threads"
+
+
+def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    return {"command": "python -m glowfast.experiments " + " ".join(shlex.quote(a) for a in argv),
+            "git_commit": git_commit(), "device": device_name(device), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def _clean(o):
+    """NaN/inf -> None so results.json stays strict JSON."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def write_results(out: Path, name: str, results: dict, markdown_body: str, prov: dict) -> None:
+    """results.json (provenance + results) and results.md (provenance header + body)."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = _clean(json.loads(json.dumps({"experiment": name, "provenance": prov, **results}, default=_json_default)))
+    (out / "results.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    head = [f"# {name}", "", "| | |", "| --- | --- |"]
+    for k in ("command", "git_commit", "device", "torch", "date"):
+        head.append(f"| {k} | `{prov[k]}` |")
+    figs = sorted(p.name for p in out.glob("*.png"))
+    body = "\n".join(head) + "\n\n" + markdown_body.strip() + "\n"
+    if figs:
+        body += "\n## Figures\n\n" + "\n".join(f"![{f}]({f})" for f in figs) + "\n"
+    (out / "results.md").write_text(body)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "–" if not math.isfinite(v) else f"{v:.4f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def model_summary(t: Trained) -> dict:
+    h = t.history
+    return {"spec": asdict(t.spec), "cached": t.cached, "steps_done": h.get("steps_done"),
+            "stopped_by_time_limit": h.get("stopped_by_time_limit"), "train_s": h.get("train_s"),
+            "s_per_step": h.get("s_per_step"), "compute_path": h.get("compute_path"),
+            "final_test_bpd_eval_subset": h["test_bpd"][-1] if h.get("test_bpd") else None}
+
+
+def bpd_unit_note(spec: ModelSpec) -> str:
+    if spec.dataset in ("mnist", "fashion-mnist") and spec.size == 28:
+        return "bits/dim per original 28x28 pixel (native size, no padding)"
+    if spec.dataset in ("mnist", "fashion-mnist"):
+        return (f"bits/dim per pixel of the {spec.size}x{spec.size} image (MNIST resized/padded: NOT comparable "
+                "with the literature's 28x28 numbers)")
+    return f"bits/dim per pixel of the {spec.size}x{spec.size} {spec.dataset} image"

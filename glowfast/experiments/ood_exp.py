@@ -1,0 +1,203 @@
+"""OOD detection by likelihood (AUROC, histograms, most/least likely images) and the typicality test."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .. import ood
+from .common import (
+    Trained,
+    bpd_unit_note,
+    dataset_available,
+    load_split,
+    md_table,
+    model_summary,
+    nll_bits_per_dim,
+    pyplot,
+    save_grid,
+    train_holdout,
+)
+
+MS = (1, 2, 5, 10, 25, 50, 100, 200)
+
+
+def ood_sets(ctx, in_dist: str) -> list[str]:
+    """OOD sets for a model trained on `in_dist`: what is available offline + what the user has on disk."""
+    if in_dist == "mnist":
+        names = ["fashion-mnist", "emnist-letters"]
+        names = [n for n in names if dataset_available(n, ctx.data_dir)] + ["inverted-mnist"]
+    elif in_dist == "fashion-mnist":
+        names = ["mnist"] if dataset_available("mnist", ctx.data_dir) else []
+        names += ["inverted-fashion-mnist"]
+    elif in_dist == "cifar10":
+        names = ["svhn"] if dataset_available("svhn", ctx.data_dir) else []
+    else:
+        names = [f"inverted-{in_dist}"]
+    return names + ["noise", "constant"]
+
+
+class Scores:
+    """Per-image bits/dim of one model on its train/held-out/test data and its OOD sets (computed once)."""
+
+    def __init__(self, ctx, trained: Trained, n: int):
+        self.ctx, self.t, self.n = ctx, trained, n
+        self.spec = trained.spec
+        self._cache: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+
+    def images(self, name: str) -> torch.Tensor:
+        return self.get(name)[1]
+
+    def nll(self, name: str) -> np.ndarray:
+        return self.get(name)[0]
+
+    def get(self, name: str):
+        if name not in self._cache:
+            spec, ctx = self.spec, self.ctx
+            n = self.n or None
+            if name in ("train", "heldout"):
+                tr, held = train_holdout(spec, ctx.data_dir)
+                split = tr if name == "train" else held
+                if split is None:
+                    raise ValueError("the model was trained without a held-out split (spec.holdout = 0)")
+                k = ctx.preset.score_n_train if name == "train" else split.images.shape[0]
+                g = torch.Generator().manual_seed(5)
+                idx = torch.randperm(split.images.shape[0], generator=g)[:k]
+                imgs = split.images[idx]
+            elif name == "test":
+                imgs = load_split(spec.dataset, "test", ctx.data_dir, spec.size, n=n).images
+            else:
+                imgs = load_split(name, "test", ctx.data_dir, spec.size, image_shape=self.t.model.image_shape,
+                                  n=n if name not in ("noise", "constant") else (n or 10000)).images
+            seed = {"train": 1, "heldout": 2, "test": 3}.get(name, 4)
+            self._cache[name] = (nll_bits_per_dim(self.t.model, imgs, ctx.device, seed=seed), imgs)
+        return self._cache[name]
+
+
+def _histogram(path, scores: Scores, names: list[str], title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    allv = np.concatenate([scores.nll(n) for n in ["test", *names]])
+    lo, hi = np.percentile(allv, 0.5), np.percentile(allv, 99.5)
+    bins = np.linspace(lo, hi, 80)
+    for n in ["test", *names]:
+        v = scores.nll(n)
+        label = f"{scores.spec.dataset} test (in-dist)" if n == "test" else n
+        ax.hist(np.clip(v, lo, hi), bins=bins, density=True, alpha=0.45, label=f"{label} (mean {v.mean():.2f})")
+    ax.set_xlabel("bits/dim  (= −log p(x) / (D ln 2); right = less likely)")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _extremes(path, scores: Scores, names: list[str], k: int = 8) -> None:
+    rows, labels = [], []
+    for n in ["test", *names]:
+        v, imgs = scores.get(n)
+        order = np.argsort(v)
+        pick = np.r_[order[:k], order[-k:][::-1]] if v.size >= 2 * k else np.r_[order, order[::-1]][: 2 * k]
+        rows.append(imgs[torch.as_tensor(pick.copy())].float() / 255)
+        labels.append(("in: " if n == "test" else "") + (scores.spec.dataset if n == "test" else n))
+    save_grid(path, torch.cat(rows), 2 * k, title=f"{scores.spec.dataset} model: {k} most likely (left) | "
+              f"{k} least likely (right, least first) images of each set", row_labels=labels)
+
+
+def _reverse_spec(main, dataset: str, steps: int, time_limit: float):
+    return replace(main, dataset=dataset, steps=steps, time_limit_s=time_limit)
+
+
+def _models(ctx) -> list[Trained]:
+    """The main model, plus (when the data is here) the reverse model (Fashion-MNIST) and a CIFAR-10 model."""
+    main = ctx.main_model()
+    out = [main]
+    p = ctx.preset
+    if main.spec.dataset == "mnist" and dataset_available("fashion-mnist", ctx.data_dir):
+        spec = _reverse_spec(p.main, "fashion-mnist", p.reverse_steps, p.reverse_time_limit_s)
+        out.append(ctx.get_model(spec))
+    if ctx.args_cifar and dataset_available("cifar10", ctx.data_dir):
+        spec = replace(p.main, dataset="cifar10", size=32, L=3, steps=p.reverse_steps,
+                       time_limit_s=p.reverse_time_limit_s)
+        out.append(ctx.get_model(spec))
+    return out
+
+
+def run_ood(ctx) -> tuple[dict, str]:
+    res, md, figs = {}, [], []
+    md.append("OOD detection by likelihood (Nalisnick et al. 2019; Kirichenko et al. 2020). Score = bits/dim "
+              "(−log p(x), the marginal p(x) = mean_y p(x|y) for class-conditional models); AUROC of "
+              "\"higher bits/dim ⇒ OOD\" (0.5 = chance, < 0.5 = the OOD set is MORE likely than the test set).\n")
+    for t in _models(ctx):
+        sc = ctx.scores(t)
+        names = ood_sets(ctx, t.spec.dataset)
+        test = sc.nll("test")
+        rows, per = [], {}
+        for n in names:
+            v = sc.nll(n)
+            a = ood.auroc(test, v)
+            per[n] = {"auroc": a, "mean_bpd": float(v.mean()), "std_bpd": float(v.std()), "n": int(v.size),
+                      "fraction_more_likely_than_median_test": float((v < np.median(test)).mean())}
+            rows.append([n, a, float(v.mean()), int(v.size)])
+        ds = t.spec.dataset
+        fh, fe = ctx.out / f"ood_hist_{ds}.png", ctx.out / f"ood_extremes_{ds}.png"
+        _histogram(fh, sc, names, f"{ds}-trained Glow: bits/dim of its test set and OOD sets "
+                                  f"({bpd_unit_note(t.spec)})")
+        _extremes(fe, sc, names)
+        figs += [fh.name, fe.name]
+        res[ds] = {"test_bpd_mean": float(test.mean()), "n_test": int(test.size), "bpd_unit": bpd_unit_note(t.spec),
+                   "ood": per, "model": model_summary(t), "figures": [fh.name, fe.name]}
+        md.append(f"## Trained on {ds}\n\nTest bits/dim {test.mean():.4f} on {test.size} test images "
+                  f"({bpd_unit_note(t.spec)}).\n\n"
+                  + md_table(["OOD set", "AUROC (−log p)", "mean bits/dim", "n"], rows) + "\n")
+    return {"models": res, "figures": figs}, "\n".join(md)
+
+
+def run_typicality(ctx, alpha: float = 0.99) -> tuple[dict, str]:
+    t = ctx.main_model()
+    sc = ctx.scores(t)
+    names = ood_sets(ctx, t.spec.dataset)
+    p = ctx.preset
+    test = sc.nll("test")
+    ms = [m for m in MS if m <= min(test.size, *(sc.nll(n).size for n in names))]
+    table = ood.typicality_table(sc.nll("train"), sc.nll("heldout"), test, {n: sc.nll(n) for n in names}, Ms=ms,
+                                 K=p.typicality_K, alpha=alpha, n_batches=p.typicality_batches, rng=0)
+    aurocs = {n: ood.auroc(test, sc.nll(n)) for n in names}
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(ms, [r["in_distribution_flagged"] for r in table["rows"]], "k--o", ms=3,
+            label=f"{t.spec.dataset} test (false positives)")
+    for n in names:
+        ax.plot(ms, [r["ood_flagged"][n] for r in table["rows"]], "-o", ms=3, label=n)
+    ax.axhline(1 - alpha, color="gray", lw=0.8, ls=":", label=f"nominal 1 − α = {1 - alpha:.2f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("batch size M")
+    ax.set_ylabel("fraction of batches flagged OOD")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"typicality test (Nalisnick et al. 2019), {t.spec.dataset}-trained Glow, α = {alpha}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    f = ctx.out / "typicality_flagged_vs_M.png"
+    fig.savefig(f, dpi=120)
+    plt.close(fig)
+    results = {"in_distribution": t.spec.dataset, "alpha": alpha, "Ms": ms, "table": table,
+               "auroc_single_input_likelihood": aurocs,
+               "n": {"train_for_entropy": int(sc.nll("train").size), "heldout": int(sc.nll("heldout").size),
+                     "test": int(test.size), **{n: int(sc.nll(n).size) for n in names}},
+               "bpd_unit": bpd_unit_note(t.spec), "model": ctx.main_summary(), "figures": [f.name]}
+    rows = [[r["M"], r["epsilon"], r["in_distribution_flagged"]] + [r["ood_flagged"][n] for n in names]
+            for r in table["rows"]]
+    md = (f"Typicality test (Nalisnick et al. 2019, Algorithm 1) for a {t.spec.dataset}-trained Glow. "
+          f"Ĥ = mean bits/dim of {sc.nll('train').size} training images = {table['entropy_estimate']:.4f}; "
+          f"ε_M = the α = {alpha} quantile of |bootstrap batch mean − Ĥ| over K = {p.typicality_K} bootstrap "
+          f"batches of the {sc.nll('heldout').size} held-out training images (never trained on); each cell = "
+          f"fraction of {p.typicality_batches} random batches of size M flagged (|mean − Ĥ| > ε_M). "
+          f"In-distribution column: false-positive rate (nominal {1 - alpha:.2f}). Units: bits/dim.\n\n"
+          + md_table(["M", "ε_M", f"{t.spec.dataset} test"] + names, rows)
+          + "\n\nSingle-input likelihood AUROC for comparison: "
+          + ", ".join(f"{n}: {a:.3f}" for n, a in aurocs.items()) + "\n")
+    return results, md
