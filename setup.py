@@ -36,7 +36,7 @@ def _want_cuda() -> bool:
 
 def extensions():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
         return [
@@ -44,7 +44,7 @@ def extensions():
                 "glowfast._C",
                 sources,
                 define_macros=[("WITH_CUDA", None)],
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
             )
         ]
     return [CppExtension("glowfast._C", sources, extra_compile_args={"cxx": cxx_flags})]
