@@ -1,0 +1,205 @@
+"""The reference Glow model: invertibility, exact log-determinants, priors, sampling and bad input."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from glowfast import Glow
+from glowfast.reference import squeeze2d
+
+from helpers import jacobian_logabsdet, max_rel_err, randomize_
+
+CHOICES = list(itertools.product(["affine", "additive"], ["invconv", "shuffle", "reverse"], [True, False]))
+CHOICE_IDS = [f"{c}-{p}-{'lu' if lu else 'plain'}" for c, p, lu in CHOICES]
+
+
+def tiny_glow(shape=(3, 4, 4), coupling="affine", permutation="invconv", lu=True, dtype=torch.float64, **kw):
+    kw.setdefault("K", 2)
+    kw.setdefault("L", 2)
+    model = Glow(shape, hidden_channels=8, coupling=coupling, permutation=permutation, lu=lu, **kw)
+    return randomize_(model, scale=0.1).to(dtype).eval()
+
+
+def flat_latents(latents):
+    return torch.cat([z.flatten(1) for z in latents], dim=1)
+
+
+@pytest.mark.parametrize("coupling,permutation,lu", CHOICES, ids=CHOICE_IDS)
+@pytest.mark.parametrize("shape", [(1, 4, 4), (3, 4, 4)])
+def test_logdet_equals_autograd_jacobian(shape, coupling, permutation, lu):
+    model = tiny_glow(shape, coupling, permutation, lu)
+    x = torch.rand(2, *shape, dtype=torch.float64) - 0.5
+    latents, logdet = model.encode(x)
+    assert flat_latents(latents).shape[1] == math.prod(shape)  # the flow is dimension-preserving
+    expected = jacobian_logabsdet(lambda v: flat_latents(model.encode(v)[0]), x)
+    torch.testing.assert_close(logdet, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("coupling,permutation,lu", CHOICES, ids=CHOICE_IDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_decode_encode_recovers_input(coupling, permutation, lu, dtype, tol):
+    model = tiny_glow((3, 8, 4), coupling, permutation, lu, dtype=dtype)
+    x = torch.rand(3, 3, 8, 4, dtype=dtype) - 0.5
+    latents, _ = model.encode(x)
+    assert max_rel_err(model.decode(latents), x) <= tol
+
+
+def test_log_prob_is_prior_plus_logdet_minus_quantisation():
+    model = tiny_glow((1, 4, 4), n_bits=5)
+    images = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(1)
+    x = model.preprocess(images, generator=g)
+    latents, logdet = model.encode(x)
+    # Recompute log p(z) by hand from the layers: split prior conditioned on z1, then the top prior.
+    z = squeeze2d(x)
+    for step in model.levels[0].steps:
+        z, _ = step(z)
+    z1, z2, _ = model.levels[0].split(z)
+    mean, log_std = model.levels[0].split.prior_params(z1)
+    normal = torch.distributions.Normal
+    log_pz = normal(mean, log_std.exp()).log_prob(latents[0]).flatten(1).sum(1)
+    top_mean, top_log_std = model.prior.params(3, None, x.device, x.dtype)
+    log_pz = log_pz + normal(top_mean, top_log_std.exp()).log_prob(latents[1]).flatten(1).sum(1)
+    expected = log_pz + logdet - 16 * math.log(32)
+    g = torch.Generator().manual_seed(1)
+    out = model(images, generator=g)
+    torch.testing.assert_close(out.log_prob, expected)
+    torch.testing.assert_close(out.bits_per_dim, -expected / (16 * math.log(2)))
+
+
+def test_preprocess_quantises_and_dequantises():
+    model = tiny_glow((1, 4, 4), n_bits=5)
+    images = torch.arange(0, 256, 16, dtype=torch.uint8).view(1, 1, 4, 4)
+    x = model.preprocess(images, dequantize=False)
+    expected = torch.floor(images.double() / 8) / 32 - 0.5
+    torch.testing.assert_close(x, expected)
+    # Pixels in the same 5-bit bin map to the same value; dequantisation stays inside the bin.
+    torch.testing.assert_close(model.preprocess(images + 7, dequantize=False), x)
+    noisy = model.preprocess(images)
+    assert bool(((noisy - x) >= 0).all() and ((noisy - x) < 1 / 32).all())
+    # Float images in [0, 1] are read on the 8-bit grid.
+    torch.testing.assert_close(model.preprocess(images.double() / 255, dequantize=False), x)
+    torch.testing.assert_close(model.postprocess(x), torch.floor(images.double() / 8) * 8 / 255)
+
+
+def test_temperature_zero_gives_prior_means():
+    model = tiny_glow((3, 8, 8), K=2, L=3)
+    x = model.decode([None] * 3, temperature=0.0, n=2)
+    # Re-encode level by level: every factored-out latent equals its conditional prior mean.
+    z = x
+    for level in model.levels:
+        z = squeeze2d(z)
+        for step in level.steps:
+            z, _ = step(z)
+        if level.split is not None:
+            z, z2, _ = level.split(z)
+            torch.testing.assert_close(z2, level.split.prior_params(z)[0], rtol=1e-8, atol=1e-8)
+    top_mean, _ = model.prior.params(2, None, z.device, z.dtype)
+    torch.testing.assert_close(z, top_mean, rtol=1e-8, atol=1e-8)
+
+
+def test_sample_shapes_range_and_generator():
+    model = tiny_glow((3, 8, 8), dtype=torch.float32)
+    s1 = model.sample(5, temperature=0.7, generator=torch.Generator().manual_seed(3))
+    s2 = model.sample(5, temperature=0.7, generator=torch.Generator().manual_seed(3))
+    assert s1.shape == (5, 3, 8, 8) and s1.dtype == torch.float32
+    assert bool((s1 >= 0).all() and (s1 <= 1).all())
+    torch.testing.assert_close(s1, s2)
+
+
+def test_class_conditional_prior_and_head():
+    model = tiny_glow((1, 8, 8), n_classes=3)
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 1])
+    out = model(images, y)
+    assert out.y_logits.shape == (4, 3)
+    # The class changes only the top prior: log p differs between labels once class_embed is non-zero.
+    g = torch.Generator().manual_seed(0)
+    lp0 = model.log_prob(images, torch.zeros(4, dtype=torch.long), generator=g)
+    g = torch.Generator().manual_seed(0)
+    lp1 = model.log_prob(images, torch.ones(4, dtype=torch.long), generator=g)
+    assert not torch.allclose(lp0, lp1)
+    samples = model.sample(2, y=torch.tensor([2, 0]))
+    assert samples.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="class-conditional"):
+        model(images)
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\)"):
+        model(images, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(TypeError, match="integer"):
+        model(images, torch.zeros(4))
+
+
+def test_actnorm_initialises_on_first_training_batch():
+    model = Glow((3, 8, 8), K=2, L=2, hidden_channels=8)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    model(images, generator=torch.Generator().manual_seed(5))
+    assert all(bool(step.actnorm.initialized) for step in model.steps())
+    x = squeeze2d(model.preprocess(images, generator=torch.Generator().manual_seed(5)))
+    y, _ = model.levels[0].steps[0].actnorm(x)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(12), atol=1e-4, rtol=0)
+
+
+def test_training_reduces_bits_per_dim():
+    torch.manual_seed(0)
+    model = Glow((1, 4, 4), K=2, L=1, hidden_channels=16)
+    images = (torch.rand(64, 1, 4, 4) < 0.5).to(torch.uint8) * 255  # binary images: easy to model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = model(images).bits_per_dim.mean().item()
+    for _ in range(60):
+        loss = model(images).bits_per_dim.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 1.0
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="not divisible by 2\\^L"):
+        Glow((3, 12, 12), K=1, L=3)
+    with pytest.raises(ValueError, match="coupling must be one of"):
+        Glow((3, 8, 8), K=1, L=1, coupling="spline")
+    with pytest.raises(ValueError, match="permutation must be one of"):
+        Glow((3, 8, 8), K=1, L=1, permutation="random")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Glow((3, 8, 8), K=1, L=1, backend="cuda")
+    with pytest.raises(ValueError, match="n_bits"):
+        Glow((3, 8, 8), K=1, L=1, n_bits=9)
+    with pytest.raises(ValueError, match="image_shape"):
+        Glow((8, 8), K=1, L=1)
+
+
+@pytest.mark.parametrize(
+    "images,error,match",
+    [
+        (torch.zeros(2, 1, 8, 8, dtype=torch.uint8), ValueError, "channels|shape"),
+        (torch.zeros(2, 3, 6, 8, dtype=torch.uint8), ValueError, "shape"),
+        (torch.zeros(3, 8, 8, dtype=torch.uint8), ValueError, "3-D"),
+        (torch.full((2, 3, 8, 8), float("nan")), ValueError, "non-finite"),
+        (torch.full((2, 3, 8, 8), float("inf")), ValueError, "non-finite"),
+        (torch.full((2, 3, 8, 8), 2.0), ValueError, r"\[0, 1\]"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.int32), TypeError, "dtype"),
+    ],
+    ids=["channels", "spatial", "3d", "nan", "inf", "range", "int32"],
+)
+def test_bad_images(images, error, match):
+    model = Glow((3, 8, 8), K=1, L=2, hidden_channels=8)
+    with pytest.raises(error, match=match):
+        model(images)
+
+
+def test_bad_continuous_input_to_encode():
+    model = tiny_glow((3, 8, 8))
+    with pytest.raises(ValueError, match="channels"):
+        model.encode(torch.zeros(2, 4, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-finite"):
+        model.encode(torch.full((2, 3, 8, 8), float("nan"), dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        model.encode(torch.zeros(2, 3, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="expected 2 latents"):
+        model.decode([None])
+    with pytest.raises(ValueError, match="pass n"):
+        model.decode([None, None])

@@ -1,0 +1,151 @@
+"""The reference layers: exact inverses, log-determinants equal to autograd's, gradcheck, ActNorm init."""
+
+import pytest
+import torch
+
+from glowfast.reference import (
+    ActNorm2d,
+    AdditiveCoupling,
+    AffineCoupling,
+    FlowStep,
+    InvConv1x1,
+    Reverse,
+    Shuffle,
+    Split2d,
+    Squeeze2d,
+    squeeze2d,
+    unsqueeze2d,
+)
+
+from helpers import jacobian_logabsdet, max_rel_err, randomize_
+
+C, H, W = 4, 4, 6  # non-square on purpose
+
+
+def _layers():
+    """(name, factory(channels)) of every layer with a forward(x) -> (y, logdet) / inverse(y) pair."""
+    return [
+        ("actnorm", lambda c: ActNorm2d(c)),
+        ("invconv_plain", lambda c: InvConv1x1(c, lu=False)),
+        ("invconv_lu", lambda c: InvConv1x1(c, lu=True)),
+        ("shuffle", lambda c: Shuffle(c)),
+        ("reverse", lambda c: Reverse(c)),
+        ("affine", lambda c: AffineCoupling(c, hidden_channels=8)),
+        ("additive", lambda c: AdditiveCoupling(c, hidden_channels=8)),
+        ("affine_odd_channels", lambda c: AffineCoupling(c + 1, hidden_channels=8)),
+        ("flowstep", lambda c: FlowStep(c, hidden_channels=8)),
+        ("flowstep_additive_shuffle_plain", lambda c: FlowStep(c, 8, coupling="additive", permutation="shuffle",
+                                                                lu=False)),
+        ("squeeze", lambda c: Squeeze2d()),
+    ]
+
+
+LAYERS = _layers()
+
+
+def _make(factory, dtype, channels=C):
+    layer = randomize_(factory(channels), scale=0.2).to(dtype)
+    layer.eval()
+    return layer
+
+
+def _input(layer, dtype, batch=3):
+    channels = getattr(layer, "channels", C)
+    return torch.randn(batch, channels, H, W, dtype=dtype)
+
+
+@pytest.mark.parametrize("name,factory", LAYERS, ids=[n for n, _ in LAYERS])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_inverse_recovers_input(name, factory, dtype, tol):
+    layer = _make(factory, dtype)
+    x = _input(layer, dtype)
+    y, logdet = layer(x)
+    assert y.dtype == dtype and logdet.shape == (x.shape[0],)
+    assert max_rel_err(layer.inverse(y), x) <= tol
+
+
+@pytest.mark.parametrize("name,factory", LAYERS, ids=[n for n, _ in LAYERS])
+def test_logdet_equals_autograd_jacobian(name, factory):
+    layer = _make(factory, torch.float64)
+    x = _input(layer, torch.float64, batch=2)
+    _, logdet = layer(x)
+    expected = jacobian_logabsdet(lambda v: layer(v)[0], x)
+    torch.testing.assert_close(logdet, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,factory", LAYERS, ids=[n for n, _ in LAYERS])
+def test_gradcheck(name, factory):
+    layer = _make(factory, torch.float64)
+    x = torch.randn(2, getattr(layer, "channels", 2), 2, 4, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def fn(x, *params):  # gradients w.r.t. the input and every parameter
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    inputs = (x, *[p.detach().clone().requires_grad_(True) for p in layer.parameters()])
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_invconv_lu_weight_matches_its_logdet():
+    layer = randomize_(InvConv1x1(6, lu=True), 0.3).double()
+    w = layer.weight_matrix()
+    torch.testing.assert_close(layer.log_abs_det(), torch.linalg.slogdet(w)[1], rtol=1e-12, atol=1e-12)
+
+
+def test_invconv_init_is_orthogonal():
+    w = InvConv1x1(12, lu=False).weight.double()
+    torch.testing.assert_close(w @ w.T, torch.eye(12, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_actnorm_data_dependent_init_normalises_per_channel():
+    layer = ActNorm2d(5)
+    layer.train()
+    x = 3.0 + 2.5 * torch.randn(16, 5, 6, 6) * torch.arange(1, 6).view(1, 5, 1, 1)
+    y, _ = layer(x)
+    assert bool(layer.initialized)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(5), atol=1e-4, rtol=0)
+    # Initialisation happens once: a second, differently distributed batch keeps the parameters.
+    bias = layer.bias.detach().clone()
+    layer(x * 10)
+    torch.testing.assert_close(layer.bias.detach(), bias)
+
+
+def test_actnorm_does_not_initialise_in_eval_mode():
+    layer = ActNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4) + 5
+    y, _ = layer(x)
+    torch.testing.assert_close(y, x)
+    assert not bool(layer.initialized)
+
+
+def test_squeeze_roundtrip_and_layout():
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6)
+    y = squeeze2d(x)
+    assert y.shape == (2, 12, 2, 3)
+    # Channel c*4 + 2*i + j of the output holds pixel (2h + i, 2w + j) of input channel c.
+    assert y[1, 2 * 4 + 2 * 1 + 0, 1, 2] == x[1, 2, 2 * 1 + 1, 2 * 2 + 0]
+    torch.testing.assert_close(unsqueeze2d(y), x)
+
+
+def test_squeeze_rejects_odd_spatial_size():
+    with pytest.raises(ValueError, match="odd"):
+        squeeze2d(torch.zeros(1, 2, 3, 4))
+
+
+def test_split_roundtrip_and_prior_log_prob():
+    split = randomize_(Split2d(6), 0.3).double()
+    z = torch.randn(3, 6, 2, 4, dtype=torch.float64)
+    z1, z2, logp = split(z)
+    assert z1.shape == (3, 3, 2, 4) and z2.shape == (3, 3, 2, 4)
+    torch.testing.assert_close(split.inverse(z1, z2), z)
+    mean, log_std = split.prior_params(z1)
+    expected = torch.distributions.Normal(mean, log_std.exp()).log_prob(z2).flatten(1).sum(1)
+    torch.testing.assert_close(logp, expected)
+    # Temperature 0 draws the conditional mean.
+    torch.testing.assert_close(split.inverse(z1, None, temperature=0.0)[:, 3:], mean)
+
+
+def test_coupling_rejects_single_channel():
+    with pytest.raises(ValueError, match="at least 2 channels"):
+        AffineCoupling(1, 8)
