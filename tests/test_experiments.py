@@ -1,0 +1,127 @@
+"""Every experiment command end to end in the tiny config on CPU (digits + synthetic OOD sets, no download)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from glowfast.experiments import EXPERIMENTS, main
+
+PROVENANCE_KEYS = {"command", "git_commit", "device", "torch", "date"}
+
+EXPECTED = {
+    "ablation-permutation": ("ablation_permutation_bpd_vs_steps.png", {"final_test_bpd", "curves", "best", "models"}),
+    "ablation-coupling": ("ablation_coupling_bpd_vs_steps.png", {"final_test_bpd", "curves", "best", "models"}),
+    "samples": ("samples_T0.7.png", {"temperatures", "per_class", "model"}),
+    "interpolation": ("interpolation.png", {"pairs", "t", "mean_bpd_along_path",
+                                            "max_abs_reconstruction_error_endpoints"}),
+    "attributes": ("attribute_1_to_7.png", {"pairs", "model"}),
+    "ood": ("ood_hist_digits.png", {"models"}),
+    "typicality": ("typicality_flagged_vs_M.png", {"table", "alpha", "Ms", "auroc_single_input_likelihood"}),
+}
+
+TINY = ["--config", "tiny", "--steps", "20", "--device", "cpu", "--backend", "reference"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    empty = tmp_path_factory.mktemp("no-data")  # no MNIST here: the tiny config falls back to digits
+    assert main(["all", *TINY, "--data-dir", str(empty), "--out", str(root)]) == 0
+    return root, empty
+
+
+def _load(folder: Path) -> dict:
+    assert (folder / "results.md").is_file()
+    data = json.loads((folder / "results.json").read_text())
+    assert PROVENANCE_KEYS <= set(data["provenance"])
+    md = (folder / "results.md").read_text()
+    for key in PROVENANCE_KEYS:
+        assert f"| {key} |" in md
+    return data
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_outputs(tiny_run, name):
+    root, _ = tiny_run
+    folder = root / name
+    fig, keys = EXPECTED[name]
+    data = _load(folder)
+    assert data["experiment"] == name and data["config"] == "tiny"
+    assert keys <= set(data), set(data)
+    assert (folder / fig).is_file() and (folder / fig).stat().st_size > 1000
+    for f in data.get("figures", []):
+        assert (folder / f).is_file()
+    assert any("digits" in n for n in data["notes"])
+
+
+def test_ablation_contents(tiny_run):
+    root, _ = tiny_run
+    perm = json.loads((root / "ablation-permutation" / "results.json").read_text())
+    assert set(perm["final_test_bpd"]) == {"invconv", "shuffle", "reverse"}
+    for curve in perm["curves"].values():
+        assert curve["step"][0] == 0 and curve["step"][-1] == 20
+        assert len(curve["step"]) == len(curve["test_bpd"])
+    coup = json.loads((root / "ablation-coupling" / "results.json").read_text())
+    assert set(coup["final_test_bpd"]) == {"additive", "affine"}
+    # the affine/invconv model is shared by both ablations (trained once)
+    assert coup["models"]["affine"]["cached"]
+
+
+def test_generative_contents(tiny_run):
+    root, _ = tiny_run
+    s = json.loads((root / "samples" / "results.json").read_text())
+    assert set(s["temperatures"]) == {"0.0", "0.5", "0.7", "0.8", "1.0"}
+    assert set(s["per_class"]) == {"0.7", "1.0"}
+    assert s["model"]["test_bpd_marginal"] > 0
+    i = json.loads((root / "interpolation" / "results.json").read_text())
+    assert len(i["pairs"]) == 10
+    assert i["max_abs_reconstruction_error_endpoints"] <= 1.5 / 255  # exact inverse up to rounding
+    a = json.loads((root / "attributes" / "results.json").read_text())
+    for pair in a["pairs"].values():
+        assert len(pair["fraction_classified_as_target"]) == len(pair["strengths"])
+
+
+def test_ood_and_typicality_contents(tiny_run):
+    root, _ = tiny_run
+    o = json.loads((root / "ood" / "results.json").read_text())
+    sets = o["models"]["digits"]["ood"]
+    assert set(sets) == {"inverted-digits", "noise", "constant"}
+    assert all(0.0 <= v["auroc"] <= 1.0 for v in sets.values())
+    t = json.loads((root / "typicality" / "results.json").read_text())
+    assert t["Ms"] == [1, 2, 5, 10, 25, 50, 100, 200]
+    for row in t["table"]["rows"]:
+        assert {"M", "epsilon", "in_distribution_flagged", "ood_flagged"} <= set(row)
+        assert set(row["ood_flagged"]) == set(sets)
+    # uniform noise is far outside the typical set of any trained digits model
+    assert t["table"]["rows"][-1]["ood_flagged"]["noise"] == 1.0
+
+
+def test_single_command_with_checkpoint(tiny_run, tmp_path):
+    root, empty = tiny_run
+    ckpt = next(p for p in (root / "models").iterdir() if "-cond-" in p.name)
+    out = tmp_path / "samples"
+    assert main(["samples", *TINY, "--data-dir", str(empty), "--out", str(out), "--checkpoint", str(ckpt)]) == 0
+    data = _load(out)
+    assert data["model"]["cached"] is True
+    assert not (tmp_path / "models").exists()  # nothing trained
+
+
+def test_module_entry_point(tiny_run):
+    root, empty = tiny_run
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "glowfast.experiments", "typicality", *TINY, "--data-dir", str(empty),
+                        "--out", str(root / "typicality-cli")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "loaded cached model" in r.stdout  # the model trained by the fixture is reused from root/models
+    _load(root / "typicality-cli")
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["no-such-experiment"])
+    with pytest.raises(SystemExit):
+        main(["samples", "--config", "huge"])
