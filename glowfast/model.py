@@ -108,10 +108,13 @@ class Glow(nn.Module):
         from . import fused
 
         ok, reason = fused.fused_available(device)
-        if self.backend == "fused" and not ok:
-            raise RuntimeError(f"backend='fused' cannot run on {device}: {reason}. "
-                               "Use backend='auto' or 'reference'.")
-        return "fused" if ok else "reference"
+        if self.backend == "fused":
+            if not ok:
+                raise RuntimeError(f"backend='fused' cannot run on {device}: {reason}. "
+                                   "Use backend='auto' or 'reference'.")
+            return "fused"
+        # "auto": the kernels on CUDA; on CPU the reference (the Triton interpreter is for tests, not speed).
+        return "fused" if ok and torch.device(device).type == "cuda" else "reference"
 
     def steps(self) -> list[FlowStep]:
         return [step for level in self.levels for step in level.steps]
