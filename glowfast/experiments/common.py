@@ -89,7 +89,7 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         name="small",
         main=ModelSpec("mnist", 28, K=4, L=2, hidden=64, batch=64, steps=100000, warmup=100, eval_n=2000,
-                       holdout=5000, time_limit_s=420),
+                       holdout=5000, time_limit_s=480),
         reverse_steps=100000, reverse_time_limit_s=240,
         ablation=ModelSpec("mnist", 28, K=4, L=2, hidden=64, conditional=False, batch=64, steps=300, warmup=50,
                            eval_every=50, eval_n=1000, time_limit_s=300),
@@ -472,7 +472,7 @@ def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[2]
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "glowfast"], cwd=root, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "glowfast"], cwd=root, capture_output=True,
                                text=True, timeout=10)
         if rev.returncode != 0:
             return "unknown"
