@@ -105,6 +105,8 @@ class Glow(nn.Module):
         """The compute path used for tensors on `device`; raises if "fused" cannot run there."""
         if self.backend == "reference":
             return "reference"
+        if self.backend == "auto" and torch.device(device).type != "cuda":
+            return "reference"  # the Triton interpreter on CPU is for tests, not speed
         from . import fused
 
         ok, reason = fused.fused_available(device)
@@ -113,8 +115,7 @@ class Glow(nn.Module):
                 raise RuntimeError(f"backend='fused' cannot run on {device}: {reason}. "
                                    "Use backend='auto' or 'reference'.")
             return "fused"
-        # "auto": the kernels on CUDA; on CPU the reference (the Triton interpreter is for tests, not speed).
-        return "fused" if ok and torch.device(device).type == "cuda" else "reference"
+        return "fused" if ok else "reference"
 
     def steps(self) -> list[FlowStep]:
         return [step for level in self.levels for step in level.steps]
