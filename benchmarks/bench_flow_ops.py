@@ -1,0 +1,131 @@
+"""Per-op benchmarks of the flow-step pieces: reference (eager PyTorch) and torch.compile(reference).
+
+The fused (Triton) variants of the same ops live in bench_fused_step.py (the kernel engineer's file) under
+the same group names, so benchmarks/report.py puts them side by side and computes fused/reference and
+fused/compiled. Group names: `<op>/<fwd|fwdbwd>/B<batch>_C<channels>_<H>x<W>`; variants (extra_info) are
+`reference` and `compiled` here.
+
+Ops (CIFAR-10 Glow shapes: the three levels after squeezing, 12x16x16, 24x8x8, 48x4x4)
+- actnorm_invconv: ActNorm2d -> InvConv1x1 (LU-parametrised W, as the CIFAR-10 configuration), the
+  reference layers as the reference backend runs them (W assembled from P, L, U each call); y and logdet.
+- coupling: the affine coupling given a precomputed network output h = NN(x_a) (the network's convs are
+  cuDNN in every backend): y = cat(x_a, (x_b + shift) * sigmoid(raw + 2)), logdet = sum log sigmoid(raw + 2).
+- cross_step: what a fused cross-step kernel does in one pass — the coupling tail of step k followed by the
+  actnorm + 1x1 conv of step k + 1: z = coupling(x, h_k); y = W_{k+1} @ actnorm_{k+1}(z); logdet of both.
+fwd: forward only; fwdbwd: forward then backward with fixed random output gradients (w.r.t. the input, h
+and all parameters).
+
+CPU: batch 64 only, reference only (compiled with GLOWFAST_BENCH_COMPILE=all). CUDA: batch 64 and 256, both.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glowfast.reference import ActNorm2d, InvConv1x1, log_sigmoid_shifted
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA, reason="batch 256 shapes: CUDA only")
+
+LEVEL_SHAPES = [(12, 16, 16), (24, 8, 8), (48, 4, 4)]  # CIFAR-10, L=3
+SHAPES = [pytest.param((64, *s), "cpu", id=f"cpu-B64_C{s[0]}_{s[1]}x{s[2]}") for s in LEVEL_SHAPES]
+SHAPES += [pytest.param((b, *s), "cuda", id=f"cuda-B{b}_C{s[0]}_{s[1]}x{s[2]}",
+                        marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA"))
+           for b in (64, 256) for s in LEVEL_SHAPES]
+MODES = ["fwd", "fwdbwd"]
+VARIANTS = ["reference", "compiled"]
+TIMING = {"cpu": dict(n_rounds=10, warmup=2, iterations=3), "cuda": dict(n_rounds=20, warmup=5, iterations=20)}
+
+
+def _group(op: str, mode: str, shape) -> str:
+    b, c, h, w = shape
+    return f"{op}/{mode}/B{b}_C{c}_{h}x{w}"
+
+
+def _actnorm_invconv_layers(c: int, device: str):
+    actnorm = ActNorm2d(c).to(device)
+    with torch.no_grad():  # trained-looking parameters, initialised (no data-dependent init in the timing)
+        actnorm.bias.normal_(0, 0.1)
+        actnorm.log_scale.normal_(0, 0.1)
+        actnorm.initialized.fill_(True)
+    return actnorm, InvConv1x1(c, lu=True).to(device)
+
+
+def _coupling_tail(x: torch.Tensor, h: torch.Tensor):
+    c_a = x.shape[1] // 2
+    c_b = x.shape[1] - c_a
+    x_a, x_b = x[:, :c_a], x[:, c_a:]
+    shift, raw = h[:, :c_b], h[:, c_b:]
+    y_b = (x_b + shift) * torch.sigmoid(raw + 2.0)
+    return torch.cat([x_a, y_b], dim=1), log_sigmoid_shifted(raw).flatten(1).sum(1)
+
+
+def _make_op(op: str, shape, device: str):
+    """(function of the inputs, inputs, leaf tensors that get gradients)."""
+    b, c, h, w = shape
+    x = torch.randn(shape, device=device)
+    c_b = c - c // 2
+    hnet = 0.1 * torch.randn(b, 2 * c_b, h, w, device=device)
+    if op == "actnorm_invconv":
+        actnorm, invconv = _actnorm_invconv_layers(c, device)
+
+        def fn(x):
+            z, ld1 = actnorm(x)
+            y, ld2 = invconv(z)
+            return y, ld1 + ld2
+
+        return fn, (x,), [x, *actnorm.parameters(), *invconv.parameters()]
+    if op == "coupling":
+        return _coupling_tail, (x, hnet), [x, hnet]
+    if op == "cross_step":
+        actnorm, invconv = _actnorm_invconv_layers(c, device)
+
+        def fn(x, hnet):
+            z, ld0 = _coupling_tail(x, hnet)
+            z, ld1 = actnorm(z)
+            y, ld2 = invconv(z)
+            return y, ld0 + ld1 + ld2
+
+        return fn, (x, hnet), [x, hnet, *actnorm.parameters(), *invconv.parameters()]
+    raise ValueError(op)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape,device", SHAPES)
+@pytest.mark.parametrize("op", ["actnorm_invconv", "coupling", "cross_step"])
+def test_flow_op(cuda_timer, op, shape, device, mode, variant):
+    cuda_timer.benchmark.group = _group(op, mode, shape)
+    fn, inputs, leaves = _make_op(op, shape, device)
+    extra = {}
+    with torch.no_grad():
+        y0, ld0 = fn(*inputs)  # eager, for the output shapes
+    if variant == "compiled":
+        cuda_timer.skip_unless_compile(device)
+        from torch import _dynamo
+
+        _dynamo.reset()  # a cold compile per case (and no recompile-limit fallback to eager)
+        fn = torch.compile(fn, dynamic=False)
+    if mode == "fwdbwd":
+        for t in leaves:
+            t.requires_grad_(True)
+        grads = (torch.randn_like(y0), torch.randn_like(ld0))
+
+        def call():
+            for t in leaves:
+                t.grad = None
+            y, ld = fn(*inputs)
+            torch.autograd.backward((y, ld), grads)
+            return y
+    else:
+        def call():
+            with torch.no_grad():
+                return fn(*inputs)[0]
+
+    if variant == "compiled":
+        compile_s, _ = cuda_timer.first_call(call, device)
+        extra["compile_s"] = round(compile_s, 2)
+    b = shape[0]
+    cuda_timer(call, device=device, variant=variant, images=b, config={"op": op, "shape": list(shape),
+               "mode": mode}, **TIMING[device], **extra)

@@ -1,0 +1,267 @@
+"""Whole-model benchmarks: one training step (forward, backward, Adamax step) and sampling 64 images.
+
+Variants (extra_info["variant"], what benchmarks/report.py computes ratios between)
+- reference: `Glow(..., backend="reference")`, eager PyTorch.
+- fused:     `Glow(..., backend="fused")` (Triton flow steps + batched LU); CUDA only.
+- compiled:  `torch.compile(Glow(..., backend="reference"))` (default mode; the optimiser step stays eager).
+             Its compile time (the first call of a fresh compile, cold dynamo) is its own benchmark
+             (group `compile/train_step/...`) and is also stored as extra_info["compile_s"]. CUDA only by
+             default and the whole model only with GLOWFAST_BENCH_COMPILE_MODEL=1 (minutes per configuration).
+- peer:      normflows (`pip install --no-deps normflows`) Glow built from GlowBlock + Squeeze + Merge as
+             its example does (skipped when normflows is not importable). Differences from glowfast's
+             configuration, all in the peer's favour or neutral for speed:
+               * the factored-out latents get a learned per-position diagonal Gaussian (DiagGaussian), not
+                 glowfast's conditional prior p(z2 | z1) (one ZeroConv2d 3x3 per split level);
+               * the coupling network's last conv has no exp(3 * logs) output scale (openai's ZeroConv2d);
+               * the scale/shift are interleaved channels (0::2 / 1::2) instead of halves.
+             Same: K, L, hidden channels, affine coupling with sigmoid(raw + 2), LU 1x1 conv, actnorm with
+             data-dependent init, channel split, unconditional.
+
+Configurations
+- cifar10: 3x32x32, K=32, L=3, hidden 512, affine, LU (batch 64 and 256) — CUDA.
+- mnist:   1x32x32, K=16 and K=32, L=3, hidden 512, affine, LU — CUDA.
+- mnist_K4_h128 (CPU smoke-size): 1x32x32, K=4, L=3, hidden 128, batch 8 (sampling: 64) — runs everywhere,
+  so that a CPU-only machine measures the reference/peer step in seconds.
+
+Inputs are random uint8 images (the compute does not depend on the pixel values); the loss is the mean
+bits/dim. extra_info: images_per_s, peak_mem_mib (CUDA), ms_per_call, config.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA, reason="full-size configuration: CUDA only")
+
+CONFIGS = {
+    "cifar10_K32": dict(image_shape=(3, 32, 32), K=32, L=3, hidden_channels=512),
+    "mnist_K16": dict(image_shape=(1, 32, 32), K=16, L=3, hidden_channels=512),
+    "mnist_K32": dict(image_shape=(1, 32, 32), K=32, L=3, hidden_channels=512),
+    "mnist_K4_h128": dict(image_shape=(1, 32, 32), K=4, L=3, hidden_channels=128),
+}
+COMMON = dict(coupling="affine", permutation="invconv", lu=True, learn_top=True, n_classes=None, n_bits=8)
+
+# (config, batch, device)
+TRAIN_CASES = [
+    pytest.param("mnist_K4_h128", 8, "cpu", id="cpu-mnist_K4_h128_B8"),
+    pytest.param("cifar10_K32", 64, "cuda", id="cuda-cifar10_K32_B64", marks=CUDA_ONLY),
+    pytest.param("cifar10_K32", 256, "cuda", id="cuda-cifar10_K32_B256", marks=CUDA_ONLY),
+    pytest.param("mnist_K16", 64, "cuda", id="cuda-mnist_K16_B64", marks=CUDA_ONLY),
+    pytest.param("mnist_K16", 256, "cuda", id="cuda-mnist_K16_B256", marks=CUDA_ONLY),
+    pytest.param("mnist_K32", 256, "cuda", id="cuda-mnist_K32_B256", marks=CUDA_ONLY),
+]
+SAMPLE_CASES = [
+    pytest.param("mnist_K4_h128", "cpu", id="cpu-mnist_K4_h128"),
+    pytest.param("cifar10_K32", "cuda", id="cuda-cifar10_K32", marks=CUDA_ONLY),
+    pytest.param("mnist_K16", "cuda", id="cuda-mnist_K16", marks=CUDA_ONLY),
+    pytest.param("mnist_K32", "cuda", id="cuda-mnist_K32", marks=CUDA_ONLY),
+]
+VARIANTS = ["reference", "fused", "compiled", "peer"]
+N_SAMPLES = 64
+LR = 1e-4
+# timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
+ROUNDS = {"cpu": 5, "cuda": 10}
+WARMUP = {"cpu": 1, "cuda": 3}
+
+_compiled_cache: dict = {}  # (config, batch) -> (step, model, compile_s) built by test_compile_time
+
+
+def _config(name: str) -> dict:
+    return {**CONFIGS[name], **COMMON}
+
+
+def _images(cfg: dict, batch: int, device: str) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, *cfg["image_shape"]), dtype=torch.uint8, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ glowfast
+def _glow(cfg: dict, backend: str, device: str):
+    from glowfast import Glow
+
+    torch.manual_seed(0)
+    return Glow(**cfg, backend=backend).to(device)
+
+
+def _check_fused(cuda_timer, device: str) -> None:
+    cuda_timer.skip_unless_fused(device)
+    fused = cuda_timer.import_or_skip("glowfast.fused", "glowfast.fused (Triton fused path)")
+    ok, reason = fused.fused_available(torch.device(device))
+    if not ok:
+        pytest.skip(f"fused backend cannot run on {device}: {reason}")
+
+
+def _glow_train_step(model, x):
+    opt = torch.optim.Adamax(model.parameters(), lr=LR)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).bits_per_dim.mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def _init_actnorm(model, x) -> None:
+    """Data-dependent actnorm init (the first training batch), eagerly, before any timing or compiling."""
+    with torch.no_grad():
+        model(x)
+
+
+def _build_compiled_step(cfg, batch, device):
+    """Fresh torch.compile of the reference model; returns (step, compile_s = first step's time)."""
+    from torch import _dynamo
+
+    _dynamo.reset()
+    model = _glow(cfg, "reference", device)
+    x = _images(cfg, batch, device)
+    _init_actnorm(model, x)
+    step = _glow_train_step(torch.compile(model), x)
+    compile_s, _ = _first_call(step, device)
+    return step, compile_s
+
+
+def _first_call(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+# ------------------------------------------------------------------------------------------------ peer
+def _peer_model(cfg: dict, device: str):
+    """normflows' Glow example (GlowBlock + Squeeze per level, Merge between levels), unconditional."""
+    nf = pytest.importorskip("normflows", reason="peer library normflows not installed "
+                                                 "(pip install --no-deps normflows)")
+    torch.manual_seed(0)
+    c, h, w = cfg["image_shape"]
+    L, K, hidden = cfg["L"], cfg["K"], cfg["hidden_channels"]
+    q0, merges, flows = [], [], []
+    for i in range(L):  # i = 0 is the top (coarsest) level, as in normflows' example
+        level = [nf.flows.GlowBlock(c * 2 ** (L + 1 - i), hidden, split_mode="channel", scale=True,
+                                    use_lu=True) for _ in range(K)]
+        level += [nf.flows.Squeeze()]
+        flows.append(level)
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            latent_shape = (c * 2 ** (L - i), h // 2 ** (L - i), w // 2 ** (L - i))
+        else:
+            latent_shape = (c * 2 ** (L + 1), h // 2**L, w // 2**L)
+        q0.append(nf.distributions.DiagGaussian(latent_shape))
+    return nf.MultiscaleFlow(q0, flows, merges, class_cond=False).to(device)
+
+
+def _peer_loss(model, x_uint8):
+    """Mean bits/dim of 8-bit images, dequantised to [0, 1) like normflows' example (Scale + Jitter)."""
+    x = (x_uint8.float() + torch.rand(x_uint8.shape, device=x_uint8.device)) / 256.0
+    d = math.prod(x.shape[1:])
+    return (model.forward_kld(x) + d * math.log(256.0)) / (d * math.log(2.0))
+
+
+def _peer_train_step(model, x):
+    opt = torch.optim.Adamax(model.parameters(), lr=LR)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = _peer_loss(model, x)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_cache():
+    yield
+    _compiled_cache.clear()
+
+
+@pytest.mark.parametrize("config_name,batch,device", TRAIN_CASES)
+def test_compile_time(cuda_timer, config_name, batch, device):
+    """Compile time of torch.compile(reference): first training step of a fresh compile (cold dynamo)."""
+    if not cuda_timer.compile_model_enabled(device):
+        pytest.skip("whole-model torch.compile benchmark off (GLOWFAST_BENCH_COMPILE_MODEL=1 to run it)")
+    cfg = _config(config_name)
+    cuda_timer.benchmark.group = f"compile/train_step/{config_name}_B{batch}"
+    built = {}
+
+    def compile_and_first_step():
+        built["step"], built["compile_s"] = _build_compiled_step(cfg, batch, device)
+
+    cuda_timer.once(compile_and_first_step, device=device, variant="compiled", config=cfg, batch=batch)
+    cuda_timer.extra_info["compile_s"] = round(built["compile_s"], 2)
+    _compiled_cache[(config_name, batch)] = (built["step"], built["compile_s"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("config_name,batch,device", TRAIN_CASES)
+def test_train_step(cuda_timer, config_name, batch, device, variant):
+    """One training step: forward (bits/dim), backward, Adamax step."""
+    cfg = _config(config_name)
+    cuda_timer.benchmark.group = f"train_step/{config_name}_B{batch}"
+    extra = {}
+    if variant == "reference":
+        model = _glow(cfg, "reference", device)
+        step = _glow_train_step(model, _images(cfg, batch, device))
+    elif variant == "fused":
+        _check_fused(cuda_timer, device)
+        model = _glow(cfg, "fused", device)
+        step = _glow_train_step(model, _images(cfg, batch, device))
+    elif variant == "compiled":
+        if not cuda_timer.compile_model_enabled(device):
+            pytest.skip("whole-model torch.compile benchmark off (GLOWFAST_BENCH_COMPILE_MODEL=1 to run it)")
+        cached = _compiled_cache.pop((config_name, batch), None)
+        step, compile_s = cached if cached else _build_compiled_step(cfg, batch, device)
+        extra["compile_s"] = round(compile_s, 2)
+    else:
+        model = _peer_model(cfg, device)
+        step = _peer_train_step(model, _images(cfg, batch, device))
+        extra["peer"] = "normflows " + __import__("normflows").__version__
+    loss = cuda_timer(step, device=device, variant=variant, n_rounds=ROUNDS[device], warmup=WARMUP[device],
+                      images=batch, config={**cfg, "batch": batch}, **extra)
+    assert torch.isfinite(loss).item(), f"{variant}: non-finite loss {loss}"
+
+
+@pytest.mark.parametrize("variant", ["reference", "fused", "peer"])
+@pytest.mark.parametrize("config_name,device", SAMPLE_CASES)
+def test_sample(cuda_timer, config_name, device, variant):
+    """Sampling 64 images at temperature 0.7 (the whole inverse pass, no gradient)."""
+    cfg = _config(config_name)
+    cuda_timer.benchmark.group = f"sample{N_SAMPLES}/{config_name}"
+    extra = {}
+    if variant == "peer":
+        model = _peer_model(cfg, device)
+        x = _images(cfg, 16, device)
+        with torch.no_grad():
+            _peer_loss(model, x)  # data-dependent actnorm init, as after training
+
+        @torch.no_grad()
+        def sample():
+            return model.sample(N_SAMPLES, temperature=0.7)[0]
+
+        extra["peer"] = "normflows " + __import__("normflows").__version__
+        extra["note"] = "normflows' sample() also returns log q (the logdets are computed too)"
+    else:
+        if variant == "fused":
+            _check_fused(cuda_timer, device)
+        model = _glow(cfg, variant, device)
+        _init_actnorm(model, _images(cfg, 16, device))
+        model.eval()
+
+        def sample():
+            return model.sample(N_SAMPLES, temperature=0.7)
+
+    out = cuda_timer(sample, device=device, variant=variant, n_rounds=ROUNDS[device], warmup=WARMUP[device],
+                     images=N_SAMPLES, config=cfg, **extra)
+    assert out.shape == (N_SAMPLES, *cfg["image_shape"])

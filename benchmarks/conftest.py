@@ -1,0 +1,313 @@
+"""Shared helpers of the benchmark suite (`pytest benchmarks/ --benchmark-only`).
+
+Timing (`run_timed`)
+- CPU: pytest-benchmark's own clock around each call (`benchmark.pedantic`, fixed rounds, warm-up rounds).
+- CUDA: kernels are asynchronous, so a host clock around a bare call measures the launch, not the work.
+  Each timed round is bracketed by `torch.cuda.synchronize()` (a synchronising timer given to the fixture),
+  so a round of `iterations` back-to-back calls is timed from an idle device to an idle device, exactly
+  like a training loop that launches step after step. The median over rounds is what the report uses.
+  CUDA events around the same rounds give a second median (`extra_info["cuda_event_median_ms"]`) as a
+  cross-check of the host-side number.
+- Warm-up: `warmup` untimed calls first (cuDNN autotuning, Triton JIT, allocator growth, lazy init).
+- Peak memory: after the warm-up, `torch.cuda.reset_peak_memory_stats()`, one call, then
+  `torch.cuda.max_memory_allocated()`; stored as `extra_info["peak_mem_mib"]` (CUDA only).
+
+Triton: fused kernels are benchmarked on CUDA only. Under TRITON_INTERPRET=1 (which tests/conftest.py sets
+when there is no GPU) they would run in the Triton interpreter, whose timings mean nothing, so
+`skip_unless_fused(device)` skips them on CPU and whenever TRITON_INTERPRET=1 is set.
+
+Environment switches (so the CPU suite stays a few minutes and a GPU session fits its time box)
+- GLOWFAST_BENCH_COMPILE: "auto" (default: torch.compile variants on CUDA only; the whole-model compile
+  only if GLOWFAST_BENCH_COMPILE_MODEL=1), "all" (also on CPU), "0" (never).
+- GLOWFAST_BENCH_COMPILE_MODEL: "1" to benchmark torch.compile of the whole reference model (minutes of
+  compilation per configuration on an H100 for the CIFAR-10 configuration).
+- GLOWFAST_BENCH_ROUNDS: override the number of timed rounds (default: per benchmark).
+- GLOWFAST_BENCH_THREADS: torch intra-op threads during each benchmark. Default "auto": torch's default,
+  except 1 when the machine is oversubscribed (1-minute load average above the core count) — there,
+  intra-op thread barriers wait for descheduled threads and tiny CPU ops swing from 0.1 ms to 100 ms.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+#: the variant names the report (benchmarks/report.py) computes ratios between
+VARIANTS = ("reference", "compiled", "fused", "peer")
+
+
+# ------------------------------------------------------------------------------------------------ switches
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip().lower()
+
+
+def interpreting_triton() -> bool:
+    return _env("TRITON_INTERPRET", "0") == "1"
+
+
+def compile_enabled(device: str) -> bool:
+    """Whether torch.compile variants run on `device` (GLOWFAST_BENCH_COMPILE)."""
+    mode = _env("GLOWFAST_BENCH_COMPILE", "auto")
+    if mode in ("0", "no", "off", "false"):
+        return False
+    if mode == "all":
+        return True
+    return device == "cuda"
+
+
+def compile_model_enabled(device: str) -> bool:
+    return compile_enabled(device) and _env("GLOWFAST_BENCH_COMPILE_MODEL", "0") in ("1", "yes", "on", "true")
+
+
+def rounds(default: int) -> int:
+    value = os.environ.get("GLOWFAST_BENCH_ROUNDS")
+    return max(1, int(value)) if value else default
+
+
+def bench_threads() -> int:
+    value = _env("GLOWFAST_BENCH_THREADS", "auto")
+    if value != "auto":
+        return max(1, int(value))
+    default = torch.get_num_threads()
+    try:
+        if os.getloadavg()[0] > (os.cpu_count() or 1):
+            return 1
+    except OSError:
+        pass
+    return default
+
+
+def skip_unless_compile(device: str) -> None:
+    if not compile_enabled(device):
+        pytest.skip(f"torch.compile variant off on {device} (GLOWFAST_BENCH_COMPILE="
+                    f"{os.environ.get('GLOWFAST_BENCH_COMPILE', 'auto')}; set 'all' to run it on CPU)")
+
+
+def skip_unless_fused(device: str) -> None:
+    """Fused (Triton) variants: CUDA only, never under the Triton interpreter."""
+    if device != "cuda":
+        pytest.skip("fused Triton kernels are benchmarked on CUDA only (interpreter timings are meaningless)")
+    if interpreting_triton():
+        pytest.skip("TRITON_INTERPRET=1 is set: Triton would run in the interpreter; unset it to benchmark")
+
+
+def import_or_skip(module: str, what: str | None = None):
+    """Import a module another part of the project provides; skip (with the reason) if it isn't there yet."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except Exception as exc:  # ImportError, or a missing compiled extension raising something else
+        pytest.skip(f"{what or module} not available: {type(exc).__name__}: {exc}")
+
+
+# ------------------------------------------------------------------------------------------------ collection
+def pytest_collect_file(file_path, parent):
+    """Collect benchmarks/bench_*.py as test modules (the project's python_files is pytest's test_*.py).
+
+    This hook lives in benchmarks/conftest.py, so it only applies under benchmarks/; plain `pytest` (testpaths =
+    tests) never reaches these files. If python_files already matches bench_*.py, pytest collects them itself.
+    """
+    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    if any(fnmatch.fnmatch(file_path.name, pat) for pat in parent.config.getini("python_files")):
+        return None
+    return pytest.Module.from_parent(parent, path=file_path)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA"))])
+def device(request) -> str:
+    """cpu always, cuda when present."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _bench_seed():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(bench_threads())
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if HAS_CUDA:
+        torch.backends.cudnn.benchmark = True
+    yield
+    torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if HAS_CUDA:
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _synced_timer() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _cuda_event_median_ms(fn: Callable[[], object], n_rounds: int, iterations: int) -> float:
+    times = []
+    for _ in range(n_rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iterations):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iterations)
+    return statistics.median(times)
+
+
+def run_timed(
+    benchmark,
+    fn: Callable[[], object],
+    *,
+    device: str,
+    variant: str,
+    n_rounds: int = 10,
+    warmup: int = 3,
+    iterations: int = 1,
+    images: int | None = None,
+    config: dict | None = None,
+    event_check: bool = True,
+    **extra,
+):
+    """Benchmark `fn()` with warm-up and device synchronisation; record variant, config, images/s, peak memory.
+
+    `images`: images processed per call (for images/s). Returns the result of the last call.
+    """
+    n_rounds = rounds(n_rounds)
+    info = benchmark.extra_info
+    if warmup > 0:  # the first call: JIT / autotuning / cuDNN benchmark / allocator — what a start-up pays
+        first_s, _ = timed_first_call(fn, device)
+        info["first_call_s"] = round(first_s, 4)
+        for _ in range(warmup - 1):
+            fn()
+    sync(device)
+    info["variant"] = variant
+    info["device"] = device_name(device)
+    info["torch_threads"] = torch.get_num_threads()
+    if config:
+        info["config"] = config
+    info.update(extra)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        info["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        benchmark._timer = _synced_timer  # pytest-benchmark reads its clock here for every round
+    result = benchmark.pedantic(fn, rounds=n_rounds, iterations=iterations, warmup_rounds=0)
+    if device == "cuda" and event_check:
+        info["cuda_event_median_ms"] = round(_cuda_event_median_ms(fn, max(3, n_rounds // 2), iterations), 4)
+    stats = getattr(benchmark, "stats", None)
+    median = getattr(getattr(stats, "stats", None), "median", None)
+    if median and images:
+        info["images_per_s"] = round(images / median, 1)
+        info["ms_per_call"] = round(median * 1e3, 3)
+    return result
+
+
+def run_once(benchmark, fn: Callable[[], object], *, device: str, variant: str, **extra):
+    """A one-shot measurement (e.g. compile time = first call of a freshly compiled function): one round."""
+    info = benchmark.extra_info
+    info["variant"] = variant
+    info["device"] = device_name(device)
+    info.update(extra)
+    if device == "cuda":
+        benchmark._timer = _synced_timer
+    return benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+
+
+def timed_first_call(fn: Callable[[], object], device: str) -> tuple[float, object]:
+    """Seconds of one call (synchronised): a compiled function's first call is its compile time."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+# ------------------------------------------------------------------------------------------------ fixture API
+class CudaTimer:
+    """What bench files use (fixture `cuda_timer`): `cuda_timer(fn, device=..., variant=..., ...)` times `fn`.
+
+    Bench files import nothing from this conftest (two conftest modules may be on sys.path when tests/ and
+    benchmarks/ run together); everything goes through this fixture.
+    """
+
+    has_cuda = HAS_CUDA
+    variants = VARIANTS
+
+    def __init__(self, benchmark):
+        self.benchmark = benchmark
+
+    def __call__(self, fn, **kwargs):
+        return run_timed(self.benchmark, fn, **kwargs)
+
+    def once(self, fn, **kwargs):
+        return run_once(self.benchmark, fn, **kwargs)
+
+    @property
+    def extra_info(self) -> dict:
+        return self.benchmark.extra_info
+
+    first_call = staticmethod(timed_first_call)
+    sync = staticmethod(sync)
+    compile_enabled = staticmethod(compile_enabled)
+    compile_model_enabled = staticmethod(compile_model_enabled)
+    skip_unless_compile = staticmethod(skip_unless_compile)
+    skip_unless_fused = staticmethod(skip_unless_fused)
+    import_or_skip = staticmethod(import_or_skip)
+    shape_tag = staticmethod(lambda b, c, h, w: shape_tag(b, c, h, w))
+    rounds = staticmethod(rounds)
+
+
+@pytest.fixture
+def cuda_timer(benchmark) -> CudaTimer:
+    """Benchmark helper bound to pytest-benchmark's fixture (see the module docstring for the method)."""
+    return CudaTimer(benchmark)
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+def device_name(device: str) -> str:
+    if device == "cuda" and HAS_CUDA:
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def shape_tag(b: int, c: int, h: int, w: int) -> str:
+    """`B64_C12_16x16`: the shape part of a group name (shared with bench_fused_step.py / bench_batched_lu.py)."""
+    return f"B{b}_C{c}_{h}x{w}"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Put torch / triton / CUDA device facts in the JSON so report.py can write its header from it alone."""
+    machine_info["torch"] = torch.__version__
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except Exception:
+        machine_info["triton"] = None
+    machine_info["cuda_available"] = HAS_CUDA
+    machine_info["cuda_device"] = torch.cuda.get_device_name() if HAS_CUDA else None
+    machine_info["cuda_version"] = torch.version.cuda
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["triton_interpret"] = interpreting_triton()
+    machine_info["env"] = {k: os.environ[k] for k in sorted(os.environ) if k.startswith("GLOWFAST_BENCH")}
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""pytest-benchmark JSON -> Markdown tables with fused/reference, fused/compiled and fused/peer ratios.
+
+    python -m pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
+    python benchmarks/report.py bench.json [more.json ...] [--out benchmarks/RESULTS.md] [--append]
+                                [--title TEXT] [--note TEXT] [--stat median|min]
+
+Conventions (shared by bench_model.py, bench_flow_ops.py, bench_fused_step.py, bench_batched_lu.py)
+- A benchmark's group (`--benchmark-group-by=group`, set per test) names one measured thing, e.g.
+  `train_step/cifar10_K32_B64` or `actnorm_invconv/fwd/B64_C12_16x16`; its first path component is the
+  section the table goes in.
+- Its variant is `extra_info["variant"]`, else `params["variant"]` / `params["impl"]` / `params["backend"]`,
+  else the last `-`-separated part of the parameter id; synonyms are mapped by VARIANT_ALIASES to
+  `reference`, `compiled`, `fused` or `peer`.
+- Ratios are speed-ups: "fused vs X" = t_X / t_fused (the median time per call, or `--stat min`), so 10×
+  means fused is ten times faster. Throughput (images/s) and peak memory come from extra_info
+  (`images_per_s`, `peak_mem_mib`), compile time from `compile_s`, start-up from `first_call_s`.
+Without --out the Markdown goes to stdout. --append adds the new section to the end of an existing file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+MAIN_VARIANTS = ("reference", "compiled", "fused", "peer")
+VARIANT_ALIASES = {
+    "ref": "reference", "eager": "reference", "torch": "reference", "loop": "reference",
+    "torch_loop": "reference", "python_loop": "reference", "reference_loop": "reference",
+    "compile": "compiled", "torch_compile": "compiled", "compiled_reference": "compiled",
+    "triton": "fused", "glowfast": "fused", "op": "fused", "batched": "fused", "cpp": "fused",
+    "glowfast_op": "fused", "batched_lu": "fused",
+    "normflows": "peer", "y0ast": "peer",
+}
+SECTION_ORDER = ("train_step", "compile", "sample64", "sample")
+SECTION_TITLES = {
+    "train_step": "Whole model: one training step (forward, backward, Adamax step)",
+    "compile": "Compile time of torch.compile(reference) (first call of a fresh compile)",
+    "sample64": "Whole model: sampling 64 images",
+}
+# Issue 6 targets (H100): group -> list of (description, check(rows) -> (ok | None, detail))
+PEER_ANCHOR_IMG_S = {"train_step/cifar10_K32_B64": 244.0, "train_step/cifar10_K32_B256": 952.0}
+
+
+def canonical_variant(bench: dict) -> str:
+    info = bench.get("extra_info") or {}
+    params = bench.get("params") or {}
+    name = info.get("variant") or params.get("variant") or params.get("impl") or params.get("backend")
+    if not name:
+        param = bench.get("param") or ""
+        name = param.split("-")[-1] if param else bench.get("name", "?")
+    name = str(name)
+    return VARIANT_ALIASES.get(name.lower(), name)
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    if seconds >= 1:
+        return f"{seconds:.3g} s" if seconds < 100 else f"{seconds:.0f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} µs"
+
+
+def fmt_ratio(num: float | None, den: float | None) -> str:
+    if not num or not den:
+        return "—"
+    return f"{num / den:.2f}×"
+
+
+def fmt_num(x, digits: int = 0) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "—"
+    return f"{x:,.{digits}f}"
+
+
+def git_commit(cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def load(paths: list[Path]) -> tuple[dict, list[dict]]:
+    """(metadata of the first file, every benchmark of all files)."""
+    meta, benches = None, []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        if "benchmarks" not in data:
+            raise SystemExit(f"{p}: not a pytest-benchmark JSON file (no 'benchmarks' key)")
+        if meta is None:
+            meta = {k: v for k, v in data.items() if k != "benchmarks"}
+        benches.extend(data["benchmarks"])
+    return meta or {}, benches
+
+
+def header(meta: dict, title: str, note: str | None) -> list[str]:
+    mi = meta.get("machine_info") or {}
+    ci = meta.get("commit_info") or {}
+    cpu = mi.get("cpu") or {}
+    cpu_name = cpu.get("brand_raw") or mi.get("processor") or mi.get("machine") or "CPU"
+    gpu = mi.get("cuda_device")
+    device = f"GPU: {gpu}" if gpu else f"CPU only: {cpu_name} ({cpu.get('count', '?')} cores)"
+    if "torch" not in mi:  # a JSON written without benchmarks/conftest.py's machine-info hook
+        for pkg in ("torch", "triton"):
+            try:
+                mi[pkg] = f"{importlib.metadata.version(pkg)} (installed where the report ran)"
+            except importlib.metadata.PackageNotFoundError:
+                pass
+    commit = ci.get("id")
+    commit = (commit[:12] + (" (dirty tree)" if ci.get("dirty") else "")) if commit else \
+        (git_commit(Path(__file__).resolve().parent) or "unknown") + " (git rev-parse at report time)"
+    date = meta.get("datetime") or _dt.datetime.now(_dt.UTC).isoformat()
+    lines = [f"## {title}", ""]
+    if note:
+        lines += [note, ""]
+    rows = [
+        ("device", device),
+        ("torch", mi.get("torch", "?")),
+        ("triton", mi.get("triton") or "—"),
+        ("CUDA (torch build)", mi.get("cuda_version") or "—"),
+        ("python", mi.get("python_version", "?")),
+        ("commit", f"{commit} on {ci.get('branch', '?')}" if ci.get("branch") else commit),
+        ("date", date),
+        ("pytest-benchmark", meta.get("version", "?")),
+        ("torch threads (session default)", mi.get("torch_threads", "?")),
+    ]
+    if mi.get("env"):
+        rows.append(("switches", ", ".join(f"{k}={v}" for k, v in mi["env"].items())))
+    lines += ["| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    return lines
+
+
+def group_rows(benches: list[dict], stat: str) -> OrderedDict:
+    """group -> variant -> row dict (time, info, bench)."""
+    groups: dict = {}
+    for b in benches:
+        group = b.get("group") or b.get("name", "?").split("[")[0]
+        variant = canonical_variant(b)
+        stats = b.get("stats") or {}
+        t = stats.get(stat)
+        row = {"time": t, "info": b.get("extra_info") or {}, "bench": b, "stats": stats}
+        groups.setdefault(group, {})
+        if variant in groups[group]:  # the same variant twice (e.g. two devices): keep both, suffixed
+            variant = f"{variant} ({b.get('param') or b.get('name')})"
+        groups[group][variant] = row
+
+    def key(g: str):
+        section = g.split("/")[0]
+        order = SECTION_ORDER.index(section) if section in SECTION_ORDER else len(SECTION_ORDER)
+        return (order, section, g)
+
+    return OrderedDict((g, groups[g]) for g in sorted(groups, key=key))
+
+
+def variant_order(variants) -> list[str]:
+    main = [v for v in MAIN_VARIANTS if v in variants]
+    return main + sorted(v for v in variants if v not in MAIN_VARIANTS)
+
+
+def summary_table(groups: OrderedDict) -> list[str]:
+    lines = ["### Summary: time per call and fused speed-ups", "",
+             "Speed-up = t_variant / t_fused (> 1: fused is faster). `—`: variant not measured.", "",
+             "| group | reference | compiled | fused | peer | fused vs reference | fused vs compiled | "
+             "fused vs peer |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for g, rows in groups.items():
+        if g.startswith("compile/"):
+            continue
+        t = {v: rows[v]["time"] if v in rows else None for v in MAIN_VARIANTS}
+        lines.append(f"| {g} | " + " | ".join(fmt_time(t[v]) for v in MAIN_VARIANTS) + " | "
+                     + " | ".join(fmt_ratio(t[v], t["fused"]) for v in ("reference", "compiled", "peer")) + " |")
+    return lines + [""]
+
+
+def detail_tables(groups: OrderedDict, stat: str) -> list[str]:
+    lines = []
+    by_section: OrderedDict = OrderedDict()
+    for g, rows in groups.items():
+        by_section.setdefault(g.split("/")[0], []).append((g, rows))
+    for section, items in by_section.items():
+        lines += [f"### {SECTION_TITLES.get(section, section)}", "",
+                  f"| group | variant | {stat} | IQR | rounds × iters | images/s | peak GPU MiB | first call | "
+                  "compile | fused speed-up |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for g, rows in items:
+            t_fused = rows["fused"]["time"] if "fused" in rows else None
+            for v in variant_order(rows):
+                r = rows[v]
+                info, st = r["info"], r["stats"]
+                ips = info.get("images_per_s")
+                if ips is None and r["time"] and info.get("images"):
+                    ips = info["images"] / r["time"]
+                speed = fmt_ratio(r["time"], t_fused) if v != "fused" and t_fused else ""
+                first = info.get("first_call_s")
+                comp = info.get("compile_s")
+                lines.append(
+                    f"| {g} | {v} | {fmt_time(r['time'])} | {fmt_time(st.get('iqr'))} | "
+                    f"{st.get('rounds', '?')} × {st.get('iterations', 1)} | {fmt_num(ips)} | "
+                    f"{fmt_num(info.get('peak_mem_mib'))} | {fmt_time(first) if first is not None else '—'} | "
+                    f"{fmt_time(comp) if comp is not None else '—'} | {speed} |")
+        lines.append("")
+    return lines
+
+
+def target_table(groups: OrderedDict) -> list[str]:
+    """Issue 6's targets, checked where the groups they need were measured (CIFAR-10 config on a GPU)."""
+    checks = []
+    for g, anchor in PEER_ANCHOR_IMG_S.items():
+        rows = groups.get(g)
+        if not rows or "fused" not in rows:
+            continue
+        fused = rows["fused"]
+        ips = fused["info"].get("images_per_s")
+        want = {"train_step/cifar10_K32_B64": 10, "train_step/cifar10_K32_B256": 6}[g]
+        if ips is not None:
+            checks.append((f"{g}: fused ≥ {want}× the peer's {anchor:.0f} img/s (≥ {want * anchor:,.0f})",
+                           ips >= want * anchor, f"{ips:,.0f} img/s = {ips / anchor:.1f}× the anchor"))
+        first = fused["info"].get("first_call_s")
+        if first is not None:
+            checks.append((f"{g}: fused start-up (first step) < 20 s", first < 20, f"{first:.1f} s"))
+        if g.endswith("B256") and "reference" in rows:
+            pf, pr = fused["info"].get("peak_mem_mib"), rows["reference"]["info"].get("peak_mem_mib")
+            if pf is not None and pr is not None:
+                checks.append((f"{g}: fused peak memory ≤ reference", pf <= pr, f"{pf:,.0f} vs {pr:,.0f} MiB"))
+    if not checks:
+        return []
+    lines = ["### Issue 6 targets (H100; peer anchor y0ast/Glow-PyTorch: 244 img/s at B64, 952 img/s at B256)", "",
+             "| target | met | measured |", "| --- | --- | --- |"]
+    lines += [f"| {d} | {'yes' if ok else 'NO'} | {m} |" for d, ok, m in checks]
+    return lines + [""]
+
+
+def render(paths: list[Path], title: str | None = None, note: str | None = None, stat: str = "median") -> str:
+    meta, benches = load(paths)
+    mi = meta.get("machine_info") or {}
+    if title is None:
+        title = f"Results on {mi['cuda_device']}" if mi.get("cuda_device") else "Results on CPU (no GPU)"
+    groups = group_rows(benches, stat)
+    lines = header(meta, title, note)
+    if not groups:
+        lines += ["No benchmarks in the input (all skipped?).", ""]
+        return "\n".join(lines)
+    lines += target_table(groups) + summary_table(groups) + detail_tables(groups, stat)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("json", nargs="+", type=Path, help="pytest-benchmark JSON file(s) (--benchmark-json)")
+    ap.add_argument("--out", type=Path, help="Markdown file to write (default: stdout)")
+    ap.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
+    ap.add_argument("--title", help="section title (default: 'Results on <device>')")
+    ap.add_argument("--note", help="a paragraph under the title")
+    ap.add_argument("--stat", default="median", choices=("median", "min", "mean"),
+                    help="the statistic of the per-call times that tables and ratios use")
+    args = ap.parse_args(argv)
+    text = render(args.json, args.title, args.note, args.stat)
+    if args.out is None:
+        sys.stdout.write(text + "\n")
+        return 0
+    if args.append and args.out.exists():
+        old = args.out.read_text().rstrip("\n")
+        args.out.write_text(old + "\n\n" + text + "\n")
+    else:
+        args.out.write_text("# glowfast benchmark results\n\n"
+                            "Generated by `benchmarks/report.py` from pytest-benchmark JSON; see "
+                            "benchmarks/README.md for how to reproduce.\n\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
