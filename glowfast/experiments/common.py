@@ -208,6 +208,9 @@ def build_model(spec: ModelSpec, backend: str = "reference") -> Glow:
                 permutation=spec.permutation, lu=spec.lu, n_classes=n_classes, backend="reference")
 
 
+_WARNED: set[str] = set()
+
+
 def set_backend(model: Glow, backend: str, device: torch.device) -> str:
     """Set `backend`, falling back to 'reference' (with a warning) when it cannot run here.
     Returns the compute path actually used on `device`."""
@@ -224,8 +227,10 @@ def set_backend(model: Glow, backend: str, device: torch.device) -> str:
     except (ImportError, RuntimeError, NotImplementedError) as e:
         if backend == "reference":
             raise
-        warnings.warn(f"backend={backend!r} unavailable ({type(e).__name__}: {e}); using 'reference'",
-                      stacklevel=2)
+        msg = f"backend={backend!r} unavailable ({type(e).__name__}: {e}); using 'reference'"
+        if msg not in _WARNED:
+            _WARNED.add(msg)
+            warnings.warn(msg, stacklevel=2)
         model.backend = "reference"
         return "reference"
 
@@ -472,8 +477,8 @@ def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[2]
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "glowfast"], cwd=root, capture_output=True,
-                               text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "glowfast"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
             return "unknown"
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
