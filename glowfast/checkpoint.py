@@ -1,0 +1,226 @@
+"""Crash-safe checkpoints that cannot execute code when loaded.
+
+Saving is atomic: the checkpoint is written to a temporary file in the target directory, flushed and
+fsync'ed, then moved over the target with ``os.replace`` (atomic on POSIX and Windows), and the directory is
+fsync'ed. A crash at any point -- an exception in the writer, SIGKILL, a full disk -- leaves either the old
+or the new file, never a half-written one under the final name.
+
+A run keeps two checkpoints in ``RUN/checkpoints/``: ``last.pt`` and ``prev.pt`` (the one before it).
+:func:`find_checkpoint` returns the newest one that loads, so even a damaged ``last.pt`` (e.g. a file
+system that lost data without fsync) falls back to ``prev.pt``.
+
+Loading uses ``torch.load(weights_only=True)``: only tensors and plain Python containers/scalars are
+accepted, so a checkpoint holds the config as a plain dict and RNG states as tensors / lists of ints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LAST = "last.pt"
+PREV = "prev.pt"
+
+__all__ = [
+    "LAST",
+    "PREV",
+    "CheckpointError",
+    "NonFiniteStateError",
+    "assert_finite_state",
+    "atomic_save",
+    "find_checkpoint",
+    "get_rng_state",
+    "load_checkpoint",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint (missing or unreadable)."""
+
+
+class NonFiniteStateError(ValueError):
+    """A state dict to be saved holds NaN/Inf values; it is refused so no checkpoint holds them."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, writer: Callable[[Any, Any], None] | None = None) -> Path:
+    """Write ``obj`` to ``path`` atomically (temp file in the same directory + fsync + ``os.replace``).
+
+    ``writer(obj, file)`` serialises ``obj`` into an open binary file (default ``torch.save``). If it raises
+    (or the process dies) the temporary file is removed / left under a ``.tmp`` name and ``path`` keeps its
+    previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = writer or torch.save
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def assert_finite_state(state: Any, name: str = "state") -> None:
+    """Raise NonFiniteStateError if any floating tensor in a (nested) state holds NaN or Inf."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            raise NonFiniteStateError(f"{name} contains non-finite values (NaN or Inf)")
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            assert_finite_state(v, f"{name}.{k}")
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            assert_finite_state(v, f"{name}[{i}]")
+
+
+def save_checkpoint(state: dict, directory: str | os.PathLike,
+                    writer: Callable[[Any, Any], None] | None = None) -> Path:
+    """Save ``state`` as ``directory/last.pt``, keeping the previous ``last.pt`` as ``prev.pt``.
+
+    ``state["model"]`` and ``state["optimizer"]`` are checked for NaN/Inf first (NonFiniteStateError). The
+    order of operations keeps a loadable ``last.pt`` on disk at every instant: the new file is fully written
+    to a temporary name, the current ``last.pt`` is hard-linked (or copied) to ``prev.pt`` atomically, and
+    only then is the new file renamed over ``last.pt``.
+    """
+    for key in ("model", "optimizer"):
+        if key in state:
+            assert_finite_state(state[key], key)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    last, prev = directory / LAST, directory / PREV
+    writer = writer or torch.save
+    fd, tmp = tempfile.mkstemp(prefix=f".{LAST}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if last.exists():
+            _preserve_as(last, prev)
+        os.replace(tmp, last)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return last
+
+
+def _preserve_as(src: Path, dst: Path) -> None:
+    """Atomically make ``dst`` a copy of ``src`` (hard link when possible)."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` (no code execution)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # truncated / corrupt / not a checkpoint
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a glowfast checkpoint (got {type(state).__name__})")
+    return state
+
+
+def find_checkpoint(run_or_dir: str | os.PathLike, map_location: Any = "cpu") -> tuple[Path, dict]:
+    """The newest loadable checkpoint of a run folder (or a checkpoints/ folder, or a file).
+
+    Tries ``last.pt`` then ``prev.pt``; returns ``(path, state)``. Raises CheckpointError if none loads.
+    """
+    p = Path(run_or_dir)
+    if p.is_file():
+        return p, load_checkpoint(p, map_location)
+    directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    errors = []
+    for name in (LAST, PREV):
+        candidate = directory / name
+        if not candidate.exists():
+            continue
+        try:
+            return candidate, load_checkpoint(candidate, map_location)
+        except CheckpointError as e:
+            errors.append(str(e))
+            warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=2)
+    detail = ("; ".join(errors)) if errors else f"no {LAST} or {PREV} in {directory}"
+    raise CheckpointError(f"no usable checkpoint in {p}: {detail}")
+
+
+# ------------------------------------------------------------------------------------------------ RNG state
+def get_rng_state() -> dict:
+    """All global RNG states as weights_only-loadable values (tensors, lists of ints, plain scalars)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`get_rng_state` returned (CUDA states only when CUDA is available)."""
+    torch.set_rng_state(state["torch"].cpu())
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+        else:
+            for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s.cpu(), i)

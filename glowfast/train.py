@@ -1,0 +1,285 @@
+"""Train a Glow model: ``python -m glowfast.train [options]`` (``--help`` lists them all).
+
+With no arguments it trains a small Glow on scikit-learn's embedded 8x8 digits on the CPU in a few
+minutes and leaves a run folder (runs/<timestamp>/) with config.json, metrics.jsonl, curves.png,
+samples/ (grids at temperatures 0, 0.5, 0.7, 0.8, 1.0 at each eval), checkpoints/{last,prev}.pt and
+summary.json (held-out bits/dim on the whole test split). See glowfast/trainer.py for the loop.
+
+Multi-GPU / multi-process: ``torchrun --nproc_per_node N -m glowfast.train ...`` trains with
+DistributedDataParallel (NCCL on CUDA, gloo on CPU) and a DistributedSampler; ``--batch-size`` is per
+process. ``--resume RUN`` continues RUN exactly where its newest checkpoint left it.
+
+Exit status: 0 done; 2 bad usage, missing dataset, unusable device/backend or checkpoint; 3 stopped on
+non-finite losses; 130 interrupted (a checkpoint is written first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+OPTIMIZERS = ("adamax", "adam")
+# options that may be changed when resuming a run; everything else comes from the run's config.json
+RESUMABLE_OVERRIDES = ("steps", "epochs", "eval_interval", "ckpt_interval", "log_interval", "device", "backend",
+                       "max_nonfinite", "progress", "num_workers", "eval_batch_size", "data_dir")
+
+DEFAULTS_NOTE = "defaults: a small digits model that trains in a few minutes on 2 CPU cores"
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m glowfast.train",
+        description="Train Glow (Kingma & Dhariwal 2018) on an image dataset; " + DEFAULTS_NOTE + ".",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+        epilog="Run folder: config.json, metrics.jsonl (JSON lines), curves.png, samples/step*_t*.png, "
+               "checkpoints/{last,prev}.pt (atomic; loaded with weights_only=True), summary.json. "
+               "Multi-process: torchrun --nproc_per_node N -m glowfast.train ... (DDP; NCCL on CUDA, gloo on CPU). "
+               "Exit status 2: usage/dataset/device errors, 3: stopped on non-finite losses.")
+
+    def add(group, *names, **kw):
+        if suppress_defaults:
+            kw.pop("default", None)
+        group.add_argument(*names, **kw)
+
+    g = p.add_argument_group("data")
+    add(g, "--dataset", default="digits",
+        help="digits (1x8x8, embedded in scikit-learn, no download), mnist, fashion-mnist, cifar10, svhn, celeba, "
+             "... (see glowfast/data.py)")
+    add(g, "--data-dir", default="data", help="folder holding the datasets (torchvision layouts)")
+    add(g, "--size", type=int, default=None, help="spatial size (dataset default if omitted, e.g. 32 for mnist)")
+    add(g, "--download", action="store_true", default=False,
+        help="let torchvision download missing datasets (needs network)")
+    add(g, "--num-workers", type=int, default=0, help="DataLoader workers for on-disk datasets")
+
+    g = p.add_argument_group("model")
+    add(g, "-K", "--K", dest="K", type=int, default=8, help="flow steps per level")
+    add(g, "-L", "--L", dest="L", type=int, default=2, help="levels (each squeezes 2x)")
+    add(g, "--hidden-channels", "--width", dest="hidden_channels", type=int, default=128,
+        help="hidden width of the coupling networks")
+    add(g, "--coupling", choices=("affine", "additive"), default="affine")
+    add(g, "--permutation", choices=("invconv", "shuffle", "reverse"), default="invconv")
+    add(g, "--lu", dest="lu", action=argparse.BooleanOptionalAction, default=True,
+        help="LU-parametrised 1x1 convolutions (--no-lu: plain W)")
+    add(g, "--learn-top", action=argparse.BooleanOptionalAction, default=True, help="learned top prior")
+    add(g, "--n-bits", dest="n_bits", type=int, default=8, help="bits per pixel the images are reduced to (1..8)")
+    add(g, "--y-condition", action="store_true", default=False,
+        help="class-conditional prior + class-prediction loss; sample grids show one row per class")
+    add(g, "--y-weight", type=float, default=0.01, help="weight of the class cross-entropy (with --y-condition)")
+
+    g = p.add_argument_group("optimisation")
+    add(g, "--batch-size", type=int, default=64, help="images per step per process")
+    add(g, "--optimizer", choices=OPTIMIZERS, default="adamax")
+    add(g, "--lr", type=float, default=1e-3, help="peak learning rate")
+    add(g, "--warmup-steps", type=int, default=200, help="linear learning-rate warm-up from lr/warmup to lr")
+    add(g, "--lr-schedule", choices=("constant", "cosine"), default="constant",
+        help="after warm-up: constant, or cosine decay to 0 at the last step")
+    add(g, "--weight-decay", type=float, default=0.0)
+    add(g, "--grad-clip", type=float, default=50.0, help="clip the global gradient norm to this (0: off)")
+    add(g, "--steps", type=int, default=2000, help="training steps (overrides --epochs)")
+    add(g, "--epochs", type=int, default=None, help="train for this many epochs instead of --steps")
+    add(g, "--init-batch-size", type=int, default=256,
+        help="images (per process) for ActNorm's data-dependent initialisation")
+    add(g, "--max-nonfinite", type=int, default=10,
+        help="stop after this many non-finite losses / gradient norms in a row (each such step is skipped)")
+    add(g, "--seed", type=int, default=0)
+
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    add(g, "--eval-interval", type=int, default=500,
+        help="every N steps (and at the end): test bits/dim on the whole test split + sample grids")
+    add(g, "--eval-batch-size", type=int, default=512)
+    add(g, "--ckpt-interval", type=int, default=None, help="checkpoint every N steps (default: --eval-interval)")
+    add(g, "--log-interval", type=int, default=50, help="write a train record to metrics.jsonl every N steps")
+    add(g, "--temperatures", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.8, 1.0],
+        help="sampling temperatures of the grids saved at each eval")
+    add(g, "--n-samples", type=int, default=64, help="images per sample grid (unconditional)")
+    add(g, "--samples-per-class", type=int, default=8, help="images per class row (with --y-condition)")
+    add(g, "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+
+    g = p.add_argument_group("run folder")
+    add(g, "--run-dir", default=None, help="the run folder (default: RUNS_ROOT/NAME)")
+    add(g, "--runs-root", default="runs", help="parent folder of runs")
+    add(g, "--name", default=None, help="run name (default: a timestamp)")
+    add(g, "--resume", default=None, metavar="RUN",
+        help="continue the run in folder RUN from its newest checkpoint (its config.json is reused; only "
+             + ", ".join("--" + o.replace("_", "-") for o in RESUMABLE_OVERRIDES) + " may be changed)")
+
+    g = p.add_argument_group("hardware")
+    add(g, "--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    add(g, "--backend", choices=("reference", "fused", "auto"), default="auto",
+        help="compute path: reference PyTorch layers, fused Triton kernels (CUDA only), or auto")
+    add(g, "--amp", choices=("none", "bf16"), default="none",
+        help="bf16: coupling networks under bf16 autocast; flow, log-determinants and loss stay fp32")
+    add(g, "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--version", action="version", version=f"glowfast {__version__}")
+    return p
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def resolve_config(argv: list[str] | None) -> tuple[dict, Path, bool]:
+    """(config, run folder, resume?) from the command line (and the run's config.json when resuming)."""
+    args = build_parser().parse_args(argv)
+    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    cfg = vars(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.json"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a glowfast run folder?)")
+        saved = json.loads(cfg_path.read_text())
+        bad = sorted(k for k in explicit if k not in RESUMABLE_OVERRIDES and k != "resume"
+                     and saved.get(k, None) != explicit[k])
+        if bad:
+            raise ValueError("--resume reuses the run's config; these options cannot change: "
+                             + ", ".join("--" + k.replace("_", "-") for k in bad))
+        merged = dict(saved)
+        for k in RESUMABLE_OVERRIDES:
+            if k in explicit:
+                merged[k] = explicit[k]
+        if "steps" in explicit and "epochs" not in explicit:
+            merged["epochs"] = None
+        if "epochs" in explicit and "steps" not in explicit:
+            merged["steps"] = None
+        merged["resume"] = str(run_dir)
+        return merged, run_dir, True
+    if args.epochs is not None and "steps" not in explicit:
+        cfg["steps"] = None
+    if cfg["ckpt_interval"] is None:
+        cfg["ckpt_interval"] = cfg["eval_interval"]
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:
+        run_dir = Path(args.runs_root) / (args.name or time.strftime("%Y%m%d-%H%M%S"))
+    cfg["run_dir"] = str(run_dir)
+    return cfg, run_dir, False
+
+
+def validate(cfg: dict) -> None:
+    for key in ("batch_size", "eval_interval", "ckpt_interval", "log_interval", "max_nonfinite", "init_batch_size",
+                "eval_batch_size"):
+        if cfg[key] is None or cfg[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if cfg["steps"] is None and (cfg["epochs"] is None or cfg["epochs"] < 1):
+        raise ValueError("give --steps N or --epochs N (>= 1)")
+    if cfg["steps"] is not None and cfg["steps"] < 1:
+        raise ValueError(f"--steps must be >= 1, got {cfg['steps']}")
+    if cfg["warmup_steps"] < 0:
+        raise ValueError("--warmup-steps must be >= 0")
+    if cfg["lr"] <= 0:
+        raise ValueError("--lr must be > 0")
+
+
+def main(argv: list[str] | None = None, callbacks=()) -> int:
+    """Entry point of ``python -m glowfast.train``; returns the exit status. ``callbacks``: see Trainer."""
+    from .data import DatasetNotFoundError, dataset_info, get_dataset
+    from .distributed import broadcast_object, cleanup, init_from_env
+    from .trainer import NonFiniteLossError, Trainer
+
+    try:
+        cfg, run_dir, resume = resolve_config(argv)
+        validate(cfg)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        return _fail(str(e))
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    try:
+        dist_info, device = init_from_env(cfg["device"])
+    except (RuntimeError, ValueError) as e:
+        return _fail(f"--device {cfg['device']}: {e}")
+    try:
+        return _run(cfg, run_dir, resume, dist_info, device, callbacks,
+                    (DatasetNotFoundError, dataset_info, get_dataset), Trainer, NonFiniteLossError, broadcast_object)
+    finally:
+        cleanup()
+
+
+def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, NonFiniteLossError,
+         broadcast_object) -> int:
+    DatasetNotFoundError, dataset_info, get_dataset = data_api
+    main_rank = dist_info.is_main
+    run_dir = Path(broadcast_object(str(run_dir)))  # a timestamped name must be the same on every rank
+    try:
+        info = dataset_info(cfg["dataset"], cfg["size"])
+        train_set = get_dataset(cfg["dataset"], "train", cfg["data_dir"], cfg["size"], cfg["download"])
+        test_set = get_dataset(cfg["dataset"], "test", cfg["data_dir"], cfg["size"], cfg["download"])
+    except DatasetNotFoundError as e:
+        return _fail(str(e))
+    except ValueError as e:
+        return _fail(str(e))
+    n_classes = info.n_classes or None
+    if cfg["y_condition"] and not n_classes:
+        return _fail(f"--y-condition needs class labels, but dataset {cfg['dataset']} has none")
+    if not 1 <= cfg["n_bits"] <= 8:
+        return _fail(f"--n-bits must be in 1..8, got {cfg['n_bits']}")
+
+    if not resume and main_rank:
+        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+            return _fail(f"{run_dir} already holds a run; use --resume {run_dir} or another --name/--run-dir")
+    try:
+        trainer = Trainer(cfg, run_dir, train_set, test_set, info.image_shape, n_classes, device, dist_info,
+                          callbacks)
+    except ValueError as e:
+        return _fail(str(e))
+
+    # Can the chosen backend run here? (e.g. --backend fused on CPU) -- checked before anything is written.
+    try:
+        x = torch.stack([train_set[i][0] for i in range(min(2, len(train_set)))]).to(device)
+        y = torch.zeros(x.shape[0], dtype=torch.long, device=device) if trainer.n_classes else None
+        trainer.model.eval()
+        with torch.no_grad():
+            trainer.model(x, y)
+        trainer.model.train()
+    except RuntimeError as e:
+        return _fail(f"--backend {cfg['backend']} on {device}: {str(e).splitlines()[0]}")
+    except ImportError as e:
+        if cfg["backend"] != "auto":
+            return _fail(f"--backend {cfg['backend']}: {e}")
+        trainer.model.backend = "reference"
+        if main_rank:
+            print(f"note: the fused path is unavailable ({e}); using backend=reference", file=sys.stderr)
+
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        full = {**cfg, "image_shape": list(info.image_shape), "n_classes": n_classes,
+                "model_config": {**trainer.model.config, "image_shape": list(info.image_shape)},
+                "world_size": dist_info.world_size, "device_used": str(device),
+                "glowfast_version": __version__, "torch_version": torch.__version__,
+                "steps_total": trainer.total_steps, "batches_per_epoch": trainer.batches_per_epoch}
+        tmp = run_dir / ".config.json.tmp"
+        tmp.write_text(json.dumps(full, indent=2) + "\n")
+        os.replace(tmp, run_dir / "config.json")
+        print(f"run folder: {run_dir}  ({cfg['dataset']} {tuple(info.image_shape)}, "
+              f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, {trainer.total_steps} steps, "
+              f"device {device}, world size {dist_info.world_size})", file=sys.stderr)
+    try:
+        trainer.setup(resume)
+        summary = trainer.fit()
+    except NonFiniteLossError as e:
+        return _fail(str(e), 3)
+    except KeyboardInterrupt:
+        try:
+            trainer.save()
+        except Exception:
+            pass
+        return _fail(f"interrupted at step {trainer.step}; resume with --resume {run_dir}", 130)
+    if main_rank:
+        print(f"done: step {summary['step']}, test bits/dim {summary['test_bpd']:.4f} "
+              f"({summary['test_images']} test images), {summary['wall_seconds']:.0f} s; run folder {run_dir}",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

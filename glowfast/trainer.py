@@ -1,0 +1,542 @@
+"""The training loop behind ``python -m glowfast.train`` (see glowfast/train.py for the CLI).
+
+Run folder (rank 0 writes everything):
+    config.json        every option, the model config, dataset info, world size, glowfast/torch versions
+    metrics.jsonl      one JSON object per line: {"type": "train" | "eval" | "nonfinite" | "resume" | ...}
+    curves.png         train (per log interval) and test bits/dim against the step
+    samples/           step{STEP:07d}_t{T}.png sample grids at each eval (one row per class if conditional)
+    checkpoints/       last.pt and prev.pt (atomic, weights_only-loadable; see glowfast/checkpoint.py)
+    summary.json       final status, step, held-out bits/dim, wall time, non-finite counts
+
+Exactness of resumption: the data order is a DistributedSampler permutation seeded by ``seed + epoch``
+(re-entered part-way through an epoch), the dequantisation noise comes from the global RNGs whose states
+(torch CPU + CUDA, python, numpy; per rank) are checkpointed, and evaluation / sampling / ActNorm's init
+batch use private generators. On CPU a run resumed at step k therefore reaches bit-identical parameters
+at step n as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .amp import enable_bf16_networks
+from .checkpoint import (
+    NonFiniteStateError,
+    assert_finite_state,
+    find_checkpoint,
+    get_rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .distributed import DistInfo, ResumableDistributedSampler, broadcast_module, is_dist
+from .evaluate import evaluate_bpd, unwrap
+from .model import Glow
+
+TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 1.0)
+CHECKPOINT_FORMAT = "glowfast-checkpoint-v1"
+
+__all__ = ["NonFiniteLossError", "Trainer", "TEMPERATURES", "build_model", "initialize_actnorm", "save_grid",
+           "sample_grid"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_nonfinite`` consecutive non-finite losses / gradient norms."""
+
+
+def build_model(cfg: dict, image_shape: Sequence[int], n_classes: int | None) -> Glow:
+    return Glow(tuple(image_shape), K=cfg["K"], L=cfg["L"], hidden_channels=cfg["hidden_channels"],
+                coupling=cfg["coupling"], permutation=cfg["permutation"], lu=cfg["lu"],
+                learn_top=cfg.get("learn_top", True), n_classes=n_classes, n_bits=cfg["n_bits"],
+                backend=cfg.get("backend", "auto"))
+
+
+@torch.no_grad()
+def initialize_actnorm(model: Glow, dataset, batch_size: int, seed: int, device: torch.device,
+                       y_condition: bool = False, dist_info: DistInfo | None = None) -> None:
+    """ActNorm's data-dependent init on ``batch_size`` random training images per rank.
+
+    The images come from a private generator (the global RNG and the data order are untouched); under
+    torch.distributed each rank takes a disjoint part of the same random subset and ActNorm averages the
+    statistics over ranks, so the initialised parameters are identical everywhere. Runs the reference
+    backend (the same math) so it does not depend on a fused path's handling of the init.
+    """
+    dist_info = dist_info or DistInfo()
+    g = torch.Generator().manual_seed(seed + 7_654_321)
+    n = len(dataset)
+    take = min(n // dist_info.world_size, batch_size)
+    perm = torch.randperm(n, generator=g)[: take * dist_info.world_size]
+    idx = perm[dist_info.rank:: dist_info.world_size].tolist()
+    xs, ys = zip(*(dataset[i] for i in idx))
+    x = torch.stack(xs).to(device)
+    y = torch.as_tensor(ys, dtype=torch.long, device=device) if y_condition else None
+    glow = unwrap(model)
+    was_training, backend = glow.training, glow.backend
+    glow.train()
+    glow.backend = "reference"
+    try:
+        glow(x, y)
+    finally:
+        glow.backend = backend
+        glow.train(was_training)
+
+
+def sample_grid(model: Glow, temperature: float, n: int, seed: int, device: torch.device,
+                n_classes: int | None = None, per_class: int = 8) -> tuple[torch.Tensor, int]:
+    """Samples for a grid: (images in [0, 1], nrow). Class-conditional: one row of ``per_class`` per class."""
+    glow = unwrap(model)
+    g = torch.Generator(device=device).manual_seed(seed)
+    was_training = glow.training
+    glow.eval()
+    try:
+        if n_classes:
+            y = torch.arange(n_classes, device=device).repeat_interleave(per_class)
+            images = glow.sample(len(y), temperature=temperature, y=y, generator=g)
+            return images, per_class
+        images = glow.sample(n, temperature=temperature, generator=g)
+        return images, max(1, int(math.sqrt(n)))
+    finally:
+        glow.train(was_training)
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    save_image(images.float().cpu(), tmp, nrow=nrow, padding=1, pad_value=0.5)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl records; a torn last line (a killed writer) is ignored."""
+    out = []
+    if not path.exists():
+        return out
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+class Trainer:
+    """Owns the model, optimiser, schedule, data order and run folder of one training run.
+
+    ``callbacks``: callables ``cb(event, trainer)`` with event in ``"start"`` (after init / resume),
+    ``"before_step"`` (``trainer.batch`` holds the batch about to be used; a callback may replace it),
+    ``"after_step"``, ``"eval"`` and ``"end"``. They are the supported hook for extensions and tests.
+    """
+
+    def __init__(self, cfg: dict, run_dir: Path, train_set, test_set, image_shape, n_classes: int | None,
+                 device: torch.device, dist_info: DistInfo | None = None,
+                 callbacks: Sequence[Callable[[str, Trainer], Any]] = ()):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.train_set, self.test_set = train_set, test_set
+        self.image_shape = tuple(image_shape)
+        self.n_classes = n_classes if cfg["y_condition"] else None
+        self.device = device
+        self.dist = dist_info or DistInfo()
+        self.callbacks = list(callbacks)
+        self.is_main = self.dist.is_main
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.batch = None
+
+        # Same model initialisation on every rank, then per-rank RNG streams for the dequantisation noise.
+        torch.manual_seed(cfg["seed"])
+        self.model = build_model(cfg, self.image_shape, self.n_classes).to(device)
+        if cfg["amp"] == "bf16":
+            enable_bf16_networks(self.model)
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+        per_rank = len(train_set) // self.dist.world_size
+        self.batches_per_epoch = per_rank // cfg["batch_size"]
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"batch size {cfg['batch_size']} is larger than the training set per rank "
+                             f"({per_rank} images)")
+        self.total_steps = cfg["steps"] if cfg.get("steps") else cfg["epochs"] * self.batches_per_epoch
+        self.sampler = ResumableDistributedSampler(train_set, num_replicas=self.dist.world_size,
+                                                   rank=self.dist.rank, shuffle=True, seed=cfg["seed"],
+                                                   drop_last=True)
+        self.step = 0
+        self.epoch = 0
+        self.epoch_pos = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.best_test_bpd = math.inf
+        self.last_test_bpd = math.nan
+        self.elapsed = 0.0
+        self.metrics: list[dict] = []
+        self.ddp: nn.Module | None = None
+        self.resumed_from: str | None = None
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.cfg["optimizer"].lower()
+        params = self.model.parameters()
+        wd = self.cfg.get("weight_decay", 0.0)
+        if opt == "adamax":
+            return torch.optim.Adamax(params, lr=self.cfg["lr"], weight_decay=wd)
+        if opt == "adam":
+            return torch.optim.Adam(params, lr=self.cfg["lr"], weight_decay=wd)
+        raise ValueError(f"optimizer must be adamax or adam, got {opt!r}")
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps`` then constant (``lr_schedule="constant"``) or cosine to 0."""
+        warm = self.cfg["warmup_steps"]
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        if self.cfg.get("lr_schedule", "constant") == "cosine":
+            total = max(1, self.total_steps - warm)
+            t = min(1.0, (step - warm) / total)
+            return 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+    def _emit(self, event: str) -> None:
+        for cb in self.callbacks:
+            cb(event, self)
+
+    def log(self, record: dict) -> None:
+        """Append a record to metrics.jsonl (rank 0) and keep it in memory."""
+        record = {"type": record.pop("type", "info"), "step": self.step, **record}
+        self.metrics.append(record)
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+
+    def setup(self, resume: bool) -> None:
+        """Resume from the run's newest checkpoint, or initialise ActNorm from data; then wrap for DDP."""
+        state = None
+        if resume:
+            try:
+                path, state = find_checkpoint(self.run_dir, map_location="cpu")
+                self.resumed_from = str(path)
+            except Exception as e:  # no checkpoint yet (killed before the first one): start over
+                if self.is_main:
+                    print(f"note: no usable checkpoint in {self.run_dir} ({e}); starting from step 0")
+                state = None
+        if state is not None:
+            self.load_state(state)
+            if self.is_main:
+                kept = [m for m in read_metrics(self.metrics_path) if m.get("step", 0) <= self.step]
+                _atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+                self.metrics = kept
+            self.log({"type": "resume", "from": self.resumed_from, "epoch": self.epoch})
+        else:
+            if self.is_main and self.metrics_path.exists():
+                self.metrics_path.unlink()
+            broadcast_module(self.model)  # identical start on all ranks whatever the construction did
+            initialize_actnorm(self.model, self.train_set, self.cfg["init_batch_size"], self.cfg["seed"],
+                               self.device, self.cfg["y_condition"], self.dist)
+            torch.manual_seed(self.cfg["seed"] * 1000 + 1 + self.dist.rank)
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            unused = bool(self.n_classes) and self.cfg["y_weight"] == 0
+            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           broadcast_buffers=False, find_unused_parameters=unused)
+        else:
+            self.ddp = self.model
+        self._emit("start")
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        rng = get_rng_state()
+        if is_dist():
+            gathered: list = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, rng)
+            rng_all = gathered
+        else:
+            rng_all = [rng]
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "epoch_pos": self.epoch_pos,
+            "nonfinite_total": self.nonfinite_total,
+            "best_test_bpd": self.best_test_bpd,
+            "last_test_bpd": self.last_test_bpd,
+            "elapsed": self.elapsed,
+            "rng": rng_all,
+            "world_size": self.dist.world_size,
+            "config": self.cfg,
+            "model_config": {**self.model.config, "image_shape": list(self.model.config["image_shape"])},
+            "version": __version__,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.epoch_pos = state["step"], state["epoch"], state["epoch_pos"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.best_test_bpd = state.get("best_test_bpd", math.inf)
+        self.last_test_bpd = state.get("last_test_bpd", math.nan)
+        self.elapsed = state.get("elapsed", 0.0)
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank])
+        else:  # a different world size cannot continue the same trajectory; keep going deterministically
+            set_rng_state(rngs[0])
+            torch.manual_seed(self.cfg["seed"] * 1000 + 1 + self.dist.rank + 7919 * self.step)
+
+    def save(self) -> Path | None:
+        """Checkpoint (rank 0 writes; all ranks join the RNG gather). Refuses non-finite weights."""
+        try:
+            assert_finite_state(self.model.state_dict(), "model")  # on every rank: they all stop together
+        except NonFiniteStateError as e:
+            raise NonFiniteLossError(f"the weights became non-finite by step {self.step} ({e}); no checkpoint "
+                                     f"was written, the previous one is intact. Try a lower --lr.") from e
+        state = self.state_dict()
+        if not self.is_main:
+            return None
+        return save_checkpoint(state, self.ckpt_dir)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _batches(self):
+        """This rank's remaining batches of the current epoch (resumes part-way through)."""
+        bs = self.cfg["batch_size"]
+        self.sampler.set_position(self.epoch, self.epoch_pos, bs)
+        indices = list(iter(self.sampler))
+        images = getattr(self.train_set, "images", None)
+        labels = getattr(self.train_set, "labels", None)
+        if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
+            idx = torch.as_tensor(indices, dtype=torch.long)
+            for i in range(0, len(idx) - bs + 1, bs):
+                j = idx[i: i + bs]
+                yield images[j], labels[j]
+            return
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(self.train_set, batch_size=bs, sampler=self.sampler, drop_last=True,
+                            num_workers=self.cfg.get("num_workers", 0), generator=torch.Generator(),
+                            pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            yield x, torch.as_tensor(y)
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        ok = torch.isfinite(value.detach()).all().to(torch.int32).reshape(1)
+        if is_dist():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """One optimisation step; non-finite loss or gradient norm -> the update is skipped and counted."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        model = self.ddp if self.ddp is not None else self.model
+        model.train()
+        out = model(x, y if self.n_classes else None)
+        bpd = out.bits_per_dim.mean()
+        loss = bpd
+        ce = None
+        if self.n_classes:
+            ce = F.cross_entropy(out.y_logits, y)
+            loss = loss + self.cfg["y_weight"] * ce
+        self.optimizer.zero_grad(set_to_none=True)
+        rec = {"loss": float(loss.detach()), "bpd": float(bpd.detach()), "lr": self.optimizer.param_groups[0]["lr"]}
+        if ce is not None:
+            rec["class_ce"] = float(ce.detach())
+        skipped = None
+        if not self._all_finite(loss):
+            skipped = "loss"
+        else:
+            loss.backward()
+            clip = self.cfg["grad_clip"]
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip and clip > 0 else math.inf)
+            rec["grad_norm"] = float(gn)
+            if not self._all_finite(gn):
+                skipped = "grad_norm"
+            else:
+                self.optimizer.step()
+        self.scheduler.step()
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+            rec["skipped"] = skipped
+        else:
+            self.nonfinite_streak = 0
+        return rec
+
+    def evaluate(self) -> float:
+        bpd = evaluate_bpd(self.model, self.test_set, self.device, batch_size=self.cfg["eval_batch_size"],
+                           y_condition=bool(self.n_classes), seed=self.cfg["seed"])
+        self.last_test_bpd = bpd
+        self.best_test_bpd = min(self.best_test_bpd, bpd)
+        return bpd
+
+    def save_samples(self) -> list[str]:
+        paths = []
+        if not self.is_main:
+            return paths
+        for t in self.cfg["temperatures"]:
+            images, nrow = sample_grid(self.model, t, self.cfg["n_samples"], self.cfg["seed"] + 17, self.device,
+                                       self.n_classes, self.cfg.get("samples_per_class", 8))
+            path = self.run_dir / "samples" / f"step{self.step:07d}_t{t:g}.png"
+            save_grid(images, path, nrow)
+            paths.append(str(path.relative_to(self.run_dir)))
+        return paths
+
+    def plot_curves(self) -> None:
+        if not self.is_main:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tr = [(m["step"], m["bpd"]) for m in self.metrics if m["type"] == "train" and "bpd" in m]
+        te = [(m["step"], m["test_bpd"]) for m in self.metrics if m["type"] == "eval"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if tr:
+            ax.plot(*zip(*tr), label="train (dequantised, per log interval)", lw=1)
+        if te:
+            ax.plot(*zip(*te), "o-", label="test (whole split)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("bits/dim")
+        ax.set_title(f"{self.cfg['dataset']} Glow K={self.cfg['K']} L={self.cfg['L']}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.run_dir / ".curves.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.run_dir / "curves.png")
+
+    def do_eval(self) -> None:
+        t0 = time.perf_counter()
+        bpd = self.evaluate()
+        samples = self.save_samples()
+        recent = [m["bpd"] for m in self.metrics if m["type"] == "train" and "bpd" in m][-1:]
+        self.log({"type": "eval", "test_bpd": bpd, "train_bpd": recent[0] if recent else None,
+                  "eval_seconds": round(time.perf_counter() - t0, 3), "samples": samples})
+        self.plot_curves()
+        self._emit("eval")
+
+    def fit(self) -> dict:
+        """Train to ``total_steps``; returns the summary (also written to summary.json by rank 0)."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and cfg["progress"]),
+                   dynamic_ncols=True, mininterval=0.5, desc="train")
+        window: list[dict] = []
+        t_window = time.perf_counter()
+        t_start = time.perf_counter() - self.elapsed
+        imgs_per_step = cfg["batch_size"] * self.dist.world_size
+        status = "completed"
+        try:
+            while self.step < self.total_steps:
+                for batch in self._batches():
+                    self.batch = batch
+                    self._emit("before_step")
+                    x, y = self.batch
+                    rec = self.train_step(x, y)
+                    self.step += 1
+                    self.epoch_pos += 1
+                    self.elapsed = time.perf_counter() - t_start
+                    if "skipped" in rec:
+                        self.log({"type": "nonfinite", "what": rec["skipped"], "loss": rec["loss"],
+                                  "streak": self.nonfinite_streak, "total": self.nonfinite_total})
+                        if self.nonfinite_streak >= cfg["max_nonfinite"]:
+                            raise NonFiniteLossError(
+                                f"training stopped at step {self.step}: {self.nonfinite_streak} non-finite "
+                                f"{rec['skipped'].replace('_', ' ')}s in a row (last loss {rec['loss']}); those "
+                                f"updates were skipped and no checkpoint holds non-finite weights. Try a "
+                                f"lower --lr, a longer --warmup-steps or --grad-clip.")
+                    else:
+                        window.append(rec)
+                    bar.update(1)
+                    if self.step % cfg["log_interval"] == 0 or self.step == self.total_steps:
+                        dt = time.perf_counter() - t_window
+                        n = max(1, len(window))
+                        ips = imgs_per_step * n / dt if dt > 0 else 0.0
+                        if window:
+                            avg = {k: sum(r[k] for r in window) / len(window) for k in window[-1]
+                                   if isinstance(window[-1][k], float) and all(k in r for r in window)}
+                            self.log({"type": "train", "epoch": self.epoch, **avg, "images_per_s": round(ips, 1),
+                                      "nonfinite_total": self.nonfinite_total, "elapsed": round(self.elapsed, 2)})
+                            bar.set_postfix(loss=f"{avg['loss']:.3f}", bpd=f"{avg['bpd']:.3f}",
+                                            img_s=f"{ips:.0f}")
+                        window, t_window = [], time.perf_counter()
+                    self._emit("after_step")
+                    last = self.step >= self.total_steps
+                    if self.step % cfg["eval_interval"] == 0 or last:
+                        self.do_eval()
+                        bar.set_postfix(test_bpd=f"{self.last_test_bpd:.3f}")
+                    if self.step % cfg["ckpt_interval"] == 0 or last:
+                        self.save()
+                    if last:
+                        break
+                else:
+                    self.epoch += 1
+                    self.epoch_pos = 0
+                    continue
+                if self.epoch_pos >= self.batches_per_epoch:
+                    self.epoch += 1
+                    self.epoch_pos = 0
+        except NonFiniteLossError:
+            status = "stopped_nonfinite"
+            raise
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            bar.close()
+            self.summary = self._write_summary(status)
+            self._emit("end")
+        return self.summary
+
+    def _write_summary(self, status: str) -> dict:
+        summary = {
+            "status": status,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.epoch,
+            "test_bpd": self.last_test_bpd if math.isfinite(self.last_test_bpd) else None,
+            "best_test_bpd": self.best_test_bpd if math.isfinite(self.best_test_bpd) else None,
+            "test_images": len(self.test_set),
+            "train_images": len(self.train_set),
+            "nonfinite_skipped": self.nonfinite_total,
+            "wall_seconds": round(self.elapsed, 2),
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+            "resumed_from": self.resumed_from,
+        }
+        if self.is_main:
+            _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary

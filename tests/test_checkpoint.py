@@ -1,0 +1,145 @@
+"""Atomic checkpointing: interrupted writes keep the previous checkpoint; weights_only loading; RNG state."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from glowfast.checkpoint import (
+    LAST,
+    PREV,
+    CheckpointError,
+    NonFiniteStateError,
+    atomic_save,
+    find_checkpoint,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def _state(v: float) -> dict:
+    return {"model": {"w": torch.full((4,), v)}, "optimizer": {"state": {}, "param_groups": []}, "step": int(v),
+            "config": {"K": 2, "name": "x", "shape": [1, 8, 8]}}
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def half_writer_then_crash(obj, f):
+    """A writer interrupted mid-write: half of the real bytes reach the file, then it fails."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    raise Boom("simulated crash during save")
+
+
+def test_save_load_roundtrip_keeps_previous(tmp_path):
+    save_checkpoint(_state(1.0), tmp_path)
+    assert (tmp_path / LAST).exists() and not (tmp_path / PREV).exists()
+    save_checkpoint(_state(2.0), tmp_path)
+    assert load_checkpoint(tmp_path / LAST)["step"] == 2
+    assert load_checkpoint(tmp_path / PREV)["step"] == 1
+    path, state = find_checkpoint(tmp_path)
+    assert path.name == LAST and state["step"] == 2 and torch.equal(state["model"]["w"], torch.full((4,), 2.0))
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_crash_during_save_leaves_previous_checkpoint_intact(tmp_path):
+    save_checkpoint(_state(1.0), tmp_path)
+    save_checkpoint(_state(2.0), tmp_path)
+    before = {n: (tmp_path / n).read_bytes() for n in (LAST, PREV)}
+    with pytest.raises(Boom):
+        save_checkpoint(_state(3.0), tmp_path, writer=half_writer_then_crash)
+    after = {n: (tmp_path / n).read_bytes() for n in (LAST, PREV)}
+    assert before == after
+    assert find_checkpoint(tmp_path)[1]["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST, PREV]  # no temp file left behind
+
+
+def test_atomic_save_crash_keeps_old_file(tmp_path):
+    target = tmp_path / "x.pt"
+    atomic_save({"a": torch.ones(3)}, target)
+    with pytest.raises(Boom):
+        atomic_save({"a": torch.zeros(3)}, target, writer=half_writer_then_crash)
+    assert torch.equal(load_checkpoint(target)["a"], torch.ones(3))
+
+
+def test_unwritable_target_is_a_real_failure_that_keeps_old(tmp_path):
+    """A real OS failure: the target name is a non-empty directory, so os.replace fails."""
+    save_checkpoint(_state(1.0), tmp_path)
+    os.replace(tmp_path / LAST, tmp_path / "keep.pt")
+    (tmp_path / LAST).mkdir()
+    (tmp_path / LAST / "blocker").write_text("x")
+    with pytest.raises(OSError):
+        save_checkpoint(_state(2.0), tmp_path)
+    assert load_checkpoint(tmp_path / "keep.pt")["step"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_corrupt_last_falls_back_to_prev(tmp_path):
+    save_checkpoint(_state(1.0), tmp_path)
+    save_checkpoint(_state(2.0), tmp_path)
+    data = (tmp_path / LAST).read_bytes()
+    # break the hard link first so prev.pt is not damaged with it
+    os.unlink(tmp_path / LAST)
+    (tmp_path / LAST).write_bytes(data[: len(data) // 3])
+    with pytest.warns(UserWarning, match="cannot load"):
+        path, state = find_checkpoint(tmp_path)
+    assert path.name == PREV and state["step"] == 1
+
+
+def test_no_checkpoint_raises(tmp_path):
+    with pytest.raises(CheckpointError):
+        find_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    save_checkpoint(_state(1.0), tmp_path)
+    bad = _state(2.0)
+    bad["model"]["w"][1] = float("nan")
+    with pytest.raises(NonFiniteStateError, match="model.w"):
+        save_checkpoint(bad, tmp_path)
+    bad["model"]["w"][1] = float("inf")
+    with pytest.raises(NonFiniteStateError):
+        save_checkpoint(bad, tmp_path)
+    assert load_checkpoint(tmp_path / LAST)["step"] == 1
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_weights_only_refuses_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": _Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_rng_state_roundtrip_through_weights_only(tmp_path):
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    np.random.randn()  # has_gauss state
+    state = get_rng_state()
+    save_checkpoint({"rng": [state]}, tmp_path)
+    expected = (torch.rand(3), random.random(), np.random.rand(2), np.random.randn())
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    set_rng_state(load_checkpoint(tmp_path / LAST)["rng"][0])
+    got = (torch.rand(3), random.random(), np.random.rand(2), np.random.randn())
+    assert torch.equal(expected[0], got[0]) and expected[1] == got[1]
+    assert np.array_equal(expected[2], got[2]) and expected[3] == got[3]

@@ -1,0 +1,247 @@
+"""python -m glowfast.train: smoke runs, exact resume, SIGKILL + resume, non-finite handling, CLI errors.
+
+All runs are tiny (digits 1x8x8, K=2, L=1, width 16) and real: no mocks of torch or of the data.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from glowfast.checkpoint import LAST, PREV, find_checkpoint, load_checkpoint
+from glowfast.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "-K", "2", "-L", "1", "--hidden-channels", "16", "--batch-size", "256",
+        "--init-batch-size", "64", "--eval-batch-size", "512", "--warmup-steps", "3", "--log-interval", "2",
+        "--n-samples", "16", "--threads", "1", "--no-progress", "--device", "cpu", "--backend", "reference"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _model_state(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / LAST)["model"]
+
+
+def test_smoke_run_folder(tmp_path):
+    run = tmp_path / "run"
+    assert main(TINY + ["--steps", "6", "--eval-interval", "3", "--run-dir", str(run)]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["K"] == 2 and cfg["dataset"] == "digits" and cfg["model_config"]["image_shape"] == [1, 8, 8]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 6
+    assert math.isfinite(summary["test_bpd"]) and summary["test_images"] == 297
+    assert (run / "curves.png").stat().st_size > 0
+    for step in (3, 6):
+        for t in ("0", "0.5", "0.7", "0.8", "1"):
+            assert (run / "samples" / f"step{step:07d}_t{t}.png").exists()
+    recs = _metrics(run)
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6] and all(math.isfinite(r["test_bpd"]) for r in evals)
+    train = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6] and all("images_per_s" in r for r in train)
+    ckpt = load_checkpoint(run / "checkpoints" / LAST)
+    assert ckpt["step"] == 6 and ckpt["config"]["hidden_channels"] == 16
+    assert load_checkpoint(run / "checkpoints" / PREV)["step"] == 3
+    # the run folder refuses to be overwritten by a fresh run
+    assert main(TINY + ["--steps", "2", "--run-dir", str(run)]) == 2
+
+
+def test_help_documents_options():
+    out = subprocess.run([sys.executable, "-m", "glowfast.train", "--help"], capture_output=True, text=True,
+                         env=_env(), cwd=ROOT, timeout=120)
+    assert out.returncode == 0
+    for opt in ("--dataset", "--data-dir", "-K", "-L", "--hidden-channels", "--coupling", "--permutation", "--lu",
+                "--n-bits", "--batch-size", "--lr", "--warmup-steps", "--optimizer", "--grad-clip", "--epochs",
+                "--steps", "--eval-interval", "--seed", "--backend", "--device", "--amp", "--y-condition",
+                "--resume", "--max-nonfinite", "--run-dir", "--name"):
+        assert opt in out.stdout, opt
+
+
+def test_resume_is_exact(tmp_path):
+    """Stopping at step 4 and resuming to 9 gives bit-identical weights to an uninterrupted 9-step run.
+
+    1500 digits / batch 256 = 5 batches per epoch, so the split is mid-epoch and the runs cross epochs.
+    """
+    common = TINY + ["--eval-interval", "4", "--ckpt-interval", "4"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(common + ["--steps", "9", "--run-dir", str(a)]) == 0
+    assert main(common + ["--steps", "4", "--run-dir", str(b)]) == 0
+    assert main(["--resume", str(b), "--steps", "9", "--no-progress"]) == 0
+    sa, sb = _model_state(a), _model_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    ca, cb = load_checkpoint(a / "checkpoints" / LAST), load_checkpoint(b / "checkpoints" / LAST)
+    assert ca["step"] == cb["step"] == 9 and (ca["epoch"], ca["epoch_pos"]) == (cb["epoch"], cb["epoch_pos"])
+    for ka, kb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert all(torch.equal(ka[n], kb[n]) for n in ka)
+    mb = _metrics(b)
+    assert [r["type"] for r in mb].count("resume") == 1
+    train_a = [(r["step"], r["loss"]) for r in _metrics(a) if r["type"] == "train"]
+    train_b = [(r["step"], r["loss"]) for r in mb if r["type"] == "train"]
+    assert train_a == train_b
+
+
+def test_resume_refuses_changed_model_options(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(TINY + ["--steps", "2", "--eval-interval", "2", "--run-dir", str(run)]) == 0
+    assert main(["--resume", str(run), "-K", "4"]) == 2
+    assert "cannot change" in capsys.readouterr().err
+
+
+def test_sigkill_mid_training_then_resume(tmp_path):
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "glowfast.train", *TINY, "--batch-size", "32", "--steps", "100000",
+           "--eval-interval", "100000", "--ckpt-interval", "7", "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / PREV).exists():  # at least two checkpoints written
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        time.sleep(0.3)  # kill somewhere in the middle of later steps / saves
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    # both checkpoints load (no corrupt or missing file), and last is the newer one
+    last, prev = load_checkpoint(run / "checkpoints" / LAST), load_checkpoint(run / "checkpoints" / PREV)
+    assert last["step"] > prev["step"] and last["step"] % 7 == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    path, _ = find_checkpoint(run)
+    assert path.name == LAST
+    target = last["step"] + 10
+    assert main(["--resume", str(run), "--steps", str(target), "--no-progress"]) == 0
+    final = load_checkpoint(run / "checkpoints" / LAST)
+    assert final["step"] == target
+    recs = _metrics(run)
+    steps = [r["step"] for r in recs if r["type"] == "train"]
+    assert steps == sorted(set(steps)), "metrics continue without duplicated or lost steps"
+    assert steps[-1] == target and set(range(2, target + 1, 2)) <= set(steps)
+    assert json.loads((run / "summary.json").read_text())["step"] == target
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_nonfinite_losses_stop_the_run(tmp_path, capsys):
+    """A huge learning rate sends the weights to +-1e30 after one update: every later loss is inf/nan."""
+    run = tmp_path / "nan"
+    rc = main(TINY + ["--steps", "50", "--lr", "1e30", "--warmup-steps", "0", "--grad-clip", "0",
+                      "--max-nonfinite", "4", "--eval-interval", "1000", "--ckpt-interval", "1", "--run-dir", str(run)])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "non-finite" in err and "4" in err and "Traceback" not in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "stopped_nonfinite" and summary["nonfinite_skipped"] == 4 and summary["step"] == 5
+    nonfinite = [r for r in _metrics(run) if r["type"] == "nonfinite"]
+    assert [r["streak"] for r in nonfinite] == [1, 2, 3, 4]
+    for name in (LAST, PREV):
+        state = load_checkpoint(run / "checkpoints" / name)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_transient_nonfinite_step_is_skipped(tmp_path):
+    """An inf injected into one parameter for one step (via the documented callback hook) skips that update."""
+    seen = {}
+
+    def inject(event, trainer):
+        top = trainer.model.prior.top
+        if event == "before_step" and trainer.step == 3:
+            seen["before"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+            seen["value"] = top.data[0].item()
+            top.data[0] = float("inf")
+        elif event == "after_step" and trainer.step == 4:
+            top.data[0] = seen["value"]
+            after = trainer.model.state_dict()
+            seen["unchanged"] = all(torch.equal(seen["before"][k], after[k]) for k in after)
+            seen["nonfinite_total"] = trainer.nonfinite_total
+
+    run = tmp_path / "transient"
+    assert main(TINY + ["--steps", "6", "--eval-interval", "6", "--run-dir", str(run)], callbacks=[inject]) == 0
+    assert seen["unchanged"] and seen["nonfinite_total"] == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 6 and summary["nonfinite_skipped"] == 1
+    assert [r["step"] for r in _metrics(run) if r["type"] == "nonfinite"] == [4]
+
+
+def test_checkpoint_never_holds_nan_weights(tmp_path, capsys):
+    def corrupt(event, trainer):
+        if event == "after_step" and trainer.step == 3:
+            trainer.model.levels[0].steps[0].actnorm.bias.data[0] = float("nan")
+
+    run = tmp_path / "nanw"
+    rc = main(TINY + ["--steps", "8", "--eval-interval", "100", "--ckpt-interval", "2", "--run-dir", str(run)],
+              callbacks=[corrupt])
+    assert rc == 3 and "non-finite" in capsys.readouterr().err
+    state = load_checkpoint(run / "checkpoints" / LAST)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_conditional_bf16_adam_cosine(tmp_path):
+    run = tmp_path / "cond"
+    assert main(TINY + ["--steps", "4", "--eval-interval", "4", "--y-condition", "--amp", "bf16", "--optimizer",
+                        "adam", "--lr-schedule", "cosine", "--coupling", "additive", "--permutation", "shuffle",
+                        "--samples-per-class", "3", "--temperatures", "0.7", "--run-dir", str(run)]) == 0
+    from PIL import Image
+
+    with Image.open(run / "samples" / "step0000004_t0.7.png") as im:
+        w, h = im.size
+    assert (w, h) == (3 * 9 + 1, 10 * 9 + 1)  # 10 class rows x 3 samples, 8x8 images with 1-px padding
+    recs = _metrics(run)
+    assert all("class_ce" in r for r in recs if r["type"] == "train")
+    assert recs[-1]["type"] == "eval" and math.isfinite(recs[-1]["test_bpd"])
+    ckpt = load_checkpoint(run / "checkpoints" / LAST)
+    assert ckpt["model_config"]["n_classes"] == 10 and ckpt["config"]["amp"] == "bf16"
+    assert ckpt["scheduler"]["last_epoch"] == 4
+
+
+def test_epochs_option(tmp_path):
+    run = tmp_path / "ep"
+    assert main(TINY + ["--epochs", "2", "--eval-interval", "100", "--run-dir", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["step"] == 2 * (1500 // 256)
+
+
+def test_missing_dataset_is_a_clean_error(tmp_path, capsys):
+    rc = main(TINY + ["--dataset", "mnist", "--data-dir", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "mnist" in err.lower()
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")
+def test_fused_on_cpu_is_a_one_line_error(tmp_path):
+    args = [a for a in TINY if a not in ("reference",)]
+    args[args.index("--backend") + 1: args.index("--backend") + 1] = ["fused"]
+    out = subprocess.run([sys.executable, "-m", "glowfast.train", *args, "--steps", "2", "--run-dir",
+                          str(tmp_path / "f")], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "fused" in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "f").exists()
+
+
+def test_bad_options_exit_2(tmp_path, capsys):
+    assert main(TINY + ["--steps", "0", "--run-dir", str(tmp_path / "x")]) == 2
+    assert main(TINY + ["--dataset", "noise", "--y-condition", "--run-dir", str(tmp_path / "y")]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--coupling", "nonsense"])
+    assert e.value.code == 2
