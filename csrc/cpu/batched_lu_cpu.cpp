@@ -61,13 +61,19 @@ int32_t factor_inplace(T* a, int64_t n, int32_t* piv, double* sign, double* loga
     }
   }
   double sum = 0.0;
-  bool negative = false, zero = false;
+  bool negative = false, zero = false, nonfinite = false;
   for (int64_t k = 0; k < n; ++k) {
     const T d = a[k * n + k];
+    nonfinite |= !std::isfinite(d);  // overflow during elimination
     zero |= d == T(0);
     negative ^= d < T(0);
     negative ^= piv[k] != k;
     if (d != T(0)) sum += std::log(std::abs(static_cast<double>(d)));
+  }
+  if (nonfinite) {
+    *sign = kNaN;
+    *logabsdet = kNaN;
+    return kLuNonFinite;
   }
   if (zero) {
     *sign = 0.0;
