@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# GPU check of the batched LU ops: their tests (CUDA cases included) under compute-sanitizer memcheck.
+# Run from anywhere on a GPU machine after `pip install --no-build-isolation --no-deps -e .`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch; assert torch.cuda.is_available(), 'gpu_check_lu.sh needs a CUDA device'"
+compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check no --target-processes all \
+    python -m pytest -q -x tests/test_batched_lu.py -m "not slow" "$@"
