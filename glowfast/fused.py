@@ -1,0 +1,209 @@
+"""The fused compute path of a sequence of Glow flow steps, built from the Triton kernels in glowfast.kernels.
+
+A flow step is ActNorm2d -> permutation (InvConv1x1 / Shuffle / Reverse) -> coupling (affine / additive)
+(docs/DESIGN.md). The fused path reads the *same* parameters as the reference modules (a list of
+`glowfast.reference.FlowStep`), so a state dict is backend-independent; only the compute differs:
+
+    z_0     = actnorm_invconv(x)                         1 kernel   (step 0's ActNorm + 1x1 conv)
+    h_k     = step_k.coupling.net(z_k[:, :C_a])          cuDNN      (the coupling network, unchanged)
+    z_{k+1} = cross_step(z_k, h_k; step k+1 params)      1 kernel   (step k's coupling + step k+1's
+                                                                     ActNorm + 1x1 conv, y_k never stored)
+    y       = coupling(z_{K-1}, h_{K-1})                 1 kernel   (last step's coupling)
+
+so K steps cost K + 1 kernels besides the networks, each a single read/write pass over NCHW data. Shuffle and
+Reverse run as a 1x1 conv with their permutation matrix (logdet 0). The log-determinant's parameter-only part,
+H*W*(sum(log_scale) + log|det W|), is added in torch; log|det W| comes from `w_logabsdets` (the model's batched
+LU op) or from the layer's own `log_abs_det()` (LU: sum(log_s)). W comes from `permute.weight_matrix()`, which
+is differentiable, so gradients reach the LU factors through torch autograd. Autograd saves per step only the
+kernel inputs z_k and h_k (plus what the network itself saves), never the intermediate activations.
+
+The inverse runs one fused kernel per step, last step first: h_k = NN(y_k[:, :C_a]), then
+x_k = actnorm^-1(W^-1 @ coupling^-1(y_k, h_k)) in one pass (`glowfast.kernels.step_inverse`).
+
+Special cases (documented behaviour)
+- ActNorm data-dependent initialisation: if any step's actnorm still needs its init (training mode, not yet
+  initialised), that call runs the reference path (which initialises it from the batch) and returns its result.
+- `steps_inverse` is not differentiable on the fused path: when autograd is recording and y or any parameter
+  requires grad, it runs the reference inverse instead (wrap sampling in `torch.no_grad()` to use the kernels).
+- The fused path runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 (tests); see
+  `fused_available`.
+
+Designed-for future work (keep these properties when changing this file)
+(a) Memory-saving invertible backward: store only a level's output, and in backward reconstruct each step's
+    input with the inverse kernels (`step_inverse`, `coupling_inverse`, `actnorm_invconv_inverse`), then run the
+    same backward kernels. Every backward is therefore a standalone launch function taking explicit tensors
+    (`actnorm_invconv_backward(x, grad_y, bias, log_scale, W)`, `coupling_backward(z, h, grad_y, grad_logdet)`,
+    `cross_step_backward(z, h, grad_z_next, grad_logdet, bias, log_scale, W)`), separate from the autograd
+    Functions that only decide what to save; a level-wide Function can call them in reverse order.
+(b) Coupling networks faster than cuDNN: the coupling Functions take the network output h as an input tensor
+    and never call the network themselves; swapping `step.coupling.net` (or computing h any other way) needs
+    no change to the kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .kernels import _utils
+from .kernels.actnorm_invconv import ActNormInvConvFunction
+from .kernels.coupling import CouplingFunction
+from .kernels.cross_step import CrossStepFunction, step_inverse
+from .reference import AdditiveCoupling, AffineCoupling, InvConv1x1, Permute2d
+
+__all__ = ["fused_available", "check_fused_available", "steps_forward", "steps_inverse", "step_weights"]
+
+
+def _kernels_interpreted() -> bool:
+    from .kernels import actnorm_invconv
+
+    return type(actnorm_invconv._actnorm_invconv_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def fused_available(device) -> tuple[bool, str]:
+    """Whether the fused (Triton) backend can run on `device`, and if not, why.
+
+    CUDA devices need compute capability >= 8.0 (the kernels' fp32 tl.dot uses TF32 / IEEE fp32 on sm_80+).
+    CPU tensors run only under the Triton interpreter: TRITON_INTERPRET=1 set before glowfast.kernels was
+    first imported (the tests' conftest does this when there is no GPU).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "the fused backend needs CUDA, and torch.cuda.is_available() is False"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        if major < 8:
+            return False, f"the fused backend needs a GPU with compute capability >= 8.0, got {major}.{minor}"
+        return True, "CUDA"
+    if device.type == "cpu":
+        if not _utils.is_interpret():
+            return False, ("the fused backend runs on CUDA tensors; on CPU only under the Triton interpreter "
+                           "(TRITON_INTERPRET=1) — use backend='reference' (or 'auto') on CPU")
+        if not _kernels_interpreted():
+            return False, ("TRITON_INTERPRET=1 was set after glowfast.kernels was imported; set it before "
+                           "importing glowfast to run the fused backend on CPU")
+        return True, "CPU under the Triton interpreter"
+    return False, f"the fused backend does not support device type {device.type!r}"
+
+
+def check_fused_available(device) -> None:
+    ok, reason = fused_available(device)
+    if not ok:
+        raise RuntimeError(f"backend='fused' cannot run on {torch.device(device)}: {reason}")
+
+
+def _is_affine(step) -> bool:
+    if isinstance(step.coupling, AffineCoupling):
+        return True
+    if isinstance(step.coupling, AdditiveCoupling):
+        return False
+    raise NotImplementedError(f"fused path: unsupported coupling {type(step.coupling).__name__}")
+
+
+def step_weights(step) -> torch.Tensor:
+    """The (C, C) matrix of the step's permutation: InvConv1x1's W (differentiable) or a permutation matrix."""
+    if isinstance(step.permute, InvConv1x1 | Permute2d):
+        return step.permute.weight_matrix()
+    raise NotImplementedError(f"fused path: unsupported permutation {type(step.permute).__name__}")
+
+
+def _param_logdet(step, w_logabsdet) -> torch.Tensor:
+    """sum(log_scale) + log|det W| (per pixel) of one step; 0 for the W part of Shuffle / Reverse."""
+    ld = step.actnorm.log_scale.sum()
+    if isinstance(step.permute, InvConv1x1):
+        ld = ld + (step.permute.log_abs_det() if w_logabsdet is None else w_logabsdet)
+    return ld
+
+
+def _reference_forward(steps, x, w_logabsdets):
+    logdet = x.new_zeros(x.shape[0])
+    for k, step in enumerate(steps):
+        x, ld = step(x, None if w_logabsdets is None else w_logabsdets[k])
+        logdet = logdet + ld
+    return x, logdet
+
+
+def steps_forward(steps: Sequence, x: torch.Tensor,
+                  w_logabsdets: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run reference `FlowStep`s `steps` on x (B, C, H, W) with the fused kernels: returns (y, logdet (B,)).
+
+    `w_logabsdets`: optional per-step log|det W| (0-d tensors, e.g. from the batched LU op; entries of
+    non-InvConv steps are ignored). When None, each InvConv1x1 step uses its own `log_abs_det()`.
+    Differentiable w.r.t. x and every parameter (ActNorm, W or its LU factors, the coupling networks).
+    """
+    steps = list(steps)
+    if w_logabsdets is not None and len(w_logabsdets) != len(steps):
+        raise ValueError(f"w_logabsdets has {len(w_logabsdets)} entries for {len(steps)} steps")
+    if not steps:
+        return x, x.new_zeros(x.shape[0])
+    if any(step.actnorm.needs_init() for step in steps):
+        return _reference_forward(steps, x, w_logabsdets)
+    check_fused_available(x.device)
+    B, C, H, W = x.shape
+    for step in steps:
+        if step.channels != C:
+            raise ValueError(f"step has {step.channels} channels, input has {C}")
+    ca = C // 2
+
+    param_ld = sum(_param_logdet(s, None if w_logabsdets is None else w_logabsdets[k])
+                   for k, s in enumerate(steps))
+    coupling_ld = None
+
+    first = steps[0]
+    z = ActNormInvConvFunction.apply(x, first.actnorm.bias, first.actnorm.log_scale, step_weights(first))
+    for k, step in enumerate(steps):
+        affine = _is_affine(step)
+        h = step.coupling.net(z[:, :ca])
+        if k + 1 < len(steps):
+            nxt = steps[k + 1]
+            z, ld = CrossStepFunction.apply(z, h, nxt.actnorm.bias, nxt.actnorm.log_scale, step_weights(nxt), affine)
+        else:
+            z, ld = CouplingFunction.apply(z, h, affine)
+        if affine:
+            coupling_ld = ld if coupling_ld is None else coupling_ld + ld
+    logdet = (H * W * param_ld).to(x.dtype).expand(B)
+    if coupling_ld is not None:
+        logdet = logdet + coupling_ld.to(x.dtype)
+    return z, logdet
+
+
+def _weight_inverse(step, w_inverse) -> torch.Tensor:
+    if w_inverse is not None:
+        return w_inverse
+    if isinstance(step.permute, Permute2d):
+        return step.permute.weight_matrix().t()  # a permutation matrix's inverse is its transpose
+    return torch.linalg.inv(step.permute.weight_matrix().double()).float()
+
+
+def steps_inverse(steps: Sequence, y: torch.Tensor,
+                  w_inverses: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Inverse of `steps_forward`: x from y, one fused kernel per step (last step first).
+
+    `w_inverses`: optional per-step W^-1 (e.g. from the batched LU op); otherwise inverted in float64 like
+    the reference. Not differentiable: with autograd recording and anything requiring grad, this runs the
+    reference inverse instead (see the module docstring).
+    """
+    steps = list(steps)
+    if w_inverses is not None and len(w_inverses) != len(steps):
+        raise ValueError(f"w_inverses has {len(w_inverses)} entries for {len(steps)} steps")
+    needs_graph = torch.is_grad_enabled() and (
+        y.requires_grad or any(p.requires_grad for s in steps for p in s.parameters())
+    )
+    if needs_graph:
+        for k in reversed(range(len(steps))):
+            step = steps[k]
+            wi = None if w_inverses is None else w_inverses[k]
+            y = step.inverse(y, wi) if isinstance(step.permute, InvConv1x1) else step.inverse(y)
+        return y
+    if not steps:
+        return y
+    check_fused_available(y.device)
+    ca = y.shape[1] // 2
+    for k in reversed(range(len(steps))):
+        step = steps[k]
+        h = step.coupling.net(y[:, :ca])
+        w_inv = _weight_inverse(step, None if w_inverses is None else w_inverses[k])
+        y = step_inverse(y, h, step.actnorm.bias, step.actnorm.log_scale, w_inv, _is_affine(step))
+    return y

@@ -1,0 +1,139 @@
+"""Shared helpers of the Triton kernels: interpreter vs GPU, block sizes, grids, tl.dot precision.
+
+Everything that decides *how* a kernel is launched lives here, so tuning for a GPU (done later, on an H100)
+touches one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+
+_DOT_PRECISIONS = ("ieee", "tf32")
+_dot_precision_override: str | None = os.environ.get("GLOWFAST_DOT_PRECISION") or None
+
+
+def is_interpret() -> bool:
+    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision() -> str:
+    """`input_precision` of every fp32 `tl.dot` (the 1x1 conv): "ieee" (exact fp32) or "tf32".
+
+    Default: mirror the flag that governs the reference path's 1x1 conv (`F.conv2d` -> cuDNN), i.e.
+    "tf32" iff `torch.backends.cudnn.allow_tf32` (PyTorch's default: True). Override with the environment
+    variable GLOWFAST_DOT_PRECISION or the `use_dot_precision(...)` context manager. The interpreter always
+    computes exact fp32 whatever this says.
+    """
+    if _dot_precision_override is not None:
+        return _dot_precision_override
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+@contextlib.contextmanager
+def use_dot_precision(precision: str | None):
+    """Temporarily force the tl.dot precision ("ieee" / "tf32"; None restores the default rule)."""
+    global _dot_precision_override
+    if precision is not None and precision not in _DOT_PRECISIONS:
+        raise ValueError(f"precision must be one of {_DOT_PRECISIONS}, got {precision!r}")
+    old = _dot_precision_override
+    _dot_precision_override = precision
+    try:
+        yield
+    finally:
+        _dot_precision_override = old
+
+
+def channel_pad(channels: int) -> int:
+    """Channels padded to a power of two >= 16 (tl.arange needs a power of two; tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(channels))
+
+
+def block_pixels(cp: int, hw: int) -> int:
+    """Pixels per tile for a (cp, BLOCK_P) tile.
+
+    Interpreter: the cost is per program instance, not per element, so tiles are as large as possible.
+    GPU: ~8K fp32 elements per tile (cp=16/32 -> 256 pixels, cp=64 -> 128, cp=128 -> 64) keeps the few live
+    tiles in registers; <= 256 pixels also bounds the K of the grad-W `tl.dot` (compile time grows with it).
+    """
+    if is_interpret():
+        return max(16, min(triton.next_power_of_2(hw), 2048))
+    return max(16, min(8192 // cp, 256, triton.next_power_of_2(hw)))
+
+
+def num_warps(cp: int) -> int:
+    return 8 if cp >= 64 else 4
+
+
+# Software pipelining multi-buffers every tile loaded in a loop in shared memory (3 stages of z, h, dy tiles
+# overflow the H100's 227 KiB at cp >= 64); these kernels are bandwidth-bound with plenty of programs in
+# flight, so they run unpipelined. (A GPU tuning pass may revisit this per kernel.)
+NUM_STAGES = 1
+
+# Largest dynamic shared memory per block on sm_90 (H100/H200): 227 KiB.
+SM90_MAX_SHARED = 232448
+
+
+def launch_options(cp: int) -> dict:
+    """Keyword launch options of a kernel whose tile has cp (padded) channels."""
+    return dict(num_warps=num_warps(cp), num_stages=NUM_STAGES)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def reduction_programs(batch: int, n_ptiles: int, device: torch.device) -> int:
+    """Programs per sample for kernels that reduce over pixels (logdets, parameter gradients).
+
+    Each program loops over pixel tiles pid, pid + G, ... of one sample and writes one partial, so the partials
+    (summed afterwards by torch, no atomics, deterministic) stay small. On a GPU aim for ~4 programs per SM.
+    """
+    if is_interpret() or device.type != "cuda":
+        return n_ptiles
+    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(n_ptiles, triton.cdiv(target, batch)))
+
+
+def check_nchw(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be NCHW (4-d), got shape {tuple(x.shape)}")
+    return x.contiguous()
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
+    for t in tensors:
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and is_interpret():
+            continue
+        raise RuntimeError(
+            f"glowfast Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+            f"got a tensor on {t.device}"
+        )
+
+
+def compile_spec_grid(branches: list[dict], heaviest: dict, launch=None) -> list[tuple]:
+    """Specs for the sm_90 compile check: (constexprs, launch options, data pointer type) triples.
+
+    Every constexpr branch combination in `branches` at a small tile (both dot precisions, fp32 data), the
+    `heaviest` branch with bf16 data, and the `heaviest` branch at the production tiles of cp = 16, 64, 128
+    with the default "tf32" (the resource-hungriest configurations that run on a GPU).
+    """
+    launch = launch or (lambda cp, bp: launch_options(cp))
+    out = []
+    for br in branches:
+        for prec in _DOT_PRECISIONS:
+            out.append((dict(CP=16, BLOCK_P=32, PREC=prec, **br), launch(16, 32), "*fp32"))
+    out.append((dict(CP=16, BLOCK_P=32, PREC="tf32", **heaviest), launch(16, 32), "*bf16"))
+    for cp in (16, 64, 128):
+        bp = max(16, min(8192 // cp, 256))
+        out.append((dict(CP=cp, BLOCK_P=bp, PREC="tf32", **heaviest), launch(cp, bp), "*fp32"))
+    return out

@@ -1,0 +1,302 @@
+"""ActNorm + invertible 1x1 conv in one pass over NCHW data: y = W @ ((x + bias) * exp(log_scale)) per pixel.
+
+Kernels read NCHW directly (sample b, channel c, pixel p at b*C*HW + c*HW + p): a program owns a
+(CP, BLOCK_P) tile — all channels, padded to a power of two >= 16 with masked loads, times BLOCK_P pixels of
+one sample — and applies the 1x1 conv with `tl.dot` (W zero-padded to CP x CP).
+
+The log-determinant H*W*(sum(log_scale) + log|det W|) depends on the parameters only; the caller adds it in
+torch (from the batched-LU op or the LU parametrisation), so no kernel here computes it.
+
+Public API
+- `actnorm_invconv_forward(x, bias, log_scale, weight)` -> y
+- `actnorm_invconv_inverse(y, bias, log_scale, weight_inv)` -> x = (W^-1 @ y) * exp(-log_scale) - bias
+- `actnorm_invconv_backward(x, grad_y, bias, log_scale, weight)` -> (grad_x, grad_bias, grad_log_scale, grad_W);
+  a standalone launch taking explicit tensors (x may be reconstructed by the inverse kernels in a
+  memory-saving backward).
+- `ActNormInvConvFunction` / `apply_actnorm_invconv(x, bias, log_scale, weight)`: autograd; saves x and the
+  parameters (bias, log_scale, W), nothing else. W may come from the LU parametrisation
+  (`InvConv1x1.weight_matrix()`): grad_W then flows into the LU factors through torch autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    block_pixels,
+    channel_pad,
+    check_device,
+    check_nchw,
+    compile_spec_grid,
+    dot_precision,
+    launch_options,
+    reduction_programs,
+)
+
+# ----------------------------------------------------------------------------------------------------------
+# Tile helpers (also used by cross_step.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tile_index(pt, C, HW, CP: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Channel / pixel indices, NCHW offsets (within one sample) and mask of pixel tile `pt`."""
+    c = tl.arange(0, CP)
+    p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs = c[:, None] * HW + p[None, :]
+    mask = (c[:, None] < C) & (p[None, :] < HW)
+    return c, p, offs, mask
+
+
+@triton.jit
+def load_vec(ptr, C, CP: tl.constexpr):
+    c = tl.arange(0, CP)
+    return tl.load(ptr + c, mask=c < C, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_matrix(ptr, C, CP: tl.constexpr, TRANS: tl.constexpr):
+    """The (C, C) row-major matrix at ptr, zero-padded to (CP, CP); transposed when TRANS."""
+    r = tl.arange(0, CP)
+    mask = (r[:, None] < C) & (r[None, :] < C)
+    if TRANS:
+        offs = r[None, :] * C + r[:, None]
+    else:
+        offs = r[:, None] * C + r[None, :]
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def actnorm_conv_fwd_tile(x, w, bias, log_scale, PREC: tl.constexpr):
+    """u = (x + b) * exp(log_scale); y = W @ u. Returns (y, u)."""
+    u = (x + bias[:, None]) * tl.exp(log_scale)[:, None]
+    y = tl.dot(w, u, input_precision=PREC)
+    return y, u
+
+
+@triton.jit
+def actnorm_conv_inv_tile(y, w_inv, bias, log_scale, PREC: tl.constexpr):
+    """x = (W^-1 @ y) * exp(-log_scale) - b."""
+    u = tl.dot(w_inv, y, input_precision=PREC)
+    return u * tl.exp(-log_scale)[:, None] - bias[:, None]
+
+
+@triton.jit
+def actnorm_conv_bwd_tile(x, dy, w_t, bias, log_scale, PREC: tl.constexpr):
+    """Given x and dL/dy: returns (dx, du, u) with du = W^T dy, dx = du * s."""
+    s = tl.exp(log_scale)
+    u = (x + bias[:, None]) * s[:, None]
+    du = tl.dot(w_t, dy, input_precision=PREC)
+    dx = du * s[:, None]
+    return dx, du, u
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _actnorm_invconv_fwd_kernel(
+    x_ptr, y_ptr, w_ptr, bias_ptr, log_scale_ptr,
+    C, HW,
+    CP: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+):
+    pt = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    base = b * C * HW
+    _, _, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    w = load_matrix(w_ptr, C, CP, False)
+    y, _ = actnorm_conv_fwd_tile(x, w, load_vec(bias_ptr, C, CP), load_vec(log_scale_ptr, C, CP), PREC)
+    tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _actnorm_invconv_inv_kernel(
+    y_ptr, x_ptr, w_inv_ptr, bias_ptr, log_scale_ptr,
+    C, HW,
+    CP: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+):
+    pt = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    base = b * C * HW
+    _, _, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
+    y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    w_inv = load_matrix(w_inv_ptr, C, CP, False)
+    x = actnorm_conv_inv_tile(y, w_inv, load_vec(bias_ptr, C, CP), load_vec(log_scale_ptr, C, CP), PREC)
+    tl.store(x_ptr + base + offs, x.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _actnorm_invconv_bwd_kernel(
+    x_ptr, dy_ptr, dx_ptr, w_ptr, bias_ptr, log_scale_ptr,
+    dw_part_ptr, dls_part_ptr, db_part_ptr,
+    C, HW, n_ptiles, G,
+    CP: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+):
+    """Program (g, b) loops over pixel tiles g, g + G, ... of sample b; writes one partial of each reduction."""
+    g = tl.program_id(0)
+    b = tl.program_id(1)
+    base = b.to(tl.int64) * C * HW
+    w_t = load_matrix(w_ptr, C, CP, True)
+    bias = load_vec(bias_ptr, C, CP)
+    log_scale = load_vec(log_scale_ptr, C, CP)
+    dw_acc = tl.zeros((CP, CP), dtype=tl.float32)
+    dls_acc = tl.zeros((CP,), dtype=tl.float32)
+    db_acc = tl.zeros((CP,), dtype=tl.float32)
+    for pt in range(g, n_ptiles, G):
+        _, _, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dx, du, u = actnorm_conv_bwd_tile(x, dy, w_t, bias, log_scale, PREC)
+        if NEED_DX:
+            tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        # dy is 0 on padded pixels/channels, so du is too and u needs no masking in the sums.
+        dls_acc += tl.sum(du * u, axis=1)
+        db_acc += tl.sum(dx, axis=1)
+        if NEED_DW:
+            dw_acc += tl.dot(dy, tl.trans(u), input_precision=PREC)
+    part = b * G + g
+    r = tl.arange(0, CP)
+    tl.store(dls_part_ptr + part * C + r, dls_acc, mask=r < C)
+    tl.store(db_part_ptr + part * C + r, db_acc, mask=r < C)
+    if NEED_DW:
+        wmask = (r[:, None] < C) & (r[None, :] < C)
+        tl.store(dw_part_ptr + part * C * C + r[:, None] * C + r[None, :], dw_acc, mask=wmask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch wrappers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _geometry(x: torch.Tensor, block_p: int | None):
+    B, C, H, W = x.shape
+    hw = H * W
+    cp = channel_pad(C)
+    bp = block_p or block_pixels(cp, hw)
+    return B, C, hw, cp, bp, triton.cdiv(hw, bp)
+
+
+def _params(bias, log_scale, weight, C):
+    if bias.shape != (C,) or log_scale.shape != (C,) or weight.shape != (C, C):
+        raise ValueError(
+            f"expected bias/log_scale ({C},) and W ({C}, {C}); got {tuple(bias.shape)}, "
+            f"{tuple(log_scale.shape)}, {tuple(weight.shape)}"
+        )
+    return bias.contiguous(), log_scale.contiguous(), weight.contiguous()
+
+
+def actnorm_invconv_forward(x, bias, log_scale, weight, *, block_p: int | None = None) -> torch.Tensor:
+    """y = W @ ((x + bias) * exp(log_scale)) per pixel; x NCHW."""
+    x = check_nchw(x, "x")
+    check_device(x)
+    B, C, hw, cp, bp, n_pt = _geometry(x, block_p)
+    bias, log_scale, weight = _params(bias, log_scale, weight, C)
+    y = torch.empty_like(x)
+    _actnorm_invconv_fwd_kernel[(n_pt, B)](
+        x, y, weight, bias, log_scale, C, hw,
+        CP=cp, BLOCK_P=bp, PREC=dot_precision(), **launch_options(cp),
+    )
+    return y
+
+
+def actnorm_invconv_inverse(y, bias, log_scale, weight_inv, *, block_p: int | None = None) -> torch.Tensor:
+    """x = (W^-1 @ y) * exp(-log_scale) - bias per pixel; `weight_inv` is W^-1 (C, C)."""
+    y = check_nchw(y, "y")
+    check_device(y)
+    B, C, hw, cp, bp, n_pt = _geometry(y, block_p)
+    bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C)
+    x = torch.empty_like(y)
+    _actnorm_invconv_inv_kernel[(n_pt, B)](
+        y, x, weight_inv, bias, log_scale, C, hw,
+        CP=cp, BLOCK_P=bp, PREC=dot_precision(), **launch_options(cp),
+    )
+    return x
+
+
+def actnorm_invconv_backward(
+    x, grad_y, bias, log_scale, weight, *,
+    need_dx: bool = True, need_dw: bool = True,
+    block_p: int | None = None, programs_per_sample: int | None = None,
+):
+    """Gradients of y = W @ ((x + bias) * exp(log_scale)) given the layer input x and dL/dy.
+
+    Returns (grad_x or None, grad_bias, grad_log_scale, grad_W or None), parameter grads in the parameters'
+    dtypes. Reductions: per-program partials summed by torch (deterministic for a fixed grid).
+    """
+    x = check_nchw(x, "x")
+    grad_y = grad_y.contiguous()
+    check_device(x, grad_y)
+    B, C, hw, cp, bp, n_pt = _geometry(x, block_p)
+    bias, log_scale, weight = _params(bias, log_scale, weight, C)
+    G = programs_per_sample or reduction_programs(B, n_pt, x.device)
+    G = max(1, min(G, n_pt))
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x) if need_dx else x.new_empty(1)
+    dw_part = torch.empty((B * G, C, C), **f32) if need_dw else torch.empty(1, **f32)
+    dls_part = torch.empty((B * G, C), **f32)
+    db_part = torch.empty((B * G, C), **f32)
+    _actnorm_invconv_bwd_kernel[(G, B)](
+        x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part,
+        C, hw, n_pt, G,
+        CP=cp, BLOCK_P=bp, PREC=dot_precision(), NEED_DX=need_dx, NEED_DW=need_dw,
+        **launch_options(cp),
+    )
+    return (
+        dx if need_dx else None,
+        db_part.sum(0).to(bias.dtype),
+        dls_part.sum(0).to(log_scale.dtype),
+        dw_part.sum(0).to(weight.dtype) if need_dw else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ActNormInvConvFunction(torch.autograd.Function):
+    """y = W @ ((x + bias) * exp(log_scale)). Saves x, bias, log_scale, W."""
+
+    @staticmethod
+    def forward(ctx, x, bias, log_scale, weight):
+        y = actnorm_invconv_forward(x, bias, log_scale, weight)
+        ctx.save_for_backward(x, bias, log_scale, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, bias, log_scale, weight = ctx.saved_tensors
+        dx, db, dls, dw = actnorm_invconv_backward(
+            x, grad_y, bias, log_scale, weight,
+            need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[3],
+        )
+        return dx, db, dls, dw
+
+
+def apply_actnorm_invconv(x, bias, log_scale, weight) -> torch.Tensor:
+    """Differentiable fused ActNorm + 1x1 conv (no logdet: that is parameter-only, see module docstring)."""
+    return ActNormInvConvFunction.apply(x, bias, log_scale, weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile specs for the GPU-free sm_90 compile check (tests/test_triton_compile_sm90.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compile_specs():
+    """(kernel, constexprs, launch options, data pointer type) for every kernel and constexpr branch."""
+    specs = []
+    for kernel, branches, heaviest in (
+        (_actnorm_invconv_fwd_kernel, [{}], {}),
+        (_actnorm_invconv_inv_kernel, [{}], {}),
+        (_actnorm_invconv_bwd_kernel,
+         [dict(NEED_DX=True, NEED_DW=True), dict(NEED_DX=False, NEED_DW=False)], dict(NEED_DX=True, NEED_DW=True)),
+    ):
+        specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest)]
+    return specs

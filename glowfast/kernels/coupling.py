@@ -1,0 +1,293 @@
+"""Affine / additive coupling, given the network output h (the network itself never runs here).
+
+With C_a = C // 2, C_b = C - C_a, z_a = z[:, :C_a], z_b = z[:, C_a:]:
+- affine: shift = h[:, :C_b], raw = h[:, C_b:], s = sigmoid(raw + 2), y_b = (z_b + shift) * s,
+  logdet = sum_{c,h,w} log sigmoid(raw + 2), computed stably as min(t, 0) - log1p(exp(-|t|)), t = raw + 2;
+- additive: y_b = z_b + h, logdet 0;
+and y = cat(z_a, y_b) written directly (no concatenation): a program owns a tile of all C channels of
+BLOCK_P pixels of one sample; row c < C_a copies z, row c >= C_a reads shift/raw from h rows c - C_a and
+c - C_a + C_b.
+
+Public API
+- `coupling_forward(z, h, affine)` -> (y, logdet (B,))
+- `coupling_inverse(y, h, affine)` -> z     (h = NN(y_a) = NN(z_a), computed by the caller)
+- `coupling_backward(z, h, grad_y, grad_logdet, affine)` -> (grad_z, grad_h); standalone launch with explicit
+  tensors. grad_z holds only the direct path: the network's contribution to grad z_a arrives through h
+  (torch autograd adds it).
+- `CouplingFunction` / `apply_coupling(z, h, affine)`: autograd; saves z and h only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import NUM_STAGES, check_device, check_nchw, is_interpret
+from .actnorm_invconv import tile_index
+
+# ----------------------------------------------------------------------------------------------------------
+# Tile helpers (also used by cross_step.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def log_sigmoid(t):
+    """Stable log sigmoid(t) = min(t, 0) - log1p(exp(-|t|)); log1p via the u = 1 + e correction trick
+    (accurate without libdevice, which the interpreter lacks)."""
+    e = tl.exp(-tl.abs(t))
+    u = 1.0 + e
+    d = tl.where(u == 1.0, 1.0, u - 1.0)
+    log1p = tl.where(u == 1.0, e, tl.log(u) * (e / d))
+    return tl.minimum(t, 0.0) - log1p
+
+
+@triton.jit
+def coupling_load_h(h_ptr, h_base, c, p, C, CA, CB, HW, AFFINE: tl.constexpr):
+    """(shift, raw, is_b, mask_b) aligned with the rows of a full-channel (CP, BLOCK_P) tile."""
+    is_b = (c >= CA) & (c < C)
+    mask_b = is_b[:, None] & (p[None, :] < HW)
+    offs = (c - CA)[:, None] * HW + p[None, :]
+    shift = tl.load(h_ptr + h_base + offs, mask=mask_b, other=0.0).to(tl.float32)
+    if AFFINE:
+        raw = tl.load(h_ptr + h_base + CB * HW + offs, mask=mask_b, other=0.0).to(tl.float32)
+    else:
+        raw = shift
+    return shift, raw, is_b, mask_b
+
+
+@triton.jit
+def coupling_fwd_tile(z, shift, raw, is_b, mask_b, AFFINE: tl.constexpr):
+    """Returns (y, logsig) with logsig zero outside the valid b rows (and all zero if additive)."""
+    if AFFINE:
+        t = raw + 2.0
+        y_b = (z + shift) * tl.sigmoid(t)
+        logsig = tl.where(mask_b, log_sigmoid(t), 0.0)
+    else:
+        y_b = z + shift
+        logsig = tl.zeros_like(z)
+    return tl.where(is_b[:, None], y_b, z), logsig
+
+
+@triton.jit
+def coupling_inv_tile(y, shift, raw, is_b, AFFINE: tl.constexpr):
+    if AFFINE:
+        z_b = y / tl.sigmoid(raw + 2.0) - shift
+    else:
+        z_b = y - shift
+    return tl.where(is_b[:, None], z_b, y)
+
+
+@triton.jit
+def coupling_bwd_tile(z, dy, shift, raw, is_b, dld, AFFINE: tl.constexpr):
+    """Given z, dL/dy and dL/dlogdet (scalar): returns (dz, dshift, draw)."""
+    if AFFINE:
+        sig = tl.sigmoid(raw + 2.0)
+        one_m = 1.0 - sig
+        dshift = dy * sig
+        draw = dy * (z + shift) * sig * one_m + dld * one_m
+        dz = tl.where(is_b[:, None], dshift, dy)
+    else:
+        dshift = dy
+        draw = dy
+        dz = dy
+    return dz, dshift, draw
+
+
+@triton.jit
+def coupling_store_dh(dh_ptr, h_base, c, p, CA, CB, HW, dshift, draw, mask_b, AFFINE: tl.constexpr):
+    offs = (c - CA)[:, None] * HW + p[None, :]
+    tl.store(dh_ptr + h_base + offs, dshift.to(dh_ptr.dtype.element_ty), mask=mask_b)
+    if AFFINE:
+        tl.store(dh_ptr + h_base + CB * HW + offs, draw.to(dh_ptr.dtype.element_ty), mask=mask_b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _coupling_fwd_kernel(
+    z_ptr, h_ptr, y_ptr, ld_part_ptr,
+    C, CA, CB, HC, HW, n_ptiles, G,
+    CP: tl.constexpr, BLOCK_P: tl.constexpr, AFFINE: tl.constexpr,
+):
+    g = tl.program_id(0)
+    b = tl.program_id(1)
+    base = b.to(tl.int64) * C * HW
+    h_base = b.to(tl.int64) * HC * HW
+    ld_acc = tl.zeros((CP,), dtype=tl.float32)
+    for pt in range(g, n_ptiles, G):
+        c, p, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
+        z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        shift, raw, is_b, mask_b = coupling_load_h(h_ptr, h_base, c, p, C, CA, CB, HW, AFFINE)
+        y, logsig = coupling_fwd_tile(z, shift, raw, is_b, mask_b, AFFINE)
+        tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        ld_acc += tl.sum(logsig, axis=1)
+    if AFFINE:
+        tl.store(ld_part_ptr + b * G + g, tl.sum(ld_acc, axis=0))
+
+
+@triton.jit
+def _coupling_inv_kernel(
+    y_ptr, h_ptr, z_ptr,
+    C, CA, CB, HC, HW,
+    CP: tl.constexpr, BLOCK_P: tl.constexpr, AFFINE: tl.constexpr,
+):
+    pt = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    base = b * C * HW
+    h_base = b * HC * HW
+    c, p, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
+    y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    shift, raw, is_b, mask_b = coupling_load_h(h_ptr, h_base, c, p, C, CA, CB, HW, AFFINE)
+    z = coupling_inv_tile(y, shift, raw, is_b, AFFINE)
+    tl.store(z_ptr + base + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _coupling_bwd_kernel(
+    z_ptr, h_ptr, dy_ptr, dld_ptr, dz_ptr, dh_ptr,
+    C, CA, CB, HC, HW,
+    CP: tl.constexpr, BLOCK_P: tl.constexpr, AFFINE: tl.constexpr,
+):
+    pt = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    base = b * C * HW
+    h_base = b * HC * HW
+    c, p, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
+    z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    shift, raw, is_b, mask_b = coupling_load_h(h_ptr, h_base, c, p, C, CA, CB, HW, AFFINE)
+    dld = tl.load(dld_ptr + b).to(tl.float32)
+    dz, dshift, draw = coupling_bwd_tile(z, dy, shift, raw, is_b, dld, AFFINE)
+    tl.store(dz_ptr + base + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    coupling_store_dh(dh_ptr, h_base, c, p, CA, CB, HW, dshift, draw, mask_b, AFFINE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch wrappers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def coupling_block_pixels(cp: int, hw: int) -> int:
+    if is_interpret():
+        return max(16, min(triton.next_power_of_2(hw), 2048))
+    return max(16, min(8192 // cp, 1024, triton.next_power_of_2(hw)))
+
+
+def _coupling_geometry(z, h, affine, block_p):
+    B, C, H, W = z.shape
+    if C < 2:
+        raise ValueError(f"coupling needs at least 2 channels, got {C}")
+    ca = C // 2
+    cb = C - ca
+    hc = (2 if affine else 1) * cb
+    if tuple(h.shape) != (B, hc, H, W):
+        raise ValueError(f"h must have shape {(B, hc, H, W)} for C={C} ({'affine' if affine else 'additive'}), "
+                         f"got {tuple(h.shape)}")
+    hw = H * W
+    cp = triton.next_power_of_2(C)
+    bp = block_p or coupling_block_pixels(cp, hw)
+    return B, C, ca, cb, hc, hw, cp, bp, triton.cdiv(hw, bp)
+
+
+def _launch(cp, bp):
+    return dict(num_warps=8 if cp * bp >= 8192 else 4, num_stages=NUM_STAGES)
+
+
+def coupling_forward(z, h, affine: bool = True, *, block_p: int | None = None,
+                     programs_per_sample: int | None = None):
+    """y = cat(z_a, coupled z_b) and the per-sample logdet (zeros for additive)."""
+    z = check_nchw(z, "z")
+    h = check_nchw(h, "h")
+    check_device(z, h)
+    B, C, ca, cb, hc, hw, cp, bp, n_pt = _coupling_geometry(z, h, affine, block_p)
+    G = max(1, min(programs_per_sample or n_pt, n_pt))
+    y = torch.empty_like(z)
+    ld_part = torch.zeros((B, G), device=z.device, dtype=torch.float32)
+    _coupling_fwd_kernel[(G, B)](
+        z, h, y, ld_part, C, ca, cb, hc, hw, n_pt, G,
+        CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
+    )
+    return y, ld_part.sum(1).to(h.dtype)
+
+
+def coupling_inverse(y, h, affine: bool = True, *, block_p: int | None = None):
+    """z = cat(y_a, y_b / sigmoid(raw + 2) - shift) (affine) or cat(y_a, y_b - h) (additive)."""
+    y = check_nchw(y, "y")
+    h = check_nchw(h, "h")
+    check_device(y, h)
+    B, C, ca, cb, hc, hw, cp, bp, n_pt = _coupling_geometry(y, h, affine, block_p)
+    z = torch.empty_like(y)
+    _coupling_inv_kernel[(n_pt, B)](
+        y, h, z, C, ca, cb, hc, hw, CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
+    )
+    return z
+
+
+def coupling_backward(z, h, grad_y, grad_logdet, affine: bool = True, *, block_p: int | None = None):
+    """(grad_z, grad_h) of (y, logdet) = coupling(z, h). grad_logdet: (B,) or None."""
+    z = check_nchw(z, "z")
+    h = check_nchw(h, "h")
+    grad_y = grad_y.contiguous()
+    check_device(z, h, grad_y)
+    B, C, ca, cb, hc, hw, cp, bp, n_pt = _coupling_geometry(z, h, affine, block_p)
+    if grad_logdet is None or not affine:
+        grad_logdet = torch.zeros(B, device=z.device, dtype=torch.float32)
+    grad_logdet = grad_logdet.contiguous()
+    dz = torch.empty_like(z)
+    dh = torch.empty_like(h)
+    _coupling_bwd_kernel[(n_pt, B)](
+        z, h, grad_y, grad_logdet, dz, dh, C, ca, cb, hc, hw,
+        CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
+    )
+    return dz, dh
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------
+
+
+class CouplingFunction(torch.autograd.Function):
+    """(y, logdet) = coupling(z, h). Saves z and h (not y)."""
+
+    @staticmethod
+    def forward(ctx, z, h, affine):
+        y, logdet = coupling_forward(z, h, affine)
+        ctx.affine = affine
+        ctx.save_for_backward(z, h)
+        return y, logdet
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_logdet):
+        z, h = ctx.saved_tensors
+        dz, dh = coupling_backward(z, h, grad_y, grad_logdet, ctx.affine)
+        return dz, dh, None
+
+
+def apply_coupling(z, h, affine: bool = True):
+    """Differentiable fused coupling: (y, logdet) given the input z and the network output h = NN(z_a)."""
+    return CouplingFunction.apply(z, h, affine)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile specs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compile_specs():
+    """(kernel, constexprs, launch options, data pointer type) for every kernel and constexpr branch.
+
+    No tl.dot here: small tiles with fp32 and bf16 data, and the production tiles of C = 2, 16, 128."""
+    specs = []
+    for kernel in (_coupling_fwd_kernel, _coupling_inv_kernel, _coupling_bwd_kernel):
+        for affine in (True, False):
+            specs.append((kernel, dict(CP=4, BLOCK_P=32, AFFINE=affine), _launch(4, 32), "*fp32"))
+        specs.append((kernel, dict(CP=4, BLOCK_P=32, AFFINE=True), _launch(4, 32), "*bf16"))
+        for cp in (2, 16, 128):
+            bp = max(16, min(8192 // cp, 1024))
+            specs.append((kernel, dict(CP=cp, BLOCK_P=bp, AFFINE=True), _launch(cp, bp), "*fp32"))
+    return specs
