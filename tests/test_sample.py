@@ -1,0 +1,74 @@
+"""python -m glowfast.sample: grids per temperature (and class), latent interpolation, from a real tiny run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from glowfast.checkpoint import find_checkpoint
+from glowfast.data import get_dataset
+from glowfast.sample import interpolate, load_model
+from glowfast.sample import main as sample_main
+from glowfast.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "-K", "2", "-L", "2", "--hidden-channels", "16", "--batch-size", "128",
+        "--init-batch-size", "64", "--steps", "3", "--eval-interval", "3", "--temperatures", "0.7", "--threads", "1",
+        "--no-progress", "--device", "cpu", "--backend", "reference"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert train_main(TINY + ["--run-dir", str(root / "plain")]) == 0
+    assert train_main(TINY + ["--y-condition", "--run-dir", str(root / "cond")]) == 0
+    return root
+
+
+def _size(p: Path) -> tuple[int, int]:
+    with Image.open(p) as im:
+        return im.size
+
+
+def test_sample_grids_and_interpolation(runs, tmp_path):
+    out = tmp_path / "out"
+    rc = sample_main(["--run", str(runs / "plain"), "--temperatures", "0", "0.5", "1.0", "--n", "16",
+                      "--interpolate-pairs", "3", "--steps", "5", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    for t in ("0", "0.5", "1"):
+        assert _size(out / f"samples_t{t}.png") == (4 * 9 + 1, 4 * 9 + 1)
+    assert _size(out / "interpolation.png") == (5 * 9 + 1, 3 * 9 + 1)  # rows = pairs, columns = steps
+
+
+def test_class_conditional_grids(runs, tmp_path):
+    out = tmp_path / "cond"
+    rc = sample_main(["--checkpoint", str(runs / "cond" / "checkpoints" / "last.pt"), "--temperatures", "0.7",
+                      "--n", "4", "--per-class", "2", "--interpolate-pairs", "0", "--out", str(out)])
+    assert rc == 0
+    assert _size(out / "samples_t0.7.png") == (2 * 9 + 1, 10 * 9 + 1)
+    for c in range(10):
+        assert _size(out / f"class{c}_t0.7.png") == (2 * 9 + 1, 2 * 9 + 1)
+    assert not (out / "interpolation.png").exists()
+
+
+def test_interpolation_end_points_reconstruct_the_images(runs):
+    _, state = find_checkpoint(runs / "plain")
+    model = load_model(state, torch.device("cpu"), "reference")
+    test = get_dataset("digits", "test")
+    x = torch.stack([test[i][0] for i in range(4)])
+    path = interpolate(model, x[:2], x[2:], 4)
+    assert path.shape == (2, 4, 1, 8, 8) and path.min() >= 0 and path.max() <= 1
+    assert torch.equal(torch.round(path[:, 0] * 255).to(torch.uint8), x[:2])
+    assert torch.equal(torch.round(path[:, -1] * 255).to(torch.uint8), x[2:])
+
+
+def test_sample_cli_errors(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "glowfast.sample", "--run", str(tmp_path)], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "checkpoint" in out.stderr
+    assert sample_main([]) == 2
