@@ -17,8 +17,9 @@ when there is no GPU) they would run in the Triton interpreter, whose timings me
 `skip_unless_fused(device)` skips them on CPU and whenever TRITON_INTERPRET=1 is set.
 
 Environment switches (so the CPU suite stays a few minutes and a GPU session fits its time box)
-- GLOWFAST_BENCH_COMPILE: "auto" (default: torch.compile variants on CUDA only; the whole-model compile
-  only if GLOWFAST_BENCH_COMPILE_MODEL=1), "all" (also on CPU), "0" (never).
+- GLOWFAST_BENCH_COMPILE: "auto" (default: torch.compile variants on CUDA only, per-op at one shape; the
+  whole-model compile only if GLOWFAST_BENCH_COMPILE_MODEL=1), "full" (CUDA, per-op at every shape),
+  "all" (every shape, CPU too), "0" (never).
 - GLOWFAST_BENCH_COMPILE_MODEL: "1" to benchmark torch.compile of the whole reference model (minutes of
   compilation per configuration on an H100 for the CIFAR-10 configuration).
 - GLOWFAST_BENCH_ROUNDS: override the number of timed rounds (default: per benchmark).
@@ -60,7 +61,7 @@ def compile_enabled(device: str) -> bool:
     mode = _env("GLOWFAST_BENCH_COMPILE", "auto")
     if mode in ("0", "no", "off", "false"):
         return False
-    if mode == "all":
+    if mode == "all":  # "full": every shape on CUDA (see bench_flow_ops.py), still CUDA only
         return True
     return device == "cuda"
 
@@ -121,6 +122,17 @@ def pytest_collect_file(file_path, parent):
     if any(fnmatch.fnmatch(file_path.name, pat) for pat in parent.config.getini("python_files")):
         return None
     return pytest.Module.from_parent(parent, path=file_path)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Keep --benchmark-json working after an interrupt (gpu_check.sh stops a stage with SIGINT at its time
+    limit): drop the benchmark that was cut off (no timings), which would otherwise make pytest-benchmark fail
+    to write the file at all, so the benchmarks completed before the interrupt are saved."""
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is not None and isinstance(getattr(bs, "benchmarks", None), list):
+        bs.benchmarks[:] = [b for b in bs.benchmarks if getattr(getattr(b, "stats", None), "data", None)]
+    yield
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

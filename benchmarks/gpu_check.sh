@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# The one command a GPU session runs (the lent machine: bare, no network, python3.12, one H100):
+#
+#     bash benchmarks/gpu_check.sh            # with $OUT set by the device tool (default ./gpu_out)
+#
+# Stages, each under its own timeout and all within one wall-clock budget (GPU_CHECK_BUDGET, default 540 s,
+# under the device tool's 600 s per command); a failing or timed-out stage is recorded and the next one runs:
+#   env          nvidia-smi, versions
+#   build        pip install --no-build-isolation --no-deps -e .   (builds glowfast._C with CUDA)
+#   tests        python -m pytest -q (the whole suite; junit xml)
+#   sanitizer    compute-sanitizer memcheck on the CUDA LU op tests (benchmarks/gpu_check_lu.sh if present)
+#   bench_model  benchmarks/bench_model.py: training step + sampling, reference / fused / peer
+#   bench_ops    per-op benchmarks: bench_flow_ops.py (reference), bench_fused_step.py, bench_batched_lu.py
+#   train        a short real training run (MNIST if data/MNIST is there, fused backend; else digits); at
+#                its time limit it is interrupted (SIGINT), and the trainer still writes its summary
+#   bench_compile torch.compile(reference) per-op benchmarks (cold compiles; whatever budget is left)
+#   report       benchmarks/report.py -> RESULTS.md
+# Files written to $OUT (the device tool returns at most 8): summary.md, RESULTS.md, results.json (all the
+# benchmark JSON merged), junit.xml, train_metrics.jsonl, train_summary.json, logs.tar.gz (every log, the
+# per-stage JSON, the training run's config, curves and samples).
+#
+# Knobs (environment): GPU_CHECK_STAGES="env build tests ..." (a subset, in this order), GPU_CHECK_BUDGET
+# (seconds), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=1 (adds the whole-model
+# torch.compile benchmark to bench_compile: minutes of compilation for the CIFAR-10 configuration).
+# Peer library: the machine has no network; carry the pure-Python package from this machine's venv
+# (device tool: carry [".venv/lib/python3.11/site-packages/normflows"]) and it is put on PYTHONPATH.
+# MNIST: carry ["data/MNIST"] (torchvision's raw IDX layout).
+
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${OUT:-$ROOT/gpu_out}
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+BUDGET=${GPU_CHECK_BUDGET:-540}
+STAGES=${GPU_CHECK_STAGES:-"env build tests sanitizer bench_model bench_ops train bench_compile report"}
+TRAIN_STEPS=${TRAIN_STEPS:-1000}
+START=$(date +%s)
+PY=${PYTHON:-python}
+SUMMARY_ROWS=$WORK/stages.tsv
+: > "$SUMMARY_ROWS"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+
+elapsed() { echo $(( $(date +%s) - START )); }
+remaining() { echo $(( BUDGET - $(elapsed) )); }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# stage NAME MAX_SECONDS MIN_SECONDS -- command...   (runs under min(MAX, remaining - 15 s reserve))
+stage() {
+    local name=$1 max=$2 min=$3; shift 4
+    if ! want "$name"; then echo -e "$name\tnot selected\t0\t" >> "$SUMMARY_ROWS"; return 0; fi
+    local left=$(( $(remaining) - 15 ))
+    local limit=$(( max < left ? max : left ))
+    if (( limit < min )); then
+        echo -e "$name\tskipped (budget: ${left}s left, needs ≥ ${min}s)\t0\t" >> "$SUMMARY_ROWS"
+        echo "== $name: skipped, budget"; return 0
+    fi
+    echo "== $name (limit ${limit}s, $(elapsed)s elapsed)"
+    local t0 rc status
+    t0=$(date +%s)
+    # SIGINT first: pytest then still writes its junit / benchmark JSON for what finished (see conftest.py)
+    timeout -s INT -k 20 "$limit" bash -c '"$@"' _ "$@" > "$LOGS/$name.log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124|137) status="TIMEOUT after ${limit}s" ;;
+        *) status="FAIL (rc=$rc)" ;;
+    esac
+    local dt=$(( $(date +%s) - t0 ))
+    local note
+    note=$(grep -E "passed|failed|error|Error" "$LOGS/$name.log" | tail -1 | tr '\t|' '  ' | cut -c1-160)
+    echo -e "$name\t$status\t$dt\t$note" >> "$SUMMARY_ROWS"
+    echo "   $status in ${dt}s  $note"
+    return 0
+}
+
+# ------------------------------------------------------------------------------------------------ peer library
+if ! $PY -c "import normflows" 2>/dev/null; then
+    for cand in "$ROOT"/.venv/lib/python3*/site-packages/normflows; do
+        if [ -d "$cand" ]; then
+            mkdir -p "$WORK/peer" && ln -s "$cand" "$WORK/peer/normflows"
+            export PYTHONPATH="$WORK/peer${PYTHONPATH:+:$PYTHONPATH}"
+            break
+        fi
+    done
+fi
+
+# ------------------------------------------------------------------------------------------------ stages
+env_info() {
+    nvidia-smi || true
+    $PY - <<'EOF'
+import importlib, platform
+print("python", platform.python_version())
+for m in ("torch", "triton", "numpy", "pytest", "pytest_benchmark", "normflows"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"))
+    except Exception as exc:
+        print(m, "not importable:", exc)
+import torch
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+    which compute-sanitizer nvcc ncu || true
+}
+
+build() {
+    $PY -m pip install --no-build-isolation --no-deps -e . && \
+        $PY -c "import glowfast, glowfast._C; print('glowfast', glowfast.__version__, 'built:', glowfast._C.__file__)"
+}
+
+tests() {
+    $PY -m pytest -q -p no:cacheprovider -rfE --durations=25 --junitxml="$OUT/junit.xml"
+}
+
+sanitizer() {
+    if [ -f benchmarks/gpu_check_lu.sh ]; then
+        bash benchmarks/gpu_check_lu.sh
+    else
+        compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q tests/test_batched_lu.py -k cuda
+    fi
+}
+
+bench() {  # bench NAME pytest-args...
+    local name=$1; shift
+    $PY -m pytest -p no:cacheprovider -q -rs --benchmark-only --benchmark-json="$WORK/bench_$name.json" \
+        --benchmark-columns=min,median,iqr,rounds,iterations "$@"
+}
+
+bench_ops_files() {
+    local files=(benchmarks/bench_flow_ops.py)
+    for f in benchmarks/bench_fused_step.py benchmarks/bench_batched_lu.py; do [ -f "$f" ] && files+=("$f"); done
+    # reference per-op (CPU + CUDA), fused per-op, batched LU; the compiled per-op variants run in bench_compile
+    GLOWFAST_BENCH_COMPILE=0 bench ops "${files[@]}"
+}
+
+bench_compile() {
+    GLOWFAST_BENCH_COMPILE=auto bench compile benchmarks/bench_flow_ops.py benchmarks/bench_model.py \
+        -k "compiled or compile_time"
+}
+
+train() {
+    local args=(--steps "$TRAIN_STEPS" --log-interval 20 --eval-interval "$TRAIN_STEPS" --no-progress
+                --device cuda --run-dir "$WORK/train_run" --seed 0)
+    local backend=fused
+    if ! $PY -c "import glowfast.fused" 2>/dev/null; then
+        backend=auto; echo "glowfast.fused does not import: --backend auto"
+    fi
+    if [ -d data/MNIST ]; then
+        args+=(--dataset mnist --data-dir data -K 16 -L 3 --hidden-channels 512 --batch-size 64 --backend "$backend")
+    else
+        echo "data/MNIST not present: the default digits run on cuda"
+        args+=(--dataset digits)
+    fi
+    echo "python -m glowfast.train ${args[*]}"
+    $PY -m glowfast.train "${args[@]}"
+}
+
+export -f env_info build tests sanitizer bench bench_ops_files bench_compile train
+export ROOT OUT WORK LOGS PY TRAIN_STEPS
+
+stage env 30 5 -- env_info
+stage build 240 30 -- build
+stage tests 170 30 -- tests
+stage sanitizer 100 20 -- sanitizer
+stage bench_model 170 40 -- bench model benchmarks/bench_model.py
+stage bench_ops 100 20 -- bench_ops_files
+stage train 150 40 -- train
+stage bench_compile 200 40 -- bench_compile
+
+# ------------------------------------------------------------------------------------------------ report
+jsons=()
+for n in model ops compile; do [ -s "$WORK/bench_$n.json" ] && jsons+=("$WORK/bench_$n.json"); done
+if want report && (( ${#jsons[@]} > 0 )); then
+    stage report 30 1 -- $PY benchmarks/report.py "${jsons[@]}" --out "$OUT/RESULTS.md" \
+        --title "GPU run of benchmarks/gpu_check.sh" \
+        --note "One bare machine, one command: build, tests, sanitizer, then the benchmarks (stage summary in summary.md)."
+    $PY - "$OUT/results.json" "${jsons[@]}" <<'EOF'
+import json, sys
+out, paths = sys.argv[1], sys.argv[2:]
+merged = None
+for p in paths:
+    d = json.load(open(p))
+    if merged is None:
+        merged = d
+    else:
+        merged["benchmarks"] += d["benchmarks"]
+merged["merged_from"] = paths
+json.dump(merged, open(out, "w"), indent=1)
+EOF
+else
+    echo -e "report\tskipped (no benchmark JSON)\t0\t" >> "$SUMMARY_ROWS"
+fi
+
+# ------------------------------------------------------------------------------------------------ outputs
+if [ -d "$WORK/train_run" ]; then
+    [ -f "$WORK/train_run/metrics.jsonl" ] && cp "$WORK/train_run/metrics.jsonl" "$OUT/train_metrics.jsonl"
+    [ -f "$WORK/train_run/summary.json" ] && cp "$WORK/train_run/summary.json" "$OUT/train_summary.json"
+    rm -rf "$WORK/train_run/checkpoints"
+fi
+
+{
+    echo "# gpu_check.sh summary"
+    echo
+    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit: $(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty tree)')"
+    echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+    echo "- total wall time: $(elapsed) s of a ${BUDGET} s budget"
+    echo "- peer: $($PY -c 'import normflows; print("normflows", normflows.__version__)' 2>/dev/null || echo 'normflows not importable (peer benchmarks skipped)')"
+    echo
+    echo "| stage | status | seconds | last result line |"
+    echo "| --- | --- | ---: | --- |"
+    while IFS=$'\t' read -r n s t note; do echo "| $n | $s | $t | ${note:-} |"; done < "$SUMMARY_ROWS"
+    echo
+    if [ -f "$OUT/train_summary.json" ]; then
+        echo "## Training run (train_summary.json)"; echo; echo '```'; cat "$OUT/train_summary.json"; echo; echo '```'
+    elif [ -f "$OUT/train_metrics.jsonl" ]; then
+        echo "## Training run: last metrics records"; echo; echo '```'; tail -3 "$OUT/train_metrics.jsonl"; echo '```'
+    fi
+    if [ -f "$OUT/RESULTS.md" ]; then
+        echo; echo "## Headline (from RESULTS.md)"; echo
+        # the targets table and the summary table of the whole-model groups
+        awk '/^### Issue 6 targets/{p=1} /^### Summary/{p=1} /^### Whole model: one training/{p=0} p' "$OUT/RESULTS.md" \
+            | grep -v -E '^\| (actnorm_invconv|coupling|cross_step|batched_lu)/' | head -40
+    fi
+    echo
+    echo "## Failures and skips (tails of the logs)"
+    for f in "$LOGS"/*.log; do
+        if grep -q -E "FAILED|ERROR|Error|Traceback" "$f"; then
+            echo; echo "### $(basename "$f")"; echo '```'
+            grep -E "^(FAILED|ERROR)|Error" "$f" | head -15
+            echo '```'
+        fi
+    done
+} > "$OUT/summary.md"
+
+cp "$WORK"/bench_*.json "$LOGS/" 2>/dev/null
+[ -d "$WORK/train_run" ] && cp -r "$WORK/train_run" "$LOGS/train_run"
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
+ls -la "$OUT"
+cat "$OUT/summary.md"
+exit 0
