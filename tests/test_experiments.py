@@ -125,3 +125,18 @@ def test_bad_arguments():
         main(["no-such-experiment"])
     with pytest.raises(SystemExit):
         main(["samples", "--config", "huge"])
+
+
+def test_glowfast_train_checkpoint(tiny_run, tmp_path):
+    """A checkpoint written by glowfast.train (model + model_config) serves as the shared model."""
+    train = pytest.importorskip("glowfast.train")
+    _, empty = tiny_run
+    run = tmp_path / "run"
+    assert train.main(["--dataset", "digits", "--steps", "3", "--K", "2", "--L", "2", "--hidden-channels", "16",
+                       "--run-dir", str(run), "--no-progress", "--device", "cpu", "--eval-interval", "3",
+                       "--y-condition"]) == 0
+    out = tmp_path / "typicality"
+    assert main(["typicality", *TINY, "--data-dir", str(empty), "--out", str(out), "--checkpoint", str(run)]) == 0
+    data = _load(out)
+    assert data["heldout_source"] == "test half"
+    assert data["model"]["spec"]["K"] == 2

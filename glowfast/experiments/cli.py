@@ -66,14 +66,18 @@ class Context:
         if "spec" in state:
             spec = ModelSpec(**{k: v for k, v in state["spec"].items() if k in {f.name for f in fields(ModelSpec)}})
             model = build_model(spec)
-        else:  # a glowfast.train checkpoint: model state + Glow config
-            cfg = dict(state["config"].get("model", state["config"]))
+        else:  # a glowfast.train checkpoint: model state + Glow config ("model_config", else "config")
+            cfg = dict(state.get("model_config") or state["config"])
+            run_cfg = state.get("config") or {}
             cfg = {k: v for k, v in cfg.items() if k in Glow.__init__.__code__.co_varnames}
             cfg.pop("backend", None)
+            cfg["image_shape"] = tuple(cfg["image_shape"])
             model = Glow(**cfg)
-            spec = replace(self.preset.main, size=int(model.image_shape[-1]), K=len(model.levels[0].steps),
-                           L=len(model.levels), conditional=model.n_classes is not None,
-                           hidden=int(cfg.get("hidden_channels", 0)), holdout=0)
+            spec = replace(self.preset.main, dataset=run_cfg.get("dataset", self.preset.main.dataset),
+                           size=int(model.image_shape[-1]), K=int(cfg["K"]), L=int(cfg["L"]),
+                           hidden=int(cfg.get("hidden_channels", 0)), coupling=cfg.get("coupling", "affine"),
+                           permutation=cfg.get("permutation", "invconv"), conditional=model.n_classes is not None,
+                           holdout=0)
         model.load_state_dict(state["model"])
         model.to(self.device).eval()
         set_backend(model, self.backend, self.device)
