@@ -99,8 +99,8 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(
         name="full",
         main=ModelSpec("mnist", 28, K=16, L=2, hidden=512, batch=256, steps=4000, warmup=200, eval_n=0,
-                       holdout=5000, time_limit_s=300),
-        reverse_steps=2000, reverse_time_limit_s=150,
+                       holdout=5000, time_limit_s=270),
+        reverse_steps=2000, reverse_time_limit_s=120,
         ablation=ModelSpec("mnist", 28, K=8, L=2, hidden=256, conditional=False, batch=256, steps=1500,
                            warmup=100, eval_every=100, eval_n=2000, time_limit_s=120),
         ood_n=0, score_n_train=10000, typicality_K=2000, typicality_batches=2000, grid_n=64, per_class=10,
