@@ -480,10 +480,10 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "glowfast"],
                                cwd=root, capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
-            return "unknown"
+            return os.environ.get("GLOWFAST_GIT_COMMIT", "unknown")
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("GLOWFAST_GIT_COMMIT", "unknown")
 
 
 def device_name(device: torch.device) -> str:
