@@ -32,14 +32,22 @@ from .actnorm_invconv import tile_index
 
 
 @triton.jit
-def log_sigmoid(t):
-    """Stable log sigmoid(t) = min(t, 0) - log1p(exp(-|t|)); log1p via the u = 1 + e correction trick
-    (accurate without libdevice, which the interpreter lacks)."""
+def sigmoid_and_log_sigmoid(t):
+    """(sigmoid(t), log sigmoid(t)) without overflow for any t, from e = exp(-|t|) in (0, 1]:
+    sigmoid = 1 / (1 + e) for t >= 0, e / (1 + e) for t < 0; log sigmoid = min(t, 0) - log1p(e), with log1p
+    via the u = 1 + e correction trick (accurate without libdevice, which the interpreter lacks)."""
     e = tl.exp(-tl.abs(t))
     u = 1.0 + e
+    sig = tl.where(t >= 0, 1.0 / u, e / u)
     d = tl.where(u == 1.0, 1.0, u - 1.0)
     log1p = tl.where(u == 1.0, e, tl.log(u) * (e / d))
-    return tl.minimum(t, 0.0) - log1p
+    return sig, tl.minimum(t, 0.0) - log1p
+
+
+@triton.jit
+def stable_sigmoid(t):
+    e = tl.exp(-tl.abs(t))
+    return tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
@@ -60,9 +68,9 @@ def coupling_load_h(h_ptr, h_base, c, p, C, CA, CB, HW, AFFINE: tl.constexpr):
 def coupling_fwd_tile(z, shift, raw, is_b, mask_b, AFFINE: tl.constexpr):
     """Returns (y, logsig) with logsig zero outside the valid b rows (and all zero if additive)."""
     if AFFINE:
-        t = raw + 2.0
-        y_b = (z + shift) * tl.sigmoid(t)
-        logsig = tl.where(mask_b, log_sigmoid(t), 0.0)
+        sig, logsig = sigmoid_and_log_sigmoid(raw + 2.0)
+        y_b = (z + shift) * sig
+        logsig = tl.where(mask_b, logsig, 0.0)
     else:
         y_b = z + shift
         logsig = tl.zeros_like(z)
@@ -72,7 +80,7 @@ def coupling_fwd_tile(z, shift, raw, is_b, mask_b, AFFINE: tl.constexpr):
 @triton.jit
 def coupling_inv_tile(y, shift, raw, is_b, AFFINE: tl.constexpr):
     if AFFINE:
-        z_b = y / tl.sigmoid(raw + 2.0) - shift
+        z_b = y / stable_sigmoid(raw + 2.0) - shift
     else:
         z_b = y - shift
     return tl.where(is_b[:, None], z_b, y)
@@ -82,7 +90,7 @@ def coupling_inv_tile(y, shift, raw, is_b, AFFINE: tl.constexpr):
 def coupling_bwd_tile(z, dy, shift, raw, is_b, dld, AFFINE: tl.constexpr):
     """Given z, dL/dy and dL/dlogdet (scalar): returns (dz, dshift, draw)."""
     if AFFINE:
-        sig = tl.sigmoid(raw + 2.0)
+        sig = stable_sigmoid(raw + 2.0)
         one_m = 1.0 - sig
         dshift = dy * sig
         draw = dy * (z + shift) * sig * one_m + dld * one_m

@@ -1,0 +1,160 @@
+"""Fused ActNorm + 1x1 conv kernels vs the reference layers (ActNorm2d -> InvConv1x1 / Shuffle / Reverse).
+
+Runs under the Triton interpreter on CPU (CI) and, when a GPU is present, on CUDA with ieee fp32 dots
+(exact regime) plus a TF32 check. Tolerances: tests/tolerances.py.
+"""
+
+import pytest
+import torch
+
+from glowfast.kernels import (
+    actnorm_invconv_backward,
+    actnorm_invconv_forward,
+    actnorm_invconv_inverse,
+    apply_actnorm_invconv,
+    use_dot_precision,
+)
+from glowfast.reference import ActNorm2d, InvConv1x1, Reverse, Shuffle
+
+from conftest import cuda_devices, requires_cuda
+from helpers import randomize_
+from tolerances import assert_exact, assert_grads_exact, assert_tf32
+
+# (B, C, H, W, block_p): batch 1, odd and non-square H*W not a multiple of the block, C from 2 to 96.
+SHAPES = [
+    (1, 2, 5, 7, 16),
+    (2, 3, 4, 6, None),
+    (2, 12, 7, 9, 32),
+    (1, 48, 5, 5, 16),
+    (2, 96, 3, 7, None),
+]
+PERMS = ["lu", "plain", "shuffle", "reverse"]
+
+
+@pytest.fixture
+def exact_precision():
+    """Exact fp32 on a GPU: ieee tl.dot and no TF32 in the reference's cuDNN/cuBLAS."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with use_dot_precision("ieee"):
+        yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def make_layers(C, perm, device):
+    actnorm = randomize_(ActNorm2d(C), scale=0.3)
+    if perm in ("lu", "plain"):
+        permute = randomize_(InvConv1x1(C, lu=perm == "lu"), scale=0.05)
+    else:
+        permute = Shuffle(C) if perm == "shuffle" else Reverse(C)
+    return actnorm.to(device), permute.to(device)
+
+
+def reference(actnorm, permute, x):
+    return permute(actnorm(x)[0])[0]
+
+
+def reference_inverse(actnorm, permute, y):
+    return actnorm.inverse(permute.inverse(y))
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("perm", PERMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-bp{s[4]}")
+def test_forward_and_inverse(shape, perm, device, exact_precision):
+    B, C, H, W, bp = shape
+    actnorm, permute = make_layers(C, perm, device)
+    x = torch.randn(B, C, H, W, device=device)
+    with torch.no_grad():
+        weight = permute.weight_matrix()
+        y_ref = reference(actnorm, permute, x)
+        y = actnorm_invconv_forward(x, actnorm.bias, actnorm.log_scale, weight, block_p=bp)
+        assert_exact(y, y_ref, "out", "y")
+        w_inv = torch.linalg.inv(weight.double()).float()
+        x_back = actnorm_invconv_inverse(y_ref, actnorm.bias, actnorm.log_scale, w_inv, block_p=bp)
+        assert_exact(x_back, reference_inverse(actnorm, permute, y_ref), "out", "inverse")
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("perm", PERMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+def test_backward_all_parameters(shape, perm, device, exact_precision):
+    """Grads of x, bias, log_scale and W — or, through weight_matrix(), of the LU factors."""
+    B, C, H, W, _ = shape
+    actnorm, permute = make_layers(C, perm, device)
+    x = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    params = [x, actnorm.bias, actnorm.log_scale, *permute.parameters()]
+    names = ["x", "bias", "log_scale", *(n for n, _ in permute.named_parameters())]
+    y_ref = reference(actnorm, permute, x)
+    grad_y = torch.randn_like(y_ref)
+    expected = torch.autograd.grad(y_ref, params, grad_y)
+    y = apply_actnorm_invconv(x, actnorm.bias, actnorm.log_scale, permute.weight_matrix())
+    actual = torch.autograd.grad(y, params, grad_y)
+    assert_grads_exact(actual, expected, names)
+
+
+@pytest.mark.parametrize("need_dx,need_dw", [(True, True), (False, False)])
+def test_backward_launch_loops_and_flags(need_dx, need_dw):
+    """The standalone backward launch: one program per sample looping over 4 masked tiles, optional outputs."""
+    actnorm, permute = make_layers(12, "plain", "cpu")
+    x = torch.randn(2, 12, 7, 9, requires_grad=True)
+    y_ref = reference(actnorm, permute, x)
+    grad_y = torch.randn_like(y_ref)
+    gx, gb, gls, gw = torch.autograd.grad(y_ref, [x, actnorm.bias, actnorm.log_scale, permute.weight], grad_y)
+    dx, db, dls, dw = actnorm_invconv_backward(
+        x.detach(), grad_y, actnorm.bias, actnorm.log_scale, permute.weight,
+        need_dx=need_dx, need_dw=need_dw, block_p=16, programs_per_sample=1,
+    )
+    assert_exact(db, gb, "grad", "bias")
+    assert_exact(dls, gls, "grad", "log_scale")
+    if need_dx:
+        assert_exact(dx, gx, "grad", "x")
+        assert_exact(dw, gw, "grad", "W")
+    else:
+        assert dx is None and dw is None
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_io(dtype, device):
+    """Half-precision activations: loaded to fp32, computed in fp32, stored in the input dtype."""
+    actnorm, permute = make_layers(12, "lu", device)
+    x = torch.randn(2, 12, 5, 7, device=device).to(dtype)
+    with torch.no_grad():
+        y_ref = reference(actnorm, permute, x.float())
+        y = actnorm_invconv_forward(x, actnorm.bias, actnorm.log_scale, permute.weight_matrix())
+    assert y.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.float(), y_ref, rtol=2 * eps, atol=2 * eps * float(y_ref.abs().max()))
+
+
+def test_rejects_bad_shapes():
+    actnorm, permute = make_layers(4, "plain", "cpu")
+    with pytest.raises(ValueError):
+        actnorm_invconv_forward(torch.randn(2, 4, 3), actnorm.bias, actnorm.log_scale, permute.weight)
+    with pytest.raises(ValueError):
+        actnorm_invconv_forward(torch.randn(2, 5, 3, 3), actnorm.bias, actnorm.log_scale, permute.weight)
+
+
+@requires_cuda
+@pytest.mark.parametrize("C", [12, 48, 96])
+def test_tf32_flash_rule(C):
+    """Default TF32 dots on a GPU: error vs float64 within 2x that of the TF32 PyTorch reference."""
+    actnorm, permute = make_layers(C, "lu", "cuda")
+    x = torch.randn(4, C, 33, 31, device="cuda", requires_grad=True)
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with use_dot_precision("tf32"):
+            y = apply_actnorm_invconv(x, actnorm.bias, actnorm.log_scale, permute.weight_matrix())
+        y32 = reference(actnorm, permute, x)
+        y64 = reference(actnorm.double(), permute.double(), x.double())
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    assert_tf32(y, y32, y64, "y")
+    g = torch.randn_like(y)
+    with use_dot_precision("tf32"):
+        (gx,) = torch.autograd.grad(y, [x], g)
+    (gx32,) = torch.autograd.grad(y32, [x], g)
+    (gx64,) = torch.autograd.grad(y64, [x], g.double())
+    assert_tf32(gx, gx32, gx64, "grad x")

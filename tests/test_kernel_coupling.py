@@ -1,0 +1,120 @@
+"""Fused coupling kernels vs the reference AffineCoupling / AdditiveCoupling (network output h given).
+
+The network runs in torch in both paths; the fused Function receives h = coupling.net(z_a), so gradients of
+the network parameters are checked too (they arrive through grad h). Tolerances: tests/tolerances.py.
+"""
+
+import pytest
+import torch
+
+from glowfast.kernels import apply_coupling, coupling_backward, coupling_forward, coupling_inverse
+from glowfast.reference import AdditiveCoupling, AffineCoupling
+
+from conftest import cuda_devices
+from helpers import randomize_
+from tolerances import assert_exact, assert_grads_exact
+
+SHAPES = [
+    (1, 2, 5, 7, 16),
+    (2, 3, 4, 6, None),
+    (2, 12, 7, 9, 32),
+    (1, 48, 5, 5, 16),
+    (2, 96, 3, 7, None),
+]
+COUPLINGS = {"affine": AffineCoupling, "additive": AdditiveCoupling}
+
+
+def make_coupling(kind, C, device):
+    return randomize_(COUPLINGS[kind](C, hidden_channels=8), scale=0.2).to(device)
+
+
+def net_out(layer, z):
+    return layer.net(z[:, : layer.channels_a])
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("kind", list(COUPLINGS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-bp{s[4]}")
+def test_forward_and_inverse(shape, kind, device):
+    B, C, H, W, bp = shape
+    layer = make_coupling(kind, C, device)
+    z = torch.randn(B, C, H, W, device=device)
+    with torch.no_grad():
+        y_ref, ld_ref = layer(z)
+        h = net_out(layer, z)
+        y, ld = coupling_forward(z, h, kind == "affine", block_p=bp, programs_per_sample=2)
+        assert_exact(y, y_ref, "out", "y")
+        assert_exact(ld, ld_ref, "logdet", "logdet")
+        z_back = coupling_inverse(y_ref, h, kind == "affine", block_p=bp)
+        assert_exact(z_back, layer.inverse(y_ref), "out", "inverse")
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("kind", list(COUPLINGS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+def test_backward_all_parameters(shape, kind, device):
+    B, C, H, W, _ = shape
+    layer = make_coupling(kind, C, device)
+    z = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    params = [z, *layer.parameters()]
+    names = ["z", *(n for n, _ in layer.named_parameters())]
+    y_ref, ld_ref = layer(z)
+    gy, gld = torch.randn_like(y_ref), torch.randn_like(ld_ref)
+    expected = torch.autograd.grad((y_ref * gy).sum() + (ld_ref * gld).sum(), params)
+    y, ld = apply_coupling(z, net_out(layer, z), kind == "affine")
+    actual = torch.autograd.grad((y * gy).sum() + (ld * gld).sum(), params)
+    assert_grads_exact(actual, expected, names)
+
+
+def test_backward_launch_without_logdet_grad():
+    """grad_logdet=None means the logdet is unused (zero grad)."""
+    layer = make_coupling("affine", 6, "cpu")
+    z = torch.randn(2, 6, 5, 7)
+    h = net_out(layer, z).detach().requires_grad_(True)
+    zz = z.clone().requires_grad_(True)
+    shift, raw = h[:, :3], h[:, 3:]
+    y_ref = torch.cat([zz[:, :3], (zz[:, 3:] + shift) * torch.sigmoid(raw + 2.0)], 1)
+    gy = torch.randn_like(y_ref)
+    gz, gh = torch.autograd.grad(y_ref, [zz, h], gy)
+    dz, dh = coupling_backward(z, h.detach(), gy, None, True, block_p=16)
+    assert_exact(dz, gz, "grad", "z")
+    assert_exact(dh, gh, "grad", "h")
+
+
+def test_log_sigmoid_is_stable_at_extremes():
+    """raw + 2 far in both tails: finite logdet matching -softplus(-(raw + 2)), finite grads."""
+    z = torch.randn(1, 4, 3, 5)
+    raw = torch.tensor([-200.0, -30.0, -5.0, 0.0, 5.0, 30.0, 200.0, 88.0]).repeat(8)[:30].view(1, 2, 3, 5)
+    h = torch.cat([torch.zeros_like(raw), raw], 1).requires_grad_(True)
+    y, ld = apply_coupling(z, h, True)
+    ld_ref = (-torch.nn.functional.softplus(-(raw + 2.0))).flatten(1).sum(1)
+    assert torch.isfinite(ld).all() and torch.isfinite(y).all()
+    assert_exact(ld, ld_ref, "logdet", "logdet")
+    (gh,) = torch.autograd.grad(ld.sum(), [h])
+    hh = h.detach().requires_grad_(True)
+    (gh_ref,) = torch.autograd.grad((-torch.nn.functional.softplus(-(hh[:, 2:] + 2.0))).sum(), [hh])
+    assert torch.isfinite(gh).all()
+    assert_exact(gh, gh_ref, "grad", "grad h")
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_io(dtype, device):
+    layer = make_coupling("affine", 12, device)
+    z = torch.randn(2, 12, 5, 7, device=device)
+    with torch.no_grad():
+        y_ref, ld_ref = layer(z.to(dtype).float())
+        h = net_out(layer, z.to(dtype).float())
+        y, ld = coupling_forward(z.to(dtype), h.to(dtype), True)
+    assert y.dtype == dtype and ld.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.float(), y_ref, rtol=4 * eps, atol=4 * eps * float(y_ref.abs().max()))
+    torch.testing.assert_close(ld.float(), ld_ref, rtol=8 * eps, atol=8 * eps * float(ld_ref.abs().max()))
+
+
+def test_rejects_wrong_h_shape():
+    z = torch.randn(2, 6, 3, 3)
+    with pytest.raises(ValueError, match="h must have shape"):
+        coupling_forward(z, torch.randn(2, 3, 3, 3), True)
+    with pytest.raises(ValueError, match="at least 2 channels"):
+        coupling_forward(torch.randn(2, 1, 3, 3), torch.randn(2, 2, 3, 3), True)

@@ -1,0 +1,68 @@
+"""Tolerances of the fused-vs-reference equivalence tests — stated here, in one place.
+
+Two regimes:
+
+EXACT — fp32 everywhere: the Triton interpreter (CPU, what CI runs) or a GPU with the kernels' tl.dot forced to
+    input_precision="ieee" (`glowfast.kernels.use_dot_precision("ieee")`, and the reference's cuDNN/cuBLAS TF32
+    switched off). Fused and reference then differ only by fp32 rounding and summation order, so:
+      outputs / inverses      rtol 1e-5, atol 1e-5 · max(1, max|ref|)
+      log-determinants        rtol 1e-5, atol 1e-5 · max(1, max|ref|)   (sums over C·H·W terms)
+      gradients               rtol 1e-4, atol 1e-5 · max(1, max|ref|)   (sums over B·H·W pixels)
+      decode(encode(x)) - x   fused error <= 4 x reference error + 1e-5
+
+TF32 — a GPU with the default fast tl.dot (TF32 inputs, fp32 accumulation) against a float64 reference, with
+    flash-attention's rule: the fast path's error vs float64 must be at most TF32_FACTOR (2) times the error of
+    the same-precision PyTorch reference (fp32 with TF32 convolutions) vs float64, plus a small absolute slack.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EXACT = {
+    "out": dict(rtol=1e-5, atol=1e-5),
+    "logdet": dict(rtol=1e-5, atol=1e-5),
+    "grad": dict(rtol=1e-4, atol=1e-5),
+}
+ROUNDTRIP_FACTOR = 4.0
+ROUNDTRIP_SLACK = 1e-5
+
+TF32_FACTOR = 2.0
+TF32_SLACK = 1e-5
+
+
+def assert_exact(actual: torch.Tensor, expected: torch.Tensor, kind: str = "out", name: str = "") -> None:
+    """assert_close with the EXACT tolerance of `kind`; atol scales with the reference's magnitude."""
+    tol = EXACT[kind]
+    scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.detach().to(expected.dtype), expected.detach(), rtol=tol["rtol"], atol=tol["atol"] * scale,
+        msg=lambda m: f"{name} ({kind}): {m}",
+    )
+
+
+def assert_grads_exact(actual, expected, names) -> None:
+    for a, e, n in zip(actual, expected, names, strict=True):
+        if e is None:
+            assert a is None or float(a.abs().max()) == 0.0, f"{n}: reference grad is None, fused is not zero"
+            continue
+        assert a is not None, f"{n}: fused grad is None"
+        assert_exact(a, e, "grad", n)
+
+
+def assert_roundtrip(fused_err: float, reference_err: float) -> None:
+    assert fused_err <= ROUNDTRIP_FACTOR * reference_err + ROUNDTRIP_SLACK, (
+        f"decode(encode(x)) error {fused_err:.3g} vs reference {reference_err:.3g}"
+    )
+
+
+def assert_tf32(fast: torch.Tensor, ref_same_precision: torch.Tensor, ref_fp64: torch.Tensor, name: str = "") -> None:
+    """flash-attention rule: max|fast - ref64| <= TF32_FACTOR * max|ref32 - ref64| + TF32_SLACK * scale."""
+    ref64 = ref_fp64.detach().double()
+    scale = max(1.0, float(ref64.abs().max()))
+    fast_err = float((fast.detach().double() - ref64).abs().max())
+    ref_err = float((ref_same_precision.detach().double() - ref64).abs().max())
+    assert fast_err <= TF32_FACTOR * ref_err + TF32_SLACK * scale, (
+        f"{name}: TF32 fast-path error {fast_err:.3g} > {TF32_FACTOR} x reference error {ref_err:.3g} "
+        f"+ {TF32_SLACK} x {scale:.3g}"
+    )
