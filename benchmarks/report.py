@@ -44,6 +44,17 @@ SECTION_TITLES = {
     "train_step": "Whole model: one training step (forward, backward, Adamax step)",
     "compile": "Compile time of torch.compile(reference) (first call of a fresh compile)",
     "sample64": "Whole model: sampling 64 images",
+    "actnorm_invconv": "Per op: actnorm + 1x1 conv",
+    "coupling": "Per op: affine coupling (given the network output)",
+    "cross_step": "Per op: cross-step (coupling of step k + actnorm/1x1 conv of step k+1)",
+    "batched_lu": "Per op: batched LU slogdet / inverse",
+}
+SECTION_NOTES = {
+    "batched_lu": "Here `reference` = torch.linalg per matrix in a Python loop, `peer` = torch.linalg once per "
+                  "distinct size (stacked), `fused` = glowfast.ops (one call for all matrices; C++ on CPU).",
+    "train_step": "images/s = batch / median step time; peak GPU memory after reset_peak_memory_stats over one "
+                  "step (parameters, optimiser state and activations); first call = start-up (data-dependent "
+                  "init, JIT/autotuning).",
 }
 # Issue 6 targets (H100): group -> list of (description, check(rows) -> (ok | None, detail))
 PEER_ANCHOR_IMG_S = {"train_step/cifar10_K32_B64": 244.0, "train_step/cifar10_K32_B256": 952.0}
@@ -170,47 +181,53 @@ def variant_order(variants) -> list[str]:
     return main + sorted(v for v in variants if v not in MAIN_VARIANTS)
 
 
-def summary_table(groups: OrderedDict) -> list[str]:
-    lines = ["### Summary: time per call and fused speed-ups", "",
-             "Speed-up = t_variant / t_fused (> 1: fused is faster). `—`: variant not measured.", "",
-             "| group | reference | compiled | fused | peer | fused vs reference | fused vs compiled | "
+def summary_table(groups) -> list[str]:
+    lines = ["| group | reference | compiled | fused | peer | fused vs reference | fused vs compiled | "
              "fused vs peer |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for g, rows in groups.items():
-        if g.startswith("compile/"):
-            continue
+    for g, rows in groups:
         t = {v: rows[v]["time"] if v in rows else None for v in MAIN_VARIANTS}
         lines.append(f"| {g} | " + " | ".join(fmt_time(t[v]) for v in MAIN_VARIANTS) + " | "
                      + " | ".join(fmt_ratio(t[v], t["fused"]) for v in ("reference", "compiled", "peer")) + " |")
     return lines + [""]
 
 
-def detail_tables(groups: OrderedDict, stat: str) -> list[str]:
-    lines = []
+def detail_table(items, stat: str) -> list[str]:
+    lines = [f"| group | variant | {stat} | IQR | rounds × iters | images/s | peak GPU MiB | first call | "
+             "compile | fused speed-up |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for g, rows in items:
+        t_fused = rows["fused"]["time"] if "fused" in rows else None
+        for v in variant_order(rows):
+            r = rows[v]
+            info, st = r["info"], r["stats"]
+            ips = info.get("images_per_s")
+            if ips is None and r["time"] and info.get("images"):
+                ips = info["images"] / r["time"]
+            speed = fmt_ratio(r["time"], t_fused) if v != "fused" and t_fused else ""
+            first = info.get("first_call_s")
+            comp = info.get("compile_s")
+            lines.append(
+                f"| {g} | {v} | {fmt_time(r['time'])} | {fmt_time(st.get('iqr'))} | "
+                f"{st.get('rounds', '?')} × {st.get('iterations', 1)} | {fmt_num(ips)} | "
+                f"{fmt_num(info.get('peak_mem_mib'))} | {fmt_time(first) if first is not None else '—'} | "
+                f"{fmt_time(comp) if comp is not None else '—'} | {speed} |")
+    return lines + [""]
+
+
+def sections(groups: OrderedDict, stat: str) -> list[str]:
+    """Per section (first component of the group name): title, note, summary table, detail table."""
     by_section: OrderedDict = OrderedDict()
     for g, rows in groups.items():
         by_section.setdefault(g.split("/")[0], []).append((g, rows))
+    lines = [f"Times are the {stat} per call; speed-up `fused vs X` = t_X / t_fused (> 1: fused is faster); "
+             "`—`: not measured (skipped on this machine or not installed).", ""]
     for section, items in by_section.items():
-        lines += [f"### {SECTION_TITLES.get(section, section)}", "",
-                  f"| group | variant | {stat} | IQR | rounds × iters | images/s | peak GPU MiB | first call | "
-                  "compile | fused speed-up |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for g, rows in items:
-            t_fused = rows["fused"]["time"] if "fused" in rows else None
-            for v in variant_order(rows):
-                r = rows[v]
-                info, st = r["info"], r["stats"]
-                ips = info.get("images_per_s")
-                if ips is None and r["time"] and info.get("images"):
-                    ips = info["images"] / r["time"]
-                speed = fmt_ratio(r["time"], t_fused) if v != "fused" and t_fused else ""
-                first = info.get("first_call_s")
-                comp = info.get("compile_s")
-                lines.append(
-                    f"| {g} | {v} | {fmt_time(r['time'])} | {fmt_time(st.get('iqr'))} | "
-                    f"{st.get('rounds', '?')} × {st.get('iterations', 1)} | {fmt_num(ips)} | "
-                    f"{fmt_num(info.get('peak_mem_mib'))} | {fmt_time(first) if first is not None else '—'} | "
-                    f"{fmt_time(comp) if comp is not None else '—'} | {speed} |")
-        lines.append("")
+        lines += [f"### {SECTION_TITLES.get(section, section)}", ""]
+        if section in SECTION_NOTES:
+            lines += [SECTION_NOTES[section], ""]
+        if section != "compile":
+            lines += summary_table(items)
+        lines += detail_table(items, stat)
     return lines
 
 
@@ -252,7 +269,7 @@ def render(paths: list[Path], title: str | None = None, note: str | None = None,
     if not groups:
         lines += ["No benchmarks in the input (all skipped?).", ""]
         return "\n".join(lines)
-    lines += target_table(groups) + summary_table(groups) + detail_tables(groups, stat)
+    lines += target_table(groups) + sections(groups, stat)
     return "\n".join(lines)
 
 
