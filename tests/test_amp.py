@@ -1,0 +1,62 @@
+"""--amp bf16: coupling networks under bf16 autocast (CPU here), flow and log-determinants in fp32."""
+
+import pytest
+import torch
+
+from glowfast import Glow
+from glowfast.amp import bf16_networks_enabled, coupling_networks, disable_bf16_networks, enable_bf16_networks
+
+from conftest import cuda_devices
+
+
+def _model(device, coupling="affine"):
+    torch.manual_seed(0)
+    m = Glow((1, 8, 8), K=2, L=2, hidden_channels=16, coupling=coupling, backend="reference").to(device)
+    x = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8, device=device)
+    m.train()
+    m(x)  # ActNorm init
+    # make the networks non-trivial (ZeroConv2d starts at zero, which bf16 would represent exactly)
+    with torch.no_grad():
+        for net in coupling_networks(m):
+            net.conv3.conv.weight.normal_(0, 0.05)
+    return m, x
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("coupling", ["affine", "additive"])
+def test_bf16_networks_only(device, coupling):
+    m, x = _model(device, coupling)
+    keys = list(m.state_dict())
+    ref = m(x, generator=torch.Generator(device).manual_seed(1)).log_prob
+    assert enable_bf16_networks(m) == 4 and enable_bf16_networks(m) == 0 and bf16_networks_enabled(m)
+    assert list(m.state_dict()) == keys  # no parameter / state-dict change
+
+    dtypes = {}
+    hooks = [m.levels[0].steps[0].coupling.net.conv1.register_forward_hook(
+                 lambda mod, i, o: dtypes.__setitem__("conv1", o.dtype)),
+             m.levels[0].steps[0].coupling.register_forward_hook(
+                 lambda mod, i, o: dtypes.__setitem__("coupling", (o[0].dtype, o[1].dtype)))]
+    out = m(x, generator=torch.Generator(device).manual_seed(1))
+    for h in hooks:
+        h.remove()
+    assert dtypes["conv1"] == torch.bfloat16  # the network ran in bf16 ...
+    assert dtypes["coupling"] == (torch.float32, torch.float32)  # ... the flow and its logdet stay fp32
+    assert out.log_prob.dtype == torch.float32 and torch.isfinite(out.log_prob).all()
+    assert not torch.equal(out.log_prob, ref)  # bf16 rounding is really there
+    torch.testing.assert_close(out.bits_per_dim, ref / (-64 * torch.log(torch.tensor(2.0))), rtol=2e-2, atol=2e-2)
+
+    out.bits_per_dim.mean().backward()
+    assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
+               for p in m.parameters())
+
+    # still exactly invertible: the inverse runs the same bf16 network on the same input
+    m.eval()
+    with torch.no_grad():
+        xc = m.preprocess(x, generator=torch.Generator(device).manual_seed(2))
+        z, _ = m.encode(xc)
+        torch.testing.assert_close(m.decode(z), xc, rtol=0, atol=1e-4)
+
+    assert disable_bf16_networks(m) == 4 and not bf16_networks_enabled(m)
+    m.train()
+    again = m(x, generator=torch.Generator(device).manual_seed(1)).log_prob
+    assert torch.equal(again.detach(), ref.detach())
