@@ -42,11 +42,18 @@ def _worker(rank: int, world: int, port: int, out: str, argv: list[str]) -> None
             record["actnorm_bias"] = trainer.model.levels[0].steps[0].actnorm.bias.detach().clone()
         elif event == "before_step" and trainer.step == 0:
             record["first_batch"] = trainer.batch[0].clone()
+        elif event == "before_step" and trainer.step == 1 and rank == 1:
+            # a non-finite loss on one rank only: every rank must skip that update together
+            record["top0"] = trainer.model.prior.top.data[0].item()
+            trainer.model.prior.top.data[0] = float("inf")
+        elif event == "after_step" and trainer.step == 2 and rank == 1:
+            trainer.model.prior.top.data[0] = record.pop("top0")
         elif event == "after_step" and trainer.step == 3:
             record["step3"] = _flat(trainer.model)
         elif event == "end":
             record["final"] = _flat(trainer.model)
             record["test_bpd"] = trainer.last_test_bpd
+            record["nonfinite_total"] = trainer.nonfinite_total
 
     rc = main(argv, callbacks=[cb])
     record["rc"] = rc
@@ -64,6 +71,7 @@ def test_ddp_two_gloo_ranks_stay_identical(tmp_path):
     for key in ("init", "step3", "final"):
         assert torch.equal(r0[key], r1[key]), f"parameters differ across ranks at {key}"
     assert not torch.equal(r0["init"], r0["final"]), "training changed the parameters"
+    assert r0["nonfinite_total"] == r1["nonfinite_total"] == 1
     assert r0["test_bpd"] == r1["test_bpd"]  # all-reduced over the whole test split
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 5
