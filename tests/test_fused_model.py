@@ -1,0 +1,184 @@
+"""Whole flows on the fused path vs the reference: glowfast.fused.steps_forward / steps_inverse over a level's
+FlowSteps, and whole Glow models with backend="fused" vs backend="reference" (same parameters).
+
+Every coupling x permutation x lu choice; outputs, log-determinants, inverses, gradients of all parameters,
+decode(encode(x)). Tolerances: tests/tolerances.py.
+"""
+
+import pytest
+import torch
+
+from glowfast import fused
+from glowfast.kernels import use_dot_precision
+from glowfast.model import Glow
+from glowfast.reference import FlowStep
+
+from conftest import cuda_devices
+from helpers import randomize_
+from tolerances import assert_exact, assert_grads_exact, assert_roundtrip
+
+COMBOS = [
+    pytest.param(coupling, permutation, lu, id=f"{coupling}-{permutation}{'-lu' if lu else ''}")
+    for coupling in ("affine", "additive")
+    for permutation, lu in (("invconv", True), ("invconv", False), ("shuffle", True), ("reverse", True))
+]
+
+
+@pytest.fixture
+def exact_precision():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with use_dot_precision("ieee"):
+        yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def make_steps(K, C, coupling, permutation, lu, device):
+    steps = torch.nn.ModuleList(FlowStep(C, 8, coupling, permutation, lu) for _ in range(K))
+    return randomize_(steps, scale=0.2).to(device)
+
+
+def reference_forward(steps, x):
+    logdet = x.new_zeros(x.shape[0])
+    for step in steps:
+        x, ld = step(x)
+        logdet = logdet + ld
+    return x, logdet
+
+
+# Each combination once per regime, alternating shapes (batch 1 with C = 6, odd 5x7; batch 2 with C = 12,
+# non-square 3x5), to keep the interpreter's run time down.
+STEP_CASES = [
+    pytest.param(*combo.values, shape, id=f"{combo.id}-{'x'.join(map(str, shape))}")
+    for i, combo in enumerate(COMBOS)
+    for shape in ([(1, 6, 5, 7)] if i % 2 == 0 else [(2, 12, 3, 5)])
+]
+GLOW_CASES = [
+    pytest.param(*combo.values, 1 + i % 2, id=f"{combo.id}-b{1 + i % 2}") for i, combo in enumerate(COMBOS)
+]
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("coupling,permutation,lu,shape", STEP_CASES)
+def test_steps_forward_backward_inverse(coupling, permutation, lu, shape, device, exact_precision):
+    steps = make_steps(3, shape[1], coupling, permutation, lu, device)
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    params = [x, *steps.parameters()]
+    names = ["x", *(n for n, _ in steps.named_parameters())]
+
+    y_ref, ld_ref = reference_forward(steps, x)
+    y, ld = fused.steps_forward(list(steps), x)
+    assert_exact(y, y_ref, "out", "y")
+    assert_exact(ld, ld_ref, "logdet", "logdet")
+
+    g_y, g_ld = torch.randn_like(y_ref), torch.randn_like(ld_ref)
+    expected = torch.autograd.grad((y_ref * g_y).sum() + (ld_ref * g_ld).sum(), params)
+    actual = torch.autograd.grad((y * g_y).sum() + (ld * g_ld).sum(), params)
+    assert_grads_exact(actual, expected, names)
+
+    with torch.no_grad():
+        x_back = fused.steps_inverse(list(steps), y_ref)
+        x_ref = y_ref
+        for step in reversed(steps):
+            x_ref = step.inverse(x_ref)
+    assert_exact(x_back, x_ref, "out", "inverse")
+
+
+def test_precomputed_w_logabsdets_and_inverses():
+    """The model's batched-LU values are used as given (here: deliberately offset to prove it)."""
+    steps = make_steps(2, 4, "affine", "invconv", False, "cpu")
+    x = torch.randn(2, 4, 3, 5)
+    lds = [torch.linalg.slogdet(s.permute.weight)[1] + 1.0 for s in steps]
+    with torch.no_grad():
+        y, ld = fused.steps_forward(list(steps), x, lds)
+        y_ref, ld_ref = reference_forward(steps, x)
+        assert_exact(y, y_ref, "out", "y")
+        assert_exact(ld, ld_ref + 2 * 15, "logdet", "logdet with offset log|det W|")
+        w_invs = [torch.linalg.inv(s.permute.weight) for s in steps]
+        assert_exact(fused.steps_inverse(list(steps), y, w_invs), x, "out", "inverse")
+
+
+def test_actnorm_init_runs_reference_path():
+    """An uninitialised ActNorm (training mode) is initialised by the reference path, then fused runs."""
+    steps = torch.nn.ModuleList(FlowStep(4, 8) for _ in range(2)).train()
+    steps_copy = torch.nn.ModuleList(FlowStep(4, 8) for _ in range(2)).train()
+    steps_copy.load_state_dict(steps.state_dict())
+    x = torch.randn(3, 4, 5, 5) * 2 + 1
+    y, ld = fused.steps_forward(list(steps), x)
+    y_ref, ld_ref = reference_forward(steps_copy, x)
+    assert all(bool(s.actnorm.initialized) for s in steps)
+    assert_exact(y, y_ref, "out", "y (init call)")
+    assert_exact(ld, ld_ref, "logdet", "logdet (init call)")
+    y2, _ = fused.steps_forward(list(steps), x)  # now initialised: the kernels run
+    assert_exact(y2, y_ref, "out", "y (after init)")
+
+
+def test_inverse_with_autograd_falls_back_to_differentiable_reference():
+    steps = make_steps(2, 4, "affine", "invconv", True, "cpu")
+    y = torch.randn(2, 4, 3, 3, requires_grad=True)
+    x = fused.steps_inverse(list(steps), y)
+    assert x.requires_grad
+    (g,) = torch.autograd.grad(x.sum(), [y])
+    assert torch.isfinite(g).all()
+
+
+def test_fused_available():
+    ok, reason = fused.fused_available("cpu")
+    assert ok == fused._utils.is_interpret(), reason
+    ok, reason = fused.fused_available("meta")
+    assert not ok and "meta" in reason
+    with pytest.raises(RuntimeError, match="backend='fused' cannot run"):
+        fused.check_fused_available("meta")
+
+
+# ----------------------------------------------------------------------------------------------- whole Glow
+
+
+def make_glow(coupling, permutation, lu, device, image_shape=(3, 12, 4)):
+    """L=2: level 1 is 12 x 6 x 2, level 2 is 24 x 3 x 1 (odd, non-square H*W)."""
+    model = Glow(image_shape, K=2, L=2, hidden_channels=8, coupling=coupling, permutation=permutation, lu=lu)
+    return randomize_(model, scale=0.1).to(device).eval()
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("coupling,permutation,lu,batch", GLOW_CASES)
+def test_glow_fused_matches_reference(coupling, permutation, lu, batch, device, exact_precision):
+    model = make_glow(coupling, permutation, lu, device)
+    images = torch.randint(0, 256, (batch, 3, 12, 4), dtype=torch.uint8, device=device)
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    model.backend = "reference"
+    lp_ref = model.log_prob(images, dequantize=False)
+    g_ref = torch.autograd.grad(lp_ref.sum(), params, allow_unused=True)
+    model.backend = "fused"
+    lp = model.log_prob(images, dequantize=False)
+    g = torch.autograd.grad(lp.sum(), params, allow_unused=True)
+    assert_exact(lp, lp_ref, "logdet", "log_prob")
+    assert_grads_exact(g, g_ref, names)
+
+    x = model.preprocess(images, dequantize=True)
+    with torch.no_grad():
+        model.backend = "reference"
+        latents_ref, ld_ref = model.encode(x)
+        err_ref = float((model.decode(latents_ref) - x).abs().max())
+        model.backend = "fused"
+        latents, ld = model.encode(x)
+        for a, e in zip(latents, latents_ref, strict=True):
+            assert_exact(a, e, "out", "latent")
+        assert_exact(ld, ld_ref, "logdet", "encode logdet")
+        err = float((model.decode(latents) - x).abs().max())
+    assert_roundtrip(err, err_ref)
+
+
+def test_glow_fused_training_step_initialises_actnorm():
+    """First training call (data-dependent init) then a fused step, both matching the reference model."""
+    torch.manual_seed(1)
+    model = Glow((3, 8, 8), K=2, L=2, hidden_channels=8, backend="fused").train()
+    ref = Glow((3, 8, 8), K=2, L=2, hidden_channels=8, backend="reference").train()
+    ref.load_state_dict(model.state_dict())
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    for _ in range(2):
+        bpd = model.bits_per_dim(images, dequantize=False)
+        bpd_ref = ref.bits_per_dim(images, dequantize=False)
+        assert_exact(bpd, bpd_ref, "logdet", "bits/dim")
