@@ -98,7 +98,12 @@ class Context:
             t = self.main_model()
             te = load_split(t.spec.dataset, "test", self.data_dir, t.spec.size)
             d = {"n_test": int(te.images.shape[0]), "bpd_unit": bpd_unit_note(t.spec)}
-            d["test_bpd_marginal"] = float(nll_bits_per_dim(t.model, te.images, self.device).mean())
+            if t.model.n_classes:
+                bpd, cll = nll_bits_per_dim(t.model, te.images, self.device, return_class_ll=True)
+                d["generative_classifier_test_accuracy"] = float((cll.argmax(1) == te.labels.numpy()).mean())
+            else:
+                bpd = nll_bits_per_dim(t.model, te.images, self.device)
+            d["test_bpd_marginal"] = float(bpd.mean())
             if t.model.n_classes:
                 d["test_bpd_given_true_class"] = float(
                     nll_bits_per_dim(t.model, te.images, self.device, labels=te.labels).mean())
@@ -182,6 +187,15 @@ def main(argv=None) -> int:
         results = {"config": preset.name, "config_notes": preset.notes, "notes": notes, "wall_s": wall,
                    "preset": {"main": asdict(preset.main), "ablation": asdict(preset.ablation)}, **results}
         header = f"Config **{preset.name}**: {preset.notes}\n" + "".join(f"\n- {n}" for n in notes)
+        m = results.get("model")
+        if isinstance(m, dict) and "test_bpd_marginal" in m:
+            header += (f"\n\nShared model: {m['spec']['dataset']} K={m['spec']['K']} L={m['spec']['L']} "
+                       f"hidden={m['spec']['hidden']}, {m.get('steps_done')} steps"
+                       f"{' (stopped by its time limit)' if m.get('stopped_by_time_limit') else ''}; test bits/dim "
+                       f"{m['test_bpd_marginal']:.4f} (marginal p(x)"
+                       + (f", {m['test_bpd_given_true_class']:.4f} given the true class; generative-classifier "
+                          f"accuracy {m['generative_classifier_test_accuracy']:.3f}" if "test_bpd_given_true_class"
+                          in m else "") + f") on {m['n_test']} test images, {m['bpd_unit']}.")
         header += f"\n\nWall time of this command (this process, incl. training unless cached): {wall:.1f} s.\n\n"
         write_results(ctx.out, name, results, header + md, prov)
         _log(f"{name} done in {wall:.1f}s")

@@ -15,6 +15,13 @@ STRENGTHS = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 DIGIT_PAIRS = ((1, 7), (3, 8), (4, 9), (5, 6), (0, 6), (7, 2))
 
 
+def _finite(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Samples with non-finite pixels (an under-trained flow's inverse can overflow) set to 0, and the
+    fraction of samples that had any."""
+    bad = ~torch.isfinite(x).flatten(1).all(1)
+    return torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0), float(bad.float().mean())
+
+
 def _to_uint8(x01: torch.Tensor) -> torch.Tensor:
     return torch.round(x01.clamp(0, 1) * 255).to(torch.uint8)
 
@@ -61,12 +68,12 @@ def run_samples(ctx) -> tuple[dict, str]:
     figs, per_t = [], {}
     for T in TEMPERATURES:
         y = (torch.arange(n, device=ctx.device) % nc) if nc else None
-        x = model.sample(n, temperature=T, y=y, generator=g).cpu()
+        x, bad = _finite(model.sample(n, temperature=T, y=y, generator=g).cpu())
         f = ctx.out / f"samples_T{T:.1f}.png"
         save_grid(f, x, nrow, title=f"{spec.dataset} samples, T = {T}" + (" (labels cycle 0..9)" if nc else ""))
         figs.append(f.name)
         bpd = nll_bits_per_dim(model, _to_uint8(x), ctx.device)
-        per_t[str(T)] = {"figure": f.name, "mean_bpd_of_samples": float(bpd.mean()),
+        per_t[str(T)] = {"figure": f.name, "mean_bpd_of_samples": float(bpd.mean()), "fraction_nonfinite": bad,
                          "pixel_mean": float(x.mean()), "pixel_std": float(x.std())}
     # all temperatures side by side, same labels (one row per temperature)
     k = min(nrow * 2, 16)
@@ -74,7 +81,7 @@ def run_samples(ctx) -> tuple[dict, str]:
     for T in TEMPERATURES:
         g2 = torch.Generator(device=ctx.device).manual_seed(1)
         y = (torch.arange(k, device=ctx.device) % nc) if nc else None
-        rows.append(model.sample(k, temperature=T, y=y, generator=g2).cpu())
+        rows.append(_finite(model.sample(k, temperature=T, y=y, generator=g2).cpu())[0])
     f = ctx.out / "samples_by_temperature.png"
     save_grid(f, torch.cat(rows), k, title="samples by temperature (rows), same noise seed",
               row_labels=[f"T={T}" for T in TEMPERATURES])
@@ -84,7 +91,7 @@ def run_samples(ctx) -> tuple[dict, str]:
         for T in (0.7, 1.0):
             m = ctx.preset.per_class
             y = torch.arange(nc, device=ctx.device).repeat_interleave(m)
-            x = model.sample(nc * m, temperature=T, y=y, generator=g).cpu()
+            x = _finite(model.sample(nc * m, temperature=T, y=y, generator=g).cpu())[0]
             f = ctx.out / f"samples_per_class_T{T:.1f}.png"
             save_grid(f, x, m, title=f"class-conditional samples, T = {T} (row = class)",
                       row_labels=[str(c) for c in range(nc)])
@@ -95,10 +102,12 @@ def run_samples(ctx) -> tuple[dict, str]:
                                      float((probs.argmax(1) == y.cpu().numpy()).mean())}
     results = {"temperatures": per_t, "per_class": per_class, "model": ctx.main_summary(),
                "bpd_unit": bpd_unit_note(spec), "figures": figs}
-    rows = [[T, per_t[str(T)]["mean_bpd_of_samples"], per_t[str(T)]["pixel_std"]] for T in TEMPERATURES]
+    rows = [[T, per_t[str(T)]["mean_bpd_of_samples"], per_t[str(T)]["pixel_std"],
+             per_t[str(T)]["fraction_nonfinite"]] for T in TEMPERATURES]
     md = (f"Samples of the class-conditional {spec.dataset} model at temperatures {TEMPERATURES} (every prior's "
           "standard deviation is scaled by T, split priors included). Lower T trades diversity for quality.\n\n"
-          + md_table(["T", "mean bits/dim of the samples (model's own marginal)", "pixel std"], rows) + "\n")
+          + md_table(["T", "mean bits/dim of the samples (model's own marginal)", "pixel std",
+                     "fraction of samples with non-finite pixels (shown black)"], rows) + "\n")
     if per_class:
         md += "\nFraction of class-conditional samples that the model's own generative classifier " \
               "(argmax_y p(x|y)) assigns to the conditioning class: " + ", ".join(
