@@ -1,0 +1,252 @@
+"""Benchmarks of the fused (Triton) flow-step kernels — CUDA only (skipped without a GPU or under the interpreter).
+
+Three families (timing, warm-up and synchronisation by the `cuda_timer` fixture of benchmarks/conftest.py;
+this file imports nothing from it):
+
+1. Per-op, same groups as bench_flow_ops.py so benchmarks/report.py puts fused beside reference/compiled:
+   `<op>/<fwd|fwdbwd>/B<b>_C<c>_<H>x<W>` at the CIFAR-10 level shapes, batch 64 and 256, variant "fused"; the
+   same function boundary (inputs x [, h], bias, log_scale, W as a leaf; outputs y and the logdet).
+2. Bandwidth: `bandwidth/<kernel>/<fwd|bwd>/B64_C12_128x128` and `.../B64_C48_64x64`: the raw launch
+   functions; extra_info records bytes moved (compulsory HBM traffic of the kernel: every input read once,
+   every output written once), effective GB/s = bytes / median time, the measured device-to-device copy
+   bandwidth of this GPU (`torch.Tensor.copy_` of 1 GiB, read + write) and the fraction of it reached
+   (target: >= 0.70).
+3. The non-network part of a chain of flow steps, forward + backward: `step_nonnet/fwdbwd/B<b>_C<c>_<H>x<W>`,
+   variants "reference" (the reference layers' code: ActNorm2d, InvConv1x1, the coupling given h) and
+   "fused" (1 actnorm_invconv + (K-1) cross_step + 1 coupling launch); the coupling networks are replaced by
+   fixed leaf tensors h_k, so only what the kernels replace is timed (target: fused >= 3x faster).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from glowfast.reference import ActNorm2d, InvConv1x1, log_sigmoid_shifted
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+pytestmark = pytest.mark.skipif(not HAS_CUDA or INTERPRET,
+                                reason="fused Triton kernels are benchmarked on CUDA only (no interpreter)")
+
+LEVEL_SHAPES = [(12, 16, 16), (24, 8, 8), (48, 4, 4)]  # CIFAR-10, L=3
+CIFAR = [(b, *s) for b in (64, 256) for s in LEVEL_SHAPES]
+LARGE = [(64, 12, 128, 128), (64, 48, 64, 64)]
+TIMING = dict(n_rounds=20, warmup=5, iterations=20)
+K_CHAIN = 4
+
+
+def _tag(shape) -> str:
+    b, c, h, w = shape
+    return f"B{b}_C{c}_{h}x{w}"
+
+
+def _params(c: int, device="cuda"):
+    bias = 0.1 * torch.randn(c, device=device)
+    log_scale = 0.1 * torch.randn(c, device=device)
+    w = torch.linalg.qr(torch.randn(c, c, device=device, dtype=torch.float64))[0].float()
+    return bias, log_scale, w
+
+
+def _inputs(shape):
+    b, c, h, w = shape
+    c_b = c - c // 2
+    return torch.randn(shape, device="cuda"), 0.1 * torch.randn(b, 2 * c_b, h, w, device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------- 1. per-op
+def _fused_op(op: str, shape):
+    from glowfast.kernels import apply_actnorm_invconv, apply_coupling, apply_cross_step
+
+    b, c, h, w = shape
+    x, hnet = _inputs(shape)
+    bias, log_scale, weight = _params(c)
+    w_logabsdet = torch.zeros((), device="cuda")
+    hw = h * w
+    if op == "actnorm_invconv":
+        def fn(x):
+            y = apply_actnorm_invconv(x, bias, log_scale, weight)
+            return y, (hw * (log_scale.sum() + w_logabsdet)).expand(b)
+
+        return fn, (x,), [x, bias, log_scale, weight]
+    if op == "coupling":
+        return (lambda x, hnet: apply_coupling(x, hnet, True)), (x, hnet), [x, hnet]
+    if op == "cross_step":
+        def fn(x, hnet):
+            y, ld = apply_cross_step(x, hnet, bias, log_scale, weight, True)
+            return y, ld + hw * (log_scale.sum() + w_logabsdet)
+
+        return fn, (x, hnet), [x, hnet, bias, log_scale, weight]
+    raise ValueError(op)
+
+
+def _fwdbwd(fn, inputs, leaves, y0, ld0):
+    for t in leaves:
+        t.requires_grad_(True)
+    grads = (torch.randn_like(y0), torch.randn_like(ld0))
+
+    def call():
+        for t in leaves:
+            t.grad = None
+        y, ld = fn(*inputs)
+        torch.autograd.backward((y, ld), grads)
+        return y
+
+    return call
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape", CIFAR, ids=_tag)
+@pytest.mark.parametrize("op", ["actnorm_invconv", "coupling", "cross_step"])
+def test_fused_op(cuda_timer, op, shape, mode):
+    cuda_timer.benchmark.group = f"{op}/{mode}/{_tag(shape)}"
+    fn, inputs, leaves = _fused_op(op, shape)
+    with torch.no_grad():
+        y0, ld0 = fn(*inputs)
+    if mode == "fwdbwd":
+        call = _fwdbwd(fn, inputs, leaves, y0, ld0)
+    else:
+        def call():
+            with torch.no_grad():
+                return fn(*inputs)[0]
+    cuda_timer(call, device="cuda", variant="fused", images=shape[0],
+               config={"op": op, "shape": list(shape), "mode": mode}, **TIMING)
+
+
+# ---------------------------------------------------------------------------------------------- 2. bandwidth
+_COPY_GBPS: dict[str, float] = {}
+
+
+def _copy_bandwidth_gbps() -> float:
+    """Measured HBM bandwidth of this GPU: a 1 GiB device-to-device copy (read + write), best of 10."""
+    if "v" not in _COPY_GBPS:
+        src = torch.empty(2**28, device="cuda")
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        best = float("inf")
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        _COPY_GBPS["v"] = 2 * src.numel() * 4 / best / 1e9
+        del src, dst
+    return _COPY_GBPS["v"]
+
+
+def _kernel_call(kernel: str, mode: str, shape):
+    """(call, bytes moved) for the raw launch function."""
+    from glowfast import kernels as K
+
+    b, c, h, w = shape
+    x, hnet = _inputs(shape)
+    bias, log_scale, weight = _params(c)
+    n = x.numel() * 4
+    nh = hnet.numel() * 4
+    gy = torch.randn_like(x)
+    gld = torch.randn(b, device="cuda")
+    calls = {
+        ("actnorm_invconv", "fwd"): (lambda: K.actnorm_invconv_forward(x, bias, log_scale, weight), 2 * n),
+        ("actnorm_invconv", "bwd"): (lambda: K.actnorm_invconv_backward(x, gy, bias, log_scale, weight), 3 * n),
+        ("coupling", "fwd"): (lambda: K.coupling_forward(x, hnet, True), 2 * n + nh),
+        ("coupling", "bwd"): (lambda: K.coupling_backward(x, hnet, gy, gld, True), 3 * n + 2 * nh),
+        ("cross_step", "fwd"): (lambda: K.cross_step_forward(x, hnet, bias, log_scale, weight, True), 2 * n + nh),
+        ("cross_step", "bwd"): (lambda: K.cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True),
+                                3 * n + 2 * nh),
+        ("step_inverse", "fwd"): (lambda: K.step_inverse(x, hnet, bias, log_scale, weight, True), 2 * n + nh),
+    }
+    return calls[(kernel, mode)]
+
+
+@pytest.mark.parametrize("shape", LARGE, ids=_tag)
+@pytest.mark.parametrize("kernel,mode", [
+    ("actnorm_invconv", "fwd"), ("actnorm_invconv", "bwd"), ("coupling", "fwd"), ("coupling", "bwd"),
+    ("cross_step", "fwd"), ("cross_step", "bwd"), ("step_inverse", "fwd"),
+])
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_bandwidth(cuda_timer, kernel, mode, shape, precision):
+    from glowfast.kernels import use_dot_precision
+
+    cuda_timer.benchmark.group = f"bandwidth/{kernel}/{mode}/{_tag(shape)}"
+    call, nbytes = _kernel_call(kernel, mode, shape)
+    with use_dot_precision(precision):
+        cuda_timer(call, device="cuda", variant=f"fused-{precision}", images=shape[0],
+                   config={"kernel": kernel, "mode": mode, "shape": list(shape), "precision": precision}, **TIMING)
+    median = cuda_timer.benchmark.stats.stats.median
+    peak = _copy_bandwidth_gbps()
+    gbps = nbytes / median / 1e9
+    cuda_timer.extra_info.update(bytes_moved=nbytes, effective_GBps=round(gbps, 1), copy_GBps=round(peak, 1),
+                                 fraction_of_copy_bw=round(gbps / peak, 3))
+
+
+# ---------------------------------------------------------------------------------------------- 3. step chain
+def _coupling_tail(x, h):
+    c_a = x.shape[1] // 2
+    c_b = x.shape[1] - c_a
+    shift, raw = h[:, :c_b], h[:, c_b:]
+    y_b = (x[:, c_a:] + shift) * torch.sigmoid(raw + 2.0)
+    return torch.cat([x[:, :c_a], y_b], dim=1), log_sigmoid_shifted(raw).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("variant", ["reference", "fused"])
+@pytest.mark.parametrize("shape", CIFAR, ids=_tag)
+def test_step_chain_nonnet(cuda_timer, shape, variant):
+    """K flow steps without their networks (h_k fixed leaves), forward + backward of y and logdet."""
+    from glowfast.kernels import apply_actnorm_invconv, apply_coupling, apply_cross_step
+
+    cuda_timer.benchmark.group = f"step_nonnet/fwdbwd/{_tag(shape)}"
+    b, c, h, w = shape
+    x, _ = _inputs(shape)
+    hs = [_inputs(shape)[1] for _ in range(K_CHAIN)]
+    actnorms, invconvs = [], []
+    for _ in range(K_CHAIN):
+        an = ActNorm2d(c).cuda()
+        with torch.no_grad():
+            an.bias.normal_(0, 0.1)
+            an.log_scale.normal_(0, 0.1)
+            an.initialized.fill_(True)
+        actnorms.append(an)
+        invconvs.append(InvConv1x1(c, lu=True).cuda())
+    leaves = [x, *hs, *(p for m in actnorms + invconvs for p in m.parameters())]
+
+    if variant == "reference":
+        def fn():
+            z, logdet = x, 0
+            for an, inv, hk in zip(actnorms, invconvs, hs):
+                z, ld1 = an(z)
+                z, ld2 = inv(z)
+                z, ld3 = _coupling_tail(z, hk)
+                logdet = logdet + ld1 + ld2 + ld3
+            return z, logdet
+    else:
+        def fn():
+            hw = h * w
+            logdet = hw * sum(an.log_scale.sum() + inv.log_abs_det() for an, inv in zip(actnorms, invconvs))
+            z = apply_actnorm_invconv(x, actnorms[0].bias, actnorms[0].log_scale, invconvs[0].weight_matrix())
+            for k in range(K_CHAIN):
+                if k + 1 < K_CHAIN:
+                    an, inv = actnorms[k + 1], invconvs[k + 1]
+                    z, ld = apply_cross_step(z, hs[k], an.bias, an.log_scale, inv.weight_matrix(), True)
+                else:
+                    z, ld = apply_coupling(z, hs[k], True)
+                logdet = logdet + ld
+            return z, logdet
+
+    for t in leaves:
+        t.requires_grad_(True)
+    y0, ld0 = fn()
+    grads = (torch.randn_like(y0), torch.randn_like(ld0))
+
+    def call():
+        for t in leaves:
+            t.grad = None
+        y, ld = fn()
+        torch.autograd.backward((y, ld), grads)
+
+    cuda_timer(call, device="cuda", variant=variant, images=b,
+               config={"shape": list(shape), "K": K_CHAIN, "mode": "fwdbwd"}, **TIMING)
