@@ -353,6 +353,7 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
     t_train = 0.0  # training time only (evaluation excluded)
     running = []
     step = 0
+    skipped = 0
     stopped_early = False
     if spec.eval_every:
         evaluate(0, float("nan"), 0.0)
@@ -366,7 +367,13 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
         loss = out.bits_per_dim.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+        if not bool(torch.isfinite(loss) & torch.isfinite(gnorm)):  # skip the update (one sync per step)
+            skipped += 1
+            hist["skipped_nonfinite_steps"] = skipped
+            if skipped > 20:
+                raise FloatingPointError(f"{spec.key()}: more than 20 non-finite losses/gradients by step {step}")
+            continue
         opt.step()
         sched.step()
         step += 1
