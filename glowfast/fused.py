@@ -23,6 +23,8 @@ x_k = actnorm^-1(W^-1 @ coupling^-1(y_k, h_k)) in one pass (`glowfast.kernels.st
 Special cases (documented behaviour)
 - ActNorm data-dependent initialisation: if any step's actnorm still needs its init (training mode, not yet
   initialised), that call runs the reference path (which initialises it from the batch) and returns its result.
+- float64 inputs run the reference path (the kernels load any float dtype but compute in fp32, which would
+  silently drop a float64 model's precision).
 - `steps_inverse` is not differentiable on the fused path: when autograd is recording and y or any parameter
   requires grad, it runs the reference inverse instead (wrap sampling in `torch.no_grad()` to use the kernels).
 - The fused path runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 (tests); see
@@ -138,7 +140,7 @@ def steps_forward(steps: Sequence, x: torch.Tensor,
         raise ValueError(f"w_logabsdets has {len(w_logabsdets)} entries for {len(steps)} steps")
     if not steps:
         return x, x.new_zeros(x.shape[0])
-    if any(step.actnorm.needs_init() for step in steps):
+    if x.dtype == torch.float64 or any(step.actnorm.needs_init() for step in steps):
         return _reference_forward(steps, x, w_logabsdets)
     check_fused_available(x.device)
     B, C, H, W = x.shape
@@ -191,7 +193,7 @@ def steps_inverse(steps: Sequence, y: torch.Tensor,
     needs_graph = torch.is_grad_enabled() and (
         y.requires_grad or any(p.requires_grad for s in steps for p in s.parameters())
     )
-    if needs_graph:
+    if needs_graph or y.dtype == torch.float64:
         for k in reversed(range(len(steps))):
             step = steps[k]
             wi = None if w_inverses is None else w_inverses[k]

@@ -122,6 +122,17 @@ def test_inverse_with_autograd_falls_back_to_differentiable_reference():
     assert torch.isfinite(g).all()
 
 
+def test_float64_runs_the_reference_path():
+    steps = make_steps(2, 4, "affine", "invconv", True, "cpu").double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y, ld = fused.steps_forward(list(steps), x)
+        y_ref, ld_ref = reference_forward(steps, x)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        torch.testing.assert_close(ld, ld_ref, rtol=0, atol=0)
+        torch.testing.assert_close(fused.steps_inverse(list(steps), y), x, rtol=1e-10, atol=1e-10)
+
+
 def test_fused_available():
     ok, reason = fused.fused_available("cpu")
     assert ok == fused._utils.is_interpret(), reason
