@@ -114,9 +114,6 @@ def test_flow_op(cuda_timer, op, shape, device, mode, variant):
         cuda_timer.skip_unless_compile(device)
         if os.environ.get("GLOWFAST_BENCH_COMPILE", "auto") not in ("full", "all") and shape[1:] != (12, 16, 16):
             pytest.skip("compiled per-op variant: C12_16x16 only by default (GLOWFAST_BENCH_COMPILE=full: all)")
-        from torch import _dynamo
-
-        _dynamo.reset()  # a cold compile per case (and no recompile-limit fallback to eager)
         fn = torch.compile(fn, dynamic=False)
     if mode == "fwdbwd":
         for t in leaves:
@@ -134,8 +131,9 @@ def test_flow_op(cuda_timer, op, shape, device, mode, variant):
             with torch.no_grad():
                 return fn(*inputs)[0]
 
-    if variant == "compiled":
-        compile_s, _ = cuda_timer.first_call(call, device)
+    if variant == "compiled":  # a cold compile per case (and no recompile-limit fallback to eager)
+        with cuda_timer.fresh_compile_caches(extra):
+            compile_s, _ = cuda_timer.first_call(call, device)
         extra["compile_s"] = round(compile_s, 2)
     b = shape[0]
     cuda_timer(call, device=device, variant=variant, images=b, config={"op": op, "shape": list(shape),

@@ -21,7 +21,10 @@ Environment switches (so the CPU suite stays a few minutes and a GPU session fit
   whole-model compile only if GLOWFAST_BENCH_COMPILE_MODEL=1), "full" (CUDA, per-op at every shape),
   "all" (every shape, CPU too), "0" (never).
 - GLOWFAST_BENCH_COMPILE_MODEL: "1" to benchmark torch.compile of the whole reference model (minutes of
-  compilation per configuration on an H100 for the CIFAR-10 configuration).
+  compilation per configuration on an H100 for the CIFAR-10 configuration), or a comma list of cases
+  (e.g. "cifar10_K32_B64").
+- GLOWFAST_BENCH_COLD_COMPILE: "1" (default): compile times are measured cold, with empty inductor/Triton
+  cache directories; "0": with whatever caches exist.
 - GLOWFAST_BENCH_ROUNDS: override the number of timed rounds (default: per benchmark).
 - GLOWFAST_BENCH_THREADS: torch intra-op threads during each benchmark. Default "auto": torch's default,
   except 1 when the machine is oversubscribed (1-minute load average above the core count) — there,
@@ -30,11 +33,13 @@ Environment switches (so the CPU suite stays a few minutes and a GPU session fit
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -66,8 +71,15 @@ def compile_enabled(device: str) -> bool:
     return device == "cuda"
 
 
-def compile_model_enabled(device: str) -> bool:
-    return compile_enabled(device) and _env("GLOWFAST_BENCH_COMPILE_MODEL", "0") in ("1", "yes", "on", "true")
+def compile_model_enabled(device: str, case: str | None = None) -> bool:
+    """GLOWFAST_BENCH_COMPILE_MODEL: "1"/"all" every configuration, or a comma list of cases such as
+    "cifar10_K32_B64" (each whole-model compile takes minutes on a GPU)."""
+    value = _env("GLOWFAST_BENCH_COMPILE_MODEL", "0")
+    if not compile_enabled(device) or value in ("", "0", "no", "off", "false"):
+        return False
+    if value in ("1", "yes", "on", "true", "all"):
+        return True
+    return case is not None and case.lower() in {v.strip() for v in value.split(",")}
 
 
 def rounds(default: int) -> int:
@@ -86,6 +98,40 @@ def bench_threads() -> int:
     except OSError:
         pass
     return default
+
+
+@contextlib.contextmanager
+def fresh_compile_caches(info: dict | None = None):
+    """A cold torch.compile: dynamo reset and, unless GLOWFAST_BENCH_COLD_COMPILE=0, empty inductor / Triton
+    cache directories (a user's first start; the warm on-disk cache of an earlier run makes a recompile several
+    times faster: 171 s cold vs 14 s warm for the CPU smoke model here). Records the mode in `info`."""
+    from torch import _dynamo
+
+    _dynamo.reset()
+    cold = _env("GLOWFAST_BENCH_COLD_COMPILE", "1") not in ("0", "no", "off", "false")
+    if info is not None:
+        info["compile_cache"] = "cold (empty inductor/triton cache dirs)" if cold else "warm (existing caches)"
+    if not cold:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    with tempfile.TemporaryDirectory(prefix="glowfast_compile_") as tmp:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton")
+        try:
+            from torch._inductor.codecache import PyCodeCache
+
+            PyCodeCache.cache_clear()
+        except Exception:
+            pass
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def skip_unless_compile(device: str) -> None:
@@ -231,15 +277,18 @@ def run_timed(
     return result
 
 
-def run_once(benchmark, fn: Callable[[], object], *, device: str, variant: str, **extra):
-    """A one-shot measurement (e.g. compile time = first call of a freshly compiled function): one round."""
+def run_once(benchmark, fn: Callable[..., object], *, device: str, variant: str, setup=None, **extra):
+    """A one-shot measurement (e.g. compile time = first call of a freshly compiled function): one round.
+
+    `setup()` (untimed) may return `(args, kwargs)` for `fn`, as in `benchmark.pedantic`.
+    """
     info = benchmark.extra_info
     info["variant"] = variant
     info["device"] = device_name(device)
     info.update(extra)
     if device == "cuda":
         benchmark._timer = _synced_timer
-    return benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+    return benchmark.pedantic(fn, setup=setup, rounds=1, iterations=1, warmup_rounds=0)
 
 
 def timed_first_call(fn: Callable[[], object], device: str) -> tuple[float, object]:
@@ -276,6 +325,7 @@ class CudaTimer:
         return self.benchmark.extra_info
 
     first_call = staticmethod(timed_first_call)
+    fresh_compile_caches = staticmethod(fresh_compile_caches)
     sync = staticmethod(sync)
     compile_enabled = staticmethod(compile_enabled)
     compile_model_enabled = staticmethod(compile_model_enabled)

@@ -20,8 +20,11 @@
 # per-stage JSON, the training run's config, curves and samples).
 #
 # Knobs (environment): GPU_CHECK_STAGES="env build tests ..." (a subset, in this order), GPU_CHECK_BUDGET
-# (seconds), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=1 (adds the whole-model
-# torch.compile benchmark to bench_compile: minutes of compilation for the CIFAR-10 configuration).
+# (seconds), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
+# adds the whole-model torch.compile benchmark to bench_compile, minutes of compilation per case) with
+# GPU_CHECK_COMPILE_MAX (seconds for bench_compile, default 200). A second command for the compile numbers:
+#   GPU_CHECK_STAGES="env build bench_compile report" GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 \
+#   GPU_CHECK_COMPILE_MAX=480 bash benchmarks/gpu_check.sh
 # Peer library: the machine has no network; carry the pure-Python package from this machine's venv
 # (device tool: carry [".venv/lib/python3.11/site-packages/normflows"]) and it is put on PYTHONPATH.
 # MNIST: carry ["data/MNIST"] (torchvision's raw IDX layout).
@@ -88,6 +91,16 @@ if ! $PY -c "import normflows" 2>/dev/null; then
 fi
 
 # ------------------------------------------------------------------------------------------------ stages
+# `pymod MODULE args...` = python -m MODULE args, with SIGINT restored to KeyboardInterrupt (a process started in
+# the background by a non-interactive shell inherits SIGINT ignored, and the time-limit SIGINT would do nothing)
+pymod() {
+    $PY -c 'import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+mod = sys.argv.pop(1)
+sys.argv[0] = mod
+runpy.run_module(mod, run_name="__main__", alter_sys=True)' "$@"
+}
+
 env_info() {
     nvidia-smi || true
     $PY - <<'EOF'
@@ -112,7 +125,7 @@ build() {
 }
 
 tests() {
-    $PY -m pytest -q -p no:cacheprovider -rfE --durations=25 --junitxml="$OUT/junit.xml"
+    pymod pytest -q -p no:cacheprovider -rfE --durations=25 --junitxml="$OUT/junit.xml"
 }
 
 sanitizer() {
@@ -125,7 +138,7 @@ sanitizer() {
 
 bench() {  # bench NAME pytest-args...
     local name=$1; shift
-    $PY -m pytest -p no:cacheprovider -q -rs --benchmark-only --benchmark-json="$WORK/bench_$name.json" \
+    pymod pytest -p no:cacheprovider -q -rs --benchmark-only --benchmark-json="$WORK/bench_$name.json" \
         --benchmark-columns=min,median,iqr,rounds,iterations "$@"
 }
 
@@ -137,7 +150,8 @@ bench_ops_files() {
 }
 
 bench_compile() {
-    GLOWFAST_BENCH_COMPILE=auto bench compile benchmarks/bench_flow_ops.py benchmarks/bench_model.py \
+    # bench_model.py first: with GLOWFAST_BENCH_COMPILE_MODEL set, the whole-model compile is the priority
+    GLOWFAST_BENCH_COMPILE=auto bench compile benchmarks/bench_model.py benchmarks/bench_flow_ops.py \
         -k "compiled or compile_time"
 }
 
@@ -155,10 +169,10 @@ train() {
         args+=(--dataset digits)
     fi
     echo "python -m glowfast.train ${args[*]}"
-    $PY -m glowfast.train "${args[@]}"
+    pymod glowfast.train "${args[@]}"
 }
 
-export -f env_info build tests sanitizer bench bench_ops_files bench_compile train
+export -f pymod env_info build tests sanitizer bench bench_ops_files bench_compile train
 export ROOT OUT WORK LOGS PY TRAIN_STEPS
 
 stage env 30 5 -- env_info
@@ -168,7 +182,7 @@ stage sanitizer 100 20 -- sanitizer
 stage bench_model 170 40 -- bench model benchmarks/bench_model.py
 stage bench_ops 100 20 -- bench_ops_files
 stage train 150 40 -- train
-stage bench_compile 200 40 -- bench_compile
+stage bench_compile "${GPU_CHECK_COMPILE_MAX:-200}" 40 -- bench_compile
 
 # ------------------------------------------------------------------------------------------------ report
 jsons=()
