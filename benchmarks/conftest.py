@@ -25,6 +25,7 @@ Environment switches (so the CPU suite stays a few minutes and a GPU session fit
   (e.g. "cifar10_K32_B64").
 - GLOWFAST_BENCH_COLD_COMPILE: "1" (default): compile times are measured cold, with empty inductor/Triton
   cache directories; "0": with whatever caches exist.
+- GLOWFAST_BENCH_SKIP_CPU: "1" skips the CPU cases (a GPU run that only wants the GPU numbers).
 - GLOWFAST_BENCH_ROUNDS: override the number of timed rounds (default: per benchmark).
 - GLOWFAST_BENCH_THREADS: torch intra-op threads during each benchmark. Default "auto": torch's default,
   except 1 when the machine is oversubscribed (1-minute load average above the core count) — there,
@@ -168,6 +169,17 @@ def pytest_collect_file(file_path, parent):
     if any(fnmatch.fnmatch(file_path.name, pat) for pat in parent.config.getini("python_files")):
         return None
     return pytest.Module.from_parent(parent, path=file_path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GLOWFAST_BENCH_SKIP_CPU=1 (gpu_check.sh sets it): skip every case parametrised with device="cpu"."""
+    if _env("GLOWFAST_BENCH_SKIP_CPU", "0") not in ("1", "yes", "on", "true"):
+        return
+    skip = pytest.mark.skip(reason="CPU case skipped (GLOWFAST_BENCH_SKIP_CPU=1)")
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == "cpu" and "benchmarks" in str(item.path):
+            item.add_marker(skip)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -48,6 +48,8 @@ SECTION_TITLES = {
     "coupling": "Per op: affine coupling (given the network output)",
     "cross_step": "Per op: cross-step (coupling of step k + actnorm/1x1 conv of step k+1)",
     "batched_lu": "Per op: batched LU slogdet / inverse",
+    "bandwidth": "Fused kernels: effective memory bandwidth (large shapes)",
+    "step_nonnet": "K=4 flow steps without their coupling networks, forward + backward",
 }
 SECTION_NOTES = {
     "batched_lu": "Here `reference` = torch.linalg per matrix in a Python loop, `peer` = torch.linalg once per "
@@ -193,8 +195,8 @@ def summary_table(groups) -> list[str]:
 
 def detail_table(items, stat: str) -> list[str]:
     lines = [f"| group | variant | {stat} | IQR | rounds × iters | images/s | peak GPU MiB | first call | "
-             "compile | fused speed-up |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "compile | fused speed-up | notes |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for g, rows in items:
         t_fused = rows["fused"]["time"] if "fused" in rows else None
         for v in variant_order(rows):
@@ -206,11 +208,19 @@ def detail_table(items, stat: str) -> list[str]:
             speed = fmt_ratio(r["time"], t_fused) if v != "fused" and t_fused else ""
             first = info.get("first_call_s")
             comp = info.get("compile_s")
+            notes = []
+            if info.get("effective_GBps") is not None:
+                frac = info.get("fraction_of_copy_bw")
+                notes.append(f"{info['effective_GBps']:,.0f} GB/s" + (f" = {frac:.0%} of copy" if frac else ""))
+            if info.get("cuda_event_median_ms") is not None:
+                notes.append(f"events {fmt_time(info['cuda_event_median_ms'] / 1e3)}")
+            if info.get("compile_cache"):
+                notes.append(str(info["compile_cache"]).split(" ")[0] + " compile")
             lines.append(
                 f"| {g} | {v} | {fmt_time(r['time'])} | {fmt_time(st.get('iqr'))} | "
                 f"{st.get('rounds', '?')} × {st.get('iterations', 1)} | {fmt_num(ips)} | "
                 f"{fmt_num(info.get('peak_mem_mib'))} | {fmt_time(first) if first is not None else '—'} | "
-                f"{fmt_time(comp) if comp is not None else '—'} | {speed} |")
+                f"{fmt_time(comp) if comp is not None else '—'} | {speed} | {'; '.join(notes)} |")
     return lines + [""]
 
 
@@ -225,7 +235,7 @@ def sections(groups: OrderedDict, stat: str) -> list[str]:
         lines += [f"### {SECTION_TITLES.get(section, section)}", ""]
         if section in SECTION_NOTES:
             lines += [SECTION_NOTES[section], ""]
-        if section != "compile":
+        if section != "compile" and any(v in rows for _, rows in items for v in MAIN_VARIANTS):
             lines += summary_table(items)
         lines += detail_table(items, stat)
     return lines
