@@ -454,6 +454,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and cfg["progress"]),
                    dynamic_ncols=True, mininterval=0.5, desc="train")
         window: list[dict] = []
+        postfix: dict[str, str] = {}
         t_window = time.perf_counter()
         t_start = time.perf_counter() - self.elapsed
         imgs_per_step = cfg["batch_size"] * self.dist.world_size
@@ -489,14 +490,15 @@ class Trainer:
                                    if isinstance(window[-1][k], float) and all(k in r for r in window)}
                             self.log({"type": "train", "epoch": self.epoch, **avg, "images_per_s": round(ips, 1),
                                       "nonfinite_total": self.nonfinite_total, "elapsed": round(self.elapsed, 2)})
-                            bar.set_postfix(loss=f"{avg['loss']:.3f}", bpd=f"{avg['bpd']:.3f}",
-                                            img_s=f"{ips:.0f}")
+                            postfix.update(loss=f"{avg['loss']:.3f}", bpd=f"{avg['bpd']:.3f}", img_s=f"{ips:.0f}")
+                            bar.set_postfix(postfix)
                         window, t_window = [], time.perf_counter()
                     self._emit("after_step")
                     last = self.step >= self.total_steps
                     if self.step % cfg["eval_interval"] == 0 or last:
                         self.do_eval()
-                        bar.set_postfix(test_bpd=f"{self.last_test_bpd:.3f}")
+                        postfix["test_bpd"] = f"{self.last_test_bpd:.3f}"
+                        bar.set_postfix(postfix)
                     if self.step % cfg["ckpt_interval"] == 0 or last:
                         self.save()
                     if last:
