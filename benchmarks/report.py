@@ -119,7 +119,7 @@ def load(paths: list[Path]) -> tuple[dict, list[dict]]:
     return meta or {}, benches
 
 
-def header(meta: dict, title: str, note: str | None) -> list[str]:
+def header(meta: dict, title: str, note: str | None, benches: list[dict] = ()) -> list[str]:
     mi = meta.get("machine_info") or {}
     ci = meta.get("commit_info") or {}
     cpu = mi.get("cpu") or {}
@@ -148,7 +148,9 @@ def header(meta: dict, title: str, note: str | None) -> list[str]:
         ("commit", f"{commit} on {ci.get('branch', '?')}" if ci.get("branch") else commit),
         ("date", date),
         ("pytest-benchmark", meta.get("version", "?")),
-        ("torch threads (session default)", mi.get("torch_threads", "?")),
+        ("torch CPU threads", ", ".join(str(t) for t in sorted(
+            {b.get("extra_info", {}).get("torch_threads") for b in benches} - {None}))
+            or mi.get("torch_threads", "?")),
     ]
     if mi.get("env"):
         rows.append(("switches", ", ".join(f"{k}={v}" for k, v in mi["env"].items())))
@@ -275,7 +277,7 @@ def render(paths: list[Path], title: str | None = None, note: str | None = None,
     if title is None:
         title = f"Results on {mi['cuda_device']}" if mi.get("cuda_device") else "Results on CPU (no GPU)"
     groups = group_rows(benches, stat)
-    lines = header(meta, title, note)
+    lines = header(meta, title, note, benches)
     if not groups:
         lines += ["No benchmarks in the input (all skipped?).", ""]
         return "\n".join(lines)
