@@ -236,9 +236,24 @@ fi
     fi
     if [ -f "$OUT/RESULTS.md" ]; then
         echo; echo "## Headline (from RESULTS.md)"; echo
-        # the targets table and the summary table of the whole-model groups
-        awk '/^### Issue 6 targets/{p=1} /^### Summary/{p=1} /^### Whole model: one training/{p=0} p' "$OUT/RESULTS.md" \
-            | grep -v -E '^\| (actnorm_invconv|coupling|cross_step|batched_lu)/' | head -40
+        # the targets table, then the whole-model detail rows (images/s, peak memory, first call, compile)
+        $PY - "$OUT/RESULTS.md" <<'EOF'
+import re, sys
+lines = open(sys.argv[1]).read().splitlines()
+out, on = [], False
+for line in lines:
+    if line.startswith("### Issue 6 targets"):
+        on = True
+    elif line.startswith("### ") and on:
+        break
+    if on:
+        out.append(line)
+detail_header = next((i for i, l in enumerate(lines) if l.startswith("| group | variant |")), None)
+rows = [l for l in lines if re.match(r"\| (train_step|sample64|compile)/[^|]+\| [a-z]", l)]
+if rows and detail_header is not None:
+    out += ["", lines[detail_header], lines[detail_header + 1]] + rows
+print("\n".join(out))
+EOF
     fi
     echo
     echo "## Failures and skips (tails of the logs)"
