@@ -518,6 +518,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+            self.elapsed = time.perf_counter() - t_start  # training + evals + checkpoints of all sessions
             self.summary = self._write_summary(status)
             self._emit("end")
         return self.summary
