@@ -176,7 +176,7 @@ class Glow(nn.Module):
             x = x.to(self._param_dtype())
         elif x.is_floating_point():
             check_finite(x, "images")
-            if bool((x < 0).any() or (x > 1).any()):
+            if not torch.compiler.is_compiling() and bool((x < 0).any() or (x > 1).any()):
                 raise ValueError("float images must lie in [0, 1] (uint8 images in [0, 255])")
             x = torch.round(x.to(self._param_dtype()) * 255)
         else:
@@ -192,11 +192,13 @@ class Glow(nn.Module):
         return x * (2 ** (8 - self.n_bits)) / 255.0
 
     # ----------------------------------------------------------------------------------------- flow
-    def _flow(self, x: torch.Tensor):
-        """x in model space -> (latents, logdet, sum of the split priors' log p(z2 | z1))."""
+    def _check_model_space(self, x: torch.Tensor) -> None:
         check_image_batch(x, self.image_shape[0], "x")
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x has shape (C, H, W) = {tuple(x.shape[1:])}, model expects {self.image_shape}")
+
+    def _flow(self, x: torch.Tensor):
+        """x in model space (already validated) -> (latents, logdet, sum of the split priors' log p(z2 | z1))."""
         backend = self.resolve_backend(x.device)
         w_lds = self._w_logabsdets()
         k = 0
@@ -219,6 +221,7 @@ class Glow(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x in model space -> (latents, logdet): one factored-out latent per split, then the top one."""
+        self._check_model_space(x)
         latents, logdet, _ = self._flow(x)
         return latents, logdet
 
@@ -256,7 +259,7 @@ class Glow(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, dequantize: bool = True,
                 generator: torch.Generator | None = None) -> GlowOutput:
         """Images -> GlowOutput(log_prob, bits_per_dim, y_logits). Training minimises bits_per_dim.mean()."""
-        xc = self.preprocess(x, dequantize=dequantize, generator=generator)
+        xc = self.preprocess(x, dequantize=dequantize, generator=generator)  # validates the images
         latents, logdet, log_pz = self._flow(xc)
         log_pz = log_pz + self.prior.log_prob(latents[-1], y)
         num_dims = math.prod(self.image_shape)

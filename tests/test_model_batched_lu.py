@@ -4,9 +4,10 @@ import copy
 
 import pytest
 import torch
-from helpers import randomize_
 
 from glowfast import Glow
+
+from helpers import randomize_
 
 
 def _plain_glow(backend):

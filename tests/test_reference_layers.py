@@ -149,3 +149,18 @@ def test_split_roundtrip_and_prior_log_prob():
 def test_coupling_rejects_single_channel():
     with pytest.raises(ValueError, match="at least 2 channels"):
         AffineCoupling(1, 8)
+
+
+def test_actnorm_init_flag_follows_loaded_state_dicts():
+    # needs_init() caches the buffer on the host (no device sync per step); loading must refresh that cache.
+    fresh = ActNorm2d(3).state_dict()
+    layer = ActNorm2d(3).train()
+    layer(torch.randn(4, 3, 2, 2))
+    assert not layer.needs_init()
+    layer.load_state_dict(fresh)
+    assert layer.needs_init()
+    layer(torch.randn(4, 3, 2, 2) * 7 + 1)
+    assert not layer.needs_init() and bool(layer.initialized)
+    other = ActNorm2d(3).train()
+    other.load_state_dict(layer.state_dict())
+    assert not other.needs_init()

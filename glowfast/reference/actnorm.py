@@ -19,6 +19,9 @@ class ActNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        # Host-side mirror of `initialized`: reading the buffer on a GPU synchronises the device, which would
+        # happen at every flow step of every forward (and split torch.compile graphs). Read it once, then cache.
+        self._initialized_cache = False
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -48,9 +51,17 @@ class ActNorm2d(nn.Module):
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
+        self._initialized_cache = True
 
     def needs_init(self) -> bool:
-        return self.training and not bool(self.initialized)
+        if not self.training or self._initialized_cache:
+            return False
+        self._initialized_cache = bool(self.initialized)  # one device sync, until the next state-dict load
+        return not self._initialized_cache
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized_cache = False  # re-read the loaded buffer on the next training forward
 
     def logdet(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
