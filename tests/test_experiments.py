@@ -23,7 +23,8 @@ EXPECTED = {
     "typicality": ("typicality_flagged_vs_M.png", {"table", "alpha", "Ms", "auroc_single_input_likelihood"}),
 }
 
-TINY = ["--config", "tiny", "--steps", "20", "--device", "cpu", "--backend", "reference"]
+# No time caps: step counts must not depend on how loaded the machine is.
+TINY = ["--config", "tiny", "--steps", "20", "--time-limit", "1e9", "--device", "cpu", "--backend", "reference"]
 
 
 @pytest.fixture(scope="module")
