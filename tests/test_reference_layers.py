@@ -164,3 +164,29 @@ def test_actnorm_init_flag_follows_loaded_state_dicts():
     other = ActNorm2d(3).train()
     other.load_state_dict(layer.state_dict())
     assert not other.needs_init()
+
+
+def _gradcheck_module(module, inputs, fn):
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
+    n_in = len(inputs)
+
+    def call(*args):
+        return fn(lambda *a: torch.func.functional_call(module, dict(zip(names, args[n_in:])), a), *args[:n_in])
+
+    assert torch.autograd.gradcheck(call, (*inputs, *params), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_gradcheck_split_prior():
+    split = randomize_(Split2d(4), 0.3).double()
+    z = torch.randn(2, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    _gradcheck_module(split, (z,), lambda f, z: f(z))
+
+
+def test_gradcheck_top_prior_class_conditional():
+    from glowfast.reference import TopPrior
+
+    prior = randomize_(TopPrior((3, 2, 2), learn_top=True, n_classes=4), 0.3).double()
+    z = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, 3])
+    _gradcheck_module(prior, (z,), lambda f, z: f(z, y))

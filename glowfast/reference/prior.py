@@ -103,6 +103,10 @@ class TopPrior(nn.Module):
         mean, log_std = out.view(batch, 2 * c, 1, 1).expand(batch, 2 * c, h, w).chunk(2, dim=1)
         return mean, log_std
 
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None):
+        """(log p(z | y), class logits or None)."""
+        return self.log_prob(z, y), self.class_logits(z)
+
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         mean, log_std = self.params(z.shape[0], y, z.device, z.dtype)
         return gaussian_log_prob(z, mean, log_std)
