@@ -27,3 +27,15 @@ def _seed():
 def cuda_devices():
     """Devices to parametrise over: CPU always, CUDA when present."""
     return ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.fixture
+def exact_precision():
+    """Exact fp32 on a GPU: ieee tl.dot in the kernels and no TF32 in the reference's cuDNN/cuBLAS."""
+    from glowfast.kernels import use_dot_precision
+
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with use_dot_precision("ieee"):
+        yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

@@ -3,6 +3,16 @@
 import torch
 from torch import nn
 
+# (B, C, H, W, block_p) for the kernel tests: batch 1, odd and non-square H*W not a multiple of the pixel
+# block, C from 2 to 96 (odd C exercises the uneven coupling split); block_p None = the production choice.
+KERNEL_SHAPES = [
+    (1, 2, 5, 7, 16),
+    (2, 3, 4, 6, None),
+    (2, 12, 7, 9, 32),
+    (1, 48, 5, 5, 16),
+    (2, 96, 3, 7, None),
+]
+
 
 @torch.no_grad()
 def randomize_(module: nn.Module, scale: float = 0.1, generator: torch.Generator | None = None) -> nn.Module:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from glowfast import fused
-from glowfast.kernels import use_dot_precision
 from glowfast.model import Glow
 from glowfast.reference import FlowStep
 
@@ -22,15 +21,6 @@ COMBOS = [
     for coupling in ("affine", "additive")
     for permutation, lu in (("invconv", True), ("invconv", False), ("shuffle", True), ("reverse", True))
 ]
-
-
-@pytest.fixture
-def exact_precision():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    with use_dot_precision("ieee"):
-        yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def make_steps(K, C, coupling, permutation, lu, device):

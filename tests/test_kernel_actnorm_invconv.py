@@ -17,28 +17,11 @@ from glowfast.kernels import (
 from glowfast.reference import ActNorm2d, InvConv1x1, Reverse, Shuffle
 
 from conftest import cuda_devices, requires_cuda
-from helpers import randomize_
+from helpers import KERNEL_SHAPES, randomize_
 from tolerances import assert_exact, assert_grads_exact, assert_tf32
 
-# (B, C, H, W, block_p): batch 1, odd and non-square H*W not a multiple of the block, C from 2 to 96.
-SHAPES = [
-    (1, 2, 5, 7, 16),
-    (2, 3, 4, 6, None),
-    (2, 12, 7, 9, 32),
-    (1, 48, 5, 5, 16),
-    (2, 96, 3, 7, None),
-]
+SHAPES = KERNEL_SHAPES
 PERMS = ["lu", "plain", "shuffle", "reverse"]
-
-
-@pytest.fixture
-def exact_precision():
-    """Exact fp32 on a GPU: ieee tl.dot and no TF32 in the reference's cuDNN/cuBLAS."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    with use_dot_precision("ieee"):
-        yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def make_layers(C, perm, device):

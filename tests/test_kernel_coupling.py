@@ -11,16 +11,10 @@ from glowfast.kernels import apply_coupling, coupling_backward, coupling_forward
 from glowfast.reference import AdditiveCoupling, AffineCoupling
 
 from conftest import cuda_devices
-from helpers import randomize_
+from helpers import KERNEL_SHAPES, randomize_
 from tolerances import assert_exact, assert_grads_exact
 
-SHAPES = [
-    (1, 2, 5, 7, 16),
-    (2, 3, 4, 6, None),
-    (2, 12, 7, 9, 32),
-    (1, 48, 5, 5, 16),
-    (2, 96, 3, 7, None),
-]
+SHAPES = KERNEL_SHAPES
 COUPLINGS = {"affine": AffineCoupling, "additive": AdditiveCoupling}
 
 

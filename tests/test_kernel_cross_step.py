@@ -5,20 +5,13 @@ import pytest
 import torch
 
 from glowfast.kernels import apply_cross_step, cross_step_backward, cross_step_forward, step_inverse
-from glowfast.kernels._utils import use_dot_precision
 from glowfast.reference import FlowStep
 
 from conftest import cuda_devices
-from helpers import randomize_
+from helpers import KERNEL_SHAPES, randomize_
 from tolerances import assert_exact, assert_grads_exact
 
-SHAPES = [
-    (1, 2, 5, 7, 16),
-    (2, 3, 4, 6, None),
-    (2, 12, 7, 9, 32),
-    (1, 48, 5, 5, 16),
-    (2, 96, 3, 7, None),
-]
+SHAPES = KERNEL_SHAPES
 # (permutation, lu) of step k+1: every coupling meets every permutation across the shapes.
 PERMS = {"lu": ("invconv", True), "plain": ("invconv", False), "shuffle": ("shuffle", True),
          "reverse": ("reverse", True)}
@@ -28,15 +21,6 @@ CASES = [
     for coupling in ("affine", "additive")
     for perm in (("lu", "shuffle") if i % 2 == 0 else ("plain", "reverse"))
 ]
-
-
-@pytest.fixture
-def exact_precision():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    with use_dot_precision("ieee"):
-        yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def make_steps(C, coupling, perm, device):
