@@ -75,9 +75,8 @@ def interpolate(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torchvision.utils import save_image
-
     from .checkpoint import CheckpointError, find_checkpoint
+    from .trainer import save_grid
 
     args = build_parser().parse_args(argv)
     if not args.run and not args.checkpoint:
@@ -123,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             images, nrow = model.sample(args.n, temperature=t, generator=gen()), max(1, int(args.n**0.5))
         p = out / f"samples_t{t:g}.png"
-        save_image(images.cpu(), p, nrow=nrow, padding=1, pad_value=0.5)
+        save_grid(images, p, nrow=nrow)
         written.append(p)
         for c in range(n_classes or 0):
             y = torch.full((args.n,), c, dtype=torch.long, device=device)
             images = model.sample(args.n, temperature=t, y=y, generator=gen())
             p = out / f"class{c}_t{t:g}.png"
-            save_image(images.cpu(), p, nrow=max(1, int(args.n**0.5)), padding=1, pad_value=0.5)
+            save_grid(images, p, nrow=max(1, int(args.n**0.5)))
             written.append(p)
 
     if args.interpolate_pairs > 0:
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.stack([test[i][0] for i in idx]).to(device)
         grid = interpolate(model, x[:k], x[k:], args.steps)
         p = out / "interpolation.png"
-        save_image(grid.flatten(0, 1).cpu(), p, nrow=args.steps, padding=1, pad_value=0.5)
+        save_grid(grid.flatten(0, 1), p, nrow=args.steps)
         written.append(p)
     print(f"checkpoint {path} (step {state.get('step')}); wrote {len(written)} images to {out}", file=sys.stderr)
     return 0

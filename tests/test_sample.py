@@ -15,6 +15,9 @@ from glowfast.sample import interpolate, load_model
 from glowfast.sample import main as sample_main
 from glowfast.train import main as train_main
 
+# Grid cell: 8x8 digits are saved enlarged 4x (nearest) to 32x32, plus 1 px of padding.
+CELL = 33
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "-K", "2", "-L", "2", "--hidden-channels", "16", "--batch-size", "128",
         "--init-batch-size", "64", "--steps", "3", "--eval-interval", "3", "--temperatures", "0.7", "--threads", "1",
@@ -40,8 +43,8 @@ def test_sample_grids_and_interpolation(runs, tmp_path):
                       "--interpolate-pairs", "3", "--steps", "5", "--out", str(out), "--device", "cpu"])
     assert rc == 0
     for t in ("0", "0.5", "1"):
-        assert _size(out / f"samples_t{t}.png") == (4 * 9 + 1, 4 * 9 + 1)
-    assert _size(out / "interpolation.png") == (5 * 9 + 1, 3 * 9 + 1)  # rows = pairs, columns = steps
+        assert _size(out / f"samples_t{t}.png") == (4 * CELL + 1, 4 * CELL + 1)
+    assert _size(out / "interpolation.png") == (5 * CELL + 1, 3 * CELL + 1)  # rows = pairs, columns = steps
 
 
 def test_class_conditional_grids(runs, tmp_path):
@@ -49,9 +52,9 @@ def test_class_conditional_grids(runs, tmp_path):
     rc = sample_main(["--checkpoint", str(runs / "cond" / "checkpoints" / "last.pt"), "--temperatures", "0.7",
                       "--n", "4", "--per-class", "2", "--interpolate-pairs", "0", "--out", str(out)])
     assert rc == 0
-    assert _size(out / "samples_t0.7.png") == (2 * 9 + 1, 10 * 9 + 1)
+    assert _size(out / "samples_t0.7.png") == (2 * CELL + 1, 10 * CELL + 1)
     for c in range(10):
-        assert _size(out / f"class{c}_t0.7.png") == (2 * 9 + 1, 2 * 9 + 1)
+        assert _size(out / f"class{c}_t0.7.png") == (2 * CELL + 1, 2 * CELL + 1)
     assert not (out / "interpolation.png").exists()
 
 

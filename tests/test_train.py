@@ -18,6 +18,9 @@ import torch
 from glowfast.checkpoint import LAST, PREV, find_checkpoint, load_checkpoint
 from glowfast.train import main
 
+# Grid cell: 8x8 digits are saved enlarged 4x (nearest) to 32x32, plus 1 px of padding.
+CELL = 33
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "-K", "2", "-L", "1", "--hidden-channels", "16", "--batch-size", "256",
         "--init-batch-size", "64", "--eval-batch-size", "512", "--warmup-steps", "3", "--log-interval", "2",
@@ -205,7 +208,7 @@ def test_conditional_bf16_adam_cosine(tmp_path):
 
     with Image.open(run / "samples" / "step0000004_t0.7.png") as im:
         w, h = im.size
-    assert (w, h) == (3 * 9 + 1, 10 * 9 + 1)  # 10 class rows x 3 samples, 8x8 images with 1-px padding
+    assert (w, h) == (3 * CELL + 1, 10 * CELL + 1)  # 10 class rows x 3 samples
     recs = _metrics(run)
     assert all("class_ce" in r for r in recs if r["type"] == "train")
     assert recs[-1]["type"] == "eval" and math.isfinite(recs[-1]["test_bpd"])
