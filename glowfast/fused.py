@@ -53,6 +53,7 @@ from .kernels.actnorm_invconv import ActNormInvConvFunction
 from .kernels.coupling import CouplingFunction
 from .kernels.cross_step import CrossStepFunction, step_inverse
 from .reference import AdditiveCoupling, AffineCoupling, InvConv1x1, Permute2d
+from .reference import steps_forward as reference_steps_forward
 
 __all__ = ["fused_available", "check_fused_available", "steps_forward", "steps_inverse", "step_weights"]
 
@@ -119,14 +120,6 @@ def _param_logdet(step, w_logabsdet) -> torch.Tensor:
     return ld
 
 
-def _reference_forward(steps, x, w_logabsdets):
-    logdet = x.new_zeros(x.shape[0])
-    for k, step in enumerate(steps):
-        x, ld = step(x, None if w_logabsdets is None else w_logabsdets[k])
-        logdet = logdet + ld
-    return x, logdet
-
-
 def steps_forward(steps: Sequence, x: torch.Tensor,
                   w_logabsdets: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run reference `FlowStep`s `steps` on x (B, C, H, W) with the fused kernels: returns (y, logdet (B,)).
@@ -141,7 +134,7 @@ def steps_forward(steps: Sequence, x: torch.Tensor,
     if not steps:
         return x, x.new_zeros(x.shape[0])
     if x.dtype == torch.float64 or any(step.actnorm.needs_init() for step in steps):
-        return _reference_forward(steps, x, w_logabsdets)
+        return reference_steps_forward(steps, x, w_logabsdets)
     check_fused_available(x.device)
     B, C, H, W = x.shape
     for step in steps:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ._checks import check_finite, check_image_batch
 from .reference import COUPLINGS, PERMUTATIONS, FlowStep, Split2d, TopPrior, squeeze2d, unsqueeze2d
+from .reference import steps_forward as reference_steps_forward
 
 BACKENDS = ("reference", "fused", "auto")
 
@@ -143,11 +144,7 @@ class Glow(nn.Module):
             from . import fused
 
             return fused.steps_forward(list(steps), z, w_lds)
-        logdet = z.new_zeros(z.shape[0])
-        for i, step in enumerate(steps):
-            z, ld = step(z, None if w_lds is None else w_lds[i])
-            logdet = logdet + ld
-        return z, logdet
+        return reference_steps_forward(steps, z, w_lds)
 
     def _steps_inverse(self, steps, z, w_invs, backend):
         if backend == "fused":

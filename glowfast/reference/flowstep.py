@@ -53,3 +53,12 @@ class FlowStep(nn.Module):
         y = self.coupling.inverse(y)
         y = self.permute.inverse(y, w_inverse) if isinstance(self.permute, InvConv1x1) else self.permute.inverse(y)
         return self.actnorm.inverse(y)
+
+
+def steps_forward(steps, x: torch.Tensor, w_logabsdets=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a sequence of FlowSteps: (y, summed logdet). `w_logabsdets`: optional per-step log|det W|."""
+    logdet = x.new_zeros(x.shape[0])
+    for k, step in enumerate(steps):
+        x, ld = step(x, None if w_logabsdets is None else w_logabsdets[k])
+        logdet = logdet + ld
+    return x, logdet
