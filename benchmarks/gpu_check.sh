@@ -11,7 +11,7 @@
 #   sanitizer    compute-sanitizer memcheck on the CUDA LU op tests (benchmarks/gpu_check_lu.sh if present)
 #   bench_model  benchmarks/bench_model.py: training step + sampling, reference / fused / peer
 #   bench_ops    per-op benchmarks: bench_flow_ops.py (reference), bench_fused_step.py, bench_batched_lu.py
-#   train        a short real training run (MNIST if data/MNIST is there, fused backend; else digits); at
+#   train        a short real training run (MNIST if data/MNIST or gpudata/MNIST is there, fused backend; else digits); at
 #                its time limit it is interrupted (SIGINT), and the trainer still writes its summary
 #   bench_compile torch.compile(reference) per-op benchmarks (cold compiles; whatever budget is left)
 #   report       benchmarks/report.py -> RESULTS.md
@@ -27,7 +27,7 @@
 #   GPU_CHECK_COMPILE_MAX=480 bash benchmarks/gpu_check.sh
 # Peer library: the machine has no network; carry the pure-Python package from this machine's venv
 # (device tool: carry [".venv/lib/python3.11/site-packages/normflows"]) and it is put on PYTHONPATH.
-# MNIST: carry ["data/MNIST"] (torchvision's raw IDX layout).
+# MNIST: carry ["data/MNIST"] (torchvision's raw IDX layout) or ["gpudata"] (gzipped, from results/gpu_full.sh pack).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -170,10 +170,13 @@ train() {
     if ! $PY -c "import glowfast.fused" 2>/dev/null; then
         backend=auto; echo "glowfast.fused does not import: --backend auto"
     fi
-    if [ -d data/MNIST ]; then
-        args+=(--dataset mnist --data-dir data -K 16 -L 3 --hidden-channels 512 --batch-size 64 --backend "$backend")
+    local data_dir=""
+    for d in data gpudata; do [ -d "$d/MNIST" ] && { data_dir=$d; break; }; done
+    if [ -n "$data_dir" ]; then
+        args+=(--dataset mnist --data-dir "$data_dir" -K 16 -L 3 --hidden-channels 512 --batch-size 64
+               --backend "$backend")
     else
-        echo "data/MNIST not present: the default digits run on cuda"
+        echo "no data/MNIST or gpudata/MNIST: the default digits run on cuda"
         args+=(--dataset digits)
     fi
     echo "python -m glowfast.train ${args[*]}"
