@@ -203,3 +203,15 @@ def test_bad_continuous_input_to_encode():
         model.decode([None])
     with pytest.raises(ValueError, match="pass n"):
         model.decode([None, None])
+
+
+def test_forward_traces_as_one_graph_without_breaks():
+    # No host sync per flow step (ActNorm's init flag, finite checks): torch.compile sees one graph.
+    import torch._dynamo as dynamo
+
+    model = Glow((1, 8, 8), K=2, L=2, hidden_channels=8)
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    model(images)  # data-dependent ActNorm init, eagerly
+    dynamo.reset()
+    explained = dynamo.explain(lambda x: model(x).bits_per_dim.mean())(images)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
