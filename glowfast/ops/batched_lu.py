@@ -200,6 +200,28 @@ def _check_dtype(dtype: torch.dtype, fn: str) -> None:
         raise ValueError(f"{fn}: dtype must be float32 or float64, got {kind} dtype {dtype}")
 
 
+class _PackList(torch.autograd.Function):
+    """cat of flattened matrices as ONE autograd node (backward: one split), instead of a view node per matrix
+    plus a cat node — the per-node cost dominated the list API's host overhead (benchmarks/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, numels, *mats):
+        ctx.numels = numels
+        ctx.shapes = [m.shape for m in mats]
+        return torch.cat([m.reshape(-1) for m in mats])
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = grad.split(ctx.numels)
+        return (None, *(part.view(shape) for part, shape in zip(parts, ctx.shapes)))
+
+
+def _cat_flat(mats, numels) -> torch.Tensor:
+    if torch.compiler.is_compiling() or not any(m.requires_grad for m in mats):
+        return torch.cat([m.reshape(-1) for m in mats])
+    return _PackList.apply(numels, *mats)
+
+
 def _pack(mats, fn: str) -> tuple[torch.Tensor, _Layout, bool]:
     """Validates `mats` and returns (packed 1-D buffer, layout, is_list)."""
     if isinstance(mats, torch.Tensor):
@@ -245,8 +267,9 @@ def _pack(mats, fn: str) -> tuple[torch.Tensor, _Layout, bool]:
             )
         sizes.append(n)
     _check_dtype(dtype, fn)
-    packed = torch.cat([w.reshape(-1) for w in mats]) if len(mats) > 1 else first.reshape(-1)
-    return packed, _layout(tuple(sizes), len(set(sizes)) == 1), True
+    layout = _layout(tuple(sizes), len(set(sizes)) == 1)
+    packed = _cat_flat(mats, layout.numels) if len(mats) > 1 else first.reshape(-1)
+    return packed, layout, True
 
 
 def _check_device(packed: torch.Tensor, layout: _Layout, fn: str) -> None:
