@@ -49,8 +49,19 @@ def use_dot_precision(precision: str | None):
         _dot_precision_override = old
 
 
+# The widest channel tile compiled for sm_90 and tested (cp = 128, i.e. C up to 128 per flow step).
+MAX_CHANNELS = 128
+
+
+def check_channels(channels: int) -> None:
+    if channels > MAX_CHANNELS:
+        raise ValueError(f"the fused kernels support at most {MAX_CHANNELS} channels per flow step, got "
+                         f"{channels}; use backend='reference' for such models")
+
+
 def channel_pad(channels: int) -> int:
     """Channels padded to a power of two >= 16 (tl.arange needs a power of two; tl.dot needs >= 16)."""
+    check_channels(channels)
     return max(16, triton.next_power_of_2(channels))
 
 
@@ -108,8 +119,17 @@ def check_nchw(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def check_device(*tensors: torch.Tensor) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
+    """Floating-point tensors all on one device: CUDA, or CPU only under the interpreter.
+
+    A kernel handed a pointer to another device's memory would read out of bounds instead of failing.
+    """
+    first = tensors[0]
     for t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"glowfast Triton kernels need floating-point tensors, got dtype {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"glowfast Triton kernels need all tensors on one device, got {first.device} "
+                             f"and {t.device}")
         if t.device.type == "cuda":
             continue
         if t.device.type == "cpu" and is_interpret():
@@ -118,6 +138,17 @@ def check_device(*tensors: torch.Tensor) -> None:
             f"glowfast Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
             f"got a tensor on {t.device}"
         )
+
+
+def check_grads(data: torch.Tensor, grad: torch.Tensor, grad_logdet: torch.Tensor | None = None) -> None:
+    """Incoming gradients must match the saved tensors they pair with (a smaller buffer would be overrun)."""
+    if grad.shape != data.shape:
+        raise ValueError(f"gradient has shape {tuple(grad.shape)}, expected {tuple(data.shape)}")
+    check_device(data, grad)
+    if grad_logdet is not None:
+        if grad_logdet.shape != (data.shape[0],):
+            raise ValueError(f"logdet gradient has shape {tuple(grad_logdet.shape)}, expected ({data.shape[0]},)")
+        check_device(data, grad_logdet)
 
 
 def compile_spec_grid(branches: list[dict], heaviest: dict, launch=None) -> list[tuple]:

@@ -28,6 +28,7 @@ from ._utils import (
     block_pixels,
     channel_pad,
     check_device,
+    check_grads,
     check_nchw,
     compile_spec_grid,
     dot_precision,
@@ -182,7 +183,8 @@ def _geometry(x: torch.Tensor, block_p: int | None):
     return B, C, hw, cp, bp, triton.cdiv(hw, bp)
 
 
-def _params(bias, log_scale, weight, C):
+def _params(bias, log_scale, weight, C, data):
+    check_device(data, bias, log_scale, weight)
     if bias.shape != (C,) or log_scale.shape != (C,) or weight.shape != (C, C):
         raise ValueError(
             f"expected bias/log_scale ({C},) and W ({C}, {C}); got {tuple(bias.shape)}, "
@@ -196,7 +198,7 @@ def actnorm_invconv_forward(x, bias, log_scale, weight, *, block_p: int | None =
     x = check_nchw(x, "x")
     check_device(x)
     B, C, hw, cp, bp, n_pt = _geometry(x, block_p)
-    bias, log_scale, weight = _params(bias, log_scale, weight, C)
+    bias, log_scale, weight = _params(bias, log_scale, weight, C, x)
     y = torch.empty_like(x)
     _actnorm_invconv_fwd_kernel[(n_pt, B)](
         x, y, weight, bias, log_scale, C, hw,
@@ -210,7 +212,7 @@ def actnorm_invconv_inverse(y, bias, log_scale, weight_inv, *, block_p: int | No
     y = check_nchw(y, "y")
     check_device(y)
     B, C, hw, cp, bp, n_pt = _geometry(y, block_p)
-    bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C)
+    bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C, y)
     x = torch.empty_like(y)
     _actnorm_invconv_inv_kernel[(n_pt, B)](
         y, x, weight_inv, bias, log_scale, C, hw,
@@ -231,9 +233,9 @@ def actnorm_invconv_backward(
     """
     x = check_nchw(x, "x")
     grad_y = grad_y.contiguous()
-    check_device(x, grad_y)
+    check_grads(x, grad_y)
     B, C, hw, cp, bp, n_pt = _geometry(x, block_p)
-    bias, log_scale, weight = _params(bias, log_scale, weight, C)
+    bias, log_scale, weight = _params(bias, log_scale, weight, C, x)
     G = programs_per_sample or reduction_programs(B, n_pt, x.device)
     G = max(1, min(G, n_pt))
     f32 = dict(device=x.device, dtype=torch.float32)

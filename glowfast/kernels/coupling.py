@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import NUM_STAGES, check_device, check_nchw, is_interpret
+from ._utils import NUM_STAGES, check_channels, check_device, check_grads, check_nchw, is_interpret
 from .actnorm_invconv import tile_index
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,6 +189,7 @@ def _coupling_geometry(z, h, affine, block_p):
     B, C, H, W = z.shape
     if C < 2:
         raise ValueError(f"coupling needs at least 2 channels, got {C}")
+    check_channels(C)
     ca = C // 2
     cb = C - ca
     hc = (2 if affine else 1) * cb
@@ -240,7 +241,8 @@ def coupling_backward(z, h, grad_y, grad_logdet, affine: bool = True, *, block_p
     z = check_nchw(z, "z")
     h = check_nchw(h, "h")
     grad_y = grad_y.contiguous()
-    check_device(z, h, grad_y)
+    check_device(z, h)
+    check_grads(z, grad_y, grad_logdet if affine else None)
     B, C, ca, cb, hc, hw, cp, bp, n_pt = _coupling_geometry(z, h, affine, block_p)
     if grad_logdet is None or not affine:
         grad_logdet = torch.zeros(B, device=z.device, dtype=torch.float32)

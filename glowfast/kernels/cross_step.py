@@ -32,6 +32,7 @@ from ._utils import (
     block_pixels,
     channel_pad,
     check_device,
+    check_grads,
     check_nchw,
     compile_spec_grid,
     dot_precision,
@@ -167,7 +168,7 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
     h = check_nchw(h, "h")
     check_device(z, h)
     B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p)
-    bias, log_scale, weight = _params(bias, log_scale, weight, C)
+    bias, log_scale, weight = _params(bias, log_scale, weight, C, z)
     G = max(1, min(programs_per_sample or n_pt, n_pt))
     out = torch.empty_like(z)
     ld_part = torch.zeros((B, G), device=z.device, dtype=torch.float32)
@@ -189,9 +190,10 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     z = check_nchw(z, "z")
     h = check_nchw(h, "h")
     grad_out = grad_out.contiguous()
-    check_device(z, h, grad_out)
+    check_device(z, h)
+    check_grads(z, grad_out, grad_logdet if affine else None)
     B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p)
-    bias, log_scale, weight = _params(bias, log_scale, weight, C)
+    bias, log_scale, weight = _params(bias, log_scale, weight, C, z)
     G = programs_per_sample or reduction_programs(B, n_pt, z.device)
     G = max(1, min(G, n_pt))
     f32 = dict(device=z.device, dtype=torch.float32)
@@ -223,7 +225,7 @@ def step_inverse(y, h, bias, log_scale, weight_inv, affine: bool = True, *, bloc
     h = check_nchw(h, "h")
     check_device(y, h)
     B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(y, h, affine, block_p)
-    bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C)
+    bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C, y)
     x = torch.empty_like(y)
     _step_inverse_kernel[(n_pt, B)](
         y, h, x, weight_inv, bias, log_scale, C, ca, cb, hc, hw,

@@ -1,0 +1,72 @@
+"""The Triton launch wrappers reject bad input with a clear error before any kernel could read out of bounds."""
+
+import pytest
+import torch
+
+from glowfast.kernels import (
+    actnorm_invconv_backward,
+    actnorm_invconv_forward,
+    coupling_backward,
+    coupling_forward,
+    cross_step_backward,
+    cross_step_forward,
+    step_inverse,
+)
+from glowfast.kernels._utils import MAX_CHANNELS
+
+C = 4
+
+
+def params(c=C, **kw):
+    return torch.zeros(c, **kw), torch.zeros(c, **kw), torch.eye(c, **kw)
+
+
+def test_parameters_on_another_device():
+    x = torch.randn(2, C, 3, 3)
+    bias, log_scale, w = params(device="meta")
+    with pytest.raises(ValueError, match="all tensors on one device"):
+        actnorm_invconv_forward(x, bias, log_scale, w)
+    with pytest.raises(ValueError, match="all tensors on one device"):
+        cross_step_forward(x, torch.randn(2, C, 3, 3), bias, log_scale, w)
+
+
+def test_non_floating_tensors():
+    with pytest.raises(TypeError, match="floating-point"):
+        actnorm_invconv_forward(torch.ones(2, C, 3, 3, dtype=torch.int32), *params())
+    with pytest.raises(TypeError, match="floating-point"):
+        coupling_forward(torch.randn(2, C, 3, 3), torch.ones(2, C, 3, 3, dtype=torch.long))
+
+
+def test_wrong_parameter_shapes():
+    bias, log_scale, w = params()
+    with pytest.raises(ValueError, match=r"W \(4, 4\)"):
+        actnorm_invconv_forward(torch.randn(2, C, 3, 3), bias, log_scale, torch.eye(3))
+    with pytest.raises(ValueError, match="h must have shape"):
+        step_inverse(torch.randn(2, C, 3, 3), torch.randn(2, C, 3, 2), bias, log_scale, w)
+
+
+def test_gradients_that_do_not_match_the_saved_tensors():
+    x = torch.randn(2, C, 3, 3)
+    with pytest.raises(ValueError, match="gradient has shape"):
+        actnorm_invconv_backward(x, torch.randn(2, C, 3, 2), *params())
+    h = torch.randn(2, C, 3, 3)
+    with pytest.raises(ValueError, match="gradient has shape"):
+        coupling_backward(x, h, torch.randn(1, C, 3, 3), torch.ones(2))
+    with pytest.raises(ValueError, match="logdet gradient has shape"):
+        coupling_backward(x, h, torch.randn(2, C, 3, 3), torch.ones(3))
+    with pytest.raises(ValueError, match="logdet gradient has shape"):
+        cross_step_backward(x, h, torch.randn(2, C, 3, 3), torch.ones(2, 1), *params())
+
+
+def test_too_many_channels():
+    c = MAX_CHANNELS + 2
+    x = torch.randn(1, c, 2, 2)
+    with pytest.raises(ValueError, match=f"at most {MAX_CHANNELS} channels"):
+        actnorm_invconv_forward(x, *params(c))
+    with pytest.raises(ValueError, match=f"at most {MAX_CHANNELS} channels"):
+        coupling_forward(x, torch.randn(1, c, 2, 2))
+
+
+def test_not_nchw():
+    with pytest.raises(ValueError, match="NCHW"):
+        coupling_forward(torch.randn(2, C, 9), torch.randn(2, C, 9))
