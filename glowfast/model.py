@@ -109,8 +109,12 @@ class Glow(nn.Module):
         if self.backend == "auto" and torch.device(device).type != "cuda":
             return "reference"  # the Triton interpreter on CPU is for tests, not speed
         from . import fused
+        from .kernels._utils import MAX_CHANNELS
 
         ok, reason = fused.fused_available(device)
+        widest = max(step.channels for step in self.steps())
+        if ok and widest > MAX_CHANNELS:
+            ok, reason = False, f"a flow step has {widest} channels, the kernels support at most {MAX_CHANNELS}"
         if self.backend == "fused":
             if not ok:
                 raise RuntimeError(f"backend='fused' cannot run on {device}: {reason}. "

@@ -183,3 +183,16 @@ def test_glow_fused_training_step_initialises_actnorm():
         bpd = model.bits_per_dim(images, dequantize=False)
         bpd_ref = ref.bits_per_dim(images, dequantize=False)
         assert_exact(bpd, bpd_ref, "logdet", "bits/dim")
+
+
+def test_too_wide_model_fused_is_an_error_auto_falls_back():
+    from glowfast.kernels._utils import MAX_CHANNELS
+
+    # 12 x 32 x 32 with L=3: the top level's steps have 12 * 4^3 / 2^2 = 192 channels.
+    wide = Glow((12, 32, 32), K=1, L=3, hidden_channels=4, backend="fused")
+    images = torch.randint(0, 256, (1, 12, 32, 32), dtype=torch.uint8)
+    assert max(s.channels for s in wide.steps()) > MAX_CHANNELS
+    with pytest.raises(RuntimeError, match=f"at most {MAX_CHANNELS}"):
+        wide(images)
+    wide.backend = "auto"  # falls back instead of failing (on CPU it is the reference anyway)
+    assert wide.resolve_backend(torch.device("cuda")) == "reference"
