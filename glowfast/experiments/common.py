@@ -11,6 +11,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -460,7 +461,7 @@ def save_grid(path: Path, images, nrow: int, title: str | None = None, row_label
         ax.set_xticklabels(col_labels, fontsize=7)
         ax.xaxis.tick_top()
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(textwrap.fill(title, 100), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

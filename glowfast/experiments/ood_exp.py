@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import replace
 
 import numpy as np
@@ -88,7 +89,7 @@ def _histogram(path, scores: Scores, names: list[str], title: str) -> None:
         ax.hist(np.clip(v, lo, hi), bins=bins, density=True, alpha=0.45, label=f"{label} (mean {v.mean():.2f})")
     ax.set_xlabel("bits/dim  (= −log p(x) / (D ln 2); right = less likely)")
     ax.set_ylabel("density")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=9)  # long titles were cut off at the figure edge
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
