@@ -115,22 +115,7 @@ def test_flow_op(cuda_timer, op, shape, device, mode, variant):
         if os.environ.get("GLOWFAST_BENCH_COMPILE", "auto") not in ("full", "all") and shape[1:] != (12, 16, 16):
             pytest.skip("compiled per-op variant: C12_16x16 only by default (GLOWFAST_BENCH_COMPILE=full: all)")
         fn = torch.compile(fn, dynamic=False)
-    if mode == "fwdbwd":
-        for t in leaves:
-            t.requires_grad_(True)
-        grads = (torch.randn_like(y0), torch.randn_like(ld0))
-
-        def call():
-            for t in leaves:
-                t.grad = None
-            y, ld = fn(*inputs)
-            torch.autograd.backward((y, ld), grads)
-            return y
-    else:
-        def call():
-            with torch.no_grad():
-                return fn(*inputs)[0]
-
+    call = cuda_timer.op_call(fn, inputs, leaves, mode, (y0, ld0))
     if variant == "compiled":  # a cold compile per case (and no recompile-limit fallback to eager)
         with cuda_timer.fresh_compile_caches(extra):
             compile_s, _ = cuda_timer.first_call(call, device)

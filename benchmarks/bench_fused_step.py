@@ -82,21 +82,6 @@ def _fused_op(op: str, shape):
     raise ValueError(op)
 
 
-def _fwdbwd(fn, inputs, leaves, y0, ld0):
-    for t in leaves:
-        t.requires_grad_(True)
-    grads = (torch.randn_like(y0), torch.randn_like(ld0))
-
-    def call():
-        for t in leaves:
-            t.grad = None
-        y, ld = fn(*inputs)
-        torch.autograd.backward((y, ld), grads)
-        return y
-
-    return call
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape", CIFAR, ids=_tag)
 @pytest.mark.parametrize("op", ["actnorm_invconv", "coupling", "cross_step"])
@@ -105,12 +90,7 @@ def test_fused_op(cuda_timer, op, shape, mode):
     fn, inputs, leaves = _fused_op(op, shape)
     with torch.no_grad():
         y0, ld0 = fn(*inputs)
-    if mode == "fwdbwd":
-        call = _fwdbwd(fn, inputs, leaves, y0, ld0)
-    else:
-        def call():
-            with torch.no_grad():
-                return fn(*inputs)[0]
+    call = cuda_timer.op_call(fn, inputs, leaves, mode, (y0, ld0))
     cuda_timer(call, device="cuda", variant="fused", images=shape[0],
                config={"op": op, "shape": list(shape), "mode": mode}, **TIMING)
 

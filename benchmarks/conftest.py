@@ -335,6 +335,29 @@ def timed_first_call(fn: Callable[[], object], device: str) -> tuple[float, obje
 
 
 # ------------------------------------------------------------------------------------------------ fixture API
+def op_call(fn, inputs, leaves, mode: str, outputs) -> Callable[[], object]:
+    """The timed call of a flow op `fn(*inputs) -> (y, logdet)`: "fwd" under no_grad, or "fwdbwd" = forward
+    plus backward of fixed random output gradients into `leaves`. `outputs`: an eager (y, logdet) for shapes."""
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return fn(*inputs)[0]
+
+        return call
+    for t in leaves:
+        t.requires_grad_(True)
+    grads = tuple(torch.randn_like(o) for o in outputs)
+
+    def call():
+        for t in leaves:
+            t.grad = None
+        y, ld = fn(*inputs)
+        torch.autograd.backward((y, ld), grads)
+        return y
+
+    return call
+
+
 class CudaTimer:
     """What bench files use (fixture `cuda_timer`): `cuda_timer(fn, device=..., variant=..., ...)` times `fn`.
 
@@ -368,6 +391,7 @@ class CudaTimer:
     import_or_skip = staticmethod(import_or_skip)
     shape_tag = staticmethod(lambda b, c, h, w: shape_tag(b, c, h, w))
     rounds = staticmethod(rounds)
+    op_call = staticmethod(op_call)
 
 
 @pytest.fixture
