@@ -123,3 +123,58 @@ def test_flow_op(cuda_timer, op, shape, device, mode, variant):
     b = shape[0]
     cuda_timer(call, device=device, variant=variant, images=b, config={"op": op, "shape": list(shape),
                "mode": mode}, **TIMING[device], **extra)
+
+
+# ------------------------------------------------------------------------------------ parameter-side ops
+def _cifar10_steps(device: str):
+    """The CIFAR-10 model's 96 flow steps (K=32 per level; LU 1x1 convs), with a tiny coupling network: only
+    the parameter-side ops are timed, which do not depend on the network or the batch."""
+    from glowfast.model import Glow
+
+    model = Glow((3, 32, 32), K=32, L=3, hidden_channels=4, lu=True).to(device)
+    return [list(level.steps) for level in model.levels]
+
+
+def _per_step_params(levels):
+    """The reference layers' way: every step builds its own W = P L U and log-determinant (~10 small ops)."""
+    weights, ld = [], 0.0
+    for steps in levels:
+        for s in steps:
+            weights.append(s.permute.weight_matrix())
+            ld = ld + s.actnorm.log_scale.sum() + s.permute.log_abs_det()
+    return weights, ld
+
+
+def _per_level_params(levels):
+    """glowfast.fused.level_weights: all K steps of a level in a handful of batched ops."""
+    from glowfast.fused import level_weights
+
+    weights, ld = [], 0.0
+    for steps in levels:
+        w, level_ld = level_weights(steps)
+        weights += w
+        ld = ld + level_ld
+    return weights, ld
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_ONLY)])
+@pytest.mark.parametrize("variant", ["reference", "fused"])
+def test_step_params(cuda_timer, variant, device, mode):
+    """Host-bound: W and the parameter log-determinants of all 96 steps (per step vs batched per level)."""
+    cuda_timer.benchmark.group = f"step_params/{mode}/cifar10_K32_L3"
+    levels = _cifar10_steps(device)
+    params = [p for steps in levels for s in steps for p in (*s.actnorm.parameters(), *s.permute.parameters())]
+    build = _per_level_params if variant == "fused" else _per_step_params
+
+    def call():
+        if mode == "fwd":
+            with torch.no_grad():
+                return build(levels)
+        for p in params:
+            p.grad = None
+        weights, ld = build(levels)
+        torch.autograd.backward([ld, *weights], [torch.ones_like(ld), *(torch.ones_like(w) for w in weights)])
+        return ld
+
+    cuda_timer(call, device=device, variant=variant, config={"steps": 96, "mode": mode}, **TIMING[device])

@@ -88,6 +88,54 @@ def test_precomputed_w_logabsdets_and_inverses():
         assert_exact(fused.steps_inverse(list(steps), y, w_invs), x, "out", "inverse")
 
 
+def _mixed_steps():
+    steps = make_steps(3, 4, "affine", "invconv", True, "cpu")
+    steps[1] = randomize_(FlowStep(4, 8, "affine", "shuffle"), scale=0.2)
+    steps[2] = randomize_(FlowStep(4, 8, "affine", "invconv", lu=False), scale=0.2)
+    return steps
+
+
+@pytest.mark.parametrize("permutation,lu,given_lds", [
+    ("invconv", True, False), ("invconv", False, False), ("invconv", False, True), ("shuffle", True, False),
+    ("reverse", True, False), ("mixed", True, False),
+])
+def test_level_weights_match_the_layers_per_step(permutation, lu, given_lds):
+    """The batched W / log-determinant of a level = each layer's weight_matrix() / log_abs_det(), values and
+    gradients (float64, so any difference is a bug, not rounding)."""
+    steps = (_mixed_steps() if permutation == "mixed" else make_steps(4, 6, "affine", permutation, lu, "cpu")).double()
+    params = [p for p in steps.parameters() if p.requires_grad]
+    lds = [torch.linalg.slogdet(s.permute.weight)[1] for s in steps] if given_lds else None
+
+    weights, param_ld = fused.level_weights(list(steps), lds)
+    expected_w = [s.permute.weight_matrix() for s in steps]
+    expected_ld = sum(s.actnorm.log_scale.sum() + (s.permute.log_abs_det() if hasattr(s.permute, "lu") else 0.0)
+                      for s in steps)
+    assert len(weights) == len(steps)
+    for w, e in zip(weights, expected_w, strict=True):
+        torch.testing.assert_close(w, e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(param_ld, expected_ld, rtol=1e-12, atol=1e-12)
+
+    g_w = [torch.randn_like(w) for w in weights]
+    actual = torch.autograd.grad(sum((w * g).sum() for w, g in zip(weights, g_w)) + 3 * param_ld, params,
+                                 allow_unused=True)
+    expected = torch.autograd.grad(sum((w * g).sum() for w, g in zip(expected_w, g_w)) + 3 * expected_ld, params,
+                                   allow_unused=True)
+    for a, e in zip(actual, expected, strict=True):
+        if e is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+    with torch.no_grad():
+        inverses = fused.level_weight_inverses(list(steps))
+        for w_inv, w in zip(inverses, expected_w, strict=True):
+            torch.testing.assert_close(w_inv @ w.to(w_inv.dtype), torch.eye(w.shape[0], dtype=w_inv.dtype), rtol=0,
+                                       atol=1e-12)
+        given = [None, torch.full_like(expected_w[1], 7.0), None, None][: len(steps)]
+        mixed_given = fused.level_weight_inverses(list(steps), given)
+        assert mixed_given[1] is given[1] and torch.equal(mixed_given[0], inverses[0])
+
+
 def test_actnorm_init_runs_reference_path():
     """An uninitialised ActNorm (training mode) is initialised by the reference path, then fused runs."""
     steps = torch.nn.ModuleList(FlowStep(4, 8) for _ in range(2)).train()
