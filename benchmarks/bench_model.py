@@ -3,6 +3,9 @@
 Variants (extra_info["variant"], what benchmarks/report.py computes ratios between)
 - reference: `Glow(..., backend="reference")`, eager PyTorch.
 - fused:     `Glow(..., backend="fused")` (Triton flow steps + batched LU); CUDA only.
+- graphed:   the fused model with its forward + backward captured once in a CUDA graph and replayed
+             (glowfast.cuda_graph.GraphedStep, what `python -m glowfast.train --cuda-graphs` does); the
+             Adamax step stays eager. extra_info["capture_s"]: warm-up + capture, paid once at start-up.
 - compiled:  `torch.compile(Glow(..., backend="reference"))` (default mode; the optimiser step stays eager).
              Its compile time (the first step of a fresh compile: dynamo reset, empty inductor/Triton cache
              dirs unless GLOWFAST_BENCH_COLD_COMPILE=0) is its own benchmark (group `compile/train_step/...`)
@@ -64,7 +67,7 @@ SAMPLE_CASES = [
     pytest.param("mnist_K16", "cuda", id="cuda-mnist_K16", marks=CUDA_ONLY),
     pytest.param("mnist_K32", "cuda", id="cuda-mnist_K32", marks=CUDA_ONLY),
 ]
-VARIANTS = ["reference", "fused", "compiled", "peer"]
+VARIANTS = ["reference", "fused", "graphed", "compiled", "peer"]
 N_SAMPLES = 64
 LR = 1e-4
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
@@ -109,6 +112,31 @@ def _glow_train_step(model, x):
         return loss
 
     return step
+
+
+def _graphed_train_step(model, x):
+    """(step, capture seconds): forward + backward replayed from a CUDA graph, Adamax step eager."""
+    from glowfast.cuda_graph import GraphedStep
+
+    _init_actnorm(model, x)
+    opt = torch.optim.Adamax(model.parameters(), lr=LR)
+
+    def loss_and_grads(x):
+        loss = model(x).bits_per_dim.mean()
+        loss.backward()
+        return loss.detach()
+
+    t0 = time.perf_counter()
+    graphed = GraphedStep(loss_and_grads, (x,), model.parameters())
+    torch.cuda.synchronize()
+    capture_s = time.perf_counter() - t0
+
+    def step():
+        loss = graphed(x)
+        opt.step()
+        return loss
+
+    return step, capture_s
 
 
 def _init_actnorm(model, x) -> None:
@@ -231,6 +259,13 @@ def test_train_step(cuda_timer, config_name, batch, device, variant):
         _check_fused(cuda_timer, device)
         model = _glow(cfg, "fused", device)
         step = _glow_train_step(model, _images(cfg, batch, device))
+    elif variant == "graphed":
+        if device != "cuda":
+            pytest.skip("CUDA graphs: CUDA only")
+        _check_fused(cuda_timer, device)
+        model = _glow(cfg, "fused", device)
+        step, capture_s = _graphed_train_step(model, _images(cfg, batch, device))
+        extra["capture_s"] = round(capture_s, 3)
     elif variant == "compiled":
         if not cuda_timer.compile_model_enabled(device, f"{config_name}_B{batch}"):
             pytest.skip("whole-model torch.compile benchmark off (GLOWFAST_BENCH_COMPILE_MODEL=1 or a case list)")

@@ -16,10 +16,18 @@ def check_image_batch(x: torch.Tensor, channels: int | None = None, name: str = 
     check_finite(x, name)
 
 
-def check_finite(x: torch.Tensor, name: str = "input") -> None:
-    # One reduction; on CUDA this synchronises, so the model calls it at its boundary only — and not while
-    # torch.compile traces (a data-dependent branch would split the graph).
+def can_synchronize(x: torch.Tensor) -> bool:
+    """Whether a data-dependent host check on `x` is allowed now: not while torch.compile traces (it would split
+    the graph) and not while a CUDA graph is being captured (a device sync there is an error)."""
     if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_finite(x: torch.Tensor, name: str = "input") -> None:
+    # One reduction; on CUDA this synchronises, so the model calls it at its boundary only — and skips it
+    # while compiling or capturing a CUDA graph (see can_synchronize).
+    if not can_synchronize(x):
         return
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or Inf)")

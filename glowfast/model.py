@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_image_batch
+from ._checks import can_synchronize, check_finite, check_image_batch
 from .reference import COUPLINGS, PERMUTATIONS, FlowStep, Split2d, TopPrior, squeeze2d, unsqueeze2d
 from .reference import steps_forward as reference_steps_forward
 
@@ -177,7 +177,7 @@ class Glow(nn.Module):
             x = x.to(self._param_dtype())
         elif x.is_floating_point():
             check_finite(x, "images")
-            if not torch.compiler.is_compiling() and bool((x < 0).any() or (x > 1).any()):
+            if can_synchronize(x) and bool((x < 0).any() or (x > 1).any()):
                 raise ValueError("float images must lie in [0, 1] (uint8 images in [0, 255])")
             x = torch.round(x.to(self._param_dtype()) * 255)
         else:

@@ -29,7 +29,8 @@ from . import __version__
 OPTIMIZERS = ("adamax", "adam")
 # options that may be changed when resuming a run; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = ("steps", "epochs", "eval_interval", "ckpt_interval", "log_interval", "device", "backend",
-                       "max_nonfinite", "progress", "num_workers", "eval_batch_size", "data_dir", "threads")
+                       "max_nonfinite", "progress", "num_workers", "eval_batch_size", "data_dir", "threads",
+                       "cuda_graphs")
 
 DEFAULTS_NOTE = "defaults: a small digits model that trains in a few minutes on 2 CPU cores"
 
@@ -117,6 +118,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add(g, "--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     add(g, "--backend", choices=("reference", "fused", "auto"), default="auto",
         help="compute path: reference PyTorch layers, fused Triton kernels (CUDA only), or auto")
+    add(g, "--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+        help="capture the training step's forward + backward in a CUDA graph and replay it (one launch per "
+             "step instead of thousands: for small batches, where launch overhead bounds the step); single "
+             "process, CUDA only")
     add(g, "--amp", choices=("none", "bf16"), default="none",
         help="bf16: coupling networks under bf16 autocast; flow, log-determinants and loss stay fp32")
     add(g, "--threads", type=int, default=1,

@@ -40,6 +40,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .cuda_graph import check_graphable
 from .distributed import DistInfo, ResumableDistributedSampler, broadcast_module, is_dist
 from .evaluate import evaluate_bpd, unwrap
 from .model import Glow
@@ -202,6 +203,11 @@ class Trainer:
         self.metrics: list[dict] = []
         self.ddp: nn.Module | None = None
         self.resumed_from: str | None = None
+        self.graphed_step = None  # GraphedStep, captured at the first training step with cuda_graphs
+        if cfg.get("cuda_graphs"):
+            check_graphable(device)
+            if self.dist.distributed:
+                raise ValueError("--cuda-graphs is not supported with several processes (DDP) yet")
 
     # ------------------------------------------------------------------------------------------ set-up
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -351,44 +357,59 @@ class Trainer:
         for x, y in loader:
             yield x, torch.as_tensor(y)
 
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        ok = torch.isfinite(value.detach()).all().to(torch.int32).reshape(1)
-        if is_dist():
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward, backward and gradient clipping of one batch without any host synchronisation (so that it
+        can be captured in a CUDA graph). Returns the step's statistics as one tensor:
+        [loss, grad_norm, bpd(, class_ce)].
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """One optimisation step; non-finite loss or gradient norm -> the update is skipped and counted."""
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
+        Backward runs even when the loss is non-finite (its gradients are then non-finite and `train_step`
+        skips the update): deciding before backward would cost a device sync in the middle of the step.
+        """
         model = self.ddp if self.ddp is not None else self.model
         model.train()
         out = model(x, y if self.n_classes else None)
         bpd = out.bits_per_dim.mean()
-        loss = bpd
-        ce = None
+        loss, extra = bpd, []
         if self.n_classes:
             ce = F.cross_entropy(out.y_logits, y)
             loss = loss + self.cfg["y_weight"] * ce
-        self.optimizer.zero_grad(set_to_none=True)
-        rec = {"loss": float(loss.detach()), "bpd": float(bpd.detach()), "lr": self.optimizer.param_groups[0]["lr"]}
-        if ce is not None:
-            rec["class_ce"] = float(ce.detach())
-        skipped = None
-        if not self._all_finite(loss):
-            skipped = "loss"
+            extra.append(ce.detach())
+        loss.backward()
+        clip = self.cfg["grad_clip"]
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip and clip > 0 else math.inf)
+        return torch.stack([loss.detach(), gn.detach().to(loss.dtype), bpd.detach(), *extra])
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """One optimisation step; non-finite loss or gradient norm -> the update is skipped and counted.
+
+        One host synchronisation per step (reading the statistics), after the forward and backward have been
+        queued — with `cuda_graphs`, as one CUDA-graph replay (glowfast.cuda_graph).
+        """
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.cfg.get("cuda_graphs"):
+            if self.graphed_step is None:
+                from .cuda_graph import GraphedStep
+
+                self.graphed_step = GraphedStep(self.loss_and_grads, (x, y), self.model.parameters())
+            stats = self.graphed_step(x, y)
         else:
-            loss.backward()
-            clip = self.cfg["grad_clip"]
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip and clip > 0 else math.inf)
-            rec["grad_norm"] = float(gn)
-            if not self._all_finite(gn):
-                skipped = "grad_norm"
-            else:
-                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            stats = self.loss_and_grads(x, y)
+        finite = torch.isfinite(stats[:2]).to(torch.int32)  # [loss ok, grad norm ok]
+        if is_dist():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips the same steps
+        *values, loss_ok, gn_ok = torch.cat([stats, finite.to(stats.dtype)]).tolist()  # the one sync
+        rec = {"loss": values[0], "bpd": values[2], "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.n_classes:
+            rec["class_ce"] = values[3]
+        skipped = None if loss_ok and gn_ok else ("loss" if not loss_ok else "grad_norm")
+        if loss_ok:
+            rec["grad_norm"] = values[1]
+        if not skipped:
+            self.optimizer.step()
         self.scheduler.step()
         if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_total += 1
             self.nonfinite_streak += 1
             rec["skipped"] = skipped
