@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from glowfast.ops import MAX_N_CUDA, batched_inverse, batched_slogdet
+from glowfast.ops import MAX_N_CUDA, PackedMatrices, batched_inverse, batched_slogdet
 
 from conftest import cuda_devices, requires_cuda
 
@@ -379,3 +380,263 @@ def test_torch_compile_fullgraph_inductor():
     torch._dynamo.reset()
     compiled = torch.compile(lambda w: batched_slogdet(w)[1].exp() * 2, fullgraph=True)
     torch.testing.assert_close(compiled(ws), torch.linalg.det(ws).abs() * 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PackedMatrices: many matrices in one flat buffer, validated once
+# ----------------------------------------------------------------------------------------------------------
+CIFAR_SIZES = [12] * 32 + [24] * 32 + [48] * 32
+RAGGED_SIZES = [1, 5, 12, 1, 24, 3, 48, 2, 1]
+
+
+def _random_mats(sizes, gen, dtype=torch.float64, device="cpu"):
+    return [
+        (torch.randn(n, n, dtype=torch.float64, generator=gen) / n**0.5 + torch.eye(n, dtype=torch.float64))
+        .to(device, dtype)
+        for n in sizes
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", [RAGGED_SIZES, CIFAR_SIZES, [1] * 7, [6]], ids=["ragged", "cifar96", "1x1", "one"])
+def test_packed_matches_list_api_and_torch(device, dtype, sizes):
+    gen = torch.Generator().manual_seed(20)
+    mats = _random_mats(sizes, gen, dtype, device)
+    mats[-1][0] *= -1  # a negative determinant among them
+    packed = PackedMatrices.from_list(mats)
+    assert len(packed) == len(sizes) and packed.sizes == tuple(sizes)
+    assert packed.data.shape == (sum(n * n for n in sizes),) and packed.data.is_contiguous()
+    assert packed.dtype == dtype and packed.device.type == device
+    sign, ld = batched_slogdet(packed)
+    sign_l, ld_l = batched_slogdet(mats)
+    assert torch.equal(sign, sign_l) and torch.equal(ld, ld_l)  # the same kernel on the same values
+    ref = [torch.linalg.slogdet(m.double()) for m in mats]
+    torch.testing.assert_close(sign.double(), torch.stack([r.sign for r in ref]), rtol=0, atol=0)
+    torch.testing.assert_close(ld.double(), torch.stack([r.logabsdet for r in ref]), rtol=0, atol=_tol(dtype))
+    inv = batched_inverse(packed)
+    assert isinstance(inv, PackedMatrices) and inv.sizes == packed.sizes and inv.data.shape == packed.data.shape
+    for x, y in zip(inv.matrices(), batched_inverse(mats)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sizes", [RAGGED_SIZES, CIFAR_SIZES], ids=["ragged", "cifar96"])
+def test_packed_gradient_on_data_matches_torch_slogdet(device, sizes):
+    gen = torch.Generator().manual_seed(21)
+    mats = _random_mats(sizes, gen, device=device)
+    weight = nn.Parameter(PackedMatrices.from_list(mats).data)
+    packed = PackedMatrices(weight, sizes)
+    w = torch.randn(len(sizes), dtype=torch.float64, generator=gen).to(device)
+    (batched_slogdet(packed)[1] * w).sum().backward()
+    assert weight.grad is not None and weight.grad.shape == weight.shape
+    theirs = [m.clone().requires_grad_() for m in mats]
+    (torch.stack([torch.linalg.slogdet(m)[1] for m in theirs]) * w).sum().backward()
+    expected = torch.zeros_like(weight)
+    for off, n, m in zip(packed.offsets, sizes, theirs):
+        expected[off : off + n * n] = m.grad.reshape(-1)  # matrix i's gradient at its offset, row-major
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_inverse_times_matrix_is_identity_and_gradients(device):
+    gen = torch.Generator().manual_seed(22)
+    sizes = [12, 1, 24, 3, 48]
+    mats = _random_mats(sizes, gen, device=device)
+    data = PackedMatrices.from_list(mats).data.requires_grad_()
+    inv = batched_inverse(PackedMatrices(data, sizes))
+    assert isinstance(inv, PackedMatrices) and inv.sizes == tuple(sizes)
+    for m, x in zip(mats, inv):
+        assert x.shape == m.shape
+        torch.testing.assert_close(x.detach() @ m, torch.eye(m.shape[0], dtype=torch.float64, device=device),
+                                   rtol=0, atol=1e-10)
+    gs = [torch.randn(m.shape, dtype=torch.float64, generator=gen).to(device) for m in mats]
+    sum((x * g).sum() for x, g in zip(inv.matrices(), gs)).backward()
+    theirs = [m.clone().requires_grad_() for m in mats]
+    sum((torch.linalg.inv(m) * g).sum() for m, g in zip(theirs, gs)).backward()
+    torch.testing.assert_close(data.grad, torch.cat([m.grad.reshape(-1) for m in theirs]), rtol=1e-9, atol=1e-9)
+
+
+def test_packed_views_share_storage_and_carry_gradients():
+    gen = torch.Generator().manual_seed(23)
+    sizes = [3, 1, 4, 2]
+    mats = _random_mats(sizes, gen)
+    packed = PackedMatrices.from_list(mats)
+    data = packed.data
+    assert packed.offsets == (0, 9, 10, 26)
+    assert all(v.data_ptr() != m.data_ptr() for v, m in zip(packed.matrices(), mats))  # from_list copies
+    for i, (view, m) in enumerate(zip(packed.matrices(), mats)):
+        assert view.shape == m.shape and torch.equal(view, m)
+        assert view.data_ptr() == data.data_ptr() + packed.offsets[i] * data.element_size()
+        assert packed[i].data_ptr() == view.data_ptr() and torch.equal(packed[i], view)
+    assert torch.equal(packed[-1], mats[-1]) and [x.shape for x in packed] == [m.shape for m in mats]
+    with pytest.raises(IndexError, match="out of range"):
+        packed[4]
+    packed[2][1, 3] = 7.0  # writes through to the buffer
+    assert data[packed.offsets[2] + 1 * 4 + 3] == 7.0
+    copies = packed.to_list()
+    assert all(c.data_ptr() != v.data_ptr() for c, v in zip(copies, packed.matrices()))
+    data.requires_grad_()
+    (packed[2].sum() + 2 * packed.matrices()[0][0, 1]).backward()
+    expected = torch.zeros_like(data)
+    expected[10:26] = 1.0
+    expected[1] = 2.0
+    assert torch.equal(data.grad, expected)
+
+
+def test_packed_from_an_existing_buffer():
+    gen = torch.Generator().manual_seed(24)
+    sizes = [2, 3, 1]
+    mats = _random_mats(sizes, gen)
+    flat = torch.cat([m.reshape(-1) for m in mats])
+    strided = torch.zeros(2 * flat.numel(), dtype=torch.float64)
+    strided[::2] = flat
+    for data, sz in [(flat, sizes), (strided[::2], tuple(sizes)), (flat, torch.tensor(sizes)),
+                     (flat, [np.int64(n) for n in sizes])]:
+        packed = PackedMatrices(data, sz)
+        assert packed.data is data and packed.sizes == (2, 3, 1)
+        assert all(torch.equal(v, m) for v, m in zip(packed.matrices(), mats))
+        _, ld = batched_slogdet(packed)
+        torch.testing.assert_close(ld, torch.stack([torch.linalg.slogdet(m)[1] for m in mats]))
+    # A (B, n, n) batch: from_list copies it into a new contiguous buffer.
+    batch = torch.randn(5, 4, 4, dtype=torch.float64, generator=gen).mT
+    packed = PackedMatrices.from_list(batch)
+    assert packed.sizes == (4,) * 5 and packed.data.data_ptr() != batch.data_ptr()
+    torch.testing.assert_close(batched_slogdet(packed)[1], torch.linalg.slogdet(batch)[1])
+    # from_list is differentiable w.r.t. the list (a copy, not a new leaf).
+    leaves = [m.clone().requires_grad_() for m in mats]
+    batched_slogdet(PackedMatrices.from_list(leaves))[1].sum().backward()
+    for leaf, m in zip(leaves, mats):
+        torch.testing.assert_close(leaf.grad, torch.linalg.inv(m).T)
+    # .data may be replaced by a buffer of the same layout (e.g. an nn.Parameter), checked.
+    packed = PackedMatrices(flat.clone(), sizes)
+    packed.data = nn.Parameter(flat.clone())
+    batched_slogdet(packed)[1].sum().backward()
+    assert packed.data.grad is not None and packed.data.grad.shape == flat.shape
+    with pytest.raises(ValueError, match="PackedMatrices.data: data has 15 elements but the sizes need"):
+        packed.data = torch.zeros(15, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "data, sizes, match",
+    [
+        (torch.zeros(12), (2, 3), r"data has 12 elements but the sizes need sum\(n_i\^2\) = 13"),
+        (torch.zeros(14), (2, 3), r"data has 14 elements but the sizes need sum\(n_i\^2\) = 13"),
+        (torch.zeros(2, 2), (2,), r"1-D \(flat\) buffer, got a 2-D tensor of shape \(2, 2\)"),
+        (torch.zeros(4, dtype=torch.int32), (2,), "non-floating-point dtype torch.int32"),
+        (torch.zeros(4, dtype=torch.float16), (2,), "float32 or float64, got floating-point dtype torch.float16"),
+        (torch.zeros(0), (), "empty sizes"),
+        (torch.zeros(4), (2, 0), r"sizes\[1\] must be a positive int, got non-positive size 0"),
+        (torch.zeros(4), (-2,), r"sizes\[0\] must be a positive int, got non-positive size -2"),
+        (torch.zeros(4), (2.0,), r"sizes\[0\] must be a positive int, got float"),
+        (torch.zeros(1), (True,), r"sizes\[0\] must be a positive int, got bool"),
+        (torch.zeros(4), 2, "sizes must be a sequence"),
+        ([0.0] * 4, (2,), "data must be a 1-D tensor, got a list"),
+    ],
+)
+def test_packed_bad_input_raises_naming_the_problem(data, sizes, match):
+    with pytest.raises(ValueError, match="^PackedMatrices: .*" + match):
+        PackedMatrices(data, sizes)
+
+
+
+def test_packed_sizes_check_does_not_depend_on_what_was_seen_before():
+    # A tuple of plain ints seen before skips the per-size checks (a cache lookup); values that compare equal
+    # to a cached tuple but are not ints must still be rejected, whatever was built before.
+    for good, bad, match in [((2,), (2.0,), "got float"), ((1,), (True,), "got bool"), ((2, 1), (2, 0), "size 0")]:
+        data = torch.zeros(sum(n * n for n in good))
+        assert PackedMatrices(data, good).sizes == good
+        assert PackedMatrices(data, good).sizes == good
+        with pytest.raises(ValueError, match=match):
+            PackedMatrices(data, bad)
+    sizes = (3, 1)
+    assert PackedMatrices(torch.zeros(10), sizes)._layout is PackedMatrices(torch.zeros(10), list(sizes))._layout
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([], "empty list"),
+        ([torch.randn(2, 2), torch.randn(0, 0)], "element 1 is an empty"),
+        ([torch.randn(2, 3)], "not square"),
+        ([torch.randn(2, 2), torch.randn(3)], "element 1 must be a square 2-D"),
+        ([torch.randn(2, 2), torch.randn(2, 2, dtype=torch.float64)], "mixed dtypes"),
+        ([torch.randn(2, 2), [[1.0]]], "not a tensor"),
+        ([torch.ones(2, 2, dtype=torch.int64)], "non-floating-point dtype torch.int64"),
+        (torch.randn(3, 4, 5), "square"),
+        (torch.randn(0, 3, 3), "empty"),
+        ("abc", "expected a"),
+    ],
+)
+def test_packed_from_list_checks_like_the_list_api(bad, match):
+    with pytest.raises(ValueError, match="PackedMatrices.from_list: .*" + match):
+        PackedMatrices.from_list(bad)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_packed_non_finite_and_singular_semantics(value):
+    mats = [torch.eye(3), torch.randn(4, 4), torch.eye(2), torch.zeros(2, 2)]
+    mats[1][2, 1] = value
+    packed = PackedMatrices.from_list(mats)
+    with pytest.raises(ValueError, match="batched_slogdet: matrix 1 contains non-finite values"):
+        batched_slogdet(packed)
+    with pytest.raises(ValueError, match="batched_inverse: matrix 1 contains non-finite values"):
+        batched_inverse(packed)
+    sign, ld = batched_slogdet(packed, check=False)
+    assert torch.isnan(sign[1]) and torch.isnan(ld[1]) and ld[0] == 0 and ld[2] == 0
+    assert sign[3] == 0 and ld[3] == -math.inf
+    inv = batched_inverse(packed, check=False)
+    assert torch.isnan(inv[1]).all() and torch.isnan(inv[3]).all() and torch.equal(inv[0], torch.eye(3))
+    packed.data[packed.offsets[1] : packed.offsets[2]] = torch.eye(4).reshape(-1)  # now only a singular one
+    sign, ld = batched_slogdet(packed)  # singular is not an error for slogdet
+    assert sign[3] == 0 and ld[3] == -math.inf and ld[1] == 0
+    with pytest.raises(ValueError, match="batched_inverse: matrix 3 is singular"):
+        batched_inverse(packed)
+
+
+def test_gradcheck_packed_slogdet_and_inverse():
+    gen = torch.Generator().manual_seed(25)
+    sizes = [1, 3, 4]
+    data = PackedMatrices.from_list(_random_mats(sizes, gen)).data.requires_grad_()
+    assert torch.autograd.gradcheck(lambda d: batched_slogdet(PackedMatrices(d, sizes))[1], (data,))
+    assert torch.autograd.gradcheck(lambda d: batched_inverse(PackedMatrices(d, sizes)).data, (data,))
+
+
+@requires_cuda
+def test_cuda_packed_no_sync_by_default_and_layout_on_device():
+    gen = torch.Generator().manual_seed(26)
+    mats = _random_mats([12, 24, 48, 1], gen, torch.float32, "cuda")
+    mats[2][0, 0] = math.nan
+    packed = PackedMatrices.from_list(mats)
+    sign, ld = batched_slogdet(packed)  # default: no check (no sync) on CUDA
+    assert sign.device.type == "cuda" and torch.isnan(ld[2]).item() and not torch.isnan(ld[0]).item()
+    with pytest.raises(ValueError, match="matrix 2 contains non-finite values"):
+        batched_slogdet(packed, check=True)
+    offsets, sizes = packed._layout.tensors(packed.device)
+    assert offsets.device.type == "cuda" and sizes.device.type == "cuda"
+    with pytest.raises(ValueError, match=f"exceeds the CUDA kernels' limit n <= {MAX_N_CUDA}"):
+        batched_slogdet(PackedMatrices(torch.zeros((MAX_N_CUDA + 1) ** 2, device="cuda"), [MAX_N_CUDA + 1]))
+
+
+def test_torch_compile_fullgraph_packed():
+    sizes = (4, 6, 1, 4)
+
+    def f(packed):
+        sign, ld = batched_slogdet(packed)
+        inv = batched_inverse(packed)
+        return (ld * sign).sum() + inv.data.sum() + packed[1].sum()
+
+    def g(data):  # the PackedMatrices built inside the compiled region
+        return f(PackedMatrices(data, sizes))
+
+    gen = torch.Generator().manual_seed(27)
+    flat = PackedMatrices.from_list(_random_mats(sizes, gen)).data
+    torch._dynamo.reset()
+    for fn, wrap in [(f, lambda d: PackedMatrices(d, sizes)), (g, lambda d: d)]:
+        a, b = flat.clone().requires_grad_(), flat.clone().requires_grad_()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        out_c = compiled(wrap(a))
+        out_c.backward()
+        out_e = fn(wrap(b))
+        out_e.backward()
+        torch.testing.assert_close(out_c, out_e)
+        torch.testing.assert_close(a.grad, b.grad)

@@ -1,12 +1,24 @@
 """Batched LU log-determinants and inverses of many small square matrices, in one op call.
 
-    sign, logabsdet = batched_slogdet(mats)          # mats: (B, n, n) tensor or list of (n_i, n_i) tensors
-    inverses = batched_inverse(mats)                  # (B, n, n) tensor, or a list for a list input
+    sign, logabsdet = batched_slogdet(mats)   # mats: (B, n, n) tensor, list of (n_i, n_i) tensors, PackedMatrices
+    inverses = batched_inverse(mats)           # (B, n, n) tensor / list / PackedMatrices, like the input
 
 A list of matrices of different sizes (e.g. the 96 1x1-convolution weights of a Glow) is packed into one flat
 buffer (plus per-matrix offsets and sizes, cached per layout and device) and handled by a single kernel launch:
 LU with partial pivoting, one CPU task (``at::parallel_for``) or one CUDA block per matrix (in shared memory for
 n <= 64, in global memory above). log|det| is summed in float64 even for float32 input.
+
+Packed storage (``PackedMatrices``)
+    A list costs host time on every call: each matrix is checked, the list is concatenated, and each list
+    element is its own autograd leaf (benchmarks/RESULTS.md, "Host-side overhead": hundreds of µs for 96
+    matrices, whatever their size). ``PackedMatrices`` keeps the matrices in ONE flat 1-D buffer ``.data``
+    (matrix i row-major at ``offsets[i]``), validated once when it is built (``PackedMatrices.from_list(mats)``
+    copies a list; ``PackedMatrices(data, sizes)`` wraps an existing buffer of sum(n_i^2) elements). Passed to
+    ``batched_slogdet`` / ``batched_inverse`` it goes straight to the op with the cached layout: no per-matrix
+    host work, no copy, and gradients flow into the one tensor ``.data`` (make it an ``nn.Parameter`` to train
+    all matrices as one leaf). ``packed[i]`` / ``packed.matrices()`` are (n_i, n_i) views of ``.data``.
+    ``batched_inverse(packed)`` returns a PackedMatrices of the inverses (a new buffer, same sizes). Check,
+    singular and non-finite semantics are those of the other inputs; torch.compile(fullgraph=True) traces it.
 
 Operators (``torch.ops.glowfast``, schemas in csrc/register.cpp; packed layout in csrc/batched_lu.h):
 ``lu_factor_packed``, ``lu_inverse_packed``, ``inverse_packed``, ``inverse_packed_backward``. Fake (meta)
@@ -16,7 +28,8 @@ implementations are registered here, so ``torch.compile(fullgraph=True)`` traces
 Autograd
     d logabsdet / dW = W^-T, formed from the saved LU factors by ``lu_inverse_packed`` (no second
     factorisation); sign has no gradient. d(W^-1) backward is -W^-T G W^-T (``inverse_packed_backward``).
-    Gradients flow to every element of a list input. Double backward is not supported.
+    Gradients flow to every element of a list input, and to ``.data`` of a PackedMatrices. Double backward is
+    not supported.
 
 Singular matrices
     An exactly singular matrix (an exactly zero pivot) gives sign 0 and logabsdet -inf, never NaN and never an
@@ -30,7 +43,7 @@ Non-finite input and checks (``check`` keyword)
     logabsdet and inverse (never a crash, never a silent finite value). Turning that status into a Python
     error needs the status on the host, which on CUDA would synchronise the device (torch.linalg.slogdet's
     weakness, which must stay out of the training hot path). So ``check=None`` (default) raises ValueError on
-    CPU tensors, where reading the status costs nothing, and does not check on CUDA (the NaN propagates to
+    CPU tensors, where reading the status costs no sync, and does not check on CUDA (the NaN propagates to
     the loss, where it can be caught without a sync per op). ``check=True`` also checks on CUDA (one device
     sync); ``check=False`` never raises. Inside torch.compile the status is never read (no graph break).
     Shape, dtype and device problems always raise ValueError naming the problem (no sync involved).
@@ -39,13 +52,14 @@ Non-finite input and checks (``check`` keyword)
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import torch
 
 import glowfast._C  # noqa: F401  (loads the library: registers torch.ops.glowfast.*)
 
-__all__ = ["batched_slogdet", "batched_inverse", "MAX_N_CUDA"]
+__all__ = ["batched_slogdet", "batched_inverse", "PackedMatrices", "MAX_N_CUDA"]
 
 # Largest matrix the CUDA kernels accept (global-memory path above 64); the CPU path has no limit.
 MAX_N_CUDA = 1024
@@ -217,26 +231,37 @@ class _PackList(torch.autograd.Function):
 
 
 def _cat_flat(mats, numels) -> torch.Tensor:
+    """A new flat buffer holding the flattened matrices back to back (always a copy, differentiable)."""
     if torch.compiler.is_compiling() or not any(m.requires_grad for m in mats):
         return torch.cat([m.reshape(-1) for m in mats])
     return _PackList.apply(numels, *mats)
 
 
-def _pack(mats, fn: str) -> tuple[torch.Tensor, _Layout, bool]:
-    """Validates `mats` and returns (packed 1-D buffer, layout, is_list)."""
-    if isinstance(mats, torch.Tensor):
-        if mats.dim() != 3:
-            raise ValueError(
-                f"{fn}: expected a (B, n, n) batch or a list of square 2-D tensors, got a {mats.dim()}-D "
-                f"tensor of shape {tuple(mats.shape)}"
-            )
-        b, n, m = mats.shape
-        if n != m:
-            raise ValueError(f"{fn}: matrices must be square, got shape {tuple(mats.shape)} ({n}x{m})")
-        if b == 0 or n == 0:
-            raise ValueError(f"{fn}: empty input of shape {tuple(mats.shape)}")
-        _check_dtype(mats.dtype, fn)
-        return mats.reshape(-1), _layout((n,) * b, True), False
+def _split_views(flat: torch.Tensor, layout: _Layout) -> list[torch.Tensor]:
+    """The (n_i, n_i) views of a flat buffer laid out as `layout` (no copy; differentiable)."""
+    if len(layout.sizes) == 1:
+        n = layout.sizes[0]
+        return [flat.view(n, n)]
+    return [part.view(n, n) for part, n in zip(torch.split(flat, layout.numels), layout.sizes)]
+
+
+def _validate_batch(mats: torch.Tensor, fn: str) -> _Layout:
+    if mats.dim() != 3:
+        raise ValueError(
+            f"{fn}: expected a (B, n, n) batch or a list of square 2-D tensors, got a {mats.dim()}-D "
+            f"tensor of shape {tuple(mats.shape)}"
+        )
+    b, n, m = mats.shape
+    if n != m:
+        raise ValueError(f"{fn}: matrices must be square, got shape {tuple(mats.shape)} ({n}x{m})")
+    if b == 0 or n == 0:
+        raise ValueError(f"{fn}: empty input of shape {tuple(mats.shape)}")
+    _check_dtype(mats.dtype, fn)
+    return _layout((n,) * b, True)
+
+
+def _validate_list(mats, fn: str) -> _Layout:
+    """Checks a list of square 2-D tensors (same dtype and device) element by element; returns its layout."""
     if not isinstance(mats, Sequence) or isinstance(mats, str):
         raise ValueError(f"{fn}: expected a (B, n, n) tensor or a list of square 2-D tensors, got {type(mats)}")
     if len(mats) == 0:
@@ -267,9 +292,176 @@ def _pack(mats, fn: str) -> tuple[torch.Tensor, _Layout, bool]:
             )
         sizes.append(n)
     _check_dtype(dtype, fn)
-    layout = _layout(tuple(sizes), len(set(sizes)) == 1)
-    packed = _cat_flat(mats, layout.numels) if len(mats) > 1 else first.reshape(-1)
-    return packed, layout, True
+    return _layout(tuple(sizes), len(set(sizes)) == 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _int_sizes_layout(sizes: tuple[int, ...]) -> _Layout | None:
+    """The layout of a tuple of plain ints if they are all positive, else None (the caller explains why)."""
+    if not sizes or min(sizes) <= 0:
+        return None
+    return _cached_layout(sizes, len(set(sizes)) == 1)
+
+
+def _validate_sizes(sizes, fn: str) -> _Layout:
+    # Fast path (PackedMatrices built per call from a stored tuple, e.g. `PackedMatrices(self.weight,
+    # self.sizes)` in a forward): a tuple of plain ints (exact type: no float or bool that compares equal)
+    # seen before costs one cache lookup instead of a check per size.
+    if type(sizes) is tuple and not torch.compiler.is_compiling() and set(map(type, sizes)) == {int}:
+        layout = _int_sizes_layout(sizes)
+        if layout is not None:
+            return layout
+    if isinstance(sizes, torch.Tensor):
+        sizes = sizes.tolist()
+    if not isinstance(sizes, Sequence) or isinstance(sizes, str):
+        raise ValueError(f"{fn}: sizes must be a sequence of positive ints, got {type(sizes).__name__}")
+    if len(sizes) == 0:
+        raise ValueError(f"{fn}: empty sizes (no matrices)")
+    checked = []
+    for i, n in enumerate(sizes):
+        try:
+            if isinstance(n, bool):
+                raise TypeError
+            n = operator.index(n)
+        except TypeError:
+            raise ValueError(f"{fn}: sizes[{i}] must be a positive int, got {type(n).__name__} {n!r}") from None
+        if n <= 0:
+            raise ValueError(f"{fn}: sizes[{i}] must be a positive int, got non-positive size {n}")
+        checked.append(n)
+    return _layout(tuple(checked), len(set(checked)) == 1)
+
+
+def _check_data(data, layout: _Layout, fn: str) -> None:
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"{fn}: data must be a 1-D tensor, got a {type(data).__name__}")
+    if data.dim() != 1:
+        raise ValueError(
+            f"{fn}: data must be a 1-D (flat) buffer, got a {data.dim()}-D tensor of shape {tuple(data.shape)}"
+        )
+    _check_dtype(data.dtype, fn)
+    if data.numel() != layout.total:
+        raise ValueError(
+            f"{fn}: data has {data.numel()} elements but the sizes need sum(n_i^2) = {layout.total} "
+            f"({len(layout.sizes)} matrices, n from {min(layout.sizes)} to {layout.max_n})"
+        )
+
+
+class PackedMatrices:
+    """Many square matrices of varying sizes stored back to back, row-major, in ONE flat 1-D buffer.
+
+        packed = PackedMatrices.from_list([w0, w1, ...])    # validated once, copied into a new buffer
+        packed = PackedMatrices(data, sizes)                # an existing flat buffer, sum(n_i^2) elements
+        weight = nn.Parameter(packed.data)                  # one leaf for all matrices ...
+        packed = PackedMatrices(weight, packed.sizes)       # ... (or assign: packed.data = weight)
+        sign, logabsdet = batched_slogdet(packed)           # one op call, no per-matrix work on the host
+        inverses = batched_inverse(packed)                  # a PackedMatrices of the inverses
+
+    Matrix i occupies ``data[offsets[i] : offsets[i] + sizes[i]**2]``. ``packed[i]`` and ``packed.matrices()``
+    are (n_i, n_i) views of ``data`` (no copy; differentiable, gradients reach ``data``). The layout (sizes,
+    offsets and their per-device index tensors) is validated and built once per distinct `sizes` and cached,
+    so passing a PackedMatrices to ``batched_slogdet`` / ``batched_inverse`` costs one op call plus O(1) host
+    work, whatever the number of matrices. Assigning ``.data`` re-checks the new buffer (1-D, float32 or
+    float64, the same number of elements).
+    """
+
+    __slots__ = ("_data", "_layout")
+
+    def __init__(self, data: torch.Tensor, sizes: Sequence[int]):
+        layout = _validate_sizes(sizes, "PackedMatrices")
+        _check_data(data, layout, "PackedMatrices")
+        self._data = data
+        self._layout = layout
+
+    @classmethod
+    def _wrap(cls, data: torch.Tensor, layout: _Layout) -> PackedMatrices:
+        """No checks: `data` is known to match `layout` (an op output)."""
+        out = cls.__new__(cls)
+        out._data = data
+        out._layout = layout
+        return out
+
+    @classmethod
+    def from_list(cls, mats: torch.Tensor | Sequence[torch.Tensor]) -> PackedMatrices:
+        """Packs a list of square 2-D tensors (same dtype and device; or a (B, n, n) tensor) into a new
+        contiguous buffer, with the list API's checks and messages. The copy is differentiable w.r.t. `mats`;
+        to make the buffer the one trainable leaf, wrap it: ``nn.Parameter(PackedMatrices.from_list(ws).data)``.
+        """
+        fn = "PackedMatrices.from_list"
+        if isinstance(mats, torch.Tensor):
+            layout = _validate_batch(mats, fn)
+            data = mats.clone(memory_format=torch.contiguous_format).view(-1)
+        else:
+            layout = _validate_list(mats, fn)
+            data = _cat_flat(mats, layout.numels)
+        return cls._wrap(data, layout)
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The flat 1-D buffer of all matrices (may be an ``nn.Parameter``)."""
+        return self._data
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        _check_data(value, self._layout, "PackedMatrices.data")
+        self._data = value
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self._layout.sizes
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start of each matrix in ``data`` (elements)."""
+        return tuple(self._layout.offsets)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._data.device
+
+    def __len__(self) -> int:
+        return len(self._layout.sizes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """Matrix i as an (n_i, n_i) view of ``data``."""
+        layout = self._layout
+        i = operator.index(i)
+        b = len(layout.sizes)
+        if not -b <= i < b:
+            raise IndexError(f"PackedMatrices index {i} out of range for {b} matrices")
+        i %= b
+        n = layout.sizes[i]
+        return self._data.narrow(0, layout.offsets[i], n * n).view(n, n)
+
+    def matrices(self) -> list[torch.Tensor]:
+        """All matrices as (n_i, n_i) views of ``data`` (no copy; one split)."""
+        return _split_views(self._data, self._layout)
+
+    def to_list(self) -> list[torch.Tensor]:
+        """Independent (n_i, n_i) copies of the matrices (differentiable w.r.t. ``data``)."""
+        return [m.clone() for m in self.matrices()]
+
+    def __repr__(self) -> str:
+        sizes = self._layout.sizes
+        shown = ", ".join(map(str, sizes[:8])) + (", ..." if len(sizes) > 8 else "")
+        return (
+            f"PackedMatrices({len(sizes)} matrices, sizes=({shown}), dtype={self._data.dtype}, "
+            f"device={self._data.device})"
+        )
+
+
+def _pack(mats, fn: str) -> tuple[torch.Tensor, _Layout, str]:
+    """Validates `mats` and returns (packed 1-D buffer, layout, kind: "packed", "batch" or "list")."""
+    if isinstance(mats, PackedMatrices):  # validated at construction: nothing per matrix here
+        return mats.data, mats._layout, "packed"
+    if isinstance(mats, torch.Tensor):
+        return mats.reshape(-1), _validate_batch(mats, fn), "batch"
+    layout = _validate_list(mats, fn)
+    packed = _cat_flat(mats, layout.numels) if len(mats) > 1 else mats[0].reshape(-1)
+    return packed, layout, "list"
 
 
 def _check_device(packed: torch.Tensor, layout: _Layout, fn: str) -> None:
@@ -285,8 +477,12 @@ def _raise_on_status(info: torch.Tensor, check: bool | None, fn: str, singular_i
         check = info.device.type == "cpu"
     if not check or torch.compiler.is_compiling():
         return
+    # Fast path, one reduction and one read (a device sync on CUDA, only with check=True there): statuses are
+    # ordered _OK < _SINGULAR < _NON_FINITE, so nothing to report when the largest is below the first error.
+    if int(info.max()) < (_SINGULAR if singular_is_error else _NON_FINITE):
+        return
     bad_status = (info == _NON_FINITE) | (info == _SINGULAR) if singular_is_error else info == _NON_FINITE
-    if not bool(bad_status.any()):  # one device sync on CUDA (only with check=True there)
+    if not bool(bad_status.any()):
         return
     i = int(bad_status.nonzero()[0, 0])
     if int(info[i]) == _NON_FINITE:
@@ -298,14 +494,15 @@ def _raise_on_status(info: torch.Tensor, check: bool | None, fn: str, singular_i
 # Public API
 # ----------------------------------------------------------------------------------------------------------
 def batched_slogdet(
-    mats: torch.Tensor | Sequence[torch.Tensor], *, check: bool | None = None
+    mats: torch.Tensor | Sequence[torch.Tensor] | PackedMatrices, *, check: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sign, log|det|) of every matrix, as two (B,) tensors of the input dtype, in one kernel launch.
 
-    `mats`: a (B, n, n) tensor or a list of square 2-D tensors of varying n (same dtype and device),
-    float32 or float64, any strides. Differentiable w.r.t. `mats` (every list element): d logabsdet/dW = W^-T
-    from the saved LU factors. `check`: see the module docstring (default: raise on non-finite input on CPU,
-    never synchronise on CUDA). Singular: sign 0, logabsdet -inf.
+    `mats`: a (B, n, n) tensor, a list of square 2-D tensors of varying n (same dtype and device), float32 or
+    float64, any strides, or a PackedMatrices (validated at construction: no per-matrix host work here).
+    Differentiable w.r.t. `mats` (every list element, or the packed ``.data``): d logabsdet/dW = W^-T from the
+    saved LU factors. `check`: see the module docstring (default: raise on non-finite input on CPU, never
+    synchronise on CUDA). Singular: sign 0, logabsdet -inf.
     """
     fn = "batched_slogdet"
     packed, layout, _ = _pack(mats, fn)
@@ -317,23 +514,24 @@ def batched_slogdet(
 
 
 def batched_inverse(
-    mats: torch.Tensor | Sequence[torch.Tensor], *, check: bool | None = None
-) -> torch.Tensor | list[torch.Tensor]:
-    """Inverse of every matrix, in one op call; a (B, n, n) tensor for a tensor input, a list for a list.
+    mats: torch.Tensor | Sequence[torch.Tensor] | PackedMatrices, *, check: bool | None = None
+) -> torch.Tensor | list[torch.Tensor] | PackedMatrices:
+    """Inverse of every matrix, in one op call: a (B, n, n) tensor for a tensor input, a list of (n_i, n_i)
+    tensors for a list, a PackedMatrices (same sizes, a new flat buffer) for a PackedMatrices.
 
-    Differentiable w.r.t. `mats` (every list element). `check` (default: on CPU only) raises ValueError for a
-    singular or non-finite matrix; without checking such a matrix's inverse is NaN-filled.
+    Differentiable w.r.t. `mats` (every list element, or the packed ``.data``). `check` (default: on CPU only)
+    raises ValueError for a singular or non-finite matrix; without checking such a matrix's inverse is
+    NaN-filled.
     """
     fn = "batched_inverse"
-    packed, layout, is_list = _pack(mats, fn)
+    packed, layout, kind = _pack(mats, fn)
     _check_device(packed, layout, fn)
     offsets, sizes = layout.tensors(packed.device)
     inverse, info = torch.ops.glowfast.inverse_packed(packed, offsets, sizes, layout.max_n)
     _raise_on_status(info, check, fn, singular_is_error=True)
-    if not is_list:
+    if kind == "packed":
+        return PackedMatrices._wrap(inverse, layout)
+    if kind == "batch":
         n = layout.sizes[0]
         return inverse.view(len(layout.sizes), n, n)
-    if len(layout.sizes) == 1:
-        n = layout.sizes[0]
-        return [inverse.view(n, n)]
-    return [part.view(n, n) for part, n in zip(torch.split(inverse, layout.numels), layout.sizes)]
+    return _split_views(inverse, layout)
