@@ -1,4 +1,5 @@
-"""Triton kernels of the fused flow step (one file per op: kernels, launch wrappers, autograd Function).
+"""Triton kernels of the fused flow step (one file per op: kernels, launch wrappers, autograd Function, and
+the same op as a torch.library custom op with a fake implementation for torch.compile).
 
 - `actnorm_invconv`: y = W @ ((x + bias) * exp(log_scale)) — forward, inverse, backward.
 - `coupling`: affine / additive coupling given the network output h — forward (+ logdet), inverse, backward.

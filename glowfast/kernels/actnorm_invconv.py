@@ -16,6 +16,8 @@ Public API
 - `ActNormInvConvFunction` / `apply_actnorm_invconv(x, bias, log_scale, weight)`: autograd; saves x and the
   parameters (bias, log_scale, W), nothing else. W may come from the LU parametrisation
   (`InvConv1x1.weight_matrix()`): grad_W then flows into the LU factors through torch autograd.
+- `actnorm_invconv_op` (`torch.ops.glowfast.actnorm_invconv`): the same as a torch.library custom op with a
+  fake implementation and registered autograd, for torch.compile (see glowfast.fused).
 """
 
 from __future__ import annotations
@@ -284,6 +286,53 @@ class ActNormInvConvFunction(torch.autograd.Function):
 def apply_actnorm_invconv(x, bias, log_scale, weight) -> torch.Tensor:
     """Differentiable fused ActNorm + 1x1 conv (no logdet: that is parameter-only, see module docstring)."""
     return ActNormInvConvFunction.apply(x, bias, log_scale, weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library custom op (for torch.compile; eager code uses the Function above)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("glowfast::actnorm_invconv", mutates_args=())
+def actnorm_invconv_op(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor,
+                       weight: torch.Tensor) -> torch.Tensor:
+    """ActNormInvConvFunction as an opaque op with a fake implementation (for torch.compile; glowfast.fused)."""
+    return actnorm_invconv_forward(x, bias, log_scale, weight)
+
+
+@actnorm_invconv_op.register_fake
+def _(x, bias, log_scale, weight):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("glowfast::actnorm_invconv_backward", mutates_args=())
+def actnorm_invconv_backward_op(x: torch.Tensor, grad_y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor,
+                                weight: torch.Tensor, need_dx: bool, need_dw: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`actnorm_invconv_backward`; a gradient that is not needed comes back as an empty tensor."""
+    dx, db, dls, dw = actnorm_invconv_backward(x, grad_y, bias, log_scale, weight, need_dx=need_dx, need_dw=need_dw)
+    return (dx if need_dx else x.new_empty(0), db, dls, dw if need_dw else weight.new_empty(0))
+
+
+@actnorm_invconv_backward_op.register_fake
+def _(x, grad_y, bias, log_scale, weight, need_dx, need_dw):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else weight.new_empty(0)
+    return dx, torch.empty_like(bias), torch.empty_like(log_scale), dw
+
+
+def _op_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _op_backward(ctx, grad_y):
+    x, bias, log_scale, weight = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    dx, db, dls, dw = actnorm_invconv_backward_op(x, grad_y, bias, log_scale, weight, need_dx, need_dw)
+    return dx if need_dx else None, db, dls, dw if need_dw else None
+
+
+actnorm_invconv_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------

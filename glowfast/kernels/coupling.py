@@ -284,6 +284,55 @@ def apply_coupling(z, h, affine: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# torch.library custom op (for torch.compile; eager code uses the Function above)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _logdet_like(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.empty((z.shape[0],), dtype=h.dtype, device=z.device)
+
+
+@torch.library.custom_op("glowfast::coupling", mutates_args=())
+def coupling_op(z: torch.Tensor, h: torch.Tensor, affine: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """CouplingFunction as an opaque op with a fake implementation (used under torch.compile, see glowfast.fused)."""
+    return coupling_forward(z, h, affine)
+
+
+@coupling_op.register_fake
+def _(z, h, affine):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), _logdet_like(z, h)
+
+
+@torch.library.custom_op("glowfast::coupling_backward", mutates_args=())
+def coupling_backward_op(z: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None,
+                         affine: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return coupling_backward(z, h, grad_y, grad_logdet, affine)
+
+
+@coupling_backward_op.register_fake
+def _(z, h, grad_y, grad_logdet, affine):
+    return (torch.empty_like(z, memory_format=torch.contiguous_format),
+            torch.empty_like(h, memory_format=torch.contiguous_format))
+
+
+def _op_setup_context(ctx, inputs, output):
+    z, h, affine = inputs
+    ctx.affine = affine
+    ctx.save_for_backward(z, h)
+
+
+def _op_backward(ctx, grad_y, grad_logdet):
+    z, h = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(z)
+    dz, dh = coupling_backward_op(z, h, grad_y, grad_logdet, ctx.affine)
+    return dz, dh, None
+
+
+coupling_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Compile specs
 # ----------------------------------------------------------------------------------------------------------
 

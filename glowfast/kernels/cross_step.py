@@ -264,6 +264,74 @@ def apply_cross_step(z, h, bias, log_scale, weight, affine: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# torch.library custom ops (for torch.compile; eager code uses the Function above)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("glowfast::cross_step", mutates_args=())
+def cross_step_op(z: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor,
+                  weight: torch.Tensor, affine: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """CrossStepFunction as an opaque op with a fake implementation (used under torch.compile, see glowfast.fused)."""
+    return cross_step_forward(z, h, bias, log_scale, weight, affine)
+
+
+@cross_step_op.register_fake
+def _(z, h, bias, log_scale, weight, affine):
+    return (torch.empty_like(z, memory_format=torch.contiguous_format),
+            torch.empty((z.shape[0],), dtype=h.dtype, device=z.device))
+
+
+@torch.library.custom_op("glowfast::cross_step_backward", mutates_args=())
+def cross_step_backward_op(z: torch.Tensor, h: torch.Tensor, grad_out: torch.Tensor,
+                           grad_logdet: torch.Tensor | None, bias: torch.Tensor, log_scale: torch.Tensor,
+                           weight: torch.Tensor, affine: bool, need_dw: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`cross_step_backward`; grad_W comes back as an empty tensor when it is not needed."""
+    dz, dh, db, dls, dw = cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, affine,
+                                              need_dw=need_dw)
+    return dz, dh, db, dls, dw if need_dw else weight.new_empty(0)
+
+
+@cross_step_backward_op.register_fake
+def _(z, h, grad_out, grad_logdet, bias, log_scale, weight, affine, need_dw):
+    contiguous = dict(memory_format=torch.contiguous_format)
+    dw = torch.empty_like(weight, **contiguous) if need_dw else weight.new_empty(0)
+    return (torch.empty_like(z, **contiguous), torch.empty_like(h, **contiguous), torch.empty_like(bias),
+            torch.empty_like(log_scale), dw)
+
+
+def _op_setup_context(ctx, inputs, output):
+    z, h, bias, log_scale, weight, affine = inputs
+    ctx.affine = affine
+    ctx.save_for_backward(z, h, bias, log_scale, weight)
+
+
+def _op_backward(ctx, grad_out, grad_logdet):
+    z, h, bias, log_scale, weight = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(z)
+    need_dw = ctx.needs_input_grad[4]
+    dz, dh, db, dls, dw = cross_step_backward_op(z, h, grad_out, grad_logdet, bias, log_scale, weight, ctx.affine,
+                                                 need_dw)
+    return dz, dh, db, dls, dw if need_dw else None, None
+
+
+cross_step_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+@torch.library.custom_op("glowfast::step_inverse", mutates_args=())
+def step_inverse_op(y: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor,
+                    weight_inv: torch.Tensor, affine: bool) -> torch.Tensor:
+    """`step_inverse` as an opaque op (not differentiable, like the eager function)."""
+    return step_inverse(y, h, bias, log_scale, weight_inv, affine)
+
+
+@step_inverse_op.register_fake
+def _(y, h, bias, log_scale, weight_inv, affine):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Compile specs
 # ----------------------------------------------------------------------------------------------------------
 
