@@ -36,11 +36,15 @@ TOY_BENCH = textwrap.dedent('''
         benchmark.group = "batched_slogdet/fwd/n96"
         benchmark.pedantic(lambda: sum(range(100)), rounds=2)
 
-    @pytest.mark.parametrize("variant", ["reference", "fused"])
+    IMG_S = {"reference": 300.0, "fused": 3000.0, "graphed": 2000.0}
+
+    @pytest.mark.parametrize("variant", list(IMG_S))
     def test_train(benchmark, variant):
         benchmark.group = "train_step/cifar10_K32_B64"
-        benchmark.extra_info.update(variant=variant, images_per_s=3000.0 if variant == "fused" else 300.0,
-                                    first_call_s=5.0, peak_mem_mib=1000.0)
+        benchmark.extra_info.update(variant=variant, images_per_s=IMG_S[variant], first_call_s=5.0,
+                                    peak_mem_mib=1000.0)
+        if variant == "graphed":
+            benchmark.extra_info["capture_s"] = 16.0
         benchmark.pedantic(lambda: None, rounds=2)
 ''')
 
@@ -129,7 +133,11 @@ def test_aliases_header_details_and_targets(bench_json):
     assert re.search(r"\| toy_op/fwd/B2_C4_8x8 \| fused \| [^|]+ \| [^|]+ \| 3 × 2 \| 1,000 \| 12 \|", md), md
     # issue 6's targets: 3000 img/s >= 10 x 244 (met), start-up 5 s < 20 s
     assert re.search(r"fused ≥ 10× the peer.*\| yes \| 3,000 img/s", md), md
-    assert re.search(r"start-up.*\| yes \| 5.0 s", md), md
+    assert re.search(r"fused start-up.*\| yes \| 5.0 s", md), md
+    # the CUDA-graph variant is checked on its own: 2000 img/s < 2440 (missed); start-up 5 s + 16 s capture
+    assert re.search(r"graphed ≥ 10× the peer.*\| NO \| 2,000 img/s", md), md
+    assert re.search(r"graphed start-up.*\| NO \| 21.0 s", md), md
+    assert "capture 16 s" in md
 
 
 def test_append_keeps_the_previous_section(bench_json, tmp_path):
