@@ -29,6 +29,24 @@ def cuda_devices():
     return ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
+# Where the Triton kernels run in this session: CPU tensors under the interpreter (no GPU: CI), CUDA tensors on
+# a GPU machine (there the kernels are compiled, and CPU tensors are rejected: no interpreter).
+KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not HAS_CUDA else "cuda"
+
+
+def kernel_devices():
+    """Devices to parametrise the fused-kernel tests over: the one the kernels can run on here."""
+    return [KERNEL_DEVICE]
+
+
+@pytest.fixture
+def kernel_device(exact_precision):
+    """For kernel tests written without a device parameter: KERNEL_DEVICE is torch's default device inside the
+    test (factory functions allocate there) and the kernels compute in exact fp32."""
+    with torch.device(KERNEL_DEVICE):
+        yield KERNEL_DEVICE
+
+
 @pytest.fixture
 def exact_precision():
     """Exact fp32 on a GPU: ieee tl.dot in the kernels and no TF32 in the reference's cuDNN/cuBLAS."""

@@ -4,7 +4,8 @@ implementation, autograd registration, AOT dispatch), and a compiled fused model
 (fullgraph=True) whose outputs and gradients equal the eager fused path's.
 
 On CPU the kernels run under the Triton interpreter and the compile backend is "aot_eager" (dynamo + AOT
-autograd with the fake implementations, ops run eagerly); on a GPU also the default inductor backend.
+autograd with the fake implementations, ops run eagerly); on a GPU the whole-model test also uses the default
+inductor backend.
 """
 
 import pytest
@@ -17,7 +18,7 @@ from glowfast.kernels.cross_step import cross_step_backward_op, cross_step_op, s
 from glowfast.model import Glow
 from glowfast.reference import FlowStep
 
-from conftest import cuda_devices
+from conftest import kernel_devices
 from helpers import randomize_
 from tolerances import assert_exact, assert_grads_exact
 
@@ -36,7 +37,7 @@ def _opcheck(op, args):
     torch.library.opcheck(op, args)  # raises on the first failing check, with its name
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "additive"])
 def test_opcheck_forward_ops(device, affine, exact_precision):
     z, h, bias, log_scale, weight = _inputs(device, affine=affine)
@@ -50,7 +51,7 @@ def test_opcheck_forward_ops(device, affine, exact_precision):
                                    torch.linalg.inv(weight.detach()), affine))
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("need_dw", [True, False])
 def test_opcheck_backward_ops(device, need_dw, exact_precision):
     z, h, bias, log_scale, weight = _inputs(device)
@@ -61,9 +62,9 @@ def test_opcheck_backward_ops(device, need_dw, exact_precision):
     _opcheck(cross_step_backward_op, (z, h, g_out, g_ld, bias, log_scale, weight, True, need_dw))
 
 
-def test_custom_ops_equal_the_autograd_functions():
+def test_custom_ops_equal_the_autograd_functions(kernel_device):
     """The op and the Function compute the same thing (forward and every gradient), bit for bit."""
-    z, h, bias, log_scale, weight = _inputs("cpu")
+    z, h, bias, log_scale, weight = _inputs(kernel_device)
     leaves = [t.requires_grad_() for t in (z, h, bias, log_scale, weight)]
     out_op, ld_op = cross_step_op(*leaves, True)
     out_fn, ld_fn = fused._EAGER_OPS.cross_step(*leaves, True)
@@ -74,11 +75,13 @@ def test_custom_ops_equal_the_autograd_functions():
     assert all(torch.equal(a, b) for a, b in zip(grads_op, grads_fn, strict=True))
 
 
-def _compile_backends(device):
-    return ["aot_eager", "inductor"] if device == "cuda" else ["aot_eager"]
+def _compile_backends(device, inductor=False):
+    # inductor (the default backend) only where the kernels are compiled anyway (CUDA), and only for the
+    # whole-model test: each cold inductor compile costs tens of seconds of the GPU session's budget
+    return ["aot_eager", "inductor"] if device == "cuda" and inductor else ["aot_eager"]
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("coupling,permutation,lu", [("affine", "invconv", True), ("additive", "shuffle", True),
                                                      ("affine", "invconv", False)])
 def test_compiled_fused_steps_match_eager(device, coupling, permutation, lu, exact_precision):
@@ -109,7 +112,7 @@ def test_compiled_fused_steps_match_eager(device, coupling, permutation, lu, exa
             assert_exact(inverse(y_ref), fused.steps_inverse(list(steps), y_ref), "out", f"{backend}: inverse")
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 def test_compiled_fused_glow_training_step(device, exact_precision):
     """A whole fused Glow under torch.compile(fullgraph=True): log-likelihood and all parameter gradients equal
     the eager fused model's (same parameters, dequantisation off)."""
@@ -126,7 +129,7 @@ def test_compiled_fused_glow_training_step(device, exact_precision):
 
     loss_ref = loss_fn(x)
     expected = torch.autograd.grad(loss_ref, params)
-    for backend in _compile_backends(device):
+    for backend in _compile_backends(device, inductor=True):
         torch._dynamo.reset()
         loss = torch.compile(loss_fn, fullgraph=True, backend=backend)(x)
         assert_exact(loss, loss_ref, "logdet", f"{backend}: bits/dim")

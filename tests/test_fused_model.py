@@ -12,7 +12,7 @@ from glowfast import fused
 from glowfast.model import Glow
 from glowfast.reference import FlowStep
 
-from conftest import cuda_devices
+from conftest import kernel_devices
 from helpers import randomize_
 from tolerances import assert_exact, assert_grads_exact, assert_roundtrip
 
@@ -48,7 +48,7 @@ GLOW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("coupling,permutation,lu,shape", STEP_CASES)
 def test_steps_forward_backward_inverse(coupling, permutation, lu, shape, device, exact_precision):
     steps = make_steps(3, shape[1], coupling, permutation, lu, device)
@@ -74,9 +74,9 @@ def test_steps_forward_backward_inverse(coupling, permutation, lu, shape, device
     assert_exact(x_back, x_ref, "out", "inverse")
 
 
-def test_precomputed_w_logabsdets_and_inverses():
+def test_precomputed_w_logabsdets_and_inverses(kernel_device):
     """The model's batched-LU values are used as given (here: deliberately offset to prove it)."""
-    steps = make_steps(2, 4, "affine", "invconv", False, "cpu")
+    steps = make_steps(2, 4, "affine", "invconv", False, kernel_device)
     x = torch.randn(2, 4, 3, 5)
     lds = [torch.linalg.slogdet(s.permute.weight)[1] + 1.0 for s in steps]
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_level_weights_match_the_layers_per_step(permutation, lu, given_lds):
         assert mixed_given[1] is given[1] and torch.equal(mixed_given[0], inverses[0])
 
 
-def test_actnorm_init_runs_reference_path():
+def test_actnorm_init_runs_reference_path(kernel_device):
     """An uninitialised ActNorm (training mode) is initialised by the reference path, then fused runs."""
     steps = torch.nn.ModuleList(FlowStep(4, 8) for _ in range(2)).train()
     steps_copy = torch.nn.ModuleList(FlowStep(4, 8) for _ in range(2)).train()
@@ -189,7 +189,7 @@ def make_glow(coupling, permutation, lu, device, image_shape=(3, 12, 4)):
     return randomize_(model, scale=0.1).to(device).eval()
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("coupling,permutation,lu,batch", GLOW_CASES)
 def test_glow_fused_matches_reference(coupling, permutation, lu, batch, device, exact_precision):
     model = make_glow(coupling, permutation, lu, device)
@@ -220,7 +220,7 @@ def test_glow_fused_matches_reference(coupling, permutation, lu, batch, device, 
     assert_roundtrip(err, err_ref)
 
 
-def test_glow_fused_training_step_initialises_actnorm():
+def test_glow_fused_training_step_initialises_actnorm(kernel_device):
     """First training call (data-dependent init) then a fused step, both matching the reference model."""
     torch.manual_seed(1)
     model = Glow((3, 8, 8), K=2, L=2, hidden_channels=8, backend="fused").train()
@@ -233,7 +233,7 @@ def test_glow_fused_training_step_initialises_actnorm():
         assert_exact(bpd, bpd_ref, "logdet", "bits/dim")
 
 
-def test_too_wide_model_fused_is_an_error_auto_falls_back():
+def test_too_wide_model_fused_is_an_error_auto_falls_back(kernel_device):
     from glowfast.kernels._utils import MAX_CHANNELS
 
     # 12 x 32 x 32 with L=3: the top level's steps have 12 * 4^3 / 2^2 = 192 channels.

@@ -16,7 +16,7 @@ from glowfast.kernels import (
 )
 from glowfast.reference import ActNorm2d, InvConv1x1, Reverse, Shuffle
 
-from conftest import cuda_devices, requires_cuda
+from conftest import kernel_devices, requires_cuda
 from helpers import KERNEL_SHAPES, randomize_
 from tolerances import assert_exact, assert_grads_exact, assert_tf32
 
@@ -41,7 +41,7 @@ def reference_inverse(actnorm, permute, y):
     return actnorm.inverse(permute.inverse(y))
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("perm", PERMS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-bp{s[4]}")
 def test_forward_and_inverse(shape, perm, device, exact_precision):
@@ -58,7 +58,7 @@ def test_forward_and_inverse(shape, perm, device, exact_precision):
         assert_exact(x_back, reference_inverse(actnorm, permute, y_ref), "out", "inverse")
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("perm", PERMS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
 def test_backward_all_parameters(shape, perm, device, exact_precision):
@@ -77,9 +77,9 @@ def test_backward_all_parameters(shape, perm, device, exact_precision):
 
 
 @pytest.mark.parametrize("need_dx,need_dw", [(True, True), (False, False)])
-def test_backward_launch_loops_and_flags(need_dx, need_dw):
+def test_backward_launch_loops_and_flags(need_dx, need_dw, kernel_device):
     """The standalone backward launch: one program per sample looping over 4 masked tiles, optional outputs."""
-    actnorm, permute = make_layers(12, "plain", "cpu")
+    actnorm, permute = make_layers(12, "plain", kernel_device)
     x = torch.randn(2, 12, 7, 9, requires_grad=True)
     y_ref = reference(actnorm, permute, x)
     grad_y = torch.randn_like(y_ref)
@@ -97,7 +97,7 @@ def test_backward_launch_loops_and_flags(need_dx, need_dw):
         assert dx is None and dw is None
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_io(dtype, device):
     """Half-precision activations: loaded to fp32, computed in fp32, stored in the input dtype."""
@@ -111,8 +111,8 @@ def test_half_precision_io(dtype, device):
     torch.testing.assert_close(y.float(), y_ref, rtol=2 * eps, atol=2 * eps * float(y_ref.abs().max()))
 
 
-def test_rejects_bad_shapes():
-    actnorm, permute = make_layers(4, "plain", "cpu")
+def test_rejects_bad_shapes(kernel_device):
+    actnorm, permute = make_layers(4, "plain", kernel_device)
     with pytest.raises(ValueError):
         actnorm_invconv_forward(torch.randn(2, 4, 3), actnorm.bias, actnorm.log_scale, permute.weight)
     with pytest.raises(ValueError):

@@ -10,7 +10,7 @@ import torch
 from glowfast.kernels import apply_coupling, coupling_backward, coupling_forward, coupling_inverse
 from glowfast.reference import AdditiveCoupling, AffineCoupling
 
-from conftest import cuda_devices
+from conftest import kernel_devices
 from helpers import KERNEL_SHAPES, randomize_
 from tolerances import assert_exact, assert_grads_exact
 
@@ -26,7 +26,7 @@ def net_out(layer, z):
     return layer.net(z[:, : layer.channels_a])
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("kind", list(COUPLINGS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-bp{s[4]}")
 def test_forward_and_inverse(shape, kind, device):
@@ -43,7 +43,7 @@ def test_forward_and_inverse(shape, kind, device):
         assert_exact(z_back, layer.inverse(y_ref), "out", "inverse")
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("kind", list(COUPLINGS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
 def test_backward_all_parameters(shape, kind, device):
@@ -60,9 +60,9 @@ def test_backward_all_parameters(shape, kind, device):
     assert_grads_exact(actual, expected, names)
 
 
-def test_backward_launch_without_logdet_grad():
+def test_backward_launch_without_logdet_grad(kernel_device):
     """grad_logdet=None means the logdet is unused (zero grad)."""
-    layer = make_coupling("affine", 6, "cpu")
+    layer = make_coupling("affine", 6, kernel_device)
     z = torch.randn(2, 6, 5, 7)
     h = net_out(layer, z).detach().requires_grad_(True)
     zz = z.clone().requires_grad_(True)
@@ -91,7 +91,7 @@ def test_log_sigmoid_is_stable_at_extremes():
     assert_exact(gh, gh_ref, "grad", "grad h")
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_io(dtype, device):
     layer = make_coupling("affine", 12, device)

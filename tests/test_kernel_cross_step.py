@@ -7,7 +7,7 @@ import torch
 from glowfast.kernels import apply_cross_step, cross_step_backward, cross_step_forward, step_inverse
 from glowfast.reference import FlowStep
 
-from conftest import cuda_devices
+from conftest import kernel_devices
 from helpers import KERNEL_SHAPES, randomize_
 from tolerances import assert_exact, assert_grads_exact
 
@@ -40,7 +40,7 @@ def net_out(step, z):
     return step.coupling.net(z[:, : step.coupling.channels_a])
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("shape,coupling,perm", CASES)
 def test_forward(shape, coupling, perm, device, exact_precision):
     B, C, H, W, bp = shape
@@ -55,7 +55,7 @@ def test_forward(shape, coupling, perm, device, exact_precision):
     assert_exact(ld, ld_ref, "logdet", "logdet")
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("shape,coupling,perm", CASES)
 def test_backward_all_parameters(shape, coupling, perm, device, exact_precision):
     """Grads of z, step k's coupling network, step k+1's actnorm and W / LU factors."""
@@ -76,9 +76,9 @@ def test_backward_all_parameters(shape, coupling, perm, device, exact_precision)
 
 
 @pytest.mark.parametrize("coupling", ["affine", "additive"])
-def test_backward_launch_one_program_per_sample(coupling):
+def test_backward_launch_one_program_per_sample(coupling, kernel_device):
     """Standalone backward: one program per sample looping over 4 masked tiles; need_dw=False."""
-    step_k, step_next = make_steps(6, coupling, "plain", "cpu")
+    step_k, step_next = make_steps(6, coupling, "plain", kernel_device)
     z = torch.randn(2, 6, 7, 9, requires_grad=True)
     h = net_out(step_k, z).detach().requires_grad_(True)
     an, pm = step_next.actnorm, step_next.permute
@@ -103,7 +103,7 @@ def test_backward_launch_one_program_per_sample(coupling):
         assert_exact(a, e, "grad", n)
 
 
-@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("shape,coupling,perm", CASES)
 def test_step_inverse(shape, coupling, perm, device, exact_precision):
     """x = actnorm^-1(W^-1 @ coupling^-1(y, NN(y_a))) in one kernel == FlowStep.inverse."""
