@@ -6,6 +6,9 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
 - graphed:   the fused model with its forward + backward captured once in a CUDA graph and replayed
              (glowfast.cuda_graph.GraphedStep, what `python -m glowfast.train --cuda-graphs` does); the
              Adamax step stays eager. extra_info["capture_s"]: warm-up + capture, paid once at start-up.
+- graphed_bf16_nhwc: `graphed` plus the coupling networks in bf16 (autocast) and channels_last
+             (`--cuda-graphs --amp bf16 --channels-last`): the fastest configuration, with bf16's rounding in
+             the networks' outputs (the flow and the log-determinants stay fp32).
 - compiled:  `torch.compile(Glow(..., backend="reference"))` (default mode; the optimiser step stays eager).
              Its compile time (the first step of a fresh compile: dynamo reset, empty inductor/Triton cache
              dirs unless GLOWFAST_BENCH_COLD_COMPILE=0) is its own benchmark (group `compile/train_step/...`)
@@ -67,7 +70,7 @@ SAMPLE_CASES = [
     pytest.param("mnist_K16", "cuda", id="cuda-mnist_K16", marks=CUDA_ONLY),
     pytest.param("mnist_K32", "cuda", id="cuda-mnist_K32", marks=CUDA_ONLY),
 ]
-VARIANTS = ["reference", "fused", "graphed", "compiled", "peer"]
+VARIANTS = ["reference", "fused", "graphed", "graphed_bf16_nhwc", "compiled", "peer"]
 N_SAMPLES = 64
 LR = 1e-4
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
@@ -259,11 +262,16 @@ def test_train_step(cuda_timer, config_name, batch, device, variant):
         _check_fused(cuda_timer, device)
         model = _glow(cfg, "fused", device)
         step = _glow_train_step(model, _images(cfg, batch, device))
-    elif variant == "graphed":
+    elif variant in ("graphed", "graphed_bf16_nhwc"):
         if device != "cuda":
             pytest.skip("CUDA graphs: CUDA only")
         _check_fused(cuda_timer, device)
         model = _glow(cfg, "fused", device)
+        if variant == "graphed_bf16_nhwc":
+            from glowfast.amp import enable_bf16_networks, enable_channels_last_networks
+
+            enable_bf16_networks(model)
+            enable_channels_last_networks(model)
         step, capture_s = _graphed_train_step(model, _images(cfg, batch, device))
         extra["capture_s"] = round(capture_s, 3)
     elif variant == "compiled":

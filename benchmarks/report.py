@@ -58,7 +58,8 @@ SECTION_NOTES = {
     "train_step": "images/s = batch / median step time; peak GPU memory after reset_peak_memory_stats over one "
                   "step (parameters, optimiser state and activations); first call = start-up (data-dependent "
                   "init, JIT/autotuning). `graphed` = the fused model with forward + backward replayed from a "
-                  "CUDA graph (`--cuda-graphs`); its warm-up + capture time is in the notes.",
+                  "CUDA graph (`--cuda-graphs`); its warm-up + capture time is in the notes. `graphed_bf16_nhwc` = "
+                  "that plus the coupling networks in bf16 and channels_last (`--amp bf16 --channels-last`).",
     "step_params": "`reference` = each step builds its own W and log-determinant (the reference layers); `fused` "
                    "= glowfast.fused.level_weights (all steps of a level in batched ops). Host-bound.",
 }
@@ -254,7 +255,7 @@ def target_table(groups: OrderedDict) -> list[str]:
     checks = []
     for g, anchor in PEER_ANCHOR_IMG_S.items():
         rows = groups.get(g) or {}
-        for variant in ("fused", "graphed"):  # glowfast's two training paths (graphed: --cuda-graphs)
+        for variant in ("fused", "graphed", "graphed_bf16_nhwc"):  # glowfast's training paths
             if variant not in rows:
                 continue
             fused = rows[variant]

@@ -1,69 +1,111 @@
-"""Mixed precision for Glow: coupling networks in bf16, the flow itself in fp32.
+"""How the coupling networks execute: bf16 autocast and/or the channels_last memory format.
 
-Only the coupling networks (``coupling.net``: conv3x3 -> ReLU -> conv1x1 -> ReLU -> ZeroConv2d) run under
-``torch.autocast(dtype=torch.bfloat16)``; their output is cast back to fp32 before it reaches the coupling's
-affine/additive transform. ActNorm, the 1x1 convolutions, the log-determinants, the split/top priors and
-the loss all stay in fp32, so log-likelihoods are accumulated exactly as in full precision and only the
-networks' outputs (shift/scale) carry bf16 rounding. Invertibility is unaffected: the inverse runs the same
-bf16 network on the same input, so ``decode(encode(x))`` still reconstructs ``x`` up to fp32 rounding.
+bf16 (``--amp bf16``): only the coupling networks (``coupling.net``: conv3x3 -> ReLU -> conv1x1 -> ReLU ->
+ZeroConv2d) run under ``torch.autocast(dtype=torch.bfloat16)``; their output is cast back to fp32 before it
+reaches the coupling's affine/additive transform. ActNorm, the 1x1 convolutions, the log-determinants, the
+split/top priors and the loss all stay in fp32, so log-likelihoods are accumulated exactly as in full
+precision and only the networks' outputs (shift/scale) carry bf16 rounding. Invertibility is unaffected: the
+inverse runs the same bf16 network on the same input, so ``decode(encode(x))`` still reconstructs ``x`` up to
+fp32 rounding.
 
-This is applied from outside the reference layers by overriding each network module's ``forward`` on the
-instance (no parameters, buffers or state-dict keys change), and works on CPU (bf16 autocast) and CUDA.
-It acts wherever a coupling network is *called as a module*; a backend that reads the networks' weights
-directly would bypass it.
+channels_last (``--channels-last``): the networks' weights and activations use the NHWC memory format, cuDNN's
+faster layout for these convolutions (measured on an H100, coupling networks forward+backward at CIFAR-10
+shapes: 12-17% less time, shared/TOOLCHAIN.md). The flow itself keeps NCHW (the fused kernels read NCHW):
+each network's input is converted to channels_last and its output back to contiguous NCHW, two small copies
+per step. The function computed is the same up to floating-point summation order.
+
+Both are applied from outside the reference layers by one wrapper around each network module's ``forward``
+(on the instance) that reads the network's options on every call; no parameters, buffers or state-dict keys
+change. They act wherever a coupling network is *called as a module*; a backend that read the networks'
+weights directly would bypass them.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 from torch import nn
 
 from .reference.coupling import CouplingNetwork
 
-_ORIG = "_glowfast_fp32_forward"
-
-
-def _bf16_forward(module: nn.Module, orig_forward):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        device_type = x.device.type if x.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-            out = orig_forward(x)
-        return out.float() if out.dtype != x.dtype and x.is_floating_point() else out
-
-    return forward
+_OPTIONS = "_glowfast_net_options"  # per network: {"bf16": bool, "channels_last": bool}
 
 
 def coupling_networks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, CouplingNetwork)]
 
 
-def enable_bf16_networks(model: nn.Module) -> int:
-    """Run every coupling network of ``model`` under bf16 autocast; returns how many were wrapped.
+def _forward_with_options(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Installed as the network's bound `forward` (a MethodType, so copy.deepcopy rebinds it to the copy)."""
+    opts = getattr(net, _OPTIONS)
+    forward = type(net).forward
+    h = x.contiguous(memory_format=torch.channels_last) if opts["channels_last"] else x
+    if opts["bf16"]:
+        device_type = x.device.type if x.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+            out = forward(net, h)
+        if out.dtype != x.dtype and x.is_floating_point():
+            out = out.to(x.dtype)
+    else:
+        out = forward(net, h)
+    return out.contiguous() if opts["channels_last"] else out
 
-    Idempotent. The output of each network is cast back to its input's dtype (fp32).
-    """
+
+def _set_option(model: nn.Module, name: str, value: bool) -> int:
+    """Set one option on every coupling network of `model`; returns how many networks changed."""
     n = 0
     for net in coupling_networks(model):
-        if hasattr(net, _ORIG):
+        opts = getattr(net, _OPTIONS, None)
+        if bool(opts and opts[name]) == value:
             continue
-        orig = net.forward
-        setattr(net, _ORIG, orig)
-        net.forward = _bf16_forward(net, orig)
+        if opts is None:
+            opts = {"bf16": False, "channels_last": False}
+            setattr(net, _OPTIONS, opts)
+            net.forward = types.MethodType(_forward_with_options, net)
+        opts[name] = value
+        if name == "channels_last":
+            net.to(memory_format=torch.channels_last if value else torch.contiguous_format)
+        if not any(opts.values()):  # back to the plain module
+            del net.forward
+            delattr(net, _OPTIONS)
         n += 1
     return n
 
 
+def _all_set(model: nn.Module, name: str) -> bool:
+    nets = coupling_networks(model)
+    return bool(nets) and all(getattr(net, _OPTIONS, {}).get(name, False) for net in nets)
+
+
+def enable_bf16_networks(model: nn.Module) -> int:
+    """Run every coupling network of ``model`` under bf16 autocast; returns how many were changed.
+
+    Idempotent. The output of each network is cast back to its input's dtype (fp32).
+    """
+    return _set_option(model, "bf16", True)
+
+
 def disable_bf16_networks(model: nn.Module) -> int:
     """Undo :func:`enable_bf16_networks`; returns how many networks were restored."""
-    n = 0
-    for net in coupling_networks(model):
-        if hasattr(net, _ORIG):
-            del net.forward  # the instance attribute; the class's forward shows through again
-            delattr(net, _ORIG)
-            n += 1
-    return n
+    return _set_option(model, "bf16", False)
 
 
 def bf16_networks_enabled(model: nn.Module) -> bool:
-    nets = coupling_networks(model)
-    return bool(nets) and all(hasattr(n, _ORIG) for n in nets)
+    return _all_set(model, "bf16")
+
+
+def enable_channels_last_networks(model: nn.Module) -> int:
+    """Convert every coupling network's weights to channels_last and run it on channels_last activations
+    (input converted, output returned as contiguous NCHW); returns how many were changed. Idempotent.
+    Call it after moving the model to its device (``Module.to(device)`` keeps the memory format)."""
+    return _set_option(model, "channels_last", True)
+
+
+def disable_channels_last_networks(model: nn.Module) -> int:
+    """Undo :func:`enable_channels_last_networks` (weights back to contiguous NCHW)."""
+    return _set_option(model, "channels_last", False)
+
+
+def channels_last_networks_enabled(model: nn.Module) -> bool:
+    return _all_set(model, "channels_last")

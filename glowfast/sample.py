@@ -53,12 +53,15 @@ def load_model(state: dict, device: torch.device, backend: str = "auto"):
     mc["image_shape"] = tuple(mc["image_shape"])
     model = Glow(**mc, backend=backend)
     model.load_state_dict(state["model"])
-    amp = state.get("config", {}).get("amp", "none")
-    if amp == "bf16":
-        from .amp import enable_bf16_networks
+    config = state.get("config", {})
+    model.to(device)
+    from .amp import enable_bf16_networks, enable_channels_last_networks
 
+    if config.get("amp", "none") == "bf16":  # the networks run as they were trained
         enable_bf16_networks(model)
-    return model.to(device).eval()
+    if config.get("channels_last"):
+        enable_channels_last_networks(model)
+    return model.eval()
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .amp import enable_bf16_networks
+from .amp import enable_bf16_networks, enable_channels_last_networks
 from .checkpoint import (
     NonFiniteStateError,
     assert_finite_state,
@@ -180,6 +180,8 @@ class Trainer:
         self.model = build_model(cfg, self.image_shape, self.n_classes).to(device)
         if cfg["amp"] == "bf16":
             enable_bf16_networks(self.model)
+        if cfg.get("channels_last"):
+            enable_channels_last_networks(self.model)
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 

@@ -1,10 +1,19 @@
-"""--amp bf16: coupling networks under bf16 autocast (CPU here), flow and log-determinants in fp32."""
+"""--amp bf16: coupling networks under bf16 autocast (CPU here), flow and log-determinants in fp32; and
+--channels-last: the networks in NHWC, the flow in NCHW, the same function."""
 
 import pytest
 import torch
 
 from glowfast import Glow
-from glowfast.amp import bf16_networks_enabled, coupling_networks, disable_bf16_networks, enable_bf16_networks
+from glowfast.amp import (
+    bf16_networks_enabled,
+    channels_last_networks_enabled,
+    coupling_networks,
+    disable_bf16_networks,
+    disable_channels_last_networks,
+    enable_bf16_networks,
+    enable_channels_last_networks,
+)
 
 from conftest import cuda_devices
 
@@ -60,3 +69,61 @@ def test_bf16_networks_only(device, coupling):
     m.train()
     again = m(x, generator=torch.Generator(device).manual_seed(1)).log_prob
     assert torch.equal(again.detach(), ref.detach())
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+def test_channels_last_networks_compute_the_same_function(device):
+    m, x = _model(device)
+    keys = list(m.state_dict())
+    g = torch.Generator(device)
+    ref = m(x, generator=g.manual_seed(1)).log_prob
+    ref_grads = torch.autograd.grad(ref.sum(), list(m.parameters()))
+    assert enable_channels_last_networks(m) == 4 and enable_channels_last_networks(m) == 0
+    assert channels_last_networks_enabled(m) and not bf16_networks_enabled(m)
+    assert list(m.state_dict()) == keys
+    net = m.levels[0].steps[0].coupling.net
+    assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not net.conv1.weight.is_contiguous()  # really NHWC (the 3x3 weight, not a degenerate 1x1 one)
+    formats = {}
+    nhwc = torch.channels_last
+    hook = net.conv2.register_forward_hook(lambda mod, i, o: formats.__setitem__(
+        "conv2", (i[0].is_contiguous(memory_format=nhwc), o.is_contiguous(memory_format=nhwc))))
+    out = m(x, generator=g.manual_seed(1)).log_prob
+    hook.remove()
+    assert formats["conv2"] == (True, True)  # the network ran in NHWC ...
+    h = net(torch.randn(2, net.conv1.in_channels, 4, 4, device=device))
+    assert h.is_contiguous()  # ... and hands NCHW back to the flow
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(out.sum(), list(m.parameters())), ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    # composes with bf16; each option switches off on its own
+    assert enable_bf16_networks(m) == 4 and bf16_networks_enabled(m) and channels_last_networks_enabled(m)
+    both = m(x, generator=g.manual_seed(1)).log_prob
+    torch.testing.assert_close(both, ref, rtol=2e-2, atol=2e-1)
+    assert disable_channels_last_networks(m) == 4 and bf16_networks_enabled(m)
+    assert net.conv1.weight.is_contiguous()
+    assert disable_bf16_networks(m) == 4 and not hasattr(net, "_glowfast_net_options")
+    assert torch.equal(m(x, generator=g.manual_seed(1)).log_prob.detach(), ref.detach())
+
+
+def test_network_options_survive_deepcopy_and_state_dict_round_trips():
+    import copy
+
+    m, x = _model("cpu")
+    enable_channels_last_networks(m)
+    enable_bf16_networks(m)
+    twin = copy.deepcopy(m)
+    assert bf16_networks_enabled(twin) and channels_last_networks_enabled(twin)
+    ref = m(x, dequantize=False).log_prob
+    with torch.no_grad():  # the copy's networks must use the copy's weights, not the original's
+        for net in coupling_networks(twin):
+            net.conv3.conv.weight.mul_(2)
+    assert torch.equal(m(x, dequantize=False).log_prob, ref)
+    assert not torch.equal(twin(x, dequantize=False).log_prob, ref)
+
+    plain, _ = _model("cpu")
+    plain.load_state_dict(m.state_dict())  # NHWC-strided weights load into an NCHW model and back
+    disable_bf16_networks(m)
+    torch.testing.assert_close(plain(x, dequantize=False).log_prob, m(x, dequantize=False).log_prob,
+                               rtol=1e-5, atol=1e-4)

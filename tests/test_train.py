@@ -199,11 +199,22 @@ def test_checkpoint_never_holds_nan_weights(tmp_path, capsys):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_conditional_bf16_adam_cosine(tmp_path):
+def test_conditional_bf16_channels_last_adam_cosine(tmp_path):
+    from glowfast.amp import bf16_networks_enabled, channels_last_networks_enabled
+    from glowfast.sample import load_model
+
+    seen = {}
+
+    def check(event, trainer):
+        if event == "start":
+            seen["options"] = bf16_networks_enabled(trainer.model), channels_last_networks_enabled(trainer.model)
+
     run = tmp_path / "cond"
     assert main(TINY + ["--steps", "4", "--eval-interval", "4", "--y-condition", "--amp", "bf16", "--optimizer",
                         "adam", "--lr-schedule", "cosine", "--coupling", "additive", "--permutation", "shuffle",
-                        "--samples-per-class", "3", "--temperatures", "0.7", "--run-dir", str(run)]) == 0
+                        "--samples-per-class", "3", "--temperatures", "0.7", "--channels-last", "--run-dir",
+                        str(run)], callbacks=[check]) == 0
+    assert seen["options"] == (True, True)
     from PIL import Image
 
     with Image.open(run / "samples" / "step0000004_t0.7.png") as im:
@@ -214,7 +225,9 @@ def test_conditional_bf16_adam_cosine(tmp_path):
     assert recs[-1]["type"] == "eval" and math.isfinite(recs[-1]["test_bpd"])
     ckpt = load_checkpoint(run / "checkpoints" / LAST)
     assert ckpt["model_config"]["n_classes"] == 10 and ckpt["config"]["amp"] == "bf16"
-    assert ckpt["scheduler"]["last_epoch"] == 4
+    assert ckpt["config"]["channels_last"] and ckpt["scheduler"]["last_epoch"] == 4
+    loaded = load_model(ckpt, torch.device("cpu"), "reference")  # sampling runs the networks as trained
+    assert bf16_networks_enabled(loaded) and channels_last_networks_enabled(loaded)
 
 
 def test_epochs_option(tmp_path):
