@@ -127,7 +127,13 @@ build() {
 }
 
 tests() {
-    pymod pytest -q -p no:cacheprovider -rfE --durations=25 --junitxml="$OUT/junit.xml"
+    # the tests that exercise the GPU first (kernels, fused path, CUDA LU op, CUDA graphs, models), then the rest
+    # (CPU-only tests that CI already runs): if the stage's time limit cuts the run, it cuts the latter
+    local first=(tests/test_kernel_*.py tests/test_fused_*.py tests/test_batched_lu.py tests/test_cuda_graph.py
+                 tests/test_amp.py tests/test_model*.py tests/test_triton_compile_sm90.py)
+    local files=("${first[@]}") f
+    for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || files+=("$f"); done
+    pymod pytest -q -p no:cacheprovider -rfE --durations=25 --junitxml="$OUT/junit.xml" "${files[@]}"
 }
 
 sanitizer() {
