@@ -178,3 +178,55 @@ def test_step_params(cuda_timer, variant, device, mode):
         return ld
 
     cuda_timer(call, device=device, variant=variant, config={"steps": 96, "mode": mode}, **TIMING[device])
+
+
+# ------------------------------------------------------------------------------------------ coupling networks
+NET_SHAPES = [pytest.param((b, *s), id=f"B{b}_C{s[0]}_{s[1]}x{s[2]}") for b in (64, 256) for s in LEVEL_SHAPES]
+
+
+@pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "compiled"])
+@pytest.mark.parametrize("shape", NET_SHAPES)
+@pytest.mark.skipif(not HAS_CUDA, reason="hidden-512 coupling networks: CUDA only (seconds per call on a CPU)")
+def test_coupling_network(cuda_timer, shape, variant):
+    """One coupling network (conv3x3 -> ReLU -> conv1x1 512 -> ReLU -> ZeroConv2d), forward + backward, at a
+    CIFAR-10 level's shape: reference = the NCHW module (cuDNN); fused = glowfast's channels_last path with the
+    1x1 conv as one GEMM (`--channels-last`, glowfast.amp.nhwc_network_forward); fused_bf16 = that under bf16
+    autocast (`--amp bf16`); compiled = torch.compile of the NCHW module. Input and output stay NCHW, as the
+    flow hands them over."""
+    from glowfast.amp import enable_bf16_networks, enable_channels_last_networks
+    from glowfast.reference.coupling import CouplingNetwork
+
+    b, c, h, w = shape
+    device = "cuda"
+    cuda_timer.benchmark.group = f"coupling_net/fwdbwd/B{b}_C{c}_{h}x{w}"
+    ca, cb = c // 2, c - c // 2
+    holder = torch.nn.Module()
+    holder.net = CouplingNetwork(ca, 512, 2 * cb).to(device)
+    with torch.no_grad():
+        holder.net.conv3.conv.weight.normal_(0, 0.01)  # not the all-zero init: a realistic trained network
+    if variant in ("fused", "fused_bf16"):
+        enable_channels_last_networks(holder)
+    if variant == "fused_bf16":
+        enable_bf16_networks(holder)
+    net = holder.net
+    x = torch.randn(b, ca, h, w, device=device, requires_grad=True)
+    fn = torch.compile(net) if variant == "compiled" else net
+    if variant == "compiled":
+        cuda_timer.skip_unless_compile(device)
+    grad_out = torch.randn(b, 2 * cb, h, w, device=device)
+    params = [x, *net.parameters()]
+
+    def call():
+        for p in params:
+            p.grad = None
+        out = fn(x)
+        out.backward(grad_out)
+        return out
+
+    extra = {}
+    if variant == "compiled":
+        with cuda_timer.fresh_compile_caches(extra):
+            compile_s, _ = cuda_timer.first_call(call, device)
+        extra["compile_s"] = round(compile_s, 2)
+    cuda_timer(call, device=device, variant=variant, images=b, config={"shape": list(shape), "hidden": 512},
+               **TIMING[device], **extra)

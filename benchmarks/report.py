@@ -51,6 +51,7 @@ SECTION_TITLES = {
     "bandwidth": "Fused kernels: effective memory bandwidth (large shapes)",
     "step_nonnet": "K=4 flow steps without their coupling networks, forward + backward",
     "step_params": "Parameter-side ops of all 96 CIFAR-10 flow steps (W = P L U, parameter log-determinants)",
+    "coupling_net": "One coupling network (hidden 512), forward + backward",
 }
 SECTION_NOTES = {
     "batched_lu": "Here `reference` = torch.linalg per matrix in a Python loop, `peer` = torch.linalg once per "
@@ -60,6 +61,9 @@ SECTION_NOTES = {
                   "init, JIT/autotuning). `graphed` = the fused model with forward + backward replayed from a "
                   "CUDA graph (`--cuda-graphs`); its warm-up + capture time is in the notes. `graphed_bf16_nhwc` = "
                   "that plus the coupling networks in bf16 and channels_last (`--amp bf16 --channels-last`).",
+    "coupling_net": "`reference` = the NCHW module on cuDNN; `fused` = glowfast's channels_last path with the 1x1 "
+                    "conv as one GEMM over pixels (`--channels-last`); `fused_bf16` = that under bf16 autocast "
+                    "(`--amp bf16`); `compiled` = torch.compile of the NCHW module.",
     "step_params": "`reference` = each step builds its own W and log-determinant (the reference layers); `fused` "
                    "= glowfast.fused.level_weights (all steps of a level in batched ops). Host-bound.",
 }

@@ -13,9 +13,11 @@ from glowfast.amp import (
     disable_channels_last_networks,
     enable_bf16_networks,
     enable_channels_last_networks,
+    nhwc_network_forward,
 )
 
 from conftest import cuda_devices
+from tolerances import assert_exact
 
 
 def _model(device, coupling="affine"):
@@ -86,11 +88,11 @@ def test_channels_last_networks_compute_the_same_function(device):
     assert not net.conv1.weight.is_contiguous()  # really NHWC (the 3x3 weight, not a degenerate 1x1 one)
     formats = {}
     nhwc = torch.channels_last
-    hook = net.conv2.register_forward_hook(lambda mod, i, o: formats.__setitem__(
-        "conv2", (i[0].is_contiguous(memory_format=nhwc), o.is_contiguous(memory_format=nhwc))))
+    hook = net.conv3.conv.register_forward_hook(lambda mod, i, o: formats.__setitem__(
+        "conv3", (i[0].is_contiguous(memory_format=nhwc), o.is_contiguous(memory_format=nhwc))))
     out = m(x, generator=g.manual_seed(1)).log_prob
     hook.remove()
-    assert formats["conv2"] == (True, True)  # the network ran in NHWC ...
+    assert formats["conv3"] == (True, True)  # the network ran in NHWC ...
     h = net(torch.randn(2, net.conv1.in_channels, 4, 4, device=device))
     assert h.is_contiguous()  # ... and hands NCHW back to the flow
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
@@ -127,3 +129,29 @@ def test_network_options_survive_deepcopy_and_state_dict_round_trips():
     disable_bf16_networks(m)
     torch.testing.assert_close(plain(x, dequantize=False).log_prob, m(x, dequantize=False).log_prob,
                                rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("shape", [(3, 6, 8, 8), (1, 12, 4, 4), (2, 2, 5, 3)])
+def test_nhwc_forward_with_gemm_equals_the_module(device, shape, exact_precision):
+    """The channels_last network (1x1 conv as a GEMM over pixels) = CouplingNetwork.forward, values and every
+    gradient; it must follow the module's architecture, so a change there fails here."""
+    from glowfast.reference.coupling import CouplingNetwork
+
+    b, c, hgt, wid = shape
+    net = CouplingNetwork(c, 32, 2 * c).to(device)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    ref = net(x)
+    expected = torch.autograd.grad((ref * torch.linspace(-1, 1, ref.numel(), device=device).view_as(ref)).sum(),
+                                   [x, *net.parameters()])
+    net.to(memory_format=torch.channels_last)
+    out = nhwc_network_forward(net, x.contiguous(memory_format=torch.channels_last))
+    assert_exact(out, ref, "out", "network output")
+    actual = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum(),
+                                 [x, *net.parameters()])
+    for (name, _), a, e in zip([("x", None), *net.named_parameters()], actual, expected, strict=True):
+        assert a.shape == e.shape, name
+        assert_exact(a, e, "grad", name)
