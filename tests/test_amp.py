@@ -155,3 +155,22 @@ def test_nhwc_forward_with_gemm_equals_the_module(device, shape, exact_precision
     for (name, _), a, e in zip([("x", None), *net.named_parameters()], actual, expected, strict=True):
         assert a.shape == e.shape, name
         assert_exact(a, e, "grad", name)
+
+
+def test_fused_backend_with_channels_last_networks(kernel_device):
+    """The fused kernels read the NHWC networks' outputs (handed back as NCHW): same likelihood and gradients."""
+    torch.manual_seed(0)
+    m = Glow((1, 8, 8), K=2, L=2, hidden_channels=16, backend="fused").to(kernel_device)
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    m(x)  # ActNorm init
+    with torch.no_grad():
+        for net in coupling_networks(m):
+            net.conv3.conv.weight.normal_(0, 0.05)
+    params = list(m.parameters())
+    ref = m(x, dequantize=False).log_prob
+    expected = torch.autograd.grad(ref.sum(), params)
+    enable_channels_last_networks(m)
+    out = m(x, dequantize=False).log_prob
+    assert_exact(out, ref, "logdet", "log p")
+    for (name, _), a, e in zip(m.named_parameters(), torch.autograd.grad(out.sum(), params), expected, strict=True):
+        assert_exact(a, e, "grad", name)
