@@ -15,6 +15,9 @@ every ActNorm is initialised (it skips its finite-value input checks while a cap
 `fn = forward + loss.backward() + clip_grad_norm_` qualifies. Random numbers (the dequantisation noise) are
 fresh on every replay: the default CUDA generator advances per replay.
 
+Resuming: the warm-up calls draw random numbers too, so a run resumed with CUDA graphs continues with other
+dequantisation noise than an uninterrupted one would have drawn (without graphs, resume is bit-identical).
+
 Gradients: before the capture every parameter's `.grad` is set to None, so the captured backward allocates
 the gradients in the graph's memory pool and each replay *overwrites* them (it never accumulates). Do not
 set them to None or replace them afterwards (`optimizer.zero_grad(set_to_none=True)` would make the next
