@@ -3,6 +3,9 @@
 Variants (extra_info["variant"], what benchmarks/report.py computes ratios between)
 - reference: `Glow(..., backend="reference")`, eager PyTorch.
 - fused:     `Glow(..., backend="fused")` (Triton flow steps + batched LU); CUDA only.
+- memory_saving: the fused model with `memory_saving=True` (`--memory-saving`): backward reconstructs each
+             step's input with the inverse kernels instead of storing activations (glowfast.invertible);
+             compare its peak GPU memory and step time with `fused`.
 - graphed:   the fused model with its forward + backward captured once in a CUDA graph and replayed
              (glowfast.cuda_graph.GraphedStep, what `python -m glowfast.train --cuda-graphs` does); the
              Adamax step stays eager. extra_info["capture_s"]: warm-up + capture, paid once at start-up.
@@ -70,7 +73,7 @@ SAMPLE_CASES = [
     pytest.param("mnist_K16", "cuda", id="cuda-mnist_K16", marks=CUDA_ONLY),
     pytest.param("mnist_K32", "cuda", id="cuda-mnist_K32", marks=CUDA_ONLY),
 ]
-VARIANTS = ["reference", "fused", "graphed", "graphed_bf16_nhwc", "compiled", "peer"]
+VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_bf16_nhwc", "compiled", "peer"]
 N_SAMPLES = 64
 LR = 1e-4
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
@@ -258,9 +261,10 @@ def test_train_step(cuda_timer, config_name, batch, device, variant):
     if variant == "reference":
         model = _glow(cfg, "reference", device)
         step = _glow_train_step(model, _images(cfg, batch, device))
-    elif variant == "fused":
+    elif variant in ("fused", "memory_saving"):
         _check_fused(cuda_timer, device)
         model = _glow(cfg, "fused", device)
+        model.memory_saving = variant == "memory_saving"
         step = _glow_train_step(model, _images(cfg, batch, device))
     elif variant in ("graphed", "graphed_bf16_nhwc"):
         if device != "cuda":

@@ -259,7 +259,7 @@ def target_table(groups: OrderedDict) -> list[str]:
     checks = []
     for g, anchor in PEER_ANCHOR_IMG_S.items():
         rows = groups.get(g) or {}
-        for variant in ("fused", "graphed", "graphed_bf16_nhwc"):  # glowfast's training paths
+        for variant in ("fused", "memory_saving", "graphed", "graphed_bf16_nhwc"):  # glowfast's training paths
             if variant not in rows:
                 continue
             fused = rows[variant]

@@ -35,16 +35,17 @@ Special cases (documented behaviour)
 - The fused path runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 (tests); see
   `fused_available`.
 
-Designed-for future work (keep these properties when changing this file)
-(a) Memory-saving invertible backward: store only a level's output, and in backward reconstruct each step's
-    input with the inverse kernels (`step_inverse`, `coupling_inverse`, `actnorm_invconv_inverse`), then run the
-    same backward kernels. Every backward is therefore a standalone launch function taking explicit tensors
+Extension points (keep these properties when changing this file)
+(a) Memory-saving invertible backward (`memory_saving=True`, implemented in glowfast.invertible): a level-wide
+    Function stores only the level's output and in backward reconstructs each step's input with the inverse
+    kernels (`coupling_inverse`, `actnorm_invconv_inverse`), then runs the same backward kernels. That works
+    because every backward is a standalone launch function taking explicit tensors
     (`actnorm_invconv_backward(x, grad_y, bias, log_scale, W)`, `coupling_backward(z, h, grad_y, grad_logdet)`,
     `cross_step_backward(z, h, grad_z_next, grad_logdet, bias, log_scale, W)`), separate from the autograd
-    Functions that only decide what to save; a level-wide Function can call them in reverse order.
+    Functions that only decide what to save.
 (b) Coupling networks faster than cuDNN: the coupling Functions take the network output h as an input tensor
     and never call the network themselves; swapping `step.coupling.net` (or computing h any other way) needs
-    no change to the kernels.
+    no change to the kernels (first instance: glowfast.amp.nhwc_network_forward, the 1x1 conv as a GEMM).
 """
 
 from __future__ import annotations
@@ -182,12 +183,15 @@ def level_weights(steps: Sequence, w_logabsdets: Sequence[torch.Tensor | None] |
 
 
 def steps_forward(steps: Sequence, x: torch.Tensor,
-                  w_logabsdets: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  w_logabsdets: Sequence[torch.Tensor | None] | None = None,
+                  memory_saving: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run reference `FlowStep`s `steps` on x (B, C, H, W) with the fused kernels: returns (y, logdet (B,)).
 
     `w_logabsdets`: optional per-step log|det W| (0-d tensors, e.g. from the batched LU op; entries of
     non-InvConv steps are ignored). When None, each InvConv1x1 step uses its own `log_abs_det()`.
     Differentiable w.r.t. x and every parameter (ActNorm, W or its LU factors, the coupling networks).
+    `memory_saving`: keep only the output for backward and reconstruct every step's input with the inverse
+    kernels there (glowfast.invertible); same forward values, gradients up to the reconstruction's rounding.
     """
     steps = list(steps)
     if w_logabsdets is not None and len(w_logabsdets) != len(steps):
@@ -201,14 +205,27 @@ def steps_forward(steps: Sequence, x: torch.Tensor,
     for step in steps:
         if step.channels != C:
             raise ValueError(f"step has {step.channels} channels, input has {C}")
-    ca = C // 2
 
     weights, param_ld = level_weights(steps, w_logabsdets)
-    coupling_ld = None
+    if memory_saving and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        from .invertible import invertible_steps
 
-    ops = _ops()
+        z, coupling_ld = invertible_steps(steps, x, weights)
+    else:
+        z, coupling_ld = fused_chain(steps, x, weights, _ops())
+    logdet = (H * W * param_ld).to(x.dtype).expand(B)
+    if coupling_ld is not None:
+        logdet = logdet + coupling_ld.to(x.dtype)
+    return z, logdet
+
+
+def fused_chain(steps: Sequence, x: torch.Tensor, weights: Sequence[torch.Tensor], ops: _Ops = _EAGER_OPS
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel chain of K steps given their W's: (y, sum of the affine couplings' logdets, or None)."""
+    ca = x.shape[1] // 2
     first = steps[0]
     z = ops.actnorm_invconv(x, first.actnorm.bias, first.actnorm.log_scale, weights[0])
+    coupling_ld = None
     for k, step in enumerate(steps):
         affine = _is_affine(step)
         h = step.coupling.net(z[:, :ca])
@@ -219,10 +236,7 @@ def steps_forward(steps: Sequence, x: torch.Tensor,
             z, ld = ops.coupling(z, h, affine)
         if affine:
             coupling_ld = ld if coupling_ld is None else coupling_ld + ld
-    logdet = (H * W * param_ld).to(x.dtype).expand(B)
-    if coupling_ld is not None:
-        logdet = logdet + coupling_ld.to(x.dtype)
-    return z, logdet
+    return z, coupling_ld
 
 
 def level_weight_inverses(steps: Sequence, w_inverses: Sequence[torch.Tensor | None] | None = None

@@ -10,6 +10,8 @@ Backends share every parameter, so switching `model.backend` never changes the f
   all plain-W log-determinants per forward and all inverses per decode.
 - "auto": "fused" when the input is on a CUDA device and the kernels can run, else "reference" (still
   using the batched LU op for plain W).
+`memory_saving=True` (fused path): backward recomputes each flow step's input from its output with the inverse
+kernels instead of keeping activations (glowfast.invertible); same forward values.
 """
 
 import math
@@ -54,6 +56,7 @@ class Glow(nn.Module):
         n_classes: int | None = None,
         n_bits: int = 8,
         backend: str = "reference",
+        memory_saving: bool = False,
     ):
         super().__init__()
         if len(image_shape) != 3:
@@ -79,6 +82,9 @@ class Glow(nn.Module):
         self.n_bins = 2**n_bits
         self.n_classes = n_classes
         self.backend = backend
+        # fused path only: backward reconstructs each flow step's input from its output (glowfast.invertible)
+        # instead of storing activations; an execution option like `backend`, not part of the config
+        self.memory_saving = bool(memory_saving)
         levels = []
         for level in range(L):
             c, h, w = 4 * c, h // 2, w // 2
@@ -147,7 +153,7 @@ class Glow(nn.Module):
         if backend == "fused":
             from . import fused
 
-            return fused.steps_forward(list(steps), z, w_lds)
+            return fused.steps_forward(list(steps), z, w_lds, memory_saving=self.memory_saving)
         return reference_steps_forward(steps, z, w_lds)
 
     def _steps_inverse(self, steps, z, w_invs, backend):

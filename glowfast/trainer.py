@@ -182,6 +182,7 @@ class Trainer:
             enable_bf16_networks(self.model)
         if cfg.get("channels_last"):
             enable_channels_last_networks(self.model)
+        self.model.memory_saving = bool(cfg.get("memory_saving"))
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 

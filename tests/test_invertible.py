@@ -1,0 +1,139 @@
+"""Memory-saving backward (glowfast.invertible, `memory_saving=True` / `--memory-saving`) vs the reference.
+
+Forward values are the ordinary fused path's, bit for bit; gradients of x and every parameter match the
+reference layers (which store activations) within the exact-fp32 tolerances; and the autograd graph really
+keeps less: the bytes saved for backward are counted with saved_tensors_hooks.
+"""
+
+import pytest
+import torch
+
+from glowfast import fused
+from glowfast.model import Glow
+from glowfast.reference import FlowStep
+
+from conftest import kernel_devices
+from helpers import randomize_
+from tolerances import assert_exact, assert_grads_exact
+
+COMBOS = [(c, p, lu) for c in ("affine", "additive") for p, lu in (("invconv", True), ("invconv", False),
+                                                                   ("shuffle", True), ("reverse", True))]
+COMBO_IDS = [f"{c}-{p}{'-lu' if lu else ''}" for c, p, lu in COMBOS]
+
+
+def _steps(K, C, coupling, permutation, lu, device):
+    return randomize_(torch.nn.ModuleList(FlowStep(C, 8, coupling, permutation, lu) for _ in range(K)),
+                      scale=0.2).to(device)
+
+
+def _reference(steps, x):
+    logdet = x.new_zeros(x.shape[0])
+    for step in steps:
+        x, ld = step(x)
+        logdet = logdet + ld
+    return x, logdet
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("coupling,permutation,lu", COMBOS, ids=COMBO_IDS)
+def test_memory_saving_gradients_match_the_reference(coupling, permutation, lu, device, exact_precision):
+    steps = _steps(4, 6, coupling, permutation, lu, device)
+    x = torch.randn(2, 6, 3, 5, device=device, requires_grad=True)
+    params = [x, *steps.parameters()]
+    names = ["x", *(n for n, _ in steps.named_parameters())]
+
+    y_fused, ld_fused = fused.steps_forward(list(steps), x)
+    y, ld = fused.steps_forward(list(steps), x, memory_saving=True)
+    assert torch.equal(y, y_fused) and torch.equal(ld, ld_fused)  # same kernels forward
+
+    y_ref, ld_ref = _reference(steps, x)
+    assert_exact(y, y_ref, "out", "y")
+    assert_exact(ld, ld_ref, "logdet", "logdet")
+    g_y, g_ld = torch.randn_like(y_ref), torch.randn_like(ld_ref)
+    expected = torch.autograd.grad((y_ref * g_y).sum() + (ld_ref * g_ld).sum(), params)
+    actual = torch.autograd.grad((y * g_y).sum() + (ld * g_ld).sum(), params)
+    assert_grads_exact(actual, expected, names)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_only_the_logdet_or_only_the_output_reaches_the_loss(device, exact_precision):
+    steps = _steps(3, 4, "affine", "invconv", True, device)
+    x = torch.randn(2, 4, 4, 4, device=device, requires_grad=True)
+    for pick in (lambda y, ld: ld.sum(), lambda y, ld: y.square().sum()):
+        expected = torch.autograd.grad(pick(*_reference(steps, x)), [x, *steps.parameters()])
+        actual = torch.autograd.grad(pick(*fused.steps_forward(list(steps), x, memory_saving=True)),
+                                     [x, *steps.parameters()])
+        assert_grads_exact(actual, expected, ["x", *(n for n, _ in steps.named_parameters())])
+
+
+def _saved_bytes(fn, params) -> int:
+    """Bytes of the non-parameter tensors autograd saves for backward while running fn()."""
+    total = 0
+    param_ids = {id(p) for p in params}
+
+    def pack(t):
+        nonlocal total
+        if id(t) not in param_ids:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_memory_saving_keeps_a_fraction_of_the_activations(kernel_device):
+    """K=8 steps with a wide (hidden 64) network: the ordinary fused path saves every step's input, network
+    output and the network's own activations; the memory-saving one saves the level's output and parameters."""
+    steps = _steps(8, 8, "affine", "invconv", True, kernel_device)
+    for s in steps:
+        s.coupling.net = randomize_(type(s.coupling.net)(4, 64, 8), scale=0.1).to(kernel_device)
+    x = torch.randn(4, 8, 8, 8, requires_grad=True)
+    params = list(steps.parameters())
+    ordinary = _saved_bytes(lambda: fused.steps_forward(list(steps), x), params)
+    saving = _saved_bytes(lambda: fused.steps_forward(list(steps), x, memory_saving=True), params)
+    activation = x.numel() * x.element_size()
+    # parameter-side tensors (W = P L U built for all steps, and the W's themselves) are saved by both paths
+    param_side = _saved_bytes(lambda: fused.level_weights(list(steps)), params) + sum(
+        w.numel() * w.element_size() for w in fused.level_weights(list(steps))[0])
+    assert saving <= activation + param_side, (saving, activation, param_side)  # just the level's output
+    assert ordinary >= 8 * activation and saving * 8 <= ordinary, (ordinary, saving)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_glow_memory_saving_training_gradients(device, exact_precision):
+    """A whole fused Glow with memory_saving: bits/dim and every parameter gradient equal the reference model's
+    (same parameters, dequantisation off); the flag changes nothing on the reference backend."""
+    torch.manual_seed(0)
+    model = Glow((3, 8, 4), K=3, L=2, hidden_channels=8, backend="fused", memory_saving=True).to(device)
+    x = torch.randint(0, 256, (2, 3, 8, 4), dtype=torch.uint8, device=device)
+    model(x)  # ActNorm init
+    randomize_(model.levels, scale=0.1)
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    bpd = model(x, dequantize=False).bits_per_dim.mean()
+    model.backend = "reference"
+    bpd_ref = model(x, dequantize=False).bits_per_dim.mean()
+    assert_exact(bpd, bpd_ref, "logdet", "bits/dim")
+    assert_grads_exact(torch.autograd.grad(bpd, params), torch.autograd.grad(bpd_ref, params), names)
+    assert "memory_saving" not in model.config  # an execution option, not part of the architecture
+
+
+def test_train_cli_memory_saving(tmp_path):
+    """python -m glowfast.train --memory-saving: the option reaches the model and the run completes."""
+    from glowfast.train import main
+
+    from conftest import KERNEL_DEVICE
+    from test_train import TINY
+
+    args = [a for a in TINY]
+    args[args.index("--device") + 1] = KERNEL_DEVICE
+    args[args.index("--backend") + 1] = "fused"
+    args[args.index("--batch-size") + 1] = "16"
+    seen = {}
+    run = tmp_path / "ms"
+    assert main(args + ["--steps", "3", "--eval-interval", "3", "--eval-batch-size", "100", "--temperatures", "1",
+                        "--n-samples", "4", "--memory-saving",
+                        "--run-dir", str(run)],
+                callbacks=[lambda event, t: seen.setdefault("flag", t.model.memory_saving)]) == 0
+    assert seen["flag"] is True
