@@ -90,6 +90,14 @@ def _kernels_interpreted() -> bool:
     return type(actnorm_invconv._actnorm_invconv_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+@torch.compiler.assume_constant_result
+def _compute_capability(index: int) -> int:
+    """10 * major + minor of CUDA device `index`. A constant for torch.compile: dynamo cannot trace the driver
+    query inside torch.cuda.get_device_capability, and Glow.forward asks it while resolving the backend."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
 def fused_available(device) -> tuple[bool, str]:
     """Whether the fused (Triton) backend can run on `device`, and if not, why.
 
@@ -102,7 +110,7 @@ def fused_available(device) -> tuple[bool, str]:
         if not torch.cuda.is_available():
             return False, "the fused backend needs CUDA, and torch.cuda.is_available() is False"
         index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
+        major, minor = divmod(_compute_capability(index), 10)
         if major < 8:
             return False, f"the fused backend needs a GPU with compute capability >= 8.0, got {major}.{minor}"
         return True, "CUDA"
