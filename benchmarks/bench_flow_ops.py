@@ -184,16 +184,17 @@ def test_step_params(cuda_timer, variant, device, mode):
 NET_SHAPES = [pytest.param((b, *s), id=f"B{b}_C{s[0]}_{s[1]}x{s[2]}") for b in (64, 256) for s in LEVEL_SHAPES]
 
 
-@pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "compiled"])
+@pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "gemm", "gemm_bf16", "compiled"])
 @pytest.mark.parametrize("shape", NET_SHAPES)
 @pytest.mark.skipif(not HAS_CUDA, reason="hidden-512 coupling networks: CUDA only (seconds per call on a CPU)")
 def test_coupling_network(cuda_timer, shape, variant):
     """One coupling network (conv3x3 -> ReLU -> conv1x1 512 -> ReLU -> ZeroConv2d), forward + backward, at a
     CIFAR-10 level's shape: reference = the NCHW module (cuDNN); fused = glowfast's channels_last path with the
     1x1 conv as one GEMM (`--channels-last`, glowfast.amp.nhwc_network_forward); fused_bf16 = that under bf16
-    autocast (`--amp bf16`); compiled = torch.compile of the NCHW module. Input and output stay NCHW, as the
-    flow hands them over."""
-    from glowfast.amp import enable_bf16_networks, enable_channels_last_networks
+    autocast (`--amp bf16`); gemm / gemm_bf16 = every conv as a GEMM over pixels (`--gemm-networks`,
+    glowfast.amp.gemm_network_forward); compiled = torch.compile of the NCHW module. Input and output stay
+    NCHW, as the flow hands them over."""
+    from glowfast.amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
     from glowfast.reference.coupling import CouplingNetwork
 
     b, c, h, w = shape
@@ -206,7 +207,9 @@ def test_coupling_network(cuda_timer, shape, variant):
         holder.net.conv3.conv.weight.normal_(0, 0.01)  # not the all-zero init: a realistic trained network
     if variant in ("fused", "fused_bf16"):
         enable_channels_last_networks(holder)
-    if variant == "fused_bf16":
+    if variant in ("gemm", "gemm_bf16"):
+        enable_gemm_networks(holder)
+    if variant.endswith("_bf16"):
         enable_bf16_networks(holder)
     net = holder.net
     x = torch.randn(b, ca, h, w, device=device, requires_grad=True)

@@ -12,6 +12,8 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
 - graphed_bf16_nhwc: `graphed` plus the coupling networks in bf16 (autocast) and channels_last
              (`--cuda-graphs --amp bf16 --channels-last`): the fastest configuration, with bf16's rounding in
              the networks' outputs (the flow and the log-determinants stay fp32).
+- graphed_gemm / graphed_bf16_gemm: `graphed` with the coupling networks' convolutions as GEMMs over pixels
+             (`--gemm-networks`; fp32, or bf16 autocast) instead of cuDNN.
 - compiled:  `torch.compile(Glow(..., backend="reference"))` (default mode; the optimiser step stays eager).
              Its compile time (the first step of a fresh compile: dynamo reset, empty inductor/Triton cache
              dirs unless GLOWFAST_BENCH_COLD_COMPILE=0) is its own benchmark (group `compile/train_step/...`)
@@ -73,7 +75,8 @@ SAMPLE_CASES = [
     pytest.param("mnist_K16", "cuda", id="cuda-mnist_K16", marks=CUDA_ONLY),
     pytest.param("mnist_K32", "cuda", id="cuda-mnist_K32", marks=CUDA_ONLY),
 ]
-VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_bf16_nhwc", "compiled", "peer"]
+VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_gemm", "graphed_bf16_nhwc", "graphed_bf16_gemm",
+            "compiled", "peer"]
 N_SAMPLES = 64
 LR = 1e-4
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
@@ -266,16 +269,19 @@ def test_train_step(cuda_timer, config_name, batch, device, variant):
         model = _glow(cfg, "fused", device)
         model.memory_saving = variant == "memory_saving"
         step = _glow_train_step(model, _images(cfg, batch, device))
-    elif variant in ("graphed", "graphed_bf16_nhwc"):
+    elif variant.startswith("graphed"):
         if device != "cuda":
             pytest.skip("CUDA graphs: CUDA only")
         _check_fused(cuda_timer, device)
         model = _glow(cfg, "fused", device)
-        if variant == "graphed_bf16_nhwc":
-            from glowfast.amp import enable_bf16_networks, enable_channels_last_networks
+        from glowfast.amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
 
+        if "bf16" in variant:
             enable_bf16_networks(model)
+        if variant.endswith("nhwc"):
             enable_channels_last_networks(model)
+        if variant.endswith("gemm"):
+            enable_gemm_networks(model)
         step, capture_s = _graphed_train_step(model, _images(cfg, batch, device))
         extra["capture_s"] = round(capture_s, 3)
     elif variant == "compiled":

@@ -60,10 +60,13 @@ SECTION_NOTES = {
                   "step (parameters, optimiser state and activations); first call = start-up (data-dependent "
                   "init, JIT/autotuning). `graphed` = the fused model with forward + backward replayed from a "
                   "CUDA graph (`--cuda-graphs`); its warm-up + capture time is in the notes. `graphed_bf16_nhwc` = "
-                  "that plus the coupling networks in bf16 and channels_last (`--amp bf16 --channels-last`).",
+                  "that plus the coupling networks in bf16 and channels_last (`--amp bf16 --channels-last`); "
+                  "`graphed_gemm` / `graphed_bf16_gemm` = graphs with the networks' convs as GEMMs "
+                  "(`--gemm-networks`).",
     "coupling_net": "`reference` = the NCHW module on cuDNN; `fused` = glowfast's channels_last path with the 1x1 "
                     "conv as one GEMM over pixels (`--channels-last`); `fused_bf16` = that under bf16 autocast "
-                    "(`--amp bf16`); `compiled` = torch.compile of the NCHW module.",
+                    "(`--amp bf16`); `gemm` / `gemm_bf16` = every conv as a GEMM over pixels (`--gemm-networks`); "
+                    "`compiled` = torch.compile of the NCHW module.",
     "step_params": "`reference` = each step builds its own W and log-determinant (the reference layers); `fused` "
                    "= glowfast.fused.level_weights (all steps of a level in batched ops). Host-bound.",
 }
@@ -259,7 +262,8 @@ def target_table(groups: OrderedDict) -> list[str]:
     checks = []
     for g, anchor in PEER_ANCHOR_IMG_S.items():
         rows = groups.get(g) or {}
-        for variant in ("fused", "memory_saving", "graphed", "graphed_bf16_nhwc"):  # glowfast's training paths
+        for variant in ("fused", "memory_saving", "graphed", "graphed_gemm", "graphed_bf16_nhwc",
+                        "graphed_bf16_gemm"):  # glowfast's training paths
             if variant not in rows:
                 continue
             fused = rows[variant]

@@ -1,4 +1,4 @@
-"""How the coupling networks execute: bf16 autocast and/or the channels_last memory format.
+"""How the coupling networks execute: bf16 autocast, and the channels_last or all-GEMM layout.
 
 bf16 (``--amp bf16``): only the coupling networks (``coupling.net``: conv3x3 -> ReLU -> conv1x1 -> ReLU ->
 ZeroConv2d) run under ``torch.autocast(dtype=torch.bfloat16)``; their output is cast back to fp32 before it
@@ -15,7 +15,11 @@ pixels (`nhwc_network_forward`). The flow itself keeps NCHW (the fused kernels r
 is converted to channels_last and its output back to contiguous NCHW, two small copies per step. The function
 computed is the same up to floating-point summation order.
 
-Both are applied from outside the reference layers by one wrapper around each network module's ``forward``
+gemm (``--gemm-networks``): every convolution of the networks as one GEMM over the pixel rows
+(`gemm_network_forward`: im2col for the thin-input 3x3, a GEMM + col2im for the thin-output 3x3), instead of
+cuDNN, which runs these thin convolutions far below the GPU's matmul rate. Exclusive with channels_last.
+
+All are applied from outside the reference layers by one wrapper around each network module's ``forward``
 (on the instance) that reads the network's options on every call; no parameters, buffers or state-dict keys
 change. They act wherever a coupling network is *called as a module*; a backend that read the networks'
 weights directly would bypass them.
@@ -30,7 +34,7 @@ from torch import nn
 
 from .reference.coupling import CouplingNetwork
 
-_OPTIONS = "_glowfast_net_options"  # per network: {"bf16": bool, "channels_last": bool}
+_OPTIONS = "_glowfast_net_options"  # per network: {"bf16": bool, "channels_last": bool, "gemm": bool}
 
 
 def coupling_networks(model: nn.Module) -> list[nn.Module]:
@@ -53,10 +57,44 @@ def nhwc_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
     return net.conv3(torch.relu(h))
 
 
+def _is_standard_network(net: CouplingNetwork) -> bool:
+    c1, c2, c3 = net.conv1, net.conv2, net.conv3.conv
+    return (c1.kernel_size == (3, 3) and c1.padding == (1, 1) and c2.kernel_size == (1, 1)
+            and c3.kernel_size == (3, 3) and c3.padding == (1, 1)
+            and all(c.stride == (1, 1) and c.dilation == (1, 1) and c.groups == 1 for c in (c1, c2, c3)))
+
+
+def gemm_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
+    """`CouplingNetwork.forward` with every convolution as one GEMM over the B*H*W pixel rows (no cuDNN).
+
+    The coupling network's 3x3 convolutions are thin: few input channels (conv1: C_a -> 512) or few output
+    channels (conv3: 512 -> 2*C_b), shapes on which cuDNN runs at 14-35 TFLOP/s (shared/TOOLCHAIN.md, H100).
+    Here, with the hidden activations kept as (B*H*W, 512) row matrices:
+      conv1: im2col of the small input (unfold: 9*C_a columns), then one GEMM (K = 9*C_a);
+      conv2: one GEMM (the 1x1 conv);
+      conv3: one GEMM to 9*C_out "tap" channels (each output channel's 3x3 taps, flipped), then `fold` adds
+             every tap's contribution at its shifted position (col2im) — no im2col of the 512-channel input.
+    Input and output are NCHW, as the flow hands them over. Same function as the module's forward (tested).
+    """
+    b, _, hgt, wid = x.shape
+    c1, c2, c3 = net.conv1, net.conv2, net.conv3.conv
+    cols = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(b * hgt * wid, -1)
+    h = torch.relu(torch.addmm(c1.bias, cols, c1.weight.flatten(1).t()))
+    h = torch.relu(torch.addmm(c2.bias, h, c2.weight.flatten(1).t()))
+    out_ch = c3.out_channels
+    taps = c3.weight.flip(2, 3).permute(0, 2, 3, 1).reshape(out_ch * 9, -1)  # rows (o, kh, kw), fold's order
+    t = torch.mm(h, taps.t()).view(b, hgt * wid, out_ch * 9).transpose(1, 2)
+    y = torch.nn.functional.fold(t, (hgt, wid), 3, padding=1) + c3.bias.view(1, -1, 1, 1)
+    return y * torch.exp(net.conv3.logs * net.conv3.logscale_factor).view(1, -1, 1, 1)
+
+
 def _forward_with_options(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Installed as the network's bound `forward` (a MethodType, so copy.deepcopy rebinds it to the copy)."""
     opts = getattr(net, _OPTIONS)
-    forward = nhwc_network_forward if opts["channels_last"] else type(net).forward
+    if opts["gemm"]:
+        forward = gemm_network_forward
+    else:
+        forward = nhwc_network_forward if opts["channels_last"] else type(net).forward
     h = x.contiguous(memory_format=torch.channels_last) if opts["channels_last"] else x
     if opts["bf16"]:
         device_type = x.device.type if x.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
@@ -72,12 +110,21 @@ def _forward_with_options(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _set_option(model: nn.Module, name: str, value: bool) -> int:
     """Set one option on every coupling network of `model`; returns how many networks changed."""
     n = 0
-    for net in coupling_networks(model):
+    nets = coupling_networks(model)
+    if value and name in ("gemm", "channels_last"):
+        other = "channels_last" if name == "gemm" else "gemm"
+        if any(getattr(net, _OPTIONS, {}).get(other) for net in nets):
+            raise ValueError(f"the coupling networks already run with {other}; {name} and {other} are two "
+                             "different layouts, enable one of them")
+        if name == "gemm" and not all(_is_standard_network(net) for net in nets):
+            raise ValueError("gemm networks need the standard coupling network (3x3 pad 1, 1x1, 3x3 pad 1, "
+                             "stride 1)")
+    for net in nets:
         opts = getattr(net, _OPTIONS, None)
         if bool(opts and opts[name]) == value:
             continue
         if opts is None:
-            opts = {"bf16": False, "channels_last": False}
+            opts = {"bf16": False, "channels_last": False, "gemm": False}
             setattr(net, _OPTIONS, opts)
             net.forward = types.MethodType(_forward_with_options, net)
         opts[name] = value
@@ -126,3 +173,17 @@ def disable_channels_last_networks(model: nn.Module) -> int:
 
 def channels_last_networks_enabled(model: nn.Module) -> bool:
     return _all_set(model, "channels_last")
+
+
+def enable_gemm_networks(model: nn.Module) -> int:
+    """Run every coupling network's convolutions as GEMMs (`gemm_network_forward`) instead of cuDNN; returns how
+    many networks were changed. Idempotent. Exclusive with channels_last (a different layout)."""
+    return _set_option(model, "gemm", True)
+
+
+def disable_gemm_networks(model: nn.Module) -> int:
+    return _set_option(model, "gemm", False)
+
+
+def gemm_networks_enabled(model: nn.Module) -> bool:
+    return _all_set(model, "gemm")

@@ -55,12 +55,14 @@ def load_model(state: dict, device: torch.device, backend: str = "auto"):
     model.load_state_dict(state["model"])
     config = state.get("config", {})
     model.to(device)
-    from .amp import enable_bf16_networks, enable_channels_last_networks
+    from .amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
 
     if config.get("amp", "none") == "bf16":  # the networks run as they were trained
         enable_bf16_networks(model)
     if config.get("channels_last"):
         enable_channels_last_networks(model)
+    if config.get("gemm_networks"):
+        enable_gemm_networks(model)
     return model.eval()
 
 

@@ -30,7 +30,7 @@ OPTIMIZERS = ("adamax", "adam")
 # options that may be changed when resuming a run; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = ("steps", "epochs", "eval_interval", "ckpt_interval", "log_interval", "device", "backend",
                        "max_nonfinite", "progress", "num_workers", "eval_batch_size", "data_dir", "threads",
-                       "cuda_graphs", "channels_last", "memory_saving")
+                       "cuda_graphs", "channels_last", "memory_saving", "gemm_networks")
 
 DEFAULTS_NOTE = "defaults: a small digits model that trains in a few minutes on 2 CPU cores"
 
@@ -129,6 +129,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add(g, "--channels-last", action=argparse.BooleanOptionalAction, default=False,
         help="run the coupling networks in the channels_last (NHWC) memory format, cuDNN's faster layout for "
              "their convolutions; the flow stays NCHW and the function computed is the same")
+    add(g, "--gemm-networks", action=argparse.BooleanOptionalAction, default=False,
+        help="run the coupling networks' convolutions as GEMMs over the pixels (im2col / col2im for the thin "
+             "3x3s) instead of cuDNN; the same function; exclusive with --channels-last")
     add(g, "--amp", choices=("none", "bf16"), default="none",
         help="bf16: coupling networks under bf16 autocast; flow, log-determinants and loss stay fp32")
     add(g, "--threads", type=int, default=1,
@@ -195,6 +198,8 @@ def validate(cfg: dict) -> None:
         raise ValueError("--warmup-steps must be >= 0")
     if cfg["lr"] <= 0:
         raise ValueError("--lr must be > 0")
+    if cfg.get("channels_last") and cfg.get("gemm_networks"):
+        raise ValueError("--channels-last and --gemm-networks are two different network layouts; choose one")
 
 
 def main(argv: list[str] | None = None, callbacks=()) -> int:

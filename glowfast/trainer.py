@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .amp import enable_bf16_networks, enable_channels_last_networks
+from .amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
 from .checkpoint import (
     NonFiniteStateError,
     assert_finite_state,
@@ -182,6 +182,8 @@ class Trainer:
             enable_bf16_networks(self.model)
         if cfg.get("channels_last"):
             enable_channels_last_networks(self.model)
+        if cfg.get("gemm_networks"):
+            enable_gemm_networks(self.model)
         self.model.memory_saving = bool(cfg.get("memory_saving"))
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)

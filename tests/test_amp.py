@@ -11,8 +11,12 @@ from glowfast.amp import (
     coupling_networks,
     disable_bf16_networks,
     disable_channels_last_networks,
+    disable_gemm_networks,
     enable_bf16_networks,
     enable_channels_last_networks,
+    enable_gemm_networks,
+    gemm_network_forward,
+    gemm_networks_enabled,
     nhwc_network_forward,
 )
 
@@ -133,9 +137,11 @@ def test_network_options_survive_deepcopy_and_state_dict_round_trips():
 
 @pytest.mark.parametrize("device", cuda_devices())
 @pytest.mark.parametrize("shape", [(3, 6, 8, 8), (1, 12, 4, 4), (2, 2, 5, 3)])
-def test_nhwc_forward_with_gemm_equals_the_module(device, shape, exact_precision):
-    """The channels_last network (1x1 conv as a GEMM over pixels) = CouplingNetwork.forward, values and every
-    gradient; it must follow the module's architecture, so a change there fails here."""
+@pytest.mark.parametrize("layout", ["nhwc", "gemm"])
+def test_fast_network_forwards_equal_the_module(device, shape, layout, exact_precision):
+    """The channels_last network (1x1 conv as a GEMM over pixels) and the all-GEMM network (im2col / col2im
+    3x3s) = CouplingNetwork.forward, values and every gradient; they must follow the module's architecture, so
+    a change there fails here."""
     from glowfast.reference.coupling import CouplingNetwork
 
     b, c, hgt, wid = shape
@@ -147,8 +153,12 @@ def test_nhwc_forward_with_gemm_equals_the_module(device, shape, exact_precision
     ref = net(x)
     expected = torch.autograd.grad((ref * torch.linspace(-1, 1, ref.numel(), device=device).view_as(ref)).sum(),
                                    [x, *net.parameters()])
-    net.to(memory_format=torch.channels_last)
-    out = nhwc_network_forward(net, x.contiguous(memory_format=torch.channels_last))
+    if layout == "nhwc":
+        net.to(memory_format=torch.channels_last)
+        out = nhwc_network_forward(net, x.contiguous(memory_format=torch.channels_last))
+    else:
+        out = gemm_network_forward(net, x)
+        assert out.is_contiguous()
     assert_exact(out, ref, "out", "network output")
     actual = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum(),
                                  [x, *net.parameters()])
@@ -174,3 +184,32 @@ def test_fused_backend_with_channels_last_networks(kernel_device):
     assert_exact(out, ref, "logdet", "log p")
     for (name, _), a, e in zip(m.named_parameters(), torch.autograd.grad(out.sum(), params), expected, strict=True):
         assert_exact(a, e, "grad", name)
+
+
+def test_gemm_networks_in_the_model_and_their_errors(kernel_device):
+    """--gemm-networks: same likelihood and gradients as cuDNN's convolutions, on the fused backend too; it and
+    channels_last exclude each other with a clear error; a non-standard network is refused."""
+    torch.manual_seed(0)
+    m = Glow((1, 8, 8), K=2, L=2, hidden_channels=16, backend="fused").to(kernel_device)
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    m(x)
+    with torch.no_grad():
+        for net in coupling_networks(m):
+            net.conv3.conv.weight.normal_(0, 0.05)
+    params = list(m.parameters())
+    ref = m(x, dequantize=False).log_prob
+    expected = torch.autograd.grad(ref.sum(), params)
+    assert enable_gemm_networks(m) == 4 and gemm_networks_enabled(m)
+    out = m(x, dequantize=False).log_prob
+    assert_exact(out, ref, "logdet", "log p")
+    for (name, _), a, e in zip(m.named_parameters(), torch.autograd.grad(out.sum(), params), expected, strict=True):
+        assert_exact(a, e, "grad", name)
+    with pytest.raises(ValueError, match="enable one of them"):
+        enable_channels_last_networks(m)
+    assert disable_gemm_networks(m) == 4 and enable_channels_last_networks(m) == 4
+    with pytest.raises(ValueError, match="enable one of them"):
+        enable_gemm_networks(m)
+    disable_channels_last_networks(m)
+    coupling_networks(m)[0].conv1.padding = (2, 2)
+    with pytest.raises(ValueError, match="standard coupling network"):
+        enable_gemm_networks(m)

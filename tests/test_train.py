@@ -264,3 +264,15 @@ def test_bad_options_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--coupling", "nonsense"])
     assert e.value.code == 2
+
+
+def test_gemm_networks_option(tmp_path, capsys):
+    from glowfast.amp import gemm_networks_enabled
+    from glowfast.sample import load_model
+
+    run = tmp_path / "gemm"
+    assert main(TINY + ["--steps", "2", "--eval-interval", "2", "--gemm-networks", "--run-dir", str(run)]) == 0
+    assert gemm_networks_enabled(load_model(load_checkpoint(run / "checkpoints" / LAST), torch.device("cpu"),
+                                            "reference"))
+    assert main(TINY + ["--steps", "2", "--gemm-networks", "--channels-last", "--run-dir", str(tmp_path / "x")]) == 2
+    assert "choose one" in capsys.readouterr().err
