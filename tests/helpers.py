@@ -42,3 +42,38 @@ def jacobian_logabsdet(fn, x: torch.Tensor) -> torch.Tensor:
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def make_steps(K, C, coupling, permutation, lu, device, hidden=8, scale=0.2):
+    """K reference FlowSteps with random (non-identity) parameters, on `device`."""
+    from glowfast.reference import FlowStep
+
+    steps = torch.nn.ModuleList(FlowStep(C, hidden, coupling, permutation, lu) for _ in range(K))
+    return randomize_(steps, scale=scale).to(device)
+
+
+def reference_forward(steps, x):
+    """The reference layers' (y, summed logdet) over a sequence of steps."""
+    logdet = x.new_zeros(x.shape[0])
+    for step in steps:
+        x, ld = step(x)
+        logdet = logdet + ld
+    return x, logdet
+
+
+def assert_steps_match_reference(steps, x, y, logdet):
+    """(y, logdet) computed from x by a fast path over `steps` equals the reference layers' output and logdet,
+    and so do the gradients of x and of every parameter (random cotangents), at the exact-fp32 tolerances.
+    Returns the reference output."""
+    from tolerances import assert_exact, assert_grads_exact
+
+    params = [x, *steps.parameters()]
+    names = ["x", *(n for n, _ in steps.named_parameters())]
+    y_ref, ld_ref = reference_forward(steps, x)
+    assert_exact(y, y_ref, "out", "y")
+    assert_exact(logdet, ld_ref, "logdet", "logdet")
+    g_y, g_ld = torch.randn_like(y_ref), torch.randn_like(ld_ref)
+    expected = torch.autograd.grad((y_ref * g_y).sum() + (ld_ref * g_ld).sum(), params)
+    actual = torch.autograd.grad((y * g_y).sum() + (logdet * g_ld).sum(), params)
+    assert_grads_exact(actual, expected, names)
+    return y_ref

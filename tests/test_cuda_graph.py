@@ -17,7 +17,7 @@ from glowfast.model import Glow
 from glowfast.train import main
 
 from conftest import requires_cuda
-from test_train import TINY, _metrics
+from test_train import TINY, _metrics, inf_injector
 
 
 def test_cuda_graphs_need_cuda(tmp_path, capsys):
@@ -102,22 +102,10 @@ CUDA_TINY = [a if a not in ("cpu", "reference") else {"cpu": "cuda", "reference"
 @requires_cuda
 def test_graphed_training_run_skips_nonfinite_and_resumes(tmp_path):
     seen = {}
-
-    def inject(event, trainer):
-        top = trainer.model.prior.top
-        if event == "before_step" and trainer.step == 3:
-            seen["before"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-            seen["value"] = top.data[0].item()
-            top.data[0] = float("inf")
-        elif event == "after_step" and trainer.step == 4:
-            top.data[0] = seen["value"]
-            after = trainer.model.state_dict()
-            seen["unchanged"] = all(torch.equal(seen["before"][k], after[k]) for k in after)
-
     run = tmp_path / "graphed"
     assert main(CUDA_TINY + ["--steps", "8", "--eval-interval", "4", "--cuda-graphs", "--run-dir", str(run)],
-                callbacks=[inject]) == 0
-    assert seen["unchanged"]
+                callbacks=[inf_injector(seen)]) == 0
+    assert seen["unchanged"] and seen["nonfinite_total"] == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["nonfinite_skipped"] == 1
     assert [r["step"] for r in _metrics(run) if r["type"] == "nonfinite"] == [4]

@@ -13,7 +13,7 @@ from glowfast.model import Glow
 from glowfast.reference import FlowStep
 
 from conftest import kernel_devices
-from helpers import randomize_
+from helpers import assert_steps_match_reference, make_steps, randomize_, reference_forward
 from tolerances import assert_exact, assert_grads_exact, assert_roundtrip
 
 COMBOS = [
@@ -21,19 +21,6 @@ COMBOS = [
     for coupling in ("affine", "additive")
     for permutation, lu in (("invconv", True), ("invconv", False), ("shuffle", True), ("reverse", True))
 ]
-
-
-def make_steps(K, C, coupling, permutation, lu, device):
-    steps = torch.nn.ModuleList(FlowStep(C, 8, coupling, permutation, lu) for _ in range(K))
-    return randomize_(steps, scale=0.2).to(device)
-
-
-def reference_forward(steps, x):
-    logdet = x.new_zeros(x.shape[0])
-    for step in steps:
-        x, ld = step(x)
-        logdet = logdet + ld
-    return x, logdet
 
 
 # Each combination once per regime, alternating shapes (batch 1 with C = 6, odd 5x7; batch 2 with C = 12,
@@ -53,18 +40,8 @@ GLOW_CASES = [
 def test_steps_forward_backward_inverse(coupling, permutation, lu, shape, device, exact_precision):
     steps = make_steps(3, shape[1], coupling, permutation, lu, device)
     x = torch.randn(*shape, device=device, requires_grad=True)
-    params = [x, *steps.parameters()]
-    names = ["x", *(n for n, _ in steps.named_parameters())]
-
-    y_ref, ld_ref = reference_forward(steps, x)
     y, ld = fused.steps_forward(list(steps), x)
-    assert_exact(y, y_ref, "out", "y")
-    assert_exact(ld, ld_ref, "logdet", "logdet")
-
-    g_y, g_ld = torch.randn_like(y_ref), torch.randn_like(ld_ref)
-    expected = torch.autograd.grad((y_ref * g_y).sum() + (ld_ref * g_ld).sum(), params)
-    actual = torch.autograd.grad((y * g_y).sum() + (ld * g_ld).sum(), params)
-    assert_grads_exact(actual, expected, names)
+    y_ref = assert_steps_match_reference(steps, x, y, ld)
 
     with torch.no_grad():
         x_back = fused.steps_inverse(list(steps), y_ref)

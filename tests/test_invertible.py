@@ -10,10 +10,9 @@ import torch
 
 from glowfast import fused
 from glowfast.model import Glow
-from glowfast.reference import FlowStep
 
 from conftest import kernel_devices
-from helpers import randomize_
+from helpers import assert_steps_match_reference, make_steps, randomize_, reference_forward
 from tolerances import assert_exact, assert_grads_exact
 
 COMBOS = [(c, p, lu) for c in ("affine", "additive") for p, lu in (("invconv", True), ("invconv", False),
@@ -21,46 +20,23 @@ COMBOS = [(c, p, lu) for c in ("affine", "additive") for p, lu in (("invconv", T
 COMBO_IDS = [f"{c}-{p}{'-lu' if lu else ''}" for c, p, lu in COMBOS]
 
 
-def _steps(K, C, coupling, permutation, lu, device):
-    return randomize_(torch.nn.ModuleList(FlowStep(C, 8, coupling, permutation, lu) for _ in range(K)),
-                      scale=0.2).to(device)
-
-
-def _reference(steps, x):
-    logdet = x.new_zeros(x.shape[0])
-    for step in steps:
-        x, ld = step(x)
-        logdet = logdet + ld
-    return x, logdet
-
-
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("coupling,permutation,lu", COMBOS, ids=COMBO_IDS)
 def test_memory_saving_gradients_match_the_reference(coupling, permutation, lu, device, exact_precision):
-    steps = _steps(4, 6, coupling, permutation, lu, device)
+    steps = make_steps(4, 6, coupling, permutation, lu, device)
     x = torch.randn(2, 6, 3, 5, device=device, requires_grad=True)
-    params = [x, *steps.parameters()]
-    names = ["x", *(n for n, _ in steps.named_parameters())]
-
     y_fused, ld_fused = fused.steps_forward(list(steps), x)
     y, ld = fused.steps_forward(list(steps), x, memory_saving=True)
     assert torch.equal(y, y_fused) and torch.equal(ld, ld_fused)  # same kernels forward
-
-    y_ref, ld_ref = _reference(steps, x)
-    assert_exact(y, y_ref, "out", "y")
-    assert_exact(ld, ld_ref, "logdet", "logdet")
-    g_y, g_ld = torch.randn_like(y_ref), torch.randn_like(ld_ref)
-    expected = torch.autograd.grad((y_ref * g_y).sum() + (ld_ref * g_ld).sum(), params)
-    actual = torch.autograd.grad((y * g_y).sum() + (ld * g_ld).sum(), params)
-    assert_grads_exact(actual, expected, names)
+    assert_steps_match_reference(steps, x, y, ld)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
 def test_only_the_logdet_or_only_the_output_reaches_the_loss(device, exact_precision):
-    steps = _steps(3, 4, "affine", "invconv", True, device)
+    steps = make_steps(3, 4, "affine", "invconv", True, device)
     x = torch.randn(2, 4, 4, 4, device=device, requires_grad=True)
     for pick in (lambda y, ld: ld.sum(), lambda y, ld: y.square().sum()):
-        expected = torch.autograd.grad(pick(*_reference(steps, x)), [x, *steps.parameters()])
+        expected = torch.autograd.grad(pick(*reference_forward(steps, x)), [x, *steps.parameters()])
         actual = torch.autograd.grad(pick(*fused.steps_forward(list(steps), x, memory_saving=True)),
                                      [x, *steps.parameters()])
         assert_grads_exact(actual, expected, ["x", *(n for n, _ in steps.named_parameters())])
@@ -85,7 +61,7 @@ def _saved_bytes(fn, params) -> int:
 def test_memory_saving_keeps_a_fraction_of_the_activations(kernel_device):
     """K=8 steps with a wide (hidden 64) network: the ordinary fused path saves every step's input, network
     output and the network's own activations; the memory-saving one saves the level's output and parameters."""
-    steps = _steps(8, 8, "affine", "invconv", True, kernel_device)
+    steps = make_steps(8, 8, "affine", "invconv", True, kernel_device)
     for s in steps:
         s.coupling.net = randomize_(type(s.coupling.net)(4, 64, 8), scale=0.1).to(kernel_device)
     x = torch.randn(4, 8, 8, 8, requires_grad=True)

@@ -162,10 +162,9 @@ def test_nonfinite_losses_stop_the_run(tmp_path, capsys):
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_transient_nonfinite_step_is_skipped(tmp_path):
-    """An inf injected into one parameter for one step (via the documented callback hook) skips that update."""
-    seen = {}
-
+def inf_injector(seen: dict):
+    """A trainer callback that puts an inf into the top prior for the 4th step only, and records in `seen`
+    whether that step left the weights unchanged (it must be skipped) and the non-finite count after it."""
     def inject(event, trainer):
         top = trainer.model.prior.top
         if event == "before_step" and trainer.step == 3:
@@ -178,6 +177,13 @@ def test_transient_nonfinite_step_is_skipped(tmp_path):
             seen["unchanged"] = all(torch.equal(seen["before"][k], after[k]) for k in after)
             seen["nonfinite_total"] = trainer.nonfinite_total
 
+    return inject
+
+
+def test_transient_nonfinite_step_is_skipped(tmp_path):
+    """An inf injected into one parameter for one step (via the documented callback hook) skips that update."""
+    seen = {}
+    inject = inf_injector(seen)
     run = tmp_path / "transient"
     assert main(TINY + ["--steps", "6", "--eval-interval", "6", "--run-dir", str(run)], callbacks=[inject]) == 0
     assert seen["unchanged"] and seen["nonfinite_total"] == 1
