@@ -137,7 +137,18 @@ def save_checkpoint(state: dict, directory: str | os.PathLike,
             pass
         raise
     _fsync_dir(directory)
+    _remove_stale_temporaries(directory)
     return last
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete the half-written `.last.pt.*.tmp` files of a writer that was killed mid-save. Only one process
+    writes a run's checkpoints (rank 0) and its own temporary is already renamed, so any left are stale."""
+    for stale in directory.glob(f".{LAST}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
 
 
 def _preserve_as(src: Path, dst: Path) -> None:

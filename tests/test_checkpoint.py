@@ -65,6 +65,20 @@ def test_crash_during_save_leaves_previous_checkpoint_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [LAST, PREV]  # no temp file left behind
 
 
+def test_next_save_removes_a_killed_writers_temporary(tmp_path):
+    """SIGKILL mid-write leaves a half-written `.last.pt.*.tmp` (no except clause runs); the next save of the
+    run (e.g. after --resume) deletes it, and touches nothing else in the folder."""
+    save_checkpoint(_state(1.0), tmp_path)
+    stale = tmp_path / f".{LAST}.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    other = tmp_path / "notes.txt"
+    other.write_text("keep me")
+    assert find_checkpoint(tmp_path)[1]["step"] == 1  # the stale file never shadows a real checkpoint
+    save_checkpoint(_state(2.0), tmp_path)
+    assert not stale.exists() and other.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LAST, PREV, "notes.txt"])
+
+
 def test_atomic_save_crash_keeps_old_file(tmp_path):
     target = tmp_path / "x.pt"
     atomic_save({"a": torch.ones(3)}, target)
