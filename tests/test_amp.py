@@ -78,7 +78,7 @@ def test_bf16_networks_only(device, coupling):
 
 
 @pytest.mark.parametrize("device", cuda_devices())
-def test_channels_last_networks_compute_the_same_function(device):
+def test_channels_last_networks_compute_the_same_function(device, exact_precision):
     m, x = _model(device)
     keys = list(m.state_dict())
     g = torch.Generator(device)
