@@ -65,12 +65,14 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike, writer: Callable[[Any, Any], None] | None = None) -> Path:
+def atomic_save(obj: Any, path: str | os.PathLike, writer: Callable[[Any, Any], None] | None = None,
+                before_replace: Callable[[], None] | None = None) -> Path:
     """Write ``obj`` to ``path`` atomically (temp file in the same directory + fsync + ``os.replace``).
 
     ``writer(obj, file)`` serialises ``obj`` into an open binary file (default ``torch.save``). If it raises
     (or the process dies) the temporary file is removed / left under a ``.tmp`` name and ``path`` keeps its
-    previous content.
+    previous content. ``before_replace()`` runs once the new content is safely on disk, just before the rename
+    (save_checkpoint keeps the old file as prev.pt there).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +83,8 @@ def atomic_save(obj: Any, path: str | os.PathLike, writer: Callable[[Any, Any], 
             writer(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -118,25 +122,13 @@ def save_checkpoint(state: dict, directory: str | os.PathLike,
         if key in state:
             assert_finite_state(state[key], key)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     last, prev = directory / LAST, directory / PREV
-    writer = writer or torch.save
-    fd, tmp = tempfile.mkstemp(prefix=f".{LAST}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def keep_previous() -> None:
         if last.exists():
             _preserve_as(last, prev)
-        os.replace(tmp, last)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+
+    atomic_save(state, last, writer, before_replace=keep_previous)
     _remove_stale_temporaries(directory)
     return last
 
