@@ -24,6 +24,7 @@ The standalone launch functions used here are the ones the ordinary fused path's
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -39,18 +40,18 @@ def _step_tensors(step, weight) -> list[torch.Tensor]:
 
 
 class _InvertibleSteps(torch.autograd.Function):
-    """(y, coupling logdet) of K fused steps; saves y and the parameters only. Inputs: (steps, n_per_step, x,
-    *[bias_k, log_scale_k, W_k, *net_params_k for every k])."""
+    """(y, coupling logdet) of K fused steps; saves y and the parameters only. Inputs: (steps, bounds, x,
+    *[bias_k, log_scale_k, W_k, *net_params_k for every k]); step k's tensors are tensors[bounds[k]:bounds[k+1]]."""
 
     @staticmethod
-    def forward(ctx, steps, n_per_step, x, *tensors):
+    def forward(ctx, steps, bounds, x, *tensors):
         from .fused import fused_chain
 
-        weights = [tensors[sum(n_per_step[:k]) + 2] for k in range(len(steps))]
+        weights = [tensors[start + 2] for start in bounds[:-1]]
         y, ld = fused_chain(steps, x, weights)  # grad mode is off inside Function.forward: nothing is recorded
         if ld is None:
             ld = x.new_zeros(x.shape[0])
-        ctx.steps, ctx.n_per_step = steps, n_per_step
+        ctx.steps, ctx.bounds = steps, bounds
         ctx.save_for_backward(y, *tensors)
         return y, ld
 
@@ -59,9 +60,8 @@ class _InvertibleSteps(torch.autograd.Function):
         from .fused import _is_affine
 
         y, *tensors = ctx.saved_tensors
-        steps, n_per_step = ctx.steps, ctx.n_per_step
-        offsets = [sum(n_per_step[:k]) for k in range(len(steps))]
-        weights = [tensors[o + 2] for o in offsets]
+        steps, bounds = ctx.steps, ctx.bounds
+        weights = [tensors[start + 2] for start in bounds[:-1]]
         # inv_ex: no singularity check, which would synchronise the device (and break CUDA-graph capture); W is
         # invertible by construction and the forward already used it
         w_invs = torch.linalg.inv_ex(torch.stack(weights).double())[0].to(weights[0].dtype).unbind(0)
@@ -69,9 +69,9 @@ class _InvertibleSteps(torch.autograd.Function):
         ca = y.shape[1] // 2
         out, g_out = y.detach(), grad_y if grad_y is not None else torch.zeros_like(y)
         for k in reversed(range(len(steps))):
-            step, o = steps[k], offsets[k]
+            step, o, end = steps[k], bounds[k], bounds[k + 1]
             bias, log_scale, weight = tensors[o], tensors[o + 1], tensors[o + 2]
-            net_params = list(tensors[o + 3: o + n_per_step[k]])
+            net_params = list(tensors[o + 3: end])
             affine = _is_affine(step)
             with torch.enable_grad():
                 net_in = out[:, :ca].detach().requires_grad_(True)
@@ -82,7 +82,7 @@ class _InvertibleSteps(torch.autograd.Function):
             dz[:, :ca] += g_in
             x_k = actnorm_invconv_inverse(z, bias, log_scale, w_invs[k])
             dx, db, dls, dw = actnorm_invconv_backward(x_k, dz, bias, log_scale, weight)
-            grads[o: o + n_per_step[k]] = [db, dls, dw, *g_net]
+            grads[o:end] = [db, dls, dw, *g_net]
             out, g_out = x_k, dx
         return (None, None, g_out, *grads)
 
@@ -93,5 +93,5 @@ def invertible_steps(steps: Sequence, x: torch.Tensor, weights: Sequence[torch.T
     w.r.t. x, the W's given and every step's ActNorm and network parameters, with the memory-saving backward."""
     steps = list(steps)
     per_step = [_step_tensors(s, w) for s, w in zip(steps, weights, strict=True)]
-    n_per_step = tuple(len(t) for t in per_step)
-    return _InvertibleSteps.apply(steps, n_per_step, x, *(t for ts in per_step for t in ts))
+    bounds = (0, *itertools.accumulate(len(t) for t in per_step))
+    return _InvertibleSteps.apply(steps, bounds, x, *(t for ts in per_step for t in ts))
