@@ -81,7 +81,7 @@ def interpolate(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> torc
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError, find_checkpoint
-    from .trainer import save_grid
+    from .images import save_grid
 
     args = build_parser().parse_args(argv)
     if not args.run and not args.checkpoint:

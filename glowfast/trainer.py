@@ -43,6 +43,7 @@ from .checkpoint import (
 from .cuda_graph import check_graphable
 from .distributed import DistInfo, ResumableDistributedSampler, broadcast_module, is_dist
 from .evaluate import evaluate_bpd, unwrap
+from .images import save_grid
 from .model import Glow
 
 TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 1.0)
@@ -109,20 +110,6 @@ def sample_grid(model: Glow, temperature: float, n: int, seed: int, device: torc
         return images, max(1, int(math.sqrt(n)))
     finally:
         glow.train(was_training)
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int, min_side: int = 32) -> None:
-    """Save a grid PNG atomically; images smaller than `min_side` are enlarged (nearest) so 8x8 stays visible."""
-    from torchvision.utils import save_image
-
-    images = images.float().cpu()
-    scale = math.ceil(min_side / min(images.shape[-2:]))
-    if scale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image(images, tmp, nrow=nrow, padding=1, pad_value=0.5)
-    os.replace(tmp, path)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -1,0 +1,63 @@
+"""Image grids and PNGs (glowfast.images): layout, exact pixel values, atomic write, no torchvision needed."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from glowfast.images import image_grid, save_grid
+
+
+def test_grid_places_each_image_row_major_with_padding():
+    x = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 1, 2, 3) / 10
+    g = image_grid(x, nrow=3, pad=1, pad_value=1.0)
+    assert g.shape == (2 * 3 + 1, 3 * 4 + 1)
+    for i in range(5):
+        r, k = divmod(i, 3)
+        cell = g[1 + 3 * r: 3 + 3 * r, 1 + 4 * k: 4 + 4 * k]
+        assert np.all(cell == np.float32(i / 10))
+    assert np.all(g[4:6, 9:12] == 1.0)  # the sixth slot is empty: padding value
+    assert np.all(g[0] == 1.0) and np.all(g[:, 0] == 1.0)
+
+
+def test_grid_of_uint8_rgb_is_hwc_in_unit_range():
+    x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    g = image_grid(x, nrow=2, pad=0)
+    assert g.shape == (4, 8, 3) and g.max() == 1.0 and g.min() == 1.0
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 8, 8), (4, 8, 8)])
+def test_grid_rejects_bad_shapes(shape):
+    with pytest.raises(ValueError, match="image_grid needs"):
+        image_grid(torch.zeros(shape), nrow=2)
+
+
+def test_save_grid_writes_the_exact_grayscale_values(tmp_path):
+    x = torch.tensor([0, 64, 128, 255], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 32, 32)
+    path = tmp_path / "sub" / "g.png"
+    save_grid(x, path, nrow=2)
+    img = imread(path)  # float in [0, 1], RGBA
+    assert img.shape[:2] == (2 * 33 + 1, 2 * 33 + 1)
+    for i, v in enumerate((0, 64, 128, 255)):
+        r, k = divmod(i, 2)
+        cell = img[1 + 33 * r: 33 + 33 * r, 1 + 33 * k: 33 + 33 * k, :3]
+        assert np.allclose(cell, v / 255, atol=0.5 / 255)
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_save_grid_enlarges_small_images(tmp_path):
+    path = tmp_path / "d.png"
+    save_grid(torch.rand(4, 1, 8, 8), path, nrow=2, min_side=32)
+    assert imread(path).shape[:2] == (2 * 33 + 1, 2 * 33 + 1)
+
+
+def test_save_grid_works_without_torchvision(tmp_path):
+    """torchvision is optional (the `vision` extra): the trainer's sample grids must not need it."""
+    code = ("import sys; sys.modules['torchvision'] = None\n"
+            "import torch, glowfast.trainer as t\n"
+            f"t.save_grid(torch.rand(4, 3, 8, 8), __import__('pathlib').Path({str(tmp_path / 'x.png')!r}), 2)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert imread(tmp_path / "x.png").shape[:2] == (2 * 33 + 1, 2 * 33 + 1)
