@@ -22,6 +22,7 @@ import torch
 
 from ..checkpoint import CheckpointError, find_checkpoint, save_checkpoint
 from ..data import DatasetNotFoundError, dataset_info, get_dataset
+from ..images import image_grid
 from ..model import Glow
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -204,7 +205,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_model(spec: ModelSpec, backend: str = "reference") -> Glow:
+def build_model(spec: ModelSpec) -> Glow:
+    """The model of `spec` on the reference backend (`set_backend` picks the compute path once it is on its device)."""
     info = dataset_info(spec.dataset, spec.size)
     n_classes = info.n_classes if spec.conditional and info.n_classes >= 2 else None
     return Glow(info.image_shape, K=spec.K, L=spec.L, hidden_channels=spec.hidden, coupling=spec.coupling,
@@ -415,22 +417,6 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
 
 
 # ------------------------------------------------------------------------------------------------ images
-
-
-def image_grid(images: torch.Tensor | np.ndarray, nrow: int, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
-    """(N, C, H, W) floats in [0, 1] -> one (H', W') or (H', W', 3) array, row-major, `nrow` per row."""
-    x = torch.as_tensor(images).detach().float().cpu()
-    if x.dtype == torch.uint8:
-        x = x / 255.0
-    n, c, h, w = x.shape
-    ncol = nrow
-    nrows = max(1, math.ceil(n / ncol))
-    grid = torch.full((c, nrows * (h + pad) + pad, ncol * (w + pad) + pad), pad_value)
-    for i in range(n):
-        r, k = divmod(i, ncol)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = x[i]
-    g = grid.clamp(0, 1).numpy()
-    return g[0] if c == 1 else np.transpose(g, (1, 2, 0))
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
