@@ -6,11 +6,11 @@ this file imports nothing from it):
 1. Per-op, same groups as bench_flow_ops.py so benchmarks/report.py puts fused beside reference/compiled:
    `<op>/<fwd|fwdbwd>/B<b>_C<c>_<H>x<W>` at the CIFAR-10 level shapes, batch 64 and 256, variant "fused"; the
    same function boundary (inputs x [, h], bias, log_scale, W as a leaf; outputs y and the logdet).
-2. Bandwidth: `bandwidth/<kernel>/<fwd|bwd>/B64_C12_128x128` and `.../B64_C48_64x64`: the raw launch
-   functions; extra_info records bytes moved (compulsory HBM traffic of the kernel: every input read once,
-   every output written once), effective GB/s = bytes / median time, the measured device-to-device copy
-   bandwidth of this GPU (`torch.Tensor.copy_` of 1 GiB, read + write) and the fraction of it reached
-   (target: >= 0.70).
+2. Bandwidth: `bandwidth/<kernel>/<fwd|inv|bwd>/B64_C12_128x128` and `.../B64_C48_64x64`: the raw launch
+   functions (cases from glowfast.kernels.tune, whose block-size sweep measures the same way); extra_info
+   records bytes moved (compulsory HBM traffic of the kernel: every input read once, every output written
+   once), effective GB/s = bytes / median time, the measured device-to-device copy bandwidth of this GPU
+   (`torch.Tensor.copy_` of 1 GiB, read + write) and the fraction of it reached (target: >= 0.70).
 3. The non-network part of a chain of flow steps, forward + backward: `step_nonnet/fwdbwd/B<b>_C<c>_<H>x<W>`,
    variants "reference" (the reference layers' code: ActNorm2d, InvConv1x1, the coupling given h) and
    "fused" (1 actnorm_invconv + (K-1) cross_step + 1 coupling launch); the coupling networks are replaced by
@@ -96,69 +96,23 @@ def test_fused_op(cuda_timer, op, shape, mode):
 
 
 # ---------------------------------------------------------------------------------------------- 2. bandwidth
-_COPY_GBPS: dict[str, float] = {}
-
-
-def _copy_bandwidth_gbps() -> float:
-    """Measured HBM bandwidth of this GPU: a 1 GiB device-to-device copy (read + write), best of 10."""
-    if "v" not in _COPY_GBPS:
-        src = torch.empty(2**28, device="cuda")
-        dst = torch.empty_like(src)
-        for _ in range(3):
-            dst.copy_(src)
-        best = float("inf")
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
-        _COPY_GBPS["v"] = 2 * src.numel() * 4 / best / 1e9
-        del src, dst
-    return _COPY_GBPS["v"]
-
-
-def _kernel_call(kernel: str, mode: str, shape):
-    """(call, bytes moved) for the raw launch function."""
-    from glowfast import kernels as K
-
-    b, c, h, w = shape
-    x, hnet = _inputs(shape)
-    bias, log_scale, weight = _params(c)
-    n = x.numel() * 4
-    nh = hnet.numel() * 4
-    gy = torch.randn_like(x)
-    gld = torch.randn(b, device="cuda")
-    calls = {
-        ("actnorm_invconv", "fwd"): (lambda: K.actnorm_invconv_forward(x, bias, log_scale, weight), 2 * n),
-        ("actnorm_invconv", "bwd"): (lambda: K.actnorm_invconv_backward(x, gy, bias, log_scale, weight), 3 * n),
-        ("coupling", "fwd"): (lambda: K.coupling_forward(x, hnet, True), 2 * n + nh),
-        ("coupling", "bwd"): (lambda: K.coupling_backward(x, hnet, gy, gld, True), 3 * n + 2 * nh),
-        ("cross_step", "fwd"): (lambda: K.cross_step_forward(x, hnet, bias, log_scale, weight, True), 2 * n + nh),
-        ("cross_step", "bwd"): (lambda: K.cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True),
-                                3 * n + 2 * nh),
-        ("step_inverse", "fwd"): (lambda: K.step_inverse(x, hnet, bias, log_scale, weight, True), 2 * n + nh),
-    }
-    return calls[(kernel, mode)]
-
-
 @pytest.mark.parametrize("shape", LARGE, ids=_tag)
 @pytest.mark.parametrize("kernel,mode", [
-    ("actnorm_invconv", "fwd"), ("actnorm_invconv", "bwd"), ("coupling", "fwd"), ("coupling", "bwd"),
-    ("cross_step", "fwd"), ("cross_step", "bwd"), ("step_inverse", "fwd"),
+    ("actnorm_invconv", "fwd"), ("actnorm_invconv", "inv"), ("actnorm_invconv", "bwd"), ("coupling", "fwd"),
+    ("coupling", "inv"), ("coupling", "bwd"), ("cross_step", "fwd"), ("cross_step", "bwd"), ("step_inverse", "fwd"),
 ])
 @pytest.mark.parametrize("precision", ["tf32", "ieee"])
 def test_bandwidth(cuda_timer, kernel, mode, shape, precision):
     from glowfast.kernels import use_dot_precision
+    from glowfast.kernels.tune import copy_bandwidth_gbps, kernel_case
 
     cuda_timer.benchmark.group = f"bandwidth/{kernel}/{mode}/{_tag(shape)}"
-    call, nbytes = _kernel_call(kernel, mode, shape)
+    call, nbytes = kernel_case(kernel, mode, shape, "cuda")
     with use_dot_precision(precision):
         cuda_timer(call, device="cuda", variant=f"fused-{precision}", images=shape[0],
                    config={"kernel": kernel, "mode": mode, "shape": list(shape), "precision": precision}, **TIMING)
     median = cuda_timer.benchmark.stats.stats.median
-    peak = _copy_bandwidth_gbps()
+    peak = copy_bandwidth_gbps()
     gbps = nbytes / median / 1e9
     cuda_timer.extra_info.update(bytes_moved=nbytes, effective_GBps=round(gbps, 1), copy_GBps=round(peak, 1),
                                  fraction_of_copy_bw=round(gbps / peak, 3))

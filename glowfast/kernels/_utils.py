@@ -65,6 +65,37 @@ def channel_pad(channels: int) -> int:
     return max(16, triton.next_power_of_2(channels))
 
 
+# (BLOCK_P, num_warps) forced by `launch_override` (the block-size sweep, glowfast.kernels.tune); None = the rule.
+_launch_override: dict[str, int | None] = {"block_p": None, "num_warps": None}
+
+
+@contextlib.contextmanager
+def launch_override(block_p: int | None = None, num_warps: int | None = None):
+    """Launch every kernel inside with this pixel tile and/or warp count instead of the default rule.
+
+    For measuring candidate configurations (`python -m glowfast.kernels.tune`); an explicit `block_p=` argument
+    of a launch function still wins. BLOCK_P must be a power of two >= 16 (tl.arange; the K of the grad-W dot).
+    """
+    if block_p is not None and (block_p < 16 or block_p & (block_p - 1)):
+        raise ValueError(f"block_p must be a power of two >= 16, got {block_p}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps}")
+    old = dict(_launch_override)
+    _launch_override.update(block_p=block_p, num_warps=num_warps)
+    try:
+        yield
+    finally:
+        _launch_override.update(old)
+
+
+def overridden_block_pixels() -> int | None:
+    return _launch_override["block_p"]
+
+
+def overridden_num_warps() -> int | None:
+    return _launch_override["num_warps"]
+
+
 def block_pixels(cp: int, hw: int) -> int:
     """Pixels per tile for a (cp, BLOCK_P) tile.
 
@@ -72,6 +103,8 @@ def block_pixels(cp: int, hw: int) -> int:
     GPU: ~8K fp32 elements per tile (cp=16/32 -> 256 pixels, cp=64 -> 128, cp=128 -> 64) keeps the few live
     tiles in registers; <= 256 pixels also bounds the K of the grad-W `tl.dot` (compile time grows with it).
     """
+    if overridden_block_pixels() is not None:
+        return overridden_block_pixels()
     if is_interpret():
         return max(16, min(triton.next_power_of_2(hw), 2048))
     return max(16, min(8192 // cp, 256, triton.next_power_of_2(hw)))
@@ -92,7 +125,7 @@ SM90_MAX_SHARED = 232448
 
 def launch_options(cp: int) -> dict:
     """Keyword launch options of a kernel whose tile has cp (padded) channels."""
-    return dict(num_warps=num_warps(cp), num_stages=NUM_STAGES)
+    return dict(num_warps=overridden_num_warps() or num_warps(cp), num_stages=NUM_STAGES)
 
 
 @functools.lru_cache(maxsize=8)

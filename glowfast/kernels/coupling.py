@@ -23,7 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import NUM_STAGES, check_channels, check_device, check_grads, check_nchw, is_interpret
+from ._utils import (
+    NUM_STAGES,
+    check_channels,
+    check_device,
+    check_grads,
+    check_nchw,
+    is_interpret,
+    overridden_block_pixels,
+    overridden_num_warps,
+)
 from .actnorm_invconv import tile_index
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,6 +189,8 @@ def _coupling_bwd_kernel(
 
 
 def coupling_block_pixels(cp: int, hw: int) -> int:
+    if overridden_block_pixels() is not None:
+        return overridden_block_pixels()
     if is_interpret():
         return max(16, min(triton.next_power_of_2(hw), 2048))
     return max(16, min(8192 // cp, 1024, triton.next_power_of_2(hw)))
@@ -203,7 +214,7 @@ def _coupling_geometry(z, h, affine, block_p):
 
 
 def _launch(cp, bp):
-    return dict(num_warps=8 if cp * bp >= 8192 else 4, num_stages=NUM_STAGES)
+    return dict(num_warps=overridden_num_warps() or (8 if cp * bp >= 8192 else 4), num_stages=NUM_STAGES)
 
 
 def coupling_forward(z, h, affine: bool = True, *, block_p: int | None = None,

@@ -1,0 +1,321 @@
+"""Block-size sweep of the fused Triton kernels (issue 4's tuning pass), one GPU command:
+
+    python -m glowfast.kernels.tune --out $OUT/tune          # writes tune.json (every record) and tune.md
+
+For each launch function (forward, inverse, backward of actnorm_invconv, coupling and cross_step, and the fused
+step inverse) at each shape, every candidate (BLOCK_P, num_warps) runs under `launch_override`:
+
+1. its outputs are compared with the default configuration's (a tile size may change reduction order, nothing
+   else; a candidate that differs by more than `MATCH_RTOL` of the output's scale is reported and never "best"),
+   so the sweep also tests every tile size it times on the GPU;
+2. it is timed with CUDA events (median over rounds after warm-up);
+3. GB/s = the kernel's compulsory HBM traffic (every input read once, every output written once) / time, and
+   its fraction of the measured device-to-device copy bandwidth (issue 4's target: >= 0.70).
+
+Shapes: the bandwidth shapes of issue 4 (batch 64, 12x128x128 and 48x64x64) first, then CIFAR-10's level
+shapes at batch 256. Candidates: BLOCK_P = the default /4 ... x2 (powers of two, 1K-16K elements per tile,
+<= the image) x num_warps {4, 8}. `--budget` stops starting new cases once spent (the files then hold what
+finished). The default rule lives in glowfast/kernels/_utils.py (`block_pixels`, `num_warps`) and
+coupling.py (`coupling_block_pixels`, `_launch`): a tuning result is applied there, and measured again.
+
+Under TRITON_INTERPRET=1 the sweep runs on CPU tensors (tiny shapes; tests/test_kernel_tune.py), where only
+the output check means anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+
+from . import _utils
+from .coupling import _launch as _coupling_launch
+from .coupling import coupling_block_pixels
+
+KERNELS = (
+    ("actnorm_invconv", "fwd"), ("actnorm_invconv", "inv"), ("actnorm_invconv", "bwd"),
+    ("coupling", "fwd"), ("coupling", "inv"), ("coupling", "bwd"),
+    ("cross_step", "fwd"), ("cross_step", "bwd"), ("step_inverse", "fwd"),
+)
+BANDWIDTH_SHAPES = ((64, 12, 128, 128), (64, 48, 64, 64))
+CIFAR_SHAPES = ((256, 12, 16, 16), (256, 24, 8, 8), (256, 48, 4, 4))
+NUM_WARPS = (4, 8)
+MATCH_RTOL = 1e-4  # of max |output|: reduction order only (TF32 rounds the same inputs the same way)
+
+
+def shape_tag(shape) -> str:
+    b, c, h, w = shape
+    return f"B{b}_C{c}_{h}x{w}"
+
+
+def _padded_channels(kernel: str, c: int) -> int:
+    return triton.next_power_of_2(c) if kernel == "coupling" else _utils.channel_pad(c)
+
+
+def default_config(kernel: str, shape) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) that the launch functions pick for this kernel and shape without an override."""
+    _, c, h, w = shape
+    cp, hw = _padded_channels(kernel, c), h * w
+    if kernel == "coupling":
+        bp = coupling_block_pixels(cp, hw)
+        return bp, _coupling_launch(cp, bp)["num_warps"]
+    return _utils.block_pixels(cp, hw), _utils.launch_options(cp)["num_warps"]
+
+
+def candidates(kernel: str, shape, num_warps=NUM_WARPS, block_ps=None) -> list[tuple[int, int]]:
+    """Default first, then BLOCK_P in default/4 ... default*2 (1K-16K tile elements, <= image) x num_warps."""
+    _, c, h, w = shape
+    cp = _padded_channels(kernel, c)
+    default = default_config(kernel, shape)
+    if block_ps is None:
+        cap = max(16, triton.next_power_of_2(h * w))
+        block_ps = [bp for bp in (default[0] // 4, default[0] // 2, default[0], default[0] * 2)
+                    if 16 <= bp <= cap and 1024 <= cp * bp <= 16384]
+    out = [default]
+    out += [(bp, nw) for bp in block_ps for nw in num_warps if (bp, nw) != default]
+    return out
+
+
+def kernel_case(kernel: str, mode: str, shape, device) -> tuple[Callable[[], object], int]:
+    """(call, bytes moved) for one raw launch function on fixed random inputs (C split as the model does)."""
+    from . import (
+        actnorm_invconv_backward,
+        actnorm_invconv_forward,
+        actnorm_invconv_inverse,
+        coupling_backward,
+        coupling_forward,
+        coupling_inverse,
+        cross_step_backward,
+        cross_step_forward,
+        step_inverse,
+    )
+
+    b, c, h, w = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*size, scale=1.0):
+        return (scale * torch.randn(*size, generator=g)).to(device)
+
+    c_b = c - c // 2
+    x, hnet = randn(b, c, h, w), randn(b, 2 * c_b, h, w, scale=0.1)
+    bias, log_scale = randn(c, scale=0.1), randn(c, scale=0.1)
+    weight = torch.linalg.qr(torch.randn(c, c, generator=g, dtype=torch.float64))[0].float().to(device)
+    gy, gld = randn(b, c, h, w), randn(b)
+    n, nh = x.numel() * x.element_size(), hnet.numel() * hnet.element_size()
+    calls = {
+        ("actnorm_invconv", "fwd"): (lambda: actnorm_invconv_forward(x, bias, log_scale, weight), 2 * n),
+        ("actnorm_invconv", "inv"): (lambda: actnorm_invconv_inverse(x, bias, log_scale, weight), 2 * n),
+        ("actnorm_invconv", "bwd"): (lambda: actnorm_invconv_backward(x, gy, bias, log_scale, weight), 3 * n),
+        ("coupling", "fwd"): (lambda: coupling_forward(x, hnet, True), 2 * n + nh),
+        ("coupling", "inv"): (lambda: coupling_inverse(x, hnet, True), 2 * n + nh),
+        ("coupling", "bwd"): (lambda: coupling_backward(x, hnet, gy, gld, True), 3 * n + 2 * nh),
+        ("cross_step", "fwd"): (lambda: cross_step_forward(x, hnet, bias, log_scale, weight, True), 2 * n + nh),
+        ("cross_step", "bwd"): (lambda: cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True),
+                                3 * n + 2 * nh),
+        ("step_inverse", "fwd"): (lambda: step_inverse(x, hnet, bias, log_scale, weight, True), 2 * n + nh),
+    }
+    return calls[(kernel, mode)]
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def max_rel_diff(out, ref) -> float:
+    """max over output tensors of max|out - ref| / (max|ref| + tiny)."""
+    worst = 0.0
+    for a, b in zip(_tensors(out), _tensors(ref), strict=True):
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        worst = max(worst, float((a.double() - b.double()).abs().max()) / (scale + 1e-30) if b.numel() else 0.0)
+    return worst
+
+
+def time_call(call: Callable[[], object], device: torch.device, rounds: int, iterations: int,
+              warmup: int = 3) -> float:
+    """Median seconds per call: CUDA events around `iterations` calls, `rounds` times (perf_counter on CPU)."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iterations):
+                call()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / iterations)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                call()
+            samples.append((time.perf_counter() - t0) / iterations)
+    return statistics.median(samples)
+
+
+_COPY_GBPS: dict[str, float] = {}
+
+
+def copy_bandwidth_gbps(numel: int = 2**28) -> float:
+    """Measured HBM bandwidth of this GPU: a 1 GiB device-to-device copy (read + write), best of 10."""
+    if "v" not in _COPY_GBPS:
+        src = torch.empty(numel, device="cuda")
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        best = float("inf")
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        _COPY_GBPS["v"] = 2 * src.numel() * 4 / best / 1e9
+        del src, dst
+    return _COPY_GBPS["v"]
+
+
+def sweep(shapes, kernels=KERNELS, *, device="cuda", budget_s: float = 480.0, rounds: int = 7,
+          iterations: int = 10, num_warps=NUM_WARPS, block_ps=None, log=print) -> list[dict]:
+    """One record per (kernel, mode, shape, BLOCK_P, num_warps); see the module docstring."""
+    device = torch.device(device)
+    copy_gbps = copy_bandwidth_gbps() if device.type == "cuda" else None
+    t_start = time.perf_counter()
+    records = []
+    for shape in shapes:
+        for kernel, mode in kernels:
+            if time.perf_counter() - t_start > budget_s:
+                log(f"budget of {budget_s:.0f} s spent: stopping before {kernel}/{mode}/{shape_tag(shape)}")
+                return records
+            call, nbytes = kernel_case(kernel, mode, shape, device)
+            ref = None
+            for bp, nw in candidates(kernel, shape, num_warps, block_ps):
+                rec = dict(kernel=kernel, mode=mode, shape=list(shape), block_p=bp, num_warps=nw,
+                           default=ref is None, bytes=nbytes)
+                try:
+                    with _utils.launch_override(block_p=bp, num_warps=nw):
+                        out = call()
+                        if ref is None:
+                            ref = out
+                        rec["max_rel_diff"] = max_rel_diff(out, ref)
+                        rec["match"] = rec["max_rel_diff"] <= MATCH_RTOL
+                        sec = time_call(call, device, rounds, iterations)
+                    rec.update(us=round(sec * 1e6, 2), GBps=round(nbytes / sec / 1e9, 1))
+                    if copy_gbps:
+                        rec.update(copy_GBps=round(copy_gbps, 1), fraction_of_copy_bw=round(nbytes / sec / 1e9
+                                                                                            / copy_gbps, 3))
+                except Exception as exc:  # noqa: BLE001 - e.g. out of resources for one tile: record, go on
+                    rec.update(error=f"{type(exc).__name__}: {str(exc)[:300]}", match=False)
+                    if ref is None:  # the default config failed: nothing to compare with
+                        records.append(rec)
+                        break
+                records.append(rec)
+                log(json.dumps(rec))
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (kernel, mode, shape): the default record and the fastest matching record."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["kernel"], r["mode"], tuple(r["shape"])), []).append(r)
+    rows = []
+    for (kernel, mode, shape), recs in groups.items():
+        default = next((r for r in recs if r["default"]), None)
+        ok = [r for r in recs if r.get("match") and "us" in r]
+        best = min(ok, key=lambda r: r["us"]) if ok else None
+        rows.append(dict(kernel=kernel, mode=mode, shape=list(shape), default=default, best=best,
+                         mismatches=[r for r in recs if not r.get("match")]))
+    return rows
+
+
+def markdown(records: list[dict], device_name: str) -> str:
+    lines = [f"# Block-size sweep of the fused kernels ({device_name})", "",
+             "Default = the current rule; best = the fastest candidate whose outputs match the default's. "
+             "GB/s = compulsory bytes / median time; frac = of the measured device-to-device copy bandwidth.", "",
+             "| kernel | shape | default (BLOCK_P, warps) | µs | GB/s | frac | best (BLOCK_P, warps) | µs | GB/s | "
+             "frac | speed-up |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+
+    def cells(r):
+        if r is None or "us" not in r:
+            return ["-", "-", "-", "-"]
+        return [f"({r['block_p']}, {r['num_warps']})", f"{r['us']:.1f}", f"{r['GBps']:.0f}",
+                f"{r['fraction_of_copy_bw']:.2f}" if "fraction_of_copy_bw" in r else "-"]
+
+    bad = []
+    for row in summarize(records):
+        d, b = row["default"], row["best"]
+        speed = f"{d['us'] / b['us']:.2f}x" if d and b and "us" in d else "-"
+        lines.append("| " + " | ".join([f"{row['kernel']}/{row['mode']}", shape_tag(row["shape"]), *cells(d),
+                                        *cells(b), speed]) + " |")
+        bad += row["mismatches"]
+    if bad:
+        lines += ["", "Candidates that failed or did not match the default's outputs:", ""]
+        for r in bad:
+            why = r.get("error") or f"max rel diff {r['max_rel_diff']:.2e}"
+            lines.append(f"- {r['kernel']}/{r['mode']} {shape_tag(r['shape'])} ({r['block_p']}, {r['num_warps']}): "
+                         f"{why}")
+    return "\n".join(lines) + "\n"
+
+
+def _parse_shapes(text: str) -> list[tuple[int, ...]]:
+    shapes = []
+    for item in text.split(","):
+        dims = tuple(int(v) for v in item.lower().split("x"))
+        if len(dims) != 4:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not BxCxHxW")
+        shapes.append(dims)
+    return shapes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m glowfast.kernels.tune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="tune_out", help="folder for tune.json and tune.md")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shapes", type=_parse_shapes, default=None,
+                    help="BxCxHxW,... (default: the bandwidth shapes, then CIFAR-10's at batch 256)")
+    ap.add_argument("--kernels", default=None, help="kernel/mode,... e.g. cross_step/bwd (default: all)")
+    ap.add_argument("--block-p", default=None, help="BLOCK_P candidates, e.g. 64,128 (default: around the rule)")
+    ap.add_argument("--num-warps", default="4,8")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds; no new case starts after this")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iterations", type=int, default=10)
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a functional run)")
+    kernels = KERNELS
+    if args.kernels:
+        kernels = tuple(tuple(k.split("/")) for k in args.kernels.split(","))
+        unknown = [k for k in kernels if k not in KERNELS]
+        if unknown:
+            ap.error(f"unknown kernel/mode {unknown}; choose from {['/'.join(k) for k in KERNELS]}")
+    shapes = args.shapes or [*BANDWIDTH_SHAPES, *CIFAR_SHAPES]
+    block_ps = [int(v) for v in args.block_p.split(",")] if args.block_p else None
+    num_warps = tuple(int(v) for v in args.num_warps.split(","))
+    records = sweep(shapes, kernels, device=device, budget_s=args.budget, rounds=args.rounds,
+                    iterations=args.iterations, num_warps=num_warps, block_ps=block_ps)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
+                dot_precision=_utils.dot_precision(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    (out / "tune.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    (out / "tune.md").write_text(markdown(records, name))
+    print((out / "tune.md").read_text())
+    return 0 if all(r.get("match") for r in records) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
