@@ -41,10 +41,10 @@ def test_override_applies_inside_and_is_restored_after_an_error():
 
 
 def test_candidates_start_with_the_default_and_have_no_duplicates():
-    for kernel, _ in tune.KERNELS:
+    for kernel, mode in tune.KERNELS:
         for shape in (*tune.BANDWIDTH_SHAPES, *tune.CIFAR_SHAPES):
-            cands = tune.candidates(kernel, shape)
-            assert cands[0] == tune.default_config(kernel, shape)
+            cands = tune.candidates(kernel, shape, mode=mode)
+            assert cands[0] == tune.default_config(kernel, shape, mode)
             assert len(set(cands)) == len(cands)
             for bp, nw in cands:
                 assert bp >= 16 and bp & (bp - 1) == 0 and nw in tune.NUM_WARPS + (cands[0][1],)

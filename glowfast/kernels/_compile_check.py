@@ -1,19 +1,28 @@
 """GPU-free compile check: compile glowfast's Triton kernels for sm_90 with `triton.compile`.
 
-Run as `python -m glowfast.kernels._compile_check [actnorm_invconv|coupling|cross_step ...]` with
+Run as `python -m glowfast.kernels._compile_check [--table] [actnorm_invconv|coupling|cross_step ...]` with
 TRITON_INTERPRET unset (under the interpreter `@triton.jit` yields interpreter objects that cannot be
 compiled) and TRITON_CACHE_DIR pointing at a scratch folder. Prints one JSON line per compiled spec and exits
 non-zero if any spec fails to compile or needs more shared memory than an sm_90 block can have.
 
 Specs come from each kernel module's `compile_specs()`: every kernel with every constexpr branch at small
 tiles (fp32 and bf16 data pointers), plus the production tile sizes for the default "tf32" precision.
+
+Each record also carries the machine-code resources of the cubin Triton built (`cuobjdump
+--dump-resource-usage`, Triton's own copy): registers, stack frame and local memory bytes per thread. A
+register spill in one of these bandwidth-bound kernels sends tile data through local memory on every pixel
+tile, so the records flag the default GPU launch configurations (`production`: the GPU_TILES entries) and
+tests/test_triton_compile_sm90.py requires them to be spill-free.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -43,27 +52,95 @@ def compile_one(kernel, constexprs: dict, options: dict, data_type: str = "*fp32
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(options))
 
 
+def _cuobjdump() -> str | None:
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.cuobjdump.path
+    except Exception:  # noqa: BLE001 - a Triton without knobs or without its bundled CUDA tools
+        return None
+
+
+def cubin_resources(compiled) -> dict:
+    """{regs, stack, local} per thread of the cubin Triton built (`cuobjdump --dump-resource-usage`; {} if unknown).
+
+    Triton's kernels use no local arrays, so a stack frame (or local memory) means ptxas spilled registers."""
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/k.cubin"
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        r = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, timeout=120)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", r.stdout)
+    return dict(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3))) if m else {}
+
+
+def is_production(kernel_name: str, constexprs: dict, options: dict, data_type: str) -> bool:
+    """True for a launch configuration a GPU runs by default: a GPU_TILES entry (default tf32, fp32 data)."""
+    from ._utils import GPU_TILES, KERNEL_KINDS, gpu_tile
+
+    kind, cp = KERNEL_KINDS[kernel_name], constexprs["CP"]
+    if data_type != "*fp32" or constexprs.get("PREC", "tf32") != "tf32" or cp not in GPU_TILES[kind]:
+        return False
+    if kind == "coupling":
+        from .coupling import gpu_launch
+
+        tile = gpu_launch(cp)
+    else:
+        tile = gpu_tile(kind, cp)
+    return (constexprs["BLOCK_P"], options["num_warps"]) == tile
+
+
+def resource_table(records: list[dict]) -> str:
+    """Markdown table of the default GPU tiles' resources (registers, stack = spills, shared memory); where
+    several constexpr branches share a default tile, the row of the branch with the most registers."""
+    import triton
+
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["kernel"], r["constexprs"]["CP"])
+        if r.get("production") and r.get("ok") and r.get("regs", -1) >= rows.get(key, {}).get("regs", -1):
+            rows[key] = r
+    lines = [f"Triton {triton.__version__}, sm_90:", "",
+             "| kernel | CP | BLOCK_P | warps | registers | stack (spill) B | shared B |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows.values():
+        c = r["constexprs"]
+        lines.append(f"| {r['kernel']} | {c['CP']} | {c['BLOCK_P']} | {r['options']['num_warps']} | "
+                     f"{r.get('regs', '?')} | {r.get('stack', '?')} | {r['shared']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     from ._utils import SM90_MAX_SHARED
 
+    table = "--table" in argv
+    argv = [a for a in argv if a != "--table"]
     failures = 0
+    records = []
     for mod_name in argv or MODULES:
         mod = importlib.import_module(f"glowfast.kernels.{mod_name}")
         for kernel, constexprs, options, data_type in mod.compile_specs():
             rec = dict(module=mod_name, kernel=kernel.__name__, constexprs=constexprs, data=data_type,
-                       options=options)
+                       options=options, production=is_production(kernel.__name__, constexprs, options, data_type))
             t0 = time.perf_counter()
             try:
                 out = compile_one(kernel, constexprs, options, data_type)
                 shared = int(out.metadata.shared)
-                rec.update(ok=shared <= SM90_MAX_SHARED, shared=shared)
+                rec.update(ok=shared <= SM90_MAX_SHARED, shared=shared, **cubin_resources(out))
                 if shared > SM90_MAX_SHARED:
                     rec["error"] = f"needs {shared} B of shared memory > {SM90_MAX_SHARED}"
             except Exception:  # noqa: BLE001 - report every failure, not just the first
                 rec.update(ok=False, error=traceback.format_exc(limit=3)[-3000:])
             rec["seconds"] = round(time.perf_counter() - t0, 2)
             failures += not rec["ok"]
-            print(json.dumps(rec), flush=True)
+            records.append(rec)
+            if not table:
+                print(json.dumps(rec), flush=True)
+    if table:
+        print(resource_table(records))
     return 1 if failures else 0
 
 

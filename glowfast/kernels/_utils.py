@@ -96,22 +96,54 @@ def overridden_num_warps() -> int | None:
     return _launch_override["num_warps"]
 
 
-def block_pixels(cp: int, hw: int) -> int:
-    """Pixels per tile for a (cp, BLOCK_P) tile.
+# GPU launch configuration per kernel family and padded channel count: cp -> (BLOCK_P, num_warps).
+# Each entry is a large tile that compiles for sm_90 with no register spills at the default tf32 precision
+# under Triton 3.6 (the GPU machine's), 3.8 and 3.9: a spill sends tile data through local memory on every
+# pixel tile of these bandwidth-bound kernels. Entries at the edge (255 registers under one version) were
+# halved, since another version's ptxas spilled them. The backward kernels keep ~10 tiles live (inputs, h,
+# the dot operands and their gradients), hence their small tiles. Chosen from the compiled cubins' resource
+# usage (2026-11-25, no GPU yet; table in benchmarks/RESULTS.md); tests/test_triton_compile_sm90.py keeps
+# every entry spill-free, and `python -m glowfast.kernels.tune` times each entry against larger and smaller
+# tiles on a GPU. The previous rule (~8K elements per tile, 4 warps below cp 64) spilled in 9 of the 16
+# backward/cross-step configurations, the cross-step backward at cp 16 by 10 KB per thread.
+GPU_TILES: dict[str, dict[int, tuple[int, int]]] = {
+    # actnorm_invconv forward and inverse, step inverse
+    "fwd": {16: (256, 4), 32: (256, 4), 64: (128, 8), 128: (64, 8)},
+    "cross_step_fwd": {16: (256, 4), 32: (128, 8), 64: (64, 8), 128: (32, 8)},
+    "actnorm_invconv_bwd": {16: (64, 4), 32: (32, 4), 64: (64, 8), 128: (16, 8)},
+    "cross_step_bwd": {16: (32, 4), 32: (32, 8), 64: (64, 8), 128: (16, 8)},
+    # coupling forward / inverse / backward (no tl.dot; cp = next power of two of C, from 2): a tile clipped
+    # to a small image below 4K elements runs on 4 warps (coupling._launch)
+    "coupling": {2: (1024, 4), 4: (1024, 4), 8: (512, 8), 16: (512, 8), 32: (128, 8), 64: (64, 8),
+                 128: (32, 8)},
+}
+
+
+# Which GPU_TILES family each Triton kernel launches with (the launch wrappers pass the same kinds).
+KERNEL_KINDS = {
+    "_actnorm_invconv_fwd_kernel": "fwd", "_actnorm_invconv_inv_kernel": "fwd", "_step_inverse_kernel": "fwd",
+    "_actnorm_invconv_bwd_kernel": "actnorm_invconv_bwd", "_cross_step_fwd_kernel": "cross_step_fwd",
+    "_cross_step_bwd_kernel": "cross_step_bwd", "_coupling_fwd_kernel": "coupling",
+    "_coupling_inv_kernel": "coupling", "_coupling_bwd_kernel": "coupling",
+}
+
+
+def gpu_tile(kind: str, cp: int) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) of kernel family `kind` at cp padded channels on a GPU (before clipping to the image)."""
+    return GPU_TILES[kind][cp]
+
+
+def block_pixels(cp: int, hw: int, kind: str = "fwd") -> int:
+    """Pixels per (cp, BLOCK_P) tile.
 
     Interpreter: the cost is per program instance, not per element, so tiles are as large as possible.
-    GPU: ~8K fp32 elements per tile (cp=16/32 -> 256 pixels, cp=64 -> 128, cp=128 -> 64) keeps the few live
-    tiles in registers; <= 256 pixels also bounds the K of the grad-W `tl.dot` (compile time grows with it).
+    GPU: `GPU_TILES[kind][cp]`, clipped to the image (at least 16: the K of the grad-W `tl.dot`).
     """
     if overridden_block_pixels() is not None:
         return overridden_block_pixels()
     if is_interpret():
         return max(16, min(triton.next_power_of_2(hw), 2048))
-    return max(16, min(8192 // cp, 256, triton.next_power_of_2(hw)))
-
-
-def num_warps(cp: int) -> int:
-    return 8 if cp >= 64 else 4
+    return max(16, min(gpu_tile(kind, cp)[0], triton.next_power_of_2(hw)))
 
 
 # Software pipelining multi-buffers every tile loaded in a loop in shared memory (3 stages of z, h, dy tiles
@@ -123,9 +155,9 @@ NUM_STAGES = 1
 SM90_MAX_SHARED = 232448
 
 
-def launch_options(cp: int) -> dict:
-    """Keyword launch options of a kernel whose tile has cp (padded) channels."""
-    return dict(num_warps=overridden_num_warps() or num_warps(cp), num_stages=NUM_STAGES)
+def launch_options(cp: int, kind: str = "fwd") -> dict:
+    """Keyword launch options of a kernel of family `kind` whose tile has cp (padded) channels."""
+    return dict(num_warps=overridden_num_warps() or gpu_tile(kind, cp)[1], num_stages=NUM_STAGES)
 
 
 @functools.lru_cache(maxsize=8)
@@ -184,20 +216,19 @@ def check_grads(data: torch.Tensor, grad: torch.Tensor, grad_logdet: torch.Tenso
         check_device(data, grad_logdet)
 
 
-def compile_spec_grid(branches: list[dict], heaviest: dict, launch=None) -> list[tuple]:
+def compile_spec_grid(branches: list[dict], heaviest: dict, kind: str) -> list[tuple]:
     """Specs for the sm_90 compile check: (constexprs, launch options, data pointer type) triples.
 
     Every constexpr branch combination in `branches` at a small tile (both dot precisions, fp32 data), the
-    `heaviest` branch with bf16 data, and the `heaviest` branch at the production tiles of cp = 16, 64, 128
+    `heaviest` branch with bf16 data, and the `heaviest` branch at every production tile of `GPU_TILES[kind]`
     with the default "tf32" (the resource-hungriest configurations that run on a GPU).
     """
-    launch = launch or (lambda cp, bp: launch_options(cp))
     out = []
     for br in branches:
         for prec in _DOT_PRECISIONS:
-            out.append((dict(CP=16, BLOCK_P=32, PREC=prec, **br), launch(16, 32), "*fp32"))
-    out.append((dict(CP=16, BLOCK_P=32, PREC="tf32", **heaviest), launch(16, 32), "*bf16"))
-    for cp in (16, 64, 128):
-        bp = max(16, min(8192 // cp, 256))
-        out.append((dict(CP=cp, BLOCK_P=bp, PREC="tf32", **heaviest), launch(cp, bp), "*fp32"))
+            out.append((dict(CP=16, BLOCK_P=32, PREC=prec, **br), launch_options(16, kind), "*fp32"))
+    out.append((dict(CP=16, BLOCK_P=32, PREC="tf32", **heaviest), launch_options(16, kind), "*bf16"))
+    for cp, (bp, nw) in GPU_TILES[kind].items():
+        out.append((dict(CP=cp, BLOCK_P=bp, PREC="tf32", **heaviest), dict(num_warps=nw, num_stages=NUM_STAGES),
+                    "*fp32"))
     return out

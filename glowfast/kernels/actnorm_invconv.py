@@ -177,11 +177,11 @@ def _actnorm_invconv_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _geometry(x: torch.Tensor, block_p: int | None):
+def _geometry(x: torch.Tensor, block_p: int | None, kind: str = "fwd"):
     B, C, H, W = x.shape
     hw = H * W
     cp = channel_pad(C)
-    bp = block_p or block_pixels(cp, hw)
+    bp = block_p or block_pixels(cp, hw, kind)
     return B, C, hw, cp, bp, triton.cdiv(hw, bp)
 
 
@@ -236,7 +236,7 @@ def actnorm_invconv_backward(
     x = check_nchw(x, "x")
     grad_y = grad_y.contiguous()
     check_grads(x, grad_y)
-    B, C, hw, cp, bp, n_pt = _geometry(x, block_p)
+    B, C, hw, cp, bp, n_pt = _geometry(x, block_p, "actnorm_invconv_bwd")
     bias, log_scale, weight = _params(bias, log_scale, weight, C, x)
     G = programs_per_sample or reduction_programs(B, n_pt, x.device)
     G = max(1, min(G, n_pt))
@@ -249,7 +249,7 @@ def actnorm_invconv_backward(
         x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part,
         C, hw, n_pt, G,
         CP=cp, BLOCK_P=bp, PREC=dot_precision(), NEED_DX=need_dx, NEED_DW=need_dw,
-        **launch_options(cp),
+        **launch_options(cp, "actnorm_invconv_bwd"),
     )
     return (
         dx if need_dx else None,
@@ -343,11 +343,11 @@ actnorm_invconv_op.register_autograd(_op_backward, setup_context=_op_setup_conte
 def compile_specs():
     """(kernel, constexprs, launch options, data pointer type) for every kernel and constexpr branch."""
     specs = []
-    for kernel, branches, heaviest in (
-        (_actnorm_invconv_fwd_kernel, [{}], {}),
-        (_actnorm_invconv_inv_kernel, [{}], {}),
-        (_actnorm_invconv_bwd_kernel,
-         [dict(NEED_DX=True, NEED_DW=True), dict(NEED_DX=False, NEED_DW=False)], dict(NEED_DX=True, NEED_DW=True)),
+    for kernel, branches, heaviest, kind in (
+        (_actnorm_invconv_fwd_kernel, [{}], {}, "fwd"),
+        (_actnorm_invconv_inv_kernel, [{}], {}, "fwd"),
+        (_actnorm_invconv_bwd_kernel, [dict(NEED_DX=True, NEED_DW=True), dict(NEED_DX=False, NEED_DW=False)],
+         dict(NEED_DX=True, NEED_DW=True), "actnorm_invconv_bwd"),
     ):
-        specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest)]
+        specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest, kind)]
     return specs

@@ -24,11 +24,13 @@ import triton
 import triton.language as tl
 
 from ._utils import (
+    GPU_TILES,
     NUM_STAGES,
     check_channels,
     check_device,
     check_grads,
     check_nchw,
+    gpu_tile,
     is_interpret,
     overridden_block_pixels,
     overridden_num_warps,
@@ -193,7 +195,7 @@ def coupling_block_pixels(cp: int, hw: int) -> int:
         return overridden_block_pixels()
     if is_interpret():
         return max(16, min(triton.next_power_of_2(hw), 2048))
-    return max(16, min(8192 // cp, 1024, triton.next_power_of_2(hw)))
+    return max(16, min(gpu_tile("coupling", cp)[0], triton.next_power_of_2(hw)))
 
 
 def _coupling_geometry(z, h, affine, block_p):
@@ -214,7 +216,8 @@ def _coupling_geometry(z, h, affine, block_p):
 
 
 def _launch(cp, bp):
-    return dict(num_warps=overridden_num_warps() or (8 if cp * bp >= 8192 else 4), num_stages=NUM_STAGES)
+    nw = gpu_tile("coupling", cp)[1] if cp * bp >= 4096 else 4
+    return dict(num_warps=overridden_num_warps() or nw, num_stages=NUM_STAGES)
 
 
 def coupling_forward(z, h, affine: bool = True, *, block_p: int | None = None,
@@ -348,16 +351,23 @@ coupling_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 # ----------------------------------------------------------------------------------------------------------
 
 
+def gpu_launch(cp: int) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) of the coupling kernels at cp on a GPU (unclipped), for the sm_90 resource check."""
+    bp = gpu_tile("coupling", cp)[0]
+    return bp, _launch(cp, bp)["num_warps"]
+
+
 def compile_specs():
     """(kernel, constexprs, launch options, data pointer type) for every kernel and constexpr branch.
 
-    No tl.dot here: small tiles with fp32 and bf16 data, and the production tiles of C = 2, 16, 128."""
+    No tl.dot here: small tiles with fp32 and bf16 data, and every production tile of GPU_TILES["coupling"]."""
     specs = []
     for kernel in (_coupling_fwd_kernel, _coupling_inv_kernel, _coupling_bwd_kernel):
         for affine in (True, False):
             specs.append((kernel, dict(CP=4, BLOCK_P=32, AFFINE=affine), _launch(4, 32), "*fp32"))
         specs.append((kernel, dict(CP=4, BLOCK_P=32, AFFINE=True), _launch(4, 32), "*bf16"))
-        for cp in (2, 16, 128):
-            bp = max(16, min(8192 // cp, 1024))
-            specs.append((kernel, dict(CP=cp, BLOCK_P=bp, AFFINE=True), _launch(cp, bp), "*fp32"))
+        for cp in GPU_TILES["coupling"]:
+            bp, nw = gpu_launch(cp)
+            specs.append((kernel, dict(CP=cp, BLOCK_P=bp, AFFINE=True), dict(num_warps=nw, num_stages=NUM_STAGES),
+                          "*fp32"))
     return specs

@@ -154,10 +154,10 @@ def _step_inverse_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _geometry(z, h, affine, block_p):
+def _geometry(z, h, affine, block_p, kind):
     B, C, ca, cb, hc, hw, _, _, _ = _coupling_geometry(z, h, affine, 16)
     cp = channel_pad(C)
-    bp = block_p or block_pixels(cp, hw)
+    bp = block_p or block_pixels(cp, hw, kind)
     return B, C, ca, cb, hc, hw, cp, bp, triton.cdiv(hw, bp)
 
 
@@ -167,14 +167,14 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
     z = check_nchw(z, "z")
     h = check_nchw(h, "h")
     check_device(z, h)
-    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p)
+    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p, "cross_step_fwd")
     bias, log_scale, weight = _params(bias, log_scale, weight, C, z)
     G = max(1, min(programs_per_sample or n_pt, n_pt))
     out = torch.empty_like(z)
     ld_part = torch.zeros((B, G), device=z.device, dtype=torch.float32)
     _cross_step_fwd_kernel[(G, B)](
         z, h, out, weight, bias, log_scale, ld_part, C, ca, cb, hc, hw, n_pt, G,
-        CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, **launch_options(cp),
+        CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, **launch_options(cp, "cross_step_fwd"),
     )
     return out, ld_part.sum(1).to(h.dtype)
 
@@ -192,7 +192,7 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     grad_out = grad_out.contiguous()
     check_device(z, h)
     check_grads(z, grad_out, grad_logdet if affine else None)
-    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p)
+    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p, "cross_step_bwd")
     bias, log_scale, weight = _params(bias, log_scale, weight, C, z)
     G = programs_per_sample or reduction_programs(B, n_pt, z.device)
     G = max(1, min(G, n_pt))
@@ -208,7 +208,8 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     _cross_step_bwd_kernel[(G, B)](
         z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part,
         C, ca, cb, hc, hw, n_pt, G,
-        CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, NEED_DW=need_dw, **launch_options(cp),
+        CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, NEED_DW=need_dw,
+        **launch_options(cp, "cross_step_bwd"),
     )
     return (
         dz,
@@ -224,7 +225,7 @@ def step_inverse(y, h, bias, log_scale, weight_inv, affine: bool = True, *, bloc
     y = check_nchw(y, "y")
     h = check_nchw(h, "h")
     check_device(y, h)
-    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(y, h, affine, block_p)
+    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(y, h, affine, block_p, "fwd")
     bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C, y)
     x = torch.empty_like(y)
     _step_inverse_kernel[(n_pt, B)](
@@ -341,10 +342,10 @@ def compile_specs():
     aff = [dict(AFFINE=True), dict(AFFINE=False)]
     bwd = [dict(AFFINE=a, NEED_DW=d) for a in (True, False) for d in (True, False)]
     specs = []
-    for kernel, branches, heaviest in (
-        (_cross_step_fwd_kernel, aff, dict(AFFINE=True)),
-        (_step_inverse_kernel, aff, dict(AFFINE=True)),
-        (_cross_step_bwd_kernel, bwd, dict(AFFINE=True, NEED_DW=True)),
+    for kernel, branches, heaviest, kind in (
+        (_cross_step_fwd_kernel, aff, dict(AFFINE=True), "cross_step_fwd"),
+        (_step_inverse_kernel, aff, dict(AFFINE=True), "fwd"),
+        (_cross_step_bwd_kernel, bwd, dict(AFFINE=True, NEED_DW=True), "cross_step_bwd"),
     ):
-        specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest)]
+        specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest, kind)]
     return specs

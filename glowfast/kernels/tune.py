@@ -13,10 +13,10 @@ step inverse) at each shape, every candidate (BLOCK_P, num_warps) runs under `la
    its fraction of the measured device-to-device copy bandwidth (issue 4's target: >= 0.70).
 
 Shapes: the bandwidth shapes of issue 4 (batch 64, 12x128x128 and 48x64x64) first, then CIFAR-10's level
-shapes at batch 256. Candidates: BLOCK_P = the default /4 ... x2 (powers of two, 1K-16K elements per tile,
+shapes at batch 256. Candidates: BLOCK_P = the default /2 ... x8 (powers of two, 512-16K elements per tile,
 <= the image) x num_warps {4, 8}. `--budget` stops starting new cases once spent (the files then hold what
-finished). The default rule lives in glowfast/kernels/_utils.py (`block_pixels`, `num_warps`) and
-coupling.py (`coupling_block_pixels`, `_launch`): a tuning result is applied there, and measured again.
+finished). The defaults are the table `GPU_TILES` in glowfast/kernels/_utils.py: a tuning result is applied
+there (and must stay spill-free: tests/test_triton_compile_sm90.py), and measured again.
 
 Under TRITON_INTERPRET=1 the sweep runs on CPU tensors (tiny shapes; tests/test_kernel_tune.py), where only
 the output check means anything.
@@ -58,25 +58,36 @@ def _padded_channels(kernel: str, c: int) -> int:
     return triton.next_power_of_2(c) if kernel == "coupling" else _utils.channel_pad(c)
 
 
-def default_config(kernel: str, shape) -> tuple[int, int]:
+# GPU_TILES family of each launch function (as the wrappers in actnorm_invconv.py / cross_step.py pass it)
+TILE_KIND = {
+    ("actnorm_invconv", "fwd"): "fwd", ("actnorm_invconv", "inv"): "fwd", ("step_inverse", "fwd"): "fwd",
+    ("actnorm_invconv", "bwd"): "actnorm_invconv_bwd", ("cross_step", "fwd"): "cross_step_fwd",
+    ("cross_step", "bwd"): "cross_step_bwd",
+}
+
+
+def default_config(kernel: str, shape, mode: str = "fwd") -> tuple[int, int]:
     """(BLOCK_P, num_warps) that the launch functions pick for this kernel and shape without an override."""
     _, c, h, w = shape
     cp, hw = _padded_channels(kernel, c), h * w
     if kernel == "coupling":
         bp = coupling_block_pixels(cp, hw)
         return bp, _coupling_launch(cp, bp)["num_warps"]
-    return _utils.block_pixels(cp, hw), _utils.launch_options(cp)["num_warps"]
+    kind = TILE_KIND[(kernel, mode)]
+    return _utils.block_pixels(cp, hw, kind), _utils.launch_options(cp, kind)["num_warps"]
 
 
-def candidates(kernel: str, shape, num_warps=NUM_WARPS, block_ps=None) -> list[tuple[int, int]]:
-    """Default first, then BLOCK_P in default/4 ... default*2 (1K-16K tile elements, <= image) x num_warps."""
+def candidates(kernel: str, shape, num_warps=NUM_WARPS, block_ps=None, mode: str = "fwd") -> list[tuple[int, int]]:
+    """Default first, then BLOCK_P in default/2 ... default*8 (512-16K tile elements, <= image) x num_warps.
+
+    Up to 8x: the spill-free defaults of the backward kernels are far smaller than the tiles they replaced."""
     _, c, h, w = shape
     cp = _padded_channels(kernel, c)
-    default = default_config(kernel, shape)
+    default = default_config(kernel, shape, mode)
     if block_ps is None:
         cap = max(16, triton.next_power_of_2(h * w))
-        block_ps = [bp for bp in (default[0] // 4, default[0] // 2, default[0], default[0] * 2)
-                    if 16 <= bp <= cap and 1024 <= cp * bp <= 16384]
+        block_ps = [bp for bp in (default[0] // 2, default[0], default[0] * 2, default[0] * 4, default[0] * 8)
+                    if 16 <= bp <= cap and 512 <= cp * bp <= 16384]
     out = [default]
     out += [(bp, nw) for bp in block_ps for nw in num_warps if (bp, nw) != default]
     return out
@@ -198,7 +209,7 @@ def sweep(shapes, kernels=KERNELS, *, device="cuda", budget_s: float = 480.0, ro
                 return records
             call, nbytes = kernel_case(kernel, mode, shape, device)
             ref = None
-            for bp, nw in candidates(kernel, shape, num_warps, block_ps):
+            for bp, nw in candidates(kernel, shape, num_warps, block_ps, mode):
                 rec = dict(kernel=kernel, mode=mode, shape=list(shape), block_p=bp, num_warps=nw,
                            default=ref is None, bytes=nbytes)
                 try:
