@@ -11,13 +11,15 @@
 #   sanitizer    compute-sanitizer memcheck on the CUDA LU op tests (benchmarks/gpu_check_lu.sh if present)
 #   bench_model  benchmarks/bench_model.py: training step + sampling, reference / fused / peer
 #   bench_ops    per-op benchmarks: bench_flow_ops.py (reference), bench_fused_step.py, bench_batched_lu.py
+#   tune         block-size sweep of the fused kernels (python -m glowfast.kernels.tune: the GPU_TILES defaults vs
+#                larger/smaller tiles, outputs checked against the default's), the most-used kernels first
 #   train        a short real training run (MNIST if data/MNIST or gpudata/MNIST is there, fused backend; else digits); at
 #                its time limit it is interrupted (SIGINT), and the trainer still writes its summary
 #   bench_compile torch.compile(reference) per-op benchmarks (cold compiles; whatever budget is left)
 #   report       benchmarks/report.py -> RESULTS.md
 # Files written to $OUT (the device tool returns at most 8): summary.md, RESULTS.md, results.json (all the
-# benchmark JSON merged), junit.xml, train_metrics.jsonl, train_summary.json, logs.tar.gz (every log, the
-# per-stage JSON, the training run's config, curves and samples).
+# benchmark JSON merged), junit.xml, train_metrics.jsonl, train_summary.json, tune.md, logs.tar.gz (every log,
+# the per-stage JSON, tune.json, the training run's config, curves and samples).
 #
 # Knobs (environment): GPU_CHECK_STAGES="env build tests ..." (a subset, in this order), GPU_CHECK_BUDGET
 # (seconds), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
@@ -38,7 +40,7 @@ WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 LOGS=$WORK/logs
 mkdir -p "$LOGS"
 BUDGET=${GPU_CHECK_BUDGET:-540}
-STAGES=${GPU_CHECK_STAGES:-"env build tests sanitizer bench_model bench_ops train bench_compile report"}
+STAGES=${GPU_CHECK_STAGES:-"env build tests sanitizer bench_model bench_ops tune train bench_compile report"}
 TRAIN_STEPS=${TRAIN_STEPS:-1000}
 START=$(date +%s)
 PY=${PYTHON:-python}
@@ -169,6 +171,13 @@ bench_compile() {
         -k "compiled or compile_time"
 }
 
+tune() {
+    # CIFAR-10 level 1 / MNIST (cp 16) and the bandwidth shapes; backward kernels first (most changed)
+    $PY -m glowfast.kernels.tune --out "$WORK/tune" --budget "${TUNE_BUDGET:-75}" \
+        --kernels cross_step/bwd,actnorm_invconv/bwd,cross_step/fwd,coupling/bwd,coupling/fwd,actnorm_invconv/fwd \
+        --shapes 64x12x128x128,256x12x16x16,64x48x64x64,256x24x8x8 && cp "$WORK/tune/tune.md" "$OUT/tune.md"
+}
+
 train() {
     local args=(--steps "$TRAIN_STEPS" --log-interval 20 --eval-interval "$TRAIN_STEPS" --no-progress
                 --device cuda --run-dir "$WORK/train_run" --seed 0)
@@ -189,7 +198,7 @@ train() {
     pymod glowfast.train "${args[@]}"
 }
 
-export -f pymod env_info build tests sanitizer bench bench_model_cold bench_ops_files bench_compile train
+export -f pymod env_info build tests sanitizer bench bench_model_cold bench_ops_files bench_compile tune train
 export ROOT OUT WORK LOGS PY TRAIN_STEPS
 
 stage env 30 5 -- env_info
@@ -198,6 +207,7 @@ stage tests 170 30 -- tests
 stage sanitizer 100 20 -- sanitizer
 stage bench_model 170 40 -- bench_model_cold
 stage bench_ops 130 20 -- bench_ops_files
+stage tune 110 40 -- tune
 stage train 150 40 -- train
 stage bench_compile "${GPU_CHECK_COMPILE_MAX:-200}" 40 -- bench_compile
 
@@ -282,6 +292,7 @@ EOF
 } > "$OUT/summary.md"
 
 cp "$WORK"/bench_*.json "$LOGS/" 2>/dev/null
+[ -d "$WORK/tune" ] && cp -r "$WORK/tune" "$LOGS/tune"
 [ -d "$WORK/train_run" ] && cp -r "$WORK/train_run" "$LOGS/train_run"
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
 ls -la "$OUT"

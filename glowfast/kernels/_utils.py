@@ -104,8 +104,8 @@ def overridden_num_warps() -> int | None:
 # the dot operands and their gradients), hence their small tiles. Chosen from the compiled cubins' resource
 # usage (2026-11-25, no GPU yet; table in benchmarks/RESULTS.md); tests/test_triton_compile_sm90.py keeps
 # every entry spill-free, and `python -m glowfast.kernels.tune` times each entry against larger and smaller
-# tiles on a GPU. The previous rule (~8K elements per tile, 4 warps below cp 64) spilled in 9 of the 16
-# backward/cross-step configurations, the cross-step backward at cp 16 by 10 KB per thread.
+# tiles on a GPU. The previous rule (~8K elements per tile, 4 warps below cp 64) spilled in at least 8 of
+# the 12 backward/cross-step configurations, the cross-step backward at cp 16 by 10 KB per thread.
 GPU_TILES: dict[str, dict[int, tuple[int, int]]] = {
     # actnorm_invconv forward and inverse, step inverse
     "fwd": {16: (256, 4), 32: (256, 4), 64: (128, 8), 128: (64, 8)},

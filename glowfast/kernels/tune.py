@@ -196,12 +196,14 @@ def copy_bandwidth_gbps(numel: int = 2**28) -> float:
 
 
 def sweep(shapes, kernels=KERNELS, *, device="cuda", budget_s: float = 480.0, rounds: int = 7,
-          iterations: int = 10, num_warps=NUM_WARPS, block_ps=None, log=print) -> list[dict]:
-    """One record per (kernel, mode, shape, BLOCK_P, num_warps); see the module docstring."""
+          iterations: int = 10, num_warps=NUM_WARPS, block_ps=None, log=print,
+          records: list[dict] | None = None) -> list[dict]:
+    """One record per (kernel, mode, shape, BLOCK_P, num_warps), appended to `records` as each finishes (so an
+    interrupted sweep keeps what it measured); see the module docstring."""
     device = torch.device(device)
     copy_gbps = copy_bandwidth_gbps() if device.type == "cuda" else None
     t_start = time.perf_counter()
-    records = []
+    records = [] if records is None else records
     for shape in shapes:
         for kernel, mode in kernels:
             if time.perf_counter() - t_start > budget_s:
@@ -315,8 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shapes or [*BANDWIDTH_SHAPES, *CIFAR_SHAPES]
     block_ps = [int(v) for v in args.block_p.split(",")] if args.block_p else None
     num_warps = tuple(int(v) for v in args.num_warps.split(","))
-    records = sweep(shapes, kernels, device=device, budget_s=args.budget, rounds=args.rounds,
-                    iterations=args.iterations, num_warps=num_warps, block_ps=block_ps)
+    records: list[dict] = []
+    try:
+        sweep(shapes, kernels, device=device, budget_s=args.budget, rounds=args.rounds, iterations=args.iterations,
+              num_warps=num_warps, block_ps=block_ps, records=records)
+    except KeyboardInterrupt:  # a time limit's SIGINT: write what finished
+        print(f"interrupted: writing the {len(records)} records measured so far")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
