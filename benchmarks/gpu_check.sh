@@ -27,8 +27,10 @@
 # GPU_CHECK_COMPILE_MAX (seconds for bench_compile, default 200). A second command for the compile numbers:
 #   GPU_CHECK_STAGES="env build bench_compile report" GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 \
 #   GPU_CHECK_COMPILE_MAX=480 bash benchmarks/gpu_check.sh
-# Peer library: the machine has no network; carry the pure-Python package from this machine's venv
-# (device tool: carry [".venv/lib/python3.11/site-packages/normflows"]) and it is put on PYTHONPATH.
+# Peer library and test workers: the machine has no network; carry the pure-Python packages from this
+# machine's venv (device tool: carry [".venv/lib/python3.11/site-packages/normflows",
+# ".venv/lib/python3.11/site-packages/xdist", ".venv/lib/python3.11/site-packages/execnet"]); they are put on
+# PYTHONPATH. Without xdist the tests run serially.
 # MNIST: carry ["data/MNIST"] (torchvision's raw IDX layout) or ["gpudata"] (gzipped, from results/gpu_full.sh pack).
 
 set -u
@@ -83,16 +85,21 @@ stage() {
     return 0
 }
 
-# ------------------------------------------------------------------------------------------------ peer library
-if ! $PY -c "import normflows" 2>/dev/null; then
-    for cand in "$ROOT"/.venv/lib/python3*/site-packages/normflows; do
-        if [ -d "$cand" ]; then
-            mkdir -p "$WORK/peer" && ln -s "$cand" "$WORK/peer/normflows"
-            export PYTHONPATH="$WORK/peer${PYTHONPATH:+:$PYTHONPATH}"
-            break
-        fi
-    done
-fi
+# ------------------------------------------------------------------------------------------------ carried packages
+# Pure-Python packages the bare machine lacks, carried from this checkout's venv (device tool carry list):
+# normflows (the peer library), pytest-xdist + execnet (parallel test workers: the tests stage is bound by
+# Triton compiling one kernel configuration after another). Put on PYTHONPATH when not importable already.
+for pkg in normflows xdist execnet; do
+    if ! $PY -c "import $pkg" 2>/dev/null; then
+        for cand in "$ROOT"/.venv/lib/python3*/site-packages/$pkg; do
+            if [ -d "$cand" ]; then
+                mkdir -p "$WORK/peer" && ln -s "$cand" "$WORK/peer/$pkg"
+                [[ ":${PYTHONPATH:-}:" == *":$WORK/peer:"* ]] || export PYTHONPATH="$WORK/peer${PYTHONPATH:+:$PYTHONPATH}"
+                break
+            fi
+        done
+    fi
+done
 
 # ------------------------------------------------------------------------------------------------ stages
 # `pymod MODULE args...` = python -m MODULE args, with SIGINT restored to KeyboardInterrupt (a process started in
@@ -133,9 +140,20 @@ tests() {
     # (CPU-only tests that CI already runs): if the stage's time limit cuts the run, it cuts the latter
     local first=(tests/test_kernel_*.py tests/test_fused_*.py tests/test_batched_lu.py tests/test_cuda_graph.py
                  tests/test_amp.py tests/test_model*.py tests/test_triton_compile_sm90.py)
-    local files=("${first[@]}") f
+    local files=("${first[@]}") f par=()
     for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || files+=("$f"); done
-    pymod pytest -q -p no:cacheprovider -rfE --durations=25 --junitxml="$OUT/junit.xml" "${files[@]}"
+    # GPU_TEST_WORKERS (default 4) pytest-xdist workers when xdist loads: installed (entry point), or carried
+    # (no entry point: loaded with -p, which an installed xdist would reject as registered twice); else serial
+    local n=${GPU_TEST_WORKERS:-4} probe=(--co -q tests/test_images.py)
+    if (( n > 1 )); then
+        if $PY -m pytest -n 2 "${probe[@]}" > /dev/null 2>&1; then
+            par=(-n "$n" --dist loadgroup)
+        elif $PY -m pytest -p xdist.plugin -n 2 "${probe[@]}" > /dev/null 2>&1; then
+            par=(-p xdist.plugin -n "$n" --dist loadgroup)
+        fi
+    fi
+    echo "pytest workers: ${par[*]:-serial}"
+    pymod pytest -q -p no:cacheprovider -rfE --durations=25 --junitxml="$OUT/junit.xml" "${par[@]}" "${files[@]}"
 }
 
 sanitizer() {
@@ -249,6 +267,7 @@ fi
     echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
     echo "- total wall time: $(elapsed) s of a ${BUDGET} s budget"
     echo "- peer: $($PY -c 'import normflows; print("normflows", normflows.__version__)' 2>/dev/null || echo 'normflows not importable (peer benchmarks skipped)')"
+    echo "- test workers: $(grep -h '^pytest workers:' "$LOGS/tests.log" 2>/dev/null | head -1 || echo '?')"
     echo
     echo "| stage | status | seconds | last result line |"
     echo "| --- | --- | ---: | --- |"

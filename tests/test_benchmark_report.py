@@ -6,6 +6,7 @@ numbers then checks the ratios exactly.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -54,10 +55,12 @@ def bench_json(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("bench")
     (tmp / "test_toy_bench.py").write_text(TOY_BENCH)
     out = tmp / "bench.json"
+    # a plain serial run even when this suite runs under pytest-xdist (benchmarks are disabled under xdist)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp),
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--rootdir", str(tmp),
          "--benchmark-only", f"--benchmark-json={out}", "test_toy_bench.py"],
-        cwd=tmp, capture_output=True, text=True, timeout=120)
+        cwd=tmp, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 MODULES = ("actnorm_invconv", "coupling", "cross_step")
+# Under pytest-xdist with --dist loadgroup, one worker runs this whole module (the compile jobs start once).
+pytestmark = pytest.mark.xdist_group("sm90_compile")
 _ROOT = Path(__file__).resolve().parents[1]
 _TIMEOUT_S = 900
 
@@ -51,10 +53,15 @@ def _start_compile_jobs():
     return jobs
 
 
-_JOBS = _start_compile_jobs()
+# Serially, start compiling at collection (it overlaps the interpreter tests). Under pytest-xdist every worker
+# collects this module, so there the jobs start at a worker's first test here instead of once per worker.
+_JOBS = None if os.environ.get("PYTEST_XDIST_WORKER") else _start_compile_jobs()
 
 
 def _results(module: str) -> list[dict]:
+    global _JOBS
+    if _JOBS is None:
+        _JOBS = _start_compile_jobs()
     proc, log = _JOBS[module]
     try:
         proc.wait(timeout=_TIMEOUT_S)
