@@ -24,6 +24,11 @@ def test_override_rejects_bad_block_sizes(block_p):
         pass
 
 
+def test_override_rejects_no_programs():
+    with pytest.raises(ValueError, match="programs_per_sm must be >= 1"), _utils.launch_override(programs_per_sm=0):
+        pass
+
+
 @pytest.mark.parametrize("num_warps", [0, 3, 32])
 def test_override_rejects_bad_warp_counts(num_warps):
     with pytest.raises(ValueError, match="num_warps must be one of"), _utils.launch_override(num_warps=num_warps):
@@ -58,10 +63,12 @@ def test_max_rel_diff_sees_a_difference_in_any_output():
 
 
 def test_sweep_every_candidate_matches_the_default_on_every_kernel(tmp_path):
-    """Each kernel at tiles of 16/32/64 pixels (several tiles per image, a partial last tile) and 2/4 warps."""
+    """Each kernel at tiles of 16/32/64 pixels (several tiles per image, a partial last tile) and 2/4 warps;
+    the reducing backward kernels also with one program per sample (1 per SM; on CPU the device is one SM)
+    instead of one per tile, so each program loops over tiles and the partial sums regroup."""
     rc = tune.main(["--device", KERNEL_DEVICE, "--shapes", ",".join("x".join(map(str, s)) for s in TINY),
-                    "--block-p", "16,32", "--num-warps", "2,4", "--rounds", "1", "--iterations", "1",
-                    "--out", str(tmp_path)])
+                    "--block-p", "16,32", "--num-warps", "2,4", "--programs-per-sm", "1", "--rounds", "1",
+                    "--iterations", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "tune.json").read_text())
     records = data["records"]
     assert rc == 0
@@ -70,8 +77,10 @@ def test_sweep_every_candidate_matches_the_default_on_every_kernel(tmp_path):
     for r in records:
         assert r["match"] and "error" not in r, r
         assert r["max_rel_diff"] <= tune.MATCH_RTOL and r["us"] > 0
-    # 1 default + 2 tiles x 2 warp counts per case
-    assert len(records) == len(seen) * 5
+    # 1 default + 2 tiles x 2 warp counts per case; the reducing kernels twice (rule, 1 program per SM)
+    per_case = {(k, m): 10 if (k, m) in tune.REDUCING else 5 for k, m in tune.KERNELS}
+    assert len(records) == sum(per_case[(k, m)] for k, m, _ in seen)
+    assert {r["programs_per_sm"] for r in records if (r["kernel"], r["mode"]) in tune.REDUCING} == {None, 1}
     table = (tmp_path / "tune.md").read_text()
     for k, m in tune.KERNELS:
         assert f"| {k}/{m} | B2_C6_8x8 |" in table

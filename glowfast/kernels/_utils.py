@@ -65,23 +65,28 @@ def channel_pad(channels: int) -> int:
     return max(16, triton.next_power_of_2(channels))
 
 
-# (BLOCK_P, num_warps) forced by `launch_override` (the block-size sweep, glowfast.kernels.tune); None = the rule.
-_launch_override: dict[str, int | None] = {"block_p": None, "num_warps": None}
+# (BLOCK_P, num_warps, programs per SM) forced by `launch_override` (the block-size sweep, glowfast.kernels.tune);
+# None = the rule.
+_launch_override: dict[str, int | None] = {"block_p": None, "num_warps": None, "programs_per_sm": None}
 
 
 @contextlib.contextmanager
-def launch_override(block_p: int | None = None, num_warps: int | None = None):
-    """Launch every kernel inside with this pixel tile and/or warp count instead of the default rule.
+def launch_override(block_p: int | None = None, num_warps: int | None = None, programs_per_sm: int | None = None):
+    """Launch every kernel inside with this pixel tile, warp count and/or (reducing backward kernels) programs
+    per SM instead of the default rule.
 
-    For measuring candidate configurations (`python -m glowfast.kernels.tune`); an explicit `block_p=` argument
-    of a launch function still wins. BLOCK_P must be a power of two >= 16 (tl.arange; the K of the grad-W dot).
+    For measuring candidate configurations (`python -m glowfast.kernels.tune`); an explicit `block_p=` or
+    `programs_per_sample=` argument of a launch function still wins. BLOCK_P must be a power of two >= 16
+    (tl.arange; the K of the grad-W dot). Off a GPU, `programs_per_sm` counts the device as one SM.
     """
     if block_p is not None and (block_p < 16 or block_p & (block_p - 1)):
         raise ValueError(f"block_p must be a power of two >= 16, got {block_p}")
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps}")
+    if programs_per_sm is not None and programs_per_sm < 1:
+        raise ValueError(f"programs_per_sm must be >= 1, got {programs_per_sm}")
     old = dict(_launch_override)
-    _launch_override.update(block_p=block_p, num_warps=num_warps)
+    _launch_override.update(block_p=block_p, num_warps=num_warps, programs_per_sm=programs_per_sm)
     try:
         yield
     finally:
@@ -171,10 +176,12 @@ def reduction_programs(batch: int, n_ptiles: int, device: torch.device) -> int:
     Each program loops over pixel tiles pid, pid + G, ... of one sample and writes one partial, so the partials
     (summed afterwards by torch, no atomics, deterministic) stay small. On a GPU aim for ~4 programs per SM.
     """
-    if is_interpret() or device.type != "cuda":
+    per_sm = _launch_override["programs_per_sm"]
+    if per_sm is None and (is_interpret() or device.type != "cuda"):
         return n_ptiles
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(n_ptiles, triton.cdiv(target, batch)))
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
+    return max(1, min(n_ptiles, triton.cdiv((per_sm or 4) * sms, batch)))
 
 
 def check_nchw(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -46,6 +46,7 @@ KERNELS = (
 BANDWIDTH_SHAPES = ((64, 12, 128, 128), (64, 48, 64, 64))
 CIFAR_SHAPES = ((256, 12, 16, 16), (256, 24, 8, 8), (256, 48, 4, 4))
 NUM_WARPS = (4, 8)
+REDUCING = {("actnorm_invconv", "bwd"), ("cross_step", "bwd")}  # grid = programs per sample x batch
 MATCH_RTOL = 1e-4  # of max |output|: reduction order only (TF32 rounds the same inputs the same way)
 
 
@@ -196,7 +197,7 @@ def copy_bandwidth_gbps(numel: int = 2**28) -> float:
 
 
 def sweep(shapes, kernels=KERNELS, *, device="cuda", budget_s: float = 480.0, rounds: int = 7,
-          iterations: int = 10, num_warps=NUM_WARPS, block_ps=None, log=print,
+          iterations: int = 10, num_warps=NUM_WARPS, block_ps=None, programs_per_sm=(), log=print,
           records: list[dict] | None = None) -> list[dict]:
     """One record per (kernel, mode, shape, BLOCK_P, num_warps), appended to `records` as each finishes (so an
     interrupted sweep keeps what it measured); see the module docstring."""
@@ -211,11 +212,14 @@ def sweep(shapes, kernels=KERNELS, *, device="cuda", budget_s: float = 480.0, ro
                 return records
             call, nbytes = kernel_case(kernel, mode, shape, device)
             ref = None
-            for bp, nw in candidates(kernel, shape, num_warps, block_ps, mode):
+            per_sm = (None, *(k for k in programs_per_sm if k is not None)) if (kernel, mode) in REDUCING \
+                else (None,)
+            configs = [(bp, nw, k) for bp, nw in candidates(kernel, shape, num_warps, block_ps, mode) for k in per_sm]
+            for bp, nw, k in configs:
                 rec = dict(kernel=kernel, mode=mode, shape=list(shape), block_p=bp, num_warps=nw,
-                           default=ref is None, bytes=nbytes)
+                           programs_per_sm=k, default=ref is None, bytes=nbytes)
                 try:
-                    with _utils.launch_override(block_p=bp, num_warps=nw):
+                    with _utils.launch_override(block_p=bp, num_warps=nw, programs_per_sm=k):
                         out = call()
                         if ref is None:
                             ref = out
@@ -255,14 +259,16 @@ def markdown(records: list[dict], device_name: str) -> str:
     lines = [f"# Block-size sweep of the fused kernels ({device_name})", "",
              "Default = the current rule; best = the fastest candidate whose outputs match the default's. "
              "GB/s = compulsory bytes / median time; frac = of the measured device-to-device copy bandwidth.", "",
-             "| kernel | shape | default (BLOCK_P, warps) | µs | GB/s | frac | best (BLOCK_P, warps) | µs | GB/s | "
+             "| kernel | shape | default (BLOCK_P, warps[, programs/SM]) | µs | GB/s | frac | best | µs | GB/s | "
              "frac | speed-up |",
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
 
     def cells(r):
         if r is None or "us" not in r:
             return ["-", "-", "-", "-"]
-        return [f"({r['block_p']}, {r['num_warps']})", f"{r['us']:.1f}", f"{r['GBps']:.0f}",
+        cfg = f"({r['block_p']}, {r['num_warps']}" + (f", {r['programs_per_sm']}/SM" if r.get("programs_per_sm")
+                                                      else "") + ")"
+        return [cfg, f"{r['us']:.1f}", f"{r['GBps']:.0f}",
                 f"{r['fraction_of_copy_bw']:.2f}" if "fraction_of_copy_bw" in r else "-"]
 
     bad = []
@@ -276,8 +282,9 @@ def markdown(records: list[dict], device_name: str) -> str:
         lines += ["", "Candidates that failed or did not match the default's outputs:", ""]
         for r in bad:
             why = r.get("error") or f"max rel diff {r['max_rel_diff']:.2e}"
-            lines.append(f"- {r['kernel']}/{r['mode']} {shape_tag(r['shape'])} ({r['block_p']}, {r['num_warps']}): "
-                         f"{why}")
+            per_sm = f", {r['programs_per_sm']}/SM" if r.get("programs_per_sm") else ""
+            lines.append(f"- {r['kernel']}/{r['mode']} {shape_tag(r['shape'])} ({r['block_p']}, {r['num_warps']}"
+                         f"{per_sm}): {why}")
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", default=None, help="kernel/mode,... e.g. cross_step/bwd (default: all)")
     ap.add_argument("--block-p", default=None, help="BLOCK_P candidates, e.g. 64,128 (default: around the rule)")
     ap.add_argument("--num-warps", default="4,8")
+    ap.add_argument("--programs-per-sm", default="",
+                    help="also try these programs per SM for the reducing backward kernels, e.g. 2,8 (default rule: 4)")
     ap.add_argument("--budget", type=float, default=480.0, help="seconds; no new case starts after this")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iterations", type=int, default=10)
@@ -317,10 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shapes or [*BANDWIDTH_SHAPES, *CIFAR_SHAPES]
     block_ps = [int(v) for v in args.block_p.split(",")] if args.block_p else None
     num_warps = tuple(int(v) for v in args.num_warps.split(","))
+    programs_per_sm = tuple(int(v) for v in args.programs_per_sm.split(",") if v)
     records: list[dict] = []
     try:
         sweep(shapes, kernels, device=device, budget_s=args.budget, rounds=args.rounds, iterations=args.iterations,
-              num_warps=num_warps, block_ps=block_ps, records=records)
+              num_warps=num_warps, block_ps=block_ps, programs_per_sm=programs_per_sm, records=records)
     except KeyboardInterrupt:  # a time limit's SIGINT: write what finished
         print(f"interrupted: writing the {len(records)} records measured so far")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
