@@ -8,7 +8,8 @@
 #   env          nvidia-smi, versions
 #   build        pip install --no-build-isolation --no-deps -e .   (builds glowfast._C with CUDA)
 #   tests        python -m pytest -q (the whole suite; junit xml)
-#   sanitizer    compute-sanitizer memcheck on the CUDA LU op tests (benchmarks/gpu_check_lu.sh if present)
+#   sanitizer    compute-sanitizer memcheck on the CUDA LU op tests and the Triton kernel tests
+#                (benchmarks/gpu_check_lu.sh, benchmarks/gpu_check_kernels.sh)
 #   bench_model  benchmarks/bench_model.py: training step + sampling, reference / fused / peer
 #   bench_ops    per-op benchmarks: bench_flow_ops.py (reference), bench_fused_step.py, bench_batched_lu.py
 #   tune         block-size sweep of the fused kernels (python -m glowfast.kernels.tune: the GPU_TILES defaults vs
@@ -157,11 +158,11 @@ tests() {
 }
 
 sanitizer() {
-    if [ -f benchmarks/gpu_check_lu.sh ]; then
-        bash benchmarks/gpu_check_lu.sh
-    else
-        compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q tests/test_batched_lu.py -k cuda
-    fi
+    # the CUDA LU op, then the fused Triton kernels (each script: compute-sanitizer memcheck over its tests)
+    local rc=0
+    bash benchmarks/gpu_check_lu.sh || rc=1
+    bash benchmarks/gpu_check_kernels.sh || rc=1
+    return $rc
 }
 
 bench() {  # bench NAME pytest-args...
@@ -222,7 +223,7 @@ export ROOT OUT WORK LOGS PY TRAIN_STEPS
 stage env 30 5 -- env_info
 stage build 240 30 -- build
 stage tests 170 30 -- tests
-stage sanitizer 100 20 -- sanitizer
+stage sanitizer 150 20 -- sanitizer
 stage bench_model 170 40 -- bench_model_cold
 stage bench_ops 130 20 -- bench_ops_files
 stage tune 110 40 -- tune
