@@ -84,13 +84,7 @@ def is_production(kernel_name: str, constexprs: dict, options: dict, data_type: 
     kind, cp = KERNEL_KINDS[kernel_name], constexprs["CP"]
     if data_type != "*fp32" or constexprs.get("PREC", "tf32") != "tf32" or cp not in GPU_TILES[kind]:
         return False
-    if kind == "coupling":
-        from .coupling import gpu_launch
-
-        tile = gpu_launch(cp)
-    else:
-        tile = gpu_tile(kind, cp)
-    return (constexprs["BLOCK_P"], options["num_warps"]) == tile
+    return (constexprs["BLOCK_P"], options["num_warps"]) == gpu_tile(kind, cp)
 
 
 def resource_table(records: list[dict]) -> str:

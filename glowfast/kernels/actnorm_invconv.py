@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (
+    KERNEL_KINDS,
     block_pixels,
     channel_pad,
     check_device,
@@ -343,11 +344,12 @@ actnorm_invconv_op.register_autograd(_op_backward, setup_context=_op_setup_conte
 def compile_specs():
     """(kernel, constexprs, launch options, data pointer type) for every kernel and constexpr branch."""
     specs = []
-    for kernel, branches, heaviest, kind in (
-        (_actnorm_invconv_fwd_kernel, [{}], {}, "fwd"),
-        (_actnorm_invconv_inv_kernel, [{}], {}, "fwd"),
-        (_actnorm_invconv_bwd_kernel, [dict(NEED_DX=True, NEED_DW=True), dict(NEED_DX=False, NEED_DW=False)],
-         dict(NEED_DX=True, NEED_DW=True), "actnorm_invconv_bwd"),
+    for kernel, branches, heaviest in (
+        (_actnorm_invconv_fwd_kernel, [{}], {}),
+        (_actnorm_invconv_inv_kernel, [{}], {}),
+        (_actnorm_invconv_bwd_kernel,
+         [dict(NEED_DX=True, NEED_DW=True), dict(NEED_DX=False, NEED_DW=False)], dict(NEED_DX=True, NEED_DW=True)),
     ):
+        kind = KERNEL_KINDS[kernel.__name__]
         specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest, kind)]
     return specs

@@ -351,12 +351,6 @@ coupling_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def gpu_launch(cp: int) -> tuple[int, int]:
-    """(BLOCK_P, num_warps) of the coupling kernels at cp on a GPU (unclipped), for the sm_90 resource check."""
-    bp = gpu_tile("coupling", cp)[0]
-    return bp, _launch(cp, bp)["num_warps"]
-
-
 def compile_specs():
     """(kernel, constexprs, launch options, data pointer type) for every kernel and constexpr branch.
 
@@ -366,8 +360,7 @@ def compile_specs():
         for affine in (True, False):
             specs.append((kernel, dict(CP=4, BLOCK_P=32, AFFINE=affine), _launch(4, 32), "*fp32"))
         specs.append((kernel, dict(CP=4, BLOCK_P=32, AFFINE=True), _launch(4, 32), "*bf16"))
-        for cp in GPU_TILES["coupling"]:
-            bp, nw = gpu_launch(cp)
+        for cp, (bp, nw) in GPU_TILES["coupling"].items():
             specs.append((kernel, dict(CP=cp, BLOCK_P=bp, AFFINE=True), dict(num_warps=nw, num_stages=NUM_STAGES),
                           "*fp32"))
     return specs

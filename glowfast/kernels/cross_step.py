@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (
+    KERNEL_KINDS,
     block_pixels,
     channel_pad,
     check_device,
@@ -342,10 +343,11 @@ def compile_specs():
     aff = [dict(AFFINE=True), dict(AFFINE=False)]
     bwd = [dict(AFFINE=a, NEED_DW=d) for a in (True, False) for d in (True, False)]
     specs = []
-    for kernel, branches, heaviest, kind in (
-        (_cross_step_fwd_kernel, aff, dict(AFFINE=True), "cross_step_fwd"),
-        (_step_inverse_kernel, aff, dict(AFFINE=True), "fwd"),
-        (_cross_step_bwd_kernel, bwd, dict(AFFINE=True, NEED_DW=True), "cross_step_bwd"),
+    for kernel, branches, heaviest in (
+        (_cross_step_fwd_kernel, aff, dict(AFFINE=True)),
+        (_step_inverse_kernel, aff, dict(AFFINE=True)),
+        (_cross_step_bwd_kernel, bwd, dict(AFFINE=True, NEED_DW=True)),
     ):
+        kind = KERNEL_KINDS[kernel.__name__]
         specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest, kind)]
     return specs
