@@ -145,8 +145,8 @@ def max_rel_diff(out, ref) -> float:
     """max over output tensors of max|out - ref| / (max|ref| + tiny)."""
     worst = 0.0
     for a, b in zip(_tensors(out), _tensors(ref), strict=True):
-        scale = float(b.abs().max()) if b.numel() else 0.0
-        worst = max(worst, float((a.double() - b.double()).abs().max()) / (scale + 1e-30) if b.numel() else 0.0)
+        if b.numel():
+            worst = max(worst, float((a.double() - b.double()).abs().max()) / (float(b.abs().max()) + 1e-30))
     return worst
 
 
