@@ -47,7 +47,7 @@ def init_from_env(device_str: str = "auto") -> tuple[DistInfo, torch.device]:
     if device_str == "auto":
         device_str = "cuda" if torch.cuda.is_available() else "cpu"
     if device_str.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device_str}: CUDA is not available on this machine")
+        raise RuntimeError("CUDA is not available on this machine")  # the caller names the option
     if device_str == "cuda":
         device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     else:

@@ -264,6 +264,14 @@ def test_fused_on_cpu_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "f").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")
+def test_cuda_device_without_cuda_is_a_clean_error(tmp_path, capsys):
+    rc = main(TINY + ["--device", "cuda", "--run-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == "error: --device cuda: CUDA is not available on this machine"
+    assert not (tmp_path / "c").exists()
+
+
 def test_bad_options_exit_2(tmp_path, capsys):
     assert main(TINY + ["--steps", "0", "--run-dir", str(tmp_path / "x")]) == 2
     assert main(TINY + ["--dataset", "noise", "--y-condition", "--run-dir", str(tmp_path / "y")]) == 2
