@@ -320,6 +320,28 @@ def test_inverse_backward_with_and_without_workspace(tmp_path_factory, dtype):
     assert small.error == 0 and not small.needs_workspace
 
 
+def test_matrices_wider_than_the_block(tmp_path_factory):
+    """n = 257 and 300 > 256 threads: each thread owns more than one column of a row (the tiling's column
+    stride), in global memory; factor, inverse and backward against numpy."""
+    exe = driver("plain", tmp_path_factory)
+    rng = np.random.default_rng(8)
+    sizes = [257, 300]
+    mats = [needs_pivoting(257, rng), well_conditioned(300, rng)]
+    fac = run_emulated(exe, FACTOR, mats).arrays
+    np.testing.assert_array_equal(fac["info"], [OK, OK])
+    sign, lad = np.linalg.slogdet(np.stack([np.pad(mats[0], (0, 43)) + np.diag(np.r_[np.zeros(257), np.ones(43)]),
+                                            mats[1]]))
+    np.testing.assert_array_equal(fac["sign"], sign)
+    np.testing.assert_allclose(fac["logabsdet"], lad, rtol=1e-10, atol=1e-9)
+    inv = run_inverse(exe, fac, sizes, dtype=np.float64, smem_limit=H100_SMEM, flags=1)
+    for m, x in zip(mats, unpack(inv.arrays["out"], sizes)):
+        np.testing.assert_allclose(x, np.linalg.inv(m).T, rtol=0, atol=1e-10)
+    g = [rng.standard_normal((n, n)) for n in sizes]
+    back = run_emulated(exe, INVERSE_BACKWARD, mats, flags=4, extra=(np.concatenate([v.ravel() for v in g]),))
+    for m, gv, out in zip(mats, g, unpack(back.arrays["out"], sizes)):
+        np.testing.assert_allclose(out, -(m.T @ gv @ m.T), rtol=1e-10, atol=1e-9)
+
+
 def test_empty_batch_launches_nothing(tmp_path_factory):
     exe = driver("plain", tmp_path_factory)
     for op in (FACTOR, INVERSE, INVERSE_BACKWARD):
