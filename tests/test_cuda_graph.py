@@ -114,3 +114,25 @@ def test_graphed_training_run_skips_nonfinite_and_resumes(tmp_path):
     assert train[-1]["loss"] < train[0]["loss"]
     assert main(["--resume", str(run), "--steps", "12", "--no-progress"]) == 0
     assert json.loads((run / "summary.json").read_text())["step"] == 12
+
+
+@requires_cuda
+def test_class_conditional_model_captures_without_a_sync():
+    """The label path (one-hot, class prior, class head) has no host read: capturing it must not fail with
+    'operation not permitted when stream is capturing', and the replay gives the eager loss."""
+    torch.manual_seed(0)
+    model = Glow((1, 8, 8), K=2, L=2, hidden_channels=16, n_classes=3, backend="fused").cuda()
+    x = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8, device="cuda")
+    y = torch.randint(0, 3, (16,), device="cuda")
+    with torch.no_grad():
+        model(x, y)  # ActNorm init
+
+    def fn(x, y):
+        loss = model(x, y, dequantize=False).bits_per_dim.mean()
+        loss.backward()
+        return loss.detach()
+
+    step = GraphedStep(fn, (x, y), model.parameters())
+    replayed = step(x, y).clone()
+    model.zero_grad(set_to_none=False)
+    torch.testing.assert_close(replayed, fn(x, y), rtol=1e-6, atol=1e-6)

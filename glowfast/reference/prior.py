@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import can_synchronize
 from .coupling import ZeroConv2d
 
 LOG_2PI = math.log(2 * math.pi)
@@ -82,9 +83,12 @@ class TopPrior(nn.Module):
     def one_hot(self, y: torch.Tensor) -> torch.Tensor:
         if y.dtype.is_floating_point:
             raise TypeError(f"class labels y must be an integer tensor, got dtype {y.dtype}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
-            raise ValueError(f"class labels must lie in [0, {self.n_classes}), got range "
-                             f"[{int(y.min())}, {int(y.max())}]")
+        # Range check on the host for CPU labels only: on CUDA it would synchronise every forward (and fail inside
+        # a CUDA-graph capture); there an out-of-range label trips one_hot's device-side assert instead.
+        if y.numel() and not y.is_cuda and can_synchronize(y):
+            lo, hi = (int(v) for v in torch.aminmax(y))
+            if lo < 0 or hi >= self.n_classes:
+                raise ValueError(f"class labels must lie in [0, {self.n_classes}), got range [{lo}, {hi}]")
         return F.one_hot(y.long(), self.n_classes)
 
     def params(self, batch: int, y: torch.Tensor | None, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
