@@ -18,7 +18,7 @@ from glowfast.reference import ActNorm2d, InvConv1x1, Reverse, Shuffle
 
 from conftest import kernel_devices, requires_cuda
 from helpers import KERNEL_SHAPES, randomize_
-from tolerances import assert_exact, assert_grads_exact, assert_tf32
+from tolerances import assert_exact, assert_grads_exact, assert_tf32, tf32_truncate
 
 SHAPES = KERNEL_SHAPES
 PERMS = ["lu", "plain", "shuffle", "reverse"]
@@ -122,9 +122,18 @@ def test_rejects_bad_shapes(kernel_device):
 @requires_cuda
 @pytest.mark.parametrize("C", [12, 48, 96])
 def test_tf32_flash_rule(C):
-    """Default TF32 dots on a GPU: error vs float64 within 2x that of the TF32 PyTorch reference."""
+    """Default TF32 dots on a GPU: error vs float64 within 2x that of a TF32 product — cuDNN's TF32 conv (the
+    PyTorch reference) or, whichever errs more, the same product with truncated TF32 operands (Hopper tensor
+    cores truncate fp32 operands that were not rounded; which of the two cuDNN does is its choice)."""
     actnorm, permute = make_layers(C, "lu", "cuda")
     x = torch.randn(4, C, 33, 31, device="cuda", requires_grad=True)
+    g = torch.randn(4, C, 33, 31, device="cuda")
+    with torch.no_grad():  # the truncating-TF32 product, computed in float64 from truncated fp32 operands
+        w_tr = tf32_truncate(permute.weight_matrix()).double()
+        scale = actnorm.log_scale.exp().view(1, -1, 1, 1)
+        u = (x + actnorm.bias.view(1, -1, 1, 1)) * scale
+        y_trunc = torch.einsum("oc,bchw->bohw", w_tr, tf32_truncate(u).double())
+        gx_trunc = scale.double() * torch.einsum("oc,bohw->bchw", w_tr, tf32_truncate(g).double())
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True
     try:
@@ -134,10 +143,44 @@ def test_tf32_flash_rule(C):
         y64 = reference(actnorm.double(), permute.double(), x.double())
     finally:
         torch.backends.cudnn.allow_tf32 = old
-    assert_tf32(y, y32, y64, "y")
-    g = torch.randn_like(y)
+    assert_tf32(y, [y32, y_trunc], y64, "y")
     with use_dot_precision("tf32"):
         (gx,) = torch.autograd.grad(y, [x], g)
     (gx32,) = torch.autograd.grad(y32, [x], g)
     (gx64,) = torch.autograd.grad(y64, [x], g.double())
-    assert_tf32(gx, gx32, gx64, "grad x")
+    assert_tf32(gx, [gx32, gx_trunc], gx64, "grad x")
+
+
+def test_dot_precision_mirrors_the_cudnn_conv_setting():
+    """The kernels' tl.dot precision follows what governs the reference's 1x1 conv (cuDNN conv TF32), through the
+    legacy flag and through torch's per-op API (once that is used, reading the legacy flag raises)."""
+    from glowfast.kernels._utils import dot_precision
+
+    cudnn = torch.backends.cudnn
+    if not hasattr(cudnn, "conv"):
+        pytest.skip("torch without per-op fp32_precision")
+    saved = cudnn.allow_tf32  # restored through the legacy setter: it resets conv and rnn alike
+    try:
+        cudnn.allow_tf32 = True
+        assert dot_precision() == "tf32"
+        cudnn.allow_tf32 = False
+        assert dot_precision() == "ieee"
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "ieee", "tf32"
+        assert dot_precision() == "ieee"
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "tf32", "ieee"
+        assert dot_precision() == "tf32"
+        cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "ieee"  # new API only: the legacy read raises too
+        assert dot_precision() == "ieee"
+    finally:
+        cudnn.allow_tf32 = saved
+
+
+def test_bad_dot_precision_environment_variable_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GLOWFAST_DOT_PRECISION="fp16")
+    r = subprocess.run([sys.executable, "-c", "import glowfast.kernels"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "GLOWFAST_DOT_PRECISION must be one of" in r.stderr

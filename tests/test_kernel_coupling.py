@@ -29,7 +29,7 @@ def net_out(layer, z):
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("kind", list(COUPLINGS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-bp{s[4]}")
-def test_forward_and_inverse(shape, kind, device):
+def test_forward_and_inverse(shape, kind, device, exact_precision):
     B, C, H, W, bp = shape
     layer = make_coupling(kind, C, device)
     z = torch.randn(B, C, H, W, device=device)
@@ -46,7 +46,7 @@ def test_forward_and_inverse(shape, kind, device):
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("kind", list(COUPLINGS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
-def test_backward_all_parameters(shape, kind, device):
+def test_backward_all_parameters(shape, kind, device, exact_precision):
     B, C, H, W, _ = shape
     layer = make_coupling(kind, C, device)
     z = torch.randn(B, C, H, W, device=device, requires_grad=True)
@@ -75,7 +75,7 @@ def test_backward_launch_without_logdet_grad(kernel_device):
     assert_exact(dh, gh, "grad", "h")
 
 
-def test_log_sigmoid_is_stable_at_extremes():
+def test_log_sigmoid_is_stable_at_extremes(kernel_device):
     """raw + 2 far in both tails: finite logdet matching -softplus(-(raw + 2)), finite grads."""
     z = torch.randn(1, 4, 3, 5)
     raw = torch.tensor([-200.0, -30.0, -5.0, 0.0, 5.0, 30.0, 200.0, 88.0]).repeat(8)[:30].view(1, 2, 3, 5)
@@ -106,9 +106,22 @@ def test_half_precision_io(dtype, device):
     torch.testing.assert_close(ld.float(), ld_ref, rtol=8 * eps, atol=8 * eps * float(ld_ref.abs().max()))
 
 
-def test_rejects_wrong_h_shape():
+def test_rejects_wrong_h_shape(kernel_device):
     z = torch.randn(2, 6, 3, 3)
     with pytest.raises(ValueError, match="h must have shape"):
         coupling_forward(z, torch.randn(2, 3, 3, 3), True)
     with pytest.raises(ValueError, match="at least 2 channels"):
         coupling_forward(torch.randn(2, 1, 3, 3), torch.randn(2, 2, 3, 3), True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_device_not_the_current_one():
+    """Triton launches on the current CUDA device; the wrappers switch to the tensors' device first."""
+    torch.manual_seed(0)
+    z, h = torch.randn(2, 4, 5, 3), torch.randn(2, 4, 5, 3)
+    want = coupling_forward(z.cuda(0), h.cuda(0))
+    with torch.cuda.device(0):
+        got = coupling_forward(z.cuda(1), h.cuda(1))
+    assert got[0].device == torch.device("cuda", 1)
+    torch.testing.assert_close(got[0].cpu(), want[0].cpu())
+    torch.testing.assert_close(got[1].cpu(), want[1].cpu())

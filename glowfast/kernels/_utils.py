@@ -15,6 +15,8 @@ import triton
 
 _DOT_PRECISIONS = ("ieee", "tf32")
 _dot_precision_override: str | None = os.environ.get("GLOWFAST_DOT_PRECISION") or None
+if _dot_precision_override not in (None, *_DOT_PRECISIONS):
+    raise ValueError(f"GLOWFAST_DOT_PRECISION must be one of {_DOT_PRECISIONS}, got {_dot_precision_override!r}")
 
 
 def is_interpret() -> bool:
@@ -32,7 +34,16 @@ def dot_precision() -> str:
     """
     if _dot_precision_override is not None:
         return _dot_precision_override
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    return "tf32" if _cudnn_conv_allows_tf32() else "ieee"
+
+
+def _cudnn_conv_allows_tf32() -> bool:
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        # torch >= 2.9 refuses the legacy flag once conv and rnn were given different per-op precisions
+        # (torch.backends.cudnn.conv.fp32_precision = ...); then the conv's own setting is the one to mirror
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
 @contextlib.contextmanager
@@ -188,6 +199,14 @@ def check_nchw(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"{name} must be NCHW (4-d), got shape {tuple(x.shape)}")
     return x.contiguous()
+
+
+def on_device_of(t: torch.Tensor):
+    """Context for a kernel launch on `t`'s GPU: Triton launches on the *current* CUDA device (and its current
+    stream), not on the device of its arguments, so a tensor on cuda:1 while cuda:0 is current needs a switch."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def check_device(*tensors: torch.Tensor) -> None:

@@ -36,6 +36,7 @@ from ._utils import (
     compile_spec_grid,
     dot_precision,
     launch_options,
+    on_device_of,
     reduction_programs,
 )
 
@@ -203,10 +204,11 @@ def actnorm_invconv_forward(x, bias, log_scale, weight, *, block_p: int | None =
     B, C, hw, cp, bp, n_pt = _geometry(x, block_p)
     bias, log_scale, weight = _params(bias, log_scale, weight, C, x)
     y = torch.empty_like(x)
-    _actnorm_invconv_fwd_kernel[(n_pt, B)](
-        x, y, weight, bias, log_scale, C, hw,
-        CP=cp, BLOCK_P=bp, PREC=dot_precision(), **launch_options(cp),
-    )
+    with on_device_of(x):
+        _actnorm_invconv_fwd_kernel[(n_pt, B)](
+            x, y, weight, bias, log_scale, C, hw,
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(), **launch_options(cp),
+        )
     return y
 
 
@@ -217,10 +219,11 @@ def actnorm_invconv_inverse(y, bias, log_scale, weight_inv, *, block_p: int | No
     B, C, hw, cp, bp, n_pt = _geometry(y, block_p)
     bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C, y)
     x = torch.empty_like(y)
-    _actnorm_invconv_inv_kernel[(n_pt, B)](
-        y, x, weight_inv, bias, log_scale, C, hw,
-        CP=cp, BLOCK_P=bp, PREC=dot_precision(), **launch_options(cp),
-    )
+    with on_device_of(y):
+        _actnorm_invconv_inv_kernel[(n_pt, B)](
+            y, x, weight_inv, bias, log_scale, C, hw,
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(), **launch_options(cp),
+        )
     return x
 
 
@@ -246,12 +249,13 @@ def actnorm_invconv_backward(
     dw_part = torch.empty((B * G, C, C), **f32) if need_dw else torch.empty(1, **f32)
     dls_part = torch.empty((B * G, C), **f32)
     db_part = torch.empty((B * G, C), **f32)
-    _actnorm_invconv_bwd_kernel[(G, B)](
-        x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part,
-        C, hw, n_pt, G,
-        CP=cp, BLOCK_P=bp, PREC=dot_precision(), NEED_DX=need_dx, NEED_DW=need_dw,
-        **launch_options(cp, "actnorm_invconv_bwd"),
-    )
+    with on_device_of(x):
+        _actnorm_invconv_bwd_kernel[(G, B)](
+            x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part,
+            C, hw, n_pt, G,
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(), NEED_DX=need_dx, NEED_DW=need_dw,
+            **launch_options(cp, "actnorm_invconv_bwd"),
+        )
     return (
         dx if need_dx else None,
         db_part.sum(0).to(bias.dtype),

@@ -32,6 +32,7 @@ from ._utils import (
     check_nchw,
     gpu_tile,
     is_interpret,
+    on_device_of,
     overridden_block_pixels,
     overridden_num_warps,
 )
@@ -230,10 +231,11 @@ def coupling_forward(z, h, affine: bool = True, *, block_p: int | None = None,
     G = max(1, min(programs_per_sample or n_pt, n_pt))
     y = torch.empty_like(z)
     ld_part = torch.zeros((B, G), device=z.device, dtype=torch.float32)
-    _coupling_fwd_kernel[(G, B)](
-        z, h, y, ld_part, C, ca, cb, hc, hw, n_pt, G,
-        CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
-    )
+    with on_device_of(z):
+        _coupling_fwd_kernel[(G, B)](
+            z, h, y, ld_part, C, ca, cb, hc, hw, n_pt, G,
+            CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
+        )
     return y, ld_part.sum(1).to(h.dtype)
 
 
@@ -244,9 +246,10 @@ def coupling_inverse(y, h, affine: bool = True, *, block_p: int | None = None):
     check_device(y, h)
     B, C, ca, cb, hc, hw, cp, bp, n_pt = _coupling_geometry(y, h, affine, block_p)
     z = torch.empty_like(y)
-    _coupling_inv_kernel[(n_pt, B)](
-        y, h, z, C, ca, cb, hc, hw, CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
-    )
+    with on_device_of(y):
+        _coupling_inv_kernel[(n_pt, B)](
+            y, h, z, C, ca, cb, hc, hw, CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
+        )
     return z
 
 
@@ -263,10 +266,11 @@ def coupling_backward(z, h, grad_y, grad_logdet, affine: bool = True, *, block_p
     grad_logdet = grad_logdet.contiguous()
     dz = torch.empty_like(z)
     dh = torch.empty_like(h)
-    _coupling_bwd_kernel[(n_pt, B)](
-        z, h, grad_y, grad_logdet, dz, dh, C, ca, cb, hc, hw,
-        CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
-    )
+    with on_device_of(z):
+        _coupling_bwd_kernel[(n_pt, B)](
+            z, h, grad_y, grad_logdet, dz, dh, C, ca, cb, hc, hw,
+            CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
+        )
     return dz, dh
 
 

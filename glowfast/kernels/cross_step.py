@@ -38,6 +38,7 @@ from ._utils import (
     compile_spec_grid,
     dot_precision,
     launch_options,
+    on_device_of,
     reduction_programs,
 )
 from .actnorm_invconv import (
@@ -173,10 +174,11 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
     G = max(1, min(programs_per_sample or n_pt, n_pt))
     out = torch.empty_like(z)
     ld_part = torch.zeros((B, G), device=z.device, dtype=torch.float32)
-    _cross_step_fwd_kernel[(G, B)](
-        z, h, out, weight, bias, log_scale, ld_part, C, ca, cb, hc, hw, n_pt, G,
-        CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, **launch_options(cp, "cross_step_fwd"),
-    )
+    with on_device_of(z):
+        _cross_step_fwd_kernel[(G, B)](
+            z, h, out, weight, bias, log_scale, ld_part, C, ca, cb, hc, hw, n_pt, G,
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, **launch_options(cp, "cross_step_fwd"),
+        )
     return out, ld_part.sum(1).to(h.dtype)
 
 
@@ -206,12 +208,13 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     dw_part = torch.empty((B * G, C, C), **f32) if need_dw else torch.empty(1, **f32)
     dls_part = torch.empty((B * G, C), **f32)
     db_part = torch.empty((B * G, C), **f32)
-    _cross_step_bwd_kernel[(G, B)](
-        z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part,
-        C, ca, cb, hc, hw, n_pt, G,
-        CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, NEED_DW=need_dw,
-        **launch_options(cp, "cross_step_bwd"),
-    )
+    with on_device_of(z):
+        _cross_step_bwd_kernel[(G, B)](
+            z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part,
+            C, ca, cb, hc, hw, n_pt, G,
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, NEED_DW=need_dw,
+            **launch_options(cp, "cross_step_bwd"),
+        )
     return (
         dz,
         dh,
@@ -229,10 +232,11 @@ def step_inverse(y, h, bias, log_scale, weight_inv, affine: bool = True, *, bloc
     B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(y, h, affine, block_p, "fwd")
     bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C, y)
     x = torch.empty_like(y)
-    _step_inverse_kernel[(n_pt, B)](
-        y, h, x, weight_inv, bias, log_scale, C, ca, cb, hc, hw,
-        CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, **launch_options(cp),
-    )
+    with on_device_of(y):
+        _step_inverse_kernel[(n_pt, B)](
+            y, h, x, weight_inv, bias, log_scale, C, ca, cb, hc, hw,
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, **launch_options(cp),
+        )
     return x
 
 
