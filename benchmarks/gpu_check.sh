@@ -133,7 +133,9 @@ EOF
 
 build() {
     $PY -m pip install --no-build-isolation --no-deps -e . && \
-        $PY -c "import glowfast, glowfast._C; print('glowfast', glowfast.__version__, 'built:', glowfast._C.__file__)"
+        $PY -c "import glowfast, glowfast._C, torch; from glowfast.ops.batched_lu import has_cuda_kernels
+print('glowfast', glowfast.__version__, 'built:', glowfast._C.__file__, 'CUDA kernels:', has_cuda_kernels())
+assert has_cuda_kernels() or not torch.cuda.is_available(), 'built without the CUDA kernels (nvcc not found?)'"
 }
 
 tests() {

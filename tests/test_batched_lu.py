@@ -1,6 +1,8 @@
 """glowfast.ops batched LU (slogdet / inverse) against float64 numpy / torch.linalg; CPU always, CUDA if present."""
 
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -640,3 +642,16 @@ def test_torch_compile_fullgraph_packed():
         out_e.backward()
         torch.testing.assert_close(out_c, out_e)
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.skipif(torch.version.cuda is None or os.environ.get("GLOWFAST_NO_CUDA") == "1",
+                    reason="a CPU build of torch (or GLOWFAST_NO_CUDA=1): no CUDA kernels are built")
+def test_extension_has_its_cuda_kernels_where_nvcc_exists():
+    """setup.py builds the CUDA kernels when torch is a CUDA build and nvcc is found; a build that silently lost
+    them would only show on a GPU (where calls then raise has_cuda_kernels()'s clear error)."""
+    from glowfast.ops.batched_lu import has_cuda_kernels
+
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if not (os.path.exists(os.path.join(cuda_home, "bin", "nvcc")) or shutil.which("nvcc")):
+        pytest.skip("no nvcc here: the extension is built without CUDA kernels")
+    assert has_cuda_kernels()

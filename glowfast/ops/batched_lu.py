@@ -464,7 +464,19 @@ def _pack(mats, fn: str) -> tuple[torch.Tensor, _Layout, str]:
     return packed, layout, "list"
 
 
+@functools.lru_cache(maxsize=1)
+def has_cuda_kernels() -> bool:
+    """Whether glowfast._C was built with its CUDA kernels (it needs nvcc at install time)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("glowfast::lu_factor_packed", "CUDA")
+
+
 def _check_device(packed: torch.Tensor, layout: _Layout, fn: str) -> None:
+    if packed.device.type == "cuda" and not has_cuda_kernels():
+        raise RuntimeError(
+            f"{fn}: glowfast was installed without its CUDA kernels (nvcc was not found at build time); "
+            "reinstall with CUDA_HOME pointing at a CUDA toolkit (pip install --no-build-isolation -e .), "
+            "or use backend='reference' / lu=True"
+        )
     if packed.device.type == "cuda" and layout.max_n > MAX_N_CUDA:
         raise ValueError(
             f"{fn}: matrix size {layout.max_n} exceeds the CUDA kernels' limit n <= {MAX_N_CUDA}; "
