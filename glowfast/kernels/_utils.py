@@ -155,8 +155,9 @@ def block_pixels(cp: int, hw: int, kind: str = "fwd") -> int:
     Interpreter: the cost is per program instance, not per element, so tiles are as large as possible.
     GPU: `GPU_TILES[kind][cp]`, clipped to the image (at least 16: the K of the grad-W `tl.dot`).
     """
-    if overridden_block_pixels() is not None:
-        return overridden_block_pixels()
+    forced = overridden_block_pixels()
+    if forced is not None:
+        return forced
     if is_interpret():
         return max(16, min(triton.next_power_of_2(hw), 2048))
     return max(16, min(gpu_tile(kind, cp)[0], triton.next_power_of_2(hw)))

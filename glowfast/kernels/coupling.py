@@ -26,14 +26,13 @@ import triton.language as tl
 from ._utils import (
     GPU_TILES,
     NUM_STAGES,
+    block_pixels,
     check_channels,
     check_device,
     check_grads,
     check_nchw,
     gpu_tile,
-    is_interpret,
     on_device_of,
-    overridden_block_pixels,
     overridden_num_warps,
 )
 from .actnorm_invconv import tile_index
@@ -192,11 +191,7 @@ def _coupling_bwd_kernel(
 
 
 def coupling_block_pixels(cp: int, hw: int) -> int:
-    if overridden_block_pixels() is not None:
-        return overridden_block_pixels()
-    if is_interpret():
-        return max(16, min(triton.next_power_of_2(hw), 2048))
-    return max(16, min(gpu_tile("coupling", cp)[0], triton.next_power_of_2(hw)))
+    return block_pixels(cp, hw, "coupling")
 
 
 def _coupling_geometry(z, h, affine, block_p):

@@ -471,13 +471,15 @@ def has_cuda_kernels() -> bool:
 
 
 def _check_device(packed: torch.Tensor, layout: _Layout, fn: str) -> None:
-    if packed.device.type == "cuda" and not has_cuda_kernels():
+    if packed.device.type != "cuda":
+        return
+    if not has_cuda_kernels():
         raise RuntimeError(
             f"{fn}: glowfast was installed without its CUDA kernels (nvcc was not found at build time); "
             "reinstall with CUDA_HOME pointing at a CUDA toolkit (pip install --no-build-isolation -e .), "
             "or use backend='reference' / lu=True"
         )
-    if packed.device.type == "cuda" and layout.max_n > MAX_N_CUDA:
+    if layout.max_n > MAX_N_CUDA:
         raise ValueError(
             f"{fn}: matrix size {layout.max_n} exceeds the CUDA kernels' limit n <= {MAX_N_CUDA}; "
             "use torch.linalg for such large matrices"
