@@ -7,7 +7,15 @@ import math
 import numpy as np
 import torch
 
-from .common import bpd_unit_note, class_log_likelihoods, load_split, md_table, nll_bits_per_dim, save_grid
+from .common import (
+    bpd_unit_note,
+    class_log_likelihoods,
+    load_split,
+    md_table,
+    nll_bits_per_dim,
+    save_grid,
+    train_holdout,
+)
 
 TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 1.0)
 STRENGTHS = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
@@ -172,9 +180,17 @@ def run_attributes(ctx) -> tuple[dict, str]:
     t = ctx.main_model()
     model, spec = t.model, t.spec
     te = load_split(spec.dataset, "test", ctx.data_dir, spec.size, n=ctx.preset.ood_n or None)
-    classes = sorted(int(c) for c in te.labels.unique())
+    # The class means come from training images (as in the Glow paper), so that the edited test images are
+    # not part of the statistics that move them.
+    tr, _ = train_holdout(spec, ctx.data_dir)
+    n_means = min(ctx.preset.score_n_train, tr.images.shape[0])
+    pick = torch.randperm(tr.images.shape[0], generator=torch.Generator().manual_seed(5))[:n_means]
+    tr_labels = tr.labels[pick]
+    z_train = encode_images(model, tr.images[pick], ctx.device)
+    classes = sorted(set(int(c) for c in te.labels.unique()) & set(int(c) for c in tr_labels.unique()))
+    means = {c: [z[tr_labels == c].mean(0) for z in z_train] for c in classes}
+    del z_train
     z_all = encode_images(model, te.images, ctx.device)
-    means = {c: [z[te.labels == c].mean(0) for z in z_all] for c in classes}
     pairs = [p for p in DIGIT_PAIRS if p[0] in means and p[1] in means] if len(classes) == 10 else \
         [(classes[0], classes[1])]
     n_show = 5
@@ -201,11 +217,12 @@ def run_attributes(ctx) -> tuple[dict, str]:
         table[f"{src}->{dst}"] = {"n_images": int(idx.numel()), "strengths": list(STRENGTHS),
                                   "fraction_classified_as_target": frac_dst,
                                   "fraction_classified_as_source": frac_src, "figure": f.name}
-    results = {"pairs": table, "n_test_images_for_means": int(te.images.shape[0]),
+    results = {"pairs": table, "n_train_images_for_means": n_means,
                "model": ctx.main_summary(), "figures": figs,
                "classifier": "the model's own generative classifier argmax_y p(x | y)" if model.n_classes else None}
     md = ("Attribute manipulation (Glow §5.3): the direction Δ = mean latent of class *dst* − mean latent of class "
-          "*src* (test images, every level), added with strength a to the latents of test images of class *src*. "
+          f"*src* ({n_means} training images, every level), added with strength a to the latents of test images of "
+          "class *src*. "
           "Columns of the figures are strengths.\n\n")
     if model.n_classes:
         md += "Fraction of manipulated images classified as *dst* by the model's generative classifier:\n\n"
