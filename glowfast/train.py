@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .checkpoint import CheckpointError
 
 OPTIMIZERS = ("adamax", "adam")
 # options that may be changed when resuming a run; everything else comes from the run's config.json
@@ -187,7 +188,7 @@ def resolve_config(argv: list[str] | None) -> tuple[dict, Path, bool]:
 
 def validate(cfg: dict) -> None:
     for key in ("batch_size", "eval_interval", "ckpt_interval", "log_interval", "max_nonfinite", "init_batch_size",
-                "eval_batch_size"):
+                "eval_batch_size", "hidden_channels", "n_samples", "samples_per_class"):
         if cfg[key] is None or cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if cfg["steps"] is None and (cfg["epochs"] is None or cfg["epochs"] < 1):
@@ -247,9 +248,13 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
     if not 1 <= cfg["n_bits"] <= 8:
         return _fail(f"--n-bits must be in 1..8, got {cfg['n_bits']}")
 
+    taken = None
     if not resume and main_rank:
         if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-            return _fail(f"{run_dir} already holds a run; use --resume {run_dir} or another --name/--run-dir")
+            taken = f"{run_dir} already holds a run; use --resume {run_dir} or another --name/--run-dir"
+    taken = broadcast_object(taken)  # every rank stops, not only rank 0
+    if taken:
+        return _fail(taken) if main_rank else 2
     try:
         trainer = Trainer(cfg, run_dir, train_set, test_set, info.image_shape, n_classes, device, dist_info,
                           callbacks)
@@ -291,12 +296,21 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
         summary = trainer.fit()
     except NonFiniteLossError as e:
         return _fail(str(e), 3)
+    except CheckpointError as e:
+        return _fail(f"cannot resume {run_dir}: {e}. The files were left as they are.")
     except KeyboardInterrupt:
-        try:
-            trainer.save()
-        except Exception:
-            pass
-        return _fail(f"interrupted at step {trainer.step}; resume with --resume {run_dir}", 130)
+        saved = False
+        if not dist_info.distributed:  # under DDP only the agreed stop in fit() can save (a collective)
+            try:
+                saved = trainer.save_if_consistent()
+            except Exception:
+                pass
+        else:
+            saved = trainer.saved_step == trainer.step
+        where = ("the checkpoint holds it" if saved else
+                 f"interrupted mid-step: the newest checkpoint (step {trainer.saved_step}) was left as it is"
+                 if trainer.saved_step is not None else "no checkpoint was written")
+        return _fail(f"interrupted at step {trainer.step} ({where}); resume with --resume {run_dir}", 130)
     if main_rank:
         print(f"done: step {summary['step']}, test bits/dim {summary['test_bpd']:.4f} "
               f"({summary['test_images']} test images), {summary['wall_seconds']:.0f} s; run folder {run_dir}",

@@ -20,6 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +36,8 @@ from torch import nn
 from . import __version__
 from .amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
 from .checkpoint import (
+    LAST,
+    PREV,
     NonFiniteStateError,
     assert_finite_state,
     find_checkpoint,
@@ -196,6 +201,13 @@ class Trainer:
         self.ddp: nn.Module | None = None
         self.resumed_from: str | None = None
         self.graphed_step = None  # GraphedStep, captured at the first training step with cuda_graphs
+        # A checkpoint may only be written between steps: mid-step, the RNG has drawn the step's noise (or the
+        # optimiser has applied it) while `step` says it has not happened, and resuming would not be exact.
+        self.at_step_boundary = False  # True once setup() is done, False while a step is in flight
+        self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote
+        self.stop_requested = False  # set by the first Ctrl-C (SIGINT); fit() stops at the next step boundary
+        self.stop_agreed = False  # under DDP: whether any rank had requested it at this step's all-reduce
+        self.log_window: list[dict] = []  # train records since the last metrics.jsonl train record
         if cfg.get("cuda_graphs"):
             check_graphable(device)
             if self.dist.distributed:
@@ -240,13 +252,20 @@ class Trainer:
         """Resume from the run's newest checkpoint, or initialise ActNorm from data; then wrap for DDP."""
         state = None
         if resume:
-            try:
+            if not any((self.ckpt_dir / name).exists() for name in (LAST, PREV)):
+                # killed before its first checkpoint: nothing to continue, start over
+                if self.is_main:
+                    print(f"note: no checkpoint in {self.ckpt_dir} yet; starting from step 0")
+            else:
+                # Files that exist but do not load are an error (CheckpointError): restarting would overwrite them.
                 path, state = find_checkpoint(self.run_dir, map_location="cpu")
                 self.resumed_from = str(path)
-            except Exception as e:  # no checkpoint yet (killed before the first one): start over
-                if self.is_main:
-                    print(f"note: no usable checkpoint in {self.run_dir} ({e}); starting from step 0")
-                state = None
+                if path.name == PREV and self.is_main and (self.ckpt_dir / LAST).exists():
+                    # last.pt does not load: move it aside, or the next save would keep it as prev.pt in place
+                    # of the good checkpoint this run continues from
+                    bad = self.ckpt_dir / f"{LAST}.unreadable"
+                    os.replace(self.ckpt_dir / LAST, bad)
+                    print(f"note: {LAST} does not load; moved to {bad.name}, resuming from {PREV}")
         if state is not None:
             self.load_state(state)
             if self.is_main:
@@ -261,6 +280,7 @@ class Trainer:
             initialize_actnorm(self.model, self.train_set, self.cfg["init_batch_size"], self.cfg["seed"],
                                self.device, self.cfg["y_condition"], self.dist)
             torch.manual_seed(self.cfg["seed"] * 1000 + 1 + self.dist.rank)
+        self.at_step_boundary = True
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -289,6 +309,8 @@ class Trainer:
             "epoch": self.epoch,
             "epoch_pos": self.epoch_pos,
             "nonfinite_total": self.nonfinite_total,
+            "nonfinite_streak": self.nonfinite_streak,
+            "log_window": list(self.log_window),
             "best_test_bpd": self.best_test_bpd,
             "last_test_bpd": self.last_test_bpd,
             "elapsed": self.elapsed,
@@ -305,6 +327,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.epoch_pos = state["step"], state["epoch"], state["epoch_pos"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        self.log_window = list(state.get("log_window", []))
         self.best_test_bpd = state.get("best_test_bpd", math.inf)
         self.last_test_bpd = state.get("last_test_bpd", math.nan)
         self.elapsed = state.get("elapsed", 0.0)
@@ -322,10 +346,23 @@ class Trainer:
         except NonFiniteStateError as e:
             raise NonFiniteLossError(f"the weights became non-finite by step {self.step} ({e}); no checkpoint "
                                      f"was written, the previous one is intact. Try a lower --lr.") from e
+        if not self.at_step_boundary:
+            raise RuntimeError(f"refusing to checkpoint in the middle of step {self.step + 1} (resume would not be "
+                               "exact)")
         state = self.state_dict()
+        self.saved_step = self.step
         if not self.is_main:
             return None
         return save_checkpoint(state, self.ckpt_dir)
+
+    def save_if_consistent(self) -> bool:
+        """After an interruption: checkpoint if the state is between two steps and not saved yet. Returns
+        whether the newest checkpoint holds the current step."""
+        if not self.at_step_boundary:
+            return False
+        if self.saved_step != self.step:
+            self.save()
+        return True
 
     # ------------------------------------------------------------------------------------------ loop
     def _batches(self):
@@ -388,10 +425,16 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             stats = self.loss_and_grads(x, y)
-        finite = torch.isfinite(stats[:2]).to(torch.int32)  # [loss ok, grad norm ok]
+        flags = torch.isfinite(stats[:2]).to(torch.int32)  # [loss ok, grad norm ok]
         if is_dist():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips the same steps
-        *values, loss_ok, gn_ok = torch.cat([stats, finite.to(stats.dtype)]).tolist()  # the one sync
+            # every rank skips the same steps, and all stop after the same step when any rank was interrupted
+            go_on = torch.tensor([0 if self.stop_requested else 1], dtype=torch.int32).to(flags.device)
+            flags = torch.cat([flags, go_on])
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        flat = torch.cat([stats, flags.to(stats.dtype)]).tolist()  # the one sync
+        if is_dist():  # the agreed decision: a rank's own flag may be set between here and the end of the step
+            self.stop_agreed = not flat.pop()
+        *values, loss_ok, gn_ok = flat
         rec = {"loss": values[0], "bpd": values[2], "lr": self.optimizer.param_groups[0]["lr"]}
         if self.n_classes:
             rec["class_ce"] = values[3]
@@ -465,27 +508,36 @@ class Trainer:
         self._emit("eval")
 
     def fit(self) -> dict:
-        """Train to ``total_steps``; returns the summary (also written to summary.json by rank 0)."""
+        """Train to ``total_steps``; returns the summary (also written to summary.json by rank 0).
+
+        Ctrl-C (SIGINT, in the main thread): the step in flight finishes, a checkpoint is written and
+        KeyboardInterrupt is raised, so ``--resume`` continues exactly. A second Ctrl-C interrupts at once and
+        leaves the newest checkpoint as it is.
+        """
         from tqdm import tqdm
 
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and cfg["progress"]),
                    dynamic_ncols=True, mininterval=0.5, desc="train")
-        window: list[dict] = []
         postfix: dict[str, str] = {}
         t_window = time.perf_counter()
+        steps_timed = 0  # steps since t_window, for images/s (the log window may hold steps from before a resume)
         t_start = time.perf_counter() - self.elapsed
         imgs_per_step = cfg["batch_size"] * self.dist.world_size
         status = "completed"
+        restore_sigint = self._defer_sigint()
         try:
             while self.step < self.total_steps:
                 for batch in self._batches():
                     self.batch = batch
                     self._emit("before_step")
                     x, y = self.batch
+                    self.at_step_boundary = False
                     rec = self.train_step(x, y)
                     self.step += 1
                     self.epoch_pos += 1
+                    self.at_step_boundary = True
+                    steps_timed += 1
                     self.elapsed = time.perf_counter() - t_start
                     if "skipped" in rec:
                         self.log({"type": "nonfinite", "what": rec["skipped"], "loss": rec["loss"],
@@ -493,16 +545,16 @@ class Trainer:
                         if self.nonfinite_streak >= cfg["max_nonfinite"]:
                             raise NonFiniteLossError(
                                 f"training stopped at step {self.step}: {self.nonfinite_streak} non-finite "
-                                f"{rec['skipped'].replace('_', ' ')}s in a row (last loss {rec['loss']}); those "
-                                f"updates were skipped and no checkpoint holds non-finite weights. Try a "
-                                f"lower --lr, a longer --warmup-steps or --grad-clip.")
+                                f"{'losses' if rec['skipped'] == 'loss' else 'gradient norms'} in a row (last loss "
+                                f"{rec['loss']}); those updates were skipped and no checkpoint holds non-finite "
+                                f"weights. Try a lower --lr, a longer --warmup-steps or --grad-clip.")
                     else:
-                        window.append(rec)
+                        self.log_window.append(rec)
                     bar.update(1)
                     if self.step % cfg["log_interval"] == 0 or self.step == self.total_steps:
                         dt = time.perf_counter() - t_window
-                        n = max(1, len(window))
-                        ips = imgs_per_step * n / dt if dt > 0 else 0.0
+                        ips = imgs_per_step * steps_timed / dt if dt > 0 else 0.0
+                        window = self.log_window
                         if window:
                             avg = {k: sum(r[k] for r in window) / len(window) for k in window[-1]
                                    if isinstance(window[-1][k], float) and all(k in r for r in window)}
@@ -510,15 +562,20 @@ class Trainer:
                                       "nonfinite_total": self.nonfinite_total, "elapsed": round(self.elapsed, 2)})
                             postfix.update(loss=f"{avg['loss']:.3f}", bpd=f"{avg['bpd']:.3f}", img_s=f"{ips:.0f}")
                             bar.set_postfix(postfix)
-                        window, t_window = [], time.perf_counter()
+                        self.log_window, t_window, steps_timed = [], time.perf_counter(), 0
                     self._emit("after_step")
                     last = self.step >= self.total_steps
+                    t_pause = time.perf_counter()  # evaluation and checkpoints do not count against images/s
                     if self.step % cfg["eval_interval"] == 0 or last:
                         self.do_eval()
                         postfix["test_bpd"] = f"{self.last_test_bpd:.3f}"
                         bar.set_postfix(postfix)
-                    if self.step % cfg["ckpt_interval"] == 0 or last:
+                    stop = self.stop_agreed if is_dist() else self.stop_requested
+                    if self.step % cfg["ckpt_interval"] == 0 or last or stop:
                         self.save()
+                    t_window += time.perf_counter() - t_pause
+                    if stop:
+                        raise KeyboardInterrupt
                     if last:
                         break
                 else:
@@ -535,11 +592,30 @@ class Trainer:
             status = "interrupted"
             raise
         finally:
+            restore_sigint()
             bar.close()
             self.elapsed = time.perf_counter() - t_start  # training + evals + checkpoints of all sessions
             self.summary = self._write_summary(status)
             self._emit("end")
         return self.summary
+
+    def _defer_sigint(self) -> Callable[[], None]:
+        """Make the first SIGINT a request to stop at the next step boundary (a second one interrupts at once).
+        Only from the main thread and over Python's default handler; returns the function that restores it."""
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return lambda: None
+
+        def request_stop(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            if self.is_main:
+                print(f"\ninterrupt: stopping after step {self.step + 1} with a checkpoint (Ctrl-C again to stop "
+                      "now without one)", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, request_stop)
+        return lambda: signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _write_summary(self, status: str) -> dict:
         summary = {

@@ -3,11 +3,14 @@ data-dependent init and after optimisation steps; the torchrun command line end 
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -105,3 +108,44 @@ def test_torchrun_cli_two_processes(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 6
+    assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 6
+
+
+def _spawn_within(fn, args, nprocs: int, seconds: float) -> None:
+    """mp.spawn that fails (and kills the workers) instead of hanging when a rank waits forever."""
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.time() + seconds
+    while not ctx.join(timeout=2):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"ranks still running after {seconds} s (one is waiting for the others)")
+
+
+def _rc_worker(rank: int, world: int, port: int, out: str, argv: list[str], sigint_rank: int, sigint_step: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from glowfast.train import main
+
+    def cb(event, trainer):
+        if event == "start":
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # fit() defers Python's default handler
+        if event == "before_step" and rank == sigint_rank and trainer.step == sigint_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    rc = main(argv, callbacks=[cb])
+    torch.save({"rc": rc}, Path(out) / f"rc{rank}.pt")
+
+
+def test_ddp_every_rank_refuses_an_occupied_run_folder_and_stops_together_on_ctrl_c(tmp_path):
+    """Ctrl-C on rank 1 only, in step 3: both ranks finish step 3, write one checkpoint there and exit 130 (the
+    stop request travels in the step's all-reduce). Then a fresh run into the same folder: both ranks refuse
+    (exit 2); only rank 0 used to, leaving rank 1 waiting in a collective."""
+    run = tmp_path / "run"
+    argv = TINY + ["--steps", "8", "--eval-interval", "100", "--ckpt-interval", "100", "--run-dir", str(run)]
+    _spawn_within(_rc_worker, (2, _free_port(), str(tmp_path), argv, 1, 2), 2, 240)
+    assert [torch.load(tmp_path / f"rc{r}.pt")["rc"] for r in (0, 1)] == [130, 130]
+    assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 3
+    _spawn_within(_rc_worker, (2, _free_port(), str(tmp_path), argv, -1, -1), 2, 240)
+    assert [torch.load(tmp_path / f"rc{r}.pt")["rc"] for r in (0, 1)] == [2, 2]
+    assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 3
