@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .ema import ParameterEMA
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", default=None, help="a checkpoint file (instead of / within --run)")
     src.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     src.add_argument("--backend", choices=("reference", "fused", "auto"), default="auto")
+    src.add_argument("--raw-weights", action="store_true",
+                     help="use the last iterate's weights even when the run kept a moving average (--ema-decay)")
     g = p.add_argument_group("samples")
     g.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.8, 1.0])
     g.add_argument("--n", type=int, default=64, help="samples per grid")
@@ -45,14 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(state: dict, device: torch.device, backend: str = "auto"):
-    """A Glow rebuilt from a checkpoint's ``model_config`` with its weights, in eval mode."""
+def load_model(state: dict, device: torch.device, backend: str = "auto", raw_weights: bool = False):
+    """A Glow rebuilt from a checkpoint's ``model_config`` with its weights, in eval mode: the moving average of
+    the weights when the run kept one (``--ema-decay``), unless ``raw_weights``."""
     from .model import Glow
 
     mc = dict(state["model_config"])
     mc["image_shape"] = tuple(mc["image_shape"])
     model = Glow(**mc, backend=backend)
     model.load_state_dict(state["model"])
+    if state.get("ema") is not None and not raw_weights:  # the weights the run evaluated with
+        ema = ParameterEMA(model, state["ema"]["decay"])
+        ema.load_state_dict(state["ema"])
+        ema.copy_to()
     config = state.get("config", {})
     model.to(device)
     from .amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = state.get("config", {})
     out = Path(args.out) if args.out else (Path(args.run) / "generated" if args.run else path.parent / "generated")
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(state, device, args.backend)
+    model = load_model(state, device, args.backend, args.raw_weights)
     try:
         model.resolve_backend(device)
     except (RuntimeError, ImportError) as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -87,6 +88,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="after warm-up: constant, or cosine decay to 0 at the last step")
     add(g, "--weight-decay", type=float, default=0.0)
     add(g, "--grad-clip", type=float, default=50.0, help="clip the global gradient norm to this (0: off)")
+    add(g, "--ema-decay", type=float, default=0.0,
+        help="keep an exponential moving average of the weights with this decay (e.g. 0.999; openai/glow's "
+             "Polyak averaging) and evaluate / sample with it; 0: off")
     add(g, "--steps", type=int, default=2000, help="training steps (overrides --epochs)")
     add(g, "--epochs", type=int, default=None, help="train for this many epochs instead of --steps")
     add(g, "--init-batch-size", type=int, default=256,
@@ -199,6 +203,9 @@ def validate(cfg: dict) -> None:
         raise ValueError("--warmup-steps must be >= 0")
     if cfg["lr"] <= 0:
         raise ValueError("--lr must be > 0")
+    ema = cfg.get("ema_decay") or 0.0
+    if not (math.isfinite(ema) and 0.0 <= ema < 1.0):
+        raise ValueError(f"--ema-decay must be in [0, 1) (0: off), got {ema}")
     if cfg.get("channels_last") and cfg.get("gemm_networks"):
         raise ValueError("--channels-last and --gemm-networks are two different network layouts; choose one")
 

@@ -13,10 +13,15 @@ Exactness of resumption: the data order is a DistributedSampler permutation seed
 (torch CPU + CUDA, python, numpy; per rank) are checkpointed, and evaluation / sampling / ActNorm's init
 batch use private generators. On CPU a run resumed at step k therefore reaches bit-identical parameters
 at step n as an uninterrupted run.
+
+With ``ema_decay`` (``--ema-decay``) an exponential moving average of the weights (glowfast.ema, openai/glow's
+Polyak averaging) is updated after every applied step and checkpointed; evaluation, the sample grids and
+``python -m glowfast.sample`` use the averaged weights, training continues from the model's own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,6 +52,7 @@ from .checkpoint import (
 )
 from .cuda_graph import check_graphable
 from .distributed import DistInfo, ResumableDistributedSampler, broadcast_module, is_dist
+from .ema import ParameterEMA
 from .evaluate import evaluate_bpd, unwrap
 from .images import save_grid
 from .model import Glow
@@ -201,6 +207,7 @@ class Trainer:
         self.ddp: nn.Module | None = None
         self.resumed_from: str | None = None
         self.graphed_step = None  # GraphedStep, captured at the first training step with cuda_graphs
+        self.ema: ParameterEMA | None = None  # with ema_decay: created in setup(), after ActNorm's init
         # A checkpoint may only be written between steps: mid-step, the RNG has drawn the step's noise (or the
         # optimiser has applied it) while `step` says it has not happened, and resuming would not be exact.
         self.at_step_boundary = False  # True once setup() is done, False while a step is in flight
@@ -280,6 +287,10 @@ class Trainer:
             initialize_actnorm(self.model, self.train_set, self.cfg["init_batch_size"], self.cfg["seed"],
                                self.device, self.cfg["y_condition"], self.dist)
             torch.manual_seed(self.cfg["seed"] * 1000 + 1 + self.dist.rank)
+        if self.cfg.get("ema_decay"):
+            self.ema = ParameterEMA(self.model, self.cfg["ema_decay"])
+            if state is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
         self.at_step_boundary = True
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -315,6 +326,7 @@ class Trainer:
             "last_test_bpd": self.last_test_bpd,
             "elapsed": self.elapsed,
             "rng": rng_all,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "world_size": self.dist.world_size,
             "config": self.cfg,
             "model_config": {**self.model.config, "image_shape": list(self.model.config["image_shape"])},
@@ -443,6 +455,8 @@ class Trainer:
             rec["grad_norm"] = values[1]
         if not skipped:
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
         self.scheduler.step()
         if skipped:
             self.nonfinite_total += 1
@@ -497,10 +511,15 @@ class Trainer:
         plt.close(fig)
         os.replace(tmp, self.run_dir / "curves.png")
 
+    def eval_weights(self):
+        """Context: the weights evaluation and sampling use -- the EMA's with ema_decay, else the model's own."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def do_eval(self) -> None:
         t0 = time.perf_counter()
-        bpd = self.evaluate()
-        samples = self.save_samples()
+        with self.eval_weights():
+            bpd = self.evaluate()
+            samples = self.save_samples()
         recent = [m["bpd"] for m in self.metrics if m["type"] == "train" and "bpd" in m][-1:]
         self.log({"type": "eval", "test_bpd": bpd, "train_bpd": recent[0] if recent else None,
                   "eval_seconds": round(time.perf_counter() - t0, 3), "samples": samples})
@@ -630,6 +649,7 @@ class Trainer:
             "nonfinite_skipped": self.nonfinite_total,
             "wall_seconds": round(self.elapsed, 2),
             "n_params": sum(p.numel() for p in self.model.parameters()),
+            "eval_weights": f"ema {self.ema.decay:g}" if self.ema is not None else "raw",
             "world_size": self.dist.world_size,
             "device": str(self.device),
             "resumed_from": self.resumed_from,

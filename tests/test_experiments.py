@@ -146,3 +146,26 @@ def test_glowfast_train_checkpoint(tiny_run, tmp_path):
     data = _load(out)
     assert data["heldout_source"] == "test half"
     assert data["model"]["spec"]["K"] == 2
+
+
+def test_main_model_keeps_the_weights_better_on_heldout_images(tiny_run):
+    """The shared model keeps a moving average of its weights; the model kept (and cached) is the average or the
+    last iterate, whichever has the lower bits/dim on held-out training images."""
+    from glowfast.checkpoint import find_checkpoint
+    from glowfast.experiments.common import ModelSpec, build_model, nll_bits_per_dim, train_holdout
+
+    root, empty = tiny_run
+    summary = json.loads((root / "samples" / "results.json").read_text())["model"]
+    held = summary["heldout_bpd"]
+    assert set(held) == {"last_iterate", "ema 0.999", "n"} and held["n"] > 0
+    ema_better = held["ema 0.999"] <= held["last_iterate"]
+    assert summary["eval_weights"] == ("ema 0.999" if ema_better else "raw")
+    spec = ModelSpec(**summary["spec"])
+    _, state = find_checkpoint(root / "models" / spec.key())
+    model = build_model(spec)
+    model.load_state_dict(state["model"])
+    _, heldout = train_holdout(spec, empty)
+    n = held["n"]
+    labels = heldout.labels[:n] if model.n_classes else None
+    bpd = float(nll_bits_per_dim(model, heldout.images[:n], "cpu", labels=labels).mean())
+    assert bpd == pytest.approx(min(held["last_iterate"], held["ema 0.999"]), abs=1e-6)
