@@ -190,3 +190,125 @@ def test_gradcheck_top_prior_class_conditional():
     z = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([1, 3])
     _gradcheck_module(prior, (z,), lambda f, z: f(z, y))
+
+
+# ------------------------------------------------------------------ bad input: clear errors naming the layer
+def _actnorm_state(layer):
+    return layer.bias.detach().clone(), layer.log_scale.detach().clone(), bool(layer.initialized)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)], ids=["empty_batch", "empty_spatial"])
+def test_actnorm_init_rejects_empty_batch_and_keeps_parameters(shape):
+    layer = ActNorm2d(3).train()
+    before = _actnorm_state(layer)
+    with pytest.raises(ValueError, match=r"ActNorm2d\(3\).*non-empty batch"):
+        layer(torch.randn(shape))
+    after = _actnorm_state(layer)
+    torch.testing.assert_close(after[:2], before[:2])
+    assert after[2] is False and layer.needs_init()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_actnorm_init_rejects_non_finite_batch_and_keeps_parameters(bad):
+    layer = ActNorm2d(3).train()
+    before = _actnorm_state(layer)
+    x = torch.randn(4, 3, 2, 2)
+    x[1, 2, 0, 1] = bad
+    with pytest.raises(ValueError, match=r"ActNorm2d\(3\).*non-finite"):
+        layer(x)
+    after = _actnorm_state(layer)
+    torch.testing.assert_close(after[:2], before[:2])
+    assert after[2] is False
+    # The layer is not poisoned: the next good batch initialises it.
+    y, logdet = layer(torch.randn(4, 3, 2, 2) * 3 + 1)
+    assert bool(layer.initialized) and torch.isfinite(y).all() and torch.isfinite(logdet).all()
+
+
+def _split_inverse_bad_z2():
+    split = Split2d(4)
+    return split.inverse(torch.randn(2, 2, 4, 4), torch.randn(2, 3, 4, 4))
+
+
+def _top_prior_bad_z():
+    from glowfast.reference import TopPrior
+
+    return TopPrior((4, 2, 2)).log_prob(torch.randn(2, 4, 1, 1))
+
+
+WRONG_CHANNELS = [
+    ("affine", lambda: AffineCoupling(4, 8)(torch.randn(2, 3, 8, 8)), r"AffineCoupling\(4\).*\(2, 3, 8, 8\)"),
+    ("affine_inverse", lambda: AffineCoupling(4, 8).inverse(torch.randn(2, 3, 8, 8)), r"AffineCoupling\(4\)"),
+    ("additive", lambda: AdditiveCoupling(4, 8)(torch.randn(2, 3, 8, 8)), r"AdditiveCoupling\(4\)"),
+    ("split", lambda: Split2d(4)(torch.randn(2, 3, 4, 4)), r"Split2d\(4\).*\(B, 4, H, W\)"),
+    ("split_inverse_z2", _split_inverse_bad_z2, r"Split2d\(4\).*z2"),
+    ("shuffle", lambda: Shuffle(4)(torch.randn(2, 6, 4, 4)), r"Shuffle\(4\).*\(2, 6, 4, 4\)"),
+    ("reverse_inverse", lambda: Reverse(4).inverse(torch.randn(2, 6, 4, 4)), r"Reverse\(4\)"),
+    ("top_prior", _top_prior_bad_z, r"TopPrior.*\(B, 4, 2, 2\)"),
+    ("actnorm_eval", lambda: ActNorm2d(1).eval()(torch.randn(2, 3, 4, 4)), r"ActNorm2d\(1\).*\(B, 1, H, W\)"),
+    ("actnorm_init", lambda: ActNorm2d(3).train()(torch.randn(2, 1, 4, 4)), r"ActNorm2d\(3\)"),
+    ("invconv", lambda: InvConv1x1(4)(torch.randn(2, 3, 4, 4)), r"InvConv1x1\(4\)"),
+]
+
+
+@pytest.mark.parametrize("name,call,match", WRONG_CHANNELS, ids=[n for n, _, _ in WRONG_CHANNELS])
+def test_wrong_channel_count_is_rejected(name, call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+THREE_D = [
+    ("actnorm", lambda: ActNorm2d(4).eval()),
+    ("flowstep", lambda: FlowStep(4, 8).eval()),
+    ("invconv", lambda: InvConv1x1(4)),
+    ("reverse", lambda: Reverse(4)),
+]
+
+
+@pytest.mark.parametrize("name,factory", THREE_D, ids=[n for n, _ in THREE_D])
+def test_unbatched_3d_input_is_rejected(name, factory):
+    layer = factory()
+    with pytest.raises(ValueError, match=r"\(4\): expected input of shape \(B, 4, H, W\), got \(4, 4, 4\)"):
+        layer(torch.randn(4, 4, 4))
+    with pytest.raises(ValueError, match=r"expected input of shape"):
+        layer.inverse(torch.randn(4, 4, 4))
+
+
+def test_invconv_rejects_integer_input():
+    with pytest.raises(TypeError, match=r"InvConv1x1\(4\).*floating-point"):
+        InvConv1x1(4)(torch.ones(2, 4, 3, 3, dtype=torch.long))
+
+
+def test_invconv_rejects_non_scalar_w_logabsdet():
+    layer = InvConv1x1(4, lu=False)
+    with pytest.raises(ValueError, match=r"InvConv1x1\(4\).*w_logabsdet.*0-d.*\(2,\)"):
+        layer(torch.randn(2, 4, 3, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"InvConv1x1\(4\).*w_inverse.*\(4, 4\)"):
+        layer.inverse(torch.randn(2, 4, 3, 3), torch.eye(4).flatten())
+
+
+@pytest.mark.parametrize("fn", [squeeze2d, unsqueeze2d], ids=["squeeze2d", "unsqueeze2d"])
+def test_squeeze_rejects_non_4d_input(fn):
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: expected input of shape \(B, C, H, W\), got \(4, 4, 4\)"):
+        fn(torch.zeros(4, 4, 4))
+
+
+def test_squeeze_odd_spatial_error_names_squeeze2d():
+    with pytest.raises(ValueError, match=r"squeeze2d.*3x4 is odd"):
+        squeeze2d(torch.zeros(1, 2, 3, 4))
+
+
+def test_steps_forward_rejects_w_logabsdet_count_mismatch():
+    from glowfast.reference import steps_forward
+
+    steps = [FlowStep(4, 8, lu=False).eval() for _ in range(2)]
+    with pytest.raises(ValueError, match="w_logabsdets has 1 entries for 2 steps"):
+        steps_forward(steps, torch.randn(2, 4, 2, 2), [torch.tensor(0.0)])
+
+
+def test_class_conditional_prior_rejects_label_list():
+    from glowfast.reference import TopPrior
+
+    prior = TopPrior((3, 2, 2), n_classes=4)
+    with pytest.raises(TypeError, match=r"TopPrior.*labels y must be an integer torch.Tensor, got list"):
+        prior.log_prob(torch.randn(2, 3, 2, 2), [1, 3])
+    assert prior.log_prob(torch.randn(2, 3, 2, 2), torch.tensor([1, 3])).shape == (2,)

@@ -4,6 +4,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._checks import check_input, layer_name
+
 
 class ActNorm2d(nn.Module):
     """y = (x + bias) * exp(log_scale); logdet = H*W*sum(log_scale).
@@ -25,8 +27,20 @@ class ActNorm2d(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Set bias and log_scale from the batch `x` (B, C, H, W)."""
+        """Set bias and log_scale from the batch `x` (B, C, H, W).
+
+        Raises ValueError (parameters and `initialized` untouched) for an empty batch or non-finite statistics.
+        Checked after batch_stats' all-reduce, so under torch.distributed every rank raises alike (an empty rank's
+        NaN moments reach every rank). One host sync, once per layer.
+        """
+        check_input(x, self, self.channels)
         mean, std = self.batch_stats(x)
+        if x.numel() == 0:
+            raise ValueError(f"{layer_name(self)}: data-dependent init needs a non-empty batch, got shape "
+                             f"{tuple(x.shape)}")
+        if not bool(torch.isfinite(torch.stack([mean, std])).all()):
+            raise ValueError(f"{layer_name(self)}: data-dependent init got non-finite batch statistics "
+                             "(NaN or Inf in the input batch)")
         self.set_from_stats(mean, std)
 
     @staticmethod
@@ -68,10 +82,12 @@ class ActNorm2d(nn.Module):
         return (h * w * self.log_scale.sum()).expand(x.shape[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_input(x, self, self.channels)
         if self.needs_init():
             self.initialize(x)
         y = (x + self.bias.view(1, -1, 1, 1)) * torch.exp(self.log_scale).view(1, -1, 1, 1)
         return y, self.logdet(x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        check_input(y, self, self.channels)
         return y * torch.exp(-self.log_scale).view(1, -1, 1, 1) - self.bias.view(1, -1, 1, 1)

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_input
+
 
 class ZeroConv2d(nn.Module):
     """Zero-initialised conv (3x3 by default) whose output is scaled by exp(logscale_factor * logs).
@@ -65,6 +67,7 @@ class AffineCoupling(_Coupling):
         super().__init__(channels, hidden_channels, 2)
 
     def forward(self, x: torch.Tensor):
+        check_input(x, self, self.channels)
         x_a, x_b = self.split(x)
         h = self.net(x_a)
         shift, raw = h[:, : self.channels_b], h[:, self.channels_b :]
@@ -73,6 +76,7 @@ class AffineCoupling(_Coupling):
         return torch.cat([x_a, y_b], dim=1), logdet
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        check_input(y, self, self.channels)
         y_a, y_b = self.split(y)
         h = self.net(y_a)
         shift, raw = h[:, : self.channels_b], h[:, self.channels_b :]
@@ -86,9 +90,11 @@ class AdditiveCoupling(_Coupling):
         super().__init__(channels, hidden_channels, 1)
 
     def forward(self, x: torch.Tensor):
+        check_input(x, self, self.channels)
         x_a, x_b = self.split(x)
         return torch.cat([x_a, x_b + self.net(x_a)], dim=1), x.new_zeros(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        check_input(y, self, self.channels)
         y_a, y_b = self.split(y)
         return torch.cat([y_a, y_b - self.net(y_a)], dim=1)

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from ._checks import check_input
 from .actnorm import ActNorm2d
 from .coupling import AdditiveCoupling, AffineCoupling
 from .invconv import InvConv1x1
@@ -40,6 +41,7 @@ class FlowStep(nn.Module):
         return isinstance(self.permute, InvConv1x1) and not self.permute.lu
 
     def forward(self, x: torch.Tensor, w_logabsdet: torch.Tensor | None = None):
+        check_input(x, self, self.channels)
         x, logdet = self.actnorm(x)
         if isinstance(self.permute, InvConv1x1):
             x, ld = self.permute(x, w_logabsdet)
@@ -50,6 +52,7 @@ class FlowStep(nn.Module):
         return x, logdet + ld
 
     def inverse(self, y: torch.Tensor, w_inverse: torch.Tensor | None = None) -> torch.Tensor:
+        check_input(y, self, self.channels)
         y = self.coupling.inverse(y)
         y = self.permute.inverse(y, w_inverse) if isinstance(self.permute, InvConv1x1) else self.permute.inverse(y)
         return self.actnorm.inverse(y)
@@ -57,6 +60,9 @@ class FlowStep(nn.Module):
 
 def steps_forward(steps, x: torch.Tensor, w_logabsdets=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a sequence of FlowSteps: (y, summed logdet). `w_logabsdets`: optional per-step log|det W|."""
+    check_input(x, "steps_forward")
+    if w_logabsdets is not None and len(w_logabsdets) != len(steps):
+        raise ValueError(f"steps_forward: w_logabsdets has {len(w_logabsdets)} entries for {len(steps)} steps")
     logdet = x.new_zeros(x.shape[0])
     for k, step in enumerate(steps):
         x, ld = step(x, None if w_logabsdets is None else w_logabsdets[k])

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_input, layer_name
+
 
 def random_orthogonal(channels: int, generator: torch.Generator | None = None) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64, generator=generator))
@@ -52,14 +54,28 @@ class InvConv1x1(nn.Module):
         return torch.linalg.slogdet(self.weight)[1]
 
     def forward(self, x: torch.Tensor, w_logabsdet: torch.Tensor | None = None):
-        """`w_logabsdet`: log|det W| computed elsewhere (the model batches them all into one op call)."""
+        """`w_logabsdet`: log|det W| (a 0-d tensor) computed elsewhere (the model batches them into one op call)."""
+        check_input(x, self, self.channels)
         if w_logabsdet is None:
             w_logabsdet = self.log_abs_det()
+        elif not isinstance(w_logabsdet, torch.Tensor):
+            raise TypeError(f"{layer_name(self)}: w_logabsdet must be a 0-d tensor, "
+                            f"got {type(w_logabsdet).__name__}")
+        elif w_logabsdet.dim() != 0:
+            raise ValueError(f"{layer_name(self)}: w_logabsdet must be a 0-d tensor (one log|det W|), got shape "
+                             f"{tuple(w_logabsdet.shape)}")
         h, w = x.shape[-2:]
         y = F.conv2d(x, self.weight_matrix().to(x.dtype).view(self.channels, self.channels, 1, 1))
         return y, (h * w * w_logabsdet).expand(x.shape[0]).to(x.dtype)
 
     def inverse(self, y: torch.Tensor, w_inverse: torch.Tensor | None = None) -> torch.Tensor:
+        check_input(y, self, self.channels)
+        if w_inverse is not None:
+            if not isinstance(w_inverse, torch.Tensor):
+                raise TypeError(f"{layer_name(self)}: w_inverse must be a tensor, got {type(w_inverse).__name__}")
+            if w_inverse.shape != (self.channels, self.channels):
+                raise ValueError(f"{layer_name(self)}: w_inverse must have shape ({self.channels}, {self.channels}), "
+                                 f"got {tuple(w_inverse.shape)}")
         if w_inverse is None:
             w_inverse = torch.linalg.inv(self.weight_matrix().double()).to(y.dtype)
         return F.conv2d(y, w_inverse.to(y.dtype).view(self.channels, self.channels, 1, 1))

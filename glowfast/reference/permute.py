@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from ._checks import check_input
+
 
 class Permute2d(nn.Module):
     """y = x[:, perm]; logdet 0. `perm` is a buffer so it is saved with the model."""
@@ -18,9 +20,11 @@ class Permute2d(nn.Module):
         return torch.eye(self.channels, device=self.perm.device)[self.perm]
 
     def forward(self, x: torch.Tensor):
+        check_input(x, self, self.channels)
         return x[:, self.perm], x.new_zeros(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        check_input(y, self, self.channels)
         return y[:, self.inv_perm]
 
 

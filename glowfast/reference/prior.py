@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import can_synchronize
+from ._checks import check_input, layer_name
 from .coupling import ZeroConv2d
 
 LOG_2PI = math.log(2 * math.pi)
@@ -40,6 +41,7 @@ class Split2d(nn.Module):
 
     def forward(self, z: torch.Tensor):
         """Returns (z1, z2, log p(z2 | z1)) — z2 is the factored-out latent."""
+        check_input(z, self, self.channels)
         z1, z2 = z[:, : self.channels_keep], z[:, self.channels_keep :]
         mean, log_std = self.prior_params(z1)
         return z1, z2, gaussian_log_prob(z2, mean, log_std)
@@ -52,6 +54,12 @@ class Split2d(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Reassemble z; when z2 is None it is drawn from p(z2 | z1) at `temperature`."""
+        check_input(z1, self, self.channels_keep, arg="z1")
+        if z2 is not None:
+            check_input(z2, self, arg="z2")
+            expected = (z1.shape[0], self.channels - self.channels_keep, *z1.shape[2:])
+            if z2.shape != expected:
+                raise ValueError(f"{layer_name(self)}: expected z2 of shape {expected}, got {tuple(z2.shape)}")
         if z2 is None:
             z2 = gaussian_sample(*self.prior_params(z1), temperature, generator)
         return torch.cat([z1, z2], dim=1)
@@ -99,6 +107,9 @@ class TopPrior(nn.Module):
         if self.n_classes:
             if y is None:
                 raise ValueError("this model is class-conditional (n_classes set): pass class labels y")
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"{layer_name(self)}: class labels y must be an integer torch.Tensor, "
+                                f"got {type(y).__name__}")
             if y.shape != (batch,):
                 raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
             out = out + self.class_embed(self.one_hot(y).to(dtype))
@@ -111,7 +122,14 @@ class TopPrior(nn.Module):
         """(log p(z | y), class logits or None)."""
         return self.log_prob(z, y), self.class_logits(z)
 
+    def _check_z(self, z) -> None:
+        check_input(z, self, arg="z")
+        if z.shape[1:] != self.shape:
+            c, h, w = self.shape
+            raise ValueError(f"{layer_name(self)}: expected z of shape (B, {c}, {h}, {w}), got {tuple(z.shape)}")
+
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_z(z)
         mean, log_std = self.params(z.shape[0], y, z.device, z.dtype)
         return gaussian_log_prob(z, mean, log_std)
 
@@ -120,4 +138,5 @@ class TopPrior(nn.Module):
         return gaussian_sample(mean, log_std, temperature, generator)
 
     def class_logits(self, z: torch.Tensor) -> torch.Tensor | None:
+        self._check_z(z)
         return self.class_head(z.mean(dim=(2, 3))) if self.n_classes else None

@@ -4,16 +4,19 @@ import torch
 from torch import nn
 
 from .._checks import check_even_spatial
+from ._checks import check_input
 
 
 def squeeze2d(x: torch.Tensor) -> torch.Tensor:
-    check_even_spatial(x)
+    check_input(x, "squeeze2d", floating=False)
+    check_even_spatial(x, "squeeze2d input")
     b, c, h, w = x.shape
     x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
     return x.reshape(b, 4 * c, h // 2, w // 2)
 
 
 def unsqueeze2d(x: torch.Tensor) -> torch.Tensor:
+    check_input(x, "unsqueeze2d", floating=False)
     b, c4, h, w = x.shape
     if c4 % 4:
         raise ValueError(f"unsqueeze needs a channel count divisible by 4, got {c4}")
