@@ -15,6 +15,7 @@ kernels instead of keeping activations (glowfast.invertible); same forward value
 """
 
 import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -42,6 +43,19 @@ class GlowLevel(nn.Module):
         self.split = Split2d(channels) if split else None
 
 
+def _whole_number(value, name: str, minimum: int) -> int:
+    """`value` as an int >= minimum; a clear error for floats, bools and other types (8.5 is not an image size)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)  # int, numpy integers, integer 0-d tensors
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 class Glow(nn.Module):
     def __init__(
         self,
@@ -59,21 +73,22 @@ class Glow(nn.Module):
         memory_saving: bool = False,
     ):
         super().__init__()
-        if len(image_shape) != 3:
+        if not isinstance(image_shape, (tuple, list, torch.Size)) or len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}")
-        c, h, w = (int(v) for v in image_shape)
-        if K < 1 or L < 1:
-            raise ValueError(f"K and L must be >= 1, got K={K}, L={L}")
+        c, h, w = (_whole_number(v, f"image_shape {tuple(image_shape)!r}", 1) for v in image_shape)
+        K, L = _whole_number(K, "K", 1), _whole_number(L, "L", 1)
+        hidden_channels = _whole_number(hidden_channels, "hidden_channels", 1)
         if h % 2**L or w % 2**L:
             raise ValueError(f"image size {h}x{w} is not divisible by 2^L = {2**L} (L={L} squeezes)")
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {tuple(COUPLINGS)}, got {coupling!r}")
         if permutation not in PERMUTATIONS:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
-        if not 1 <= n_bits <= 8:
+        n_bits = _whole_number(n_bits, "n_bits", 1)
+        if n_bits > 8:
             raise ValueError(f"n_bits must be in 1..8, got {n_bits}")
-        if n_classes is not None and n_classes < 2:
-            raise ValueError(f"n_classes must be >= 2 or None, got {n_classes}")
+        if n_classes is not None:
+            n_classes = _whole_number(n_classes, "n_classes (or None)", 2)
         self.image_shape = (c, h, w)
         self.config = dict(image_shape=(c, h, w), K=K, L=L, hidden_channels=hidden_channels, coupling=coupling,
                            permutation=permutation, lu=lu, learn_top=learn_top, n_classes=n_classes,
@@ -86,15 +101,18 @@ class Glow(nn.Module):
         # instead of storing activations; an execution option like `backend`, not part of the config
         self.memory_saving = bool(memory_saving)
         levels = []
+        self.latent_shapes: list[tuple[int, int, int]] = []  # (C, H, W) of each level's latent, top last
         for level in range(L):
             c, h, w = 4 * c, h // 2, w // 2
             split = level < L - 1
             levels.append(GlowLevel(c, K, split, hidden_channels=hidden_channels, coupling=coupling,
                                     permutation=permutation, lu=lu))
             if split:
+                self.latent_shapes.append((c - c // 2, h, w))
                 c = c // 2
         self.levels = nn.ModuleList(levels)
         self.top_shape = (c, h, w)
+        self.latent_shapes.append(self.top_shape)
         self.prior = TopPrior(self.top_shape, learn_top=learn_top, n_classes=n_classes)
 
     # ----------------------------------------------------------------------------------------- backend
@@ -203,6 +221,37 @@ class Glow(nn.Module):
         check_image_batch(x, self.image_shape[0], "x")
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x has shape (C, H, W) = {tuple(x.shape[1:])}, model expects {self.image_shape}")
+        self._check_dtype_device(x, "x")
+
+    def _check_dtype_device(self, x: torch.Tensor, name: str) -> None:
+        p = next(self.parameters())
+        if x.dtype != p.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype}, the model's parameters are {p.dtype} (convert one of them)")
+        if x.device != p.device:
+            raise ValueError(f"{name} is on {x.device}, the model is on {p.device}")
+
+    def _check_latents(self, latents, n: int | None) -> int | None:
+        """Validate decode's latents (one per level, None = sample) and return the batch size they imply."""
+        if not isinstance(latents, (list, tuple)):
+            raise TypeError(f"latents must be a list with one tensor (or None) per level, got {type(latents).__name__}")
+        if len(latents) != len(self.levels):
+            raise ValueError(f"expected {len(self.levels)} latents (one per level), got {len(latents)}")
+        if n is not None:
+            n = _whole_number(n, "n (the number of samples)", 1)
+        for i, (z, shape) in enumerate(zip(latents, self.latent_shapes)):
+            if z is None:
+                continue
+            name = "top latent" if i == len(latents) - 1 else f"latent {i} (level {i})"
+            if not isinstance(z, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(z).__name__}")
+            if z.dim() != 4 or tuple(z.shape[1:]) != shape:
+                raise ValueError(f"{name} must have shape (B, {', '.join(map(str, shape))}), got {tuple(z.shape)}")
+            if n is not None and z.shape[0] != n:
+                raise ValueError(f"{name} has batch size {z.shape[0]}, expected {n} (as the other latents or n)")
+            n = z.shape[0]
+            self._check_dtype_device(z, name)
+            check_finite(z, name)
+        return n
 
     def _flow(self, x: torch.Tensor):
         """x in model space (already validated) -> (latents, logdet, sum of the split priors' log p(z2 | z1))."""
@@ -235,20 +284,18 @@ class Glow(nn.Module):
     def decode(self, latents: list[torch.Tensor | None], y: torch.Tensor | None = None,
                temperature: float = 1.0, generator: torch.Generator | None = None,
                n: int | None = None) -> torch.Tensor:
-        """Latents -> x in model space. A None latent is drawn from its prior at `temperature`."""
-        if len(latents) != len(self.levels):
-            raise ValueError(f"expected {len(self.levels)} latents (one per level), got {len(latents)}")
+        """Latents -> x in model space. A None latent is drawn from its prior at `temperature`.
+        Latent i has shape (B, *self.latent_shapes[i]) (the top one last)."""
+        n = self._check_latents(latents, n)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         z = latents[-1]
         device = next(self.parameters()).device
         if z is None:
             if n is None:
-                known = [t for t in latents if t is not None]
-                n = known[0].shape[0] if known else None
-            if n is None:
                 raise ValueError("decode: all latents are None; pass n (the number of samples)")
             z = self.prior.sample(n, y, temperature, generator, device, self._param_dtype())
-        else:
-            check_finite(z, "top latent")
         backend = self.resolve_backend(z.device)
         w_invs = self._w_inverses()
         k = sum(len(level.steps) for level in self.levels)

@@ -655,3 +655,18 @@ def test_extension_has_its_cuda_kernels_where_nvcc_exists():
     if not (os.path.exists(os.path.join(cuda_home, "bin", "nvcc")) or shutil.which("nvcc")):
         pytest.skip("no nvcc here: the extension is built without CUDA kernels")
     assert has_cuda_kernels()
+
+
+def test_overflow_during_elimination_is_not_called_non_finite_input():
+    """Finite float32 entries whose elimination overflows (det ~ -1.8e77): the error says so and points to float64,
+    where the same matrix works."""
+    m = torch.tensor([[3e38, 3e38], [3e38, -3e38]])
+    assert bool(torch.isfinite(m).all())
+    with pytest.raises(ValueError, match="matrix 0 overflows torch.float32 during its LU factorisation"):
+        batched_slogdet(m[None])
+    sign, logabsdet = batched_slogdet(m[None].double())
+    expected = torch.linalg.slogdet(m.double())
+    assert float(sign[0]) == float(expected.sign) == -1.0
+    assert float(logabsdet[0]) == pytest.approx(float(expected.logabsdet), rel=1e-12)
+    with pytest.raises(ValueError, match="contains non-finite values"):  # genuinely non-finite input
+        batched_slogdet(torch.tensor([[[1.0, float("nan")], [0.0, 1.0]]]))

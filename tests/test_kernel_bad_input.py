@@ -74,3 +74,25 @@ def test_too_many_channels():
 def test_not_nchw():
     with pytest.raises(ValueError, match="NCHW"):
         coupling_forward(torch.randn(2, C, 9), torch.randn(2, C, 9))
+
+
+@pytest.mark.parametrize("block_p", [-16, 0, 24, 8, 16.0, True])
+def test_explicit_pixel_tile_must_be_a_power_of_two_of_at_least_16(block_p):
+    """block_p <= 0 used to launch no program at all and return the uninitialised output buffer."""
+    x, h = torch.randn(2, C, 3, 3), torch.randn(2, C, 3, 3)
+    bias, log_scale, w = params()
+    for call in (lambda: actnorm_invconv_forward(x, bias, log_scale, w, block_p=block_p),
+                 lambda: coupling_forward(x, h, block_p=block_p),
+                 lambda: step_inverse(x, h, bias, log_scale, w, block_p=block_p)):
+        with pytest.raises(ValueError, match="block_p must be a power of two >= 16"):
+            call()
+
+
+def test_batch_beyond_the_cuda_grid_limit_is_named():
+    from glowfast.kernels._utils import MAX_BATCH
+
+    x = torch.zeros(MAX_BATCH + 1, 2, 1, 1)
+    with pytest.raises(ValueError, match=f"batch of {MAX_BATCH + 1} images"):
+        actnorm_invconv_forward(x, *params(2))
+    with pytest.raises(ValueError, match="split the batch"):
+        coupling_forward(x, torch.zeros(MAX_BATCH + 1, 2, 1, 1))

@@ -215,3 +215,61 @@ def test_forward_traces_as_one_graph_without_breaks():
     dynamo.reset()
     explained = dynamo.explain(lambda x: model(x).bits_per_dim.mean())(images)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+# ---------------------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(n_bits=4.5), TypeError, "n_bits must be an integer"),
+    (dict(n_bits=True), TypeError, "n_bits must be an integer"),
+    (dict(n_bits=9), ValueError, "n_bits must be in 1..8"),
+    (dict(hidden_channels=0), ValueError, "hidden_channels must be >= 1"),
+    (dict(K=1.5), TypeError, "K must be an integer"),
+    (dict(L=0), ValueError, "L must be >= 1"),
+    (dict(n_classes=2.5), TypeError, "n_classes"),
+    (dict(n_classes=1), ValueError, "n_classes"),
+    (dict(image_shape=(3, 8.5, 8)), TypeError, "image_shape"),
+    (dict(image_shape=(3, 0, 0)), ValueError, "image_shape"),
+    (dict(image_shape=(3, -8, -8)), ValueError, "image_shape"),
+])
+def test_constructor_rejects_bad_arguments(kwargs, error, match):
+    args = dict(image_shape=(3, 8, 8), K=1, L=2, hidden_channels=4) | kwargs
+    with pytest.raises(error, match=match):
+        Glow(**args)
+
+
+def test_decode_rejects_bad_latents_and_temperatures():
+    model = tiny_glow((3, 8, 8), K=1, L=2)  # latents (B, 6, 4, 4) and (B, 24, 2, 2)
+    latents, _ = model.encode(model.preprocess(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)))
+    assert [tuple(z.shape[1:]) for z in latents] == model.latent_shapes
+    nan = torch.full_like(latents[0], float("nan"))
+    with pytest.raises(ValueError, match=r"latent 0 .*non-finite"):  # a factored-out latent, not only the top
+        model.decode([nan, latents[1]])
+    with pytest.raises(ValueError, match=r"top latent must have shape \(B, 24, 2, 2\)"):
+        model.decode([None, torch.zeros(2, 24, 4, 4, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="latent 0 .*shape"):
+        model.decode([torch.zeros(2, 5, 4, 4, dtype=torch.float64), latents[1]])
+    with pytest.raises(ValueError, match="batch size 3"):
+        model.decode([latents[0], torch.zeros(3, 24, 2, 2, dtype=torch.float64)])
+    with pytest.raises(TypeError, match="dtype torch.float32"):
+        model.decode([latents[0], latents[1].float()])
+    with pytest.raises(TypeError, match="torch.Tensor or None"):
+        model.decode([None, [1.0]])
+    with pytest.raises(TypeError, match="list"):
+        model.decode(latents[1])
+    for t in (float("nan"), float("inf"), -0.5, True):
+        with pytest.raises(ValueError, match="temperature"):
+            model.sample(2, temperature=t)
+    for n, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="n "):
+            model.sample(n)
+    x = model.decode(latents, temperature=0.0)  # valid input still works
+    assert x.shape == (2, 3, 8, 8) and bool(torch.isfinite(x).all())
+
+
+def test_encode_names_a_dtype_mismatch():
+    model = tiny_glow((3, 8, 8), K=1, L=2, dtype=torch.float32)
+    x = torch.zeros(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype torch.float64, the model's parameters are torch.float32"):
+        model.encode(x)

@@ -90,8 +90,7 @@ def launch_override(block_p: int | None = None, num_warps: int | None = None, pr
     `programs_per_sample=` argument of a launch function still wins. BLOCK_P must be a power of two >= 16
     (tl.arange; the K of the grad-W dot). Off a GPU, `programs_per_sm` counts the device as one SM.
     """
-    if block_p is not None and (block_p < 16 or block_p & (block_p - 1)):
-        raise ValueError(f"block_p must be a power of two >= 16, got {block_p}")
+    check_block_pixels(block_p)
     if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps}")
     if programs_per_sm is not None and programs_per_sm < 1:
@@ -102,6 +101,15 @@ def launch_override(block_p: int | None = None, num_warps: int | None = None, pr
         yield
     finally:
         _launch_override.update(old)
+
+
+def check_block_pixels(block_p: int | None) -> int | None:
+    """An explicit pixel tile: None (the rule) or a power of two >= 16 (tl.arange; the K of the grad-W dot). A zero
+    or negative tile would launch no programs at all and return the uninitialised output buffer."""
+    if block_p is not None and (isinstance(block_p, bool) or not isinstance(block_p, int) or block_p < 16
+                                or block_p & (block_p - 1)):
+        raise ValueError(f"block_p must be a power of two >= 16, got {block_p!r}")
+    return block_p
 
 
 def overridden_block_pixels() -> int | None:
@@ -196,9 +204,15 @@ def reduction_programs(batch: int, n_ptiles: int, device: torch.device) -> int:
     return max(1, min(n_ptiles, triton.cdiv((per_sm or 4) * sms, batch)))
 
 
+MAX_BATCH = 65535  # the kernels launch one row of programs per image: CUDA's grid y-dimension limit
+
+
 def check_nchw(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"{name} must be NCHW (4-d), got shape {tuple(x.shape)}")
+    if x.shape[0] > MAX_BATCH:
+        raise ValueError(f"{name} holds a batch of {x.shape[0]} images; the fused kernels take at most {MAX_BATCH} "
+                         "per call (CUDA's grid limit): split the batch")
     return x.contiguous()
 
 

@@ -30,6 +30,7 @@ from ._utils import (
     KERNEL_KINDS,
     block_pixels,
     channel_pad,
+    check_block_pixels,
     check_device,
     check_grads,
     check_nchw,
@@ -183,7 +184,7 @@ def _geometry(x: torch.Tensor, block_p: int | None, kind: str = "fwd"):
     B, C, H, W = x.shape
     hw = H * W
     cp = channel_pad(C)
-    bp = block_p or block_pixels(cp, hw, kind)
+    bp = check_block_pixels(block_p) or block_pixels(cp, hw, kind)
     return B, C, hw, cp, bp, triton.cdiv(hw, bp)
 
 

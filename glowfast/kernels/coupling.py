@@ -27,6 +27,7 @@ from ._utils import (
     GPU_TILES,
     NUM_STAGES,
     block_pixels,
+    check_block_pixels,
     check_channels,
     check_device,
     check_grads,
@@ -207,7 +208,7 @@ def _coupling_geometry(z, h, affine, block_p):
                          f"got {tuple(h.shape)}")
     hw = H * W
     cp = triton.next_power_of_2(C)
-    bp = block_p or coupling_block_pixels(cp, hw)
+    bp = check_block_pixels(block_p) or coupling_block_pixels(cp, hw)
     return B, C, ca, cb, hc, hw, cp, bp, triton.cdiv(hw, bp)
 
 

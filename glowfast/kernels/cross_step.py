@@ -32,6 +32,7 @@ from ._utils import (
     KERNEL_KINDS,
     block_pixels,
     channel_pad,
+    check_block_pixels,
     check_device,
     check_grads,
     check_nchw,
@@ -159,7 +160,7 @@ def _step_inverse_kernel(
 def _geometry(z, h, affine, block_p, kind):
     B, C, ca, cb, hc, hw, _, _, _ = _coupling_geometry(z, h, affine, 16)
     cp = channel_pad(C)
-    bp = block_p or block_pixels(cp, hw, kind)
+    bp = check_block_pixels(block_p) or block_pixels(cp, hw, kind)
     return B, C, ca, cb, hc, hw, cp, bp, triton.cdiv(hw, bp)
 
 

@@ -486,7 +486,8 @@ def _check_device(packed: torch.Tensor, layout: _Layout, fn: str) -> None:
         )
 
 
-def _raise_on_status(info: torch.Tensor, check: bool | None, fn: str, singular_is_error: bool) -> None:
+def _raise_on_status(info: torch.Tensor, check: bool | None, fn: str, singular_is_error: bool,
+                     packed: torch.Tensor, layout: _Layout) -> None:
     if check is None:
         check = info.device.type == "cpu"
     if not check or torch.compiler.is_compiling():
@@ -500,6 +501,10 @@ def _raise_on_status(info: torch.Tensor, check: bool | None, fn: str, singular_i
         return
     i = int(bad_status.nonzero()[0, 0])
     if int(info[i]) == _NON_FINITE:
+        entries = packed[layout.offsets[i]: layout.offsets[i] + layout.numels[i]]
+        if bool(torch.isfinite(entries).all()):  # finite input whose elimination left the dtype's range
+            raise ValueError(f"{fn}: matrix {i} overflows {packed.dtype} during its LU factorisation (its entries are "
+                             f"finite, up to {float(entries.abs().max()):.3g} in magnitude); use float64")
         raise ValueError(f"{fn}: matrix {i} contains non-finite values (NaN or Inf)")
     raise ValueError(f"{fn}: matrix {i} is singular (an exactly zero pivot in its LU factorisation)")
 
@@ -523,7 +528,7 @@ def batched_slogdet(
     _check_device(packed, layout, fn)
     offsets, sizes = layout.tensors(packed.device)
     _, _, sign, logabsdet, info = torch.ops.glowfast.lu_factor_packed(packed, offsets, sizes, layout.max_n)
-    _raise_on_status(info, check, fn, singular_is_error=False)
+    _raise_on_status(info, check, fn, singular_is_error=False, packed=packed, layout=layout)
     return sign, logabsdet
 
 
@@ -542,7 +547,7 @@ def batched_inverse(
     _check_device(packed, layout, fn)
     offsets, sizes = layout.tensors(packed.device)
     inverse, info = torch.ops.glowfast.inverse_packed(packed, offsets, sizes, layout.max_n)
-    _raise_on_status(info, check, fn, singular_is_error=True)
+    _raise_on_status(info, check, fn, singular_is_error=True, packed=packed, layout=layout)
     if kind == "packed":
         return PackedMatrices._wrap(inverse, layout)
     if kind == "batch":
