@@ -129,6 +129,10 @@ def _graphed_train_step(model, x):
 
     _init_actnorm(model, x)
     opt = torch.optim.Adamax(model.parameters(), lr=LR)
+    # the peak memory of a graphed step is the capture's: its activations stay in the graph's private pool
+    # (reserved, not allocated again by the replays); run_timed(reset_peak=False) keeps this counter
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
 
     def loss_and_grads(x):
         loss = model(x).bits_per_dim.mean()
@@ -297,8 +301,11 @@ def test_train_step(cuda_timer, config_name, batch, device, variant):
         model = _peer_model(cfg, device)
         step = _peer_train_step(model, _images(cfg, batch, device))
         extra["peer"] = "normflows " + __import__("normflows").__version__
+    # no CUDA-event cross-check for whole-model steps (milliseconds each: host timing is exact enough, and it
+    # would cost 5 more steps per case of a time-limited GPU session)
     loss = cuda_timer(step, device=device, variant=variant, n_rounds=ROUNDS[device], warmup=WARMUP[device],
-                      images=batch, config={**cfg, "batch": batch}, **extra)
+                      images=batch, config={**cfg, "batch": batch}, event_check=False,
+                      reset_peak=not variant.startswith("graphed"), **extra)
     assert torch.isfinite(loss).item(), f"{variant}: non-finite loss {loss}"
 
 
@@ -332,5 +339,5 @@ def test_sample(cuda_timer, config_name, device, variant):
             return model.sample(N_SAMPLES, temperature=0.7)
 
     out = cuda_timer(sample, device=device, variant=variant, n_rounds=ROUNDS[device], warmup=WARMUP[device],
-                     images=N_SAMPLES, config=cfg, **extra)
+                     images=N_SAMPLES, config=cfg, event_check=False, **extra)
     assert out.shape == (N_SAMPLES, *cfg["image_shape"])

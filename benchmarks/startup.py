@@ -1,0 +1,91 @@
+"""Start-up time of a training run, measured the way a user pays it: a fresh process, empty kernel caches.
+
+    python benchmarks/startup.py --config cifar10_K32 --batch 64 --backend fused --out startup.json
+
+Times (seconds, wall clock, the GPU synchronised at each mark): `import` (torch + glowfast, CUDA context),
+`build` (the model on the device), `first_step` (ActNorm's data-dependent init, then forward + backward +
+Adamax: Triton JIT compiles, cuDNN autotuning, allocator growth), `second_step` (warm, for comparison) and
+`to_first_step` = import + build + first_step, what issue 6's "start-up under 20 s" bounds. Run it with
+`TRITON_CACHE_DIR` pointing at an empty folder (benchmarks/gpu_check.sh does) or the Triton compile time is
+not included. Appends one JSON record per run to --out (a list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+
+CONFIGS = {  # the same configurations as bench_model.py
+    "cifar10_K32": dict(image_shape=(3, 32, 32), K=32, L=3, hidden_channels=512),
+    "mnist_K16": dict(image_shape=(1, 32, 32), K=16, L=3, hidden_channels=512),
+    "mnist_K4_h128": dict(image_shape=(1, 32, 32), K=4, L=3, hidden_channels=128),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="cifar10_K32", choices=sorted(CONFIGS))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--backend", default="fused", choices=("fused", "reference", "auto"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import glowfast
+    from glowfast import Glow
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.init()
+
+    def mark() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    t_import = mark()
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # as the benchmarks (and a tuned training run) use it
+    model = Glow(**CONFIGS[args.config], coupling="affine", permutation="invconv", lu=True,
+                 backend=args.backend).to(device)
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 256, (args.batch, *model.image_shape), dtype=torch.uint8, device=device)
+    t_build = mark()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).bits_per_dim.mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    loss = step()
+    t_first = mark()
+    step()
+    t_second = mark()
+    record = {
+        "config": args.config, "batch": args.batch, "backend": args.backend,
+        "compute_path": model.resolve_backend(device), "device": torch.cuda.get_device_name()
+        if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "glowfast": glowfast.__version__,
+        "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR"),
+        "import_s": round(t_import - T0, 3), "build_s": round(t_build - t_import, 3),
+        "first_step_s": round(t_first - t_build, 3), "second_step_s": round(t_second - t_first, 4),
+        "to_first_step_s": round(t_first - T0, 3), "loss": float(loss.detach()),
+    }
+    runs = json.loads(args.out.read_text()) if args.out.exists() else []
+    runs.append(record)
+    args.out.write_text(json.dumps(runs, indent=1) + "\n")
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
