@@ -101,7 +101,8 @@ def test_resume_with_no_loadable_checkpoint_is_an_error_that_changes_nothing(tmp
         _damage(run / "checkpoints" / name)
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
     metrics = (run / "metrics.jsonl").read_text()
-    assert main(["--resume", str(run), "--steps", "12", "--no-progress"]) == 2
+    with pytest.warns(UserWarning, match="trying the previous checkpoint"):
+        assert main(["--resume", str(run), "--steps", "12", "--no-progress"]) == 2
     assert "cannot resume" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
     assert (run / "metrics.jsonl").read_text() == metrics
