@@ -540,7 +540,8 @@ def batched_inverse(
 
     Differentiable w.r.t. `mats` (every list element, or the packed ``.data``). `check` (default: on CPU only)
     raises ValueError for a singular or non-finite matrix; without checking such a matrix's inverse is
-    NaN-filled.
+    NaN-filled. As with torch.linalg.inv, a finite non-singular matrix whose inverse exceeds the dtype's range
+    (e.g. 1e-39 * I in float32) gives Inf entries without an error.
     """
     fn = "batched_inverse"
     packed, layout, kind = _pack(mats, fn)
