@@ -3,7 +3,10 @@
 The fused (Triton) variants of the same ops live in bench_fused_step.py (the kernel engineer's file) under
 the same group names, so benchmarks/report.py puts them side by side and computes fused/reference and
 fused/compiled. Group names: `<op>/<fwd|fwdbwd>/B<batch>_C<channels>_<H>x<W>`; variants (extra_info) are
-`reference` and `compiled` here.
+`reference` and `compiled` here, except in two groups that hold their own fast variants: `step_params/*` (the
+parameter-side ops of all 96 CIFAR-10 steps; `fused` = glowfast.fused.level_weights) and `coupling_net/*` (one
+coupling network; `fused` / `fused_bf16` = channels_last with the 1x1 as a GEMM, `gemm` / `gemm_bf16` = every
+conv as a GEMM over pixels).
 
 Ops (CIFAR-10 Glow shapes: the three levels after squeezing, 12x16x16, 24x8x8, 48x4x4)
 - actnorm_invconv: ActNorm2d -> InvConv1x1 (the reference layers' code) at the kernels' function boundary:

@@ -18,9 +18,8 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
              Its compile time (the first step of a fresh compile: dynamo reset, empty inductor/Triton cache
              dirs unless GLOWFAST_BENCH_COLD_COMPILE=0) is its own benchmark (group `compile/train_step/...`)
              and is also stored as extra_info["compile_s"]. Only with GLOWFAST_BENCH_COMPILE_MODEL=1 (minutes
-             per configuration), on CUDA (GLOWFAST_BENCH_COMPILE=all: CPU too). The reference model has a
-             graph break per ActNorm (`bool(initialized)`) and at the input check, so dynamo compiles many
-             graphs (15 for K=4, L=3).
+             per configuration), on CUDA (GLOWFAST_BENCH_COMPILE=all: CPU too). The reference model compiles
+             as one graph (ActNorm's init flag is cached on the host; no finite check while tracing).
 - peer:      normflows (`pip install --no-deps normflows`) Glow built from GlowBlock + Squeeze + Merge as
              its example does (skipped when normflows is not importable). Differences from glowfast's
              configuration, all in the peer's favour or neutral for speed:

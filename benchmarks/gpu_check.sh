@@ -35,7 +35,7 @@
 # Knobs (environment): GPU_CHECK_STAGES="env build tests ..." (a subset, in this order), GPU_CHECK_BUDGET
 # (seconds), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
 # adds the whole-model torch.compile benchmark to bench_compile, minutes of compilation per case) with
-# GPU_CHECK_COMPILE_MAX (seconds for bench_compile, default 200). A second command for the compile numbers:
+# GPU_CHECK_COMPILE_MAX (seconds for bench_compile, default 200; 420 under the `compile` preset). A second command for the compile numbers:
 #   GPU_CHECK_STAGES="env build bench_compile report" GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 \
 #   GPU_CHECK_COMPILE_MAX=480 bash benchmarks/gpu_check.sh
 # Peer library and test workers: the machine has no network; carry the pure-Python packages from this

@@ -10,7 +10,8 @@ DistributedDataParallel (NCCL on CUDA, gloo on CPU) and a DistributedSampler; ``
 process. ``--resume RUN`` continues RUN exactly where its newest checkpoint left it.
 
 Exit status: 0 done; 2 bad usage, missing dataset, unusable device/backend or checkpoint; 3 stopped on
-non-finite losses; 130 interrupted (a checkpoint is written first).
+non-finite losses; 130 interrupted (Ctrl-C: the step in flight finishes and is checkpointed; an interrupt in
+the middle of a step -- a second Ctrl-C -- leaves the newest checkpoint as it is).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         epilog="Run folder: config.json, metrics.jsonl (JSON lines), curves.png, samples/step*_t*.png, "
                "checkpoints/{last,prev}.pt (atomic; loaded with weights_only=True), summary.json. "
                "Multi-process: torchrun --nproc_per_node N -m glowfast.train ... (DDP; NCCL on CUDA, gloo on CPU). "
-               "Exit status 2: usage/dataset/device errors, 3: stopped on non-finite losses.")
+               "Exit status 2: usage/dataset/device/checkpoint errors, 3: stopped on non-finite losses, "
+               "130: interrupted (Ctrl-C finishes the step and checkpoints it; --resume continues exactly).")
 
     def add(group, *names, **kw):
         if suppress_defaults:
