@@ -12,6 +12,7 @@ with a = v/256 - 1/2 and w = 1/256, per pixel value v. Averaged over thousands o
 noise moves the mean by < 1e-5 bits/dim.
 """
 
+import json
 import math
 
 import numpy as np
@@ -20,8 +21,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from glowfast import Glow
-from glowfast.evaluate import evaluate_bpd
-from glowfast.experiments.common import class_log_likelihoods, nll_bits_per_dim
+from glowfast.evaluate import class_log_likelihoods, evaluate_bpd, main, nll_bits_per_dim
 
 SHAPE = (1, 8, 8)
 
@@ -109,3 +109,55 @@ def test_marginal_is_the_log_mean_exp_over_classes():
     expected = -(torch.logsumexp(per_class, 1) - math.log(3)) / (d * math.log(2))
     np.testing.assert_allclose(marginal, expected.detach().numpy(), rtol=0, atol=1e-9)
     assert np.ptp(per_class.detach().numpy(), axis=1).min() > 1e-3  # the classes really differ
+
+
+def test_several_dequantisation_draws_are_a_log_mean_exp():
+    """dequant_samples=K: log (1/K) sum_k p(x + u_k) over K consecutive draws of the seeded noise."""
+    model = _measure_preserving_glow()
+    with torch.no_grad():
+        for p in model.parameters():  # no longer a rotation: the draws' densities differ
+            p.add_(0.05 * torch.randn_like(p))
+    images = _images(12, seed=3)
+    k = 4
+    g = torch.Generator().manual_seed(7)
+    draws = torch.stack([model(images, generator=g).log_prob for _ in range(k)]).detach()
+    d = math.prod(SHAPE)
+    expected = -(torch.logsumexp(draws, 0) - math.log(k)) / (d * math.log(2))
+    got = nll_bits_per_dim(model, images, "cpu", seed=7, dequant_samples=k)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-9)
+    one = nll_bits_per_dim(model, images, "cpu", seed=7)
+    np.testing.assert_allclose(one, (-draws[0] / (d * math.log(2))).numpy(), rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="dequant_samples"):
+        nll_bits_per_dim(model, images, "cpu", dequant_samples=0)
+
+
+def test_cli_scores_sets_and_matches_the_runs_own_evaluation(tmp_path, capsys):
+    """python -m glowfast.evaluate on a real (tiny) glowfast.train run with a moving average of its weights: the
+    test split's mean bits/dim is the one the run logged (same weights, noise and batches); noise is told apart."""
+    from glowfast.train import main as train_main
+
+    from test_train import TINY
+
+    run = tmp_path / "run"
+    assert train_main(TINY + ["--steps", "40", "--eval-interval", "40", "--ema-decay", "0.9", "--lr", "1e-2",
+                              "--run-dir", str(run)]) == 0
+    logged = json.loads((run / "summary.json").read_text())["test_bpd"]
+    out, scores = tmp_path / "eval.json", tmp_path / "scores"
+    assert main(["--run", str(run), "--datasets", "digits", "noise", "--batch-size", "512", "--device", "cpu",
+                 "--json", str(out), "--save-scores", str(scores)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["dataset"] for r in rows] == ["digits:test", "noise:test"]
+    assert rows[0]["n"] == 297 and rows[0]["mean_bpd"] == pytest.approx(logged, rel=1e-6)
+    assert rows[1]["auroc_vs_first"] > 0.99
+    assert np.load(scores / "digits_test.npy").shape == (297,)
+    # the last iterate differs from the average the run evaluated
+    assert main(["--run", str(run), "--datasets", "digits", "--raw-weights", "--batch-size", "512", "--device",
+                 "cpu", "--n", "100", "--json", str(out)]) == 0
+    raw = json.loads(out.read_text())["rows"][0]
+    assert raw["n"] == 100 and raw["mean_bpd"] != pytest.approx(logged, rel=1e-6)
+    capsys.readouterr()
+    assert main(["--datasets", "digits"]) == 2
+    assert main(["--run", str(run), "--datasets", "digits", "--dequant-samples", "0"]) == 2
+    assert main(["--run", str(run), "--datasets", "cifar10", "--data-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "--run" in err and "dequant" in err and "cifar10" in err

@@ -24,6 +24,7 @@ import torch
 from ..checkpoint import CheckpointError, find_checkpoint, save_checkpoint
 from ..data import DatasetNotFoundError, dataset_info, get_dataset
 from ..ema import ParameterEMA
+from ..evaluate import class_log_likelihoods, nll_bits_per_dim  # noqa: F401  (re-exported)
 from ..images import image_grid
 from ..model import Glow
 
@@ -246,49 +247,6 @@ def set_backend(model: Glow, backend: str, device: torch.device) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ likelihoods
-
-
-@torch.no_grad()
-def class_log_likelihoods(model: Glow, xc: torch.Tensor) -> torch.Tensor:
-    """log p(x | y) in nats for every class y, (B, n_classes), from ONE flow pass over x (model space).
-
-    Only the top prior depends on y in Glow, so the flow, its log-determinant and the split priors are shared.
-    """
-    latents, logdet, log_pz = model._flow(xc)
-    top = latents[-1]
-    b = top.shape[0]
-    const = logdet + log_pz - math.prod(model.image_shape) * math.log(model.n_bins)
-    cols = [model.prior.log_prob(top, torch.full((b,), c, dtype=torch.long, device=top.device)) for c in
-            range(model.n_classes)]
-    return torch.stack(cols, 1) + const[:, None]
-
-
-@torch.no_grad()
-def nll_bits_per_dim(model: Glow, images: torch.Tensor, device, batch_size: int = 500, seed: int = 0,
-                     labels: torch.Tensor | None = None, return_class_ll: bool = False):
-    """Per-image −log p(x) in bits/dim (numpy, (N,)). A class-conditional model is scored by its marginal
-    p(x) = mean_y p(x | y) (uniform class prior), or by p(x | y) when ``labels`` are given.
-    Dequantisation noise comes from a private generator seeded with ``seed``."""
-    model.eval()
-    d = math.prod(model.image_shape)
-    g = torch.Generator(device=device).manual_seed(seed)
-    out, cls = [], []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i: i + batch_size].to(device)
-        if model.n_classes and labels is None:
-            xc = model.preprocess(x, dequantize=True, generator=g)
-            ll = class_log_likelihoods(model, xc)
-            lp = torch.logsumexp(ll, 1) - math.log(model.n_classes)
-            if return_class_ll:
-                cls.append(ll.double().cpu())
-        else:
-            y = labels[i: i + batch_size].to(device) if (labels is not None and model.n_classes) else None
-            lp = model(x, y, generator=g).log_prob
-        out.append((-lp / (d * math.log(2.0))).double().cpu())
-    bpd = torch.cat(out).numpy()
-    if return_class_ll:
-        return bpd, torch.cat(cls).numpy()
-    return bpd
 
 
 # ------------------------------------------------------------------------------------------------ training
