@@ -47,17 +47,11 @@ import time
 
 import pytest
 import torch
+from model_configs import LR, glow_train_step, model_config
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA, reason="full-size configuration: CUDA only")
 
-CONFIGS = {
-    "cifar10_K32": dict(image_shape=(3, 32, 32), K=32, L=3, hidden_channels=512),
-    "mnist_K16": dict(image_shape=(1, 32, 32), K=16, L=3, hidden_channels=512),
-    "mnist_K32": dict(image_shape=(1, 32, 32), K=32, L=3, hidden_channels=512),
-    "mnist_K4_h128": dict(image_shape=(1, 32, 32), K=4, L=3, hidden_channels=128),
-}
-COMMON = dict(coupling="affine", permutation="invconv", lu=True, learn_top=True, n_classes=None, n_bits=8)
 
 # (config, batch, device)
 TRAIN_CASES = [
@@ -77,7 +71,6 @@ SAMPLE_CASES = [
 VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_gemm", "graphed_bf16_nhwc", "graphed_bf16_gemm",
             "compiled", "peer"]
 N_SAMPLES = 64
-LR = 1e-4
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
 ROUNDS = {"cpu": 5, "cuda": 10}
 WARMUP = {"cpu": 1, "cuda": 3}
@@ -86,7 +79,7 @@ _compiled_cache: dict = {}  # (config, batch) -> (step, compile_s, cache mode) b
 
 
 def _config(name: str) -> dict:
-    return {**CONFIGS[name], **COMMON}
+    return model_config(name)
 
 
 def _images(cfg: dict, batch: int, device: str) -> torch.Tensor:
@@ -107,19 +100,6 @@ def _check_fused(cuda_timer, device: str) -> None:
     ok, reason = fused.fused_available(torch.device(device))
     if not ok:
         pytest.skip(f"fused backend cannot run on {device}: {reason}")
-
-
-def _glow_train_step(model, x):
-    opt = torch.optim.Adamax(model.parameters(), lr=LR)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model(x).bits_per_dim.mean()
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
 
 
 def _graphed_train_step(model, x):
@@ -163,7 +143,7 @@ def _build_compiled_step(cuda_timer, cfg, batch, device):
     x = _images(cfg, batch, device)
     _init_actnorm(model, x)
     with cuda_timer.fresh_compile_caches(cuda_timer.extra_info):
-        step = _glow_train_step(torch.compile(model), x)
+        step = glow_train_step(torch.compile(model), x)
         compile_s, _ = _first_call(step, device)
     return step, compile_s
 
@@ -247,7 +227,7 @@ def test_compile_time(cuda_timer, config_name, batch, device):
 
     def compile_and_first_step(model, x):
         with cuda_timer.fresh_compile_caches(cuda_timer.extra_info):
-            built["step"] = _glow_train_step(torch.compile(model), x)
+            built["step"] = glow_train_step(torch.compile(model), x)
             return built["step"]()
 
     cuda_timer.once(compile_and_first_step, setup=setup, device=device, variant="compiled",
@@ -266,12 +246,12 @@ def test_train_step(cuda_timer, config_name, batch, device, variant):
     extra = {}
     if variant == "reference":
         model = _glow(cfg, "reference", device)
-        step = _glow_train_step(model, _images(cfg, batch, device))
+        step = glow_train_step(model, _images(cfg, batch, device))
     elif variant in ("fused", "memory_saving"):
         _check_fused(cuda_timer, device)
         model = _glow(cfg, "fused", device)
         model.memory_saving = variant == "memory_saving"
-        step = _glow_train_step(model, _images(cfg, batch, device))
+        step = glow_train_step(model, _images(cfg, batch, device))
     elif variant.startswith("graphed"):
         if device != "cuda":
             pytest.skip("CUDA graphs: CUDA only")

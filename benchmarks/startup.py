@@ -20,16 +20,12 @@ from pathlib import Path
 
 T0 = time.perf_counter()
 
-CONFIGS = {  # the same configurations as bench_model.py
-    "cifar10_K32": dict(image_shape=(3, 32, 32), K=32, L=3, hidden_channels=512),
-    "mnist_K16": dict(image_shape=(1, 32, 32), K=16, L=3, hidden_channels=512),
-    "mnist_K4_h128": dict(image_shape=(1, 32, 32), K=4, L=3, hidden_channels=128),
-}
+CONFIG_NAMES = ("cifar10_K32", "mnist_K16", "mnist_K32", "mnist_K4_h128")  # benchmarks/model_configs.py
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="cifar10_K32", choices=sorted(CONFIGS))
+    ap.add_argument("--config", default="cifar10_K32", choices=CONFIG_NAMES)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--backend", default="fused", choices=("fused", "reference", "auto"))
     ap.add_argument("--device", default="cuda")
@@ -37,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from model_configs import glow_train_step, model_config  # next to this file: on sys.path
 
     import glowfast
     from glowfast import Glow
@@ -53,18 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     t_import = mark()
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True  # as the benchmarks (and a tuned training run) use it
-    model = Glow(**CONFIGS[args.config], coupling="affine", permutation="invconv", lu=True,
-                 backend=args.backend).to(device)
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-4)
+    model = Glow(**model_config(args.config), backend=args.backend).to(device)
     x = torch.randint(0, 256, (args.batch, *model.image_shape), dtype=torch.uint8, device=device)
+    step = glow_train_step(model, x)
     t_build = mark()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model(x).bits_per_dim.mean()
-        loss.backward()
-        opt.step()
-        return loss
 
     loss = step()
     t_first = mark()

@@ -1,0 +1,34 @@
+"""The whole-model configurations and training step shared by bench_model.py and startup.py (no pytest import:
+startup.py times its own imports)."""
+
+from __future__ import annotations
+
+import torch
+
+CONFIGS = {
+    "cifar10_K32": dict(image_shape=(3, 32, 32), K=32, L=3, hidden_channels=512),
+    "mnist_K16": dict(image_shape=(1, 32, 32), K=16, L=3, hidden_channels=512),
+    "mnist_K32": dict(image_shape=(1, 32, 32), K=32, L=3, hidden_channels=512),
+    "mnist_K4_h128": dict(image_shape=(1, 32, 32), K=4, L=3, hidden_channels=128),
+}
+COMMON = dict(coupling="affine", permutation="invconv", lu=True, learn_top=True, n_classes=None, n_bits=8)
+LR = 1e-4
+
+
+def model_config(name: str) -> dict:
+    """Glow(**model_config(name), backend=...) builds configuration `name`."""
+    return {**CONFIGS[name], **COMMON}
+
+
+def glow_train_step(model, x):
+    """One training step on the fixed batch x: forward (mean bits/dim), backward, Adamax step; returns the loss."""
+    opt = torch.optim.Adamax(model.parameters(), lr=LR)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).bits_per_dim.mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
