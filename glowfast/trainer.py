@@ -26,7 +26,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -362,10 +361,12 @@ class Trainer:
             raise RuntimeError(f"refusing to checkpoint in the middle of step {self.step + 1} (resume would not be "
                                "exact)")
         state = self.state_dict()
-        self.saved_step = self.step
         if not self.is_main:
+            self.saved_step = self.step
             return None
-        return save_checkpoint(state, self.ckpt_dir)
+        path = save_checkpoint(state, self.ckpt_dir)
+        self.saved_step = self.step  # only once the file is in place
+        return path
 
     def save_if_consistent(self) -> bool:
         """After an interruption: checkpoint if the state is between two steps and not saved yet. Returns
@@ -440,7 +441,7 @@ class Trainer:
         flags = torch.isfinite(stats[:2]).to(torch.int32)  # [loss ok, grad norm ok]
         if is_dist():
             # every rank skips the same steps, and all stop after the same step when any rank was interrupted
-            go_on = torch.tensor([0 if self.stop_requested else 1], dtype=torch.int32).to(flags.device)
+            go_on = flags.new_full((1,), 0 if self.stop_requested else 1)  # filled on the device: no host wait
             flags = torch.cat([flags, go_on])
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         flat = torch.cat([stats, flags.to(stats.dtype)]).tolist()  # the one sync
@@ -544,6 +545,7 @@ class Trainer:
         t_start = time.perf_counter() - self.elapsed
         imgs_per_step = cfg["batch_size"] * self.dist.world_size
         status = "completed"
+        self.stop_requested = self.stop_agreed = False  # a new fit() (e.g. after an interrupted one) starts afresh
         restore_sigint = self._defer_sigint()
         try:
             while self.step < self.total_steps:
@@ -584,16 +586,17 @@ class Trainer:
                         self.log_window, t_window, steps_timed = [], time.perf_counter(), 0
                     self._emit("after_step")
                     last = self.step >= self.total_steps
+                    stop = self.stop_agreed if is_dist() else self.stop_requested
                     t_pause = time.perf_counter()  # evaluation and checkpoints do not count against images/s
+                    # (when stopping, the evaluation still comes first: its best/last test bits/dim are checkpointed)
                     if self.step % cfg["eval_interval"] == 0 or last:
                         self.do_eval()
                         postfix["test_bpd"] = f"{self.last_test_bpd:.3f}"
                         bar.set_postfix(postfix)
-                    stop = self.stop_agreed if is_dist() else self.stop_requested
                     if self.step % cfg["ckpt_interval"] == 0 or last or stop:
                         self.save()
                     t_window += time.perf_counter() - t_pause
-                    if stop:
+                    if stop and not last:  # a stop requested in the last step: the run is complete anyway
                         raise KeyboardInterrupt
                     if last:
                         break
@@ -629,9 +632,9 @@ class Trainer:
             if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = True
-            if self.is_main:
-                print(f"\ninterrupt: stopping after step {self.step + 1} with a checkpoint (Ctrl-C again to stop "
-                      "now without one)", file=sys.stderr, flush=True)
+            if self.is_main:  # os.write: print() here could re-enter a stderr write the signal interrupted
+                os.write(2, f"\ninterrupt: stopping after step {self.step + 1} with a checkpoint (Ctrl-C again to "
+                            "stop now without one)\n".encode())
 
         signal.signal(signal.SIGINT, request_stop)
         return lambda: signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -108,7 +108,6 @@ def test_torchrun_cli_two_processes(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 6
-    assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 6
 
 
 def _spawn_within(fn, args, nprocs: int, seconds: float) -> None:

@@ -66,7 +66,7 @@ def test_interrupt_mid_step_keeps_the_last_consistent_checkpoint(tmp_path, capsy
     _assert_same_weights(uninterrupted, run)
 
 
-def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, capsys, uninterrupted):
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, capfd, uninterrupted):
     """A real SIGINT during step 7: the step completes, a checkpoint at step 7 is written, exit 130; the resumed
     run equals the uninterrupted one. The Python SIGINT handler is restored afterwards."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -80,7 +80,7 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, caps
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "stopping after step 7" in err and "the checkpoint holds it" in err
     assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 7
     assert load_checkpoint(run / "checkpoints" / PREV)["step"] == 4
@@ -167,3 +167,46 @@ def test_train_records_across_a_resume_off_the_log_grid(tmp_path):
 def test_hidden_channels_zero_names_the_option(tmp_path, capsys):
     assert main(TINY + ["--steps", "2", "--hidden-channels", "0", "--run-dir", str(tmp_path / "x")]) == 2
     assert "--hidden-channels must be >= 1" in capsys.readouterr().err
+
+
+def _ctrl_c_before_step(step: int):
+    def cb(event, trainer):
+        if event == "before_step" and trainer.step == step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+    return cb
+
+
+def test_ctrl_c_in_the_last_step_completes_the_run(tmp_path):
+    """Every step, the final evaluation and the final checkpoint happen anyway: the run is complete, not
+    interrupted."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run = tmp_path / "run"
+        assert main(COMMON + ["--steps", "4", "--run-dir", str(run)], callbacks=[_ctrl_c_before_step(4)]) == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 4
+
+
+def test_a_new_fit_after_an_interrupted_one_is_not_stopped_by_the_old_request(tmp_path):
+    """Trainer.fit() called again (a notebook, an API user) after a Ctrl-C-stopped fit() trains on."""
+    import glowfast.train as train_module
+
+    trainers = []
+
+    def keep(event, trainer):
+        if event == "start":
+            trainers.append(trainer)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run = tmp_path / "run"
+        rc = train_module.main(COMMON + ["--steps", "8", "--run-dir", str(run)],
+                               callbacks=[keep, _ctrl_c_before_step(3)])
+        assert rc == 130 and trainers[0].step == 3
+        trainers[0].callbacks = []
+        summary = trainers[0].fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert summary["status"] == "completed" and summary["step"] == 8
