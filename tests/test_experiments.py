@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from glowfast.experiments import EXPERIMENTS, main
 
@@ -152,7 +153,7 @@ def test_main_model_keeps_the_weights_better_on_heldout_images(tiny_run):
     """The shared model keeps a moving average of its weights; the model kept (and cached) is the average or the
     last iterate, whichever has the lower bits/dim on held-out training images."""
     from glowfast.checkpoint import find_checkpoint
-    from glowfast.experiments.common import ModelSpec, build_model, nll_bits_per_dim, train_holdout
+    from glowfast.experiments.common import ModelSpec, build_model, load_split, nll_bits_per_dim, train_holdout
 
     root, empty = tiny_run
     summary = json.loads((root / "samples" / "results.json").read_text())["model"]
@@ -169,3 +170,11 @@ def test_main_model_keeps_the_weights_better_on_heldout_images(tiny_run):
     labels = heldout.labels[:n] if model.n_classes else None
     bpd = float(nll_bits_per_dim(model, heldout.images[:n], "cpu", labels=labels).mean())
     assert bpd == pytest.approx(min(held["last_iterate"], held["ema 0.999"]), abs=1e-6)
+    # the final test bits/dim in the history are the kept weights' too (the eval_n test images, fixed subset)
+    te = load_split(spec.dataset, "test", empty, spec.size)
+    if spec.eval_n and spec.eval_n < te.images.shape[0]:
+        idx = torch.randperm(te.images.shape[0], generator=torch.Generator().manual_seed(99))[: spec.eval_n]
+        te = type(te)(te.images[idx], te.labels[idx], te.name)
+    test_bpd = float(nll_bits_per_dim(model, te.images, "cpu", labels=te.labels if model.n_classes else None).mean())
+    assert summary["final_test_bpd_eval_subset"] == pytest.approx(test_bpd, abs=1e-6)
+    assert state["history"]["step"][-1] == summary["steps_done"]

@@ -59,7 +59,10 @@ class ModelSpec:
     ema: float = 0.0
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if not fields["ema"]:  # specs without a moving average keep the cache names they had before the field
+            del fields["ema"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         tag = f"{self.dataset}-{self.size}px-K{self.K}L{self.L}h{self.hidden}-{self.coupling}-{self.permutation}"
         return f"{tag}{'-cond' if self.conditional else ''}-{hashlib.sha1(blob).hexdigest()[:8]}"
 
@@ -377,12 +380,19 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
             if stopped_early:
                 _log(f"{spec.key()}: time limit {spec.time_limit_s:.0f}s reached at step {step}/{spec.steps}")
             break
+    hist["eval_weights"] = "raw"
+    if ema is not None:
+        # from here on the model holds the weights it keeps; the final evaluation below is of those (an
+        # evaluation already made at this step used the average: it is redone)
+        _select_weights(model, ema, spec, data_dir, device, hist)
+        ema = None
+        if hist["step"] and hist["step"][-1] == step:
+            for key in ("step", "test_bpd", "train_bpd", "wall_s"):
+                hist[key].pop()
     if not hist["step"] or hist["step"][-1] != step:
         evaluate(step, float(torch.stack(running[-50:]).mean()) if running else float("nan"), t_train)
     hist.update(steps_done=step, stopped_by_time_limit=stopped_early, train_s=t_train,
-                s_per_step=t_train / max(1, step), eval_weights="raw")
-    if ema is not None:
-        _select_weights(model, ema, spec, data_dir, device, hist)
+                s_per_step=t_train / max(1, step))
     model.eval()
     if run_dir is not None:
         save_checkpoint({"model": model.state_dict(), "config": dict(model.config), "spec": asdict(spec),
