@@ -42,6 +42,7 @@ bits/dim. extra_info: images_per_s, peak_mem_mib (CUDA), ms_per_call, config.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 
@@ -110,6 +111,8 @@ def _graphed_train_step(model, x):
     opt = torch.optim.Adamax(model.parameters(), lr=LR)
     # the peak memory of a graphed step is the capture's: its activations stay in the graph's private pool
     # (reserved, not allocated again by the replays); run_timed(reset_peak=False) keeps this counter
+    gc.collect()  # nothing of the previous case may count in this one's peak
+    torch.cuda.empty_cache()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
 

@@ -154,7 +154,10 @@ EOF
 }
 
 build() {
-    $PY -m pip install --no-build-isolation --no-deps -e . && \
+    # only this GPU's architecture (setup.py's default builds 8.0 and 9.0: twice the nvcc time)
+    local arch
+    arch=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null)
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}} $PY -m pip install --no-build-isolation --no-deps -e . && \
         $PY -c "import glowfast, glowfast._C, torch; from glowfast.ops.batched_lu import has_cuda_kernels
 print('glowfast', glowfast.__version__, 'built:', glowfast._C.__file__, 'CUDA kernels:', has_cuda_kernels())
 assert has_cuda_kernels() or not torch.cuda.is_available(), 'built without the CUDA kernels (nvcc not found?)'"
@@ -273,7 +276,7 @@ jsons=()
 for n in model ops compile; do [ -s "$WORK/bench_$n.json" ] && jsons+=("$WORK/bench_$n.json"); done
 startup_args=()
 [ -s "$WORK/startup.json" ] && { startup_args=(--startup "$WORK/startup.json"); cp "$WORK/startup.json" "$LOGS/"; }
-if want report && (( ${#jsons[@]} > 0 )); then
+if want report && (( ${#jsons[@]} + ${#startup_args[@]} > 0 )); then
     # not through stage(): the budget may be spent, and this is the file the whole session is for (seconds)
     t0=$(date +%s)
     if timeout 60 $PY benchmarks/report.py "${jsons[@]}" "${startup_args[@]}" --out "$OUT/RESULTS.md" \
@@ -287,6 +290,8 @@ if want report && (( ${#jsons[@]} > 0 )); then
     $PY - "$OUT/results.json" "${jsons[@]}" <<'EOF'
 import json, sys
 out, paths = sys.argv[1], sys.argv[2:]
+if not paths:  # start-up records only
+    sys.exit(0)
 merged = None
 for p in paths:
     d = json.load(open(p))
@@ -297,8 +302,10 @@ for p in paths:
 merged["merged_from"] = paths
 json.dump(merged, open(out, "w"), indent=1)
 EOF
-else
+elif want report; then
     echo -e "report\tskipped (no benchmark JSON)\t0\t" >> "$SUMMARY_ROWS"
+else
+    echo -e "report\tnot selected\t0\t" >> "$SUMMARY_ROWS"
 fi
 
 # ------------------------------------------------------------------------------------------------ outputs

@@ -361,12 +361,19 @@ def render(paths: list[Path], title: str | None = None, note: str | None = None,
            startup_paths: list[Path] = (), allow_mixed: bool = False) -> str:
     meta, benches = load(paths, allow_mixed)
     startup = load_startup(list(startup_paths))
+    if not paths:  # start-up records only: their own device and versions, no pytest-benchmark header
+        r = startup[0]
+        lines = [f"## {title or 'Start-up on ' + r.get('device', '?')}", ""] + ([note, ""] if note else [])
+        lines += [f"torch {r.get('torch', '?')}, glowfast {r.get('glowfast', '?')}, commit "
+                  f"{git_commit(Path(__file__).resolve().parent) or '?'} (at report time)", ""]
+        return "\n".join(lines + target_table(OrderedDict(), startup) + startup_table(startup))
     mi = meta.get("machine_info") or {}
     if title is None:
         title = f"Results on {mi['cuda_device']}" if mi.get("cuda_device") else "Results on CPU (no GPU)"
     groups = group_rows(benches, stat)
     lines = header(meta, title, note, benches)
     if not groups:
+        lines += target_table(groups, startup) + startup_table(startup)
         lines += ["No benchmarks in the input (all skipped?).", ""]
         return "\n".join(lines)
     lines += target_table(groups, startup) + startup_table(startup) + sections(groups, stat)
@@ -375,7 +382,7 @@ def render(paths: list[Path], title: str | None = None, note: str | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("json", nargs="+", type=Path, help="pytest-benchmark JSON file(s) (--benchmark-json)")
+    ap.add_argument("json", nargs="*", type=Path, help="pytest-benchmark JSON file(s) (--benchmark-json)")
     ap.add_argument("--out", type=Path, help="Markdown file to write (default: stdout)")
     ap.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
     ap.add_argument("--title", help="section title (default: 'Results on <device>')")
@@ -387,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-mixed", action="store_true",
                     help="accept JSON files from different machines (GPU, torch, triton or CPU) in one report")
     args = ap.parse_args(argv)
+    if not args.json and not args.startup:
+        ap.error("give pytest-benchmark JSON file(s) and/or --startup file(s)")
     text = render(args.json, args.title, args.note, args.stat, args.startup, args.allow_mixed)
     if args.out is None:
         sys.stdout.write(text + "\n")

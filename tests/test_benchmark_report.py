@@ -245,3 +245,17 @@ def test_issue4_kernel_targets(bench_json, tmp_path):
     assert re.search(r"coupling/fwd/B64_C12_128x128 \(fused-tf32\) ≥ 70% of copy bandwidth \| yes \| 82%", md), md
     assert re.search(r"\(fused-ieee\) ≥ 70% of copy bandwidth \| NO \| 55%", md), md
     assert re.search(r"step_nonnet/fwdbwd/B64_C12_16x16: fused ≥ 3× the reference \| yes \| 3.30×", md), md
+
+
+def test_start_up_records_alone(tmp_path):
+    """A session whose benchmarks did not run still reports its start-up records (and the target on them)."""
+    st = tmp_path / "startup.json"
+    st.write_text(json.dumps([{"config": "cifar10_K32", "batch": 64, "backend": "fused", "compute_path": "fused",
+                               "device": "NVIDIA H100", "torch": "2.11.0", "glowfast": "0.1.0", "import_s": 3.0,
+                               "build_s": 1.0, "first_step_s": 9.0, "second_step_s": 0.03,
+                               "to_first_step_s": 13.0}]))
+    md = run_report("--startup", st).stdout
+    assert md.startswith("## Start-up on NVIDIA H100")
+    assert re.search(r"CIFAR-10 B64 fused, to the end of the first step < 20 s \| yes \| 13.0 s", md), md
+    proc = subprocess.run([sys.executable, str(REPORT)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--startup" in proc.stderr
