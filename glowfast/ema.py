@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["ParameterEMA"]
+__all__ = ["ParameterEMA", "use_checkpoint_average"]
 
 
 class ParameterEMA:
@@ -89,3 +89,14 @@ class ParameterEMA:
                 s.copy_(v)
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
+
+
+def use_checkpoint_average(model: nn.Module, state: dict) -> bool:
+    """Load the moving average a checkpoint kept (``state["ema"]``, from ``--ema-decay``) into ``model``, whose
+    own weights are already loaded. Returns whether there was one."""
+    if state.get("ema") is None:
+        return False
+    ema = ParameterEMA(model, state["ema"]["decay"])
+    ema.load_state_dict(state["ema"])
+    ema.copy_to()
+    return True

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .ema import ParameterEMA
+from .ema import use_checkpoint_average
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,10 +57,8 @@ def load_model(state: dict, device: torch.device, backend: str = "auto", raw_wei
     mc["image_shape"] = tuple(mc["image_shape"])
     model = Glow(**mc, backend=backend)
     model.load_state_dict(state["model"])
-    if state.get("ema") is not None and not raw_weights:  # the weights the run evaluated with
-        ema = ParameterEMA(model, state["ema"]["decay"])
-        ema.load_state_dict(state["ema"])
-        ema.copy_to()
+    if not raw_weights:  # the weights the run evaluated with
+        use_checkpoint_average(model, state)
     config = state.get("config", {})
     model.to(device)
     from .amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks

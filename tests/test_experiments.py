@@ -139,14 +139,23 @@ def test_glowfast_train_checkpoint(tiny_run, tmp_path):
     train = pytest.importorskip("glowfast.train")
     _, empty = tiny_run
     run = tmp_path / "run"
-    assert train.main(["--dataset", "digits", "--steps", "3", "--K", "2", "--L", "2", "--hidden-channels", "16",
-                       "--run-dir", str(run), "--no-progress", "--device", "cpu", "--eval-interval", "3",
-                       "--y-condition"]) == 0
+    assert train.main(["--dataset", "digits", "--steps", "6", "--K", "2", "--L", "2", "--hidden-channels", "16",
+                       "--run-dir", str(run), "--no-progress", "--device", "cpu", "--eval-interval", "6",
+                       "--y-condition", "--ema-decay", "0.9", "--lr", "1e-2"]) == 0
     out = tmp_path / "typicality"
     assert main(["typicality", *TINY, "--data-dir", str(empty), "--out", str(out), "--checkpoint", str(run)]) == 0
     data = _load(out)
     assert data["heldout_source"] == "test half"
     assert data["model"]["spec"]["K"] == 2
+    # the run kept a moving average of its weights: the experiments use it, as glowfast.evaluate does
+    from glowfast.evaluate import main as evaluate_main
+
+    scores = tmp_path / "eval.json"
+    for extra, same in (([], True), (["--raw-weights"], False)):
+        assert evaluate_main(["--run", str(run), "--datasets", "digits", "--device", "cpu", "--json", str(scores),
+                              *extra]) == 0
+        bpd = json.loads(scores.read_text())["rows"][0]["mean_bpd"]
+        assert (bpd == pytest.approx(data["model"]["test_bpd_marginal"], rel=1e-6)) == same
 
 
 def test_main_model_keeps_the_weights_better_on_heldout_images(tiny_run):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import find_checkpoint
+from ..ema import use_checkpoint_average
 from ..model import Glow
 from .common import (
     ModelSpec,
@@ -79,9 +80,10 @@ class Context:
                            permutation=cfg.get("permutation", "invconv"), conditional=model.n_classes is not None,
                            holdout=0)
         model.load_state_dict(state["model"])
+        averaged = use_checkpoint_average(model, state)  # a glowfast.train run with --ema-decay: its average
         model.to(self.device).eval()
         set_backend(model, self.backend, self.device)
-        _log(f"using checkpoint {p}")
+        _log(f"using checkpoint {p}{' (its weights moving average)' if averaged else ''}")
         return Trained(model, spec, state.get("history", {}), p, cached=True)
 
     def scores(self, trained: Trained):
