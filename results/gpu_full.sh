@@ -6,7 +6,9 @@
 # then, with the device tool (carry: ["gpudata"]), one call per half:
 #   bash results/gpu_full.sh ablations       # ablation-permutation + ablation-coupling   (~6-7 min est.)
 #   bash results/gpu_full.sh main            # samples interpolation attributes ood typicality (~8-9 min est.)
-# Each writes results/full/<experiment>/ and packs it (without the model cache) into $OUT/results-*.tgz.
+# Each writes results/full/<experiment>/ and packs it (without the model cache) into $OUT/results-*.tgz after
+# every experiment, one process per experiment within GPU_FULL_BUDGET (570 s): an overrun loses only the
+# experiment it cuts.
 set -euo pipefail
 what=${1:?usage: gpu_full.sh pack|ablations|main}
 cd "$(dirname "$0")/.."
@@ -22,15 +24,30 @@ fi
 
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || echo "editable install failed (see install.log); running from the tree"
+START=$(date +%s)
+BUDGET=${GPU_FULL_BUDGET:-570}  # seconds for everything, under the device tool's 600 s per command
+arch=$(python -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null || true)
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}} pip install --no-build-isolation --no-deps -e . \
+  > "$OUT/install.log" 2>&1 || echo "editable install failed (see install.log); running from the tree"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
 case $what in
   ablations) names=(ablation-permutation ablation-coupling) ;;
   main) names=(samples interpolation attributes ood typicality) ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
+# One process per experiment (the trained models are cached in /tmp/glowfast-models and reused), each under
+# the time left, and the results packed after each: an overrun loses at most the experiment it cut, never the
+# finished ones (the device tool returns only what is under $OUT when its limit kills the command).
 status=0
-python -m glowfast.experiments "${names[@]}" --config full --data-dir gpudata --out results/full \
-  --cache /tmp/glowfast-models --device cuda --backend auto 2>&1 | tee "$OUT/log-$what.txt" || status=$?
-tar czf "$OUT/results-$what.tgz" --exclude=models results/full
+for name in "${names[@]}"; do
+  left=$(( BUDGET - ($(date +%s) - START) - 10 ))
+  if (( left < 20 )); then
+    echo "== $name: skipped, $left s left of the ${BUDGET} s budget" | tee -a "$OUT/log-$what.txt"; status=3; continue
+  fi
+  echo "== $name (limit ${left} s, $(( $(date +%s) - START )) s elapsed)" | tee -a "$OUT/log-$what.txt"
+  timeout -k 10 "$left" python -m glowfast.experiments "$name" --config full --data-dir gpudata --out results/full \
+    --cache /tmp/glowfast-models --device cuda --backend auto 2>&1 | tee -a "$OUT/log-$what.txt" || status=$?
+  if [ -d results/full ]; then tar czf "$OUT/results-$what.tgz" --exclude=models results/full; fi
+done
+echo "== done in $(( $(date +%s) - START )) s, status $status" | tee -a "$OUT/log-$what.txt"
 exit $status

@@ -127,11 +127,14 @@ def test_module_entry_point(tiny_run):
     _load(root / "typicality-cli")
 
 
-def test_bad_arguments():
+def test_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["no-such-experiment"])
     with pytest.raises(SystemExit):
         main(["samples", "--config", "huge"])
+    if not torch.cuda.is_available():  # one line, exit 2 (it was a traceback from deep inside torch.cuda)
+        assert main(["samples", "--config", "tiny", "--device", "cuda"]) == 2
+        assert "error: --device cuda: CUDA is not available" in capsys.readouterr().err
 
 
 def test_glowfast_train_checkpoint(tiny_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -169,7 +170,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: --device {args.device}: {e}", file=sys.stderr)
+        return 2
     preset, notes = resolve_preset(args.config, args.data_dir, args.steps, args.time_limit)
     if args.seed:
         preset = replace(preset, main=replace(preset.main, seed=args.seed),

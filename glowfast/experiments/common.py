@@ -209,9 +209,13 @@ def train_holdout(spec: ModelSpec, data_dir) -> tuple[Split, Split | None]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto / cpu / cuda / cuda:N as a torch.device; RuntimeError for CUDA on a machine without it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available on this machine")
+    return dev
 
 
 def build_model(spec: ModelSpec) -> Glow:
