@@ -7,8 +7,8 @@
 #   bash results/gpu_full.sh ablations       # ablation-permutation + ablation-coupling   (~6-7 min est.)
 #   bash results/gpu_full.sh main            # samples interpolation attributes ood typicality (~8-9 min est.)
 # Each writes results/full/<experiment>/ and packs it (without the model cache) into $OUT/results-*.tgz after
-# every experiment, one process per experiment within GPU_FULL_BUDGET (570 s): an overrun loses only the
-# experiment it cuts.
+# every group of experiments, one process per group within GPU_FULL_BUDGET (570 s): an overrun loses only the
+# group it cuts.
 set -euo pipefail
 what=${1:?usage: gpu_full.sh pack|ablations|main}
 cd "$(dirname "$0")/.."
@@ -31,21 +31,22 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}} pip install --no-buil
   > "$OUT/install.log" 2>&1 || echo "editable install failed (see install.log); running from the tree"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
 case $what in
-  ablations) names=(ablation-permutation ablation-coupling) ;;
-  main) names=(samples interpolation attributes ood typicality) ;;
+  ablations) groups=("ablation-permutation" "ablation-coupling") ;;
+  main) groups=("samples interpolation attributes" "ood typicality") ;;  # ood and typicality share their scores
   *) echo "unknown: $what"; exit 2 ;;
 esac
-# One process per experiment (the trained models are cached in /tmp/glowfast-models and reused), each under
-# the time left, and the results packed after each: an overrun loses at most the experiment it cut, never the
-# finished ones (the device tool returns only what is under $OUT when its limit kills the command).
+# One process per group of experiments (the trained models are cached in /tmp/glowfast-models and reused),
+# each under the time left, and the results packed after each: an overrun loses at most the group it cut, never
+# the finished ones (the device tool returns only what is under $OUT when its limit kills the command).
 status=0
-for name in "${names[@]}"; do
+for name in "${groups[@]}"; do
   left=$(( BUDGET - ($(date +%s) - START) - 10 ))
   if (( left < 20 )); then
     echo "== $name: skipped, $left s left of the ${BUDGET} s budget" | tee -a "$OUT/log-$what.txt"; status=3; continue
   fi
   echo "== $name (limit ${left} s, $(( $(date +%s) - START )) s elapsed)" | tee -a "$OUT/log-$what.txt"
-  timeout -k 10 "$left" python -m glowfast.experiments "$name" --config full --data-dir gpudata --out results/full \
+  # shellcheck disable=SC2086  # $name: a group of experiment names
+  timeout -k 10 "$left" python -m glowfast.experiments $name --config full --data-dir gpudata --out results/full \
     --cache /tmp/glowfast-models --device cuda --backend auto 2>&1 | tee -a "$OUT/log-$what.txt" || status=$?
   if [ -d results/full ]; then tar czf "$OUT/results-$what.tgz" --exclude=models results/full; fi
 done
