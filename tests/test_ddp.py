@@ -55,6 +55,7 @@ def _worker(rank: int, world: int, port: int, out: str, argv: list[str]) -> None
             record["step3"] = _flat(trainer.model)
         elif event == "end":
             record["final"] = _flat(trainer.model)
+            record["ema"] = torch.cat([t.reshape(-1) for t in trainer.ema.shadow])
             record["test_bpd"] = trainer.last_test_bpd
             record["nonfinite_total"] = trainer.nonfinite_total
 
@@ -65,14 +66,15 @@ def _worker(rank: int, world: int, port: int, out: str, argv: list[str]) -> None
 
 def test_ddp_two_gloo_ranks_stay_identical(tmp_path):
     run = tmp_path / "run"
-    argv = TINY + ["--steps", "5", "--eval-interval", "5", "--run-dir", str(run)]
+    argv = TINY + ["--steps", "5", "--eval-interval", "5", "--ema-decay", "0.9", "--run-dir", str(run)]
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), argv), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["rc"] == r1["rc"] == 0
     assert not torch.equal(r0["first_batch"], r1["first_batch"]), "each rank must see its own data shard"
     assert not torch.equal(r0["actnorm_bias"], torch.zeros_like(r0["actnorm_bias"])), "ActNorm was initialised"
-    for key in ("init", "step3", "final"):
+    for key in ("init", "step3", "final", "ema"):  # the weights' moving average too (--ema-decay)
         assert torch.equal(r0[key], r1[key]), f"parameters differ across ranks at {key}"
+    assert not torch.equal(r0["ema"], r0["final"])
     assert not torch.equal(r0["init"], r0["final"]), "training changed the parameters"
     assert r0["nonfinite_total"] == r1["nonfinite_total"] == 1
     assert r0["test_bpd"] == r1["test_bpd"]  # all-reduced over the whole test split
@@ -83,8 +85,9 @@ def test_ddp_two_gloo_ranks_stay_identical(tmp_path):
     params = dict(ckpt["model"])
     from glowfast.sample import load_model
 
-    model = load_model(ckpt, torch.device("cpu"), "reference")
+    model = load_model(ckpt, torch.device("cpu"), "reference", raw_weights=True)
     assert torch.equal(_flat(model), r0["final"]) and params
+    assert torch.equal(_flat(load_model(ckpt, torch.device("cpu"), "reference")), r0["ema"])  # the average
     assert not (tmp_path / "run" / "rank1").exists()
 
 
