@@ -57,11 +57,15 @@ class ModelSpec:
     # > 0: keep an exponential moving average of the weights (glowfast.ema); periodic evaluations use it, and the
     # model kept is the average or the last iterate, whichever does better on the held-out images
     ema: float = 0.0
+    # CUDA only: capture forward + backward in a CUDA graph and replay it every step (glowfast.cuda_graph); the
+    # fused path's step is launch-bound at these sizes, so the same time cap trains more steps
+    cuda_graphs: bool = False
 
     def key(self) -> str:
         fields = asdict(self)
-        if not fields["ema"]:  # specs without a moving average keep the cache names they had before the field
-            del fields["ema"]
+        for name in ("ema", "cuda_graphs"):  # specs without these keep the cache names they had before them
+            if not fields[name]:
+                del fields[name]
         blob = json.dumps(fields, sort_keys=True).encode()
         tag = f"{self.dataset}-{self.size}px-K{self.K}L{self.L}h{self.hidden}-{self.coupling}-{self.permutation}"
         return f"{tag}{'-cond' if self.conditional else ''}-{hashlib.sha1(blob).hexdigest()[:8]}"
@@ -112,10 +116,10 @@ PRESETS: dict[str, Preset] = {
         # steps: more than the cap allows (the fused path's speed is unmeasured), so the 270 s cap decides how
         # far the model trains and no GPU time is left unused when steps turn out faster than estimated
         main=ModelSpec("mnist", 28, K=16, L=2, hidden=512, batch=256, steps=12000, warmup=200, eval_n=0,
-                       holdout=5000, time_limit_s=270, ema=0.999),
+                       holdout=5000, time_limit_s=270, ema=0.999, cuda_graphs=True),
         reverse_steps=2000, reverse_time_limit_s=120,
         ablation=ModelSpec("mnist", 28, K=8, L=2, hidden=256, conditional=False, batch=256, steps=1500,
-                           warmup=100, eval_every=100, eval_n=2000, time_limit_s=120),
+                           warmup=100, eval_every=100, eval_n=2000, time_limit_s=120, cuda_graphs=True),
         ood_n=0, score_n_train=10000, typicality_K=2000, typicality_batches=2000, grid_n=64, per_class=10,
         interp_steps=9,
         notes="One H100: every command < 10 min (estimate, see results/README.md)."),
@@ -328,6 +332,19 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
     def eval_weights():
         return ema.applied() if ema is not None else contextlib.nullcontext()
 
+    params = list(model.parameters())
+
+    def loss_and_grads(xb, yb):
+        """Forward, backward and gradient clipping without a host sync (CUDA-graph capturable)."""
+        loss = model(xb, yb if conditional else None).bits_per_dim.mean()
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        return torch.stack([loss.detach(), gnorm.detach().to(loss.dtype)])
+
+    use_graphs = spec.cuda_graphs and device.type == "cuda"
+    hist["cuda_graphs"] = "on" if use_graphs else ("off: not a CUDA device" if spec.cuda_graphs else "off")
+    graphed = None
+
     model.train()
     perm = torch.randperm(n, device=device)
     pos = 0
@@ -344,12 +361,17 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
             perm, pos = torch.randperm(n, device=device), 0
         idx = perm[pos: pos + batch]
         pos += batch
-        out = model(x_all[idx], y_all[idx] if conditional else None)
-        loss = out.bits_per_dim.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
-        if not bool(torch.isfinite(loss) & torch.isfinite(gnorm)):  # skip the update (one sync per step)
+        xb, yb = x_all[idx], y_all[idx]
+        if use_graphs and graphed is None:
+            graphed = _capture_step(loss_and_grads, (xb, yb), model, spec, hist)
+            use_graphs = graphed is not None
+        if use_graphs:
+            stats = graphed(xb, yb)  # static outputs: overwritten by the next replay
+        else:
+            opt.zero_grad(set_to_none=True)
+            stats = loss_and_grads(xb, yb)
+        loss = stats[0]
+        if not bool(torch.isfinite(stats).all()):  # skip the update (one sync per step)
             skipped += 1
             hist["skipped_nonfinite_steps"] = skipped
             if skipped > 20:
@@ -361,7 +383,7 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
             ema = ema or ParameterEMA(model, spec.ema)
             ema.update()
         step += 1
-        running.append(loss.detach())
+        running.append(loss.clone())
         do_eval = bool(spec.eval_every) and step % spec.eval_every == 0
         if not (step % 10 == 0 or do_eval or step == spec.steps or step % log_every == 0):
             continue
@@ -402,6 +424,23 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
         save_checkpoint({"model": model.state_dict(), "config": dict(model.config), "spec": asdict(spec),
                          "history": hist, "complete": True}, run_dir / "checkpoints")
     return Trained(model, spec, hist, run_dir)
+
+
+def _capture_step(fn, inputs, model: Glow, spec: ModelSpec, hist: dict):
+    """glowfast.cuda_graph.GraphedStep of `fn` (forward + backward replayed from one CUDA graph: one launch per
+    training step instead of thousands), or None -- with a warning and the reason in `hist` -- when the capture
+    fails, so the run continues eagerly instead of ending."""
+    from ..cuda_graph import GraphedStep
+
+    try:
+        return GraphedStep(fn, inputs, model.parameters())
+    except (RuntimeError, ValueError) as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        hist["cuda_graphs"] = f"off: capture failed ({reason})"
+        warnings.warn(f"{spec.key()}: CUDA-graph capture failed ({reason}); training eagerly", stacklevel=2)
+        for p in model.parameters():
+            p.grad = None
+        return None
 
 
 def _select_weights(model: Glow, ema: ParameterEMA, spec: ModelSpec, data_dir, device, hist: dict,
@@ -561,7 +600,8 @@ def model_summary(t: Trained) -> dict:
             "stopped_by_time_limit": h.get("stopped_by_time_limit"), "train_s": h.get("train_s"),
             "s_per_step": h.get("s_per_step"), "compute_path": h.get("compute_path"),
             "final_test_bpd_eval_subset": h["test_bpd"][-1] if h.get("test_bpd") else None,
-            "eval_weights": h.get("eval_weights", "raw"), "heldout_bpd": h.get("heldout_bpd")}
+            "eval_weights": h.get("eval_weights", "raw"), "heldout_bpd": h.get("heldout_bpd"),
+            "cuda_graphs": h.get("cuda_graphs")}
 
 
 def bpd_unit_note(spec: ModelSpec) -> str:
