@@ -46,9 +46,13 @@ for name in "${groups[@]}"; do
   fi
   echo "== $name (limit ${left} s, $(( $(date +%s) - START )) s elapsed)" | tee -a "$OUT/log-$what.txt"
   # shellcheck disable=SC2086  # $name: a group of experiment names
+  rc=0
   timeout -k 10 "$left" python -m glowfast.experiments $name --config full --data-dir gpudata --out results/full \
-    --cache /tmp/glowfast-models --device cuda --backend auto 2>&1 | tee -a "$OUT/log-$what.txt" || status=$?
+    --cache /tmp/glowfast-models --device cuda --backend auto 2>&1 | tee -a "$OUT/log-$what.txt" || rc=$?
+  (( rc == 0 )) || { echo "== $name: exit $rc$( (( rc == 124 || rc == 137 )) && echo ' (time limit)')" \
+    | tee -a "$OUT/log-$what.txt"; status=3; }
   if [ -d results/full ]; then tar czf "$OUT/results-$what.tgz" --exclude=models results/full; fi
 done
-echo "== done in $(( $(date +%s) - START )) s, status $status" | tee -a "$OUT/log-$what.txt"
-exit $status
+echo "== done in $(( $(date +%s) - START )) s, status $status (3: a group failed or was cut, see above)" \
+  | tee -a "$OUT/log-$what.txt"
+exit $status  # never the 124 of a cut group: the script itself finished and packed what there is

@@ -209,14 +209,29 @@ def test_cuda_graphs_spec_trains_eagerly_off_cuda(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graphs_spec_trains_from_replays_on_cuda(tmp_path):
+def test_cuda_graphs_spec_trains_from_replays_on_cuda(tmp_path, monkeypatch):
     """The experiments' graphed training (forward + backward replayed, Adam and the average eager) learns like
-    the eager loop: the same steps done, test bits/dim falling, finite weights."""
+    the eager loop: the same steps done, test bits/dim falling, finite weights; and the logged running losses are
+    the replays' own (a replay overwrites its static output, so keeping references instead of copies would log
+    the last loss ten times)."""
+    from glowfast.cuda_graph import GraphedStep
     from glowfast.experiments.common import train
 
+    losses = []
+    replay = GraphedStep.__call__
+
+    def recording(self, *inputs):
+        out = replay(self, *inputs)
+        losses.append(float(out[0]))
+        return out
+
+    monkeypatch.setattr(GraphedStep, "__call__", recording)
     t = train(_graphs_spec(), tmp_path, torch.device("cuda"), backend="auto")
     h = t.history
-    assert h["cuda_graphs"] == "on" and h["steps_done"] == 30
+    assert h["cuda_graphs"] == "on" and h["steps_done"] == 30 and len(losses) == 30
     assert h["test_bpd"][-1] < h["test_bpd"][0]
-    assert len(set(h["train_bpd"][1:])) == len(h["train_bpd"]) - 1  # running means of distinct losses
+    # evaluations at steps 10 and 20 log the mean loss of the 10 steps before them
+    assert h["train_bpd"][1] == pytest.approx(sum(losses[:10]) / 10, rel=1e-5)
+    assert h["train_bpd"][2] == pytest.approx(sum(losses[10:20]) / 10, rel=1e-5)
     assert all(bool(torch.isfinite(p).all()) for p in t.model.parameters())
+    assert all(p.grad is None for p in t.model.parameters())  # the graph's pool is released

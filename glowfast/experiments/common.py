@@ -311,7 +311,8 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
     batch = min(spec.batch, n)
     model = build_model(spec).to(device)
     path_used = set_backend(model, backend, device)
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    # fused Adam on CUDA: one kernel per step instead of one per tensor group (the step is launch-bound)
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup)))
     conditional = model.n_classes is not None
     hist = {"step": [], "test_bpd": [], "train_bpd": [], "wall_s": [], "compute_path": path_used,
@@ -406,6 +407,9 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
             if stopped_early:
                 _log(f"{spec.key()}: time limit {spec.time_limit_s:.0f}s reached at step {step}/{spec.steps}")
             break
+    if graphed is not None:  # release the graph and the gradients that live in its memory pool
+        graphed = None
+        model.zero_grad(set_to_none=True)
     hist["eval_weights"] = "raw"
     if ema is not None:
         # from here on the model holds the weights it keeps; the final evaluation below is of those (an
@@ -426,18 +430,30 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
     return Trained(model, spec, hist, run_dir)
 
 
+_CAPTURE_FAILED: list[str] = []  # a capture that failed once is not retried in this process (the next model)
+
+
 def _capture_step(fn, inputs, model: Glow, spec: ModelSpec, hist: dict):
     """glowfast.cuda_graph.GraphedStep of `fn` (forward + backward replayed from one CUDA graph: one launch per
     training step instead of thousands), or None -- with a warning and the reason in `hist` -- when the capture
     fails, so the run continues eagerly instead of ending."""
     from ..cuda_graph import GraphedStep
 
+    if _CAPTURE_FAILED:
+        hist["cuda_graphs"] = f"off: an earlier capture in this process failed ({_CAPTURE_FAILED[0]})"
+        return None
     try:
         return GraphedStep(fn, inputs, model.parameters())
     except (RuntimeError, ValueError) as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        # a sync inside the capture surfaces as capture_end's "previous error": the cause is the context
+        causes = [c for c in (e, e.__context__) if c is not None]
+        reason = " <- ".join(f"{type(c).__name__}: {str(c).splitlines()[0][:200] if str(c) else ''}" for c in causes)
+        _CAPTURE_FAILED.append(reason)
         hist["cuda_graphs"] = f"off: capture failed ({reason})"
         warnings.warn(f"{spec.key()}: CUDA-graph capture failed ({reason}); training eagerly", stacklevel=2)
+        # a failed capture can leave this thread on the capture's side stream
+        torch.cuda.set_stream(torch.cuda.default_stream(inputs[0].device))
+        torch.cuda.synchronize()
         for p in model.parameters():
             p.grad = None
         return None
