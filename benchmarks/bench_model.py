@@ -79,10 +79,6 @@ WARMUP = {"cpu": 1, "cuda": 3}
 _compiled_cache: dict = {}  # (config, batch) -> (step, compile_s, cache mode) built by test_compile_time
 
 
-def _config(name: str) -> dict:
-    return model_config(name)
-
-
 def _images(cfg: dict, batch: int, device: str) -> torch.Tensor:
     return torch.randint(0, 256, (batch, *cfg["image_shape"]), dtype=torch.uint8, device=device)
 
@@ -218,7 +214,7 @@ def test_compile_time(cuda_timer, config_name, batch, device):
     test_train_step's compiled variant, so the configuration is compiled once."""
     if not cuda_timer.compile_model_enabled(device, f"{config_name}_B{batch}"):
         pytest.skip("whole-model torch.compile benchmark off (GLOWFAST_BENCH_COMPILE_MODEL=1 or a case list)")
-    cfg = _config(config_name)
+    cfg = model_config(config_name)
     cuda_timer.benchmark.group = f"compile/train_step/{config_name}_B{batch}"
     built = {}
 
@@ -244,7 +240,7 @@ def test_compile_time(cuda_timer, config_name, batch, device):
 @pytest.mark.parametrize("config_name,batch,device", TRAIN_CASES)
 def test_train_step(cuda_timer, config_name, batch, device, variant):
     """One training step: forward (bits/dim), backward, Adamax step."""
-    cfg = _config(config_name)
+    cfg = model_config(config_name)
     cuda_timer.benchmark.group = f"train_step/{config_name}_B{batch}"
     extra = {}
     if variant == "reference":
@@ -295,7 +291,7 @@ def test_train_step(cuda_timer, config_name, batch, device, variant):
 @pytest.mark.parametrize("config_name,device", SAMPLE_CASES)
 def test_sample(cuda_timer, config_name, device, variant):
     """Sampling 64 images at temperature 0.7 (the whole inverse pass, no gradient)."""
-    cfg = _config(config_name)
+    cfg = model_config(config_name)
     cuda_timer.benchmark.group = f"sample{N_SAMPLES}/{config_name}"
     extra = {}
     if variant == "peer":

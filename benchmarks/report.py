@@ -327,12 +327,16 @@ def target_table(groups: OrderedDict, startup: list[dict] = ()) -> list[str]:
         checks.append((f"start-up < {STARTUP_TARGET_S:.0f} s, approximated by the first fused step inside the "
                        "benchmark process (no startup.py record: CUDA context and cuDNN were already warm, so "
                        "this underestimates a cold start)", first < STARTUP_TARGET_S, f"{first:.1f} s"))
-    lines = []
-    if checks:
-        lines += ["### Issue 6 targets (H100; peer anchor y0ast/Glow-PyTorch: 244 img/s at B64, 952 img/s at B256)",
-                  "", "| target | met | measured |", "| --- | --- | --- |"]
-        lines += [f"| {d} | {'yes' if ok else 'NO'} | {m} |" for d, ok, m in checks] + [""]
-    return lines + kernel_target_table(groups)
+    return checks_table("Issue 6 targets (H100; peer anchor y0ast/Glow-PyTorch: 244 img/s at B64, 952 img/s at B256)",
+                        checks) + kernel_target_table(groups)
+
+
+def checks_table(title: str, checks: list[tuple[str, bool, str]]) -> list[str]:
+    """A `### title` section with one row per (target, met, measured); nothing when there are no checks."""
+    if not checks:
+        return []
+    return ([f"### {title}", "", "| target | met | measured |", "| --- | --- | --- |"]
+            + [f"| {d} | {'yes' if ok else 'NO'} | {m} |" for d, ok, m in checks] + [""])
 
 
 def kernel_target_table(groups: OrderedDict) -> list[str]:
@@ -350,11 +354,7 @@ def kernel_target_table(groups: OrderedDict) -> list[str]:
             tf, tr = rows["fused"]["time"], rows["reference"]["time"]
             if tf and tr:
                 checks.append((f"{g}: fused ≥ 3× the reference", tr / tf >= 3, f"{tr / tf:.2f}×"))
-    if not checks:
-        return []
-    lines = ["### Issue 4 targets (fused kernels; bandwidth from CUDA-graph replays)", "",
-             "| target | met | measured |", "| --- | --- | --- |"]
-    return lines + [f"| {d} | {'yes' if ok else 'NO'} | {m} |" for d, ok, m in checks] + [""]
+    return checks_table("Issue 4 targets (fused kernels; bandwidth from CUDA-graph replays)", checks)
 
 
 def render(paths: list[Path], title: str | None = None, note: str | None = None, stat: str = "median",

@@ -50,15 +50,14 @@ class ParameterEMA:
     def update(self) -> None:
         """shadow ← decay · shadow + (1 − decay) · param, for every parameter (one fused foreach call)."""
         weight = 1.0 - self.current_decay()
-        current = [p.detach() if p.dtype == s.dtype else p.detach().to(s.dtype)
-                   for p, s in zip(self.params, self.shadow)]
+        current = [p.detach().to(s.dtype) for p, s in zip(self.params, self.shadow)]  # .to: no copy when equal
         torch._foreach_lerp_(self.shadow, current, weight)
         self.num_updates += 1
 
     @torch.no_grad()
-    def copy_to(self, params: list[torch.Tensor] | None = None) -> None:
+    def copy_to(self) -> None:
         """Write the average into the parameters (in place: CUDA graphs and optimisers keep their tensors)."""
-        for p, s in zip(params or self.params, self.shadow):
+        for p, s in zip(self.params, self.shadow):
             p.copy_(s)
 
     @contextlib.contextmanager

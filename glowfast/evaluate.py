@@ -206,29 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_images(name: str, split: str, data_dir, image_shape: tuple[int, int, int],
                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from .data import get_dataset
+    """uint8 images and labels of a set in the model's shape: at most `n` (a fixed random subset; 0 = all, and
+    10000 images of the synthetic noise / constant sets)."""
+    from .experiments.common import load_split
 
-    if name in ("noise", "constant"):  # synthetic: made in the model's shape
-        ds = get_dataset(name, split, data_dir, image_shape=image_shape, n=n or None)
-    else:
-        ds = get_dataset(name, split, data_dir, image_shape[1])
-    count = len(ds)
-    idx = torch.arange(count)
-    if n and n < count:
-        idx = torch.randperm(count, generator=torch.Generator().manual_seed(1234))[:n].sort().values
-    images = getattr(ds, "images", None)
-    labels = getattr(ds, "labels", None)
-    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
-        return images[idx], labels[idx].long()
-    pairs = [ds[int(i)] for i in idx]
-    return torch.stack([torch.as_tensor(p[0]) for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
+    synthetic = name in ("noise", "constant")
+    s = load_split(name, split, data_dir, image_shape[1], image_shape=image_shape,
+                   n=(n or 10000) if synthetic else (n or None))
+    return s.images, s.labels
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError, find_checkpoint
     from .data import DatasetNotFoundError
     from .ood import auroc
-    from .sample import load_model
+    from .sample import load_run_model
 
     args = build_parser().parse_args(argv)
 
@@ -240,24 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail("give --run RUN or --checkpoint PATH")
     if args.batch_size < 1 or args.n < 0 or args.dequant_samples < 1:
         return fail("--batch-size and --dequant-samples must be >= 1, --n >= 0")
-    device_str = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if args.device == "auto" else args.device)
-    if device_str.startswith("cuda") and not torch.cuda.is_available():
-        return fail(f"--device {args.device}: CUDA is not available")
-    device = torch.device(device_str)
     try:
-        path, state = find_checkpoint(args.checkpoint or args.run, map_location="cpu")
-    except CheckpointError as e:
+        path, state, model, device = load_run_model(args.run, args.checkpoint, args.device, args.backend,
+                                                    args.raw_weights)
+    except ValueError as e:
         return fail(str(e))
-    if "model_config" not in state:
-        return fail(f"{path} has no model_config (not a python -m glowfast.train checkpoint)")
-    model = load_model(state, device, args.backend, args.raw_weights)
-    try:
-        model.resolve_backend(device)
-    except (RuntimeError, ImportError) as e:
-        if args.backend != "auto":
-            return fail(f"--backend {args.backend} on {device}: {str(e).splitlines()[0]}")
-        model.backend = "reference"
     cfg = state.get("config", {})
     data_dir = args.data_dir or cfg.get("data_dir") or "data"
     rows, scores = [], {}

@@ -72,6 +72,33 @@ def load_model(state: dict, device: torch.device, backend: str = "auto", raw_wei
     return model.eval()
 
 
+def load_run_model(run, checkpoint, device: str, backend: str, raw_weights: bool = False):
+    """(checkpoint path, its state, the model in eval mode, the torch.device) for a CLI given --run / --checkpoint,
+    --device, --backend and --raw-weights; ValueError with a one-line message (the CLI prints it and exits 2)."""
+    from .checkpoint import CheckpointError, find_checkpoint
+
+    device_str = device
+    if device_str == "auto":
+        device_str = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_str.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available")
+    dev = torch.device(device_str)
+    try:
+        path, state = find_checkpoint(checkpoint or run, map_location="cpu")
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    if "model_config" not in state:
+        raise ValueError(f"{path} has no model_config (not a python -m glowfast.train checkpoint)")
+    model = load_model(state, dev, backend, raw_weights)
+    try:
+        model.resolve_backend(dev)
+    except (RuntimeError, ImportError) as e:
+        if backend != "auto":
+            raise ValueError(f"--backend {backend} on {dev}: {str(e).splitlines()[0]}") from None
+        model.backend = "reference"
+    return path, state, model, dev
+
+
 @torch.no_grad()
 def interpolate(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> torch.Tensor:
     """(P, steps, C, H, W) images in [0, 1]: row p walks linearly in latent space from x_a[p] to x_b[p]."""
@@ -86,7 +113,6 @@ def interpolate(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError, find_checkpoint
     from .images import save_grid
 
     args = build_parser().parse_args(argv)
@@ -97,29 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    device_str = args.device
-    if device_str == "auto":
-        device_str = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_str.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {args.device}: CUDA is not available", file=sys.stderr)
-        return 2
-    device = torch.device(device_str)
     try:
-        path, state = find_checkpoint(args.checkpoint or args.run, map_location="cpu")
-    except CheckpointError as e:
+        path, state, model, device = load_run_model(args.run, args.checkpoint, args.device, args.backend,
+                                                    args.raw_weights)
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = state.get("config", {})
     out = Path(args.out) if args.out else (Path(args.run) / "generated" if args.run else path.parent / "generated")
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(state, device, args.backend, args.raw_weights)
-    try:
-        model.resolve_backend(device)
-    except (RuntimeError, ImportError) as e:
-        if args.backend != "auto":
-            print(f"error: --backend {args.backend} on {device}: {str(e).splitlines()[0]}", file=sys.stderr)
-            return 2
-        model.backend = "reference"
     n_classes = model.n_classes
     written = []
 

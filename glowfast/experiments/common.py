@@ -186,16 +186,17 @@ def load_split(name: str, split: str, data_dir, size: int, image_shape=None, n: 
         ds = get_dataset(name, split, data_dir, image_shape=tuple(image_shape), n=n or 2000)
     else:
         ds = get_dataset(name, split, data_dir, size=size)
+    idx = torch.arange(len(ds))
+    if n is not None and n < len(ds):  # a fixed random subset (the same for in-memory and lazily read sets)
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1234))[:n].sort().values
     images = getattr(ds, "images", None)
     labels = getattr(ds, "labels", None)
-    if not isinstance(images, torch.Tensor):
-        pairs = [ds[i] for i in range(len(ds) if n is None else min(n, len(ds)))]
-        images = torch.stack([p[0] for p in pairs])
-        labels = torch.tensor([int(p[1]) for p in pairs])
-    if n is not None and n < images.shape[0]:
-        g = torch.Generator().manual_seed(1234)
-        idx = torch.randperm(images.shape[0], generator=g)[:n].sort().values
+    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
         images, labels = images[idx], labels[idx]
+    else:
+        pairs = [ds[int(i)] for i in idx]
+        images = torch.stack([torch.as_tensor(p[0]) for p in pairs])
+        labels = torch.tensor([int(p[1]) for p in pairs])
     return Split(images.contiguous(), labels.to(torch.int64), name)
 
 
@@ -300,7 +301,7 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
             warnings.warn(f"ignoring cache {run_dir}: {e}", stacklevel=2)
 
     torch.manual_seed(spec.seed)
-    tr, _ = train_holdout(spec, data_dir)
+    tr, held = train_holdout(spec, data_dir)
     te = load_split(spec.dataset, "test", data_dir, spec.size)
     if spec.eval_n and spec.eval_n < te.images.shape[0]:
         g = torch.Generator().manual_seed(99)
@@ -414,7 +415,7 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
     if ema is not None:
         # from here on the model holds the weights it keeps; the final evaluation below is of those (an
         # evaluation already made at this step used the average: it is redone)
-        _select_weights(model, ema, spec, data_dir, device, hist)
+        _select_weights(model, ema, spec, held, device, hist)
         ema = None
         if hist["step"] and hist["step"][-1] == step:
             for key in ("step", "test_bpd", "train_bpd", "wall_s"):
@@ -459,11 +460,10 @@ def _capture_step(fn, inputs, model: Glow, spec: ModelSpec, hist: dict):
         return None
 
 
-def _select_weights(model: Glow, ema: ParameterEMA, spec: ModelSpec, data_dir, device, hist: dict,
+def _select_weights(model: Glow, ema: ParameterEMA, spec: ModelSpec, held: Split | None, device, hist: dict,
                     max_images: int = 2000) -> None:
     """Keep the moving average or the last iterate, whichever has the lower bits/dim on the held-out training
-    images (never the test set); without a held-out split, the average. Both values go into ``hist``."""
-    _, held = train_holdout(spec, data_dir)
+    images `held` (never the test set); without a held-out split, the average. Both values go into ``hist``."""
     if held is None:
         ema.copy_to()
         hist["eval_weights"] = f"ema {spec.ema:g}"
