@@ -68,7 +68,7 @@ esac
 STAGES=${GPU_CHECK_STAGES:-$PRESET_STAGES}
 TRAIN_STEPS=${TRAIN_STEPS:-1000}
 START=$(date +%s)
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the device image has python3 (its torch); a venv has both
 SUMMARY_ROWS=$WORK/stages.tsv
 : > "$SUMMARY_ROWS"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}

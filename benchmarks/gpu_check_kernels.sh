@@ -6,8 +6,9 @@
 # allocation: an overrun into a neighbouring tensor of the same cached block would otherwise go unseen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch; assert torch.cuda.is_available(), 'gpu_check_kernels.sh needs a CUDA device'"
+PY=${PYTHON:-python3}  # the device image has python3 (its torch); a venv has both
+$PY -c "import torch; assert torch.cuda.is_available(), 'gpu_check_kernels.sh needs a CUDA device'"
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check no \
     --target-processes all \
-    python -m pytest -q -x -p no:cacheprovider tests/test_kernel_bad_input.py tests/test_kernel_coupling.py \
+    $PY -m pytest -q -x -p no:cacheprovider tests/test_kernel_bad_input.py tests/test_kernel_coupling.py \
     tests/test_kernel_actnorm_invconv.py tests/test_kernel_cross_step.py "$@"

@@ -3,8 +3,9 @@
 # Run from anywhere on a GPU machine after `pip install --no-build-isolation --no-deps -e .`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch; assert torch.cuda.is_available(), 'gpu_check_lu.sh needs a CUDA device'"
+PY=${PYTHON:-python3}  # the device image has python3 (its torch); a venv has both
+$PY -c "import torch; assert torch.cuda.is_available(), 'gpu_check_lu.sh needs a CUDA device'"
 # no caching allocator: each tensor its own allocation, so an overrun into a neighbour in the same block is seen
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check no \
     --target-processes all \
-    python -m pytest -q -x tests/test_batched_lu.py -m "not slow" "$@"
+    $PY -m pytest -q -x tests/test_batched_lu.py -m "not slow" "$@"
