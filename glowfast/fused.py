@@ -59,6 +59,7 @@ from .kernels import _utils
 from .kernels.actnorm_invconv import ActNormInvConvFunction, actnorm_invconv_op
 from .kernels.coupling import CouplingFunction, coupling_op
 from .kernels.cross_step import CrossStepFunction, cross_step_op, step_inverse, step_inverse_op
+from .ops import batched_inverse
 from .reference import AdditiveCoupling, AffineCoupling, InvConv1x1, Permute2d
 from .reference import steps_forward as reference_steps_forward
 
@@ -258,7 +259,8 @@ def level_weight_inverses(steps: Sequence, w_inverses: Sequence[torch.Tensor | N
     if _same_permutations(steps, Permute2d):
         inverses = torch.stack(weights).transpose(1, 2)
     else:
-        inverses = torch.linalg.inv(torch.stack(weights).double()).to(weights[0].dtype)
+        # one batched-LU launch for the level (singular or non-finite W raises, like the reference's inverse)
+        inverses = batched_inverse(torch.stack(weights).double(), check=True).to(weights[0].dtype)
     inverses = list(inverses.unbind(0))
     if w_inverses is not None:
         inverses = [given if given is not None else own for given, own in zip(w_inverses, inverses, strict=True)]

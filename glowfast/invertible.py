@@ -31,6 +31,7 @@ import torch
 
 from .kernels.actnorm_invconv import actnorm_invconv_backward, actnorm_invconv_inverse
 from .kernels.coupling import coupling_backward, coupling_inverse
+from .ops import batched_inverse
 
 __all__ = ["invertible_steps"]
 
@@ -62,9 +63,10 @@ class _InvertibleSteps(torch.autograd.Function):
         y, *tensors = ctx.saved_tensors
         steps, bounds = ctx.steps, ctx.bounds
         weights = [tensors[start + 2] for start in bounds[:-1]]
-        # inv_ex: no singularity check, which would synchronise the device (and break CUDA-graph capture); W is
-        # invertible by construction and the forward already used it
-        w_invs = torch.linalg.inv_ex(torch.stack(weights).double())[0].to(weights[0].dtype).unbind(0)
+        # the batched LU op without its check: one launch on the current stream and no host read, so this backward
+        # can be captured in a CUDA graph (torch.linalg.inv_ex may go through MAGMA/cuSOLVER, which can
+        # synchronise); W is invertible by construction and the forward already used it
+        w_invs = batched_inverse(torch.stack(weights).double(), check=False).to(weights[0].dtype).unbind(0)
         grads: list[torch.Tensor | None] = [None] * len(tensors)
         ca = y.shape[1] // 2
         out, g_out = y.detach(), grad_y if grad_y is not None else torch.zeros_like(y)
@@ -78,7 +80,11 @@ class _InvertibleSteps(torch.autograd.Function):
                 h = step.coupling.net(net_in)
             z = coupling_inverse(out, h.detach(), affine)
             dz, dh = coupling_backward(z, h.detach(), g_out, grad_ld if affine else None, affine)
-            g_in, *g_net = torch.autograd.grad(h, [net_in, *net_params], dh, allow_unused=True)
+            # frozen network parameters (requires_grad=False) get None: autograd.grad refuses to differentiate them
+            trainable = [p for p in net_params if p.requires_grad]
+            g_in, *g_trainable = torch.autograd.grad(h, [net_in, *trainable], dh, allow_unused=True)
+            g_iter = iter(g_trainable)
+            g_net = [next(g_iter) if p.requires_grad else None for p in net_params]
             dz[:, :ca] += g_in
             x_k = actnorm_invconv_inverse(z, bias, log_scale, w_invs[k])
             dx, db, dls, dw = actnorm_invconv_backward(x_k, dz, bias, log_scale, weight)

@@ -30,9 +30,9 @@ def test_cuda_graphs_need_cuda(tmp_path, capsys):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
-def _model(backend="fused"):
+def _model(backend="fused", memory_saving=False):
     torch.manual_seed(0)
-    model = Glow((1, 8, 8), K=3, L=2, hidden_channels=16, backend=backend).cuda()
+    model = Glow((1, 8, 8), K=3, L=2, hidden_channels=16, backend=backend, memory_saving=memory_saving).cuda()
     with torch.no_grad():
         model(torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, device="cuda"))  # ActNorm init
     return model
@@ -54,9 +54,10 @@ def _eager_grads(model, x):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", ["fused", "reference"])
-def test_replay_matches_eager(backend):
-    model = _model(backend)
+@pytest.mark.parametrize("backend,memory_saving", [("fused", False), ("reference", False), ("fused", True)])
+def test_replay_matches_eager(backend, memory_saving):
+    """memory_saving: the invertible backward (W^-1 from the batched LU op, no host read) is captured too."""
+    model = _model(backend, memory_saving)
     params = list(model.parameters())
     batches = [torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8, device="cuda") for _ in range(3)]
     step = GraphedStep(_loss_and_grads(model), (batches[0],), params)

@@ -42,6 +42,24 @@ def test_only_the_logdet_or_only_the_output_reaches_the_loss(device, exact_preci
         assert_grads_exact(actual, expected, ["x", *(n for n, _ in steps.named_parameters())])
 
 
+@pytest.mark.parametrize("device", kernel_devices())
+def test_frozen_parameters(device, exact_precision):
+    """Frozen parameters (a network layer, or every parameter when only grad x is wanted) get no gradient and
+    the others the reference's: the backward differentiates only what requires grad."""
+    steps = make_steps(3, 4, "affine", "invconv", True, device)
+    x = torch.randn(2, 4, 4, 4, device=device, requires_grad=True)
+    steps[1].coupling.net.conv1.requires_grad_(False)
+    params = [p for p in steps.parameters() if p.requires_grad]
+    names = [n for n, p in steps.named_parameters() if p.requires_grad]
+    expected = torch.autograd.grad(reference_forward(steps, x)[0].square().sum(), [x, *params])
+    y, _ = fused.steps_forward(list(steps), x, memory_saving=True)
+    assert_grads_exact(torch.autograd.grad(y.square().sum(), [x, *params]), expected, ["x", *names])
+    steps.requires_grad_(False)
+    (expected,) = torch.autograd.grad(reference_forward(steps, x)[0].square().sum(), [x])
+    (actual,) = torch.autograd.grad(fused.steps_forward(list(steps), x, memory_saving=True)[0].square().sum(), [x])
+    assert_exact(actual, expected, "grad", "x")
+
+
 def _saved_bytes(fn, params) -> int:
     """Bytes of the non-parameter tensors autograd saves for backward while running fn()."""
     total = 0
