@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .kernels._utils import refuse_double_backward
 from .kernels.actnorm_invconv import actnorm_invconv_backward, actnorm_invconv_inverse
 from .kernels.coupling import coupling_backward, coupling_inverse
 from .ops import batched_inverse
@@ -58,6 +59,7 @@ class _InvertibleSteps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_ld):
+        refuse_double_backward("_InvertibleSteps")
         from .fused import _is_affine
 
         y, *tensors = ctx.saved_tensors

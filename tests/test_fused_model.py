@@ -148,6 +148,25 @@ def test_float64_runs_the_reference_path():
         torch.testing.assert_close(fused.steps_inverse(list(steps), y), x, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("memory_saving", [False, True])
+def test_double_backward_is_an_error_not_a_wrong_gradient(memory_saving, kernel_device):
+    """A gradient penalty needs second derivatives, which the kernels' backward does not record: the fused path
+    must refuse create_graph=True (the reference layers support it) rather than silently drop terms."""
+    model = make_glow("affine", "invconv", True, kernel_device)
+    model.memory_saving = memory_saving
+    images = torch.randint(0, 256, (2, 3, 12, 4), dtype=torch.uint8)
+    params = list(model.parameters())
+    model.backend = "reference"
+    grads = torch.autograd.grad(model.log_prob(images, dequantize=False).sum(), params, create_graph=True)
+    penalty = sum(g.square().sum() for g in grads)
+    assert all(g is not None for g in torch.autograd.grad(penalty, params))
+    model.backend = "fused"
+    lp = model.log_prob(images, dequantize=False).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(lp, params, create_graph=True)
+    assert all(g is not None for g in torch.autograd.grad(lp, params))  # first-order gradients still work
+
+
 def test_fused_available():
     ok, reason = fused.fused_available("cpu")
     assert ok == fused._utils.is_interpret(), reason

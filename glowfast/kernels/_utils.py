@@ -46,6 +46,18 @@ def _cudnn_conv_allows_tf32() -> bool:
         return torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
+def refuse_double_backward(name: str) -> None:
+    """Raise in a fused Function's backward when autograd records it (create_graph=True: grad mode is on there).
+
+    The kernels' backward records no graph, so second derivatives (a gradient penalty, Hessian-vector products)
+    would silently miss every term through them; `once_differentiable` does not prevent that either, since
+    `torch.autograd.grad(..., inputs=params)` prunes its error node. The reference backend supports them."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{name}: the fused kernels' backward is not differentiable, so double backward "
+                           "(create_graph=True, e.g. a gradient penalty) is not supported on the fused path; "
+                           "use backend='reference' for higher-order gradients")
+
+
 @contextlib.contextmanager
 def use_dot_precision(precision: str | None):
     """Temporarily force the tl.dot precision ("ieee" / "tf32"; None restores the default rule)."""

@@ -39,6 +39,7 @@ from ._utils import (
     launch_options,
     on_device_of,
     reduction_programs,
+    refuse_double_backward,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,6 +282,7 @@ class ActNormInvConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        refuse_double_backward("ActNormInvConvFunction")
         x, bias, log_scale, weight = ctx.saved_tensors
         dx, db, dls, dw = actnorm_invconv_backward(
             x, grad_y, bias, log_scale, weight,

@@ -35,6 +35,7 @@ from ._utils import (
     gpu_tile,
     on_device_of,
     overridden_num_warps,
+    refuse_double_backward,
 )
 from .actnorm_invconv import tile_index
 
@@ -287,6 +288,7 @@ class CouplingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
+        refuse_double_backward("CouplingFunction")
         z, h = ctx.saved_tensors
         dz, dh = coupling_backward(z, h, grad_y, grad_logdet, ctx.affine)
         return dz, dh, None

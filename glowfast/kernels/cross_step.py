@@ -41,6 +41,7 @@ from ._utils import (
     launch_options,
     on_device_of,
     reduction_programs,
+    refuse_double_backward,
 )
 from .actnorm_invconv import (
     _params,
@@ -258,6 +259,7 @@ class CrossStepFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_logdet):
+        refuse_double_backward("CrossStepFunction")
         z, h, bias, log_scale, weight = ctx.saved_tensors
         dz, dh, db, dls, dw = cross_step_backward(
             z, h, grad_out, grad_logdet, bias, log_scale, weight, ctx.affine, need_dw=ctx.needs_input_grad[4],
