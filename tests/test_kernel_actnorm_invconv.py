@@ -4,6 +4,8 @@ Runs under the Triton interpreter on CPU (CI) and, when a GPU is present, on CUD
 (exact regime) plus a TF32 check. Tolerances: tests/tolerances.py.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ from glowfast.reference import ActNorm2d, InvConv1x1, Reverse, Shuffle
 
 from conftest import kernel_devices, requires_cuda
 from helpers import KERNEL_SHAPES, randomize_
-from tolerances import assert_exact, assert_grads_exact, assert_tf32, tf32_truncate
+from tolerances import TF32Conv1x1, assert_exact, assert_grads_exact, assert_tf32
 
 SHAPES = KERNEL_SHAPES
 PERMS = ["lu", "plain", "shuffle", "reverse"]
@@ -119,36 +121,70 @@ def test_rejects_bad_shapes(kernel_device):
         actnorm_invconv_forward(torch.randn(2, 5, 3, 3), actnorm.bias, actnorm.log_scale, permute.weight)
 
 
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("C", [12, 48])
+def test_tf32_dots_round_operands(C, device):
+    """Under "tf32" every tl.dot operand is rounded to the nearest TF32 value before the product (tensor cores would
+    truncate it): forward, inverse and backward equal the rounded-operand product to fp32 accuracy, on the
+    interpreter and on a GPU alike; truncated operands would differ by ~1e-3. ActNorm is the identity here (bias 0,
+    log_scale 0) so each dot's operand is an input given bit for bit, not an fp32 result that could round apart."""
+    _, permute = make_layers(C, "lu", device)
+    w = permute.weight_matrix().detach().requires_grad_(True)
+    bias, log_scale = (torch.zeros(C, device=device, requires_grad=True) for _ in range(2))
+    x = torch.randn(3, C, 9, 7, device=device, requires_grad=True)
+    g = torch.randn(3, C, 9, 7, device=device)
+    with use_dot_precision("tf32"):
+        y = apply_actnorm_invconv(x, bias, log_scale, w)
+        grads = torch.autograd.grad(y, [x, bias, log_scale, w], g)
+        with torch.no_grad():
+            w_inv = torch.linalg.inv(w.double()).float()
+            x_back = actnorm_invconv_inverse(y, bias, log_scale, w_inv)
+    x64, b64, ls64, w64 = (t.detach().double().requires_grad_(True) for t in (x, bias, log_scale, w))
+    y_tf32 = TF32Conv1x1.apply((x64 + b64.view(1, -1, 1, 1)) * ls64.exp().view(1, -1, 1, 1), w64)
+    assert_exact(y, y_tf32, "out", "y")
+    expected = torch.autograd.grad(y_tf32, [x64, b64, ls64, w64], g.double())
+    assert_grads_exact(grads, expected, ["x", "bias", "log_scale", "W"])
+    assert_exact(x_back, TF32Conv1x1.apply(y.detach(), w_inv), "out", "inverse")
+
+
+def _grads(out, leaves, g):
+    return torch.autograd.grad(out, leaves, g.to(out.dtype))
+
+
 @requires_cuda
+@pytest.mark.parametrize("perm", ["lu", "plain"])
 @pytest.mark.parametrize("C", [12, 48, 96])
-def test_tf32_flash_rule(C):
-    """Default TF32 dots on a GPU: error vs float64 within 2x that of a TF32 product — cuDNN's TF32 conv (the
-    PyTorch reference) or, whichever errs more, the same product with truncated TF32 operands (Hopper tensor
-    cores truncate fp32 operands that were not rounded; which of the two cuDNN does is its choice)."""
-    actnorm, permute = make_layers(C, "lu", "cuda")
+def test_tf32_flash_rule(C, perm):
+    """Default TF32 dots on a GPU, forward and every gradient (x, bias, log_scale, W or its LU factors): error vs
+    float64 within 2x that of a TF32 computation — cuDNN's TF32 conv (the PyTorch reference) or, whichever errs
+    more, the same math from TF32-rounded operands (what the kernels compute, see test_tf32_dots_round_operands).
+    A kernel whose operands reach the tensor cores unrounded (truncated there) errs more and with a bias."""
+    actnorm, permute = make_layers(C, perm, "cuda")
     x = torch.randn(4, C, 33, 31, device="cuda", requires_grad=True)
     g = torch.randn(4, C, 33, 31, device="cuda")
-    with torch.no_grad():  # the truncating-TF32 product, computed in float64 from truncated fp32 operands
-        w_tr = tf32_truncate(permute.weight_matrix()).double()
-        scale = actnorm.log_scale.exp().view(1, -1, 1, 1)
-        u = (x + actnorm.bias.view(1, -1, 1, 1)) * scale
-        y_trunc = torch.einsum("oc,bchw->bohw", w_tr, tf32_truncate(u).double())
-        gx_trunc = scale.double() * torch.einsum("oc,bohw->bchw", w_tr, tf32_truncate(g).double())
+    names = ["x", "bias", "log_scale", *(f"permute.{n}" for n, _ in permute.named_parameters())]
+    leaves = [x, actnorm.bias, actnorm.log_scale, *permute.parameters()]
+    an64, pm64 = copy.deepcopy(actnorm).double(), copy.deepcopy(permute).double()
+    x64 = x.detach().double().requires_grad_(True)
+    leaves64 = [x64, an64.bias, an64.log_scale, *pm64.parameters()]
+    y64 = reference(an64, pm64, x64)
+    # the TF32 computation, in float64 from rounded operands
+    u64 = (x64 + an64.bias.view(1, -1, 1, 1)) * an64.log_scale.exp().view(1, -1, 1, 1)
+    y_tf32 = TF32Conv1x1.apply(u64, pm64.weight_matrix())
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True
     try:
         with use_dot_precision("tf32"):
             y = apply_actnorm_invconv(x, actnorm.bias, actnorm.log_scale, permute.weight_matrix())
+            fast = _grads(y, leaves, g)
         y32 = reference(actnorm, permute, x)
-        y64 = reference(actnorm.double(), permute.double(), x.double())
+        ref32 = _grads(y32, leaves, g)
     finally:
         torch.backends.cudnn.allow_tf32 = old
-    assert_tf32(y, [y32, y_trunc], y64, "y")
-    with use_dot_precision("tf32"):
-        (gx,) = torch.autograd.grad(y, [x], g)
-    (gx32,) = torch.autograd.grad(y32, [x], g)
-    (gx64,) = torch.autograd.grad(y64, [x], g.double())
-    assert_tf32(gx, [gx32, gx_trunc], gx64, "grad x")
+    assert_tf32(y, [y32, y_tf32], y64, "y")
+    for name, a, r32, rt, r64 in zip(names, fast, ref32, _grads(y_tf32, leaves64, g), _grads(y64, leaves64, g),
+                                     strict=True):
+        assert_tf32(a, [r32, rt], r64, f"grad {name}")
 
 
 def test_dot_precision_mirrors_the_cudnn_conv_setting():

@@ -1,15 +1,23 @@
 """Cross-step kernel (step k's coupling + step k+1's ActNorm + 1x1 conv) and the fused whole-step inverse,
 vs the reference layers. Tolerances: tests/tolerances.py."""
 
+import copy
+
 import pytest
 import torch
 
-from glowfast.kernels import apply_cross_step, cross_step_backward, cross_step_forward, step_inverse
+from glowfast.kernels import (
+    apply_cross_step,
+    cross_step_backward,
+    cross_step_forward,
+    step_inverse,
+    use_dot_precision,
+)
 from glowfast.reference import FlowStep
 
-from conftest import kernel_devices
+from conftest import kernel_devices, requires_cuda
 from helpers import KERNEL_SHAPES, randomize_
-from tolerances import assert_exact, assert_grads_exact
+from tolerances import TF32Conv1x1, assert_exact, assert_grads_exact, assert_tf32
 
 SHAPES = KERNEL_SHAPES
 # (permutation, lu) of step k+1: every coupling meets every permutation across the shapes.
@@ -38,6 +46,17 @@ def reference(step_k, step_next, z):
 
 def net_out(step, z):
     return step.coupling.net(z[:, : step.coupling.channels_a])
+
+
+def coupling_given_h(z, h, affine):
+    """The reference coupling restated with the network output h as an input, so grad h is checked directly."""
+    ca = z.shape[1] // 2
+    cb = z.shape[1] - ca
+    if affine:
+        shift, raw = h[:, :cb], h[:, cb:]
+        y = torch.cat([z[:, :ca], (z[:, ca:] + shift) * torch.sigmoid(raw + 2.0)], 1)
+        return y, (-torch.nn.functional.softplus(-(raw + 2.0))).flatten(1).sum(1)
+    return torch.cat([z[:, :ca], z[:, ca:] + h], 1), torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
@@ -82,15 +101,7 @@ def test_backward_launch_one_program_per_sample(coupling, kernel_device):
     z = torch.randn(2, 6, 7, 9, requires_grad=True)
     h = net_out(step_k, z).detach().requires_grad_(True)
     an, pm = step_next.actnorm, step_next.permute
-    # the reference coupling restated with h as a leaf, so grad h is checked directly
-    cb = 3
-    if coupling == "affine":
-        shift, raw = h[:, :cb], h[:, cb:]
-        y = torch.cat([z[:, :3], (z[:, 3:] + shift) * torch.sigmoid(raw + 2.0)], 1)
-        ld_ref = (-torch.nn.functional.softplus(-(raw + 2.0))).flatten(1).sum(1)
-    else:
-        y = torch.cat([z[:, :3], z[:, 3:] + h], 1)
-        ld_ref = torch.zeros(2)
+    y, ld_ref = coupling_given_h(z, h, coupling == "affine")
     out_ref = pm(an(y)[0])[0]
     g_out, g_ld = torch.randn_like(out_ref), torch.randn(2)
     loss = (out_ref * g_out).sum() + (ld_ref * g_ld).sum()
@@ -116,3 +127,81 @@ def test_step_inverse(shape, coupling, perm, device, exact_precision):
         x = step_inverse(y, net_out(step, y), step.actnorm.bias, step.actnorm.log_scale, w_inv,
                          coupling == "affine", block_p=bp)
     assert_exact(x, x_ref, "out", "x")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("C", [12, 48])
+def test_tf32_dots_round_operands(C, device):
+    """Under "tf32" the cross-step kernels round every tl.dot operand to TF32 (forward, the backward's W^T dout and
+    its grad-W product, the step inverse): equal to the rounded-operand product to fp32 accuracy. Additive coupling
+    and an identity ActNorm keep each operand an exact fp32 sum (see test_kernel_actnorm_invconv.py)."""
+    step_k, step_next = make_steps(C, "additive", "lu", device)
+    w = step_next.permute.weight_matrix().detach().requires_grad_(True)
+    bias, log_scale = (torch.zeros(C, device=device, requires_grad=True) for _ in range(2))
+    z = torch.randn(3, C, 9, 7, device=device, requires_grad=True)
+    h = net_out(step_k, z).detach().requires_grad_(True)
+    g = torch.randn(3, C, 9, 7, device=device)
+    with use_dot_precision("tf32"):
+        out, _ = apply_cross_step(z, h, bias, log_scale, w, False)
+        grads = torch.autograd.grad(out, [z, h, bias, log_scale, w], g)
+        with torch.no_grad():
+            w_inv = torch.linalg.inv(w.double()).float()
+            z_back = step_inverse(out, h, bias, log_scale, w_inv, False)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (z, h, bias, log_scale, w)]
+    z64, h64, b64, ls64, w64 = leaves64
+    y64, _ = coupling_given_h(z64, h64, False)
+    out_tf32 = TF32Conv1x1.apply((y64 + b64.view(1, -1, 1, 1)) * ls64.exp().view(1, -1, 1, 1), w64)
+    assert_exact(out, out_tf32, "out", "out")
+    assert_grads_exact(grads, torch.autograd.grad(out_tf32, leaves64, g.double()), ["z", "h", "bias", "log_scale", "W"])
+    v = out.detach().clone()
+    v[:, C // 2:] -= h.detach()  # the additive coupling's inverse (in fp32, as the kernel), then W^-1
+    assert_exact(z_back, TF32Conv1x1.apply(v, w_inv), "out", "inverse")
+
+
+@requires_cuda
+@pytest.mark.parametrize("perm", ["lu", "plain"])
+@pytest.mark.parametrize("coupling", ["affine", "additive"])
+@pytest.mark.parametrize("C", [12, 48, 96])
+def test_tf32_flash_rule(C, coupling, perm):
+    """Default TF32 dots on a GPU: the cross-step output, its log-determinant and every gradient (z, h, step k+1's
+    bias, log_scale, W or its LU factors) within 2x the error vs float64 of a TF32 computation — the reference
+    layers with cuDNN's TF32 conv, or the same math from TF32-rounded operands (see
+    tests/test_kernel_actnorm_invconv.py::test_tf32_flash_rule)."""
+    affine = coupling == "affine"
+    step_k, step_next = make_steps(C, coupling, perm, "cuda")
+    an, pm = step_next.actnorm, step_next.permute
+    z = torch.randn(4, C, 33, 31, device="cuda", requires_grad=True)
+    h = net_out(step_k, z).detach().requires_grad_(True)
+    names = ["z", "h", "bias", "log_scale", *(f"permute.{n}" for n, _ in pm.named_parameters())]
+    leaves = [z, h, an.bias, an.log_scale, *pm.parameters()]
+    an64, pm64 = copy.deepcopy(an).double(), copy.deepcopy(pm).double()
+    z64, h64 = (t.detach().double().requires_grad_(True) for t in (z, h))
+    leaves64 = [z64, h64, an64.bias, an64.log_scale, *pm64.parameters()]
+    y64, ld64 = coupling_given_h(z64, h64, affine)
+    out64 = pm64(an64(y64)[0])[0]
+    # the TF32 computation, in float64 from rounded operands
+    y_tf32, ld_tf32 = coupling_given_h(z64, h64, affine)
+    u_tf32 = (y_tf32 + an64.bias.view(1, -1, 1, 1)) * an64.log_scale.exp().view(1, -1, 1, 1)
+    out_tf32 = TF32Conv1x1.apply(u_tf32, pm64.weight_matrix())
+    g_out, g_ld = torch.randn_like(z), torch.randn(4, device="cuda")
+
+    def grads(out, ld, wrt):
+        loss = (out * g_out.to(out.dtype)).sum() + (ld * g_ld.to(ld.dtype)).sum()
+        return torch.autograd.grad(loss, wrt, allow_unused=True)
+
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with use_dot_precision("tf32"):
+            out, ld = apply_cross_step(z, h, an.bias, an.log_scale, pm.weight_matrix(), affine)
+            fast = grads(out, ld, leaves)
+        y32, ld32 = coupling_given_h(z, h, affine)
+        out32 = pm(an(y32)[0])[0]
+        ref32 = grads(out32, ld32, leaves)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    assert_tf32(out, [out32, out_tf32], out64, "out")
+    assert_tf32(ld, ld32, ld64, "logdet")
+    for name, a, r32, rt, r64 in zip(names, fast, ref32, grads(out_tf32, ld_tf32, leaves64),
+                                     grads(out64, ld64, leaves64), strict=True):
+        assert_tf32(a, [r32, rt], r64, f"grad {name}")

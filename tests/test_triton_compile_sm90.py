@@ -104,10 +104,12 @@ def test_every_kernel_compiles_for_sm90(module):
     )
 
 
-# The one stated exception: the cross-step backward at cp 128 holds W^T (64 KB) in registers at the smallest
-# tile the grad-W dot allows (16 pixels); Triton 3.9's ptxas spills 40 B of it (3.6 and 3.8: none; 16 warps
-# cap registers at 128 and spill too). CIFAR/MNIST configurations never reach cp 128 (at most 48 channels).
-TOLERATED_STACK_BYTES = {("_cross_step_bwd_kernel", 128): 64}
+# The stated exceptions: both backward kernels at cp 128 hold W^T (64 KB) in registers at the smallest tile the
+# grad-W dot allows (16 pixels); since their tl.dot operands are rounded to TF32 in the kernel (round_to_tf32, which
+# keeps both an activation tile and its rounded copy live), ptxas spills 136-304 B of them under Triton 3.6-3.9
+# (16 warps cap registers at 128 and spill more). Only levels with more than 64 channels use cp 128 (e.g. a 4th
+# level of 96 channels at 4x4): no CIFAR/MNIST configuration, and a small share of any model's pixels.
+TOLERATED_STACK_BYTES = {("_cross_step_bwd_kernel", 128): 320, ("_actnorm_invconv_bwd_kernel", 128): 192}
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -56,18 +56,40 @@ def assert_roundtrip(fused_err: float, reference_err: float) -> None:
     )
 
 
-def tf32_truncate(t: torch.Tensor) -> torch.Tensor:
-    """fp32 -> TF32 by dropping the 13 low mantissa bits: what a tensor core does with an fp32 operand that was
-    not rounded first (Triton's "tf32" dot on Hopper; cuDNN/cuBLAS may round to nearest instead)."""
-    return (t.detach().float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+def tf32_round(t: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest TF32 value (13 low mantissa bits rounded away, ties away from zero): what the kernels do
+    to their tl.dot operands under "tf32" (`glowfast.kernels.actnorm_invconv.round_to_tf32`), the same bit
+    arithmetic written in torch. NaN stays NaN."""
+    f = t.detach().float().contiguous()
+    rounded = ((f.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+    return torch.where(torch.isnan(f), f, rounded)
+
+
+class TF32Conv1x1(torch.autograd.Function):
+    """y = W u per pixel, computed in float64 from TF32-rounded operands, forward and backward (du = W^T g and
+    dW = sum over pixels of g u^T, each from rounded operands): what the fused kernels compute under "tf32", up to
+    their fp32 accumulation. Also a TF32 yardstick for assert_tf32 beside cuDNN's TF32 conv."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(u, w)
+        return torch.einsum("oc,bchw->bohw", tf32_round(w).double(), tf32_round(u).double())
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        u, w = ctx.saved_tensors
+        g_tf32 = tf32_round(g).double()
+        du = torch.einsum("oc,bohw->bchw", tf32_round(w).double(), g_tf32)
+        dw = torch.einsum("bohw,bchw->oc", g_tf32, tf32_round(u).double())
+        return du.to(u.dtype), dw.to(w.dtype)
 
 
 def assert_tf32(fast: torch.Tensor, ref_same_precision: torch.Tensor | list[torch.Tensor], ref_fp64: torch.Tensor,
                 name: str = "") -> None:
     """flash-attention rule: max|fast - ref64| <= TF32_FACTOR * max|ref32 - ref64| + TF32_SLACK * scale.
 
-    Several same-precision references may be given (e.g. cuDNN's TF32 conv and an emulated truncating TF32
-    product); the largest of their errors is the yardstick, since TF32 hardware may round or truncate."""
+    Several same-precision references may be given (e.g. cuDNN's TF32 conv and the TF32-rounded-operand product
+    the kernels compute, TF32Conv1x1); the largest of their errors is the yardstick."""
     refs = ref_same_precision if isinstance(ref_same_precision, list) else [ref_same_precision]
     ref64 = ref_fp64.detach().double()
     scale = max(1.0, float(ref64.abs().max()))

@@ -24,16 +24,19 @@ def is_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def dot_precision() -> str:
+def dot_precision(device: torch.device | str | None = None) -> str:
     """`input_precision` of every fp32 `tl.dot` (the 1x1 conv): "ieee" (exact fp32) or "tf32".
 
-    Default: mirror the flag that governs the reference path's 1x1 conv (`F.conv2d` -> cuDNN), i.e.
-    "tf32" iff `torch.backends.cudnn.allow_tf32` (PyTorch's default: True). Override with the environment
-    variable GLOWFAST_DOT_PRECISION or the `use_dot_precision(...)` context manager. The interpreter always
-    computes exact fp32 whatever this says.
+    Default: mirror what governs the reference path's 1x1 conv (`F.conv2d`): on a CUDA device (or with no
+    device given) cuDNN's TF32 flag, i.e. "tf32" iff `torch.backends.cudnn.allow_tf32` (PyTorch's default: True);
+    for CPU tensors (the interpreter) "ieee", as the CPU conv is exact fp32. Override with the environment
+    variable GLOWFAST_DOT_PRECISION or the `use_dot_precision(...)` context manager (under the interpreter "tf32"
+    then computes with operands rounded to TF32, as on the GPU; see `round_to_tf32` in actnorm_invconv.py).
     """
     if _dot_precision_override is not None:
         return _dot_precision_override
+    if device is not None and torch.device(device).type != "cuda":
+        return "ieee"
     return "tf32" if _cudnn_conv_allows_tf32() else "ieee"
 
 
@@ -144,10 +147,10 @@ def overridden_num_warps() -> int | None:
 # the 12 backward/cross-step configurations, the cross-step backward at cp 16 by 10 KB per thread.
 GPU_TILES: dict[str, dict[int, tuple[int, int]]] = {
     # actnorm_invconv forward and inverse, step inverse
-    "fwd": {16: (256, 4), 32: (256, 4), 64: (128, 8), 128: (64, 8)},
+    "fwd": {16: (256, 4), 32: (256, 8), 64: (128, 8), 128: (64, 8)},
     "cross_step_fwd": {16: (256, 4), 32: (128, 8), 64: (64, 8), 128: (32, 8)},
-    "actnorm_invconv_bwd": {16: (64, 4), 32: (32, 4), 64: (64, 8), 128: (16, 8)},
-    "cross_step_bwd": {16: (32, 4), 32: (32, 8), 64: (64, 8), 128: (16, 8)},
+    "actnorm_invconv_bwd": {16: (64, 4), 32: (32, 4), 64: (32, 8), 128: (16, 8)},
+    "cross_step_bwd": {16: (32, 8), 32: (16, 8), 64: (32, 8), 128: (16, 8)},
     # coupling forward / inverse / backward (no tl.dot; cp = next power of two of C, from 2): a tile clipped
     # to a small image below 4K elements runs on 4 warps (coupling._launch)
     "coupling": {2: (1024, 4), 4: (1024, 4), 8: (512, 8), 16: (512, 8), 32: (128, 8), 64: (64, 8),

@@ -64,29 +64,53 @@ def load_vec(ptr, C, CP: tl.constexpr):
 
 
 @triton.jit
-def load_matrix(ptr, C, CP: tl.constexpr, TRANS: tl.constexpr):
-    """The (C, C) row-major matrix at ptr, zero-padded to (CP, CP); transposed when TRANS."""
+def round_to_tf32(x):
+    """fp32 -> the nearest TF32 value (10-bit mantissa, ties away from zero: cvt.rna.tf32.f32, as cuBLAS rounds).
+
+    Why: given raw fp32 operands, the tensor cores behind a "tf32" tl.dot drop the 13 low mantissa bits. That
+    truncation shrinks every product a little, always towards zero, so a Glow's log-likelihood drifts by an
+    amount that grows with depth (the flow's log-determinant assumes the exact W; float64 emulation, held-out
+    bits/dim, benchmarks/tf32_rounding.py: -4.0e-2 truncated vs +7e-4 rounded at 64 flow steps on digits, -4.2e-2
+    vs +2e-4 at 32 on MNIST). Rounded operands pass through the tensor cores unchanged.
+    NaN is kept as it is (its bits + 0x1000 could carry into the sign bit)."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
+def dot_operand(x, PREC: tl.constexpr):
+    """x as an operand of tl.dot(..., input_precision=PREC): rounded to TF32 for "tf32", unchanged for "ieee"."""
+    if PREC == "tf32":
+        x = round_to_tf32(x)
+    return x
+
+
+@triton.jit
+def load_matrix(ptr, C, CP: tl.constexpr, TRANS: tl.constexpr, PREC: tl.constexpr):
+    """The (C, C) row-major matrix at ptr, zero-padded to (CP, CP), transposed when TRANS, as a tl.dot operand
+    (`dot_operand`: rounded once here, not per pixel tile)."""
     r = tl.arange(0, CP)
     mask = (r[:, None] < C) & (r[None, :] < C)
     if TRANS:
         offs = r[None, :] * C + r[:, None]
     else:
         offs = r[:, None] * C + r[None, :]
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return dot_operand(tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), PREC)
 
 
 @triton.jit
 def actnorm_conv_fwd_tile(x, w, bias, log_scale, PREC: tl.constexpr):
     """u = (x + b) * exp(log_scale); y = W @ u. Returns (y, u)."""
     u = (x + bias[:, None]) * tl.exp(log_scale)[:, None]
-    y = tl.dot(w, u, input_precision=PREC)
+    y = tl.dot(w, dot_operand(u, PREC), input_precision=PREC)
     return y, u
 
 
 @triton.jit
 def actnorm_conv_inv_tile(y, w_inv, bias, log_scale, PREC: tl.constexpr):
     """x = (W^-1 @ y) * exp(-log_scale) - b."""
-    u = tl.dot(w_inv, y, input_precision=PREC)
+    u = tl.dot(w_inv, dot_operand(y, PREC), input_precision=PREC)
     return u * tl.exp(-log_scale)[:, None] - bias[:, None]
 
 
@@ -95,7 +119,7 @@ def actnorm_conv_bwd_tile(x, dy, w_t, bias, log_scale, PREC: tl.constexpr):
     """Given x and dL/dy: returns (dx, du, u) with du = W^T dy, dx = du * s."""
     s = tl.exp(log_scale)
     u = (x + bias[:, None]) * s[:, None]
-    du = tl.dot(w_t, dy, input_precision=PREC)
+    du = tl.dot(w_t, dot_operand(dy, PREC), input_precision=PREC)
     dx = du * s[:, None]
     return dx, du, u
 
@@ -116,7 +140,7 @@ def _actnorm_invconv_fwd_kernel(
     base = b * C * HW
     _, _, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    w = load_matrix(w_ptr, C, CP, False)
+    w = load_matrix(w_ptr, C, CP, False, PREC)
     y, _ = actnorm_conv_fwd_tile(x, w, load_vec(bias_ptr, C, CP), load_vec(log_scale_ptr, C, CP), PREC)
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -132,7 +156,7 @@ def _actnorm_invconv_inv_kernel(
     base = b * C * HW
     _, _, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
     y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    w_inv = load_matrix(w_inv_ptr, C, CP, False)
+    w_inv = load_matrix(w_inv_ptr, C, CP, False, PREC)
     x = actnorm_conv_inv_tile(y, w_inv, load_vec(bias_ptr, C, CP), load_vec(log_scale_ptr, C, CP), PREC)
     tl.store(x_ptr + base + offs, x.to(x_ptr.dtype.element_ty), mask=mask)
 
@@ -149,7 +173,7 @@ def _actnorm_invconv_bwd_kernel(
     g = tl.program_id(0)
     b = tl.program_id(1)
     base = b.to(tl.int64) * C * HW
-    w_t = load_matrix(w_ptr, C, CP, True)
+    w_t = load_matrix(w_ptr, C, CP, True, PREC)
     bias = load_vec(bias_ptr, C, CP)
     log_scale = load_vec(log_scale_ptr, C, CP)
     dw_acc = tl.zeros((CP, CP), dtype=tl.float32)
@@ -166,7 +190,7 @@ def _actnorm_invconv_bwd_kernel(
         dls_acc += tl.sum(du * u, axis=1)
         db_acc += tl.sum(dx, axis=1)
         if NEED_DW:
-            dw_acc += tl.dot(dy, tl.trans(u), input_precision=PREC)
+            dw_acc += tl.dot(dot_operand(dy, PREC), tl.trans(dot_operand(u, PREC)), input_precision=PREC)
     part = b * G + g
     r = tl.arange(0, CP)
     tl.store(dls_part_ptr + part * C + r, dls_acc, mask=r < C)
@@ -209,7 +233,7 @@ def actnorm_invconv_forward(x, bias, log_scale, weight, *, block_p: int | None =
     with on_device_of(x):
         _actnorm_invconv_fwd_kernel[(n_pt, B)](
             x, y, weight, bias, log_scale, C, hw,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(), **launch_options(cp),
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(x.device), **launch_options(cp),
         )
     return y
 
@@ -224,7 +248,7 @@ def actnorm_invconv_inverse(y, bias, log_scale, weight_inv, *, block_p: int | No
     with on_device_of(y):
         _actnorm_invconv_inv_kernel[(n_pt, B)](
             y, x, weight_inv, bias, log_scale, C, hw,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(), **launch_options(cp),
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(y.device), **launch_options(cp),
         )
     return x
 
@@ -255,7 +279,7 @@ def actnorm_invconv_backward(
         _actnorm_invconv_bwd_kernel[(G, B)](
             x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part,
             C, hw, n_pt, G,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(), NEED_DX=need_dx, NEED_DW=need_dw,
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(x.device), NEED_DX=need_dx, NEED_DW=need_dw,
             **launch_options(cp, "actnorm_invconv_bwd"),
         )
     return (

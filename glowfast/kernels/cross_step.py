@@ -48,6 +48,7 @@ from .actnorm_invconv import (
     actnorm_conv_bwd_tile,
     actnorm_conv_fwd_tile,
     actnorm_conv_inv_tile,
+    dot_operand,
     load_matrix,
     load_vec,
     tile_index,
@@ -76,7 +77,7 @@ def _cross_step_fwd_kernel(
     b = tl.program_id(1)
     base = b.to(tl.int64) * C * HW
     h_base = b.to(tl.int64) * HC * HW
-    w = load_matrix(w_ptr, C, CP, False)
+    w = load_matrix(w_ptr, C, CP, False, PREC)
     bias = load_vec(bias_ptr, C, CP)
     log_scale = load_vec(log_scale_ptr, C, CP)
     ld_acc = tl.zeros((CP,), dtype=tl.float32)
@@ -104,7 +105,7 @@ def _cross_step_bwd_kernel(
     b = tl.program_id(1)
     base = b.to(tl.int64) * C * HW
     h_base = b.to(tl.int64) * HC * HW
-    w_t = load_matrix(w_ptr, C, CP, True)
+    w_t = load_matrix(w_ptr, C, CP, True, PREC)
     bias = load_vec(bias_ptr, C, CP)
     log_scale = load_vec(log_scale_ptr, C, CP)
     dld = tl.load(dld_ptr + b).to(tl.float32)
@@ -121,7 +122,7 @@ def _cross_step_bwd_kernel(
         dls_acc += tl.sum(du * u, axis=1)
         db_acc += tl.sum(dy, axis=1)
         if NEED_DW:
-            dw_acc += tl.dot(dout, tl.trans(u), input_precision=PREC)
+            dw_acc += tl.dot(dot_operand(dout, PREC), tl.trans(dot_operand(u, PREC)), input_precision=PREC)
         dz, dshift, draw = coupling_bwd_tile(z, dy, shift, raw, is_b, dld, AFFINE)
         tl.store(dz_ptr + base + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         coupling_store_dh(dh_ptr, h_base, c, p, CA, CB, HW, dshift, draw, mask_b, AFFINE)
@@ -148,7 +149,7 @@ def _step_inverse_kernel(
     y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     shift, raw, is_b, _ = coupling_load_h(h_ptr, h_base, c, p, C, CA, CB, HW, AFFINE)
     z = coupling_inv_tile(y, shift, raw, is_b, AFFINE)
-    w_inv = load_matrix(w_inv_ptr, C, CP, False)
+    w_inv = load_matrix(w_inv_ptr, C, CP, False, PREC)
     x = actnorm_conv_inv_tile(z, w_inv, load_vec(bias_ptr, C, CP), load_vec(log_scale_ptr, C, CP), PREC)
     tl.store(x_ptr + base + offs, x.to(x_ptr.dtype.element_ty), mask=mask)
 
@@ -179,7 +180,7 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
     with on_device_of(z):
         _cross_step_fwd_kernel[(G, B)](
             z, h, out, weight, bias, log_scale, ld_part, C, ca, cb, hc, hw, n_pt, G,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, **launch_options(cp, "cross_step_fwd"),
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(z.device), AFFINE=affine, **launch_options(cp, "cross_step_fwd"),
         )
     return out, ld_part.sum(1).to(h.dtype)
 
@@ -214,7 +215,7 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
         _cross_step_bwd_kernel[(G, B)](
             z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part,
             C, ca, cb, hc, hw, n_pt, G,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, NEED_DW=need_dw,
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(z.device), AFFINE=affine, NEED_DW=need_dw,
             **launch_options(cp, "cross_step_bwd"),
         )
     return (
@@ -237,7 +238,7 @@ def step_inverse(y, h, bias, log_scale, weight_inv, affine: bool = True, *, bloc
     with on_device_of(y):
         _step_inverse_kernel[(n_pt, B)](
             y, h, x, weight_inv, bias, log_scale, C, ca, cb, hc, hw,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(), AFFINE=affine, **launch_options(cp),
+            CP=cp, BLOCK_P=bp, PREC=dot_precision(y.device), AFFINE=affine, **launch_options(cp),
         )
     return x
 
