@@ -12,6 +12,7 @@ bound on the discrete log-likelihood than one draw. ``--json`` / ``--save-scores
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -23,8 +24,30 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["class_log_likelihoods", "evaluate_bpd", "iterate_batches", "nll_bits_per_dim", "shard_indices",
-           "unwrap"]
+__all__ = ["class_log_likelihoods", "evaluate_bpd", "full_fp32", "iterate_batches", "nll_bits_per_dim",
+           "shard_indices", "unwrap"]
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Exact fp32 inside: no TF32 in cuDNN convolutions, cuBLAS matmuls or the fused kernels' 1x1-conv dots
+    (settings restored on exit). Every likelihood this module reports is computed under it.
+
+    Why: training may use TF32 (PyTorch's default for convolutions; fast, and its rounding noise is harmless to
+    SGD), but a reported bits/dim, or the likelihood ranking of an OOD test, should not carry TF32's error: in a
+    float64 emulation the 1x1 convs alone moved single images' bits/dim by up to 1.4e-2 with rounded TF32 operands
+    (the kernels' choice) and by -4e-2 on average with truncated ones (benchmarks/RESULTS.md). A network's own
+    bf16 option (--amp bf16) is part of the model and stays."""
+    from .kernels import use_dot_precision
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        with use_dot_precision("ieee"):
+            yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,6 +93,7 @@ def iterate_batches(dataset: Dataset, batch_size: int, indices: list[int] | None
 
 
 @torch.no_grad()
+@full_fp32()
 def evaluate_bpd(model: nn.Module, data: Dataset | DataLoader | Iterable, device: torch.device | str | None = None,
                  batch_size: int = 256, y_condition: bool = False, seed: int | None = 0,
                  num_workers: int = 0) -> float:
@@ -124,6 +148,7 @@ def evaluate_bpd(model: nn.Module, data: Dataset | DataLoader | Iterable, device
 
 # ------------------------------------------------------------------------------------------------ per image
 @torch.no_grad()
+@full_fp32()
 def class_log_likelihoods(model: nn.Module, xc: torch.Tensor) -> torch.Tensor:
     """log p(x | y) in nats for every class y, (B, n_classes), from ONE flow pass over x (model space).
 
@@ -139,6 +164,7 @@ def class_log_likelihoods(model: nn.Module, xc: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@full_fp32()
 def nll_bits_per_dim(model: nn.Module, images: torch.Tensor, device, batch_size: int = 500, seed: int = 0,
                      labels: torch.Tensor | None = None, return_class_ll: bool = False, dequant_samples: int = 1):
     """Per-image −log p(x) in bits/dim (numpy, (N,)) of uint8 (or [0, 1] float) ``images``.

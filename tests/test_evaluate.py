@@ -161,3 +161,41 @@ def test_cli_scores_sets_and_matches_the_runs_own_evaluation(tmp_path, capsys):
     assert main(["--run", str(run), "--datasets", "cifar10", "--data-dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "--run" in err and "dequant" in err and "cifar10" in err
+
+
+class _PrecisionRecordingGlow(Glow):
+    """A Glow that notes the fp32 precision settings in force whenever its flow runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def _flow(self, x):
+        from glowfast.kernels import dot_precision
+
+        self.seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+                          dot_precision("cuda")))
+        return super()._flow(x)
+
+
+def test_reported_likelihoods_are_computed_in_full_fp32():
+    """evaluate_bpd, nll_bits_per_dim and class_log_likelihoods run with TF32 off everywhere (cuDNN, cuBLAS, the
+    kernels' dots), whatever the caller's settings, which come back afterwards."""
+    from glowfast.evaluate import full_fp32
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    try:
+        conv.fp32_precision = matmul.fp32_precision = "tf32"
+        model = _PrecisionRecordingGlow(SHAPE, K=1, L=1, hidden_channels=4, n_classes=3).eval()
+        images = _images(8)
+        evaluate_bpd(model, TensorDataset(images, torch.zeros(8, dtype=torch.long)), "cpu", y_condition=True)
+        nll_bits_per_dim(model, images, "cpu")
+        class_log_likelihoods(model, model.preprocess(images, dequantize=False))
+        assert len(model.seen) >= 3 and set(model.seen) == {("ieee", "ieee", "ieee")}
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+        with pytest.raises(RuntimeError, match="raised inside"), full_fp32():
+            raise RuntimeError("raised inside")
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
