@@ -61,7 +61,6 @@ from .kernels import _utils
 from .kernels.actnorm_invconv import ActNormInvConvFunction, actnorm_invconv_op
 from .kernels.coupling import CouplingFunction, coupling_op
 from .kernels.cross_step import CrossStepFunction, cross_step_op, step_inverse, step_inverse_op
-from .ops import batched_inverse
 from .reference import AdditiveCoupling, AffineCoupling, InvConv1x1, Permute2d
 from .reference import steps_forward as reference_steps_forward
 
@@ -250,6 +249,20 @@ def fused_chain(steps: Sequence, x: torch.Tensor, weights: Sequence[torch.Tensor
     return z, coupling_ld
 
 
+def inverse_float64(mats: torch.Tensor, check: bool) -> torch.Tensor:
+    """W^-1 of each of the stacked (K, C, C) matrices, in float64. With the batched LU op where it runs (one launch
+    on the current stream, no host read unless `check`: capturable in a CUDA graph), else torch.linalg (a build
+    without glowfast._C, or without its CUDA kernels, still runs the LU-parametrised fused path). `check`: a
+    singular or non-finite matrix raises instead of giving non-finite entries."""
+    try:
+        from .ops import batched_inverse, has_cuda_kernels
+    except (ImportError, OSError):  # glowfast._C missing or built against another torch
+        batched_inverse = None
+    if batched_inverse is not None and (mats.device.type != "cuda" or has_cuda_kernels()):
+        return batched_inverse(mats.double(), check=check)
+    return torch.linalg.inv(mats.double()) if check else torch.linalg.inv_ex(mats.double())[0]
+
+
 def level_weight_inverses(steps: Sequence, w_inverses: Sequence[torch.Tensor | None] | None = None
                           ) -> list[torch.Tensor]:
     """Every step's W^-1 (C, C): the given ones (e.g. from the batched LU op), else computed for all steps at
@@ -261,8 +274,8 @@ def level_weight_inverses(steps: Sequence, w_inverses: Sequence[torch.Tensor | N
     if _same_permutations(steps, Permute2d):
         inverses = torch.stack(weights).transpose(1, 2)
     else:
-        # one batched-LU launch for the level (singular or non-finite W raises, like the reference's inverse)
-        inverses = batched_inverse(torch.stack(weights).double(), check=True).to(weights[0].dtype)
+        # singular or non-finite W raises, like the reference's inverse
+        inverses = inverse_float64(torch.stack(weights), check=True).to(weights[0].dtype)
     inverses = list(inverses.unbind(0))
     if w_inverses is not None:
         inverses = [given if given is not None else own for given, own in zip(w_inverses, inverses, strict=True)]

@@ -32,7 +32,6 @@ import torch
 from .kernels._utils import refuse_double_backward
 from .kernels.actnorm_invconv import actnorm_invconv_backward, actnorm_invconv_inverse
 from .kernels.coupling import coupling_backward, coupling_inverse
-from .ops import batched_inverse
 
 __all__ = ["invertible_steps"]
 
@@ -60,15 +59,15 @@ class _InvertibleSteps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_ld):
         refuse_double_backward("_InvertibleSteps")
-        from .fused import _is_affine
+        from .fused import _is_affine, inverse_float64
 
         y, *tensors = ctx.saved_tensors
         steps, bounds = ctx.steps, ctx.bounds
         weights = [tensors[start + 2] for start in bounds[:-1]]
-        # the batched LU op without its check: one launch on the current stream and no host read, so this backward
-        # can be captured in a CUDA graph (torch.linalg.inv_ex may go through MAGMA/cuSOLVER, which can
-        # synchronise); W is invertible by construction and the forward already used it
-        w_invs = batched_inverse(torch.stack(weights).double(), check=False).to(weights[0].dtype).unbind(0)
+        # no check: W is invertible by construction and the forward already used it; unchecked, the batched LU op
+        # reads nothing back to the host, so this backward can be captured in a CUDA graph (torch.linalg.inv_ex,
+        # the fallback without the op, may go through MAGMA/cuSOLVER, which can synchronise)
+        w_invs = inverse_float64(torch.stack(weights), check=False).to(weights[0].dtype).unbind(0)
         grads: list[torch.Tensor | None] = [None] * len(tensors)
         ca = y.shape[1] // 2
         out, g_out = y.detach(), grad_y if grad_y is not None else torch.zeros_like(y)
