@@ -40,14 +40,35 @@ def full_fp32():
     bf16 option (--amp bf16) is part of the model and stays."""
     from .kernels import use_dot_precision
 
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    # Switched through the legacy setters, which keep torch's two TF32 APIs consistent (the legacy getters still
+    # work inside). Restored in the order that gives back exactly what the caller had, on torch 2.11-2.14: the
+    # legacy flags where they were readable, the float32 matmul precision, then any new-API value that differs.
+    switches = (torch.backends, torch.backends.cudnn, torch.backends.cudnn.conv, torch.backends.cudnn.rnn,
+                torch.backends.cuda.matmul)
+    saved = [s.fp32_precision for s in switches]
+    saved_matmul_precision = torch.get_float32_matmul_precision()
+    legacy = [_legacy_tf32_flag(torch.backends.cudnn), _legacy_tf32_flag(torch.backends.cuda.matmul)]
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with use_dot_precision("ieee"):
             yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        for switch, flag in zip((torch.backends.cudnn, torch.backends.cuda.matmul), legacy, strict=True):
+            if flag is not None:
+                switch.allow_tf32 = flag
+        torch.set_float32_matmul_precision(saved_matmul_precision)
+        for s, value in zip(switches, saved, strict=True):
+            if s.fp32_precision != value:
+                s.fp32_precision = value
+
+
+def _legacy_tf32_flag(switch) -> bool | None:
+    """torch's legacy allow_tf32 of cudnn or cuda.matmul; None where the new API left it unreadable (mixed)."""
+    try:
+        return bool(switch.allow_tf32)
+    except RuntimeError:
+        return None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

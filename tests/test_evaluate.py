@@ -173,29 +173,77 @@ class _PrecisionRecordingGlow(Glow):
     def _flow(self, x):
         from glowfast.kernels import dot_precision
 
-        self.seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+        self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
                           dot_precision("cuda")))
         return super()._flow(x)
+
+
+def _tf32_state():
+    """Every TF32 setting torch has (new API values, float32 matmul precision, legacy flags; None: unreadable)."""
+    def legacy(switch):
+        try:
+            return bool(switch.allow_tf32)
+        except RuntimeError:  # a mix of the two APIs makes the legacy getter raise
+            return None
+
+    new = [s.fp32_precision for s in (torch.backends, torch.backends.cudnn, torch.backends.cudnn.conv,
+                                       torch.backends.cudnn.rnn, torch.backends.cuda.matmul)]
+    return (*new, torch.get_float32_matmul_precision(), legacy(torch.backends.cudnn),
+            legacy(torch.backends.cuda.matmul))
+
+
+SETTINGS = {  # what callers do before evaluating: the defaults, the legacy API, the new per-op API
+    "defaults": lambda: None,
+    "matmul precision high": lambda: torch.set_float32_matmul_precision("high"),
+    "legacy matmul tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "new-API conv ieee": lambda: setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+}
+
+
+def test_full_fp32_switches_tf32_off_and_restores_every_setting():
+    """Inside: TF32 off in cuDNN, cuBLAS and the kernels' dots, the legacy getters readable. After (also after an
+    exception): exactly the caller's settings, legacy getters included — checked in a fresh process per setting,
+    since torch keeps hidden legacy state."""
+    import subprocess
+    import sys
+
+    code = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from test_evaluate import SETTINGS, _tf32_state
+from glowfast.evaluate import full_fp32
+from glowfast.kernels import dot_precision
+SETTINGS[{name!r}]()
+before = _tf32_state()
+with full_fp32():
+    inside = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, dot_precision("cuda"))
+try:
+    with full_fp32():
+        raise KeyError("raised inside")
+except KeyError:
+    pass
+print(json.dumps([before, inside, _tf32_state()]))
+"""
+    import json
+    from pathlib import Path
+
+    for name in SETTINGS:
+        r = subprocess.run([sys.executable, "-c", code.format(tests=str(Path(__file__).parent), name=name)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        before, inside, after = json.loads(r.stdout.strip().splitlines()[-1])
+        assert inside == [False, False, "ieee"], name
+        assert after == before, name
 
 
 def test_reported_likelihoods_are_computed_in_full_fp32():
     """evaluate_bpd, nll_bits_per_dim and class_log_likelihoods run with TF32 off everywhere (cuDNN, cuBLAS, the
     kernels' dots), whatever the caller's settings, which come back afterwards."""
-    from glowfast.evaluate import full_fp32
-
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    try:
-        conv.fp32_precision = matmul.fp32_precision = "tf32"
-        model = _PrecisionRecordingGlow(SHAPE, K=1, L=1, hidden_channels=4, n_classes=3).eval()
-        images = _images(8)
-        evaluate_bpd(model, TensorDataset(images, torch.zeros(8, dtype=torch.long)), "cpu", y_condition=True)
-        nll_bits_per_dim(model, images, "cpu")
-        class_log_likelihoods(model, model.preprocess(images, dequantize=False))
-        assert len(model.seen) >= 3 and set(model.seen) == {("ieee", "ieee", "ieee")}
-        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
-        with pytest.raises(RuntimeError, match="raised inside"), full_fp32():
-            raise RuntimeError("raised inside")
-        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
-    finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+    before = _tf32_state()
+    model = _PrecisionRecordingGlow(SHAPE, K=1, L=1, hidden_channels=4, n_classes=3).eval()
+    images = _images(8)
+    evaluate_bpd(model, TensorDataset(images, torch.zeros(8, dtype=torch.long)), "cpu", y_condition=True)
+    nll_bits_per_dim(model, images, "cpu")
+    class_log_likelihoods(model, model.preprocess(images, dequantize=False))
+    assert len(model.seen) >= 3 and set(model.seen) == {(False, False, "ieee")}
+    assert _tf32_state() == before
