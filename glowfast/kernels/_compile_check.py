@@ -78,13 +78,15 @@ def cubin_resources(compiled) -> dict:
 
 
 def is_production(kernel_name: str, constexprs: dict, options: dict, data_type: str) -> bool:
-    """True for a launch configuration a GPU runs by default: a GPU_TILES entry (default tf32, fp32 data)."""
-    from ._utils import GPU_TILES, KERNEL_KINDS, gpu_tile
+    """True for a launch configuration a GPU runs by default (fp32 data): a GPU_TILES entry with "tf32" dots, or a
+    GPU_TILES_IEEE entry with "ieee" dots (likelihood evaluation)."""
+    from ._utils import GPU_TILES, GPU_TILES_IEEE, KERNEL_KINDS, gpu_tile
 
-    kind, cp = KERNEL_KINDS[kernel_name], constexprs["CP"]
-    if data_type != "*fp32" or constexprs.get("PREC", "tf32") != "tf32" or cp not in GPU_TILES[kind]:
+    kind, cp, prec = KERNEL_KINDS[kernel_name], constexprs["CP"], constexprs.get("PREC", "tf32")
+    tiles = GPU_TILES[kind] if prec == "tf32" else GPU_TILES_IEEE.get(kind, {})
+    if data_type != "*fp32" or cp not in tiles:
         return False
-    return (constexprs["BLOCK_P"], options["num_warps"]) == gpu_tile(kind, cp)
+    return (constexprs["BLOCK_P"], options["num_warps"]) == gpu_tile(kind, cp, prec)
 
 
 def resource_table(records: list[dict]) -> str:

@@ -167,8 +167,21 @@ KERNEL_KINDS = {
 }
 
 
-def gpu_tile(kind: str, cp: int) -> tuple[int, int]:
-    """(BLOCK_P, num_warps) of kernel family `kind` at cp padded channels on a GPU (before clipping to the image)."""
+# Exact-fp32 ("ieee") dots are FMA loops, not tensor-core instructions, and need more registers: at the tiles
+# above the forward kernels spill up to 8 KB per thread. Likelihood evaluation runs them (glowfast.evaluate.full_fp32),
+# so the forward families get their own spill-free tiles (Triton 3.6, 3.8 and 3.9, sm_90; cuobjdump). At cp 128
+# every tile tried spills (ptxas falls back to 32 registers and local memory); those keep the tf32 tiles.
+GPU_TILES_IEEE: dict[str, dict[int, tuple[int, int]]] = {
+    "fwd": {16: (128, 4), 32: (128, 8), 64: (32, 8)},
+    "cross_step_fwd": {16: (128, 4), 32: (64, 8), 64: (32, 8)},
+}
+
+
+def gpu_tile(kind: str, cp: int, precision: str | None = None) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) of kernel family `kind` at cp padded channels on a GPU (before clipping to the image),
+    for the tl.dot precision the launch uses (default: the current `dot_precision()` on CUDA)."""
+    if (precision or dot_precision()) == "ieee" and cp in GPU_TILES_IEEE.get(kind, {}):
+        return GPU_TILES_IEEE[kind][cp]
     return GPU_TILES[kind][cp]
 
 
@@ -176,7 +189,8 @@ def block_pixels(cp: int, hw: int, kind: str = "fwd") -> int:
     """Pixels per (cp, BLOCK_P) tile.
 
     Interpreter: the cost is per program instance, not per element, so tiles are as large as possible.
-    GPU: `GPU_TILES[kind][cp]`, clipped to the image (at least 16: the K of the grad-W `tl.dot`).
+    GPU: `gpu_tile(kind, cp)` (GPU_TILES, or GPU_TILES_IEEE under exact dots), clipped to the image (at least 16:
+    the K of the grad-W `tl.dot`).
     """
     forced = overridden_block_pixels()
     if forced is not None:
@@ -276,15 +290,17 @@ def compile_spec_grid(branches: list[dict], heaviest: dict, kind: str) -> list[t
     """Specs for the sm_90 compile check: (constexprs, launch options, data pointer type) triples.
 
     Every constexpr branch combination in `branches` at a small tile (both dot precisions, fp32 data), the
-    `heaviest` branch with bf16 data, and the `heaviest` branch at every production tile of `GPU_TILES[kind]`
-    with the default "tf32" (the resource-hungriest configurations that run on a GPU).
+    `heaviest` branch with bf16 data, and the `heaviest` branch at every production tile: `GPU_TILES[kind]` with
+    the default "tf32" and `GPU_TILES_IEEE[kind]` with "ieee" (the resource-hungriest configurations that run on
+    a GPU).
     """
     out = []
     for br in branches:
         for prec in _DOT_PRECISIONS:
             out.append((dict(CP=16, BLOCK_P=32, PREC=prec, **br), launch_options(16, kind), "*fp32"))
     out.append((dict(CP=16, BLOCK_P=32, PREC="tf32", **heaviest), launch_options(16, kind), "*bf16"))
-    for cp, (bp, nw) in GPU_TILES[kind].items():
-        out.append((dict(CP=cp, BLOCK_P=bp, PREC="tf32", **heaviest), dict(num_warps=nw, num_stages=NUM_STAGES),
-                    "*fp32"))
+    for prec, tiles in (("tf32", GPU_TILES[kind]), ("ieee", GPU_TILES_IEEE.get(kind, {}))):
+        for cp, (bp, nw) in tiles.items():
+            out.append((dict(CP=cp, BLOCK_P=bp, PREC=prec, **heaviest), dict(num_warps=nw, num_stages=NUM_STAGES),
+                        "*fp32"))
     return out
