@@ -12,7 +12,10 @@ EXACT — fp32 everywhere: the Triton interpreter (CPU, what CI runs) or a GPU w
 
 TF32 — a GPU with the default fast tl.dot (TF32 inputs, fp32 accumulation) against a float64 reference, with
     flash-attention's rule: the fast path's error vs float64 must be at most TF32_FACTOR (2) times the error of
-    the same-precision PyTorch reference (fp32 with TF32 convolutions) vs float64, plus a small absolute slack.
+    the same-precision PyTorch reference (fp32 with TF32 convolutions) vs float64 — or of the TF32-rounded-operand
+    product the kernels compute (TF32Conv1x1), whichever is larger — plus a small absolute slack. Separately, the
+    kernels' TF32 dots equal that rounded-operand product within the EXACT tolerances
+    (test_tf32_dots_round_operands).
 """
 
 from __future__ import annotations
