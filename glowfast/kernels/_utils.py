@@ -179,13 +179,15 @@ GPU_TILES_IEEE: dict[str, dict[int, tuple[int, int]]] = {
 
 def gpu_tile(kind: str, cp: int, precision: str | None = None) -> tuple[int, int]:
     """(BLOCK_P, num_warps) of kernel family `kind` at cp padded channels on a GPU (before clipping to the image),
-    for the tl.dot precision the launch uses (default: the current `dot_precision()` on CUDA)."""
-    if (precision or dot_precision()) == "ieee" and cp in GPU_TILES_IEEE.get(kind, {}):
-        return GPU_TILES_IEEE[kind][cp]
+    for the tl.dot precision the launch uses (the launch wrappers pass the one they launch with; default: the
+    current `dot_precision()` on CUDA, only looked up for the families that have ieee tiles)."""
+    ieee_tiles = GPU_TILES_IEEE.get(kind)
+    if ieee_tiles is not None and cp in ieee_tiles and (precision or dot_precision()) == "ieee":
+        return ieee_tiles[cp]
     return GPU_TILES[kind][cp]
 
 
-def block_pixels(cp: int, hw: int, kind: str = "fwd") -> int:
+def block_pixels(cp: int, hw: int, kind: str = "fwd", precision: str | None = None) -> int:
     """Pixels per (cp, BLOCK_P) tile.
 
     Interpreter: the cost is per program instance, not per element, so tiles are as large as possible.
@@ -197,7 +199,7 @@ def block_pixels(cp: int, hw: int, kind: str = "fwd") -> int:
         return forced
     if is_interpret():
         return max(16, min(triton.next_power_of_2(hw), 2048))
-    return max(16, min(gpu_tile(kind, cp)[0], triton.next_power_of_2(hw)))
+    return max(16, min(gpu_tile(kind, cp, precision)[0], triton.next_power_of_2(hw)))
 
 
 # Software pipelining multi-buffers every tile loaded in a loop in shared memory (3 stages of z, h, dy tiles
@@ -209,9 +211,9 @@ NUM_STAGES = 1
 SM90_MAX_SHARED = 232448
 
 
-def launch_options(cp: int, kind: str = "fwd") -> dict:
+def launch_options(cp: int, kind: str = "fwd", precision: str | None = None) -> dict:
     """Keyword launch options of a kernel of family `kind` whose tile has cp (padded) channels."""
-    return dict(num_warps=overridden_num_warps() or gpu_tile(kind, cp)[1], num_stages=NUM_STAGES)
+    return dict(num_warps=overridden_num_warps() or gpu_tile(kind, cp, precision)[1], num_stages=NUM_STAGES)
 
 
 @functools.lru_cache(maxsize=8)

@@ -205,11 +205,11 @@ def _actnorm_invconv_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _geometry(x: torch.Tensor, block_p: int | None, kind: str = "fwd"):
+def _geometry(x: torch.Tensor, block_p: int | None, kind: str = "fwd", precision: str | None = None):
     B, C, H, W = x.shape
     hw = H * W
     cp = channel_pad(C)
-    bp = check_block_pixels(block_p) or block_pixels(cp, hw, kind)
+    bp = check_block_pixels(block_p) or block_pixels(cp, hw, kind, precision)
     return B, C, hw, cp, bp, triton.cdiv(hw, bp)
 
 
@@ -227,13 +227,14 @@ def actnorm_invconv_forward(x, bias, log_scale, weight, *, block_p: int | None =
     """y = W @ ((x + bias) * exp(log_scale)) per pixel; x NCHW."""
     x = check_nchw(x, "x")
     check_device(x)
-    B, C, hw, cp, bp, n_pt = _geometry(x, block_p)
+    prec = dot_precision(x.device)
+    B, C, hw, cp, bp, n_pt = _geometry(x, block_p, "fwd", prec)
     bias, log_scale, weight = _params(bias, log_scale, weight, C, x)
     y = torch.empty_like(x)
     with on_device_of(x):
         _actnorm_invconv_fwd_kernel[(n_pt, B)](
             x, y, weight, bias, log_scale, C, hw,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(x.device), **launch_options(cp),
+            CP=cp, BLOCK_P=bp, PREC=prec, **launch_options(cp, "fwd", prec),
         )
     return y
 
@@ -242,13 +243,14 @@ def actnorm_invconv_inverse(y, bias, log_scale, weight_inv, *, block_p: int | No
     """x = (W^-1 @ y) * exp(-log_scale) - bias per pixel; `weight_inv` is W^-1 (C, C)."""
     y = check_nchw(y, "y")
     check_device(y)
-    B, C, hw, cp, bp, n_pt = _geometry(y, block_p)
+    prec = dot_precision(y.device)
+    B, C, hw, cp, bp, n_pt = _geometry(y, block_p, "fwd", prec)
     bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C, y)
     x = torch.empty_like(y)
     with on_device_of(y):
         _actnorm_invconv_inv_kernel[(n_pt, B)](
             y, x, weight_inv, bias, log_scale, C, hw,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(y.device), **launch_options(cp),
+            CP=cp, BLOCK_P=bp, PREC=prec, **launch_options(cp, "fwd", prec),
         )
     return x
 

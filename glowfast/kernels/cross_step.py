@@ -159,10 +159,10 @@ def _step_inverse_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _geometry(z, h, affine, block_p, kind):
+def _geometry(z, h, affine, block_p, kind, precision=None):
     B, C, ca, cb, hc, hw, _, _, _ = _coupling_geometry(z, h, affine, 16)
     cp = channel_pad(C)
-    bp = check_block_pixels(block_p) or block_pixels(cp, hw, kind)
+    bp = check_block_pixels(block_p) or block_pixels(cp, hw, kind, precision)
     return B, C, ca, cb, hc, hw, cp, bp, triton.cdiv(hw, bp)
 
 
@@ -172,7 +172,8 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
     z = check_nchw(z, "z")
     h = check_nchw(h, "h")
     check_device(z, h)
-    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p, "cross_step_fwd")
+    prec = dot_precision(z.device)
+    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p, "cross_step_fwd", prec)
     bias, log_scale, weight = _params(bias, log_scale, weight, C, z)
     G = max(1, min(programs_per_sample or n_pt, n_pt))
     out = torch.empty_like(z)
@@ -180,7 +181,7 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
     with on_device_of(z):
         _cross_step_fwd_kernel[(G, B)](
             z, h, out, weight, bias, log_scale, ld_part, C, ca, cb, hc, hw, n_pt, G,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(z.device), AFFINE=affine, **launch_options(cp, "cross_step_fwd"),
+            CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, **launch_options(cp, "cross_step_fwd", prec),
         )
     return out, ld_part.sum(1).to(h.dtype)
 
@@ -232,13 +233,14 @@ def step_inverse(y, h, bias, log_scale, weight_inv, affine: bool = True, *, bloc
     y = check_nchw(y, "y")
     h = check_nchw(h, "h")
     check_device(y, h)
-    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(y, h, affine, block_p, "fwd")
+    prec = dot_precision(y.device)
+    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(y, h, affine, block_p, "fwd", prec)
     bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C, y)
     x = torch.empty_like(y)
     with on_device_of(y):
         _step_inverse_kernel[(n_pt, B)](
             y, h, x, weight_inv, bias, log_scale, C, ca, cb, hc, hw,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(y.device), AFFINE=affine, **launch_options(cp),
+            CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, **launch_options(cp, "fwd", prec),
         )
     return x
 
