@@ -26,6 +26,8 @@
 #                larger/smaller tiles, outputs checked against the default's), the most-used kernels first
 #   train        a short real training run (MNIST if data/MNIST or gpudata/MNIST is there, fused backend; else digits); at
 #                its time limit it is interrupted (SIGINT), and the trainer still writes its summary
+#   tf32         that run's held-out bits/dim at the default TF32 (fused, and reference with cuDNN) and in full fp32,
+#                each vs float64 (benchmarks/tf32_rounding.py --run): does TF32 bias the likelihoods on this GPU?
 #   bench_compile torch.compile(reference) per-op benchmarks (cold compiles; whatever budget is left)
 #   report       benchmarks/report.py -> RESULTS.md (always run at the end when there is benchmark JSON)
 # Files written to $OUT (the device tool returns at most 8): summary.md, RESULTS.md, results.json (all the
@@ -55,14 +57,14 @@ mkdir -p "$LOGS"
 BUDGET=${GPU_CHECK_BUDGET:-540}
 PRESET=${1:-all}
 case $PRESET in
-    check)   PRESET_STAGES="env build tests sanitizer train"
+    check)   PRESET_STAGES="env build tests sanitizer train tf32"
              MAX_tests=${MAX_tests:-240}; MAX_sanitizer=${MAX_sanitizer:-150} ;;
     bench)   PRESET_STAGES="env build startup bench_model bench_ops tune report"
              MAX_bench_model=${MAX_bench_model:-230}; MAX_bench_ops=${MAX_bench_ops:-150} ;;
     compile) PRESET_STAGES="env build bench_compile report"
              export GLOWFAST_BENCH_COMPILE_MODEL=${GLOWFAST_BENCH_COMPILE_MODEL:-cifar10_K32_B64}
              GPU_CHECK_COMPILE_MAX=${GPU_CHECK_COMPILE_MAX:-420} ;;
-    all)     PRESET_STAGES="env build tests sanitizer startup bench_model bench_ops tune train bench_compile report" ;;
+    all)     PRESET_STAGES="env build tests sanitizer startup bench_model bench_ops tune train tf32 bench_compile report" ;;
     *) echo "usage: bash benchmarks/gpu_check.sh [check|bench|compile|all]"; exit 2 ;;
 esac
 STAGES=${GPU_CHECK_STAGES:-$PRESET_STAGES}
@@ -257,7 +259,17 @@ train() {
     pymod glowfast.train "${args[@]}"
 }
 
-export -f pymod env_info build tests sanitizer startup bench bench_model_cold bench_ops_files bench_compile tune train
+tf32_bias() {
+    # the training run's model: held-out bits/dim with the fused path at the default TF32, the reference path at
+    # the default TF32 (cuDNN) and the fused path in full fp32, each vs the model in float64 (docs/DESIGN.md)
+    [ -f "$WORK/train_run/checkpoints/last.pt" ] || { echo "no training run checkpoint: nothing to measure"; return 1; }
+    local args=(--run "$WORK/train_run" --device cuda --test-images 2000)
+    for d in data gpudata; do [ -d "$d/MNIST" ] && { args+=(--data-dir "$d"); break; }; done
+    $PY benchmarks/tf32_rounding.py "${args[@]}"
+}
+
+export -f pymod env_info build tests sanitizer startup bench bench_model_cold bench_ops_files bench_compile tune train \
+    tf32_bias
 export ROOT OUT WORK LOGS PY TRAIN_STEPS
 
 stage env 30 5 -- env_info
@@ -269,6 +281,7 @@ stage bench_model "${MAX_bench_model:-170}" 40 -- bench_model_cold
 stage bench_ops "${MAX_bench_ops:-130}" 20 -- bench_ops_files
 stage tune 110 40 -- tune
 stage train 150 40 -- train
+stage tf32 60 20 -- tf32_bias
 stage bench_compile "${GPU_CHECK_COMPILE_MAX:-200}" 40 -- bench_compile
 
 # ------------------------------------------------------------------------------------------------ report
@@ -332,6 +345,10 @@ fi
         echo "## Training run (train_summary.json)"; echo; echo '```'; cat "$OUT/train_summary.json"; echo; echo '```'
     elif [ -f "$OUT/train_metrics.jsonl" ]; then
         echo "## Training run: last metrics records"; echo; echo '```'; tail -3 "$OUT/train_metrics.jsonl"; echo '```'
+    fi
+    if grep -q '^| ' "$LOGS/tf32.log" 2>/dev/null; then
+        echo; echo "## TF32 vs float64: held-out bits/dim of the training run's model (tf32 stage)"; echo
+        grep -E '^(held-out|\| )' "$LOGS/tf32.log"
     fi
     if [ -f "$OUT/RESULTS.md" ]; then
         echo; echo "## Headline (from RESULTS.md)"; echo

@@ -11,6 +11,11 @@ stays the exact log|det W|, as in the kernels). Only the 1x1 convs are emulated;
 
     python benchmarks/tf32_rounding.py                       # digits (embedded), K = 8 and 32, ~3 min on 2 cores
     python benchmarks/tf32_rounding.py --dataset mnist --size 28 --data-dir data -K 16 --steps 500
+
+On a GPU, `--run RUN_DIR --device cuda` measures instead of emulating: the held-out bits/dim of a trained
+`glowfast.train` run with the fused path at the default TF32, the reference path at the default TF32 (cuDNN), and
+the fused path in full fp32 (`glowfast.evaluate.full_fp32`), each against the same model in float64
+(benchmarks/gpu_check.sh runs it after its training run).
 """
 
 from __future__ import annotations
@@ -55,8 +60,8 @@ def heldout_bpd(model: Glow, images: torch.Tensor, seed: int) -> torch.Tensor:
 
 def study(args, K: int) -> dict:
     torch.manual_seed(args.seed)
-    train = get_dataset(args.dataset, "train", args.data_dir, size=args.size)
-    test = get_dataset(args.dataset, "test", args.data_dir, size=args.size)
+    train = get_dataset(args.dataset, "train", args.data_dir or "data", size=args.size)
+    test = get_dataset(args.dataset, "test", args.data_dir or "data", size=args.size)
     x_train = torch.stack([train[i][0] for i in range(len(train))])
     x_test = torch.stack([test[i][0] for i in range(min(len(test), args.test_images))])
     model = Glow(tuple(x_train.shape[1:]), K=K, L=args.L, hidden_channels=args.hidden)
@@ -81,10 +86,45 @@ def study(args, K: int) -> dict:
     return row
 
 
+def measure_run(args) -> dict:
+    """Measured (not emulated) errors of a trained run's held-out bits/dim (at the bins' corners) on args.device,
+    vs the same model in float64."""
+    from glowfast.evaluate import full_fp32
+    from glowfast.experiments.common import load_split
+    from glowfast.sample import load_run_model
+
+    _, state, model, dev = load_run_model(args.run, None, args.device, "auto")
+    cfg = state["config"]
+    split = load_split(cfg["dataset"], "test", args.data_dir or cfg.get("data_dir", "data"), model.image_shape[1],
+                       n=args.test_images)
+    images = split.images.to(dev)
+    labels = split.labels.to(dev) if model.n_classes else None
+
+    def bpd(m, backend):
+        # no dequantisation noise: a float64 copy would draw different noise from the same seed
+        m.backend = backend
+        with torch.no_grad():
+            return torch.cat([m(b, None if labels is None else labels[i:i + 256], dequantize=False).bits_per_dim
+                              .double() for i, b in zip(range(0, len(images), 256), images.split(256), strict=True)])
+
+    fused_backend = model.resolve_backend(dev)
+    exact = bpd(copy.deepcopy(model).double(), "reference")
+    rows = {f"{fused_backend}, default TF32": bpd(model, fused_backend),
+            "reference, default TF32 (cuDNN)": bpd(model, "reference")}
+    with full_fp32():
+        rows[f"{fused_backend}, full fp32"] = bpd(model, fused_backend)
+    out = {"run": str(args.run), "device": str(dev), "images": len(images), "heldout_bpd": float(exact.mean()),
+           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+    for name, b in rows.items():
+        err = b - exact
+        out[name] = {"mean_bpd_error": float(err.mean()), "max_abs_bpd_error": float(err.abs().max())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--data-dir", default=None, help="default: data (or, with --run, the run's own)")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("-K", type=int, nargs="+", default=[8, 32])
     p.add_argument("-L", type=int, default=2)
@@ -94,8 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-images", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--run", help="measure this glowfast.train run on --device instead of emulating")
+    p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.run:
+        r = measure_run(args)
+        print(f"held-out bits/dim {r['heldout_bpd']:.4f} ({r['images']} images, {r['device']}); error vs float64:")
+        print("| path | mean error | max \\|error\\| |\n| --- | ---: | ---: |")
+        for name, v in r.items():
+            if isinstance(v, dict):
+                print(f"| {name} | {v['mean_bpd_error']:+.2e} | {v['max_abs_bpd_error']:.1e} |")
+        print(json.dumps(r))
+        return 0
     print("| data | flow steps | held-out bits/dim | TF32 truncated: mean (max) error "
           "| TF32 rounded: mean (max) error |")
     print("| --- | ---: | ---: | ---: | ---: |")
