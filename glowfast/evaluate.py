@@ -201,6 +201,12 @@ def nll_bits_per_dim(model: nn.Module, images: torch.Tensor, device, batch_size:
     if return_class_ll and dequant_samples != 1:
         raise ValueError("return_class_ll needs dequant_samples=1")
     glow = unwrap(model)
+    if return_class_ll and not glow.n_classes:
+        raise ValueError("return_class_ll needs a class-conditional model (n_classes), this one has none")
+    if labels is not None and glow.n_classes:
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},) like the images, got {tuple(labels.shape)}")
+        glow.prior.one_hot(labels.cpu())  # integer labels in [0, n_classes), or a clear error
     glow.eval()
     d = math.prod(glow.image_shape)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -209,10 +215,14 @@ def nll_bits_per_dim(model: nn.Module, images: torch.Tensor, device, batch_size:
         x = images[i: i + batch_size].to(device)
         draws = []
         for _ in range(dequant_samples):
-            if glow.n_classes and labels is None:
+            if glow.n_classes and (labels is None or return_class_ll):
                 xc = glow.preprocess(x, dequantize=True, generator=g)
                 ll = class_log_likelihoods(glow, xc)
-                draws.append(torch.logsumexp(ll, 1) - math.log(glow.n_classes))
+                if labels is None:
+                    draws.append(torch.logsumexp(ll, 1) - math.log(glow.n_classes))
+                else:  # log p(x | y) of the given class: its column
+                    y = labels[i: i + batch_size].to(device=device, dtype=torch.long)
+                    draws.append(ll.gather(1, y[:, None])[:, 0])
                 if return_class_ll:
                     cls.append(ll.double().cpu())
             else:
@@ -242,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--dequant-samples", type=int, default=1, help="dequantisation draws per image (K)")
     p.add_argument("--labels", action="store_true",
-                   help="class-conditional model: score p(x | true label) instead of the marginal p(x)")
+                   help="class-conditional model: score the sets of its own dataset by p(x | true label) instead of "
+                        "the marginal p(x) (other sets' labels are not its classes: they keep p(x))")
     p.add_argument("--seed", type=int, default=0, help="dequantisation noise seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", choices=("reference", "fused", "auto"), default="auto")
@@ -295,25 +306,31 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"{spec}: {e}")
         if tuple(images.shape[1:]) != model.image_shape:
             return fail(f"{spec}: images of shape {tuple(images.shape[1:])}, the model expects {model.image_shape}")
-        use_labels = labels if (args.labels and model.n_classes) else None
+        # a set's labels are the model's classes only for the dataset it was trained on: any other set (noise,
+        # another dataset's classes) is scored by the marginal p(x), and the table says which score each row is
+        conditional = bool(args.labels and model.n_classes and name == cfg.get("dataset"))
+        use_labels = labels if conditional else None
         bpd = nll_bits_per_dim(model, images, device, args.batch_size, args.seed, labels=use_labels,
                                dequant_samples=args.dequant_samples)
         key = f"{name}:{split}"
         scores[key] = bpd
         n = int(bpd.size)
         sem = float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-        row = {"dataset": key, "n": n, "mean_bpd": float(bpd.mean()), "sem_bpd": sem}
+        row = {"dataset": key, "n": n, "mean_bpd": float(bpd.mean()), "sem_bpd": sem,
+               "score": "p(x | label)" if conditional else "p(x)"}
         if rows:
             row["auroc_vs_first"] = auroc(scores[rows[0]["dataset"]], bpd)
         rows.append(row)
-    header = "| dataset | images | mean bits/dim | ± s.e. | AUROC vs " + rows[0]["dataset"] + " (−log p) |"
+    header = "| dataset | score | images | mean bits/dim | ± s.e. | AUROC vs " + rows[0]["dataset"] + " (−log p) |"
     print(f"{path} ({'moving average' if state.get('ema') is not None and not args.raw_weights else 'weights'}; "
-          f"{'p(x | label)' if args.labels and model.n_classes else 'p(x)'}; {args.dequant_samples} dequantisation "
-          f"draw(s), seed {args.seed})")
-    print(header + "\n| --- | ---: | ---: | ---: | ---: |")
+          f"{args.dequant_samples} dequantisation draw(s), seed {args.seed})")
+    if args.labels and all(r["score"] == "p(x)" for r in rows):
+        print(f"note: --labels applies to the model's own dataset ({cfg.get('dataset', '?')}) and only to a "
+              "class-conditional model; every set here is scored by p(x)")
+    print(header + "\n| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         a = r.get("auroc_vs_first")
-        print(f"| {r['dataset']} | {r['n']} | {r['mean_bpd']:.4f} | {r['sem_bpd']:.4f} | "
+        print(f"| {r['dataset']} | {r['score']} | {r['n']} | {r['mean_bpd']:.4f} | {r['sem_bpd']:.4f} | "
               f"{'—' if a is None else f'{a:.4f}'} |")
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k not in ("json",)}

@@ -111,6 +111,29 @@ def test_marginal_is_the_log_mean_exp_over_classes():
     assert np.ptp(per_class.detach().numpy(), axis=1).min() > 1e-3  # the classes really differ
 
 
+def test_class_log_likelihoods_returned_with_given_labels_and_bad_requests_named():
+    """return_class_ll with labels: bits/dim of p(x | label) plus every class's log p(x | y), from the same noise
+    (it crashed in torch.cat); an unconditional model or bad labels get a clear error."""
+    model = _measure_preserving_glow(n_classes=3)
+    with torch.no_grad():
+        for p in model.prior.parameters():
+            p.normal_(0, 0.3)
+    images, labels = _images(20, seed=4), torch.arange(20) % 3
+    bpd, cll = nll_bits_per_dim(model, images, "cpu", seed=2, batch_size=8, labels=labels, return_class_ll=True)
+    np.testing.assert_allclose(bpd, nll_bits_per_dim(model, images, "cpu", seed=2, batch_size=8, labels=labels),
+                               rtol=0, atol=1e-9)
+    _, cll_marginal = nll_bits_per_dim(model, images, "cpu", seed=2, batch_size=8, return_class_ll=True)
+    np.testing.assert_allclose(cll, cll_marginal, rtol=0, atol=1e-9)
+    d = math.prod(SHAPE)
+    np.testing.assert_allclose(bpd, -cll[np.arange(20), labels.numpy()] / (d * math.log(2)), rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="class-conditional"):
+        nll_bits_per_dim(_measure_preserving_glow(), images, "cpu", return_class_ll=True)
+    with pytest.raises(ValueError, match=r"labels must have shape \(20,\)"):
+        nll_bits_per_dim(model, images, "cpu", labels=labels[:5])
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\)"):
+        nll_bits_per_dim(model, images, "cpu", labels=labels + 1, return_class_ll=True)
+
+
 def test_several_dequantisation_draws_are_a_log_mean_exp():
     """dequant_samples=K: log (1/K) sum_k p(x + u_k) over K consecutive draws of the seeded noise."""
     model = _measure_preserving_glow()
@@ -161,6 +184,28 @@ def test_cli_scores_sets_and_matches_the_runs_own_evaluation(tmp_path, capsys):
     assert main(["--run", str(run), "--datasets", "cifar10", "--data-dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "--run" in err and "dequant" in err and "cifar10" in err
+
+
+def test_cli_labels_condition_only_the_models_own_dataset(tmp_path):
+    """--labels scores the training dataset's sets by p(x | label); another set's labels are not the model's classes
+    (noise: all 0), so it keeps p(x), the same score as without --labels, and each row says which it is."""
+    from glowfast.train import main as train_main
+
+    from test_train import TINY
+
+    run = tmp_path / "run"
+    assert train_main(TINY + ["--steps", "12", "--eval-interval", "12", "--y-condition", "--lr", "1e-2",
+                              "--run-dir", str(run)]) == 0
+    tables = {}
+    for extra in ([], ["--labels"]):
+        out = tmp_path / f"eval{len(extra)}.json"
+        assert main(["--run", str(run), "--datasets", "digits", "noise", "--n", "64", "--device", "cpu",
+                     "--json", str(out), *extra]) == 0
+        tables[bool(extra)] = {r["dataset"]: r for r in json.loads(out.read_text())["rows"]}
+    assert [r["score"] for r in tables[True].values()] == ["p(x | label)", "p(x)"]
+    assert [r["score"] for r in tables[False].values()] == ["p(x)", "p(x)"]
+    assert tables[True]["noise:test"]["mean_bpd"] == tables[False]["noise:test"]["mean_bpd"]
+    assert tables[True]["digits:test"]["mean_bpd"] != tables[False]["digits:test"]["mean_bpd"]
 
 
 class _PrecisionRecordingGlow(Glow):
