@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoint import find_checkpoint
 from ..ema import use_checkpoint_average
-from ..model import Glow
+from ..sample import load_model
 from .common import (
     ModelSpec,
     Trained,
@@ -68,20 +68,22 @@ class Context:
         if "spec" in state:
             spec = ModelSpec(**{k: v for k, v in state["spec"].items() if k in {f.name for f in fields(ModelSpec)}})
             model = build_model(spec)
-        else:  # a glowfast.train checkpoint: model state + Glow config ("model_config", else "config")
-            cfg = dict(state.get("model_config") or state["config"])
+            model.load_state_dict(state["model"])
+            averaged = use_checkpoint_average(model, state)
+        elif "model_config" in state:
+            # a glowfast.train checkpoint: the model as the run trained and evaluated it, as glowfast.sample and
+            # glowfast.evaluate load it (moving average, and the networks' bf16 / channels-last / GEMM options)
+            model = load_model(state, self.device, "reference")
+            averaged = state.get("ema") is not None
+            cfg = dict(state["model_config"])
             run_cfg = state.get("config") or {}
-            cfg = {k: v for k, v in cfg.items() if k in Glow.__init__.__code__.co_varnames}
-            cfg.pop("backend", None)
-            cfg["image_shape"] = tuple(cfg["image_shape"])
-            model = Glow(**cfg)
             spec = replace(self.preset.main, dataset=run_cfg.get("dataset", self.preset.main.dataset),
                            size=int(model.image_shape[-1]), K=int(cfg["K"]), L=int(cfg["L"]),
                            hidden=int(cfg.get("hidden_channels", 0)), coupling=cfg.get("coupling", "affine"),
                            permutation=cfg.get("permutation", "invconv"), conditional=model.n_classes is not None,
                            holdout=0)
-        model.load_state_dict(state["model"])
-        averaged = use_checkpoint_average(model, state)  # a glowfast.train run with --ema-decay: its average
+        else:
+            raise ValueError(f"{p} is neither a glowfast.experiments nor a glowfast.train checkpoint")
         model.to(self.device).eval()
         set_backend(model, self.backend, self.device)
         _log(f"using checkpoint {p}{' (its weights moving average)' if averaged else ''}")
