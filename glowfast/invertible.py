@@ -19,7 +19,8 @@ rounding of the reconstruction (tested against the reference). W^-1 is computed 
 like the reference's inverse.
 
 The standalone launch functions used here are the ones the ordinary fused path's autograd Functions use
-(glowfast.kernels); the coupling networks are called as modules, so bf16 / channels_last options apply.
+(glowfast.kernels); the coupling networks are called as modules (with the parameter tensors forward saw), so
+bf16 / channels_last options apply.
 """
 
 from __future__ import annotations
@@ -78,7 +79,11 @@ class _InvertibleSteps(torch.autograd.Function):
             affine = _is_affine(step)
             with torch.enable_grad():
                 net_in = out[:, :ca].detach().requires_grad_(True)
-                h = step.coupling.net(net_in)
+                # the parameter tensors forward used, not the module's current ones: under torch.func.functional_call
+                # (or any parameter swap) the module holds other tensors again by now
+                net = step.coupling.net
+                h = torch.func.functional_call(net, dict(zip((n for n, _ in net.named_parameters()), net_params,
+                                                             strict=True)), (net_in,))
             z = coupling_inverse(out, h.detach(), affine)
             dz, dh = coupling_backward(z, h.detach(), g_out, grad_ld if affine else None, affine)
             # frozen network parameters (requires_grad=False) get None: autograd.grad refuses to differentiate them

@@ -131,3 +131,26 @@ def test_train_cli_memory_saving(tmp_path):
                         "--run-dir", str(run)],
                 callbacks=[lambda event, t: seen.setdefault("flag", t.model.memory_saving)]) == 0
     assert seen["flag"] is True
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_memory_saving_under_functional_call(device, exact_precision):
+    """Parameters swapped in by torch.func.functional_call (MAML, ensembles): the backward recomputes each network
+    with the tensors forward used, so every gradient equals the reference's (it used the module's own weights,
+    giving None network gradients and wrong others)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = Glow((3, 8, 4), K=2, L=2, hidden_channels=8, backend="fused", memory_saving=True).to(device)
+    x = torch.randint(0, 256, (2, 3, 8, 4), dtype=torch.uint8, device=device)
+    model(x)  # ActNorm init
+    randomize_(model.levels, scale=0.1)
+    names = [n for n, _ in model.named_parameters()]
+    swapped = {n: (p.detach() * 1.1).requires_grad_(True) for n, p in model.named_parameters()}
+    grads = {}
+    for backend in ("fused", "reference"):
+        model.backend = backend
+        bpd = functional_call(model, swapped, (x,), {"dequantize": False}).bits_per_dim.mean()
+        grads[backend] = torch.autograd.grad(bpd, list(swapped.values()), allow_unused=True)
+    assert all(g is not None for g in grads["reference"])
+    assert_grads_exact(grads["fused"], grads["reference"], names)
