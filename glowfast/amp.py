@@ -27,7 +27,7 @@ weights directly would bypass them.
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 from torch import nn
@@ -89,7 +89,9 @@ def gemm_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_with_options(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Installed as the network's bound `forward` (a MethodType, so copy.deepcopy rebinds it to the copy)."""
+    """Installed as the network's `forward`, as `functools.partial(_forward_with_options, net)`: copy.deepcopy
+    rebinds it to the copy, and pickle (torch.save of a whole model) can store it (a bound MethodType would be
+    looked up by name on load, where the network has no such attribute)."""
     opts = getattr(net, _OPTIONS)
     if opts["gemm"]:
         forward = gemm_network_forward
@@ -126,7 +128,7 @@ def _set_option(model: nn.Module, name: str, value: bool) -> int:
         if opts is None:
             opts = {"bf16": False, "channels_last": False, "gemm": False}
             setattr(net, _OPTIONS, opts)
-            net.forward = types.MethodType(_forward_with_options, net)
+            net.forward = functools.partial(_forward_with_options, net)
         opts[name] = value
         if name == "channels_last":
             net.to(memory_format=torch.channels_last if value else torch.contiguous_format)

@@ -113,13 +113,20 @@ def test_channels_last_networks_compute_the_same_function(device, exact_precisio
     assert torch.equal(m(x, generator=g.manual_seed(1)).log_prob.detach(), ref.detach())
 
 
-def test_network_options_survive_deepcopy_and_state_dict_round_trips():
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "torch.save"])
+def test_network_options_survive_copies_and_state_dict_round_trips(copy_kind, tmp_path):
+    """A deep copy, or a whole model saved with torch.save and loaded (its load failed), keeps the options and
+    runs its own weights."""
     import copy
 
     m, x = _model("cpu")
     enable_channels_last_networks(m)
     enable_bf16_networks(m)
-    twin = copy.deepcopy(m)
+    if copy_kind == "deepcopy":
+        twin = copy.deepcopy(m)
+    else:
+        torch.save(m, tmp_path / "model.pt")
+        twin = torch.load(tmp_path / "model.pt", weights_only=False)
     assert bf16_networks_enabled(twin) and channels_last_networks_enabled(twin)
     ref = m(x, dequantize=False).log_prob
     with torch.no_grad():  # the copy's networks must use the copy's weights, not the original's
