@@ -200,6 +200,12 @@ class Glow(nn.Module):
         if x.dtype == torch.uint8:
             x = x.to(self._param_dtype())
         elif x.is_floating_point():
+            if x.requires_grad and torch.is_grad_enabled():
+                # quantising to the n_bits grid is piecewise constant: x.grad would be exactly zero, silently
+                raise ValueError("images that require grad: preprocess quantises them to the n_bits grid, so their "
+                                 "gradient would be zero. For d log p / d x of the continuous density use "
+                                 "model.encode(x_model) on x_model = model.preprocess(x.detach()) (or your own "
+                                 "values in [-0.5, 0.5)) with requires_grad")
             check_finite(x, "images")
             if can_synchronize(x) and bool((x < 0).any() or (x > 1).any()):
                 raise ValueError("float images must lie in [0, 1] (uint8 images in [0, 255])")

@@ -205,6 +205,31 @@ def test_bad_continuous_input_to_encode():
         model.decode([None, None])
 
 
+def test_images_that_require_grad_are_refused_with_the_way_to_the_input_gradient():
+    """Quantisation has a zero gradient: log_prob's x.grad was silently all zeros. The error names the route, and
+    that route's gradient is the model-space density's (central differences, float64)."""
+    model = tiny_glow((3, 8, 8)).double()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    model(x)  # ActNorm init
+    with pytest.raises(ValueError, match="require grad.*model.encode"):
+        model(x.clone().requires_grad_(True))
+    with torch.no_grad():
+        model(x.clone().requires_grad_(True))  # no gradient asked for: fine
+
+    xm = model.preprocess(x, dequantize=False).requires_grad_(True)
+    _, logdet = model.encode(xm)
+    (grad,) = torch.autograd.grad(logdet.sum(), xm)
+    i = (0, 1, 2, 3)
+    eps = 1e-6
+    with torch.no_grad():
+        plus, minus = xm.detach().clone(), xm.detach().clone()
+        plus[i] += eps
+        minus[i] -= eps
+        fd = (model.encode(plus)[1].sum() - model.encode(minus)[1].sum()) / (2 * eps)
+    assert float(grad.abs().max()) > 0
+    assert float(grad[i]) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
+
+
 def test_forward_traces_as_one_graph_without_breaks():
     # No host sync per flow step (ActNorm's init flag, finite checks): torch.compile sees one graph.
     import torch._dynamo as dynamo
