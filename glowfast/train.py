@@ -116,7 +116,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("run folder")
     add(g, "--run-dir", default=None, help="the run folder (default: RUNS_ROOT/NAME)")
     add(g, "--runs-root", default="runs", help="parent folder of runs")
-    add(g, "--name", default=None, help="run name (default: a timestamp)")
+    add(g, "--name", default=None, help="run name (default: the start time and the process id)")
     add(g, "--resume", default=None, metavar="RUN",
         help="continue the run in folder RUN from its newest checkpoint (its config.json is reused; only "
              + ", ".join("--" + o.replace("_", "-") for o in RESUMABLE_OVERRIDES) + " may be changed)")
@@ -187,7 +187,9 @@ def resolve_config(argv: list[str] | None) -> tuple[dict, Path, bool]:
     if args.run_dir:
         run_dir = Path(args.run_dir)
     else:
-        run_dir = Path(args.runs_root) / (args.name or time.strftime("%Y%m%d-%H%M%S"))
+        # default name: the start time and the process id, so runs launched in the same second (a sweep started
+        # from a shell loop) get folders of their own
+        run_dir = Path(args.runs_root) / (args.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     cfg["run_dir"] = str(run_dir)
     return cfg, run_dir, False
 
@@ -208,6 +210,9 @@ def validate(cfg: dict) -> None:
     ema = cfg.get("ema_decay") or 0.0
     if not (math.isfinite(ema) and 0.0 <= ema < 1.0):
         raise ValueError(f"--ema-decay must be in [0, 1) (0: off), got {ema}")
+    bad = [t for t in cfg.get("temperatures") or () if not (math.isfinite(t) and t >= 0)]
+    if bad:  # else the first evaluation's sample grids would fail, hundreds of steps in
+        raise ValueError(f"--temperatures must be finite and >= 0, got {bad[0]}")
     if cfg.get("channels_last") and cfg.get("gemm_networks"):
         raise ValueError("--channels-last and --gemm-networks are two different network layouts; choose one")
 
@@ -287,26 +292,74 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
         if main_rank:
             print(f"note: the fused path is unavailable ({e}); using backend=reference", file=sys.stderr)
 
+    # One process per run folder: a second one (a repeated --name, a --resume while the run still trains) would
+    # mix two runs' checkpoints and metrics. The lock is released when this function returns or the process dies.
+    lock, busy = None, None
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_run_folder(run_dir)
+        if lock is None:
+            busy = (f"{run_dir} is in use by another python -m glowfast.train process; wait for it to finish, or "
+                    "give this run another --name/--run-dir")
+    busy = broadcast_object(busy)
+    if busy:
+        return _fail(busy) if main_rank else 2
+    try:
+        return _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trainer, NonFiniteLossError)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _lock_run_folder(run_dir: Path):
+    """An exclusive advisory lock on RUN/.lock (an open file; None when another process holds it). Platforms
+    without fcntl, and file systems without locks, go unlocked (an open file all the same)."""
+    f = open(run_dir / ".lock", "a")
+    try:
+        import fcntl
+
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    except (ImportError, OSError):
+        pass
+    return f
+
+
+def _write_config(run_dir: Path, full: dict) -> None:
+    tmp = run_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps(full, indent=2) + "\n")
+    os.replace(tmp, run_dir / "config.json")
+
+
+def _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trainer, NonFiniteLossError) -> int:
+    main_rank = dist_info.is_main
+    full = None
+    if main_rank:
         full = {**cfg, "image_shape": list(info.image_shape), "n_classes": n_classes,
                 "model_config": {**trainer.model.config, "image_shape": list(info.image_shape)},
                 "world_size": dist_info.world_size, "device_used": str(device),
                 "glowfast_version": __version__, "torch_version": torch.__version__,
                 "steps_total": trainer.total_steps, "batches_per_epoch": trainer.batches_per_epoch}
-        tmp = run_dir / ".config.json.tmp"
-        tmp.write_text(json.dumps(full, indent=2) + "\n")
-        os.replace(tmp, run_dir / "config.json")
+        if not resume:  # a resume writes it once the checkpoint has loaded: a failed one changes nothing
+            _write_config(run_dir, full)
         print(f"run folder: {run_dir}  ({cfg['dataset']} {tuple(info.image_shape)}, "
               f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, {trainer.total_steps} steps, "
               f"device {device}, world size {dist_info.world_size})", file=sys.stderr)
     try:
         trainer.setup(resume)
+        if resume and main_rank:
+            _write_config(run_dir, full)
         summary = trainer.fit()
     except NonFiniteLossError as e:
         return _fail(str(e), 3)
     except CheckpointError as e:
         return _fail(f"cannot resume {run_dir}: {e}. The files were left as they are.")
+    except OSError as e:  # e.g. a full disk while saving: checkpoints are written atomically, the older ones stand
+        newest = (f"the newest checkpoint is step {trainer.saved_step}" if trainer.saved_step is not None else
+                  "no checkpoint was written")
+        return _fail(f"stopped at step {trainer.step}: {e} ({newest}); resume with --resume {run_dir}", 1)
     except KeyboardInterrupt:
         saved = False
         if not dist_info.distributed:  # under DDP only the agreed stop in fit() can save (a collective)

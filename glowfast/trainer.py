@@ -6,7 +6,9 @@ Run folder (rank 0 writes everything):
     curves.png         train (per log interval) and test bits/dim against the step
     samples/           step{STEP:07d}_t{T}.png sample grids at each eval (one row per class if conditional)
     checkpoints/       last.pt and prev.pt (atomic, weights_only-loadable; see glowfast/checkpoint.py)
-    summary.json       final status, step, held-out bits/dim, wall time, non-finite counts
+    summary.json       final status (completed, interrupted, stopped_nonfinite, failed), step, held-out bits/dim,
+                       wall time, non-finite counts
+    .lock              locked by the process training in the folder (glowfast/train.py: one per run folder)
 
 Exactness of resumption: the data order is a DistributedSampler permutation seeded by ``seed + epoch``
 (re-entered part-way through an epoch), the dequantisation noise comes from the global RNGs whose states
@@ -612,6 +614,9 @@ class Trainer:
             raise
         except KeyboardInterrupt:
             status = "interrupted"
+            raise
+        except BaseException:  # any other error (a full disk while saving, ...): not "completed"
+            status = "failed"
             raise
         finally:
             restore_sigint()

@@ -290,3 +290,83 @@ def test_gemm_networks_option(tmp_path, capsys):
                                             "reference"))
     assert main(TINY + ["--steps", "2", "--gemm-networks", "--channels-last", "--run-dir", str(tmp_path / "x")]) == 2
     assert "choose one" in capsys.readouterr().err
+
+
+def test_one_process_per_run_folder(tmp_path):
+    """While a run trains, a second process on its folder (the same --run-dir, or --resume of it) exits 2 with a
+    clear error and changes nothing; the run then completes as if alone."""
+    run = tmp_path / "run"
+    seen = {}
+
+    def second_process(event, trainer):
+        # a fresh run before the first checkpoint (no checkpoint to refuse it by), a resume after it
+        extra = {1: TINY + ["--steps", "4", "--run-dir", str(run)], 3: ["--resume", str(run), "--no-progress"]}
+        if event != "after_step" or trainer.step not in extra:
+            return
+        files = sorted(run.rglob("*"))
+        before = {p: p.read_bytes() for p in files if p.is_file() and p.name != ".lock"}
+        r = subprocess.run([sys.executable, "-m", "glowfast.train", *extra[trainer.step]], capture_output=True,
+                           text=True, env=_env(), cwd=ROOT, timeout=120)
+        seen[trainer.step] = (r.returncode, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "")
+        seen[f"unchanged {trainer.step}"] = sorted(run.rglob("*")) == files and all(
+            p.read_bytes() == b for p, b in before.items())
+
+    assert main(TINY + ["--steps", "4", "--eval-interval", "2", "--ckpt-interval", "2", "--run-dir", str(run)],
+                callbacks=[second_process]) == 0
+    for step in (1, 3):
+        rc, last_line = seen[step]
+        assert rc == 2 and last_line == (f"error: {run} is in use by another python -m glowfast.train process; "
+                                         "wait for it to finish, or give this run another --name/--run-dir"), step
+        assert seen[f"unchanged {step}"], step
+    assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 4
+    assert [r["step"] for r in _metrics(run) if r["type"] == "eval"] == [2, 4]  # one run's records only
+
+
+def test_runs_started_together_without_a_name_get_folders_of_their_own(tmp_path):
+    """The default run name was the start time to the second: a sweep launched from a shell loop wrote every run
+    into one folder. Two runs started at once now each keep their own config and checkpoints."""
+    root = tmp_path / "runs"
+    procs = [subprocess.Popen([sys.executable, "-m", "glowfast.train", *TINY, "--steps", "2", "--eval-interval", "2",
+                               "--lr", lr, "--runs-root", str(root)], cwd=ROOT, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for lr in ("1e-3", "2e-3")]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+    runs = sorted(root.iterdir())
+    assert len(runs) == 2
+    lrs = {json.loads((r / "config.json").read_text())["lr"] for r in runs}
+    assert lrs == {1e-3, 2e-3}
+    for r in runs:
+        cfg = json.loads((r / "config.json").read_text())
+        assert load_checkpoint(r / "checkpoints" / LAST)["config"]["lr"] == cfg["lr"]
+
+
+def test_bad_temperatures_are_refused_before_training(tmp_path, capsys):
+    for bad in ("-1", "nan"):
+        assert main(TINY + ["--temperatures", "0.7", bad, "--run-dir", str(tmp_path / "t")]) == 2
+        assert "--temperatures must be finite and >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_failed_save_is_a_one_line_error_the_run_marked_failed_and_resumable(tmp_path, capsys):
+    """A checkpoint that cannot be written (here: its folder replaced by a file, a real OSError even as root)
+    stops the run with one line, summary.json says "failed" (it said "completed"), and once the folder is back
+    the run resumes from the last good checkpoint."""
+    run = tmp_path / "run"
+    ckpt, aside = run / "checkpoints", tmp_path / "aside"
+
+    def break_the_checkpoint_folder(event, trainer):
+        if event == "after_step" and trainer.step == 3:
+            ckpt.rename(aside)
+            ckpt.write_text("not a folder")
+
+    assert main(TINY + ["--steps", "6", "--eval-interval", "2", "--ckpt-interval", "2", "--run-dir", str(run)],
+                callbacks=[break_the_checkpoint_folder]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: stopped at step 4: ") and "the newest checkpoint is step 2" in err[-1]
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+    ckpt.unlink()
+    aside.rename(ckpt)
+    assert main(["--resume", str(run), "--no-progress"]) == 0
+    assert load_checkpoint(ckpt / LAST)["step"] == 6
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"

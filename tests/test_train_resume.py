@@ -100,12 +100,13 @@ def test_resume_with_no_loadable_checkpoint_is_an_error_that_changes_nothing(tmp
     for name in (LAST, PREV):
         _damage(run / "checkpoints" / name)
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
-    metrics = (run / "metrics.jsonl").read_text()
+    metrics, config = (run / "metrics.jsonl").read_text(), (run / "config.json").read_text()
     with pytest.warns(UserWarning, match="trying the previous checkpoint"):
         assert main(["--resume", str(run), "--steps", "12", "--no-progress"]) == 2
     assert "cannot resume" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
     assert (run / "metrics.jsonl").read_text() == metrics
+    assert (run / "config.json").read_text() == config  # it took the failed resume's --steps 12
 
 
 def test_resume_from_prev_when_last_is_damaged_keeps_prev(tmp_path, uninterrupted):
