@@ -65,6 +65,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    try:  # Linux: read it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (once, at import)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_save(obj: Any, path: str | os.PathLike, writer: Callable[[Any, Any], None] | None = None,
                 before_replace: Callable[[], None] | None = None) -> Path:
     """Write ``obj`` to ``path`` atomically (temp file in the same directory + fsync + ``os.replace``).
@@ -79,6 +94,9 @@ def atomic_save(obj: Any, path: str | os.PathLike, writer: Callable[[Any, Any], 
     writer = writer or torch.save
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file owner-only (0600); a checkpoint gets the mode of any other file the user writes
+        # (the umask), so colleagues sharing a project folder can load it
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             writer(obj, f)
             f.flush()

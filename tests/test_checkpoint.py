@@ -157,3 +157,20 @@ def test_rng_state_roundtrip_through_weights_only(tmp_path):
     got = (torch.rand(3), random.random(), np.random.rand(2), np.random.randn())
     assert torch.equal(expected[0], got[0]) and expected[1] == got[1]
     assert np.array_equal(expected[2], got[2]) and expected[3] == got[3]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o007, 0o660)])
+def test_checkpoint_file_mode_follows_the_umask(tmp_path, umask, mode):
+    """Like any file the user writes (they were owner-only 0600, mkstemp's mode: colleagues sharing a project
+    folder could not load them). A fresh process, because the umask is read once at import."""
+    import stat
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from glowfast.checkpoint import save_checkpoint; "
+            "save_checkpoint({'step': 1}, sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], check=True, cwd=root,
+                   preexec_fn=lambda: os.umask(umask), timeout=120)
+    assert stat.S_IMODE((tmp_path / "ckpt" / LAST).stat().st_mode) == mode
