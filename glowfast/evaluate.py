@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m glowfast.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default=None, help="run folder of python -m glowfast.train (its newest checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint file (instead of / within --run)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint file or run folder; with --run, it may name one in the run (e.g. prev.pt)")
     p.add_argument("--raw-weights", action="store_true",
                    help="the last iterate's weights even when the run kept a moving average (--ema-decay)")
     p.add_argument("--datasets", nargs="+", required=True, metavar="NAME[:SPLIT]",
@@ -289,6 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         return fail("give --run RUN or --checkpoint PATH")
     if args.batch_size < 1 or args.n < 0 or args.dequant_samples < 1:
         return fail("--batch-size and --dequant-samples must be >= 1, --n >= 0")
+    try:  # the output paths before the scoring, not after minutes of it
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            if Path(args.json).is_dir():
+                return fail(f"--json {args.json} is a folder")
+        if args.save_scores:
+            Path(args.save_scores).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return fail(f"output path: {e}")
     try:
         path, state, model, device = load_run_model(args.run, args.checkpoint, args.device, args.backend,
                                                     args.raw_weights)
@@ -315,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{name}:{split}"
         scores[key] = bpd
         n = int(bpd.size)
-        sem = float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+        sem = float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else None  # JSON null (NaN is not JSON)
         row = {"dataset": key, "n": n, "mean_bpd": float(bpd.mean()), "sem_bpd": sem,
                "score": "p(x | label)" if conditional else "p(x)"}
         if rows:
@@ -330,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     print(header + "\n| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         a = r.get("auroc_vs_first")
-        print(f"| {r['dataset']} | {r['score']} | {r['n']} | {r['mean_bpd']:.4f} | {r['sem_bpd']:.4f} | "
+        sem = "—" if r["sem_bpd"] is None else f"{r['sem_bpd']:.4f}"
+        print(f"| {r['dataset']} | {r['score']} | {r['n']} | {r['mean_bpd']:.4f} | {sem} | "
               f"{'—' if a is None else f'{a:.4f}'} |")
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k not in ("json",)}
@@ -340,7 +351,6 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
 
         out = Path(args.save_scores)
-        out.mkdir(parents=True, exist_ok=True)
         for key, bpd in scores.items():
             np.save(out / f"{key.replace(':', '_')}.npy", bpd)
     return 0

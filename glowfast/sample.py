@@ -15,6 +15,7 @@ split's factored-out latent and the top one) linearly, and decodes.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group("model")
     src.add_argument("--run", default=None, help="run folder (uses its newest loadable checkpoint)")
-    src.add_argument("--checkpoint", default=None, help="a checkpoint file (instead of / within --run)")
+    src.add_argument("--checkpoint", default=None,
+                     help="a checkpoint file or run folder; with --run, it may name one in the run (e.g. prev.pt)")
     src.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     src.add_argument("--backend", choices=("reference", "fused", "auto"), default="auto")
     src.add_argument("--raw-weights", action="store_true",
@@ -82,9 +84,16 @@ def load_run_model(run, checkpoint, device: str, backend: str, raw_weights: bool
         device_str = "cuda" if torch.cuda.is_available() else "cpu"
     if device_str.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available")
-    dev = torch.device(device_str)
     try:
-        path, state = find_checkpoint(checkpoint or run, map_location="cpu")
+        dev = torch.device(device_str)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device (auto, cpu, cuda or cuda:N)") from None
+    source = checkpoint or run
+    if run and checkpoint and not Path(checkpoint).exists():  # a checkpoint named within the run, e.g. prev.pt
+        source = next((c for c in (Path(run) / "checkpoints" / checkpoint, Path(run) / checkpoint) if c.exists()),
+                      checkpoint)
+    try:
+        path, state = find_checkpoint(source, map_location="cpu")
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     if "model_config" not in state:
@@ -123,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    bad = [t for t in args.temperatures if not (math.isfinite(t) and t >= 0)]
+    if bad:
+        print(f"error: --temperatures must be finite and >= 0, got {bad[0]}", file=sys.stderr)
+        return 2
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: --out {args.out} is a file, not a folder", file=sys.stderr)
+        return 2
     try:
         path, state, model, device = load_run_model(args.run, args.checkpoint, args.device, args.backend,
                                                     args.raw_weights)

@@ -208,6 +208,30 @@ def test_cli_labels_condition_only_the_models_own_dataset(tmp_path):
     assert tables[True]["digits:test"]["mean_bpd"] != tables[False]["digits:test"]["mean_bpd"]
 
 
+def test_cli_output_paths_and_devices_checked_before_scoring(tmp_path, capsys):
+    """--json into a folder that does not exist yet is created (it crashed after all the scoring); one image has
+    no standard error: JSON null, not NaN (invalid JSON); a bad --device or a folder as --json: one line, exit 2."""
+    from glowfast.train import main as train_main
+
+    from test_train import TINY
+
+    run = tmp_path / "run"
+    assert train_main(TINY + ["--steps", "2", "--eval-interval", "2", "--run-dir", str(run)]) == 0
+    out = tmp_path / "new" / "folder" / "eval.json"
+    assert main(["--run", str(run), "--datasets", "digits", "--n", "1", "--device", "cpu", "--json", str(out)]) == 0
+
+    def no_nan(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    row = json.loads(out.read_text(), parse_constant=no_nan)["rows"][0]
+    assert row["n"] == 1 and row["sem_bpd"] is None
+    capsys.readouterr()
+    assert main(["--run", str(run), "--datasets", "digits", "--device", "gpu"]) == 2
+    assert main(["--run", str(run), "--datasets", "digits", "--device", "cpu", "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --device gpu: not a device (auto, cpu, cuda or cuda:N)", f"error: --json {tmp_path} is a folder"]
+
+
 class _PrecisionRecordingGlow(Glow):
     """A Glow that notes the fp32 precision settings in force whenever its flow runs."""
 

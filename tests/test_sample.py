@@ -75,3 +75,31 @@ def test_sample_cli_errors(tmp_path):
                          text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "checkpoint" in out.stderr
     assert sample_main([]) == 2
+
+
+def test_bad_arguments_are_one_line_errors_before_any_output(runs, tmp_path, capsys):
+    """Each was a traceback, some after grids were already written (found by a review)."""
+    run = runs / "plain"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for args, message in (
+        (["--device", "gpu"], "error: --device gpu: not a device (auto, cpu, cuda or cuda:N)"),
+        (["--temperatures", "0.5", "-1"], "error: --temperatures must be finite and >= 0, got -1.0"),
+        (["--out", str(a_file)], f"error: --out {a_file} is a file, not a folder"),
+    ):
+        out = tmp_path / "out"
+        assert sample_main(["--run", str(run), "--out", str(out), "--interpolate-pairs", "0", *args]) == 2, args
+        assert capsys.readouterr().err.strip() == message
+        assert not out.exists()
+
+
+def test_checkpoint_named_within_the_run(runs, tmp_path):
+    """--run RUN --checkpoint NAME: a checkpoint of that run (the help says so; it was looked up in the working
+    directory)."""
+    from glowfast.checkpoint import LAST
+
+    run = runs / "plain"
+    out = tmp_path / "out"
+    assert sample_main(["--run", str(run), "--checkpoint", LAST, "--out", str(out), "--interpolate-pairs", "0",
+                        "--temperatures", "1"]) == 0
+    assert (out / "samples_t1.png").exists()
