@@ -1,15 +1,17 @@
 """Train a Glow model: ``python -m glowfast.train [options]`` (``--help`` lists them all).
 
 With no arguments it trains a small Glow on scikit-learn's embedded 8x8 digits on the CPU in a few
-minutes and leaves a run folder (runs/<timestamp>/) with config.json, metrics.jsonl, curves.png,
-samples/ (grids at temperatures 0, 0.5, 0.7, 0.8, 1.0 at each eval), checkpoints/{last,prev}.pt and
-summary.json (held-out bits/dim on the whole test split). See glowfast/trainer.py for the loop.
+minutes and leaves a run folder (runs/<start time>-<process id>/, or runs/<--name>/) with config.json,
+metrics.jsonl, curves.png, samples/ (grids at temperatures 0, 0.5, 0.7, 0.8, 1.0 at each eval),
+checkpoints/{last,prev}.pt and summary.json (held-out bits/dim on the whole test split). One process trains in
+a run folder at a time (RUN/.lock). See glowfast/trainer.py for the loop.
 
 Multi-GPU / multi-process: ``torchrun --nproc_per_node N -m glowfast.train ...`` trains with
 DistributedDataParallel (NCCL on CUDA, gloo on CPU) and a DistributedSampler; ``--batch-size`` is per
 process. ``--resume RUN`` continues RUN exactly where its newest checkpoint left it.
 
-Exit status: 0 done; 2 bad usage, missing dataset, unusable device/backend or checkpoint; 3 stopped on
+Exit status: 0 done; 1 an I/O error stopped it (e.g. a full disk; the older checkpoints stand); 2 bad usage,
+missing dataset, unusable device/backend or checkpoint, run folder in use by another process; 3 stopped on
 non-finite losses; 130 interrupted (Ctrl-C: the step in flight finishes and is checkpointed; an interrupt in
 the middle of a step -- a second Ctrl-C -- leaves the newest checkpoint as it is).
 """
