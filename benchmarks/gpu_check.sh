@@ -57,10 +57,13 @@ mkdir -p "$LOGS"
 BUDGET=${GPU_CHECK_BUDGET:-540}
 PRESET=${1:-all}
 case $PRESET in
+    # caps that leave every stage of a preset a slot in the 540 s (cold build ~70 s est.; stages finishing early
+    # leave the rest to the next ones)
     check)   PRESET_STAGES="env build tests sanitizer train tf32"
-             MAX_tests=${MAX_tests:-240}; MAX_sanitizer=${MAX_sanitizer:-150} ;;
+             MAX_tests=${MAX_tests:-220}; MAX_sanitizer=${MAX_sanitizer:-120}; MAX_train=${MAX_train:-75}
+             MAX_tf32=${MAX_tf32:-40} ;;
     bench)   PRESET_STAGES="env build startup bench_model bench_ops tune report"
-             MAX_bench_model=${MAX_bench_model:-230}; MAX_bench_ops=${MAX_bench_ops:-150} ;;
+             MAX_bench_model=${MAX_bench_model:-200}; MAX_bench_ops=${MAX_bench_ops:-120}; MAX_tune=${MAX_tune:-90} ;;
     compile) PRESET_STAGES="env build bench_compile report"
              export GLOWFAST_BENCH_COMPILE_MODEL=${GLOWFAST_BENCH_COMPILE_MODEL:-cifar10_K32_B64}
              GPU_CHECK_COMPILE_MAX=${GPU_CHECK_COMPILE_MAX:-420} ;;
@@ -70,6 +73,11 @@ esac
 STAGES=${GPU_CHECK_STAGES:-$PRESET_STAGES}
 TRAIN_STEPS=${TRAIN_STEPS:-1000}
 START=$(date +%s)
+# the commit: the device machine gets a copy of the working tree without .git, so the caller passes it
+# (GLOWFAST_GIT_COMMIT=$(git rev-parse HEAD) in the device command); else git, when there is a repository
+COMMIT=${GLOWFAST_GIT_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')}
+if git rev-parse HEAD > /dev/null 2>&1 && ! git diff --quiet 2>/dev/null; then COMMIT="$COMMIT (dirty tree)"; fi
+export GLOWFAST_GIT_COMMIT=$COMMIT
 PY=${PYTHON:-python3}  # the device image has python3 (its torch); a venv has both
 SUMMARY_ROWS=$WORK/stages.tsv
 : > "$SUMMARY_ROWS"
@@ -156,13 +164,9 @@ EOF
 }
 
 build() {
-    # only this GPU's architecture (setup.py's default builds 8.0 and 9.0: twice the nvcc time)
-    local arch
-    arch=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null)
-    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}} $PY -m pip install --no-build-isolation --no-deps -e . && \
-        $PY -c "import glowfast, glowfast._C, torch; from glowfast.ops.batched_lu import has_cuda_kernels
-print('glowfast', glowfast.__version__, 'built:', glowfast._C.__file__, 'CUDA kernels:', has_cuda_kernels())
-assert has_cuda_kernels() or not torch.cuda.is_available(), 'built without the CUDA kernels (nvcc not found?)'"
+    # only this GPU's architecture (setup.py's default builds 8.0 and 9.0: twice the nvcc time), and not again
+    # when the previous call on this machine built the same sources (benchmarks/gpu_build.sh)
+    bash benchmarks/gpu_build.sh
 }
 
 tests() {
@@ -218,8 +222,8 @@ bench_model_cold() {
 
 bench_ops_files() {
     # batched LU first (issue 3's targets), then the fused kernels (issue 4), then the reference per-op cases;
-    # the compiled per-op variants run in bench_compile
-    GLOWFAST_BENCH_COMPILE=0 bench ops benchmarks/bench_batched_lu.py benchmarks/bench_fused_step.py \
+    # the compiled per-op variants run in bench_compile. The kernels startup/bench_model compiled are reused.
+    TRITON_CACHE_DIR="$WORK/triton_cache_startup" GLOWFAST_BENCH_COMPILE=0 bench ops benchmarks/bench_batched_lu.py benchmarks/bench_fused_step.py \
         benchmarks/bench_flow_ops.py
 }
 
@@ -231,7 +235,7 @@ bench_compile() {
 
 tune() {
     # CIFAR-10 level 1 / MNIST (cp 16) and the issue's bandwidth shapes; backward kernels first (most changed)
-    pymod glowfast.kernels.tune --out "$WORK/tune" --budget "${TUNE_BUDGET:-75}" \
+    TRITON_CACHE_DIR="$WORK/triton_cache_startup" pymod glowfast.kernels.tune --out "$WORK/tune" --budget "${TUNE_BUDGET:-75}" \
         --kernels cross_step/bwd,actnorm_invconv/bwd,cross_step/fwd,coupling/bwd,coupling/fwd,actnorm_invconv/fwd \
         --shapes 64x12x128x128,256x12x16x16,64x48x64x64,256x24x8x8
     local rc=$?
@@ -279,9 +283,9 @@ stage sanitizer "${MAX_sanitizer:-150}" 20 -- sanitizer
 stage startup 90 30 -- startup
 stage bench_model "${MAX_bench_model:-170}" 40 -- bench_model_cold
 stage bench_ops "${MAX_bench_ops:-130}" 20 -- bench_ops_files
-stage tune 110 40 -- tune
-stage train 150 40 -- train
-stage tf32 60 20 -- tf32_bias
+stage tune "${MAX_tune:-110}" 40 -- tune
+stage train "${MAX_train:-150}" 40 -- train
+stage tf32 "${MAX_tf32:-60}" 20 -- tf32_bias
 stage bench_compile "${GPU_CHECK_COMPILE_MAX:-200}" 40 -- bench_compile
 
 # ------------------------------------------------------------------------------------------------ report
@@ -331,7 +335,7 @@ fi
 {
     echo "# gpu_check.sh summary"
     echo
-    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit: $(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty tree)')"
+    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit: $COMMIT"
     echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
     echo "- total wall time: $(elapsed) s of a ${BUDGET} s budget"
     echo "- peer: $($PY -c 'import normflows; print("normflows", normflows.__version__)' 2>/dev/null || echo 'normflows not importable (peer benchmarks skipped)')"
@@ -365,7 +369,7 @@ for line in lines:
     if on:
         out.append(line)
 detail_header = next((i for i, l in enumerate(lines) if l.startswith("| group | variant |")), None)
-rows = [l for l in lines if re.match(r"\| (train_step|sample64|compile)/[^|]+\| [a-z]", l)]
+rows = [l for l in lines if re.match(r"\| (train_step|sample64|compile)/[^|:]+\| [a-z]", l)]  # not target rows
 if rows and detail_header is not None:
     out += ["", lines[detail_header], lines[detail_header + 1]] + rows
 print("\n".join(out))

@@ -25,6 +25,7 @@ import datetime as _dt
 import importlib.metadata
 import json
 import math
+import os
 import subprocess
 import sys
 from collections import OrderedDict
@@ -186,6 +187,7 @@ def header(meta: dict, title: str, note: str | None, benches: list[dict] = ()) -
                 pass
     commit = ci.get("id")
     commit = (commit[:12] + (" (dirty tree)" if ci.get("dirty") else "")) if commit else \
+        os.environ.get("GLOWFAST_GIT_COMMIT") or \
         (git_commit(Path(__file__).resolve().parent) or "unknown") + " (git rev-parse at report time)"
     date = meta.get("datetime") or _dt.datetime.now(_dt.UTC).isoformat()
     lines = [f"## {title}", ""]
@@ -328,7 +330,7 @@ def target_table(groups: OrderedDict, startup: list[dict] = ()) -> list[str]:
                        "benchmark process (no startup.py record: CUDA context and cuDNN were already warm, so "
                        "this underestimates a cold start)", first < STARTUP_TARGET_S, f"{first:.1f} s"))
     return checks_table("Issue 6 targets (H100; peer anchor y0ast/Glow-PyTorch: 244 img/s at B64, 952 img/s at B256)",
-                        checks) + kernel_target_table(groups)
+                        checks) + kernel_target_table(groups) + lu_target_table(groups)
 
 
 def checks_table(title: str, checks: list[tuple[str, bool, str]]) -> list[str]:
@@ -357,6 +359,32 @@ def kernel_target_table(groups: OrderedDict) -> list[str]:
     return checks_table("Issue 4 targets (fused kernels; bandwidth from CUDA-graph replays)", checks)
 
 
+# Issue 3's targets for the batched LU op on an H100: the 96 matrices of a CIFAR-10 Glow (32 each of 12, 24, 48)
+LU_TARGET_S = {"slogdet-fwd": 30e-6, "slogdet-fwdbwd": 80e-6}
+
+
+def lu_target_table(groups: OrderedDict) -> list[str]:
+    """Issue 3's targets, from GPU rows only (CUDA rows carry peak_mem_mib): the 96-matrix CIFAR-10 set forward
+    <= 30 us and forward+backward <= 80 us, and the 4096 x 48x48 batch faster than torch.linalg.slogdet."""
+    def gpu(row):
+        return row is not None and "peak_mem_mib" in row["info"] and row["time"]
+
+    checks = []
+    for mode, limit in LU_TARGET_S.items():
+        for variant in ("fused", "packed"):
+            row = (groups.get(f"batched_lu/{mode}/cifar96") or {}).get(variant)
+            if gpu(row):
+                checks.append((f"batched_lu/{mode}/cifar96 ({variant}): 96 matrices ≤ {limit * 1e6:.0f} µs",
+                               row["time"] <= limit, fmt_time(row["time"])))
+    rows = groups.get("batched_lu/slogdet-fwd/batch4096x48") or {}
+    fused, torch_batched = rows.get("fused"), rows.get("peer")
+    if gpu(fused) and gpu(torch_batched):
+        checks.append(("batched_lu/slogdet-fwd/batch4096x48: fused faster than torch.linalg.slogdet (one call)",
+                       fused["time"] < torch_batched["time"],
+                       f"{fmt_time(fused['time'])} vs {fmt_time(torch_batched['time'])}"))
+    return checks_table("Issue 3 targets (batched LU op on the GPU)", checks)
+
+
 def render(paths: list[Path], title: str | None = None, note: str | None = None, stat: str = "median",
            startup_paths: list[Path] = (), allow_mixed: bool = False) -> str:
     meta, benches = load(paths, allow_mixed)
@@ -365,7 +393,8 @@ def render(paths: list[Path], title: str | None = None, note: str | None = None,
         r = startup[0]
         lines = [f"## {title or 'Start-up on ' + r.get('device', '?')}", ""] + ([note, ""] if note else [])
         lines += [f"torch {r.get('torch', '?')}, glowfast {r.get('glowfast', '?')}, commit "
-                  f"{git_commit(Path(__file__).resolve().parent) or '?'} (at report time)", ""]
+                  f"{os.environ.get('GLOWFAST_GIT_COMMIT') or git_commit(Path(__file__).resolve().parent) or '?'} "
+                  "(at report time)", ""]
         return "\n".join(lines + target_table(OrderedDict(), startup) + startup_table(startup))
     mi = meta.get("machine_info") or {}
     if title is None:

@@ -27,9 +27,9 @@ PY=${PYTHON:-python3}  # the device image has python3 (its torch); a venv has bo
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET=${GPU_FULL_BUDGET:-570}  # seconds for everything, under the device tool's 600 s per command
-arch=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null || true)
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}} $PY -m pip install --no-build-isolation --no-deps -e . \
-  > "$OUT/install.log" 2>&1 || echo "editable install failed (see install.log); running from the tree"
+# the extension for this GPU (not rebuilt when an earlier call on this machine built the same sources)
+PYTHON=$PY bash benchmarks/gpu_build.sh > "$OUT/install.log" 2>&1 \
+  || echo "the build failed (see install.log); running from the tree"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
 case $what in
   ablations) groups=("ablation-permutation" "ablation-coupling") ;;
@@ -48,7 +48,9 @@ for name in "${groups[@]}"; do
   echo "== $name (limit ${left} s, $(( $(date +%s) - START )) s elapsed)" | tee -a "$OUT/log-$what.txt"
   # shellcheck disable=SC2086  # $name: a group of experiment names
   rc=0
-  timeout -k 10 "$left" $PY -m glowfast.experiments $name --config full --data-dir gpudata --out results/full \
+  # one experiment name writes into --out itself, several into --out/<name>: every experiment its own folder
+  out=results/full; [[ $name == *" "* ]] || out=results/full/$name
+  timeout -k 10 "$left" $PY -m glowfast.experiments $name --config full --data-dir gpudata --out "$out" \
     --cache /tmp/glowfast-models --device cuda --backend auto 2>&1 | tee -a "$OUT/log-$what.txt" || rc=$?
   (( rc == 0 )) || { echo "== $name: exit $rc$( (( rc == 124 || rc == 137 )) && echo ' (time limit)')" \
     | tee -a "$OUT/log-$what.txt"; status=3; }

@@ -247,6 +247,36 @@ def test_issue4_kernel_targets(bench_json, tmp_path):
     assert re.search(r"step_nonnet/fwdbwd/B64_C12_16x16: fused ≥ 3× the reference \| yes \| 3.30×", md), md
 
 
+def test_issue3_lu_targets_from_gpu_rows_only(bench_json, tmp_path):
+    """The 96-matrix set against 30 / 80 µs and the 4096-matrix batch against torch's batched slogdet, on GPU rows
+    (peak_mem_mib); the same groups measured on a CPU are not checked against H100 targets."""
+    data = json.loads(bench_json.read_text())
+    toy = [b for b in data["benchmarks"] if b["group"] == "toy_op/fwd/B2_C4_8x8"][0]
+
+    def row(group, variant, median, gpu=True):
+        b = json.loads(json.dumps(toy))
+        b["group"], b["stats"]["median"] = group, median
+        b["extra_info"] = {"variant": variant, **({"peak_mem_mib": 1.0} if gpu else {})}
+        return b
+
+    gpu_rows = [row("batched_lu/slogdet-fwd/cifar96", "fused", 25e-6),
+                row("batched_lu/slogdet-fwdbwd/cifar96", "fused", 95e-6),
+                row("batched_lu/slogdet-fwd/batch4096x48", "fused", 0.9e-3),
+                row("batched_lu/slogdet-fwd/batch4096x48", "peer", 1.15e-3)]
+    src = tmp_path / "gpu.json"
+    src.write_text(json.dumps({**data, "benchmarks": data["benchmarks"] + gpu_rows}))
+    md = run_report(src).stdout
+    assert "### Issue 3 targets" in md
+    assert table_row(md, "batched_lu/slogdet-fwd/cifar96 (fused): 96 matrices ≤ 30 µs")[1] == "yes"
+    assert table_row(md, "batched_lu/slogdet-fwdbwd/cifar96 (fused): 96 matrices ≤ 80 µs")[1] == "NO"
+    assert table_row(md, "batched_lu/slogdet-fwd/batch4096x48: fused faster than torch.linalg.slogdet "
+                         "(one call)")[1] == "yes"
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({**data, "benchmarks": data["benchmarks"] + [
+        row("batched_lu/slogdet-fwd/cifar96", "fused", 25e-6, gpu=False)]}))
+    assert "Issue 3 targets" not in run_report(cpu).stdout
+
+
 def test_start_up_records_alone(tmp_path):
     """A session whose benchmarks did not run still reports its start-up records (and the target on them)."""
     st = tmp_path / "startup.json"
