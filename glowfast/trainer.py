@@ -184,8 +184,6 @@ class Trainer:
         if cfg.get("gemm_networks"):
             enable_gemm_networks(self.model)
         self.model.memory_saving = bool(cfg.get("memory_saving"))
-        self.optimizer = self._make_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
         per_rank = len(train_set) // self.dist.world_size
         self.batches_per_epoch = per_rank // cfg["batch_size"]
@@ -193,6 +191,9 @@ class Trainer:
             raise ValueError(f"batch size {cfg['batch_size']} is larger than the training set per rank "
                              f"({per_rank} images)")
         self.total_steps = cfg["steps"] if cfg.get("steps") else cfg["epochs"] * self.batches_per_epoch
+        self.optimizer = self._make_optimizer()
+        # after total_steps: LambdaLR evaluates the factor of step 0 at once, and the cosine needs the total
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.sampler = ResumableDistributedSampler(train_set, num_replicas=self.dist.world_size,
                                                    rank=self.dist.rank, shuffle=True, seed=cfg["seed"],
                                                    drop_last=True)
@@ -338,6 +339,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the next step's rate from this run's schedule: a resume may change --steps / --epochs (the cosine's
+        # length), and the saved rate was computed with the old total (the same value when nothing changed)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * self._lr_factor(self.scheduler.last_epoch)
         self.step, self.epoch, self.epoch_pos = state["step"], state["epoch"], state["epoch_pos"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
@@ -440,13 +445,17 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             stats = self.loss_and_grads(x, y)
-        flags = torch.isfinite(stats[:2]).to(torch.int32)  # [loss ok, grad norm ok]
+        flags = torch.isfinite(stats[:2]).to(stats.dtype)  # [loss ok, grad norm ok]
         if is_dist():
-            # every rank skips the same steps, and all stop after the same step when any rank was interrupted
-            go_on = flags.new_full((1,), 0 if self.stop_requested else 1)  # filled on the device: no host wait
-            flags = torch.cat([flags, go_on])
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        flat = torch.cat([stats, flags.to(stats.dtype)]).tolist()  # the one sync
+            # One collective: the statistics averaged over the ranks (the objective is the mean over all of them;
+            # rank 0's alone are half the batch), and the flags summed: every rank skips the same steps, and all
+            # stop after the same step when any rank was interrupted (a flag holds only if it holds on every rank)
+            go_on = flags.new_full((1,), 0.0 if self.stop_requested else 1.0)  # filled on the device: no host wait
+            packed = torch.cat([stats, flags, go_on])
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            world, n = float(self.dist.world_size), stats.numel()
+            stats, flags = packed[:n] / world, (packed[n:] == world).to(stats.dtype)
+        flat = torch.cat([stats, flags]).tolist()  # the one sync
         if is_dist():  # the agreed decision: a rank's own flag may be set between here and the end of the step
             self.stop_agreed = not flat.pop()
         *values, loss_ok, gn_ok = flat

@@ -45,6 +45,11 @@ def _worker(rank: int, world: int, port: int, out: str, argv: list[str]) -> None
             record["actnorm_bias"] = trainer.model.levels[0].steps[0].actnorm.bias.detach().clone()
         elif event == "before_step" and trainer.step == 0:
             record["first_batch"] = trainer.batch[0].clone()
+            # this rank's own bits/dim of the first step: the same forward with the same noise (RNG restored)
+            rng = torch.get_rng_state()
+            with torch.no_grad():
+                record["local_bpd_step1"] = trainer.model(trainer.batch[0]).bits_per_dim.mean().item()
+            torch.set_rng_state(rng)
         elif event == "before_step" and trainer.step == 1 and rank == 1:
             # a non-finite loss on one rank only: every rank must skip that update together
             record["top0"] = trainer.model.prior.top.data[0].item()
@@ -78,6 +83,12 @@ def test_ddp_two_gloo_ranks_stay_identical(tmp_path):
     assert not torch.equal(r0["init"], r0["final"]), "training changed the parameters"
     assert r0["nonfinite_total"] == r1["nonfinite_total"] == 1
     assert r0["test_bpd"] == r1["test_bpd"]  # all-reduced over the whole test split
+    # the logged training bits/dim are the mean over the ranks' shards (they were rank 0's): the record at step 2
+    # holds step 1 only, since step 2 was skipped (non-finite on rank 1)
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r for r in train if r["type"] == "train" and r["step"] == 2)["bpd"]
+    assert abs(r0["local_bpd_step1"] - r1["local_bpd_step1"]) > 1e-4  # the shards differ
+    assert logged == pytest.approx((r0["local_bpd_step1"] + r1["local_bpd_step1"]) / 2, abs=1e-6)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 5
     ckpt = load_checkpoint(run / "checkpoints" / LAST)

@@ -370,3 +370,24 @@ def test_a_failed_save_is_a_one_line_error_the_run_marked_failed_and_resumable(t
     assert main(["--resume", str(run), "--no-progress"]) == 0
     assert load_checkpoint(ckpt / LAST)["step"] == 6
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_cosine_without_warmup_and_resumed_to_a_longer_run(tmp_path):
+    """--warmup-steps 0 with the cosine schedule crashed before training (the schedule read the run's length
+    before it was known); a resume that lengthens the run used the old schedule's rate for its first step (lr 0
+    here). Each step's rate is now the new run's: equal to an uninterrupted 8-step run's from step 5 on."""
+    opts = ["--warmup-steps", "0", "--lr-schedule", "cosine", "--log-interval", "1", "--eval-interval", "4"]
+    short, whole = tmp_path / "short", tmp_path / "whole"
+    assert main(TINY + opts + ["--steps", "4", "--run-dir", str(short)]) == 0
+    assert main(["--resume", str(short), "--steps", "8", "--no-progress"]) == 0
+    assert main(TINY + opts + ["--steps", "8", "--run-dir", str(whole)]) == 0
+
+    def rates(run):
+        return {r["step"]: r["lr"] for r in _metrics(run) if r["type"] == "train"}
+
+    lr = json.loads((whole / "config.json").read_text())["lr"]
+    expected_whole = {k: lr * 0.5 * (1 + math.cos(math.pi * (k - 1) / 8)) for k in range(1, 9)}
+    assert rates(whole) == pytest.approx(expected_whole, rel=1e-12)
+    resumed = rates(short)
+    assert {k: resumed[k] for k in range(5, 9)} == pytest.approx({k: expected_whole[k] for k in range(5, 9)},
+                                                                  rel=1e-12)
