@@ -91,6 +91,19 @@ def test_log_sigmoid_is_stable_at_extremes(kernel_device):
     assert_exact(gh, gh_ref, "grad", "grad h")
 
 
+def test_logdet_gradient_keeps_its_precision_in_the_saturated_tail(kernel_device):
+    """d log sigmoid(t) / dt = sigmoid(-t) for t = raw + 2 up to 80: relative accuracy like the reference's
+    softplus backward (it was 1 - sigmoid(t): +17% at t = 15 and exactly 0 from t ~ 17)."""
+    t = torch.tensor([8.0, 10.0, 12.0, 15.0, 17.0, 20.0, 30.0, 50.0, 80.0])  # sigmoid(-t) normal in fp32
+    raw = (t - 2.0).view(1, 1, 1, -1).to(kernel_device)
+    z = torch.randn(1, 2, 1, t.numel(), device=kernel_device)
+    h = torch.cat([torch.zeros_like(raw), raw], 1).requires_grad_(True)
+    _, ld = apply_coupling(z, h, True)
+    (gh,) = torch.autograd.grad(ld.sum(), [h])
+    truth = torch.sigmoid(-t.double())
+    torch.testing.assert_close(gh[0, 1, 0].double().cpu(), truth, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_io(dtype, device):

@@ -186,7 +186,9 @@ def _actnorm_invconv_bwd_kernel(
         dx, du, u = actnorm_conv_bwd_tile(x, dy, w_t, bias, log_scale, PREC)
         if NEED_DX:
             tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        # dy is 0 on padded pixels/channels, so du is too and u needs no masking in the sums.
+        # dy is 0 on padded pixels/channels, so du is too; u is masked all the same: there it is bias * scale
+        # (x loaded as 0), which may overflow to inf, and 0 * inf would put a NaN into the sums
+        u = tl.where(mask, u, 0.0)
         dls_acc += tl.sum(du * u, axis=1)
         db_acc += tl.sum(dx, axis=1)
         if NEED_DW:

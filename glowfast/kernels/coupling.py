@@ -103,10 +103,14 @@ def coupling_inv_tile(y, shift, raw, is_b, AFFINE: tl.constexpr):
 def coupling_bwd_tile(z, dy, shift, raw, is_b, dld, AFFINE: tl.constexpr):
     """Given z, dL/dy and dL/dlogdet (scalar): returns (dz, dshift, draw)."""
     if AFFINE:
-        sig = stable_sigmoid(raw + 2.0)
-        one_m = 1.0 - sig
+        t = raw + 2.0
+        e = tl.exp(-tl.abs(t))
+        sig = tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        # d log sigmoid(t) / dt = sigmoid(-t), computed directly: 1 - sig cancels to 0 for t > ~17 (the
+        # reference's softplus backward keeps it); the y path keeps the reference's sig * (1 - sig)
+        sig_neg = tl.where(t >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
         dshift = dy * sig
-        draw = dy * (z + shift) * sig * one_m + dld * one_m
+        draw = dy * (z + shift) * sig * (1.0 - sig) + dld * sig_neg
         dz = tl.where(is_b[:, None], dshift, dy)
     else:
         dshift = dy

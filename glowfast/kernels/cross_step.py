@@ -119,6 +119,7 @@ def _cross_step_bwd_kernel(
         shift, raw, is_b, mask_b = coupling_load_h(h_ptr, h_base, c, p, C, CA, CB, HW, AFFINE)
         y, _ = coupling_fwd_tile(z, shift, raw, is_b, mask_b, AFFINE)
         dy, du, u = actnorm_conv_bwd_tile(y, dout, w_t, bias, log_scale, PREC)
+        u = tl.where(mask, u, 0.0)  # padded pixels: bias * scale, maybe inf (see actnorm_invconv_bwd_kernel)
         dls_acc += tl.sum(du * u, axis=1)
         db_acc += tl.sum(dy, axis=1)
         if NEED_DW:
