@@ -80,7 +80,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add(g, "--n-bits", dest="n_bits", type=int, default=8, help="bits per pixel the images are reduced to (1..8)")
     add(g, "--y-condition", action="store_true", default=False,
         help="class-conditional prior + class-prediction loss; sample grids show one row per class")
-    add(g, "--y-weight", type=float, default=0.01, help="weight of the class cross-entropy (with --y-condition)")
+    add(g, "--y-weight", type=float, default=0.01,
+        help="weight of the class cross-entropy in bits (with --y-condition): openai/glow's weight_y")
 
     g = p.add_argument_group("optimisation")
     add(g, "--batch-size", type=int, default=64, help="images per step per process")

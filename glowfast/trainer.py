@@ -421,7 +421,9 @@ class Trainer:
         loss, extra = bpd, []
         if self.n_classes:
             ce = F.cross_entropy(out.y_logits, y)
-            loss = loss + self.cfg["y_weight"] * ce
+            # in bits like the bits/dim term, so --y-weight means what openai/glow's weight_y means (its loss is
+            # bits_x + weight_y * bits_y); the logged class_ce stays in nats
+            loss = loss + self.cfg["y_weight"] * (ce / math.log(2.0))
             extra.append(ce.detach())
         loss.backward()
         clip = self.cfg["grad_clip"]

@@ -219,8 +219,8 @@ def test_conditional_bf16_channels_last_adam_cosine(tmp_path):
     run = tmp_path / "cond"
     assert main(TINY + ["--steps", "4", "--eval-interval", "4", "--y-condition", "--amp", "bf16", "--optimizer",
                         "adam", "--lr-schedule", "cosine", "--coupling", "additive", "--permutation", "shuffle",
-                        "--samples-per-class", "3", "--temperatures", "0.7", "--channels-last", "--run-dir",
-                        str(run)], callbacks=[check]) == 0
+                        "--samples-per-class", "3", "--temperatures", "0.7", "--channels-last", "--y-weight", "0.5",
+                        "--run-dir", str(run)], callbacks=[check]) == 0
     assert seen["options"] == (True, True)
     from PIL import Image
 
@@ -229,6 +229,8 @@ def test_conditional_bf16_channels_last_adam_cosine(tmp_path):
     assert (w, h) == (3 * CELL + 1, 10 * CELL + 1)  # 10 class rows x 3 samples
     recs = _metrics(run)
     assert all("class_ce" in r for r in recs if r["type"] == "train")
+    for r in (r for r in recs if r["type"] == "train"):  # openai/glow's loss: bits/dim + weight_y * CE in bits
+        assert r["loss"] == pytest.approx(r["bpd"] + 0.5 * r["class_ce"] / math.log(2), rel=1e-6)
     assert recs[-1]["type"] == "eval" and math.isfinite(recs[-1]["test_bpd"])
     ckpt = load_checkpoint(run / "checkpoints" / LAST)
     assert ckpt["model_config"]["n_classes"] == 10 and ckpt["config"]["amp"] == "bf16"
