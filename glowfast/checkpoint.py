@@ -80,6 +80,16 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _readable_by_group(fd: int) -> None:
+    """mkstemp makes the file owner-only (0600); a checkpoint gets the mode of any other file the user writes (the
+    umask), so colleagues sharing a project folder can load it. Best effort: no fchmod (Windows) or a file system
+    that refuses it (some FUSE / CIFS mounts) leaves 0600 rather than failing the save."""
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    except (AttributeError, OSError):
+        pass
+
+
 def atomic_save(obj: Any, path: str | os.PathLike, writer: Callable[[Any, Any], None] | None = None,
                 before_replace: Callable[[], None] | None = None) -> Path:
     """Write ``obj`` to ``path`` atomically (temp file in the same directory + fsync + ``os.replace``).
@@ -94,10 +104,8 @@ def atomic_save(obj: Any, path: str | os.PathLike, writer: Callable[[Any, Any], 
     writer = writer or torch.save
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp makes the file owner-only (0600); a checkpoint gets the mode of any other file the user writes
-        # (the umask), so colleagues sharing a project folder can load it
-        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
+            _readable_by_group(f.fileno())
             writer(obj, f)
             f.flush()
             os.fsync(f.fileno())

@@ -265,13 +265,6 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
     if not 1 <= cfg["n_bits"] <= 8:
         return _fail(f"--n-bits must be in 1..8, got {cfg['n_bits']}")
 
-    taken = None
-    if not resume and main_rank:
-        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-            taken = f"{run_dir} already holds a run; use --resume {run_dir} or another --name/--run-dir"
-    taken = broadcast_object(taken)  # every rank stops, not only rank 0
-    if taken:
-        return _fail(taken) if main_rank else 2
     try:
         trainer = Trainer(cfg, run_dir, train_set, test_set, info.image_shape, n_classes, device, dist_info,
                           callbacks)
@@ -297,16 +290,22 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
 
     # One process per run folder: a second one (a repeated --name, a --resume while the run still trains) would
     # mix two runs' checkpoints and metrics. The lock is released when this function returns or the process dies.
-    lock, busy = None, None
+    # A fresh run then refuses a folder that holds checkpoints -- checked under the lock, so that a run finishing
+    # meanwhile cannot be overwritten.
+    lock, refused = None, None
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock_run_folder(run_dir)
         if lock is None:
-            busy = (f"{run_dir} is in use by another python -m glowfast.train process; wait for it to finish, or "
-                    "give this run another --name/--run-dir")
-    busy = broadcast_object(busy)
-    if busy:
-        return _fail(busy) if main_rank else 2
+            refused = (f"{run_dir} is in use by another python -m glowfast.train process; wait for it to finish, "
+                       "or give this run another --name/--run-dir")
+        elif not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+            refused = f"{run_dir} already holds a run; use --resume {run_dir} or another --name/--run-dir"
+    refused = broadcast_object(refused)  # every rank stops, not only rank 0
+    if refused:
+        if lock is not None:
+            lock.close()
+        return _fail(refused) if main_rank else 2
     try:
         return _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trainer, NonFiniteLossError)
     finally:
