@@ -265,6 +265,12 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
     if not 1 <= cfg["n_bits"] <= 8:
         return _fail(f"--n-bits must be in 1..8, got {cfg['n_bits']}")
 
+    # fail fast on a reused folder, before building the model (on a GPU the backend check compiles kernels); the
+    # decision that counts is taken again under the run folder's lock below
+    taken = _holds_a_run(run_dir) if (main_rank and not resume) else None
+    taken = broadcast_object(taken)
+    if taken:
+        return _fail(taken) if main_rank else 2
     try:
         trainer = Trainer(cfg, run_dir, train_set, test_set, info.image_shape, n_classes, device, dist_info,
                           callbacks)
@@ -299,8 +305,8 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
         if lock is None:
             refused = (f"{run_dir} is in use by another python -m glowfast.train process; wait for it to finish, "
                        "or give this run another --name/--run-dir")
-        elif not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-            refused = f"{run_dir} already holds a run; use --resume {run_dir} or another --name/--run-dir"
+        elif not resume:
+            refused = _holds_a_run(run_dir)
     refused = broadcast_object(refused)  # every rank stops, not only rank 0
     if refused:
         if lock is not None:
@@ -311,6 +317,14 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
     finally:
         if lock is not None:
             lock.close()
+
+
+def _holds_a_run(run_dir: Path) -> str | None:
+    """The refusal of a fresh run into a folder that holds checkpoints (None: the folder is free)."""
+    ckpt = run_dir / "checkpoints"
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        return f"{run_dir} already holds a run; use --resume {run_dir} or another --name/--run-dir"
+    return None
 
 
 def _lock_run_folder(run_dir: Path):

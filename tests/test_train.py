@@ -393,3 +393,14 @@ def test_cosine_without_warmup_and_resumed_to_a_longer_run(tmp_path):
     resumed = rates(short)
     assert {k: resumed[k] for k in range(5, 9)} == pytest.approx({k: expected_whole[k] for k in range(5, 9)},
                                                                   rel=1e-12)
+
+
+def test_a_reused_folder_is_refused_before_the_model_is_built(tmp_path, capsys):
+    """The occupied-folder refusal comes first (on a GPU the model and backend check cost seconds of kernel
+    compilation): here before the Trainer's own batch-size error."""
+    run = tmp_path / "run"
+    assert main(TINY + ["--steps", "2", "--eval-interval", "2", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(TINY + ["--steps", "2", "--batch-size", "100000", "--run-dir", str(run)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{run} already holds a run; use --resume {run} or another "
+                                                    "--name/--run-dir")
