@@ -9,12 +9,14 @@
 #
 # ($OUT is set by the device tool; default ./gpu_out.) One command cannot hold everything in the device tool's
 # 600 s: the tests and sanitizer alone fill most of it, and the benchmarks need ~5 min. Run `check` then `bench`
-# (the machine stays warm between calls, so the second build is incremental).
+# (on a machine still warm the second build is skipped: benchmarks/gpu_build.sh). The device copy of the tree has
+# no .git: pass GLOWFAST_GIT_COMMIT=<git rev-parse HEAD> in the command (summary.md and RESULTS.md name it).
 #
 # Stages, each under its own timeout and all within one wall-clock budget (GPU_CHECK_BUDGET, default 540 s,
 # under the device tool's 600 s per command); a failing or timed-out stage is recorded and the next one runs:
 #   env          nvidia-smi, versions
-#   build        pip install --no-build-isolation --no-deps -e .   (builds glowfast._C with CUDA)
+#   build        benchmarks/gpu_build.sh: pip install --no-build-isolation --no-deps -e . for this GPU's architecture
+#                (glowfast._C with CUDA), skipped when the sources are unchanged since the last build here
 #   tests        python -m pytest -q (the whole suite; junit xml)
 #   sanitizer    compute-sanitizer memcheck on the CUDA LU op tests and the Triton kernel tests
 #                (benchmarks/gpu_check_lu.sh, benchmarks/gpu_check_kernels.sh)
@@ -35,7 +37,8 @@
 # the per-stage JSON, tune.json, the training run's config, curves and samples).
 #
 # Knobs (environment): GPU_CHECK_STAGES="env build tests ..." (a subset, in this order), GPU_CHECK_BUDGET
-# (seconds), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
+# (seconds), MAX_<stage> caps (tests, sanitizer, bench_model, bench_ops, tune, train, tf32; preset defaults),
+# GLOWFAST_GIT_COMMIT, GPU_TEST_WORKERS (4), TUNE_BUDGET (75), PYTHON (python3), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
 # adds the whole-model torch.compile benchmark to bench_compile, minutes of compilation per case) with
 # GPU_CHECK_COMPILE_MAX (seconds for bench_compile, default 200; 420 under the `compile` preset). A second command for the compile numbers:
 #   GPU_CHECK_STAGES="env build bench_compile report" GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 \

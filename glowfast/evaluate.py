@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", required=True, metavar="NAME[:SPLIT]",
                    help="datasets to score (split: test unless NAME:train); AUROCs are against the first")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the run's --data-dir)")
-    p.add_argument("--n", type=int, default=0, help="score at most this many images per set (a fixed random subset)")
+    p.add_argument("--n", type=int, default=0, help="score at most this many images per set, a fixed random subset "
+                   "(0: all; 10000 for the synthetic noise / constant sets)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--dequant-samples", type=int, default=1, help="dequantisation draws per image (K)")
     p.add_argument("--labels", action="store_true",

@@ -1,6 +1,6 @@
 """Sample from a trained Glow: ``python -m glowfast.sample --run RUN [options]`` (``--help`` lists them).
 
-Writes into ``--out`` (default RUN/generated/):
+Writes into ``--out`` (default RUN/generated/ with --run, else generated/ beside the checkpoint file):
     samples_t{T}.png         ``--n`` samples per temperature (class-conditional models: one row per class,
                              ``--per-class`` samples each)
     class{C}_t{T}.png        class-conditional models only: ``--n`` samples of class C per temperature
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interpolate-pairs", type=int, default=4, help="pairs of test images (0: none)")
     g.add_argument("--steps", type=int, default=8, help="images per interpolation row, end points included")
     g.add_argument("--data-dir", default=None, help="dataset folder (default: the run's)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/generated, or next to --checkpoint)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/generated with --run, else a generated/ "
+                                               "folder beside the checkpoint file)")
     p.add_argument("--version", action="version", version=f"glowfast {__version__}")
     return p
 

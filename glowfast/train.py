@@ -49,8 +49,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         epilog="Run folder: config.json, metrics.jsonl (JSON lines), curves.png, samples/step*_t*.png, "
                "checkpoints/{last,prev}.pt (atomic; loaded with weights_only=True), summary.json. "
                "Multi-process: torchrun --nproc_per_node N -m glowfast.train ... (DDP; NCCL on CUDA, gloo on CPU). "
-               "Exit status 2: usage/dataset/device/checkpoint errors, 3: stopped on non-finite losses, "
-               "130: interrupted (Ctrl-C finishes the step and checkpoints it; --resume continues exactly).")
+               "Exit status 1: an I/O error stopped it (e.g. a full disk; the older checkpoints stand), 2: "
+               "usage/dataset/device/checkpoint errors or a run folder in use by another process, 3: stopped on "
+               "non-finite losses, 130: interrupted (Ctrl-C finishes the step and checkpoints it; --resume "
+               "continues exactly).")
 
     def add(group, *names, **kw):
         if suppress_defaults:

@@ -8,7 +8,8 @@
 #   bash results/gpu_full.sh main            # samples interpolation attributes ood typicality (~8-9 min est.)
 # Each writes results/full/<experiment>/ and packs it (without the model cache) into $OUT/results-*.tgz after
 # every group of experiments, one process per group within GPU_FULL_BUDGET (570 s): an overrun loses only the
-# group it cuts.
+# group it cuts. The device copy has no .git: pass GLOWFAST_GIT_COMMIT=<git rev-parse HEAD> so that the results
+# name their commit.
 set -euo pipefail
 what=${1:?usage: gpu_full.sh pack|ablations|main}
 cd "$(dirname "$0")/.."
