@@ -1,6 +1,13 @@
 """Input validation shared by layers and the model: clear errors instead of silent NaNs."""
 
+import math
+
 import torch
+
+
+def is_temperature(t) -> bool:
+    """A sampling temperature: a finite real number >= 0 (a bool is not one)."""
+    return not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) and t >= 0
 
 
 def check_image_batch(x: torch.Tensor, channels: int | None = None, name: str = "input") -> None:

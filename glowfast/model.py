@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._checks import can_synchronize, check_finite, check_image_batch
+from ._checks import can_synchronize, check_finite, check_image_batch, is_temperature
 from .reference import COUPLINGS, PERMUTATIONS, FlowStep, Split2d, TopPrior, squeeze2d, unsqueeze2d
 from .reference import steps_forward as reference_steps_forward
 
@@ -293,8 +293,7 @@ class Glow(nn.Module):
         """Latents -> x in model space. A None latent is drawn from its prior at `temperature`.
         Latent i has shape (B, *self.latent_shapes[i]) (the top one last)."""
         n = self._check_latents(latents, n)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-                not (math.isfinite(temperature) and temperature >= 0):
+        if not is_temperature(temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         z = latents[-1]
         device = next(self.parameters()).device

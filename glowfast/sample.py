@@ -15,13 +15,13 @@ split's factored-out latent and the top one) linearly, and decodes.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from ._checks import is_temperature
 from .ema import use_checkpoint_average
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    bad = [t for t in args.temperatures if not (math.isfinite(t) and t >= 0)]
+    bad = [t for t in args.temperatures if not is_temperature(t)]
     if bad:
         print(f"error: --temperatures must be finite and >= 0, got {bad[0]}", file=sys.stderr)
         return 2

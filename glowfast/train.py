@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from ._checks import is_temperature
 from .checkpoint import CheckpointError
 
 OPTIMIZERS = ("adamax", "adam")
@@ -215,7 +216,7 @@ def validate(cfg: dict) -> None:
     ema = cfg.get("ema_decay") or 0.0
     if not (math.isfinite(ema) and 0.0 <= ema < 1.0):
         raise ValueError(f"--ema-decay must be in [0, 1) (0: off), got {ema}")
-    bad = [t for t in cfg.get("temperatures") or () if not (math.isfinite(t) and t >= 0)]
+    bad = [t for t in cfg.get("temperatures") or () if not is_temperature(t)]
     if bad:  # else the first evaluation's sample grids would fail, hundreds of steps in
         raise ValueError(f"--temperatures must be finite and >= 0, got {bad[0]}")
     if cfg.get("channels_last") and cfg.get("gemm_networks"):

@@ -58,9 +58,18 @@ def sigmoid_and_log_sigmoid(t):
 
 
 @triton.jit
-def stable_sigmoid(t):
+def sigmoid_pair(t):
+    """(sigmoid(t), sigmoid(-t)) from one exp, neither by cancellation (1 - sigmoid(t) is 0 for t > ~17)."""
     e = tl.exp(-tl.abs(t))
-    return tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    big = 1.0 / (1.0 + e)
+    small = e / (1.0 + e)
+    return tl.where(t >= 0, big, small), tl.where(t >= 0, small, big)
+
+
+@triton.jit
+def stable_sigmoid(t):
+    sig, _ = sigmoid_pair(t)
+    return sig
 
 
 @triton.jit
@@ -103,12 +112,9 @@ def coupling_inv_tile(y, shift, raw, is_b, AFFINE: tl.constexpr):
 def coupling_bwd_tile(z, dy, shift, raw, is_b, dld, AFFINE: tl.constexpr):
     """Given z, dL/dy and dL/dlogdet (scalar): returns (dz, dshift, draw)."""
     if AFFINE:
-        t = raw + 2.0
-        e = tl.exp(-tl.abs(t))
-        sig = tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-        # d log sigmoid(t) / dt = sigmoid(-t), computed directly: 1 - sig cancels to 0 for t > ~17 (the
-        # reference's softplus backward keeps it); the y path keeps the reference's sig * (1 - sig)
-        sig_neg = tl.where(t >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
+        # d log sigmoid(t) / dt = sigmoid(-t), not 1 - sig (as the reference's softplus backward); the y path
+        # keeps the reference's sig * (1 - sig)
+        sig, sig_neg = sigmoid_pair(raw + 2.0)
         dshift = dy * sig
         draw = dy * (z + shift) * sig * (1.0 - sig) + dld * sig_neg
         dz = tl.where(is_b[:, None], dshift, dy)
