@@ -13,10 +13,11 @@ name               default shape n_classes notes
 digits             1x8x8         10        scikit-learn's 8x8 digits (embedded, no download). Values 0..16 are
                                            mapped to ``round(v * 255 / 16)``. Split: the first 1500 images (in
                                            scikit-learn's fixed order) are ``train``, the last 297 ``test``.
-mnist              1x32x32       10        28x28 zero-padded by 2 pixels on each side to 32x32 (as openai/glow
-                                           does). ``size=28`` keeps the native 28x28: use it when bits/dim must
-                                           be comparable with the literature's 28x28 numbers (padding adds 240
-                                           constant pixels that cost ~0 bits and lower the per-pixel average).
+mnist              1x32x32       10        28x28 zero-padded by 2 pixels on each side to 32x32 (openai/glow pads
+                                           the same way, then tiles to 3 channels; glowfast keeps 1). ``size=28``
+                                           keeps the native 28x28: use it when bits/dim must be per original
+                                           pixel, as in RealNVP-style 28x28 numbers (padding adds 240 constant
+                                           pixels that cost ~0 bits and lower the per-pixel average).
 fashion-mnist      1x32x32       10        same as mnist.
 emnist-letters     1x32x32       26        padded like mnist; images transposed to the upright MNIST
                                            orientation (the raw EMNIST files, and torchvision, store them

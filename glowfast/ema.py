@@ -1,7 +1,10 @@
 """Exponential moving average of a model's parameters (openai/glow's "Polyak averaging").
 
 A flow's test log-likelihood is measurably better with averaged weights than with the last iterate of a
-short run (the optimiser's noise averages out); openai/glow evaluates and samples with them. Here:
+short run (the optimiser's noise averages out). openai/glow keeps such an average (TensorFlow's
+ExponentialMovingAverage, decay = Adam's beta2, zero-debiased, no ``num_updates``) and saves it beside its
+checkpoints, but its training script evaluates the last iterate (the swap is commented out), so averaged numbers
+are not like-for-like with its logs. Here:
 
     ema = ParameterEMA(model, decay=0.999)
     ...  optimizer.step(); ema.update()          # after every applied update (not after skipped ones)

@@ -10,7 +10,8 @@ from ._checks import check_input
 class ZeroConv2d(nn.Module):
     """Zero-initialised conv (3x3 by default) whose output is scaled by exp(logscale_factor * logs).
 
-    Starting at zero makes every coupling the identity at initialisation (openai/glow's `conv2d_zeros`).
+    Starting at zero makes every coupling the identity at initialisation (openai/glow's `conv2d_zeros`, less its
+    edge-bias padding channel: here the padding is plain zeros, as in rosinality/glow-pytorch).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, logscale_factor: float = 3.0):
@@ -26,7 +27,12 @@ class ZeroConv2d(nn.Module):
 
 
 class CouplingNetwork(nn.Module):
-    """conv3x3 -> ReLU -> conv1x1 -> ReLU -> ZeroConv2d (3x3)."""
+    """conv3x3 -> ReLU -> conv1x1 -> ReLU -> ZeroConv2d (3x3).
+
+    rosinality/glow-pytorch's network: convolutions with biases and zero padding. openai/glow's also has an
+    actnorm after each hidden conv and an edge-bias padding channel; the flow's likelihood is defined the same
+    way either way, but the two networks train to different bits/dim (docs/DESIGN.md).
+    """
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int):
         super().__init__()
