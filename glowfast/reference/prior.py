@@ -69,8 +69,9 @@ class TopPrior(nn.Module):
     """N(mean, exp(log_std)^2) for the top latent.
 
     learn_top: a learned per-channel mean/log-std, the same at every position (openai/glow's zero conv over a
-    zero input also varies at the border, through its edge-bias padding channel). n_classes: a zero-initialised linear map of the one-hot label is added (class-conditional prior),
-    and a linear head on the spatially averaged latent predicts the class.
+    zero input also varies at the border, through its edge-bias padding channel). n_classes: a zero-initialised
+    linear map of the one-hot label is added (class-conditional prior), and a linear head on the spatially
+    averaged latent predicts the class.
     """
 
     def __init__(self, shape: tuple[int, int, int], learn_top: bool = True, n_classes: int | None = None):
