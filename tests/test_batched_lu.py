@@ -472,8 +472,10 @@ def test_packed_views_share_storage_and_carry_gradients():
         assert view.data_ptr() == data.data_ptr() + packed.offsets[i] * data.element_size()
         assert packed[i].data_ptr() == view.data_ptr() and torch.equal(packed[i], view)
     assert torch.equal(packed[-1], mats[-1]) and [x.shape for x in packed] == [m.shape for m in mats]
-    with pytest.raises(IndexError, match="out of range"):
-        packed[4]
+    assert torch.equal(packed[-4], mats[0])  # negative indices count from the end, like a list's
+    for bad in (4, -5):
+        with pytest.raises(IndexError, match="out of range"):
+            packed[bad]
     packed[2][1, 3] = 7.0  # writes through to the buffer
     assert data[packed.offsets[2] + 1 * 4 + 3] == 7.0
     copies = packed.to_list()

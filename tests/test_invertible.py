@@ -31,6 +31,22 @@ def test_memory_saving_gradients_match_the_reference(coupling, permutation, lu, 
     assert_steps_match_reference(steps, x, y, ld)
 
 
+@pytest.mark.parametrize("memory_saving", [False, True])
+@pytest.mark.parametrize("coupling", ["affine", "additive"])
+def test_odd_channel_counts(coupling, memory_saving, kernel_device):
+    """C = 5: coupling halves of 2 and 3 channels (the reference's C // 2) on the fused and memory-saving paths,
+    and the fused inverse."""
+    steps = make_steps(3, 5, coupling, "invconv", True, kernel_device)
+    x = torch.randn(2, 5, 3, 4, requires_grad=True)
+    y, ld = fused.steps_forward(list(steps), x, memory_saving=memory_saving)
+    y_ref = assert_steps_match_reference(steps, x, y, ld)
+    with torch.no_grad():
+        x_ref = y_ref
+        for step in reversed(steps):
+            x_ref = step.inverse(x_ref)
+        assert_exact(fused.steps_inverse(list(steps), y_ref), x_ref, "out", "inverse")
+
+
 @pytest.mark.parametrize("device", kernel_devices())
 def test_only_the_logdet_or_only_the_output_reaches_the_loss(device, exact_precision):
     steps = make_steps(3, 4, "affine", "invconv", True, device)

@@ -104,6 +104,17 @@ def test_logdet_gradient_keeps_its_precision_in_the_saturated_tail(kernel_device
     torch.testing.assert_close(gh[0, 1, 0].double().cpu(), truth, rtol=1e-5, atol=0)
 
 
+def test_logdet_keeps_its_relative_precision_in_the_saturated_tail(kernel_device):
+    """log sigmoid(t) = -log1p(exp(-t)) is tiny for large t; 1 + e rounds in fp32, so log(1 + e) alone is off by
+    up to ~1e-2 relative at t = 12. One pixel per sample, so each logdet is one term, against float64."""
+    t = torch.tensor([3.0, 5.0, 8.0, 10.0, 12.0, 15.0, 17.0, 20.0, 30.0, 60.0])  # log sigmoid(t) normal in fp32
+    raw = (t - 2.0).view(-1, 1, 1, 1)
+    z = torch.randn(t.numel(), 2, 1, 1)
+    _, ld = apply_coupling(z, torch.cat([torch.zeros_like(raw), raw], 1), True)
+    truth = -torch.nn.functional.softplus(-t.double())
+    torch.testing.assert_close(ld.double().cpu(), truth, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_io(dtype, device):

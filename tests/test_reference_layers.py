@@ -22,13 +22,22 @@ from helpers import jacobian_logabsdet, max_rel_err, randomize_
 C, H, W = 4, 4, 6  # non-square on purpose
 
 
+def _non_involutive_shuffle(channels: int) -> Shuffle:
+    """A Shuffle that is not its own inverse (randperm(4) often is), so a wrong inverse cannot pass."""
+    for seed in range(100):
+        layer = Shuffle(channels, generator=torch.Generator().manual_seed(seed))
+        if not torch.equal(layer.perm[layer.perm], torch.arange(channels)):
+            return layer
+    raise AssertionError(f"no non-involutive permutation of {channels} channels in 100 seeds")
+
+
 def _layers():
     """(name, factory(channels)) of every layer with a forward(x) -> (y, logdet) / inverse(y) pair."""
     return [
         ("actnorm", lambda c: ActNorm2d(c)),
         ("invconv_plain", lambda c: InvConv1x1(c, lu=False)),
         ("invconv_lu", lambda c: InvConv1x1(c, lu=True)),
-        ("shuffle", lambda c: Shuffle(c)),
+        ("shuffle", _non_involutive_shuffle),
         ("reverse", lambda c: Reverse(c)),
         ("affine", lambda c: AffineCoupling(c, hidden_channels=8)),
         ("additive", lambda c: AdditiveCoupling(c, hidden_channels=8)),
@@ -109,6 +118,15 @@ def test_actnorm_data_dependent_init_normalises_per_channel():
     bias = layer.bias.detach().clone()
     layer(x * 10)
     torch.testing.assert_close(layer.bias.detach(), bias)
+
+
+def test_actnorm_init_survives_a_large_mean_over_a_small_std():
+    """The std comes from E[x^2] - E[x]^2: in float32 that cancels to garbage at mean 300, std 0.01."""
+    layer = ActNorm2d(3).train()
+    x = 300.0 + 0.01 * torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    y, _ = layer(x)
+    torch.testing.assert_close(y.double().std(dim=(0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64),
+                               atol=1e-3, rtol=0)
 
 
 def test_actnorm_does_not_initialise_in_eval_mode():
