@@ -526,3 +526,39 @@ def test_prepare_mnist_bad_source_is_one_clear_line(tmp_path, capsys, case, prob
     assert gd.main(["prepare", "mnist", "--source", str(w), "--data-dir", str(tmp_path / "d"), "--no-verify"]) == 1
     assert capsys.readouterr().err == problem.format(w=w) + "\n"
     assert not (tmp_path / "d").exists()
+
+
+def _bilinear_aa_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of a 1-D antialiased bilinear resize (PIL's triangle filter, stretched by the
+    scale factor when downsampling, clipped at the borders and renormalised), in float64."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        centre = (i + 0.5) * scale  # in input pixel units, pixel j covering [j, j + 1)
+        for j in range(n_in):
+            w[i, j] = max(0.0, 1.0 - abs(j + 0.5 - centre) / support)
+        w[i] /= w[i].sum()
+    return w
+
+
+@pytest.mark.parametrize("size", [16, 12, 4, 5])
+def test_resize_rounds_to_nearest_uint8(size):
+    """A non-native ``size`` resizes the 8x8 digits bilinearly (antialiased) and rounds back to uint8: the
+    result is the nearest integer to an independent float64 resize (up to exact .5 ties and float32 noise),
+    with no bias — truncation would put about half the pixels one level low."""
+    from sklearn.datasets import load_digits
+
+    src = np.rint(load_digits().images[1500:] * 255 / 16)  # the test split at native size, as uint8 values
+    w = _bilinear_aa_matrix(8, size)
+    ref = np.einsum("ih,nhw,jw->nij", w, src, w)  # separable: rows then columns
+    got = gd.get_dataset("digits", "test", size=size).images[:, 0].numpy().astype(np.float64)
+    assert got.shape == ref.shape == (297, size, size)
+    diff = got - ref
+    assert np.abs(diff).max() <= 0.5 + 1e-4, f"max |got - reference| {np.abs(diff).max():.3f}, mean {diff.mean():+.3f}"
+    tie = np.abs(np.abs(ref - np.floor(ref)) - 0.5) < 1e-4
+    assert np.array_equal(got[~tie], np.rint(ref[~tie]))
+    assert (~tie).mean() > 0.9  # exact .5 ties (either neighbour is right) are the exception
+    frac = ref - np.floor(ref)
+    assert ((frac > 0.1) & (frac < 0.4)).mean() > 0.05  # plenty of pixels where truncation and rounding differ
+    assert abs(diff.mean()) < 0.02

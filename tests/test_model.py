@@ -298,3 +298,34 @@ def test_encode_names_a_dtype_mismatch():
     x = torch.zeros(2, 3, 8, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="dtype torch.float64, the model's parameters are torch.float32"):
         model.encode(x)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float64], ids=["model32", "model64"])
+@pytest.mark.parametrize("image_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=["f16", "bf16", "f32", "f64"])
+def test_float_images_k_over_255_read_as_uint8_k(image_dtype, model_dtype):
+    """A float image k/255 stored in any float dtype is the 8-bit value k: for every k in 0..255 preprocess
+    gives exactly what it gives for the uint8 image k. k/255 is not exact in binary (in float16 and bfloat16
+    it is off by up to half a unit in the last place, i.e. < 0.5/255), so reading it back must round to the
+    nearest level, not truncate."""
+    model = tiny_glow((1, 4, 4), dtype=model_dtype)  # n_bits = 8: every level is its own bin
+    k = torch.arange(256)
+    images_u8 = k.to(torch.uint8).view(16, 1, 4, 4)
+    images_f = (k.double() / 255).to(image_dtype).view(16, 1, 4, 4)
+    if image_dtype == torch.float16:  # 131 of the 256 stored values lie BELOW k/255: truncating would lose them
+        assert int(((images_f.double() * 255).flatten() < k).sum()) > 100
+    expected = model.preprocess(images_u8, dequantize=False)
+    torch.testing.assert_close(expected.flatten(), k.to(model_dtype) / 256 - 0.5, rtol=0, atol=0)
+    got = model.preprocess(images_f, dequantize=False)
+    assert got.dtype == model_dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # with dequantisation noise from the same generator both paths are still identical
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(model.preprocess(images_f, generator=g1), model.preprocess(images_u8, generator=g2),
+                               rtol=0, atol=0)
+    if image_dtype == torch.bfloat16:
+        return  # bfloat16 (8 significant bits) stores values near 1 only to within ~half a level
+    # a float image within a quarter level of k/255 (either side) is read as k too: nearest level, not floor
+    for delta in (-0.25, 0.25):
+        near = ((k.double() + delta) / 255).clamp(0, 1).to(image_dtype).view(16, 1, 4, 4)
+        torch.testing.assert_close(model.preprocess(near, dequantize=False), expected, rtol=0, atol=0)

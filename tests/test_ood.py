@@ -173,3 +173,62 @@ def test_typicality_bad_input():
         ood.typicality_test([], 1.0, 1.0)
     with pytest.raises(ValueError):
         ood.typicality_table(x, x, x, {}, Ms=(0,))
+
+
+def test_typicality_table_uses_train_for_entropy_heldout_for_epsilon_and_test_for_false_positives():
+    """The three in-distribution roles of typicality_table are not interchangeable: Ĥ = mean NLL of the TRAIN
+    set, ε_M from the HELD-OUT set, the false-positive rate on the TEST set. Give each set its own known
+    distribution (unit-variance Gaussian scores with means 0, 1 and 3) so a swapped role shows."""
+    rng = np.random.default_rng(0)
+    train = rng.normal(0.0, 1.0, 20000)
+    held = rng.normal(1.0, 1.0, 5000)
+    test_in = rng.normal(3.0, 1.0, 5000)
+    table = ood.typicality_table(train, held, test_in, {"like_train": rng.normal(0.0, 1.0, 5000)},
+                                 Ms=(100,), K=2000, alpha=0.99, n_batches=500, rng=0)
+    assert table["entropy_estimate"] == pytest.approx(float(np.mean(train)), abs=1e-12)
+    assert table["mean_nll"]["heldout"] == pytest.approx(float(np.mean(held)), abs=1e-12)
+    (row,) = table["rows"]
+    # batches of 100 held-out scores have means 1 ± 0.1 and Ĥ ≈ 0, so their 0.99-quantile of |mean − Ĥ| is
+    # ≈ 1 + 2.33 · 0.1; measured against Ĥ = mean(held) it would be only ≈ 2.58 · 0.1.
+    assert 1.0 < row["epsilon"] < 1.5, row
+    # test batches have means 3 ± 0.1, |3 − 0| > ε always; held-out batches would be flagged at ≈ 1 − α.
+    assert row["in_distribution_flagged"] == 1.0, row
+    # a set distributed like the training data sits at Ĥ, well inside ε: never flagged
+    assert row["ood_flagged"]["like_train"] == 0.0, row
+
+
+def test_fraction_flagged_batches_as_large_as_the_set_are_the_whole_set():
+    """Without replacement a batch of M = N items is the whole set, so its mean is the set mean exactly:
+    with Ĥ = that mean and ε = 0 no batch is flagged (|0| > 0 is false). With replacement almost every
+    batch of 10 draws from 0..9 would have another mean."""
+    x = np.arange(10, dtype=float)
+    assert ood.fraction_flagged(x, 4.5, 0.0, 10, n_batches=200, rng=0) == 0.0
+    assert ood.fraction_flagged(x, 4.5, 0.0, 10, n_batches=200, rng=0, replace=False) == 0.0
+    # forcing replacement does change the batches (the same call is then flagged most of the time)
+    assert ood.fraction_flagged(x, 4.5, 0.0, 10, n_batches=200, rng=0, replace=True) > 0.5
+
+
+def test_bootstrap_draws_every_item_including_the_last():
+    """Bootstrap batches are drawn with replacement from ALL held-out items: from [0, 1] with M = 1 both
+    values appear, each about half the time."""
+    means = ood.bootstrap_batch_means([0.0, 1.0], 1, 400, rng=0)
+    assert set(means.tolist()) == {0.0, 1.0}
+    assert 0.4 < means.mean() < 0.6
+    # the same for a longer set: each of 5 items is drawn
+    assert set(ood.bootstrap_batch_means(np.arange(5.0), 1, 400, rng=1).tolist()) == {0.0, 1.0, 2.0, 3.0, 4.0}
+
+
+def test_typicality_flags_only_strictly_greater_than_epsilon():
+    """The documented rule is |mean NLL − Ĥ| > ε (strict): a batch whose mean equals Ĥ is not flagged at
+    ε = 0, and a batch exactly ε away is not flagged either."""
+    H = 10.0
+    assert ood.typicality_test([10.0, 10.0], H, 0.0) is False
+    assert ood.typicality_test([9.0, 11.0], H, 0.0) is False  # mean 10 = Ĥ
+    assert ood.typicality_test([10.5, 10.5], H, 0.5) is False  # exactly ε away (0.5 is exact in binary)
+    assert ood.typicality_test([10.5, 10.5], H, 0.25) is True
+    flags = ood.typicality_test(np.array([[10.0, 10.0], [9.5, 9.5], [10.0, 11.0]]), H, 0.5)
+    assert flags.tolist() == [False, False, False]
+    assert ood.typicality_test(np.array([[10.0, 10.0], [12.0, 12.0]]), H, 0.0).tolist() == [False, True]
+    # fraction_flagged applies the same strict rule
+    assert ood.fraction_flagged(np.full(8, H), H, 0.0, 4, n_batches=50, rng=0) == 0.0
+    assert ood.fraction_flagged(np.full(8, H + 0.5), H, 0.5, 4, n_batches=50, rng=0) == 0.0
