@@ -93,7 +93,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="peak learning rate (3e-3 suits the small default model; openai/glow used 1e-3 for its large ones)")
     add(g, "--warmup-steps", type=int, default=100, help="linear learning-rate warm-up from lr/warmup to lr")
     add(g, "--lr-schedule", choices=("constant", "cosine"), default="constant",
-        help="after warm-up: constant, or cosine decay to 0 at the last step")
+        help="after warm-up: constant, or a cosine decay from lr over the remaining steps (0 after the last)")
     add(g, "--weight-decay", type=float, default=0.0)
     add(g, "--grad-clip", type=float, default=50.0, help="clip the global gradient norm to this (0: off)")
     add(g, "--ema-decay", type=float, default=0.0,

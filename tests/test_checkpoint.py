@@ -174,3 +174,84 @@ def test_checkpoint_file_mode_follows_the_umask(tmp_path, umask, mode):
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], check=True, cwd=root,
                    preexec_fn=lambda: os.umask(umask), timeout=120)
     assert stat.S_IMODE((tmp_path / "ckpt" / LAST).stat().st_mode) == mode
+
+
+def _adam_step(net, opt):
+    opt.zero_grad()
+    net(torch.randn(8, 3)).pow(2).mean().backward()
+    opt.step()
+
+
+def test_non_finite_optimizer_state_is_refused_and_the_previous_checkpoint_kept(tmp_path):
+    """A NaN in Adam's moment (the weights themselves finite) would poison every update after a resume: saving
+    it is refused (NonFiniteStateError naming the tensor) and the checkpoints on disk stay as they were."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    _adam_step(net, opt)
+    save_checkpoint({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": 1}, tmp_path)
+    before = (tmp_path / LAST).read_bytes()
+    _adam_step(net, opt)
+    for key, value in (("exp_avg", float("nan")), ("exp_avg_sq", float("inf"))):
+        moment = opt.state[net.weight][key]
+        good = moment[0, 1].item()
+        moment[0, 1] = value
+        with pytest.raises(NonFiniteStateError, match=key):
+            save_checkpoint({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": 2}, tmp_path)
+        moment[0, 1] = good
+    assert (tmp_path / LAST).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]  # no prev.pt rotated in, no temporary left
+    assert load_checkpoint(tmp_path / LAST)["step"] == 1
+    # the same state, finite again, saves
+    save_checkpoint({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": 2}, tmp_path)
+    assert load_checkpoint(tmp_path / LAST)["step"] == 2 and load_checkpoint(tmp_path / PREV)["step"] == 1
+
+
+def test_the_temporary_is_fsynced_before_it_replaces_the_checkpoint(tmp_path, monkeypatch):
+    """Atomicity needs the new content on disk before the rename (else a power cut can leave a renamed but empty
+    last.pt), the old last.pt kept as prev.pt before it is replaced, and the folder fsync'ed after the rename.
+    os.fsync / os.replace are wrapped only to record the order of the real calls (files named by inode)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", (st.st_dev, st.st_ino)))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        st = os.stat(src)
+        events.append(("replace", (st.st_dev, st.st_ino), os.path.basename(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    save_checkpoint(_state(1.0), tmp_path)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(_state(2.0), tmp_path)
+    monkeypatch.undo()
+    replaces = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == LAST]
+    assert len(replaces) == 1
+    i = replaces[0]
+    new_file = events[i][1]
+    st = (tmp_path / LAST).stat()
+    assert (st.st_dev, st.st_ino) == new_file and load_checkpoint(tmp_path / LAST)["step"] == 2
+    assert ("fsync", new_file) in events[:i], events
+    assert any(e[0] == "replace" and e[2] == PREV for e in events[:i]), events
+    d = tmp_path.stat()
+    assert ("fsync", (d.st_dev, d.st_ino)) in events[i + 1:], events
+
+
+def test_a_save_removes_only_its_own_stale_temporaries(tmp_path):
+    """The clean-up after a save deletes a killed writer's `.last.pt.*.tmp` and no other `.tmp` in the folder
+    (a user's file, or the in-flight temporary of another file written there)."""
+    save_checkpoint(_state(1.0), tmp_path)
+    stale = tmp_path / f".{LAST}.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    foreign = {tmp_path / "notes.tmp": b"keep me", tmp_path / ".best.pt.x7y8z9.tmp": b"someone else's write"}
+    for path, data in foreign.items():
+        path.write_bytes(data)
+    save_checkpoint(_state(2.0), tmp_path)
+    assert not stale.exists()
+    for path, data in foreign.items():
+        assert path.exists() and path.read_bytes() == data, path.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LAST, PREV, *(p.name for p in foreign)])

@@ -127,3 +127,26 @@ def test_training_evaluates_with_the_average_and_resumes_it_exactly(tmp_path, ca
 def test_bad_ema_decay_option(tmp_path, capsys):
     assert main(TINY + ["--steps", "2", "--ema-decay", "1", "--run-dir", str(tmp_path / "x")]) == 2
     assert "--ema-decay must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_average_of_low_precision_weights_is_kept_in_float32():
+    """The docstring: "kept in float32 (or the parameter's dtype if wider)". With bf16 weights each update's
+    move, (1 - decay) * (weight - average), is far below bf16's spacing; in float32 the average after k updates
+    is v + decay**k (e0 - v), computed here in float64."""
+    net = _net().to(torch.bfloat16)
+    ema = ParameterEMA(net, 0.99)
+    assert [s.dtype for s in ema.shadow] == [torch.float32] * len(ema.shadow)
+    start = [p.detach().double() for p in net.parameters()]
+    ema.num_updates = 10**6  # past the warm-up: every update uses the full decay
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.25)
+    target = [p.detach().double() for p in net.parameters()]  # the bf16 weights, exactly
+    for _ in range(50):
+        ema.update()
+    for s, e0, v in zip(ema.shadow, start, target, strict=True):
+        assert s.dtype == torch.float32
+        torch.testing.assert_close(s.double(), v + 0.99**50 * (e0 - v), rtol=0, atol=1e-5)
+    with ema.applied():  # the weights used for evaluation: the average rounded once to bf16
+        for p, s in zip(net.parameters(), ema.shadow):
+            assert p.dtype == torch.bfloat16 and torch.equal(p, s.to(torch.bfloat16))

@@ -404,3 +404,76 @@ def test_a_reused_folder_is_refused_before_the_model_is_built(tmp_path, capsys):
     assert main(TINY + ["--steps", "2", "--batch-size", "100000", "--run-dir", str(run)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"{run} already holds a run; use --resume {run} or another "
                                                     "--name/--run-dir")
+
+
+def _first_step(run: Path, clip: str) -> dict:
+    """One training step with --grad-clip `clip`: the gradients it applied (still in .grad after the step), the
+    weights after it and the logged gradient norm."""
+    seen = {}
+
+    def grab(event, trainer):
+        if event == "after_step" and trainer.step == 1:
+            params = list(trainer.model.parameters())
+            seen["grads"] = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+            seen["weights"] = [p.detach().clone() for p in params]
+
+    assert main(TINY + ["--steps", "1", "--log-interval", "1", "--eval-interval", "100", "--temperatures", "0.7",
+                        "--grad-clip", clip, "--run-dir", str(run)], callbacks=[grab]) == 0
+    seen["logged_norm"] = [r["grad_norm"] for r in _metrics(run) if r["type"] == "train"][0]
+    return seen
+
+
+def _global_norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+def test_grad_clip_scales_the_applied_gradient_to_the_clip_norm(tmp_path):
+    """--grad-clip C ("clip the global gradient norm to this (0: off)"): the gradients the optimiser applies have
+    global norm C and the unclipped direction; the logged grad_norm is the norm before clipping. 0 is off, and a
+    clip far above the norm changes nothing (bit-identical weights)."""
+    off = _first_step(tmp_path / "off", "0")
+    tiny = _first_step(tmp_path / "tiny", "1e-6")
+    huge = _first_step(tmp_path / "huge", "1e9")
+    norm = _global_norm(off["grads"])
+    assert norm > 1e-3, "the raw gradient must be far above the tiny clip for the test to mean anything"
+    assert off["logged_norm"] == pytest.approx(norm, rel=1e-5)
+    assert tiny["logged_norm"] == pytest.approx(norm, rel=1e-5)  # same step, same data: the pre-clip norm
+    assert _global_norm(tiny["grads"]) == pytest.approx(1e-6, rel=1e-3)
+    for g_tiny, g_off in zip(tiny["grads"], off["grads"], strict=True):
+        torch.testing.assert_close(g_tiny, g_off * (1e-6 / norm), rtol=1e-4, atol=1e-14)
+    assert any(not torch.equal(a, b) for a, b in zip(tiny["weights"], off["weights"]))
+    assert all(torch.equal(a, b) for a, b in zip(huge["grads"], off["grads"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(huge["weights"], off["weights"], strict=True))
+
+
+def _logged_rates(run: Path) -> dict:
+    return {r["step"]: r["lr"] for r in _metrics(run) if r["type"] == "train"}
+
+
+def test_warmup_is_linear_from_lr_over_warmup_to_lr(tmp_path):
+    """--warmup-steps W ("linear learning-rate warm-up from lr/warmup to lr"): step k <= W trains with lr * k / W
+    (the first step lr / W, not 0; step W the full lr), and with the constant schedule every later step with lr."""
+    run = tmp_path / "warm"
+    lr = 2e-3
+    assert main(TINY + ["--steps", "6", "--warmup-steps", "4", "--lr", str(lr), "--log-interval", "1",
+                        "--eval-interval", "100", "--temperatures", "0.7", "--run-dir", str(run)]) == 0
+    assert _logged_rates(run) == pytest.approx({1: lr / 4, 2: lr / 2, 3: 3 * lr / 4, 4: lr, 5: lr, 6: lr},
+                                               rel=1e-12)
+
+
+def test_cosine_after_warmup_spans_the_remaining_steps_and_ends_at_zero(tmp_path):
+    """--lr-schedule cosine with --warmup-steps W over T steps: the linear warm-up (lr * k / W), then the cosine
+    ("decay from lr over the remaining steps") over the T - W steps left -- step W + j trains with
+    lr * (1 + cos(pi * (j - 1) / (T - W))) / 2, as in the warm-up-free case (test_cosine_without_warmup_...) --
+    and the rate the schedule holds after the last step is 0."""
+    run = tmp_path / "cos"
+    lr, warm, total = 2e-3, 2, 6
+    assert main(TINY + ["--steps", str(total), "--warmup-steps", str(warm), "--lr", str(lr), "--lr-schedule",
+                        "cosine", "--log-interval", "1", "--eval-interval", "100", "--temperatures", "0.7",
+                        "--run-dir", str(run)]) == 0
+    expected = {k: lr * k / warm for k in range(1, warm + 1)}
+    expected.update({warm + j: lr * 0.5 * (1 + math.cos(math.pi * (j - 1) / (total - warm)))
+                     for j in range(1, total - warm + 1)})
+    assert _logged_rates(run) == pytest.approx(expected, rel=1e-12)
+    ckpt = load_checkpoint(run / "checkpoints" / LAST)
+    assert ckpt["step"] == total and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-15)
