@@ -346,6 +346,13 @@ def _torchvision(name: str, data_dir: Path):
     return tvd
 
 
+def _online_how(name: str, data_dir: Path, source: str) -> str:
+    """How to fetch a dataset with network access, from the CLIs and from Python (torchvision does it)."""
+    return (f"With network access, `python -m glowfast.train --dataset {name} --data-dir {data_dir} --download` "
+            f"or get_dataset({name!r}, data_dir={str(data_dir)!r}, download=True) fetches it (torchvision, from "
+            f"{source})")
+
+
 def _download(name: str, data_dir: Path, fn, fallback: str) -> None:
     try:
         fn()
@@ -395,7 +402,7 @@ def _load_idx_pair(name: str, raw: Path, files: tuple[str, str], how: str,
 def _mnist_like(name: str, split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     raw = data_dir / _IDX_FOLDER[name] / "raw"
     how = (f"Get it offline with: python -m glowfast.data prepare {name} --data-dir {data_dir}  "
-           f"(or, with network access, get_dataset({name!r}, data_dir={str(data_dir)!r}, download=True)).")
+           f"({_online_how(name, data_dir, 'its mirrors')}).")
     if download and _first_existing(raw / _IDX_NAMES[split][0], raw / (_IDX_NAMES[split][0] + ".gz")) is None:
         tvd = _torchvision(name, data_dir)
         cls = getattr(tvd, _TV_CLASS[name])
@@ -407,9 +414,8 @@ def _mnist_like(name: str, split: str, data_dir: Path, download: bool) -> tuple[
 def _emnist_letters(split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     raw = data_dir / "EMNIST" / "raw"
     files = (f"emnist-letters-{split}-images-idx3-ubyte", f"emnist-letters-{split}-labels-idx1-ubyte")
-    how = (f"Get it with get_dataset('emnist-letters', data_dir={str(data_dir)!r}, download=True) (network; "
-           f"torchvision fetches https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip), or unpack that zip's "
-           f"gzip/emnist-letters-*-ubyte.gz files into {raw}/.")
+    how = (f"{_online_how('emnist-letters', data_dir, 'https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip')}; "
+           f"or unpack that zip's gzip/emnist-letters-*-ubyte.gz files into {raw}/.")
     if download and _first_existing(raw / files[0], raw / (files[0] + ".gz")) is None:
         tvd = _torchvision("emnist-letters", data_dir)
         _download("emnist-letters", data_dir,
@@ -426,9 +432,8 @@ _CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["tes
 
 def _cifar10(split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     folder = data_dir / _CIFAR_FOLDER
-    how = (f"Get it with get_dataset('cifar10', data_dir={str(data_dir)!r}, download=True) (network; "
-           f"torchvision fetches https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz), or extract that "
-           f"archive there: tar xzf cifar-10-python.tar.gz -C {data_dir}")
+    how = (f"{_online_how('cifar10', data_dir, 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz')}; "
+           f"or extract that archive there: tar xzf cifar-10-python.tar.gz -C {data_dir}")
     files = [folder / f for f in _CIFAR_FILES[split]]
     if download and not all(f.is_file() for f in files):
         tvd = _torchvision("cifar10", data_dir)
@@ -448,8 +453,8 @@ def _cifar10(split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, 
 def _svhn(split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     fname = f"{split}_32x32.mat"
     folder = data_dir / "svhn"
-    how = (f"Get it with get_dataset('svhn', data_dir={str(data_dir)!r}, download=True) (network; torchvision "
-           f"fetches http://ufldl.stanford.edu/housenumbers/{fname}), or place {fname} in {folder}/.")
+    how = (f"{_online_how('svhn', data_dir, f'http://ufldl.stanford.edu/housenumbers/{fname}')}; "
+           f"or place {fname} in {folder}/.")
     path = _first_existing(folder / fname, data_dir / fname)
     if path is None and download:
         tvd = _torchvision("svhn", data_dir)
@@ -470,8 +475,8 @@ def _svhn(split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, tor
 def _celeba(split: str, data_dir: Path, size: int, download: bool, info: DatasetInfo) -> _CelebA:
     folder = data_dir / "celeba"
     images, partition = folder / "img_align_celeba", folder / "list_eval_partition.txt"
-    how = (f"Get it with get_dataset('celeba', data_dir={str(data_dir)!r}, download=True) (network; torchvision "
-           f"fetches it from Google Drive), or place img_align_celeba/ and list_eval_partition.txt in {folder}/.")
+    how = (f"{_online_how('celeba', data_dir, 'Google Drive')}; "
+           f"or place img_align_celeba/ and list_eval_partition.txt in {folder}/.")
     if download and not (images.is_dir() and partition.is_file()):
         tvd = _torchvision("celeba", data_dir)
         _download("celeba", data_dir, lambda: tvd.CelebA(root=str(data_dir), split="all", download=True), how)
@@ -488,7 +493,11 @@ def _celeba(split: str, data_dir: Path, size: int, download: bool, info: Dataset
 
 
 def _digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetNotFoundError("digits: the 8x8 digits ship with scikit-learn, which is not installed: "
+                                   "pip install scikit-learn") from None
 
     d = load_digits()
     images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]

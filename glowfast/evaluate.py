@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             images, labels = _load_images(name, split, data_dir, model.image_shape, args.n)
         except (DatasetNotFoundError, ValueError) as e:
-            return fail(f"{spec}: {e}")
+            message = str(e)  # data's messages start with the dataset's name already
+            return fail(message if message.startswith(f"{name}:") else f"{spec}: {message}")
         if tuple(images.shape[1:]) != model.image_shape:
             return fail(f"{spec}: images of shape {tuple(images.shape[1:])}, the model expects {model.image_shape}")
         # a set's labels are the model's classes only for the dataset it was trained on: any other set (noise,

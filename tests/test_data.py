@@ -5,6 +5,7 @@ import io
 import pickle
 import pickletools
 import struct
+import sys
 import zipfile
 
 import numpy as np
@@ -189,12 +190,28 @@ def test_idx_roundtrip_and_bad_magic(tmp_path):
     ("celeba", "download=True"),
 ])
 def test_missing_dataset_message(tmp_path, name, how):
+    """One message naming the missing file, the offline route and both online routes: the CLI flag and Python."""
     root = tmp_path / "nowhere"
     with pytest.raises(gd.DatasetNotFoundError) as e:
         gd.get_dataset(name, "train", data_dir=root)
     assert isinstance(e.value, FileNotFoundError)
     msg = str(e.value)
     assert msg.startswith(name.replace("inverted-", "")) and str(root) in msg and how in msg
+    base = name.replace("inverted-", "")
+    assert f"python -m glowfast.train --dataset {base} --data-dir {root} --download" in msg
+    assert f"get_dataset({base!r}, data_dir={str(root)!r}, download=True)" in msg
+
+
+def test_digits_without_scikit_learn_is_one_clear_error(monkeypatch, tmp_path, capsys):
+    """The default dataset ships with scikit-learn: without it, a DatasetNotFoundError that says so (the train
+    CLI prints it as one line, exit 2), not an ImportError traceback."""
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # what an absent package looks like to import
+    with pytest.raises(gd.DatasetNotFoundError, match=r"^digits: .*scikit-learn.*pip install scikit-learn"):
+        gd.get_dataset("digits", "train")
+    from glowfast.train import main as train_main
+
+    assert train_main(["--steps", "1", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "pip install scikit-learn" in capsys.readouterr().err
 
 
 def test_info_command_lists_present_and_missing(tmp_path, capsys):

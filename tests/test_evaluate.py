@@ -183,7 +183,7 @@ def test_cli_scores_sets_and_matches_the_runs_own_evaluation(tmp_path, capsys):
     assert main(["--run", str(run), "--datasets", "digits", "--dequant-samples", "0"]) == 2
     assert main(["--run", str(run), "--datasets", "cifar10", "--data-dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
-    assert "--run" in err and "dequant" in err and "cifar10" in err
+    assert "--run" in err and "dequant" in err and "cifar10: " in err and "cifar10: cifar10" not in err
 
 
 def test_cli_labels_condition_only_the_models_own_dataset(tmp_path):
