@@ -187,6 +187,19 @@ def _preserve_as(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _load_failure(e: Exception) -> str:
+    """torch.load's error in one short line. Its weights-only refusal is a paragraph that advises re-running with
+    weights_only=False, which is wrong for a corrupt file and unsafe for an unknown one: keep only the cause."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    if not text:
+        return f"{type(e).__name__} (empty or truncated file)"
+    first = text.split(". ", 1)[0].rstrip(".")
+    return f"{type(e).__name__}: {first[:200]}"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint with ``torch.load(weights_only=True)`` (no code execution)."""
     try:
@@ -194,7 +207,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:  # truncated / corrupt / not a checkpoint
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot load checkpoint {path}: {_load_failure(e)}") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a glowfast checkpoint (got {type(state).__name__})")
     return state
@@ -206,6 +219,8 @@ def find_checkpoint(run_or_dir: str | os.PathLike, map_location: Any = "cpu") ->
     Tries ``last.pt`` then ``prev.pt``; returns ``(path, state)``. Raises CheckpointError if none loads.
     """
     p = Path(run_or_dir)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
     if p.is_file():
         return p, load_checkpoint(p, map_location)
     directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p

@@ -91,8 +91,11 @@ def load_run_model(run, checkpoint, device: str, backend: str, raw_weights: bool
         raise ValueError(f"--device {device}: not a device (auto, cpu, cuda or cuda:N)") from None
     source = checkpoint or run
     if run and checkpoint and not Path(checkpoint).exists():  # a checkpoint named within the run, e.g. prev.pt
-        source = next((c for c in (Path(run) / "checkpoints" / checkpoint, Path(run) / checkpoint) if c.exists()),
-                      checkpoint)
+        within = (Path(run) / "checkpoints" / checkpoint, Path(run) / checkpoint)
+        source = next((c for c in within if c.exists()), None)
+        if source is None:
+            raise ValueError(f"--checkpoint {checkpoint}: not found (looked for {checkpoint}, "
+                             f"{within[0]} and {within[1]})")
     try:
         path, state = find_checkpoint(source, map_location="cpu")
     except CheckpointError as e:

@@ -255,3 +255,24 @@ def test_a_save_removes_only_its_own_stale_temporaries(tmp_path):
     for path, data in foreign.items():
         assert path.exists() and path.read_bytes() == data, path.name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LAST, PREV, *(p.name for p in foreign)])
+
+
+@pytest.mark.parametrize("content,cause", [
+    (bytes(range(256)) * 8, "UnpicklingError: Unsupported operand"),  # not a zip, not a pickle
+    (None, "RuntimeError: PytorchStreamReader failed reading zip archive"),  # a real checkpoint cut in half
+    (b"", "(empty or truncated file)"),
+])
+def test_an_unreadable_checkpoint_is_one_short_line_naming_the_cause(tmp_path, content, cause):
+    """torch.load's weights-only refusal is a paragraph advising weights_only=False (wrong for a corrupt file, unsafe
+    for an unknown one); the CheckpointError keeps the path and the cause on one line."""
+    save_checkpoint(_state(1.0), tmp_path)
+    path = tmp_path / LAST
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2] if content is None else content)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    message = str(e.value)
+    assert message.startswith(f"cannot load checkpoint {path}: ") and cause in message, message
+    assert "weights_only" not in message and "\n" not in message and len(message) < 200 + len(str(path)) + 60
+    with pytest.raises(CheckpointError, match=f"^checkpoint not found: {tmp_path / 'nowhere'}$"):
+        find_checkpoint(tmp_path / "nowhere")

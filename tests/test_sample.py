@@ -103,3 +103,16 @@ def test_checkpoint_named_within_the_run(runs, tmp_path):
     assert sample_main(["--run", str(run), "--checkpoint", LAST, "--out", str(out), "--interpolate-pairs", "0",
                         "--temperatures", "1"]) == 0
     assert (out / "samples_t1.png").exists()
+
+
+def test_a_missing_checkpoint_named_within_the_run_is_one_clear_line(runs, tmp_path, capsys):
+    """A run with one checkpoint has no prev.pt: the error says where it looked (it read "no usable checkpoint in
+    prev.pt: no last.pt or prev.pt in prev.pt")."""
+    run = runs / "plain"
+    missing = "never.pt"
+    assert sample_main(["--run", str(run), "--checkpoint", missing, "--out", str(tmp_path / "out"),
+                        "--interpolate-pairs", "0", "--temperatures", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--checkpoint {missing}: not found (looked for {missing}, {run / 'checkpoints' / missing} "
+                        f"and {run / missing})"), err
+    assert "\n" not in err
