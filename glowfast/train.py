@@ -296,6 +296,9 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
         trainer.model.backend = "reference"
         if main_rank:
             print(f"note: the fused path is unavailable ({e}); using backend=reference", file=sys.stderr)
+    if cfg.get("memory_saving") and main_rank and trainer.model.resolve_backend(device) == "reference":
+        print("note: --memory-saving applies to the fused backend; this run uses the reference backend, which "
+              "stores activations", file=sys.stderr)
 
     # One process per run folder: a second one (a repeated --name, a --resume while the run still trains) would
     # mix two runs' checkpoints and metrics. The lock is released when this function returns or the process dies.

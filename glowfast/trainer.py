@@ -24,6 +24,7 @@ Polyak averaging) is updated after every applied step and checkpointed; evaluati
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -298,8 +299,13 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             unused = bool(self.n_classes) and self.cfg["y_weight"] == 0
+            # no buffer sync in forward (a Glow's buffers are constants once initialised); torch >= 2.14 names
+            # this forward_sync_buffers and warns on every rank about the old broadcast_buffers
+            no_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                       else {"broadcast_buffers": False})
             self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           broadcast_buffers=False, find_unused_parameters=unused)
+                           find_unused_parameters=unused, **no_sync)
         else:
             self.ddp = self.model
         self._emit("start")

@@ -129,8 +129,9 @@ def test_glow_memory_saving_training_gradients(device, exact_precision):
     assert "memory_saving" not in model.config  # an execution option, not part of the architecture
 
 
-def test_train_cli_memory_saving(tmp_path):
-    """python -m glowfast.train --memory-saving: the option reaches the model and the run completes."""
+def test_train_cli_memory_saving(tmp_path, capsys):
+    """python -m glowfast.train --memory-saving: the option reaches the model and the run completes; on the reference
+    backend, where it cannot apply, the run says so instead of ignoring it silently."""
     from glowfast.train import main
 
     from conftest import KERNEL_DEVICE
@@ -147,6 +148,12 @@ def test_train_cli_memory_saving(tmp_path):
                         "--run-dir", str(run)],
                 callbacks=[lambda event, t: seen.setdefault("flag", t.model.memory_saving)]) == 0
     assert seen["flag"] is True
+    note = "note: --memory-saving applies to the fused backend"
+    assert note not in capsys.readouterr().err
+    args[args.index("--backend") + 1] = "reference"
+    assert main(args + ["--steps", "1", "--eval-interval", "1", "--eval-batch-size", "100", "--temperatures", "1",
+                        "--n-samples", "4", "--memory-saving", "--run-dir", str(tmp_path / "ref")]) == 0
+    assert note in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", kernel_devices())
