@@ -108,6 +108,23 @@ def test_ood_and_typicality_contents(tiny_run):
     assert last["ood_flagged"]["noise"] > first["ood_flagged"]["noise"]
 
 
+def test_ood_cifar_without_its_data_says_so(tiny_run, tmp_path, capsys):
+    """ood / typicality --cifar when CIFAR-10 is not under --data-dir: they run without the CIFAR-10 model (like the
+    other sets that need files on disk) but say so, once on stderr and in each results.json / results.md."""
+    root, empty = tiny_run
+    capsys.readouterr()
+    assert main(["ood", "typicality", *TINY, "--cifar", "--data-dir", str(empty), "--out", str(tmp_path),
+                 "--cache", str(root / "models")]) == 0  # the shared model trained by the fixture
+    looked_for = str(empty / "cifar-10-batches-py" / "test_batch")
+    err = [line for line in capsys.readouterr().err.splitlines() if "--cifar" in line]
+    assert len(err) == 1 and err[0].startswith("warning: --cifar: no CIFAR-10 model trained") and looked_for in err[0]
+    ood, typ = _load(tmp_path / "ood"), _load(tmp_path / "typicality")
+    assert set(ood["models"]) == {"digits"} and typ["other_models"] == {}
+    for name, data in (("ood", ood), ("typicality", typ)):
+        assert set(data["skipped"]) == {"cifar10"} and looked_for in data["skipped"]["cifar10"]
+        assert "**cifar10 model skipped**" in (tmp_path / name / "results.md").read_text()
+
+
 def test_single_command_with_checkpoint(tiny_run, tmp_path):
     root, empty = tiny_run
     ckpt = next(p for p in (root / "models").iterdir() if "-cond-" in p.name)
@@ -116,6 +133,20 @@ def test_single_command_with_checkpoint(tiny_run, tmp_path):
     data = _load(out)
     assert data["model"]["cached"] is True
     assert not (tmp_path / "models").exists()  # nothing trained
+
+
+def test_default_out_folder(tmp_path, monkeypatch):
+    """Without --out, one NAME writes to results/NAME and caches its models in results/models (the module
+    docstring and results/README.md); it was a TypeError from Path(None)."""
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    assert main(["ablation-coupling", *TINY, "--steps", "3", "--data-dir", str(empty)]) == 0
+    data = _load(tmp_path / "results" / "ablation-coupling")
+    assert data["experiment"] == "ablation-coupling"
+    assert (tmp_path / "results" / "ablation-coupling" / "ablation_coupling_bpd_vs_steps.png").is_file()
+    assert sorted(p.name.split("-")[3] for p in (tmp_path / "results" / "models").iterdir()) == ["additive", "affine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-data", "results"]
 
 
 def test_module_entry_point(tiny_run):
@@ -128,17 +159,23 @@ def test_module_entry_point(tiny_run):
     _load(root / "typicality-cli")
 
 
-def test_bad_arguments(capsys):
+def test_bad_arguments(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["no-such-experiment"])
     with pytest.raises(SystemExit):
         main(["samples", "--config", "huge"])
+    # a config that needs MNIST, without it: one line, exit 2 (it was a traceback)
+    capsys.readouterr()
+    assert main(["samples", "--config", "small", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --config small: MNIST is not under") and "\n" not in err
+    assert not (tmp_path / "o").exists()
     if not torch.cuda.is_available():  # one line, exit 2 (it was a traceback from deep inside torch.cuda)
         assert main(["samples", "--config", "tiny", "--device", "cuda"]) == 2
         assert "error: --device cuda: CUDA is not available" in capsys.readouterr().err
 
 
-def test_glowfast_train_checkpoint(tiny_run, tmp_path):
+def test_glowfast_train_checkpoint(tiny_run, tmp_path, capsys):
     """A checkpoint written by glowfast.train (model + model_config) serves as the shared model, loaded as the run
     trained it (its moving average, its networks in bf16) like glowfast.evaluate loads it."""
     train = pytest.importorskip("glowfast.train")
@@ -146,12 +183,29 @@ def test_glowfast_train_checkpoint(tiny_run, tmp_path):
     run = tmp_path / "run"
     assert train.main(["--dataset", "digits", "--steps", "6", "--K", "2", "--L", "2", "--hidden-channels", "16",
                        "--run-dir", str(run), "--no-progress", "--device", "cpu", "--eval-interval", "6",
-                       "--y-condition", "--ema-decay", "0.9", "--lr", "1e-2", "--amp", "bf16"]) == 0
+                       "--y-condition", "--ema-decay", "0.9", "--lr", "1e-2", "--amp", "bf16",
+                       "--batch-size", "32", "--warmup-steps", "3"]) == 0
     out = tmp_path / "typicality"
+    capsys.readouterr()
     assert main(["typicality", *TINY, "--data-dir", str(empty), "--out", str(out), "--checkpoint", str(run)]) == 0
+    assert "(its weights moving average)" in capsys.readouterr().out
     data = _load(out)
     assert data["heldout_source"] == "test half"
-    assert data["model"]["spec"]["K"] == 2
+    # the metadata describe the model used: the run's settings (not the tiny preset's), the checkpoint, and the
+    # weights evaluated (the average, as the log line says)
+    m = data["model"]
+    run_config = json.loads((run / "config.json").read_text())
+    assert {k: m["spec"][k] for k in ("dataset", "K", "L", "hidden", "conditional", "batch", "lr", "warmup", "steps",
+                                      "ema", "holdout")} == {
+        "dataset": "digits", "K": 2, "L": 2, "hidden": 16, "conditional": True, "batch": 32, "lr": 1e-2,
+        "warmup": 3, "steps": 6, "ema": 0.9, "holdout": 0}
+    assert m["steps_done"] == 6 and m["eval_weights"] == "ema 0.9"
+    assert m["checkpoint"] == str(run / "checkpoints" / "last.pt")
+    assert {k: run_config[k] for k in m["run_config"]} == m["run_config"]  # the run's options, as config.json has them
+    assert m["run_config"]["optimizer"] == "adamax"
+    md = (out / "results.md").read_text()
+    assert "None steps" not in md
+    assert f"digits K=2 L=2 hidden=16, 6 steps, checkpoint {run / 'checkpoints' / 'last.pt'} (ema 0.9 weights)" in md
     # the run kept a moving average of its weights and ran its networks in bf16: the experiments score with both,
     # as glowfast.evaluate does
     from glowfast.evaluate import main as evaluate_main

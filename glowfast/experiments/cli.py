@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import find_checkpoint
+from ..data import DatasetNotFoundError
 from ..ema import use_checkpoint_average
 from ..sample import load_model
 from .common import (
@@ -35,7 +36,7 @@ EXPERIMENTS = ("ablation-permutation", "ablation-coupling", "samples", "interpol
 
 
 class Context:
-    def __init__(self, args, preset, notes, device):
+    def __init__(self, args, preset, notes, device, out: Path):
         self.preset = preset
         self.notes = notes
         self.device = device
@@ -45,10 +46,11 @@ class Context:
         self.checkpoint = args.checkpoint
         self.args_cifar = args.cifar
         self.alpha = args.alpha
-        self.out = Path(args.out)
+        self.out = Path(out)  # the experiment's folder: main() sets it per experiment
         self._models: dict[str, Trained] = {}
         self._scores: dict = {}
         self._main_test_bpd: dict | None = None
+        self.warned: set[str] = set()  # what was already said on stderr
 
     def get_model(self, spec: ModelSpec) -> Trained:
         key = spec.key()
@@ -70,24 +72,23 @@ class Context:
             model = build_model(spec)
             model.load_state_dict(state["model"])
             averaged = use_checkpoint_average(model, state)
+            history = dict(state.get("history") or {})
         elif "model_config" in state:
             # a glowfast.train checkpoint: the model as the run trained and evaluated it, as glowfast.sample and
             # glowfast.evaluate load it (moving average, and the networks' bf16 / channels-last / GEMM options)
             model = load_model(state, self.device, "reference")
             averaged = state.get("ema") is not None
-            cfg = dict(state["model_config"])
-            run_cfg = state.get("config") or {}
-            spec = replace(self.preset.main, dataset=run_cfg.get("dataset", self.preset.main.dataset),
-                           size=int(model.image_shape[-1]), K=int(cfg["K"]), L=int(cfg["L"]),
-                           hidden=int(cfg.get("hidden_channels", 0)), coupling=cfg.get("coupling", "affine"),
-                           permutation=cfg.get("permutation", "invconv"), conditional=model.n_classes is not None,
-                           holdout=0)
+            spec = _train_run_spec(state, model, self.preset.main.dataset)
+            history = {"steps_done": state.get("step"), "run_config": state.get("config") or {}}
         else:
             raise ValueError(f"{p} is neither a glowfast.experiments nor a glowfast.train checkpoint")
+        if averaged:  # the weights evaluated are the checkpoint's moving average, whatever the run kept before
+            history["eval_weights"] = f"ema {float(state['ema']['decay']):g}"
+        history["checkpoint"] = str(p)
         model.to(self.device).eval()
         set_backend(model, self.backend, self.device)
         _log(f"using checkpoint {p}{' (its weights moving average)' if averaged else ''}")
-        return Trained(model, spec, state.get("history", {}), p, cached=True)
+        return Trained(model, spec, history, p, cached=True)
 
     def scores(self, trained: Trained):
         from .ood_exp import Scores
@@ -117,6 +118,29 @@ class Context:
 
     def main_summary(self) -> dict:
         return {**model_summary(self.main_model()), **self.main_test_bpd()}
+
+
+def _train_run_spec(state: dict, model, default_dataset: str) -> ModelSpec:
+    """The spec of the model a glowfast.train checkpoint holds, from the run's own config (its config.json, also
+    stored in the checkpoint): architecture, data and optimisation settings; none comes from the preset."""
+    cfg = dict(state["model_config"])
+    run = state.get("config") or {}
+    default = {f.name: f.default for f in fields(ModelSpec)}
+
+    def opt(key, field, cast):
+        return cast(run[key]) if run.get(key) is not None else default[field]
+
+    steps = run.get("steps") or state.get("step") or default["steps"]  # --epochs runs: the steps reached
+    return ModelSpec(dataset=run.get("dataset", default_dataset), size=int(model.image_shape[-1]), K=int(cfg["K"]),
+                     L=int(cfg["L"]), hidden=int(cfg.get("hidden_channels", 0)),
+                     coupling=cfg.get("coupling", "affine"), permutation=cfg.get("permutation", "invconv"),
+                     lu=bool(cfg.get("lu", True)), conditional=model.n_classes is not None,
+                     batch=opt("batch_size", "batch", int), steps=int(steps),
+                     lr=opt("lr", "lr", float), warmup=opt("warmup_steps", "warmup", int),
+                     max_grad_norm=opt("grad_clip", "max_grad_norm", float),
+                     eval_every=opt("eval_interval", "eval_every", int), eval_n=0, holdout=0,
+                     seed=opt("seed", "seed", int), ema=float(run.get("ema_decay") or 0.0),
+                     cuda_graphs=bool(run.get("cuda_graphs")))
 
 
 def run_one(ctx: Context, name: str) -> tuple[dict, str]:
@@ -156,7 +180,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="override every model's number of training steps")
     ap.add_argument("--time-limit", type=float, default=None, help="override each model's training time cap (s)")
     ap.add_argument("--alpha", type=float, default=0.99, help="typicality test confidence (paper: 0.99)")
-    ap.add_argument("--cifar", action="store_true", help="ood: also train a CIFAR-10 model (needs its data)")
+    ap.add_argument("--cifar", action="store_true", help="ood, typicality: also train a CIFAR-10 model (skipped, and "
+                    "said so, when its files are not under --data-dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return ap.parse_args(argv)
@@ -177,13 +202,17 @@ def main(argv=None) -> int:
     except (RuntimeError, ValueError) as e:
         print(f"error: --device {args.device}: {e}", file=sys.stderr)
         return 2
-    preset, notes = resolve_preset(args.config, args.data_dir, args.steps, args.time_limit)
+    try:
+        preset, notes = resolve_preset(args.config, args.data_dir, args.steps, args.time_limit)
+    except DatasetNotFoundError as e:  # small / full without MNIST: one line, not a traceback
+        print(f"error: --config {args.config}: {e}", file=sys.stderr)
+        return 2
     if args.seed:
         preset = replace(preset, main=replace(preset.main, seed=args.seed),
                          ablation=replace(preset.ablation, seed=args.seed))
     argv_list = list(argv) if argv is not None else None
     prov = provenance(device, argv_list)
-    ctx = Context(args, preset, notes, device)
+    ctx = Context(args, preset, notes, device, root)
     timings = {}
     for name in names:
         ctx.out = root if single else root / name
@@ -198,9 +227,11 @@ def main(argv=None) -> int:
         header = f"Config **{preset.name}**: {preset.notes}\n" + "".join(f"\n- {n}" for n in notes)
         m = results.get("model")
         if isinstance(m, dict) and "test_bpd_marginal" in m:
+            steps = "" if m.get("steps_done") is None else f", {m['steps_done']} steps"  # unknown: say nothing
+            steps += " (stopped by its time limit)" if m.get("stopped_by_time_limit") else ""
+            source = f", checkpoint {m['checkpoint']} ({m['eval_weights']} weights)" if m.get("checkpoint") else ""
             header += (f"\n\nShared model: {m['spec']['dataset']} K={m['spec']['K']} L={m['spec']['L']} "
-                       f"hidden={m['spec']['hidden']}, {m.get('steps_done')} steps"
-                       f"{' (stopped by its time limit)' if m.get('stopped_by_time_limit') else ''}; test bits/dim "
+                       f"hidden={m['spec']['hidden']}{steps}{source}; test bits/dim "
                        f"{m['test_bpd_marginal']:.4f} (marginal p(x)"
                        + (f", {m['test_bpd_given_true_class']:.4f} given the true class; generative-classifier "
                           f"accuracy {m['generative_classifier_test_accuracy']:.3f}" if "test_bpd_given_true_class"

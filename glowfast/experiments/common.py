@@ -617,7 +617,9 @@ def model_summary(t: Trained) -> dict:
             "s_per_step": h.get("s_per_step"), "compute_path": h.get("compute_path"),
             "final_test_bpd_eval_subset": h["test_bpd"][-1] if h.get("test_bpd") else None,
             "eval_weights": h.get("eval_weights", "raw"), "heldout_bpd": h.get("heldout_bpd"),
-            "cuda_graphs": h.get("cuda_graphs")}
+            "cuda_graphs": h.get("cuda_graphs"),
+            # a model given by --checkpoint: where it came from, and (glowfast.train runs) the run's own config
+            **{k: h[k] for k in ("checkpoint", "run_config") if k in h}}
 
 
 def bpd_unit_note(spec: ModelSpec) -> str:

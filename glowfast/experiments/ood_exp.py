@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from dataclasses import replace
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import ood
+from ..data import DatasetNotFoundError, get_dataset
 from .common import (
     Trained,
     bpd_unit_note,
@@ -113,19 +115,42 @@ def _reverse_spec(main, dataset: str, steps: int, time_limit: float):
     return replace(main, dataset=dataset, steps=steps, time_limit_s=time_limit)
 
 
-def _models(ctx) -> list[Trained]:
-    """The main model, plus (when the data is here) the reverse model (Fashion-MNIST) and a CIFAR-10 model."""
+def _missing(name: str, data_dir) -> str | None:
+    """None when the dataset's files are under `data_dir`, else why not (the file looked for, how to get it)."""
+    if dataset_available(name, data_dir):
+        return None
+    try:
+        get_dataset(name, "test", data_dir)
+    except (DatasetNotFoundError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
+def _models(ctx) -> tuple[list[Trained], dict[str, str]]:
+    """The main model, plus (when the data is here) the reverse model (Fashion-MNIST) and a CIFAR-10 model; and the
+    models asked for but skipped ({dataset: why}; --cifar without CIFAR-10's files, said once on stderr)."""
     main = ctx.main_model()
-    out = [main]
+    out, skipped = [main], {}
     p = ctx.preset
     if main.spec.dataset == "mnist" and dataset_available("fashion-mnist", ctx.data_dir):
         spec = _reverse_spec(p.main, "fashion-mnist", p.reverse_steps, p.reverse_time_limit_s)
         out.append(ctx.get_model(spec))
-    if ctx.args_cifar and dataset_available("cifar10", ctx.data_dir):
-        spec = replace(p.main, dataset="cifar10", size=32, L=3, steps=p.reverse_steps,
-                       time_limit_s=p.reverse_time_limit_s)
-        out.append(ctx.get_model(spec))
-    return out
+    if ctx.args_cifar:
+        why = _missing("cifar10", ctx.data_dir)
+        if why is None:
+            spec = replace(p.main, dataset="cifar10", size=32, L=3, steps=p.reverse_steps,
+                           time_limit_s=p.reverse_time_limit_s)
+            out.append(ctx.get_model(spec))
+        else:
+            skipped["cifar10"] = why
+            if "cifar10" not in ctx.warned:  # once per process (ood and typicality both ask)
+                ctx.warned.add("cifar10")
+                print(f"warning: --cifar: no CIFAR-10 model trained (skipped): {why}", file=sys.stderr, flush=True)
+    return out, skipped
+
+
+def _skipped_md(skipped: dict[str, str]) -> str:
+    return "".join(f"\n**{ds} model skipped** (asked for, data not found): {why}\n" for ds, why in skipped.items())
 
 
 def run_ood(ctx) -> tuple[dict, str]:
@@ -133,7 +158,8 @@ def run_ood(ctx) -> tuple[dict, str]:
     md.append("OOD detection by likelihood (Nalisnick et al. 2019; Kirichenko et al. 2020). Score = bits/dim "
               "(−log p(x), the marginal p(x) = mean_y p(x|y) for class-conditional models); AUROC of "
               "\"higher bits/dim ⇒ OOD\" (0.5 = chance, < 0.5 = the OOD set is MORE likely than the test set).\n")
-    for t in _models(ctx):
+    models, skipped = _models(ctx)
+    for t in models:
         sc = ctx.scores(t)
         names = ood_sets(ctx, t.spec.dataset)
         test = sc.nll("test")
@@ -155,13 +181,16 @@ def run_ood(ctx) -> tuple[dict, str]:
         md.append(f"## Trained on {ds}\n\nTest bits/dim {test.mean():.4f} on {test.size} test images "
                   f"({bpd_unit_note(t.spec)}).\n\n"
                   + md_table(["OOD set", "AUROC (−log p)", "mean bits/dim", "n"], rows) + "\n")
-    return {"models": res, "figures": figs}, "\n".join(md)
+    out = {"models": res, "figures": figs}
+    if skipped:
+        out["skipped"] = skipped
+    return out, "\n".join(md) + _skipped_md(skipped)
 
 
 def run_typicality(ctx, alpha: float = 0.99) -> tuple[dict, str]:
     """The main model's test (top-level keys), plus the same for the other models of `ood` (the reverse
     Fashion-MNIST model, whose likelihood ranks MNIST above its own test set)."""
-    models = _models(ctx)
+    models, skipped = _models(ctx)
     results, md = _typicality_one(ctx, models[0], alpha, "")
     results["other_models"] = {}
     for t in models[1:]:
@@ -171,7 +200,9 @@ def run_typicality(ctx, alpha: float = 0.99) -> tuple[dict, str]:
         results["other_models"][t.spec.dataset] = r
         results["figures"] += r["figures"]
         md += f"\n## Trained on {t.spec.dataset}\n\n" + m
-    return results, md
+    if skipped:
+        results["skipped"] = skipped
+    return results, md + _skipped_md(skipped)
 
 
 def _typicality_one(ctx, t: Trained, alpha: float, suffix: str) -> tuple[dict, str]:
