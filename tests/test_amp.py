@@ -213,3 +213,23 @@ def test_gemm_networks_in_the_model_and_their_errors(kernel_device):
     coupling_networks(m)[0].conv1.padding = (2, 2)
     with pytest.raises(ValueError, match="standard coupling network"):
         enable_gemm_networks(m)
+
+
+@pytest.mark.parametrize("change", ["conv3_padding_0", "conv3_kernel_1x1", "conv3_kernel_5x5_padding_2"])
+def test_gemm_networks_refuse_a_non_standard_last_convolution(change):
+    """gemm_network_forward hard-codes conv3 as a 3x3 convolution with padding 1 (its col2im `fold`); a network
+    whose last convolution is anything else computes a different function, so enabling gemm must refuse it
+    (and change nothing) rather than silently run the 3x3-pad-1 formula."""
+    m, _ = _model("cpu")
+    net = coupling_networks(m)[1]
+    conv = net.conv3.conv
+    if change == "conv3_padding_0":
+        conv.padding = (0, 0)
+    elif change == "conv3_kernel_1x1":  # padding 1 as the standard one: only the kernel size differs
+        net.conv3.conv = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 1, padding=1)
+    else:  # a "same"-size convolution, like the standard one, with another kernel
+        net.conv3.conv = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 5, padding=2)
+    with pytest.raises(ValueError, match="standard coupling network"):
+        enable_gemm_networks(m)
+    assert not any(gemm_networks_enabled(n) for n in coupling_networks(m))
+    assert all(not hasattr(n, "_glowfast_net_options") for n in coupling_networks(m))

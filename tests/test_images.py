@@ -61,3 +61,31 @@ def test_save_grid_works_without_torchvision(tmp_path):
             f"t.save_grid(torch.rand(4, 3, 8, 8), __import__('pathlib').Path({str(tmp_path / 'x.png')!r}), 2)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert imread(tmp_path / "x.png").shape[:2] == (2 * 33 + 1, 2 * 33 + 1)
+
+
+def test_grid_clamps_out_of_range_values_to_the_unit_interval():
+    """Model samples can stray outside [0, 1]: the grid clips them to 0 and 1 and leaves in-range pixels as
+    they are."""
+    x = torch.tensor([[-0.2, 0.25], [0.75, 1.3]]).view(1, 1, 2, 2)
+    g = image_grid(x, nrow=1, pad=0)
+    assert g.min() == 0.0 and g.max() == 1.0
+    np.testing.assert_array_equal(g, np.array([[0.0, 0.25], [0.75, 1.0]], dtype=np.float32))
+    rgb = image_grid(torch.stack([x[0, 0]] * 3).unsqueeze(0), nrow=1, pad=0)
+    np.testing.assert_array_equal(rgb[..., 1], g)
+
+
+@pytest.mark.parametrize("side,scale", [(28, 2), (8, 4), (32, 1), (33, 1), (11, 3)])
+def test_save_grid_enlarges_by_the_smallest_integer_factor_reaching_min_side(tmp_path, side, scale):
+    """Images smaller than min_side are enlarged (nearest) by a whole factor so every cell is at least
+    min_side pixels: the smallest such factor, ceil(min_side / side) (28 -> 56, 8 -> 32, 11 -> 33); images
+    already min_side or larger stay as they are. Each pixel becomes a scale x scale block of its value."""
+    # neighbouring pixels differ by many 8-bit levels (37 per step along a row), so a shifted block shows
+    img = (torch.arange(side * side, dtype=torch.int64) * 37).remainder(256).to(torch.uint8).view(1, 1, side, side)
+    path = tmp_path / "g.png"
+    save_grid(img, path, nrow=1, min_side=32)
+    out = imread(path)
+    cell = side * scale
+    assert cell >= 32 and (scale == 1 or (scale - 1) * side < 32)  # the factors above, checked by hand
+    assert out.shape[:2] == (cell + 2, cell + 2)
+    expected = np.kron(img[0, 0].numpy() / 255, np.ones((scale, scale)))
+    np.testing.assert_allclose(out[1:-1, 1:-1, 0], expected, atol=1.5 / 255)  # the gray colormap may round a level

@@ -329,3 +329,112 @@ def test_float_images_k_over_255_read_as_uint8_k(image_dtype, model_dtype):
     for delta in (-0.25, 0.25):
         near = ((k.double() + delta) / 255).clamp(0, 1).to(image_dtype).view(16, 1, 4, 4)
         torch.testing.assert_close(model.preprocess(near, dequantize=False), expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- backend choice
+def test_auto_backend_is_the_reference_on_cpu_and_fused_on_cuda(monkeypatch):
+    """backend='auto' never sends CPU tensors through the Triton kernels (the interpreter is for tests, not
+    speed): on CPU it resolves to, and computes exactly, the reference. On CUDA it picks the fused path when
+    that can run. The CUDA half patches glowfast.fused.fused_available to report (True, "") because this
+    machine may have no GPU: the patch stands in only for the hardware probe, the decision under test is
+    resolve_backend's."""
+    import glowfast.fused
+
+    model = tiny_glow((1, 4, 4), dtype=torch.float32)
+    ref = tiny_glow((1, 4, 4), dtype=torch.float32)
+    ref.load_state_dict(model.state_dict())
+    model.backend = "auto"
+    assert model.resolve_backend(torch.device("cpu")) == "reference"
+    assert model.resolve_backend("cpu") == "reference"
+    images = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+    assert torch.equal(model.log_prob(images, dequantize=False), ref.log_prob(images, dequantize=False))
+
+    monkeypatch.setattr(glowfast.fused, "fused_available", lambda device: (True, ""))
+    assert model.resolve_backend(torch.device("cuda")) == "fused"
+    assert model.resolve_backend("cuda:0") == "fused"
+    assert model.resolve_backend("cpu") == "reference"  # still the reference, even where the kernels could run
+    model.backend = "reference"
+    assert model.resolve_backend("cuda") == "reference"  # an explicit reference is never overridden
+
+
+# ------------------------------------------------------------------------------------------- class-conditional prior
+def test_class_conditional_sampling_uses_the_label():
+    """At temperature 0 the top latent is the top prior's mean for the given label. class_embed is set by hand
+    so that label 2 adds +5 to the mean of top channel 1 (and nothing else), every other term being zero: the
+    top latent must be 5 in channel 1 for y=2 and 0 everywhere for y=0, both from the prior directly and after
+    decoding to an image and re-encoding it."""
+    model = tiny_glow((1, 8, 8), n_classes=3)  # top latent (8, 2, 2)
+    c, h, w = model.top_shape
+    prior = model.prior
+    with torch.no_grad():
+        prior.top.zero_()
+        prior.class_embed.weight.zero_()
+        prior.class_embed.bias.zero_()
+        prior.class_embed.weight[1, 2] = 5.0  # output row 1: the mean of channel 1; input column 2: label 2
+    y = torch.tensor([2, 0])
+    expected = torch.zeros(2, c, h, w, dtype=torch.float64)
+    expected[0, 1] = 5.0
+
+    top = prior.sample(2, y, temperature=0.0, dtype=torch.float64)
+    torch.testing.assert_close(top, expected, rtol=0, atol=0)
+
+    x = model.decode([None, None], y=y, temperature=0.0, n=2)
+    latents, _ = model.encode(x)
+    torch.testing.assert_close(latents[-1], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_class_logits_are_the_head_of_the_spatially_averaged_top_latent():
+    """The class head reads the top latent averaged over all positions. With the head set to the identity
+    (n_classes = the top latent's channels, zero bias) the logits are exactly that spatial mean."""
+    model = tiny_glow((1, 8, 8), n_classes=8)  # top latent (8, 2, 2): 4 positions per channel
+    with torch.no_grad():
+        model.prior.class_head.weight.copy_(torch.eye(8, dtype=torch.float64))
+        model.prior.class_head.bias.zero_()
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 5, 7])
+    out = model(images, y, dequantize=False)
+    latents, _ = model.encode(model.preprocess(images, dequantize=False))
+    top = latents[-1]
+    mean = (top[:, :, 0, 0] + top[:, :, 0, 1] + top[:, :, 1, 0] + top[:, :, 1, 1]) / 4
+    assert not torch.allclose(mean, top[:, :, 0, 0])  # the positions really differ
+    torch.testing.assert_close(out.y_logits, mean, rtol=1e-12, atol=1e-12)
+    # the same head on a latent chosen by hand: channel k holds k at every position but (0, 0), which holds 0
+    z = torch.arange(8, dtype=torch.float64).view(1, 8, 1, 1).expand(2, 8, 2, 2).clone()
+    z[:, :, 0, 0] = 0
+    torch.testing.assert_close(model.prior.class_logits(z), torch.arange(8, dtype=torch.float64).expand(2, 8) * 0.75,
+                               rtol=1e-15, atol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------- likelihood wrappers
+def test_log_prob_and_bits_per_dim_without_dequantisation_are_deterministic():
+    """dequantize=False evaluates the density at the bin corners: no noise is drawn, so repeated calls are
+    bit-identical, equal the forward's log_prob, and bits_per_dim is -log_prob / (D ln 2)."""
+    model = tiny_glow((3, 4, 4))
+    images = torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8)
+    lp1 = model.log_prob(images, dequantize=False)
+    lp2 = model.log_prob(images, dequantize=False)
+    assert torch.equal(lp1, lp2)
+    assert torch.equal(lp1, model(images, dequantize=False).log_prob)
+    # by hand: the corners' latents and log-determinant, the priors, and the 8-bit quantisation term
+    x = (images.double() / 256) - 0.5  # n_bits = 8: pixel k sits at k/256 - 1/2
+    latents, logdet = model.encode(x)
+    normal = torch.distributions.Normal
+    top_mean, top_log_std = model.prior.params(4, None, x.device, x.dtype)
+    log_pz = normal(top_mean, top_log_std.exp()).log_prob(latents[1]).flatten(1).sum(1)
+    z = squeeze2d(x)
+    for step in model.levels[0].steps:
+        z, _ = step(z)
+    z1, _, _ = model.levels[0].split(z)
+    mean, log_std = model.levels[0].split.prior_params(z1)
+    log_pz = log_pz + normal(mean, log_std.exp()).log_prob(latents[0]).flatten(1).sum(1)
+    torch.testing.assert_close(lp1, log_pz + logdet - 48 * math.log(256), rtol=1e-12, atol=1e-9)
+
+    bpd1 = model.bits_per_dim(images, dequantize=False)
+    assert torch.equal(bpd1, model.bits_per_dim(images, dequantize=False))
+    torch.testing.assert_close(bpd1, -lp1 / (48 * math.log(2)), rtol=1e-14, atol=0)
+    # with dequantisation the same generator seed gives the same noise, and it is a different point
+    g = torch.Generator().manual_seed(4)
+    noisy = model.bits_per_dim(images, generator=g)
+    torch.testing.assert_close(noisy, model(images, generator=torch.Generator().manual_seed(4)).bits_per_dim,
+                               rtol=0, atol=0)
+    assert not torch.equal(noisy, bpd1)
