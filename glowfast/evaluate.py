@@ -207,7 +207,16 @@ def nll_bits_per_dim(model: nn.Module, images: torch.Tensor, device, batch_size:
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape ({images.shape[0]},) like the images, got {tuple(labels.shape)}")
         glow.prior.one_hot(labels.cpu())  # integer labels in [0, n_classes), or a clear error
-    glow.eval()
+    was_training = glow.training
+    glow.eval()  # no ActNorm initialisation on the scored images; the caller's mode is given back
+    try:
+        return _nll_bits_per_dim_eval(glow, images, device, batch_size, seed, labels, return_class_ll,
+                                      dequant_samples)
+    finally:
+        glow.train(was_training)
+
+
+def _nll_bits_per_dim_eval(glow, images, device, batch_size, seed, labels, return_class_ll, dequant_samples):
     d = math.prod(glow.image_shape)
     g = torch.Generator(device=device).manual_seed(seed)
     out, cls = [], []

@@ -72,6 +72,28 @@ def test_evaluate_bpd_fixed_seed_training_mode_restored_and_no_actnorm_init():
     assert flags and not any(flags)
 
 
+def test_nll_bits_per_dim_of_a_model_in_training_mode_does_not_initialise_actnorm():
+    """Per-image scores run in eval mode: scoring a fresh model that is in training mode must not initialise its
+    ActNorm layers on the scored images (that would fit them, and move the scores off the closed form)."""
+    model = _measure_preserving_glow().train()
+    images = _images(64)
+    bpd = nll_bits_per_dim(model, images, "cpu", batch_size=16, seed=3)
+    flags = [bool(m.initialized) for m in model.modules() if hasattr(m, "initialized")]
+    assert flags and not any(flags)
+    assert bpd.mean() == pytest.approx(_expected_bpd(images).mean(), abs=2e-5)
+    np.testing.assert_array_equal(bpd, nll_bits_per_dim(model.eval(), images, "cpu", batch_size=16, seed=3))
+
+
+def test_nll_bits_per_dim_restores_training_mode():
+    """Scoring gives the caller's mode back, as evaluate_bpd does (it left a training model in eval mode)."""
+    model = _measure_preserving_glow().train()
+    nll_bits_per_dim(model, _images(4), "cpu")
+    assert model.training
+    model.eval()
+    nll_bits_per_dim(model, _images(4), "cpu")
+    assert not model.training
+
+
 def test_class_conditional_marginal_and_per_class_known_answer():
     """Fresh class priors are all N(0, I): p(x | y) is the same for every y, so the marginal p(x) = mean_y p(x|y)
     equals it, and both equal the closed form."""
@@ -172,7 +194,30 @@ def test_cli_scores_sets_and_matches_the_runs_own_evaluation(tmp_path, capsys):
     assert [r["dataset"] for r in rows] == ["digits:test", "noise:test"]
     assert rows[0]["n"] == 297 and rows[0]["mean_bpd"] == pytest.approx(logged, rel=1e-6)
     assert rows[1]["auroc_vs_first"] > 0.99
-    assert np.load(scores / "digits_test.npy").shape == (297,)
+    one_draw = np.load(scores / "digits_test.npy")
+    assert one_draw.shape == (297,)
+    # "mean bits/dim ± standard error" (README): the standard error of the mean of the saved per-image scores,
+    # sample standard deviation / sqrt(n) (one image has none: see test_cli_output_paths_and_devices_checked...)
+    for r in rows:
+        s = np.load(scores / f"{r['dataset'].replace(':', '_')}.npy")
+        assert r["n"] == s.size and r["mean_bpd"] == pytest.approx(s.mean(), rel=1e-12)
+        assert r["sem_bpd"] == pytest.approx(np.std(s, ddof=1) / math.sqrt(s.size), rel=1e-9)
+    # --dequant-samples K (and --seed) reach the scorer: the saved scores are nll_bits_per_dim's K-draw estimate
+    # with that seed (the same weights, the run's moving average, and batches), not the one-draw scores
+    from glowfast.checkpoint import find_checkpoint
+    from glowfast.data import get_dataset
+    from glowfast.sample import load_model
+
+    scores4 = tmp_path / "scores4"
+    assert main(["--run", str(run), "--datasets", "digits", "--batch-size", "512", "--device", "cpu",
+                 "--dequant-samples", "4", "--seed", "3", "--save-scores", str(scores4)]) == 0
+    four_draws = np.load(scores4 / "digits_test.npy")
+    test = get_dataset("digits", "test")
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    model = load_model(find_checkpoint(run)[1], torch.device("cpu"))
+    np.testing.assert_array_equal(four_draws, nll_bits_per_dim(model, images, "cpu", 512, seed=3, dequant_samples=4))
+    assert np.abs(four_draws - nll_bits_per_dim(model, images, "cpu", 512, seed=3)).min() > 0
+    assert np.abs(four_draws - one_draw).min() > 0
     # the last iterate differs from the average the run evaluated
     assert main(["--run", str(run), "--datasets", "digits", "--raw-weights", "--batch-size", "512", "--device",
                  "cpu", "--n", "100", "--json", str(out)]) == 0

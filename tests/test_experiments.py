@@ -82,10 +82,24 @@ def test_generative_contents(tiny_run):
     assert s["model"]["test_bpd_marginal"] > 0
     i = json.loads((root / "interpolation" / "results.json").read_text())
     assert len(i["pairs"]) == 10
-    assert i["max_abs_reconstruction_error_endpoints"] <= 1.5 / 255  # exact inverse up to rounding
+    # each endpoint is encoded at the centre of its pixels' quantisation bins and decoded onto the 8-bit grid:
+    # the exact image back (an endpoint encoded at a bin edge comes back one level off where rounding goes down)
+    assert i["max_abs_reconstruction_error_endpoints"] <= 0.5 / 255
     a = json.loads((root / "attributes" / "results.json").read_text())
     for pair in a["pairs"].values():
         assert len(pair["fraction_classified_as_target"]) == len(pair["strengths"])
+    # Δ = mean z[dst] − mean z[src]: a = 1 moves source images to the target class's mean latent, a = 0 leaves
+    # them alone, so the model's own classifier calls more of them dst and fewer src at a = 1 (on average over
+    # the pairs; Δ of the wrong sign moves them away from dst)
+    strengths = next(iter(a["pairs"].values()))["strengths"]
+    at0, at1 = strengths.index(0.0), strengths.index(1.0)
+
+    def mean_fraction(key, i):
+        return sum(p[key][i] for p in a["pairs"].values()) / len(a["pairs"])
+
+    target, source = "fraction_classified_as_target", "fraction_classified_as_source"
+    assert mean_fraction(target, at1) > mean_fraction(target, at0) + 0.2
+    assert mean_fraction(source, at1) < mean_fraction(source, at0)
 
 
 def test_ood_and_typicality_contents(tiny_run):
@@ -94,6 +108,13 @@ def test_ood_and_typicality_contents(tiny_run):
     sets = o["models"]["digits"]["ood"]
     assert set(sets) == {"inverted-digits", "noise", "constant"}
     assert all(0.0 <= v["auroc"] <= 1.0 for v in sets.values())
+    # fraction_more_likely_than_median_test = P(bits/dim of an OOD image < the test set's median). An OOD image
+    # below the median is below every test image above it (at least half of them), so that fraction is at most
+    # 2 P(s_ood < s_test) <= 2 (1 − AUROC); AUROC = 1 (every OOD image less likely than every test image) makes it
+    # 0. Inverted digits are far from the model's digits (AUROC 1.0 for this run), so the bound is tight there.
+    assert sets["inverted-digits"]["auroc"] > 0.9
+    for name, v in sets.items():
+        assert v["fraction_more_likely_than_median_test"] <= 2 * (1 - v["auroc"]) + 1e-12, name
     t = json.loads((root / "typicality" / "results.json").read_text())
     # every M of the paper's list that the smallest scored set holds ten times over (nearly independent batches)
     n_min = min(t["n"]["test"], *(t["n"][name] for name in sets))
@@ -125,7 +146,27 @@ def test_ood_cifar_without_its_data_says_so(tiny_run, tmp_path, capsys):
         assert "**cifar10 model skipped**" in (tmp_path / name / "results.md").read_text()
 
 
-def test_single_command_with_checkpoint(tiny_run, tmp_path):
+def test_single_command_with_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """samples from a checkpoint: nothing trained. Its per-class grids have one row per class: the labels that
+    every row's samples were drawn with (recorded on their way through Glow.sample and save_grid, both run
+    unchanged) are the class written beside the row."""
+    from glowfast import Glow
+    from glowfast.experiments import generative
+
+    drawn, grids = [], {}
+    sample, save_grid = Glow.sample, generative.save_grid
+
+    def recording_sample(self, *args, **kwargs):
+        x = sample(self, *args, **kwargs)
+        drawn.append((kwargs.get("y"), x.detach().cpu()))
+        return x
+
+    def recording_save_grid(path, images, nrow, *args, **kwargs):
+        grids[Path(path).name] = (images, nrow, kwargs.get("row_labels"))
+        return save_grid(path, images, nrow, *args, **kwargs)
+
+    monkeypatch.setattr(Glow, "sample", recording_sample)
+    monkeypatch.setattr(generative, "save_grid", recording_save_grid)
     root, empty = tiny_run
     ckpt = next(p for p in (root / "models").iterdir() if "-cond-" in p.name)
     out = tmp_path / "samples"
@@ -133,6 +174,34 @@ def test_single_command_with_checkpoint(tiny_run, tmp_path):
     data = _load(out)
     assert data["model"]["cached"] is True
     assert not (tmp_path / "models").exists()  # nothing trained
+    assert set(data["per_class"]) == {"0.7", "1.0"}
+    for t, entry in data["per_class"].items():
+        images, nrow, row_labels = grids[entry["figure"]]
+        assert row_labels == [str(c) for c in range(10)] and images.shape[0] == 10 * nrow
+        ys = [y for y, x in drawn if x.shape == images.shape and torch.equal(x[x.isfinite()], images[x.isfinite()])]
+        assert len(ys) == 1, t
+        rows = ys[0].cpu().reshape(10, nrow)
+        assert (rows == torch.tensor([int(c) for c in row_labels])[:, None]).all(), (t, rows)
+
+
+def test_train_holdout_holds_out_the_last_images_and_trains_on_the_rest(tmp_path):
+    """train_holdout: the training split minus its last `holdout` images (at most a fifth of it), and those
+    images; together exactly the full split, the held-out images never in the training part."""
+    from glowfast.experiments.common import ModelSpec, load_split, train_holdout
+
+    full = load_split("digits", "train", tmp_path, 8)
+    n = full.images.shape[0]
+    for holdout, h in ((200, 200), (10**6, n // 5)):
+        tr, held = train_holdout(ModelSpec("digits", 8, K=1, L=1, hidden=8, holdout=holdout), tmp_path)
+        assert tr.images.shape[0] == n - h and held.images.shape[0] == h
+        assert torch.equal(torch.cat([tr.images, held.images]), full.images)
+        assert torch.equal(torch.cat([tr.labels, held.labels]), full.labels)
+        train_bytes = {im.numpy().tobytes() for im in tr.images}
+        held_bytes = {im.numpy().tobytes() for im in held.images}
+        # digits' training split has no repeated image, so distinct positions are distinct images
+        assert len(train_bytes) == n - h and len(held_bytes) == h and not train_bytes & held_bytes
+    tr, held = train_holdout(ModelSpec("digits", 8, K=1, L=1, hidden=8), tmp_path)
+    assert held is None and torch.equal(tr.images, full.images)
 
 
 def test_default_out_folder(tmp_path, monkeypatch):

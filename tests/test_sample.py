@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -37,6 +38,16 @@ def _size(p: Path) -> tuple[int, int]:
         return im.size
 
 
+def _cells(p: Path, rows: int, cols: int) -> np.ndarray:
+    """The (rows, cols, 32, 32) grey levels of a sample grid's cells (glowfast.images.save_grid's layout: 1 px of
+    padding before every row and column, 8x8 images enlarged to 32x32)."""
+    with Image.open(p) as im:
+        a = np.asarray(im.convert("RGB"))[..., 0]
+    assert a.shape == (rows * CELL + 1, cols * CELL + 1)
+    return np.stack([np.stack([a[1 + r * CELL: r * CELL + CELL, 1 + k * CELL: k * CELL + CELL] for k in range(cols)])
+                     for r in range(rows)])
+
+
 def test_sample_grids_and_interpolation(runs, tmp_path):
     out = tmp_path / "out"
     rc = sample_main(["--run", str(runs / "plain"), "--temperatures", "0", "0.5", "1.0", "--n", "16",
@@ -45,6 +56,14 @@ def test_sample_grids_and_interpolation(runs, tmp_path):
     for t in ("0", "0.5", "1"):
         assert _size(out / f"samples_t{t}.png") == (4 * CELL + 1, 4 * CELL + 1)
     assert _size(out / "interpolation.png") == (5 * CELL + 1, 3 * CELL + 1)  # rows = pairs, columns = steps
+    # T = 0 draws every latent at its prior's mean (the top prior's is fixed, each split prior's a function of the
+    # levels decoded before it): all 16 samples are the same image. T = 1 draws differ from it and from each other
+    # (the grids were sampled at the temperatures asked for, not all at one).
+    grids = {t: _cells(out / f"samples_t{t}.png", 4, 4).reshape(16, 32, 32) for t in ("0", "0.5", "1")}
+    assert (grids["0"] == grids["0"][0]).all(), "the T = 0 samples differ"
+    for t in ("0.5", "1"):
+        assert len({cell.tobytes() for cell in grids[t]}) == 16, t
+        assert not any((cell == grids["0"][0]).all() for cell in grids[t]), t
 
 
 def test_class_conditional_grids(runs, tmp_path):
@@ -56,6 +75,27 @@ def test_class_conditional_grids(runs, tmp_path):
     for c in range(10):
         assert _size(out / f"class{c}_t0.7.png") == (2 * CELL + 1, 2 * CELL + 1)
     assert not (out / "interpolation.png").exists()
+
+
+def test_class_conditional_rows_are_their_classes_at_t0(runs, tmp_path):
+    """samples_t{T}.png of a class-conditional model has one row per class: at T = 0 a class's samples are one
+    image (its prior means), so each row's cells are equal, equal to the cells of class{C}_t0.png, and rows of
+    different classes differ. The tiny run's class priors are still nearly equal, so the checkpoint's
+    class-conditional prior gets distinct (seeded random) class means first."""
+    _, state = find_checkpoint(runs / "cond")
+    w = state["model"]["prior.class_embed.weight"]
+    state["model"]["prior.class_embed.weight"] = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    ckpt = tmp_path / "distinct_classes.pt"
+    torch.save(state, ckpt)
+    out = tmp_path / "out"
+    assert sample_main(["--checkpoint", str(ckpt), "--temperatures", "0", "--n", "4", "--per-class", "3",
+                        "--interpolate-pairs", "0", "--out", str(out), "--device", "cpu"]) == 0
+    rows = _cells(out / "samples_t0.png", 10, 3)
+    for c in range(10):
+        assert (rows[c] == rows[c, 0]).all(), f"row {c} mixes images"
+        own = _cells(out / f"class{c}_t0.png", 2, 2).reshape(4, 32, 32)
+        assert (own == rows[c, 0]).all(), f"row {c} is not class {c}"
+    assert len({rows[c, 0].tobytes() for c in range(10)}) == 10  # ten classes, ten different images
 
 
 def test_interpolation_end_points_reconstruct_the_images(runs):
