@@ -125,14 +125,14 @@ def packed_offsets(sizes: list[int]) -> list[int]:
 
 # A hand-made layout over a 20-element buffer with max_n 4: (offset, size) per matrix. (0, 3) fits; (9, 0) is empty;
 # (12, 5) exceeds max_n; (16, 2) ends exactly at the buffer's end; (-1, 1) has a negative offset; (11, 3) overlaps
-# others but stays inside the buffer (allowed: the kernels check bounds, not overlap). The bad ones must give
-# status 3 and touch nothing outside the buffer.
-CORRUPT_LAYOUT = [(0, 3), (9, 0), (12, 5), (16, 2), (-1, 1), (11, 3)]
-CORRUPT_LAYOUT_STATUS = [OK, BAD_LAYOUT, BAD_LAYOUT, OK, BAD_LAYOUT, OK]
+# others but stays inside the buffer (allowed: the kernels check bounds, not overlap); (12, 3) ends one element
+# past the buffer. The bad ones must give status 3 and touch nothing outside the buffer.
+CORRUPT_LAYOUT = [(0, 3), (9, 0), (12, 5), (16, 2), (-1, 1), (11, 3), (12, 3)]
+CORRUPT_LAYOUT_STATUS = [OK, BAD_LAYOUT, BAD_LAYOUT, OK, BAD_LAYOUT, OK, BAD_LAYOUT]
 
 
 def run_corrupt_layout(exe: Path, op: int, rng: np.random.Generator) -> Result:
-    extra = {FACTOR: (), INVERSE: (np.tile(np.arange(4, dtype=np.int32), (6, 1)),),
+    extra = {FACTOR: (), INVERSE: (np.tile(np.arange(4, dtype=np.int32), (len(CORRUPT_LAYOUT), 1)),),
              INVERSE_BACKWARD: (rng.standard_normal(20),)}[op]
     return run_emulated(exe, op, None, sizes=[s for _, s in CORRUPT_LAYOUT], offsets=[o for o, _ in CORRUPT_LAYOUT],
                         numel=20, max_n=4, packed=rng.standard_normal(20) + 4 * np.eye(5).ravel()[:20], extra=extra)
@@ -244,11 +244,15 @@ def test_factor_status_codes(tmp_path_factory):
     np.testing.assert_array_equal(lus[2], nonfinite)
     np.testing.assert_array_equal(lus[3], nan70)
     np.testing.assert_allclose(a["logabsdet"][5], np.linalg.slogdet(mats[5])[1], rtol=1e-12)
+    # finite float32 input whose elimination overflows (2e38 + 2e38): status 2 and NaN, as from the C++ CPU op
+    # (the wrapper then names the overflow), not status 0 with log|det| = +inf
+    a = run_emulated(exe, FACTOR, [np.array([[2e38, 2e38], [-2e38, 2e38]])], dtype=np.float32).arrays
+    assert a["info"][0] == NONFINITE and np.isnan(a["sign"][0]) and np.isnan(a["logabsdet"][0])
 
     a = run_corrupt_layout(exe, FACTOR, rng).arrays
     np.testing.assert_array_equal(a["info"], CORRUPT_LAYOUT_STATUS)
-    piv = a["piv"].reshape(6, 4)
-    for b in (1, 2, 4):
+    piv = a["piv"].reshape(len(CORRUPT_LAYOUT), 4)
+    for b in (1, 2, 4, 6):
         assert np.isnan(a["sign"][b]) and np.isnan(a["logabsdet"][b])
         np.testing.assert_array_equal(piv[b], np.arange(4))
 
