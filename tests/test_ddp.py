@@ -163,3 +163,22 @@ def test_ddp_every_rank_refuses_an_occupied_run_folder_and_stops_together_on_ctr
     _spawn_within(_rc_worker, (2, _free_port(), str(tmp_path), argv, -1, -1), 2, 240)
     assert [torch.load(tmp_path / f"rc{r}.pt")["rc"] for r in (0, 1)] == [2, 2]
     assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 3
+
+
+
+def test_resumable_sampler_skips_this_ranks_batches_only():
+    """set_position(epoch, batches_done, batch_size) drops the batches_done * batch_size indices this rank has
+    already used (its own share of the epoch's permutation), not the other ranks' as well; no process group
+    needed: the sampler takes num_replicas and rank."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from glowfast.distributed import ResumableDistributedSampler
+
+    data = list(range(40))
+    for rank in (0, 1):
+        reference = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3, drop_last=True)
+        reference.set_epoch(1)
+        full = list(reference)
+        sampler = ResumableDistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        sampler.set_position(1, 2, 4)
+        assert list(sampler) == full[8:] and len(sampler) == len(full) - 8 == 12

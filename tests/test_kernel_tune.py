@@ -6,6 +6,7 @@ tiny shapes, so each kernel is launched with several tile sizes and warp counts 
 """
 
 import json
+import types
 
 import pytest
 import torch
@@ -104,3 +105,71 @@ def test_markdown_reports_a_mismatching_candidate():
     row = next(line for line in table.splitlines() if line.startswith("| coupling/fwd"))
     assert "(32, 4)" in row and "2.00x" in row  # the faster mismatching (16, 4) is never "best"
     assert "(16, 4): max rel diff 5.00e-01" in table
+
+
+def test_sweep_and_exit_code_report_a_candidate_whose_outputs_differ(tmp_path, monkeypatch):
+    """A fake case (it stands in for a GPU kernel; `tune.kernel_case` is monkeypatched) whose output is the tile
+    size it runs with: every candidate tile other than the default's gives different numbers, so the sweep must
+    compare each candidate with the default's output (not with its own), flag it, and exit 1."""
+    def fake_case(kernel, mode, shape, device):
+        return (lambda: torch.full((4,), float(_utils.block_pixels(16, 4096)))), 1000
+
+    monkeypatch.setattr(tune, "kernel_case", fake_case)
+    # coupling/fwd at 1x12x16x16: cp 16, 256 pixels, so the default tile is 256 (interpreter and GPU alike)
+    assert tune.default_config("coupling", (1, 12, 16, 16))[0] == 256
+    rc = tune.main(["--device", "cpu", "--shapes", "1x12x16x16", "--kernels", "coupling/fwd", "--block-p", "16,32",
+                    "--num-warps", "4", "--rounds", "1", "--iterations", "1", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "tune.json").read_text())["records"]
+    assert [(r["block_p"], r["default"], r["match"]) for r in records] == [(256, True, True), (16, False, False),
+                                                                          (32, False, False)]
+    assert records[1]["max_rel_diff"] == pytest.approx(240 / 256)  # |16 - 256| / 256
+    assert records[2]["max_rel_diff"] == pytest.approx(224 / 256)
+    table = (tmp_path / "tune.md").read_text()
+    assert "did not match the default's outputs" in table
+    assert "(16, 4): max rel diff 9.38e-01" in table
+    assert rc == 1
+
+
+def test_time_call_on_cpu_is_the_median_seconds_per_call(monkeypatch):
+    """Rounds of 2 calls taking 10 ms, 30 ms, 2 ms each: the median per call is 10 ms (per round, not per call:
+    20 ms; the minimum: 2 ms; the mean: 14 ms). The calls advance a clock that tune reads instead of perf_counter
+    (no sleeping, so no jitter on a loaded machine)."""
+    now = [0.0]
+    monkeypatch.setattr(tune, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    durations = iter([0.0] * 3 + [10e-3] * 2 + [30e-3] * 2 + [2e-3] * 2)  # 3 warm-up calls first
+
+    def call():
+        now[0] += next(durations)
+
+    sec = tune.time_call(call, torch.device("cpu"), rounds=3, iterations=2, warmup=3)
+    assert sec == pytest.approx(10e-3, rel=1e-9)
+
+
+def test_sweep_reports_gb_per_s_of_the_bytes_moved(monkeypatch):
+    """A fake case (standing in for a GPU kernel; `tune.kernel_case` monkeypatched) moving 1e6 bytes, timed (fake
+    `time_call`) at 1 ms per call: 1e6 B / 1e-3 s = 1e9 B/s = 1.0 GB/s, and 1000 µs."""
+    monkeypatch.setattr(tune, "kernel_case", lambda *a, **k: ((lambda: torch.ones(4)), 10**6))
+    monkeypatch.setattr(tune, "time_call", lambda *a, **k: 1e-3)
+    records = tune.sweep([(1, 12, 16, 16)], (("coupling", "fwd"),), device="cpu", block_ps=[], num_warps=(),
+                         log=lambda *_: None)
+    assert len(records) == 1 and records[0]["default"] and records[0]["bytes"] == 10**6
+    assert records[0]["GBps"] == 1.0
+    assert records[0]["us"] == 1000.0
+
+
+def test_backward_case_counts_x_and_dy_read_and_dx_written():
+    """Compulsory traffic of actnorm_invconv's backward: x and dy read, dx written, each 1*12*8*8 fp32 values
+    (768 x 4 B = 3072 B): 3 x 3072 = 9216 B (the per-channel parameters and their gradients are not counted); the
+    forward reads x and writes y: 6144 B."""
+    _, nbytes = tune.kernel_case("actnorm_invconv", "bwd", (1, 12, 8, 8), "cpu")
+    assert nbytes == 9216
+    assert tune.kernel_case("actnorm_invconv", "fwd", (1, 12, 8, 8), "cpu")[1] == 6144
+
+
+def test_coupling_candidates_at_cifar_level_one_follow_the_documented_rule():
+    """coupling at 256x12x16x16: cp = 16, 256 pixels, default tile 256 (the GPU table's 512 clipped to the image;
+    the interpreter's whole image). The rule: default/2 ... default*8 = 128, 256, 512, 1024, 2048, kept if <= the
+    image (256) and 512 <= 16 * BLOCK_P <= 16384 (32 ... 1024): BLOCK_P 128 and 256, each with 4 and 8 warps."""
+    cands = tune.candidates("coupling", (256, 12, 16, 16))
+    assert cands[0] == tune.default_config("coupling", (256, 12, 16, 16)) and cands[0][0] == 256
+    assert sorted(cands) == [(128, 4), (128, 8), (256, 4), (256, 8)]
