@@ -289,3 +289,190 @@ def test_start_up_records_alone(tmp_path):
     assert re.search(r"CIFAR-10 B64 fused, to the end of the first step < 20 s \| yes \| 13.0 s", md), md
     proc = subprocess.run([sys.executable, str(REPORT)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--startup" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ hand-built rows
+def bench_row(group: str, variant: str, median: float, *, gpu: bool = True, minimum: float | None = None,
+              **info) -> dict:
+    """One pytest-benchmark JSON row, built by hand (the fields report.py reads). GPU rows carry peak_mem_mib, as
+    run_timed records on CUDA only."""
+    extra = {"variant": variant, **({"peak_mem_mib": 1.0} if gpu else {}), **info}
+    return {"group": group, "name": f"test_x[{variant}]", "fullname": f"bench.py::test_x[{variant}]",
+            "param": variant, "params": {"variant": variant}, "extra_info": extra,
+            "stats": {"median": median, "min": median if minimum is None else minimum, "mean": median,
+                      "iqr": 0.0, "rounds": 5, "iterations": 1}}
+
+
+def report_of(tmp_path, rows: list[dict], *args) -> str:
+    src = tmp_path / "hand.json"
+    src.write_text(json.dumps({"machine_info": {"cuda_device": "NVIDIA H100", "torch": "2.x", "python_version": "3"},
+                               "commit_info": {"id": "0123456789abcdef", "dirty": False}, "benchmarks": rows,
+                               "datetime": "2025-01-01T00:00:00", "version": "5.1.0"}))
+    return run_report(src, *args).stdout
+
+
+def target_rows(md: str, start: str) -> list[str]:
+    """The Markdown table lines whose first cell starts with `start`."""
+    return [line for line in md.splitlines() if line.startswith("| " + start)]
+
+
+@pytest.mark.parametrize("cpu_first", [True, False])
+def test_cpu_and_gpu_rows_of_one_group_never_collide(tmp_path, cpu_first):
+    """The same batched_lu group measured on the CPU and the GPU: whichever order the rows come in, GPU fused is
+    compared with GPU rows and the Issue 3 targets are checked on the GPU rows (the CPU rows get their own group)."""
+    cifar, big = "batched_lu/slogdet-fwd/cifar96", "batched_lu/slogdet-fwd/batch4096x48"
+    gpu = [bench_row(cifar, "fused", 25e-6), bench_row(cifar, "reference", 100e-6),
+           bench_row(big, "fused", 0.9e-3), bench_row(big, "peer", 1.8e-3)]
+    cpu = [bench_row(cifar, "fused", 125e-6, gpu=False), bench_row(cifar, "reference", 500e-6, gpu=False),
+           bench_row(big, "fused", 5e-3, gpu=False), bench_row(big, "peer", 1e-3, gpu=False)]
+    md = report_of(tmp_path, cpu + gpu if cpu_first else gpu + cpu)
+    assert table_row(md, f"{cifar} (fused): 96 matrices ≤ 30 µs")[1:] == ["yes", "25 µs"]
+    assert table_row(md, f"{big}: fused faster than torch.linalg.slogdet (one call)")[1:] == ["yes", "900 µs vs 1.8 ms"]
+    # group | reference | compiled | fused | peer | fused vs reference | fused vs compiled | fused vs peer
+    assert table_row(md, cifar)[1:6] == ["100 µs", "—", "25 µs", "—", "4.00×"]
+    assert table_row(md, big)[3:5] == ["900 µs", "1.8 ms"] and table_row(md, big)[7] == "2.00×"
+    assert table_row(md, f"{cifar} (CPU)")[1:6] == ["500 µs", "—", "125 µs", "—", "4.00×"]
+    assert table_row(md, f"{big} (CPU)")[7] == "0.20×"
+    assert "(test_x" not in md  # no suffixed duplicates: each device's variants are named plainly
+
+
+@pytest.mark.parametrize("ips, met", [(5500.0, "NO"), (5700.0, "yes"), (5699.0, "NO")])
+def test_b256_throughput_target_is_5700(tmp_path, ips, met):
+    g = "train_step/cifar10_K32_B256"
+    md = report_of(tmp_path, [bench_row(g, "fused", 0.05, images_per_s=ips)])
+    row = table_row(md, f"{g}: fused ≥ 5,700 img/s (6.0× the peer's 952)")
+    assert row[1:] == [met, f"{ips:,.0f} img/s = {ips / 952:.1f}× the anchor"]
+
+
+@pytest.mark.parametrize("ips, met", [(2400.0, "yes"), (2399.0, "NO")])
+def test_b64_throughput_target_boundary(tmp_path, ips, met):
+    """The issue's target is "≥ 2,400 img/s": exactly 2,400 meets it."""
+    g = "train_step/cifar10_K32_B64"
+    md = report_of(tmp_path, [bench_row(g, "fused", 0.05, images_per_s=ips)])
+    assert table_row(md, f"{g}: fused ≥ 2,400 img/s (9.8× the peer's 244)")[1] == met
+
+
+@pytest.mark.parametrize("fused_mib, met", [(1000.0, "yes"), (1001.0, "NO"), (999.0, "yes")])
+def test_peak_memory_target_at_b256_only(tmp_path, fused_mib, met):
+    """fused peak memory ≤ the reference's (equal meets it), checked at B256; B64 has no memory target."""
+    rows = []
+    for batch in (64, 256):
+        g = f"train_step/cifar10_K32_B{batch}"
+        rows += [bench_row(g, "fused", 0.05, peak_mem_mib=fused_mib),
+                 bench_row(g, "reference", 0.5, peak_mem_mib=1000.0)]
+    md = report_of(tmp_path, rows)
+    assert table_row(md, "train_step/cifar10_K32_B256: fused peak memory ≤ reference")[1:] == \
+        [met, f"{fused_mib:,.0f} vs 1,000 MiB"]
+    assert len(target_rows(md, "train_step/cifar10_K32_B256: fused peak memory")) == 1
+    assert target_rows(md, "train_step/cifar10_K32_B64: fused peak memory") == []
+
+
+@pytest.mark.parametrize("stat, ratio, shown", [("min", "2.00×", "2 ms"), ("median", "4.00×", "4 ms")])
+def test_stat_option_picks_the_statistic(tmp_path, stat, ratio, shown):
+    g = "toy_op/fwd/B2"
+    rows = [bench_row(g, "reference", 4e-3, minimum=2e-3), bench_row(g, "fused", 1e-3)]
+    md = report_of(tmp_path, rows, "--stat", stat)
+    assert table_row(md, g)[1] == shown and table_row(md, g)[5] == ratio
+    assert f"Times are the {stat} per call" in md
+
+
+def test_peer_target_needs_a_gpu_peer(tmp_path):
+    """GPU fused next to a CPU peer (or a GPU peer without the chosen statistic): no "faster than" check."""
+    big = "batched_lu/slogdet-fwd/batch4096x48"
+    md = report_of(tmp_path, [bench_row(big, "fused", 0.9e-3), bench_row(big, "peer", 1e-3, gpu=False)])
+    assert "faster than torch.linalg.slogdet" not in md
+    no_time = bench_row(big, "peer", 1e-3)
+    del no_time["stats"]["median"]
+    md = report_of(tmp_path, [bench_row(big, "fused", 0.9e-3), no_time])
+    assert "faster than torch.linalg.slogdet" not in md
+
+
+@pytest.mark.parametrize("peer_s, met", [(0.9e-3, "NO"), (0.91e-3, "yes")])
+def test_peer_target_is_strictly_faster(tmp_path, peer_s, met):
+    """"fused faster than torch.linalg.slogdet": equal times are not faster."""
+    big = "batched_lu/slogdet-fwd/batch4096x48"
+    md = report_of(tmp_path, [bench_row(big, "fused", 0.9e-3), bench_row(big, "peer", peer_s)])
+    assert table_row(md, f"{big}: fused faster than torch.linalg.slogdet (one call)")[1] == met
+
+
+@pytest.mark.parametrize("t, met", [(30e-6, "yes"), (31e-6, "NO")])
+def test_lu_time_target_boundary(tmp_path, t, met):
+    """"96 matrices ≤ 30 µs": exactly 30 µs meets it; 25e-6 s prints as "25 µs"."""
+    g = "batched_lu/slogdet-fwd/cifar96"
+    md = report_of(tmp_path, [bench_row(g, "fused", t)])
+    assert table_row(md, f"{g} (fused): 96 matrices ≤ 30 µs")[1:] == [met, f"{t * 1e6:.0f} µs"]
+
+
+def test_formatting_of_times_speedups_and_images(tmp_path):
+    g = "toy_op/fwd/B64"
+    rows = [bench_row(g, "reference", 40e-3, images=64), bench_row(g, "fused", 10e-3, images=64),
+            bench_row("toy_op/fwd/tiny", "fused", 25e-6), bench_row("toy_op/fwd/tinier", "fused", 12.5e-6)]
+    md = report_of(tmp_path, rows)
+    assert table_row(md, "toy_op/fwd/tiny")[3] == "25 µs"  # three significant digits, in µs below 1 ms
+    assert table_row(md, "toy_op/fwd/tinier")[3] == "12.5 µs"
+    detail = [line for line in md.splitlines() if line.startswith(f"| {g} | ")]
+    ref = next(c for c in detail if c.startswith(f"| {g} | reference |"))
+    fused = next(c for c in detail if c.startswith(f"| {g} | fused |"))
+    ref_cells = [c.strip() for c in ref.strip().strip("|").split("|")]
+    fused_cells = [c.strip() for c in fused.strip().strip("|").split("|")]
+    # group | variant | median | IQR | rounds × iters | images/s | peak MiB | first call | compile | speed-up | notes
+    assert ref_cells[2] == "40 ms" and ref_cells[5] == "1,600" and ref_cells[9] == "4.00×"
+    assert fused_cells[2] == "10 ms" and fused_cells[5] == "6,400" and fused_cells[9] == ""
+
+
+def startup_record(path: str, to_first: float) -> dict:
+    return {"config": "cifar10_K32", "batch": 64, "backend": path, "compute_path": path, "import_s": 3.0,
+            "build_s": 1.0, "first_step_s": to_first - 4.0, "second_step_s": 0.03, "to_first_step_s": to_first}
+
+
+@pytest.mark.parametrize("fused_s, met", [(10.0, "yes"), (20.0, "NO"), (19.9, "yes")])
+def test_start_up_target_uses_fused_records_only(tmp_path, fused_s, met):
+    """Only the fused record is checked (the reference's 45 s is no target row); the target is < 20 s strictly."""
+    st = tmp_path / "startup.json"
+    st.write_text(json.dumps([startup_record("fused", fused_s), startup_record("reference", 45.0)]))
+    md = run_report("--startup", st).stdout
+    checks = target_rows(md, "start-up")
+    assert len(checks) == 1, md
+    cells = [c.strip() for c in checks[0].strip().strip("|").split("|")]
+    assert "B64 fused" in cells[0] and cells[1:] == [met, f"{fused_s:.1f} s (first step {fused_s - 4:.1f} s)"]
+
+
+# ------------------------------------------------------------------------------------------------ the timer
+def _bench_conftest():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_glowfast_bench_conftest", ROOT / "benchmarks" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class FakeBenchmark:
+    """pytest-benchmark's fixture as run_timed uses it, with chosen per-call statistics (seconds per call, as
+    pytest-benchmark reports them: a round's time divided by its iterations)."""
+
+    def __init__(self, median: float, minimum: float, calls: list):
+        self.extra_info, self.calls = {}, calls
+        self.stats = type("Metadata", (), {"stats": type("Stats", (), {"median": median, "min": minimum,
+                                                                        "mean": median})()})()
+        self.pedantic_args = None
+
+    def pedantic(self, fn, rounds, iterations, warmup_rounds):
+        self.pedantic_args = (len(self.calls), rounds, iterations, warmup_rounds)
+        for _ in range(rounds * iterations):
+            out = fn()
+        return out
+
+
+def test_run_timed_images_per_s_is_images_over_median_seconds_per_call(monkeypatch):
+    monkeypatch.delenv("GLOWFAST_BENCH_ROUNDS", raising=False)
+    conftest = _bench_conftest()
+    calls = []
+    bench = FakeBenchmark(median=0.01, minimum=0.005, calls=calls)
+    out = conftest.run_timed(bench, lambda: calls.append(1) or len(calls), device="cpu", variant="fused",
+                             n_rounds=4, warmup=3, iterations=2, images=64)
+    assert bench.extra_info["images_per_s"] == 6400.0  # 64 images / 10 ms per call (not per round, not the min)
+    assert bench.extra_info["ms_per_call"] == 10.0
+    assert bench.extra_info["variant"] == "fused" and "first_call_s" in bench.extra_info
+    assert bench.pedantic_args == (3, 4, 2, 0)  # 3 warm-up calls (the timed first one included), then 4 x 2 timed
+    assert out == 3 + 8 and len(calls) == 11
