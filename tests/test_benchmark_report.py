@@ -247,18 +247,23 @@ def test_issue4_kernel_targets(bench_json, tmp_path):
     assert re.search(r"step_nonnet/fwdbwd/B64_C12_16x16: fused ≥ 3× the reference \| yes \| 3.30×", md), md
 
 
+# ------------------------------------------------------------------------------------------------ hand-built rows
+def bench_row(group: str, variant: str, median: float, *, gpu: bool = True, minimum: float | None = None,
+              **info) -> dict:
+    """One pytest-benchmark JSON row, built by hand (the fields report.py reads). GPU rows carry peak_mem_mib, as
+    run_timed records on CUDA only."""
+    extra = {"variant": variant, **({"peak_mem_mib": 1.0} if gpu else {}), **info}
+    return {"group": group, "name": f"test_x[{variant}]", "fullname": f"bench.py::test_x[{variant}]",
+            "param": variant, "params": {"variant": variant}, "extra_info": extra,
+            "stats": {"median": median, "min": median if minimum is None else minimum, "mean": median,
+                      "iqr": 0.0, "rounds": 5, "iterations": 1}}
+
+
 def test_issue3_lu_targets_from_gpu_rows_only(bench_json, tmp_path):
     """The 96-matrix set against 30 / 80 µs and the 4096-matrix batch against torch's batched slogdet, on GPU rows
     (peak_mem_mib); the same groups measured on a CPU are not checked against H100 targets."""
     data = json.loads(bench_json.read_text())
-    toy = [b for b in data["benchmarks"] if b["group"] == "toy_op/fwd/B2_C4_8x8"][0]
-
-    def row(group, variant, median, gpu=True):
-        b = json.loads(json.dumps(toy))
-        b["group"], b["stats"]["median"] = group, median
-        b["extra_info"] = {"variant": variant, **({"peak_mem_mib": 1.0} if gpu else {})}
-        return b
-
+    row = bench_row
     gpu_rows = [row("batched_lu/slogdet-fwd/cifar96", "fused", 25e-6),
                 row("batched_lu/slogdet-fwdbwd/cifar96", "fused", 95e-6),
                 row("batched_lu/slogdet-fwd/batch4096x48", "fused", 0.9e-3),
@@ -277,30 +282,21 @@ def test_issue3_lu_targets_from_gpu_rows_only(bench_json, tmp_path):
     assert "Issue 3 targets" not in run_report(cpu).stdout
 
 
+def startup_record(path: str, to_first: float) -> dict:
+    return {"config": "cifar10_K32", "batch": 64, "backend": path, "compute_path": path, "import_s": 3.0,
+            "build_s": 1.0, "first_step_s": to_first - 4.0, "second_step_s": 0.03, "to_first_step_s": to_first}
+
+
 def test_start_up_records_alone(tmp_path):
     """A session whose benchmarks did not run still reports its start-up records (and the target on them)."""
     st = tmp_path / "startup.json"
-    st.write_text(json.dumps([{"config": "cifar10_K32", "batch": 64, "backend": "fused", "compute_path": "fused",
-                               "device": "NVIDIA H100", "torch": "2.11.0", "glowfast": "0.1.0", "import_s": 3.0,
-                               "build_s": 1.0, "first_step_s": 9.0, "second_step_s": 0.03,
-                               "to_first_step_s": 13.0}]))
+    st.write_text(json.dumps([{**startup_record("fused", 13.0), "device": "NVIDIA H100", "torch": "2.11.0",
+                               "glowfast": "0.1.0"}]))
     md = run_report("--startup", st).stdout
     assert md.startswith("## Start-up on NVIDIA H100")
     assert re.search(r"CIFAR-10 B64 fused, to the end of the first step < 20 s \| yes \| 13.0 s", md), md
     proc = subprocess.run([sys.executable, str(REPORT)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--startup" in proc.stderr
-
-
-# ------------------------------------------------------------------------------------------------ hand-built rows
-def bench_row(group: str, variant: str, median: float, *, gpu: bool = True, minimum: float | None = None,
-              **info) -> dict:
-    """One pytest-benchmark JSON row, built by hand (the fields report.py reads). GPU rows carry peak_mem_mib, as
-    run_timed records on CUDA only."""
-    extra = {"variant": variant, **({"peak_mem_mib": 1.0} if gpu else {}), **info}
-    return {"group": group, "name": f"test_x[{variant}]", "fullname": f"bench.py::test_x[{variant}]",
-            "param": variant, "params": {"variant": variant}, "extra_info": extra,
-            "stats": {"median": median, "min": median if minimum is None else minimum, "mean": median,
-                      "iqr": 0.0, "rounds": 5, "iterations": 1}}
 
 
 def report_of(tmp_path, rows: list[dict], *args) -> str:
@@ -418,11 +414,6 @@ def test_formatting_of_times_speedups_and_images(tmp_path):
     # group | variant | median | IQR | rounds × iters | images/s | peak MiB | first call | compile | speed-up | notes
     assert ref_cells[2] == "40 ms" and ref_cells[5] == "1,600" and ref_cells[9] == "4.00×"
     assert fused_cells[2] == "10 ms" and fused_cells[5] == "6,400" and fused_cells[9] == ""
-
-
-def startup_record(path: str, to_first: float) -> dict:
-    return {"config": "cifar10_K32", "batch": 64, "backend": path, "compute_path": path, "import_s": 3.0,
-            "build_s": 1.0, "first_step_s": to_first - 4.0, "second_step_s": 0.03, "to_first_step_s": to_first}
 
 
 @pytest.mark.parametrize("fused_s, met", [(10.0, "yes"), (20.0, "NO"), (19.9, "yes")])

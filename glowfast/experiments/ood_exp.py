@@ -121,7 +121,7 @@ def _missing(name: str, data_dir) -> str | None:
         return None
     try:
         get_dataset(name, "test", data_dir)
-    except (DatasetNotFoundError, FileNotFoundError) as e:
+    except DatasetNotFoundError as e:  # a FileNotFoundError naming the file looked for and how to get it
         return str(e)
     return None
 
