@@ -39,7 +39,7 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "RESULTS.md").write_text("### Issue 6 targets\n| stale | row from an earlier run |\n")
-    res = _gpu_check(tmp_path, "session", GPU_CHECK_STAGES="env sanitizer report",
+    res = _gpu_check(tmp_path, "session", GPU_CHECK_STAGES="env sanitizer train report",
                      GLOWFAST_GIT_COMMIT="0123abcd")
     assert res.returncode == 0, res.stdout + res.stderr
     summary = (out / "summary.md").read_text()
@@ -52,7 +52,11 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
     assert rows["sanitizer"] == "FAIL (rc=1)"
     assert "gpu_check_kernels.sh needs a CUDA device" in summary
     assert "gpu_check_lu.sh needs a CUDA device" in summary
-    for name in ("build", "tests", "startup", "bench_model", "bench_ops", "tune", "train", "tf32", "bench_compile"):
+    # the functional stages selected ran side by side, and the training run failed with its one-line CUDA error
+    assert "- side by side (functional, no timings): sanitizer train" in summary
+    assert rows["train"].startswith("FAIL"), rows["train"]
+    assert "CUDA is not available" in summary
+    for name in ("build", "tests", "startup", "bench_model", "bench_ops", "tune", "tf32", "bench_compile"):
         assert rows[name] == "not selected", name
     assert rows["report"] == "skipped (no benchmark JSON)"
     # an earlier run's RESULTS.md in the same $OUT is removed, never quoted as this run's headline
