@@ -49,7 +49,8 @@
 #
 # Knobs (environment): GPU_CHECK_STAGES="env build tests ..." (a subset, in this order), GPU_CHECK_BUDGET
 # (seconds), MAX_<stage> caps (tests, sanitizer, bench_model, bench_ops, tune, train, tf32; preset defaults),
-# GLOWFAST_GIT_COMMIT, GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests and sanitizer side by side),
+# GLOWFAST_GIT_COMMIT, GPU_TESTS (node ids or files instead of the whole suite: a rerun of what failed),
+# GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests and sanitizer side by side),
 # BENCH_MODEL_SELECT (pytest -k over bench_model's cases; session cifar10, extra mnist), TUNE_BUDGET (75; extra 45),
 # PYTHON (python3), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
 # adds the whole-model torch.compile benchmark to bench_compile, minutes of compilation per case) with
@@ -208,6 +209,8 @@ tests() {
                  tests/test_amp.py tests/test_model*.py tests/test_triton_compile_sm90.py)
     local files=("${first[@]}") f par=()
     for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || files+=("$f"); done
+    # GPU_TESTS: pytest node ids or files instead of the whole suite (a rerun of what failed, in the time left)
+    [ -n "${GPU_TESTS:-}" ] && read -r -a files <<< "$GPU_TESTS"
     # GPU_TEST_WORKERS (default 4) pytest-xdist workers when xdist loads: installed (entry point), or carried
     # (no entry point: loaded with -p, which an installed xdist would reject as registered twice); else serial
     local n=${GPU_TEST_WORKERS:-4} probe=(--co -q tests/test_images.py)
@@ -313,7 +316,7 @@ tf32_bias() {
 
 export -f pymod env_info build tests sanitizer startup bench bench_model_cold bench_ops_files bench_compile tune train \
     tf32_bias
-export ROOT OUT WORK LOGS PY TRAIN_STEPS GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4} TUNE_BUDGET=${TUNE_BUDGET:-75} \
+export ROOT OUT WORK LOGS PY TRAIN_STEPS GPU_TESTS=${GPU_TESTS:-} GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4} TUNE_BUDGET=${TUNE_BUDGET:-75} \
     BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT:-}
 
 run_stage() {  # the stage NAME with its cap, minimum and function

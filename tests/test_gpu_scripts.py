@@ -63,3 +63,13 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
     assert not (out / "RESULTS.md").exists()
     assert "stale" not in summary
     assert (out / "logs.tar.gz").stat().st_size > 0
+
+
+def test_gpu_check_reruns_only_the_named_tests(tmp_path):
+    node = "tests/test_gpu_scripts.py::test_gpu_check_unknown_preset_is_refused"
+    res = _gpu_check(tmp_path, "session", GPU_CHECK_STAGES="tests", GPU_TESTS=node, GPU_TEST_WORKERS="1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    junit = (tmp_path / "out" / "junit.xml").read_text()
+    assert junit.count("<testcase ") == 1
+    assert 'name="test_gpu_check_unknown_preset_is_refused"' in junit
+    assert "| tests | ok |" in (tmp_path / "out" / "summary.md").read_text()
