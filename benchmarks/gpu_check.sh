@@ -47,7 +47,8 @@
 # benchmark JSON merged), junit.xml, train_metrics.jsonl, train_summary.json, tune.md, logs.tar.gz (every log,
 # the per-stage JSON, tune.json, the training run's config, curves and samples).
 #
-# Knobs (environment): GPU_CHECK_STAGES="env build tests ..." (a subset, in this order), GPU_CHECK_BUDGET
+# Knobs (environment): GPU_CHECK_STAGES="env build tests ..." (stages, run in the order given after env, build and
+# the side-by-side group; the presets' lists above), GPU_CHECK_BUDGET
 # (seconds), MAX_<stage> caps (tests, sanitizer, bench_model, bench_ops, tune, train, tf32; preset defaults),
 # GLOWFAST_GIT_COMMIT, GPU_TESTS (node ids or files instead of the whole suite: a rerun of what failed),
 # GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests and sanitizer side by side),
@@ -81,7 +82,7 @@ PRESET=${1:-all}
 case $PRESET in
     # caps that leave every stage of a preset a slot in the 540 s (cold build ~70 s est.; stages finishing early
     # leave the rest to the next ones)
-    session) PRESET_STAGES="env build tests sanitizer train startup bench_model bench_ops report"
+    session) PRESET_STAGES="env build tests sanitizer train startup bench_ops bench_model report"
              # tests, sanitizer and a short training run side by side (one slot of 200 s); the whole-model cases:
              # CIFAR-10 only
              MAX_tests=${MAX_tests:-200}; MAX_sanitizer=${MAX_sanitizer:-200}; MAX_train=${MAX_train:-120}
@@ -104,6 +105,10 @@ case $PRESET in
     *) echo "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|all]"; exit 2 ;;
 esac
 STAGES=${GPU_CHECK_STAGES:-$PRESET_STAGES}
+ALL_STAGES="env build tests sanitizer startup bench_model bench_ops tune train tf32 bench_compile report"
+for name in $STAGES; do
+    [[ " $ALL_STAGES " == *" $name "* ]] || { echo "unknown stage '$name' (stages: $ALL_STAGES)"; exit 2; }
+done
 TRAIN_STEPS=${TRAIN_STEPS:-1000}
 START=$(date +%s)
 # the commit: the device machine gets a copy of the working tree without .git, so the caller passes it
@@ -349,8 +354,13 @@ if (( ${#SIDE_BY_SIDE[@]} )); then
     for name in "${SIDE_BY_SIDE[@]}"; do run_stage "$name" & done
     wait
 fi
-for name in tests sanitizer startup bench_model bench_ops tune train tf32 bench_compile; do
-    [[ " ${SIDE_BY_SIDE[*]} " == *" $name "* ]] || run_stage "$name"
+# the other selected stages in the order given (a preset's order: the session preset measures the per-op targets
+# before the whole-model ones), then a row for each stage not selected
+for name in $STAGES; do
+    [[ " env build report ${SIDE_BY_SIDE[*]} " == *" $name "* ]] || run_stage "$name"
+done
+for name in $ALL_STAGES; do
+    [[ " env build report " == *" $name "* ]] || want "$name" || run_stage "$name"
 done
 
 # ------------------------------------------------------------------------------------------------ report

@@ -34,6 +34,13 @@ def test_gpu_check_unknown_preset_is_refused(tmp_path):
     assert "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|all]" in res.stdout
 
 
+def test_gpu_check_unknown_stage_is_refused_before_anything_runs(tmp_path):
+    res = _gpu_check(tmp_path, "session", GPU_CHECK_STAGES="env bench_op report")
+    assert res.returncode == 2
+    assert "unknown stage 'bench_op'" in res.stdout
+    assert not (tmp_path / "out" / "summary.md").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the sanitizer stage runs for minutes")
 def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
     out = tmp_path / "out"
@@ -44,9 +51,10 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     summary = (out / "summary.md").read_text()
     assert "commit: 0123abcd" in summary
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
-            for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| stage")
-            and not line.startswith("| ---")}
+    table = [line.split("|") for line in summary.splitlines()
+             if line.startswith("| ") and not line.startswith(("| stage", "| ---"))]
+    rows = {cells[1].strip(): cells[2].strip() for cells in table}
+    assert len(rows) == len(table) == 12  # one row per stage
     assert rows["env"] == "ok"
     # both sanitizer scripts ran (side by side) and each failed with its one-line reason: no CUDA device
     assert rows["sanitizer"] == "FAIL (rc=1)"
