@@ -120,19 +120,21 @@ def test_padded_pixels_cannot_put_nan_into_the_parameter_gradients(kernel_device
     """A pixel tile's padded lanes load x = 0, where u = bias * exp(log_scale) may overflow although every real
     pixel's u is finite (x ~ -bias): the sums for grad log_scale and grad W took 0 * inf = NaN there."""
     C, W = 4, 5  # 5 pixels: one tile, most of its lanes padded
-    bias = torch.tensor([1e30, 0.0, 0.0, 0.0])
-    log_scale = torch.tensor([20.0, 0.0, 0.0, 0.0])
-    w = torch.linalg.qr(torch.randn(C, C, generator=torch.Generator().manual_seed(0)))[0]
-    x = torch.randn(1, C, 1, W, generator=torch.Generator().manual_seed(1))
-    x[0, 0] = -1e30 + torch.arange(W) * 2.3e23  # x + bias finite and non-zero on the real pixels
-    gy = torch.randn(1, C, 1, W, generator=torch.Generator().manual_seed(2))
+    with torch.device("cpu"):  # inputs (CPU generators) and the reference on the CPU; the kernel on kernel_device
+        bias = torch.tensor([1e30, 0.0, 0.0, 0.0])
+        log_scale = torch.tensor([20.0, 0.0, 0.0, 0.0])
+        w = torch.linalg.qr(torch.randn(C, C, generator=torch.Generator().manual_seed(0)))[0]
+        x = torch.randn(1, C, 1, W, generator=torch.Generator().manual_seed(1))
+        x[0, 0] = -1e30 + torch.arange(W) * 2.3e23  # x + bias finite and non-zero on the real pixels
+        gy = torch.randn(1, C, 1, W, generator=torch.Generator().manual_seed(2))
     dev = [t.to(kernel_device) for t in (x, gy, bias, log_scale, w)]
     _, db, dls, dw = actnorm_invconv_backward(dev[0], dev[1], dev[2], dev[3], dev[4])
-    xr, br, lr, wr = (t.clone().requires_grad_(True) for t in (x, bias, log_scale, w))
-    u = (xr + br.view(1, -1, 1, 1)) * torch.exp(lr).view(1, -1, 1, 1)
-    assert torch.isfinite(u).all()
-    y = torch.nn.functional.conv2d(u, wr.view(C, C, 1, 1))
-    _, g_b, g_ls, g_w = torch.autograd.grad((y * gy).sum(), [xr, br, lr, wr])
+    with torch.device("cpu"):
+        xr, br, lr, wr = (t.clone().requires_grad_(True) for t in (x, bias, log_scale, w))
+        u = (xr + br.view(1, -1, 1, 1)) * torch.exp(lr).view(1, -1, 1, 1)
+        assert torch.isfinite(u).all()
+        y = torch.nn.functional.conv2d(u, wr.view(C, C, 1, 1))
+        _, g_b, g_ls, g_w = torch.autograd.grad((y * gy).sum(), [xr, br, lr, wr])
     for got, ref, name in ((db, g_b, "bias"), (dls, g_ls, "log_scale"), (dw, g_w, "W")):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=0, msg=name)

@@ -99,23 +99,25 @@ def test_padded_pixels_cannot_put_nan_into_the_parameter_gradients(kernel_device
     """As for actnorm_invconv_backward: on a tile's padded lanes u = bias * exp(log_scale) may be inf while every
     real pixel's is finite; the grad log_scale / W sums must not take 0 * inf = NaN from them."""
     C, W = 4, 5
-    g = torch.Generator().manual_seed(0)
-    z, grad_out = torch.randn(1, C, 1, W, generator=g), torch.randn(1, C, 1, W, generator=g)
-    z[0, 0] = -1e30 + torch.arange(W) * 2.3e23  # z_a passes through the coupling: y_0 + bias finite
-    h = 0.1 * torch.randn(1, C, 1, W, generator=g)  # [shift; raw] of the two b channels
-    grad_ld = torch.randn(1, generator=g)
-    bias, log_scale = torch.tensor([1e30, 0.0, 0.0, 0.0]), torch.tensor([20.0, 0.0, 0.0, 0.0])
-    w = torch.linalg.qr(torch.randn(C, C, generator=g))[0]
+    with torch.device("cpu"):  # inputs (a CPU generator) and the reference on the CPU; the kernel on kernel_device
+        g = torch.Generator().manual_seed(0)
+        z, grad_out = torch.randn(1, C, 1, W, generator=g), torch.randn(1, C, 1, W, generator=g)
+        z[0, 0] = -1e30 + torch.arange(W) * 2.3e23  # z_a passes through the coupling: y_0 + bias finite
+        h = 0.1 * torch.randn(1, C, 1, W, generator=g)  # [shift; raw] of the two b channels
+        grad_ld = torch.randn(1, generator=g)
+        bias, log_scale = torch.tensor([1e30, 0.0, 0.0, 0.0]), torch.tensor([20.0, 0.0, 0.0, 0.0])
+        w = torch.linalg.qr(torch.randn(C, C, generator=g))[0]
     dev = [t.to(kernel_device) for t in (z, h, grad_out, grad_ld, bias, log_scale, w)]
     _, _, db, dls, dw = cross_step_backward(*dev, affine=True)
-    zr, hr, br, lr, wr = (t.clone().requires_grad_(True) for t in (z, h, bias, log_scale, w))
-    sig = torch.sigmoid(hr[:, 2:] + 2.0)
-    y = torch.cat([zr[:, :2], (zr[:, 2:] + hr[:, :2]) * sig], 1)
-    ld = torch.log(sig).flatten(1).sum(1)
-    u = (y + br.view(1, -1, 1, 1)) * torch.exp(lr).view(1, -1, 1, 1)
-    assert torch.isfinite(u).all()
-    out = torch.nn.functional.conv2d(u, wr.view(C, C, 1, 1))
-    g_b, g_ls, g_w = torch.autograd.grad((out * grad_out).sum() + (ld * grad_ld).sum(), [br, lr, wr])
+    with torch.device("cpu"):
+        zr, hr, br, lr, wr = (t.clone().requires_grad_(True) for t in (z, h, bias, log_scale, w))
+        sig = torch.sigmoid(hr[:, 2:] + 2.0)
+        y = torch.cat([zr[:, :2], (zr[:, 2:] + hr[:, :2]) * sig], 1)
+        ld = torch.log(sig).flatten(1).sum(1)
+        u = (y + br.view(1, -1, 1, 1)) * torch.exp(lr).view(1, -1, 1, 1)
+        assert torch.isfinite(u).all()
+        out = torch.nn.functional.conv2d(u, wr.view(C, C, 1, 1))
+        g_b, g_ls, g_w = torch.autograd.grad((out * grad_out).sum() + (ld * grad_ld).sum(), [br, lr, wr])
     for got, ref, name in ((db, g_b, "bias"), (dls, g_ls, "log_scale"), (dw, g_w, "W")):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=0, msg=name)
