@@ -96,3 +96,18 @@ def test_batch_beyond_the_cuda_grid_limit_is_named():
         actnorm_invconv_forward(x, *params(2))
     with pytest.raises(ValueError, match="split the batch"):
         coupling_forward(x, torch.zeros(MAX_BATCH + 1, 2, 1, 1))
+
+
+def test_empty_batch_backward_under_the_gpu_reduction_rule():
+    """An empty batch has nothing to reduce: zero parameter gradients, not a division by zero in the GPU's
+    programs-per-sample rule (launch_override(programs_per_sm=...) applies that rule under the interpreter too)."""
+    from glowfast.kernels._utils import launch_override
+
+    x = torch.randn(0, C, 4, 4)
+    h = torch.randn(0, C, 4, 4)  # [shift; raw] of the C/2 b channels
+    with launch_override(programs_per_sm=4):
+        dx, db, dls, dw = actnorm_invconv_backward(x, torch.randn_like(x), *params())
+        dz, dh, db2, dls2, dw2 = cross_step_backward(x, h, torch.randn_like(x), torch.randn(0), *params())
+    assert dx.shape == dz.shape == dh.shape == (0, C, 4, 4)
+    for g in (db, dls, dw, db2, dls2, dw2):
+        assert torch.equal(g, torch.zeros_like(g))

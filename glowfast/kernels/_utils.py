@@ -232,7 +232,7 @@ def reduction_programs(batch: int, n_ptiles: int, device: torch.device) -> int:
         return n_ptiles
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 1
-    return max(1, min(n_ptiles, triton.cdiv((per_sm or 4) * sms, batch)))
+    return max(1, min(n_ptiles, triton.cdiv((per_sm or 4) * sms, max(1, batch))))  # an empty batch: no programs
 
 
 MAX_BATCH = 65535  # the kernels launch one row of programs per image: CUDA's grid y-dimension limit
