@@ -59,23 +59,28 @@ class GraphedStep:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"GraphedStep inputs must be tensors, got {type(t).__name__}")
             check_graphable(t.device)
+        if len({t.device for t in inputs}) > 1:
+            raise ValueError(f"GraphedStep inputs must be on one device, got {sorted({str(t.device) for t in inputs})}")
         self.fn = fn
         self.params = [p for p in params if p.requires_grad]
         self.static_inputs = [t.detach().clone() for t in inputs]
+        self.device = self.static_inputs[0].device
 
-        side = torch.cuda.Stream(device=self.static_inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._clear_grads()
-                fn(*self.static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
+        # the inputs' device is current throughout: the streams below and the capture stream are per device
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._clear_grads()
+                    fn(*self.static_inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
 
-        self._clear_grads()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.static_outputs = fn(*self.static_inputs)
+            self._clear_grads()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.static_outputs = fn(*self.static_inputs)
         self._grads = [p.grad for p in self.params]
 
     def _clear_grads(self) -> None:
@@ -94,7 +99,8 @@ class GraphedStep:
             raise RuntimeError("a parameter's .grad was replaced or set to None after the CUDA graph was captured "
                                "(e.g. optimizer.zero_grad(set_to_none=True)); the graph writes the gradients into "
                                "its own tensors, so leave them in place (zero_grad(set_to_none=False) is fine)")
-        for t, static in zip(inputs, self.static_inputs, strict=True):
-            static.copy_(t, non_blocking=True)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            for t, static in zip(inputs, self.static_inputs, strict=True):
+                static.copy_(t, non_blocking=True)
+            self.graph.replay()
         return self.static_outputs
