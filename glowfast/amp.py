@@ -19,6 +19,11 @@ gemm (``--gemm-networks``): every convolution of the networks as one GEMM over t
 (`gemm_network_forward`: im2col for the thin-input 3x3, a GEMM + col2im for the thin-output 3x3), instead of
 cuDNN, which runs these thin convolutions far below the GPU's matmul rate. Exclusive with channels_last.
 
+Precision: the GEMMs of both layouts run at the precision of the convolutions they replace (TF32 iff cuDNN's
+convolutions would use it, the rule the fused kernels' dots follow), forward and backward, whatever cuBLAS's own
+setting (`conv_precision_linear`); PyTorch defaults cuBLAS to full fp32, which would make the "fast" layouts
+compete in fp32 against TF32 convolutions.
+
 All are applied from outside the reference layers by one wrapper around each network module's ``forward``
 (on the instance) that reads the network's options on every call; no parameters, buffers or state-dict keys
 change. They act wherever a coupling network is *called as a module*; a backend that read the networks'
@@ -27,6 +32,7 @@ weights directly would bypass them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -41,6 +47,71 @@ def coupling_networks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, CouplingNetwork)]
 
 
+@contextlib.contextmanager
+def _cublas_tf32(enabled: bool):
+    """cuBLAS fp32 matmuls inside run in TF32 iff `enabled`; torch's setting is restored on exit. Through the
+    per-backend setting (`torch.backends.cuda.matmul.fp32_precision`), saved and put back as it was, which leaves
+    torch's legacy getters readable (checked on torch 2.11 and 2.14)."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    want = "tf32" if enabled else "ieee"
+    if saved == want:
+        yield
+        return
+    matmul.fp32_precision = want
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
+
+
+class _ConvPrecisionLinear(torch.autograd.Function):
+    """a @ w.T (+ bias), forward and backward, with cuBLAS at the precision `tf32` given by the caller."""
+
+    @staticmethod
+    def forward(ctx, a, w, bias, tf32):
+        ctx.save_for_backward(a, w)
+        ctx.tf32, ctx.has_bias = tf32, bias is not None
+        with _cublas_tf32(tf32):
+            return torch.addmm(bias, a, w.t()) if bias is not None else torch.mm(a, w.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w = ctx.saved_tensors
+        grad_a = grad_w = grad_bias = None
+        with _cublas_tf32(ctx.tf32):
+            if ctx.needs_input_grad[0]:
+                grad_a = torch.mm(grad, w)
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.mm(grad.t(), a)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_a, grad_w, grad_bias, None
+
+
+def conv_precision_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ w.T + bias for 2-D a (rows = pixels), computed at the precision of the convolution it replaces.
+
+    A GEMM layout of the coupling networks stands in for cuDNN convolutions, which run in TF32 under PyTorch's
+    default (`torch.backends.cudnn.allow_tf32`), while cuBLAS matmuls default to full fp32 (several times slower
+    on an H100's tensor cores). So forward and backward products here use TF32 exactly when a convolution (and
+    the fused kernels' 1x1-conv dots: `glowfast.kernels.dot_precision`) would; `full_fp32` makes them exact.
+    Under autocast the product runs in the autocast dtype, as autocast runs `addmm`. While torch.compile traces,
+    the plain ops (inductor applies its own precision settings)."""
+    if torch.compiler.is_compiling():
+        return torch.addmm(bias, a, w.t()) if bias is not None else torch.mm(a, w.t())
+    device_type = a.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        a, w, bias = a.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _ConvPrecisionLinear.apply(a, w, bias, False)
+    from .kernels._utils import dot_precision  # here, not at import: Triton loads only with the fast paths
+
+    tf32 = a.dtype == torch.float32 and dot_precision(a.device) == "tf32"
+    return _ConvPrecisionLinear.apply(a, w, bias, tf32)
+
+
 def nhwc_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
     """`CouplingNetwork.forward` for channels_last activations, with the 1x1 conv as one matrix product.
 
@@ -52,8 +123,10 @@ def nhwc_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
     forward (tested).
     """
     h = torch.relu(net.conv1(x))
+    b, c, hgt, wid = h.shape
     w = net.conv2.weight.flatten(1)  # (out, in): a view of a 1x1 kernel in either memory format
-    h = torch.nn.functional.linear(h.permute(0, 2, 3, 1), w, net.conv2.bias).permute(0, 3, 1, 2)
+    rows = h.permute(0, 2, 3, 1).reshape(b * hgt * wid, c)  # a view of channels_last memory
+    h = conv_precision_linear(rows, w, net.conv2.bias).view(b, hgt, wid, -1).permute(0, 3, 1, 2)
     return net.conv3(torch.relu(h))
 
 
@@ -79,11 +152,11 @@ def gemm_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
     b, _, hgt, wid = x.shape
     c1, c2, c3 = net.conv1, net.conv2, net.conv3.conv
     cols = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(b * hgt * wid, -1)
-    h = torch.relu(torch.addmm(c1.bias, cols, c1.weight.flatten(1).t()))
-    h = torch.relu(torch.addmm(c2.bias, h, c2.weight.flatten(1).t()))
+    h = torch.relu(conv_precision_linear(cols, c1.weight.flatten(1), c1.bias))
+    h = torch.relu(conv_precision_linear(h, c2.weight.flatten(1), c2.bias))
     out_ch = c3.out_channels
     taps = c3.weight.flip(2, 3).permute(0, 2, 3, 1).reshape(out_ch * 9, -1)  # rows (o, kh, kw), fold's order
-    t = torch.mm(h, taps.t()).view(b, hgt * wid, out_ch * 9).transpose(1, 2)
+    t = conv_precision_linear(h, taps).view(b, hgt * wid, out_ch * 9).transpose(1, 2)
     y = torch.nn.functional.fold(t, (hgt, wid), 3, padding=1) + c3.bias.view(1, -1, 1, 1)
     return y * torch.exp(net.conv3.logs * net.conv3.logscale_factor).view(1, -1, 1, 1)
 

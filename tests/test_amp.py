@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glowfast import Glow
 from glowfast.amp import (
@@ -172,6 +173,75 @@ def test_fast_network_forwards_equal_the_module(device, shape, layout, exact_pre
     for (name, _), a, e in zip([("x", None), *net.named_parameters()], actual, expected, strict=True):
         assert a.shape == e.shape, name
         assert_exact(a, e, "grad", name)
+
+
+class _MatmulLog(TorchDispatchMode):
+    """Records, at every matrix product, cuBLAS's fp32 setting (torch.backends.cuda.matmul.fp32_precision) and
+    the dtype of the product's first matrix operand."""
+
+    def __init__(self):
+        super().__init__()
+        self.precisions, self.dtypes = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.precisions.append(torch.backends.cuda.matmul.fp32_precision)
+            self.dtypes.append(args[1 if func.overloadpacket is torch.ops.aten.addmm else 0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "gemm"])
+@pytest.mark.parametrize("precision,user_setting", [("tf32", "ieee"), ("ieee", "tf32"), ("tf32", "none")])
+def test_network_gemms_compute_at_the_convolutions_precision(layout, precision, user_setting):
+    """The GEMM layouts replace convolutions, which run in TF32 under PyTorch's default while cuBLAS defaults to
+    full fp32: every product of the GEMM networks, forward and backward, runs at the convolutions' precision
+    (glowfast.kernels.dot_precision, here forced), whatever cuBLAS's own setting; that setting is restored."""
+    from glowfast.kernels import use_dot_precision
+    from glowfast.reference.coupling import CouplingNetwork
+
+    net = CouplingNetwork(6, 32, 12)
+    x = torch.randn(2, 6, 4, 4, requires_grad=True)
+    if layout == "nhwc":
+        net.to(memory_format=torch.channels_last)
+        x_in, forward = x.contiguous(memory_format=torch.channels_last), nhwc_network_forward
+    else:
+        x_in, forward = x, gemm_network_forward
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = user_setting
+        with use_dot_precision(precision):
+            with _MatmulLog() as fwd:
+                out = forward(net, x_in)
+            assert matmul.fp32_precision == user_setting  # restored between forward and backward
+            with _MatmulLog() as bwd:
+                out.square().sum().backward()
+        assert matmul.fp32_precision == user_setting
+    finally:
+        matmul.fp32_precision = saved
+    n_gemms = 1 if layout == "nhwc" else 3
+    assert fwd.precisions == [precision] * n_gemms
+    assert bwd.precisions == [precision] * (2 * n_gemms)  # grad input and grad weight of each product
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bf16_gemm_networks_run_in_bf16_and_keep_the_flow_fp32():
+    """--amp bf16 with --gemm-networks: the GEMMs run in bf16 as autocast runs addmm; the flow and its
+    log-likelihood stay fp32, within bf16's rounding of the fp32 model."""
+    m, x = _model("cpu")
+    ref = m(x, dequantize=False).log_prob
+    enable_gemm_networks(m)
+    enable_bf16_networks(m)
+    net = coupling_networks(m)[0]
+    with _MatmulLog() as log:
+        h = net(torch.randn(2, net.conv1.in_channels, 4, 4))
+    assert log.dtypes == [torch.bfloat16] * 3 and h.dtype == torch.float32  # handed back to the flow in fp32
+    out = m(x, dequantize=False)
+    assert out.log_prob.dtype == torch.float32 and not torch.equal(out.log_prob, ref)
+    torch.testing.assert_close(out.log_prob, ref, rtol=2e-2, atol=2.0)
+    out.bits_per_dim.mean().backward()
+    assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
+               for p in m.parameters())
 
 
 def _assert_option_keeps_the_fused_model(device, enable):
