@@ -21,7 +21,8 @@ def randomize_(module: nn.Module, scale: float = 0.1, generator: torch.Generator
     ActNorm buffers are marked initialised so the layer is a fixed function of its parameters.
     """
     for p in module.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device))  # same values anywhere
+        # drawn on the CPU (also where a test made CUDA the default device): the same values on any device
+        p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype, device="cpu").to(p.device))
     for name, buf in module.named_buffers():
         if name.endswith("initialized"):
             buf.fill_(True)
