@@ -219,6 +219,10 @@ class Trainer:
         self.stop_agreed = False  # under DDP: whether any rank had requested it at this step's all-reduce
         self.log_window: list[dict] = []  # train records since the last metrics.jsonl train record
         if cfg.get("cuda_graphs"):
+            if cfg.get("backend") == "reference" and not cfg["lu"]:
+                raise ValueError("--cuda-graphs with --backend reference and --no-lu: the reference computes plain-W "
+                                 "log-determinants with torch.linalg.slogdet, which synchronises the GPU and cannot "
+                                 "be captured; use --backend auto/fused (one batched-LU call, no sync) or --lu")
             check_graphable(device)
             if self.dist.distributed:
                 raise ValueError("--cuda-graphs is not supported with several processes (DDP) yet")

@@ -30,6 +30,17 @@ def test_cuda_graphs_need_cuda(tmp_path, capsys):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_cuda_graphs_refuse_the_reference_slogdet(tmp_path, capsys):
+    """--backend reference with plain W computes log|det W| with torch.linalg.slogdet, which synchronises the GPU
+    (it cannot be captured): refused up front, on any device, before anything is written."""
+    run = tmp_path / "r"
+    args = TINY + ["--steps", "2", "--cuda-graphs", "--backend", "reference", "--no-lu", "--run-dir", str(run)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "torch.linalg.slogdet" in err and "--backend auto/fused" in err
+    assert not (run / "checkpoints").exists()
+
+
 def _model(backend="fused", memory_saving=False):
     torch.manual_seed(0)
     model = Glow((1, 8, 8), K=3, L=2, hidden_channels=16, backend=backend, memory_saving=memory_saving).cuda()
