@@ -4,8 +4,8 @@
 #     bash benchmarks/gpu_check.sh session    # a session's first call (15 min of device time in all, start-up of
 #                                             # the machine included): build, the tests, compute-sanitizer and a short
 #                                             # training run side by side, cold start-up, the LU / fused-kernel /
-#                                             # CIFAR-10 model benchmarks,
-#                                             # RESULTS.md -- every issue-3/4/6 target in one 540 s command
+#                                             # CIFAR-10 model benchmarks, RESULTS.md -- every issue-3/4/6 target
+#                                             # in one 540 s command
 #     bash benchmarks/gpu_check.sh extra      # then, on the still-warm machine, with what device time is left
 #                                             # (GPU_CHECK_BUDGET=<seconds left - 60>): a short training run, its TF32
 #                                             # check, the block sweep, the MNIST model benchmarks
@@ -18,10 +18,10 @@
 # ($OUT is set by the device tool; default ./gpu_out.) A session has 15 minutes of device time, the machine's
 # start (a minute or more) and every idle second included, and one command may run 600 s: `session` is sized to
 # hold the targets the issues are judged by in one command; `check` + `bench` (two full commands) fit only a
-# session with more time. The tests, the sanitizer and the training run are functional checks (no timings), so they
-# run side by side; every timed stage runs alone. On a machine still warm a second build is skipped (benchmarks/gpu_build.sh). The
-# device copy of the tree has no .git: pass GLOWFAST_GIT_COMMIT=<git rev-parse HEAD> in the command (summary.md
-# and RESULTS.md name it).
+# session with more time. The tests, the sanitizer and the training run are functional checks (no timings), so
+# they run side by side; every timed stage runs alone. On a machine still warm a second build is skipped
+# (benchmarks/gpu_build.sh). The device copy of the tree has no .git: pass GLOWFAST_GIT_COMMIT=<git rev-parse
+# HEAD> in the command (summary.md and RESULTS.md name it).
 #
 # Stages, each under its own timeout and all within one wall-clock budget (GPU_CHECK_BUDGET, default 540 s,
 # under the device tool's 600 s per command); a failing or timed-out stage is recorded and the next one runs:
@@ -51,7 +51,7 @@
 # the side-by-side group; the presets' lists above), GPU_CHECK_BUDGET
 # (seconds), MAX_<stage> caps (tests, sanitizer, bench_model, bench_ops, tune, train, tf32; preset defaults),
 # GLOWFAST_GIT_COMMIT, GPU_TESTS (node ids or files instead of the whole suite: a rerun of what failed),
-# GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests and sanitizer side by side),
+# GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests, sanitizer and train side by side),
 # BENCH_MODEL_SELECT (pytest -k over bench_model's cases; session cifar10, extra mnist), TUNE_BUDGET (75; extra 45),
 # PYTHON (python3), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
 # adds the whole-model torch.compile benchmark to bench_compile, minutes of compilation per case) with
