@@ -7,6 +7,7 @@ keeps less: the bytes saved for backward are counted with saved_tensors_hooks.
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glowfast import fused
 from glowfast.model import Glow
@@ -29,6 +30,32 @@ def test_memory_saving_gradients_match_the_reference(coupling, permutation, lu, 
     y, ld = fused.steps_forward(list(steps), x, memory_saving=True)
     assert torch.equal(y, y_fused) and torch.equal(ld, ld_fused)  # same kernels forward
     assert_steps_match_reference(steps, x, y, ld)
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_reconstruction_and_sampling_invert_w_with_the_batched_lu_op(kernel_device):
+    """Every step's W^-1, for the memory-saving backward and for the fused inverse (sampling), comes from one call
+    of the batched LU op (one launch, no host read unless checked: capturable in a CUDA graph), not from
+    torch.linalg, which a failed import had silently fallen back to."""
+    steps = make_steps(3, 4, "affine", "invconv", True, kernel_device)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    y, ld = fused.steps_forward(list(steps), x, memory_saving=True)
+    with _OpLog() as backward:
+        (y.square().sum() + ld.sum()).backward()
+    with _OpLog() as inverse, torch.no_grad():
+        fused.steps_inverse(list(steps), y.detach())
+    for log in (backward, inverse):
+        assert "glowfast.inverse_packed" in log.ops
+        assert not {op for op in log.ops if op.startswith("aten.linalg")}, log.ops
 
 
 @pytest.mark.parametrize("memory_saving", [False, True])
