@@ -335,6 +335,42 @@ def test_cuda_graphs_spec_trains_eagerly_off_cuda(tmp_path):
     assert t.history["steps_done"] == 30 and all(math.isfinite(v) for v in t.history["test_bpd"])
 
 
+def _nan_losses_on(monkeypatch, bad_calls):
+    """Training-mode forwards number `bad_calls` (0-based) of the next model built return a NaN loss."""
+    from glowfast.experiments import common
+
+    build = common.build_model
+    calls = [0]
+
+    def poison(module, inputs, out):
+        if not module.training:
+            return out
+        calls[0] += 1
+        return out._replace(bits_per_dim=out.bits_per_dim * float("nan")) if calls[0] - 1 in bad_calls else out
+
+    def build_poisoned(spec):
+        model = build(spec)
+        model.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(common, "build_model", build_poisoned)
+
+
+def test_sporadic_non_finite_steps_are_skipped_not_fatal(tmp_path, monkeypatch):
+    """29 bad batches spread over a run are skipped (counted in the history) and the run completes; 21 in a row
+    (a diverged model) stop it."""
+    from glowfast.experiments.common import ModelSpec, train
+
+    spec = ModelSpec("digits", 8, K=1, L=1, hidden=8, conditional=False, batch=64, steps=30, warmup=5, eval_n=100)
+    _nan_losses_on(monkeypatch, set(range(1, 60, 2)))
+    t = train(spec, tmp_path, torch.device("cpu"), backend="reference")
+    assert t.history["steps_done"] == 30 and t.history["skipped_nonfinite_steps"] == 29  # between the 30 steps
+    assert all(math.isfinite(v) for v in t.history["test_bpd"])
+    _nan_losses_on(monkeypatch, set(range(5, 26)))
+    with pytest.raises(FloatingPointError, match="21 non-finite losses/gradients in a row"):
+        train(spec, tmp_path, torch.device("cpu"), backend="reference")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_spec_trains_from_replays_on_cuda(tmp_path, monkeypatch):
     """The experiments' graphed training (forward + backward replayed, Adam and the average eager) learns like
@@ -362,3 +398,26 @@ def test_cuda_graphs_spec_trains_from_replays_on_cuda(tmp_path, monkeypatch):
     assert h["train_bpd"][2] == pytest.approx(sum(losses[10:20]) / 10, rel=1e-5)
     assert all(bool(torch.isfinite(p).all()) for p in t.model.parameters())
     assert all(p.grad is None for p in t.model.parameters())  # the graph's pool is released
+
+
+def test_latent_round_trips_run_in_full_fp32():
+    """encode_images / decode_images (interpolation, attributes) run without TF32, so that the decoded endpoints
+    are the test images exactly on a GPU too: every coupling network call sees TF32 off."""
+    from glowfast import Glow
+    from glowfast.amp import coupling_networks
+    from glowfast.experiments.generative import decode_images, encode_images
+    from glowfast.kernels import dot_precision
+
+    model = Glow((1, 8, 8), K=2, L=2, hidden_channels=8, backend="reference")
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    model(images)  # ActNorm init
+    seen = []
+    for net in coupling_networks(model):
+        net.register_forward_pre_hook(lambda *_: seen.append((torch.backends.cudnn.allow_tf32, dot_precision())))
+    assert torch.backends.cudnn.allow_tf32  # PyTorch's default, which a GPU run trains with
+    z = encode_images(model, images, "cpu")
+    n_encode = len(seen)
+    x = decode_images(model, z, "cpu")
+    assert n_encode and len(seen) > n_encode
+    assert set(seen) == {(False, "ieee")}
+    assert torch.equal((x * 255).round().to(torch.uint8), images)

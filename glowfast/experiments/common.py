@@ -353,7 +353,7 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
     t_train = 0.0  # training time only (evaluation excluded)
     running = []
     step = 0
-    skipped = 0
+    skipped = in_a_row = 0
     stopped_early = False
     if spec.eval_every:
         evaluate(0, float("nan"), 0.0)
@@ -374,11 +374,14 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
             stats = loss_and_grads(xb, yb)
         loss = stats[0]
         if not bool(torch.isfinite(stats).all()):  # skip the update (one sync per step)
-            skipped += 1
+            skipped, in_a_row = skipped + 1, in_a_row + 1
             hist["skipped_nonfinite_steps"] = skipped
-            if skipped > 20:
-                raise FloatingPointError(f"{spec.key()}: more than 20 non-finite losses/gradients by step {step}")
+            # a diverged model fails every step; sporadic bad batches over a long run must not lose the run
+            if in_a_row > 20:
+                raise FloatingPointError(f"{spec.key()}: {in_a_row} non-finite losses/gradients in a row by step "
+                                         f"{step}")
             continue
+        in_a_row = 0
         opt.step()
         sched.step()
         if spec.ema:

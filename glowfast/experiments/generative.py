@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from ..evaluate import full_fp32
 from .common import (
     bpd_unit_note,
     class_log_likelihoods,
@@ -36,21 +37,24 @@ def _to_uint8(x01: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(model, images: torch.Tensor, device, batch_size: int = 500) -> list[torch.Tensor]:
-    """uint8 images -> latents (one tensor per level, on CPU), encoding the centre of each pixel's bin."""
+    """uint8 images -> latents (one tensor per level, on CPU), encoding the centre of each pixel's bin. In full
+    fp32 (no TF32 on a GPU), like decode_images: decoding the latents gives the images back exactly."""
     model.eval()
     outs = []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i: i + batch_size].to(device)
-        xc = model.preprocess(x, dequantize=False) + 0.5 / model.n_bins
-        z, _ = model.encode(xc)
-        outs.append([t.cpu() for t in z])
+    with full_fp32():
+        for i in range(0, images.shape[0], batch_size):
+            x = images[i: i + batch_size].to(device)
+            xc = model.preprocess(x, dequantize=False) + 0.5 / model.n_bins
+            z, _ = model.encode(xc)
+            outs.append([t.cpu() for t in z])
     return [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
 
 
 @torch.no_grad()
 def decode_images(model, latents: list[torch.Tensor], device) -> torch.Tensor:
-    """Latents (all levels given) -> floats in [0, 1] (CPU)."""
-    x = model.decode([z.to(device) for z in latents])
+    """Latents (all levels given) -> floats in [0, 1] (CPU); in full fp32, as encode_images."""
+    with full_fp32():
+        x = model.decode([z.to(device) for z in latents])
     return model.postprocess(x).cpu()
 
 
