@@ -366,6 +366,7 @@ def test_sporadic_non_finite_steps_are_skipped_not_fatal(tmp_path, monkeypatch):
     t = train(spec, tmp_path, torch.device("cpu"), backend="reference")
     assert t.history["steps_done"] == 30 and t.history["skipped_nonfinite_steps"] == 29  # between the 30 steps
     assert all(math.isfinite(v) for v in t.history["test_bpd"])
+    monkeypatch.undo()
     _nan_losses_on(monkeypatch, set(range(5, 26)))
     with pytest.raises(FloatingPointError, match="21 non-finite losses/gradients in a row"):
         train(spec, tmp_path, torch.device("cpu"), backend="reference")
@@ -400,7 +401,7 @@ def test_cuda_graphs_spec_trains_from_replays_on_cuda(tmp_path, monkeypatch):
     assert all(p.grad is None for p in t.model.parameters())  # the graph's pool is released
 
 
-def test_latent_round_trips_run_in_full_fp32():
+def test_latent_round_trips_run_in_full_fp32(monkeypatch):
     """encode_images / decode_images (interpolation, attributes) run without TF32, so that the decoded endpoints
     are the test images exactly on a GPU too: every coupling network call sees TF32 off."""
     from glowfast import Glow
@@ -414,7 +415,7 @@ def test_latent_round_trips_run_in_full_fp32():
     seen = []
     for net in coupling_networks(model):
         net.register_forward_pre_hook(lambda *_: seen.append((torch.backends.cudnn.allow_tf32, dot_precision())))
-    assert torch.backends.cudnn.allow_tf32  # PyTorch's default, which a GPU run trains with
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default, which a GPU run trains with
     z = encode_images(model, images, "cpu")
     n_encode = len(seen)
     x = decode_images(model, z, "cpu")
