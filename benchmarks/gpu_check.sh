@@ -3,12 +3,12 @@
 #
 #     bash benchmarks/gpu_check.sh session    # a session's first call (15 min of device time in all, start-up of
 #                                             # the machine included): build, the tests, compute-sanitizer and a short
-#                                             # training run side by side, cold start-up, the LU / fused-kernel /
-#                                             # CIFAR-10 model benchmarks, RESULTS.md -- every issue-3/4/6 target
-#                                             # in one 540 s command
+#                                             # training run (+ its TF32 check) side by side, cold start-up, the LU /
+#                                             # fused-kernel / CIFAR-10 model benchmarks, RESULTS.md -- every
+#                                             # issue-3/4/6 speed target in one 540 s command
 #     bash benchmarks/gpu_check.sh extra      # then, on the still-warm machine, with what device time is left
-#                                             # (GPU_CHECK_BUDGET=<seconds left - 60>): a short training run, its TF32
-#                                             # check, the block sweep, the MNIST model benchmarks
+#                                             # (GPU_CHECK_BUDGET=<seconds left - 60>): torch.compile(reference) per
+#                                             # op, the MNIST model benchmarks, the block sweep
 #     bash benchmarks/gpu_check.sh check      # build, the whole test suite, compute-sanitizer, a short training run
 #     bash benchmarks/gpu_check.sh bench      # build, cold start-up, whole-model + per-op benchmarks, block sweep,
 #                                             # RESULTS.md (issue 6's and issue 4's target tables)
@@ -51,7 +51,7 @@
 # the side-by-side group; the presets' lists above), GPU_CHECK_BUDGET
 # (seconds), MAX_<stage> caps (tests, sanitizer, bench_model, bench_ops, tune, train, tf32; preset defaults),
 # GLOWFAST_GIT_COMMIT, GPU_TESTS (node ids or files instead of the whole suite: a rerun of what failed),
-# GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests, sanitizer and train side by side),
+# GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests, sanitizer and train (then tf32) side by side),
 # BENCH_MODEL_SELECT (pytest -k over bench_model's cases; session cifar10, extra mnist), TUNE_BUDGET (75; extra 45),
 # PYTHON (python3), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
 # adds the whole-model torch.compile benchmark to bench_compile, minutes of compilation per case) with
@@ -82,17 +82,18 @@ PRESET=${1:-all}
 case $PRESET in
     # caps that leave every stage of a preset a slot in the 540 s (cold build ~70 s est.; stages finishing early
     # leave the rest to the next ones)
-    session) PRESET_STAGES="env build tests sanitizer train startup bench_ops bench_model report"
-             # tests, sanitizer and a short training run side by side (one slot of 200 s); the whole-model cases:
-             # CIFAR-10 only
+    session) PRESET_STAGES="env build tests sanitizer train tf32 startup bench_ops bench_model report"
+             # tests, sanitizer and a short training run (then its TF32 check) side by side (one slot of 200 s);
+             # the whole-model cases: CIFAR-10 only
              MAX_tests=${MAX_tests:-200}; MAX_sanitizer=${MAX_sanitizer:-200}; MAX_train=${MAX_train:-120}
-             MAX_bench_ops=${MAX_bench_ops:-90}
+             MAX_tf32=${MAX_tf32:-40}; MAX_bench_ops=${MAX_bench_ops:-90}
              MAX_bench_model=${MAX_bench_model:-150}; GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-8}
              BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-cifar10} ;;
-    extra)   PRESET_STAGES="env build train tf32 tune bench_model report"
-             # the rest of a session after `session` (set GPU_CHECK_BUDGET to the device time left, less a minute)
-             MAX_train=${MAX_train:-75}; MAX_tf32=${MAX_tf32:-40}; MAX_tune=${MAX_tune:-60}; TUNE_BUDGET=${TUNE_BUDGET:-45}
-             MAX_bench_model=${MAX_bench_model:-120}; BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-mnist} ;;
+    extra)   PRESET_STAGES="env build bench_compile bench_model tune report"
+             # the rest of a session after `session` (set GPU_CHECK_BUDGET to the device time left, less a minute):
+             # torch.compile(reference) per op (issue 6's fused/compiled ratios), the MNIST models, the block sweep
+             GPU_CHECK_COMPILE_MAX=${GPU_CHECK_COMPILE_MAX:-110}; MAX_bench_model=${MAX_bench_model:-90}
+             MAX_tune=${MAX_tune:-60}; TUNE_BUDGET=${TUNE_BUDGET:-45}; BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-mnist} ;;
     check)   PRESET_STAGES="env build tests sanitizer train tf32"
              MAX_tests=${MAX_tests:-220}; MAX_sanitizer=${MAX_sanitizer:-120}; MAX_train=${MAX_train:-75}
              MAX_tf32=${MAX_tf32:-40} ;;
@@ -151,6 +152,8 @@ stage() {
     local dt=$(( $(date +%s) - t0 ))
     local note
     note=$(grep -E "passed|failed|error|Error" "$LOGS/$name.log" | tail -1 | tr '\t|' '  ' | cut -c1-160)
+    # else the log's last line (e.g. the tf32 stage's "no training run checkpoint")
+    [ -n "$note" ] || note=$(tail -1 "$LOGS/$name.log" | tr '\t|' '  ' | cut -c1-160)
     echo -e "$name\t$status\t$dt\t$note" >> "$SUMMARY_ROWS"
     echo "   $status in ${dt}s  $note"
     return 0
@@ -340,18 +343,25 @@ run_stage() {  # the stage NAME with its cap, minimum and function
     esac
 }
 # The functional stages (no timings: the tests, compute-sanitizer, the short training run, whose speed is then not
-# a benchmark) run side by side right after the build when more than one is selected (GPU_CHECK_PARALLEL=0: in
-# order); every timed stage runs alone after them.
+# a benchmark, and its TF32 check after it) run side by side right after the build when more than one is selected
+# (GPU_CHECK_PARALLEL=0: in order); every timed stage runs alone after them.
 SIDE_BY_SIDE=()
 if [ "${GPU_CHECK_PARALLEL:-1}" = 1 ]; then
     for name in tests sanitizer train; do want "$name" && SIDE_BY_SIDE+=("$name"); done
     (( ${#SIDE_BY_SIDE[@]} > 1 )) || SIDE_BY_SIDE=()
+    [[ " ${SIDE_BY_SIDE[*]} " == *" train "* ]] && want tf32 && SIDE_BY_SIDE+=(tf32)  # in train's job, after it
 fi
 run_stage env
 run_stage build
 if (( ${#SIDE_BY_SIDE[@]} )); then
     echo "== side by side: ${SIDE_BY_SIDE[*]}"
-    for name in "${SIDE_BY_SIDE[@]}"; do run_stage "$name" & done
+    for name in "${SIDE_BY_SIDE[@]}"; do
+        case $name in
+            tf32) ;;
+            train) { run_stage train; want tf32 && run_stage tf32; } & ;;
+            *) run_stage "$name" & ;;
+        esac
+    done
     wait
 fi
 # the other selected stages in the order given (a preset's order: the session preset measures the per-op targets

@@ -46,7 +46,7 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "RESULTS.md").write_text("### Issue 6 targets\n| stale | row from an earlier run |\n")
-    res = _gpu_check(tmp_path, "session", GPU_CHECK_STAGES="env sanitizer train report",
+    res = _gpu_check(tmp_path, "session", GPU_CHECK_STAGES="env sanitizer train tf32 report",
                      GLOWFAST_GIT_COMMIT="0123abcd")
     assert res.returncode == 0, res.stdout + res.stderr
     summary = (out / "summary.md").read_text()
@@ -60,11 +60,14 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
     assert rows["sanitizer"] == "FAIL (rc=1)"
     assert "gpu_check_kernels.sh needs a CUDA device" in summary
     assert "gpu_check_lu.sh needs a CUDA device" in summary
-    # the functional stages selected ran side by side, and the training run failed with its one-line CUDA error
-    assert "- side by side (functional, no timings): sanitizer train" in summary
+    # the functional stages selected ran side by side, the training run failed with its one-line CUDA error, and
+    # its TF32 check, run after it in the same job, found no checkpoint
+    assert "- side by side (functional, no timings): sanitizer train tf32" in summary
     assert rows["train"].startswith("FAIL"), rows["train"]
     assert "CUDA is not available" in summary
-    for name in ("build", "tests", "startup", "bench_model", "bench_ops", "tune", "tf32", "bench_compile"):
+    assert rows["tf32"].startswith("FAIL") and "no training run checkpoint" in summary
+    assert [name for name in rows if name in ("train", "tf32")] == ["train", "tf32"]
+    for name in ("build", "tests", "startup", "bench_model", "bench_ops", "tune", "bench_compile"):
         assert rows[name] == "not selected", name
     assert rows["report"] == "skipped (no benchmark JSON)"
     # an earlier run's RESULTS.md in the same $OUT is removed, never quoted as this run's headline
