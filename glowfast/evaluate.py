@@ -46,10 +46,18 @@ def full_fp32():
     switches = (torch.backends, torch.backends.cudnn, torch.backends.cudnn.conv, torch.backends.cudnn.rnn,
                 torch.backends.cuda.matmul)
     saved = [s.fp32_precision for s in switches]
-    saved_matmul_precision = torch.get_float32_matmul_precision()
+    try:
+        saved_matmul_precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # unreadable once the caller mixed the two APIs; the new-API values restore it
+        saved_matmul_precision = None
     legacy = [_legacy_tf32_flag(torch.backends.cudnn), _legacy_tf32_flag(torch.backends.cuda.matmul)]
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    # A caller who chose TF32 through the new API (torch.backends[.cudnn].fp32_precision = "tf32") keeps it on
+    # the ops after the legacy setters: switch those off by name.
+    for op in (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul):
+        if op.fp32_precision == "tf32":
+            op.fp32_precision = "ieee"
     try:
         with use_dot_precision("ieee"):
             yield
@@ -57,7 +65,8 @@ def full_fp32():
         for switch, flag in zip((torch.backends.cudnn, torch.backends.cuda.matmul), legacy, strict=True):
             if flag is not None:
                 switch.allow_tf32 = flag
-        torch.set_float32_matmul_precision(saved_matmul_precision)
+        if saved_matmul_precision is not None:
+            torch.set_float32_matmul_precision(saved_matmul_precision)
         for s, value in zip(switches, saved, strict=True):
             if s.fp32_precision != value:
                 s.fp32_precision = value

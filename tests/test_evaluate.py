@@ -300,10 +300,24 @@ def _tf32_state():
         except RuntimeError:  # a mix of the two APIs makes the legacy getter raise
             return None
 
+    def matmul_precision():
+        try:
+            return torch.get_float32_matmul_precision()
+        except RuntimeError:  # likewise
+            return None
+
     new = [s.fp32_precision for s in (torch.backends, torch.backends.cudnn, torch.backends.cudnn.conv,
                                        torch.backends.cudnn.rnn, torch.backends.cuda.matmul)]
-    return (*new, torch.get_float32_matmul_precision(), legacy(torch.backends.cudnn),
-            legacy(torch.backends.cuda.matmul))
+    return (*new, matmul_precision(), legacy(torch.backends.cudnn), legacy(torch.backends.cuda.matmul))
+
+
+def _computes_in_tf32(op, parent, legacy_switch) -> bool:
+    """Whether torch runs `op` (cudnn.conv, cuda.matmul) in TF32: the first of the op's, its parent's and the global
+    new-API precision that is set, else the legacy flag."""
+    for value in (op.fp32_precision, parent.fp32_precision, torch.backends.fp32_precision):
+        if value != "none":
+            return value == "tf32"
+    return bool(legacy_switch.allow_tf32)
 
 
 SETTINGS = {  # what callers do before evaluating: the defaults, the legacy API, the new per-op API
@@ -311,26 +325,32 @@ SETTINGS = {  # what callers do before evaluating: the defaults, the legacy API,
     "matmul precision high": lambda: torch.set_float32_matmul_precision("high"),
     "legacy matmul tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
     "new-API conv ieee": lambda: setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+    "new-API cudnn tf32": lambda: setattr(torch.backends.cudnn, "fp32_precision", "tf32"),
+    "new-API global tf32": lambda: setattr(torch.backends, "fp32_precision", "tf32"),
+    "new-API matmul tf32": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
 }
 
 
 def test_full_fp32_switches_tf32_off_and_restores_every_setting():
-    """Inside: TF32 off in cuDNN, cuBLAS and the kernels' dots, the legacy getters readable. After (also after an
-    exception): exactly the caller's settings, legacy getters included — checked in a fresh process per setting,
-    since torch keeps hidden legacy state."""
+    """Inside: TF32 off in cuDNN convolutions, cuBLAS and the kernels' dots, whichever API the caller used (a
+    caller's new-API "tf32" survived the legacy setters). After (also after an exception): exactly the caller's
+    settings, legacy getters included — checked in a fresh process per setting, since torch keeps hidden legacy
+    state."""
     import subprocess
     import sys
 
     code = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
-from test_evaluate import SETTINGS, _tf32_state
+from test_evaluate import SETTINGS, _computes_in_tf32, _tf32_state
 from glowfast.evaluate import full_fp32
 from glowfast.kernels import dot_precision
 SETTINGS[{name!r}]()
 before = _tf32_state()
+b = torch.backends
 with full_fp32():
-    inside = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, dot_precision("cuda"))
+    inside = (_computes_in_tf32(b.cudnn.conv, b.cudnn, b.cudnn), _computes_in_tf32(b.cuda.matmul, b, b.cuda.matmul),
+              dot_precision("cuda"))
 try:
     with full_fp32():
         raise KeyError("raised inside")
