@@ -14,6 +14,7 @@ Backends share every parameter, so switching `model.backend` never changes the f
 kernels instead of keeping activations (glowfast.invertible); same forward values.
 """
 
+import importlib
 import math
 import operator
 from typing import NamedTuple
@@ -54,6 +55,21 @@ def _whole_number(value, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+_BATCHED_LU: tuple | None = None  # (glowfast.ops or None, whether it has CUDA kernels), decided once
+
+
+def _batched_lu_available() -> tuple:
+    """(glowfast.ops, has CUDA kernels), or (None, False) for an install without glowfast._C."""
+    global _BATCHED_LU
+    if _BATCHED_LU is None:
+        try:
+            ops = importlib.import_module(".ops", __package__)
+            _BATCHED_LU = (ops, ops.has_cuda_kernels())
+        except (ImportError, OSError):  # glowfast._C missing or built against another torch
+            _BATCHED_LU = (None, False)
+    return _BATCHED_LU
 
 
 class Glow(nn.Module):
@@ -97,6 +113,7 @@ class Glow(nn.Module):
         self.n_bins = 2**n_bits
         self.n_classes = n_classes
         self.backend = backend
+        _batched_lu_available()  # decided here, outside any code torch.compile traces
         # fused path only: backward reconstructs each flow step's input from its output (glowfast.invertible)
         # instead of storing activations; an execution option like `backend`, not part of the config
         self.memory_saving = bool(memory_saving)
@@ -149,23 +166,25 @@ class Glow(nn.Module):
     def steps(self) -> list[FlowStep]:
         return [step for level in self.levels for step in level.steps]
 
-    def _uses_batched_lu(self) -> bool:
-        """Plain-W log-determinants/inverses go through one batched-LU call unless backend='reference'."""
-        return self.backend != "reference" and self.steps()[0].has_plain_invconv
+    def _batched_lu_ops(self):
+        """glowfast.ops for the plain-W log-determinants/inverses (one batched-LU call), or None: backend
+        'reference', LU weights, or where the op cannot run -- an install without glowfast._C, or CUDA weights with
+        a glowfast._C built without its CUDA kernels; the flow steps then use torch.linalg per step, the same
+        function."""
+        if self.backend == "reference" or not self.steps()[0].has_plain_invconv:
+            return None
+        ops, has_cuda_kernels = _batched_lu_available()
+        if ops is None or (self.steps()[0].permute.weight.is_cuda and not has_cuda_kernels):
+            return None
+        return ops
 
     def _w_logabsdets(self) -> list | None:
-        if not self._uses_batched_lu():
-            return None
-        from .ops import batched_slogdet
-
-        return list(batched_slogdet([s.permute.weight for s in self.steps()])[1])
+        ops = self._batched_lu_ops()
+        return None if ops is None else list(ops.batched_slogdet([s.permute.weight for s in self.steps()])[1])
 
     def _w_inverses(self) -> list | None:
-        if not self._uses_batched_lu():
-            return None
-        from .ops import batched_inverse
-
-        return list(batched_inverse([s.permute.weight for s in self.steps()]))
+        ops = self._batched_lu_ops()
+        return None if ops is None else list(ops.batched_inverse([s.permute.weight for s in self.steps()]))
 
     def _steps_forward(self, steps, z, w_lds, backend):
         if backend == "fused":

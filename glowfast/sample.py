@@ -114,14 +114,18 @@ def load_run_model(run, checkpoint, device: str, backend: str, raw_weights: bool
 
 @torch.no_grad()
 def interpolate(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> torch.Tensor:
-    """(P, steps, C, H, W) images in [0, 1]: row p walks linearly in latent space from x_a[p] to x_b[p]."""
+    """(P, steps, C, H, W) images in [0, 1]: row p walks linearly in latent space from x_a[p] to x_b[p]. In full
+    fp32 (no TF32 on a GPU), so that the end points decode to the images exactly."""
+    from .evaluate import full_fp32
+
     half_bin = 0.5 / model.n_bins
-    za, _ = model.encode(model.preprocess(x_a, dequantize=False) + half_bin)
-    zb, _ = model.encode(model.preprocess(x_b, dequantize=False) + half_bin)
     rows = []
-    for alpha in torch.linspace(0, 1, steps).tolist():
-        latents = [(1 - alpha) * a + alpha * b for a, b in zip(za, zb)]
-        rows.append(model.postprocess(model.decode(latents)))
+    with full_fp32():
+        za, _ = model.encode(model.preprocess(x_a, dequantize=False) + half_bin)
+        zb, _ = model.encode(model.preprocess(x_b, dequantize=False) + half_bin)
+        for alpha in torch.linspace(0, 1, steps).tolist():
+            latents = [(1 - alpha) * a + alpha * b for a, b in zip(za, zb)]
+            rows.append(model.postprocess(model.decode(latents)))
     return torch.stack(rows, dim=1)
 
 

@@ -58,3 +58,25 @@ def test_fused_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     images = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="backend='fused' cannot run on cpu"):
         model(images)
+
+
+def test_plain_w_without_the_extension_falls_back_to_torch_linalg(monkeypatch):
+    """An install without glowfast._C (likewise CUDA weights with a glowfast._C built without its CUDA kernels)
+    still runs plain-W models with backend auto: torch.linalg per step, the same function, no error."""
+    import sys
+
+    import glowfast.model as model_module
+
+    reference = _plain_glow("reference")
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    expected = reference(images, generator=torch.Generator().manual_seed(2)).log_prob
+    monkeypatch.setattr(model_module, "_BATCHED_LU", None)
+    monkeypatch.setitem(sys.modules, "glowfast.ops", None)  # what importing it gives without the extension
+    without = _plain_glow("auto")
+    out, n_factor = _count_ops(lambda: without(images, generator=torch.Generator().manual_seed(2)),
+                               "glowfast::lu_factor_packed")
+    assert n_factor == 0
+    torch.testing.assert_close(out.log_prob, expected, rtol=1e-12, atol=1e-10)
+    x = reference.preprocess(images, dequantize=False)
+    latents, _ = reference.encode(x)
+    torch.testing.assert_close(without.decode(latents), x, rtol=1e-10, atol=1e-10)

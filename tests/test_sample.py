@@ -98,12 +98,21 @@ def test_class_conditional_rows_are_their_classes_at_t0(runs, tmp_path):
     assert len({rows[c, 0].tobytes() for c in range(10)}) == 10  # ten classes, ten different images
 
 
-def test_interpolation_end_points_reconstruct_the_images(runs):
+def test_interpolation_end_points_reconstruct_the_images(runs, monkeypatch):
+    """Exactly, also on a GPU: the round trip runs without TF32 (every coupling network call sees it off)."""
+    from glowfast.amp import coupling_networks
+    from glowfast.kernels import dot_precision
+
     _, state = find_checkpoint(runs / "plain")
     model = load_model(state, torch.device("cpu"), "reference")
     test = get_dataset("digits", "test")
     x = torch.stack([test[i][0] for i in range(4)])
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default, which a GPU trains with
+    seen = []
+    for net in coupling_networks(model):
+        net.register_forward_pre_hook(lambda *_: seen.append((torch.backends.cudnn.allow_tf32, dot_precision())))
     path = interpolate(model, x[:2], x[2:], 4)
+    assert seen and set(seen) == {(False, "ieee")}
     assert path.shape == (2, 4, 1, 8, 8) and path.min() >= 0 and path.max() <= 1
     assert torch.equal(torch.round(path[:, 0] * 255).to(torch.uint8), x[:2])
     assert torch.equal(torch.round(path[:, -1] * 255).to(torch.uint8), x[2:])
