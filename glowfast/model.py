@@ -216,6 +216,9 @@ class Glow(nn.Module):
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"images have shape (C, H, W) = {tuple(x.shape[1:])}, model expects "
                              f"{self.image_shape}")
+        model_device = next(self.parameters()).device
+        if x.device != model_device:
+            raise ValueError(f"images are on {x.device}, the model is on {model_device} (move one of them)")
         if x.dtype == torch.uint8:
             x = x.to(self._param_dtype())
         elif x.is_floating_point():

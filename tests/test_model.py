@@ -300,6 +300,20 @@ def test_encode_names_a_dtype_mismatch():
         model.encode(x)
 
 
+def test_images_and_labels_on_another_device_are_named():
+    """A model on one device given images or labels on another: a clear error naming both (on a GPU: CPU images
+    to a CUDA model), not a failure deep inside a layer. The meta device stands in for the other one here."""
+    model = Glow((1, 8, 8), K=1, L=2, hidden_channels=4, n_classes=3)
+    images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="images are on meta, the model is on cpu"):
+        model(images.to("meta"), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="class labels y are on meta, the model is on cpu"):
+        model(images, torch.zeros(2, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="class labels y are on meta, the model is on cpu"):
+        model.sample(2, y=torch.zeros(2, dtype=torch.long, device="meta"))
+    assert torch.isfinite(model(images, torch.zeros(2, dtype=torch.long)).log_prob).all()
+
+
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.float64], ids=["model32", "model64"])
 @pytest.mark.parametrize("image_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
                          ids=["f16", "bf16", "f32", "f64"])

@@ -113,6 +113,8 @@ class TopPrior(nn.Module):
                                 f"got {type(y).__name__}")
             if y.shape != (batch,):
                 raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
+            if y.device != out.device:
+                raise ValueError(f"class labels y are on {y.device}, the model is on {out.device}")
             out = out + self.class_embed(self.one_hot(y).to(dtype))
         elif y is not None:
             raise ValueError("y was given but the model is not class-conditional (n_classes=None)")
