@@ -57,6 +57,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._extension import batched_lu_ops
 from .kernels import _utils
 from .kernels.actnorm_invconv import ActNormInvConvFunction, actnorm_invconv_op
 from .kernels.coupling import CouplingFunction, coupling_op
@@ -64,14 +65,7 @@ from .kernels.cross_step import CrossStepFunction, cross_step_op, step_inverse, 
 from .reference import AdditiveCoupling, AffineCoupling, InvConv1x1, Permute2d
 from .reference import steps_forward as reference_steps_forward
 
-# The batched LU op, where this install has it (decided at import, outside any code torch.compile traces)
-try:
-    from .ops import batched_inverse as _batched_inverse
-    from .ops import has_cuda_kernels
-
-    _BATCHED_LU_HAS_CUDA = has_cuda_kernels()
-except (ImportError, OSError):  # glowfast._C missing or built against another torch
-    _batched_inverse, _BATCHED_LU_HAS_CUDA = None, False
+batched_lu_ops()  # decided at import, outside any code torch.compile traces
 
 __all__ = ["fused_available", "check_fused_available", "steps_forward", "steps_inverse", "step_weights",
            "level_weights", "level_weight_inverses"]
@@ -263,8 +257,9 @@ def inverse_float64(mats: torch.Tensor, check: bool) -> torch.Tensor:
     on the current stream, no host read unless `check`: capturable in a CUDA graph), else torch.linalg (a build
     without glowfast._C, or without its CUDA kernels, still runs the LU-parametrised fused path). `check`: a
     singular or non-finite matrix raises instead of giving non-finite entries."""
-    if _batched_inverse is not None and (mats.device.type != "cuda" or _BATCHED_LU_HAS_CUDA):
-        return _batched_inverse(mats.double(), check=check)
+    ops = batched_lu_ops(mats.device.type)
+    if ops is not None:
+        return ops.batched_inverse(mats.double(), check=check)
     return torch.linalg.inv(mats.double()) if check else torch.linalg.inv_ex(mats.double())[0]
 
 

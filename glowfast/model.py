@@ -14,7 +14,6 @@ Backends share every parameter, so switching `model.backend` never changes the f
 kernels instead of keeping activations (glowfast.invertible); same forward values.
 """
 
-import importlib
 import math
 import operator
 from typing import NamedTuple
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ._checks import can_synchronize, check_finite, check_image_batch, is_temperature
+from ._extension import batched_lu_ops
 from .reference import COUPLINGS, PERMUTATIONS, FlowStep, Split2d, TopPrior, squeeze2d, unsqueeze2d
 from .reference import steps_forward as reference_steps_forward
 
@@ -55,21 +55,6 @@ def _whole_number(value, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
-
-
-_BATCHED_LU: tuple | None = None  # (glowfast.ops or None, whether it has CUDA kernels), decided once
-
-
-def _batched_lu_available() -> tuple:
-    """(glowfast.ops, has CUDA kernels), or (None, False) for an install without glowfast._C."""
-    global _BATCHED_LU
-    if _BATCHED_LU is None:
-        try:
-            ops = importlib.import_module(".ops", __package__)
-            _BATCHED_LU = (ops, ops.has_cuda_kernels())
-        except (ImportError, OSError):  # glowfast._C missing or built against another torch
-            _BATCHED_LU = (None, False)
-    return _BATCHED_LU
 
 
 class Glow(nn.Module):
@@ -113,7 +98,7 @@ class Glow(nn.Module):
         self.n_bins = 2**n_bits
         self.n_classes = n_classes
         self.backend = backend
-        _batched_lu_available()  # decided here, outside any code torch.compile traces
+        batched_lu_ops()  # decided here, outside any code torch.compile traces
         # fused path only: backward reconstructs each flow step's input from its output (glowfast.invertible)
         # instead of storing activations; an execution option like `backend`, not part of the config
         self.memory_saving = bool(memory_saving)
@@ -173,10 +158,7 @@ class Glow(nn.Module):
         function."""
         if self.backend == "reference" or not self.steps()[0].has_plain_invconv:
             return None
-        ops, has_cuda_kernels = _batched_lu_available()
-        if ops is None or (self.steps()[0].permute.weight.is_cuda and not has_cuda_kernels):
-            return None
-        return ops
+        return batched_lu_ops(self.steps()[0].permute.weight.device.type)
 
     def _w_logabsdets(self) -> list | None:
         ops = self._batched_lu_ops()

@@ -65,12 +65,12 @@ def test_plain_w_without_the_extension_falls_back_to_torch_linalg(monkeypatch):
     still runs plain-W models with backend auto: torch.linalg per step, the same function, no error."""
     import sys
 
-    import glowfast.model as model_module
+    import glowfast._extension as extension
 
     reference = _plain_glow("reference")
     images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     expected = reference(images, generator=torch.Generator().manual_seed(2)).log_prob
-    monkeypatch.setattr(model_module, "_BATCHED_LU", None)
+    monkeypatch.setattr(extension, "_BATCHED_LU", None)
     monkeypatch.setitem(sys.modules, "glowfast.ops", None)  # what importing it gives without the extension
     without = _plain_glow("auto")
     out, n_factor = _count_ops(lambda: without(images, generator=torch.Generator().manual_seed(2)),
