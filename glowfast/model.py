@@ -198,9 +198,7 @@ class Glow(nn.Module):
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"images have shape (C, H, W) = {tuple(x.shape[1:])}, model expects "
                              f"{self.image_shape}")
-        model_device = next(self.parameters()).device
-        if x.device != model_device:
-            raise ValueError(f"images are on {x.device}, the model is on {model_device} (move one of them)")
+        self._check_device(x, "images are")
         if x.dtype == torch.uint8:
             x = x.to(self._param_dtype())
         elif x.is_floating_point():
@@ -237,8 +235,12 @@ class Glow(nn.Module):
         p = next(self.parameters())
         if x.dtype != p.dtype:
             raise TypeError(f"{name} has dtype {x.dtype}, the model's parameters are {p.dtype} (convert one of them)")
-        if x.device != p.device:
-            raise ValueError(f"{name} is on {x.device}, the model is on {p.device}")
+        self._check_device(x, f"{name} is")
+
+    def _check_device(self, x: torch.Tensor, subject: str) -> None:
+        device = next(self.parameters()).device
+        if x.device != device:
+            raise ValueError(f"{subject} on {x.device}, the model is on {device}")
 
     def _check_latents(self, latents, n: int | None) -> int | None:
         """Validate decode's latents (one per level, None = sample) and return the batch size they imply."""

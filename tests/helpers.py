@@ -2,6 +2,7 @@
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # (B, C, H, W, block_p) for the kernel tests: batch 1, odd and non-square H*W not a multiple of the pixel
 # block, C from 2 to 96 (odd C exercises the uneven coupling split); block_p None = the production choice.
@@ -78,3 +79,32 @@ def assert_steps_match_reference(steps, x, y, logdet):
     actual = torch.autograd.grad((y * g_y).sum() + (logdet * g_ld).sum(), params)
     assert_grads_exact(actual, expected, names)
     return y_ref
+
+
+class OpLog(TorchDispatchMode):
+    """Every op dispatched inside (forward and backward), with cuBLAS's fp32 setting
+    (torch.backends.cuda.matmul.fp32_precision) and the tensor arguments' dtypes at that moment."""
+
+    MATMULS = ("aten.mm", "aten.addmm")
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []  # (op name, cuBLAS fp32 setting, dtypes of the tensor arguments)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((str(func.overloadpacket), torch.backends.cuda.matmul.fp32_precision,
+                           [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def ops(self) -> set[str]:
+        return {name for name, _, _ in self.calls}
+
+    @property
+    def matmul_precisions(self) -> list[str]:
+        return [prec for name, prec, _ in self.calls if name in self.MATMULS]
+
+    @property
+    def matmul_dtypes(self) -> list[torch.dtype]:
+        """The dtype of each product's matrix operands (the last tensor argument: mm's and addmm's right matrix)."""
+        return [dtypes[-1] for name, _, dtypes in self.calls if name in self.MATMULS]

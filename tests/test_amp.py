@@ -3,7 +3,6 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from glowfast import Glow
 from glowfast.amp import (
@@ -22,6 +21,7 @@ from glowfast.amp import (
 )
 
 from conftest import cuda_devices
+from helpers import OpLog
 from tolerances import assert_exact
 
 
@@ -175,21 +175,6 @@ def test_fast_network_forwards_equal_the_module(device, shape, layout, exact_pre
         assert_exact(a, e, "grad", name)
 
 
-class _MatmulLog(TorchDispatchMode):
-    """Records, at every matrix product, cuBLAS's fp32 setting (torch.backends.cuda.matmul.fp32_precision) and
-    the dtype of the product's first matrix operand."""
-
-    def __init__(self):
-        super().__init__()
-        self.precisions, self.dtypes = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
-            self.precisions.append(torch.backends.cuda.matmul.fp32_precision)
-            self.dtypes.append(args[1 if func.overloadpacket is torch.ops.aten.addmm else 0].dtype)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("layout", ["nhwc", "gemm"])
 @pytest.mark.parametrize("precision,user_setting", [("tf32", "ieee"), ("ieee", "tf32"), ("tf32", "none")])
 def test_network_gemms_compute_at_the_convolutions_precision(layout, precision, user_setting):
@@ -211,17 +196,17 @@ def test_network_gemms_compute_at_the_convolutions_precision(layout, precision, 
     try:
         matmul.fp32_precision = user_setting
         with use_dot_precision(precision):
-            with _MatmulLog() as fwd:
+            with OpLog() as fwd:
                 out = forward(net, x_in)
             assert matmul.fp32_precision == user_setting  # restored between forward and backward
-            with _MatmulLog() as bwd:
+            with OpLog() as bwd:
                 out.square().sum().backward()
         assert matmul.fp32_precision == user_setting
     finally:
         matmul.fp32_precision = saved
     n_gemms = 1 if layout == "nhwc" else 3
-    assert fwd.precisions == [precision] * n_gemms
-    assert bwd.precisions == [precision] * (2 * n_gemms)  # grad input and grad weight of each product
+    assert fwd.matmul_precisions == [precision] * n_gemms
+    assert bwd.matmul_precisions == [precision] * (2 * n_gemms)  # grad input and grad weight of each product
     assert torch.isfinite(x.grad).all()
 
 
@@ -233,9 +218,9 @@ def test_bf16_gemm_networks_run_in_bf16_and_keep_the_flow_fp32():
     enable_gemm_networks(m)
     enable_bf16_networks(m)
     net = coupling_networks(m)[0]
-    with _MatmulLog() as log:
+    with OpLog() as log:
         h = net(torch.randn(2, net.conv1.in_channels, 4, 4))
-    assert log.dtypes == [torch.bfloat16] * 3 and h.dtype == torch.float32  # handed back to the flow in fp32
+    assert log.matmul_dtypes == [torch.bfloat16] * 3 and h.dtype == torch.float32  # handed back to the flow in fp32
     out = m(x, dequantize=False)
     assert out.log_prob.dtype == torch.float32 and not torch.equal(out.log_prob, ref)
     torch.testing.assert_close(out.log_prob, ref, rtol=2e-2, atol=2.0)

@@ -7,13 +7,12 @@ keeps less: the bytes saved for backward are counted with saved_tensors_hooks.
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from glowfast import fused
 from glowfast.model import Glow
 
 from conftest import kernel_devices
-from helpers import assert_steps_match_reference, make_steps, randomize_, reference_forward
+from helpers import OpLog, assert_steps_match_reference, make_steps, randomize_, reference_forward
 from tolerances import assert_exact, assert_grads_exact
 
 COMBOS = [(c, p, lu) for c in ("affine", "additive") for p, lu in (("invconv", True), ("invconv", False),
@@ -32,16 +31,6 @@ def test_memory_saving_gradients_match_the_reference(coupling, permutation, lu, 
     assert_steps_match_reference(steps, x, y, ld)
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_reconstruction_and_sampling_invert_w_with_the_batched_lu_op(kernel_device):
     """Every step's W^-1, for the memory-saving backward and for the fused inverse (sampling), comes from one call
     of the batched LU op (one launch, no host read unless checked: capturable in a CUDA graph), not from
@@ -49,9 +38,9 @@ def test_reconstruction_and_sampling_invert_w_with_the_batched_lu_op(kernel_devi
     steps = make_steps(3, 4, "affine", "invconv", True, kernel_device)
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
     y, ld = fused.steps_forward(list(steps), x, memory_saving=True)
-    with _OpLog() as backward:
+    with OpLog() as backward:
         (y.square().sum() + ld.sum()).backward()
-    with _OpLog() as inverse, torch.no_grad():
+    with OpLog() as inverse, torch.no_grad():
         fused.steps_inverse(list(steps), y.detach())
     for log in (backward, inverse):
         assert "glowfast.inverse_packed" in log.ops
