@@ -67,8 +67,8 @@ from .reference import steps_forward as reference_steps_forward
 
 batched_lu_ops()  # decided at import, outside any code torch.compile traces
 
-__all__ = ["fused_available", "check_fused_available", "steps_forward", "steps_inverse", "step_weights",
-           "level_weights", "level_weight_inverses"]
+__all__ = ["fused_available", "check_fused_available", "precompile_training_step", "steps_forward", "steps_inverse",
+           "step_weights", "level_weights", "level_weight_inverses"]
 
 
 class _Ops(NamedTuple):
@@ -313,3 +313,37 @@ def steps_inverse(steps: Sequence, y: torch.Tensor,
         h = step.coupling.net(y[:, :ca])
         y = ops.step_inverse(y, h, step.actnorm.bias, step.actnorm.log_scale, w_invs[k], _is_affine(step))
     return y
+
+
+def precompile_training_step(model, images: torch.Tensor, y: torch.Tensor | None = None,
+                             max_workers: int | None = None):
+    """Compile, in parallel, every Triton kernel a training step of `model` on `images` launches (forward and
+    backward), so that the first real step does not compile them one after another (issue 6's start-up).
+
+    The step runs dry (glowfast.kernels.precompile): nothing is launched and nothing changes -- parameters,
+    gradients (`.grad` is left as it was), buffers, training mode and the RNG states are as before. Same images
+    shape, dtype and device as the real step, and the same precision settings (TF32 flags, bf16 networks), or it
+    compiles other variants. Needs ActNorm initialised: a dry step would initialise it from garbage, so an
+    uninitialised model is refused (ValueError). Returns a `PrecompileReport`; its `skipped` says why nothing
+    was compiled (the model runs the reference path on this device, the interpreter, an old Triton).
+    """
+    from .kernels.precompile import PrecompileReport, precompiling
+
+    if model.resolve_backend(images.device) != "fused":
+        return PrecompileReport(skipped=f"the model runs the reference path on {images.device}")
+    was_training = model.training
+    model.train()
+    try:
+        if any(step.actnorm.needs_init() for step in model.steps()):
+            raise ValueError("precompile_training_step needs ActNorm initialised (a dry step would initialise it "
+                             "from garbage): run the data-dependent init first (one training-mode forward, or "
+                             "glowfast.trainer.initialize_actnorm)")
+        params = [p for p in model.parameters() if p.requires_grad]
+        devices = [images.device] if images.is_cuda else []
+        with torch.random.fork_rng(devices=devices), precompiling(max_workers) as report:
+            loss = model(images, y, dequantize=False).bits_per_dim.mean()
+            # autograd.grad, not backward: the garbage gradients are returned and dropped, never accumulated
+            torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        model.train(was_training)
+    return report

@@ -36,7 +36,7 @@ OPTIMIZERS = ("adamax", "adam")
 # options that may be changed when resuming a run; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = ("steps", "epochs", "eval_interval", "ckpt_interval", "log_interval", "device", "backend",
                        "max_nonfinite", "progress", "num_workers", "eval_batch_size", "data_dir", "threads",
-                       "cuda_graphs", "channels_last", "memory_saving", "gemm_networks")
+                       "cuda_graphs", "channels_last", "memory_saving", "gemm_networks", "precompile")
 
 DEFAULTS_NOTE = "defaults: a small digits model that trains in a few minutes on 2 CPU cores"
 
@@ -135,6 +135,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="capture the training step's forward + backward in a CUDA graph and replay it (one launch per "
              "step instead of thousands: for small batches, where launch overhead bounds the step); single "
              "process, CUDA only")
+    add(g, "--precompile", action=argparse.BooleanOptionalAction, default=None,
+        help="before the first step, compile the fused kernels it launches in parallel (from a dry run of the "
+             "step) instead of one after another at their first launches: a shorter start-up; default: on "
+             "CUDA (changes no numbers)")
     add(g, "--memory-saving", action=argparse.BooleanOptionalAction, default=False,
         help="fused backend: backward reconstructs each flow step's input from its output (the flow is "
              "invertible) instead of storing activations: much less activation memory for about one extra "

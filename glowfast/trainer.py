@@ -29,6 +29,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -210,6 +211,7 @@ class Trainer:
         self.ddp: nn.Module | None = None
         self.resumed_from: str | None = None
         self.graphed_step = None  # GraphedStep, captured at the first training step with cuda_graphs
+        self.precompile_pending = True  # the first train_step compiles its kernels in parallel first (CUDA)
         self.ema: ParameterEMA | None = None  # with ema_decay: created in setup(), after ActNorm's init
         # A checkpoint may only be written between steps: mid-step, the RNG has drawn the step's noise (or the
         # optimiser has applied it) while `step` says it has not happened, and resuming would not be exact.
@@ -448,6 +450,9 @@ class Trainer:
         """
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        if self.precompile_pending:
+            self.precompile_pending = False
+            self.precompile_kernels(x, y)
         if self.cfg.get("cuda_graphs"):
             if self.graphed_step is None:
                 from .cuda_graph import GraphedStep
@@ -489,6 +494,30 @@ class Trainer:
         else:
             self.nonfinite_streak = 0
         return rec
+
+    def precompile_kernels(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Before the first step: compile the fused kernels that step launches in parallel, from a dry run of it
+        (glowfast.fused.precompile_training_step), instead of one after another at their first launches.
+        `precompile` in the config: None (default) = on CUDA only; True also runs the dry step elsewhere (the
+        interpreter compiles nothing: tests); False = off. Changes no state of the run, so a resumed or a
+        precompiled run trains exactly as one without it."""
+        want = self.cfg.get("precompile")
+        if want is False or (want is None and self.device.type != "cuda"):
+            return
+        glow = unwrap(self.model)
+        if glow.resolve_backend(self.device) != "fused":
+            return
+        from .fused import precompile_training_step
+
+        try:
+            report = precompile_training_step(glow, x, y if self.n_classes else None)
+        except Exception as e:  # noqa: BLE001 - a start-up optimisation is never the reason a run fails
+            print(f"warning: compiling the kernels ahead of the first step failed ({type(e).__name__}: {e}); "
+                  "they compile at their first launch instead", file=sys.stderr)
+            self.log({"type": "precompile", "error": f"{type(e).__name__}: {e}"})
+            return
+        self.log({"type": "precompile", "launches": report.launches, "compiled": report.compiled,
+                  "seconds": round(report.seconds, 3), "skipped": report.skipped})
 
     def evaluate(self) -> float:
         bpd = evaluate_bpd(self.model, self.test_set, self.device, batch_size=self.cfg["eval_batch_size"],

@@ -350,6 +350,9 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
     model.train()
     perm = torch.randperm(n, device=device)
     pos = 0
+    if path_used == "fused" and device.type == "cuda":
+        first = perm[:batch]
+        hist["precompile"] = _precompile(model, x_all[first], y_all[first] if conditional else None)
     t_train = 0.0  # training time only (evaluation excluded)
     running = []
     step = 0
@@ -432,6 +435,25 @@ def train(spec: ModelSpec, data_dir, device: torch.device, backend: str = "auto"
         save_checkpoint({"model": model.state_dict(), "config": dict(model.config), "spec": asdict(spec),
                          "history": hist, "complete": True}, run_dir / "checkpoints")
     return Trained(model, spec, hist, run_dir)
+
+
+def _precompile(model: Glow, xb: torch.Tensor, yb: torch.Tensor | None) -> dict:
+    """ActNorm's init on the first batch, then the fused kernels of a training step compiled in parallel
+    (glowfast.fused.precompile_training_step) instead of one after another inside the first steps' time.
+
+    The init runs on a forked RNG, so it draws the dequantisation noise the first step then draws again: the
+    same initial parameters as the first step's own init would give, and the same training trajectory."""
+    from ..fused import precompile_training_step
+
+    with torch.random.fork_rng(devices=[xb.device] if xb.is_cuda else []), torch.no_grad():
+        model(xb, yb)
+    try:
+        report = precompile_training_step(model, xb, yb)
+    except Exception as e:  # noqa: BLE001 - a start-up optimisation is never the reason a run fails
+        warnings.warn(f"compiling the kernels ahead of the first step failed ({type(e).__name__}: {e})", stacklevel=2)
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"launches": report.launches, "compiled": report.compiled, "seconds": round(report.seconds, 3),
+            "skipped": report.skipped}
 
 
 _CAPTURE_FAILED: list[str] = []  # a capture that failed once is not retried in this process (the next model)

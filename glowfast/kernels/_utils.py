@@ -152,7 +152,7 @@ GPU_TILES: dict[str, dict[int, tuple[int, int]]] = {
     "actnorm_invconv_bwd": {16: (64, 4), 32: (32, 4), 64: (32, 8), 128: (16, 8)},
     "cross_step_bwd": {16: (32, 8), 32: (16, 8), 64: (32, 8), 128: (16, 8)},
     # coupling forward / inverse / backward (no tl.dot; cp = next power of two of C, from 2): a tile clipped
-    # to a small image below 4K elements runs on 4 warps (coupling._launch)
+    # to a small image below 4K elements runs on 4 warps (coupling._launch_options)
     "coupling": {2: (1024, 4), 4: (1024, 4), 8: (512, 8), 16: (512, 8), 32: (128, 8), 64: (64, 8),
                  128: (32, 8)},
 }

@@ -41,6 +41,7 @@ from ._utils import (
     reduction_programs,
     refuse_double_backward,
 )
+from .precompile import launch
 
 # ----------------------------------------------------------------------------------------------------------
 # Tile helpers (also used by cross_step.py)
@@ -234,7 +235,7 @@ def actnorm_invconv_forward(x, bias, log_scale, weight, *, block_p: int | None =
     bias, log_scale, weight = _params(bias, log_scale, weight, C, x)
     y = torch.empty_like(x)
     with on_device_of(x):
-        _actnorm_invconv_fwd_kernel[(n_pt, B)](
+        launch(_actnorm_invconv_fwd_kernel, (n_pt, B),
             x, y, weight, bias, log_scale, C, hw,
             CP=cp, BLOCK_P=bp, PREC=prec, **launch_options(cp, "fwd", prec),
         )
@@ -250,7 +251,7 @@ def actnorm_invconv_inverse(y, bias, log_scale, weight_inv, *, block_p: int | No
     bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C, y)
     x = torch.empty_like(y)
     with on_device_of(y):
-        _actnorm_invconv_inv_kernel[(n_pt, B)](
+        launch(_actnorm_invconv_inv_kernel, (n_pt, B),
             y, x, weight_inv, bias, log_scale, C, hw,
             CP=cp, BLOCK_P=bp, PREC=prec, **launch_options(cp, "fwd", prec),
         )
@@ -280,7 +281,7 @@ def actnorm_invconv_backward(
     dls_part = torch.empty((B * G, C), **f32)
     db_part = torch.empty((B * G, C), **f32)
     with on_device_of(x):
-        _actnorm_invconv_bwd_kernel[(G, B)](
+        launch(_actnorm_invconv_bwd_kernel, (G, B),
             x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part,
             C, hw, n_pt, G,
             CP=cp, BLOCK_P=bp, PREC=dot_precision(x.device), NEED_DX=need_dx, NEED_DW=need_dw,

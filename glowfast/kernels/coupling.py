@@ -38,6 +38,7 @@ from ._utils import (
     refuse_double_backward,
 )
 from .actnorm_invconv import tile_index
+from .precompile import launch
 
 # ----------------------------------------------------------------------------------------------------------
 # Tile helpers (also used by cross_step.py)
@@ -223,7 +224,7 @@ def _coupling_geometry(z, h, affine, block_p):
     return B, C, ca, cb, hc, hw, cp, bp, triton.cdiv(hw, bp)
 
 
-def _launch(cp, bp):
+def _launch_options(cp, bp):
     nw = gpu_tile("coupling", cp)[1] if cp * bp >= 4096 else 4
     return dict(num_warps=overridden_num_warps() or nw, num_stages=NUM_STAGES)
 
@@ -239,9 +240,9 @@ def coupling_forward(z, h, affine: bool = True, *, block_p: int | None = None,
     y = torch.empty_like(z)
     ld_part = torch.zeros((B, G), device=z.device, dtype=torch.float32)
     with on_device_of(z):
-        _coupling_fwd_kernel[(G, B)](
+        launch(_coupling_fwd_kernel, (G, B),
             z, h, y, ld_part, C, ca, cb, hc, hw, n_pt, G,
-            CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
+            CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch_options(cp, bp),
         )
     return y, ld_part.sum(1).to(h.dtype)
 
@@ -254,8 +255,8 @@ def coupling_inverse(y, h, affine: bool = True, *, block_p: int | None = None):
     B, C, ca, cb, hc, hw, cp, bp, n_pt = _coupling_geometry(y, h, affine, block_p)
     z = torch.empty_like(y)
     with on_device_of(y):
-        _coupling_inv_kernel[(n_pt, B)](
-            y, h, z, C, ca, cb, hc, hw, CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
+        launch(_coupling_inv_kernel, (n_pt, B),
+            y, h, z, C, ca, cb, hc, hw, CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch_options(cp, bp),
         )
     return z
 
@@ -274,9 +275,9 @@ def coupling_backward(z, h, grad_y, grad_logdet, affine: bool = True, *, block_p
     dz = torch.empty_like(z)
     dh = torch.empty_like(h)
     with on_device_of(z):
-        _coupling_bwd_kernel[(n_pt, B)](
+        launch(_coupling_bwd_kernel, (n_pt, B),
             z, h, grad_y, grad_logdet, dz, dh, C, ca, cb, hc, hw,
-            CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch(cp, bp),
+            CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch_options(cp, bp),
         )
     return dz, dh
 
@@ -370,8 +371,8 @@ def compile_specs():
     specs = []
     for kernel in (_coupling_fwd_kernel, _coupling_inv_kernel, _coupling_bwd_kernel):
         for affine in (True, False):
-            specs.append((kernel, dict(CP=4, BLOCK_P=32, AFFINE=affine), _launch(4, 32), "*fp32"))
-        specs.append((kernel, dict(CP=4, BLOCK_P=32, AFFINE=True), _launch(4, 32), "*bf16"))
+            specs.append((kernel, dict(CP=4, BLOCK_P=32, AFFINE=affine), _launch_options(4, 32), "*fp32"))
+        specs.append((kernel, dict(CP=4, BLOCK_P=32, AFFINE=True), _launch_options(4, 32), "*bf16"))
         for cp, (bp, nw) in GPU_TILES["coupling"].items():
             specs.append((kernel, dict(CP=cp, BLOCK_P=bp, AFFINE=True), dict(num_warps=nw, num_stages=NUM_STAGES),
                           "*fp32"))

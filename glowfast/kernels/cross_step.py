@@ -61,6 +61,7 @@ from .coupling import (
     coupling_load_h,
     coupling_store_dh,
 )
+from .precompile import launch
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
@@ -180,7 +181,7 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
     out = torch.empty_like(z)
     ld_part = torch.zeros((B, G), device=z.device, dtype=torch.float32)
     with on_device_of(z):
-        _cross_step_fwd_kernel[(G, B)](
+        launch(_cross_step_fwd_kernel, (G, B),
             z, h, out, weight, bias, log_scale, ld_part, C, ca, cb, hc, hw, n_pt, G,
             CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, **launch_options(cp, "cross_step_fwd", prec),
         )
@@ -214,7 +215,7 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     dls_part = torch.empty((B * G, C), **f32)
     db_part = torch.empty((B * G, C), **f32)
     with on_device_of(z):
-        _cross_step_bwd_kernel[(G, B)](
+        launch(_cross_step_bwd_kernel, (G, B),
             z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part,
             C, ca, cb, hc, hw, n_pt, G,
             CP=cp, BLOCK_P=bp, PREC=dot_precision(z.device), AFFINE=affine, NEED_DW=need_dw,
@@ -239,7 +240,7 @@ def step_inverse(y, h, bias, log_scale, weight_inv, affine: bool = True, *, bloc
     bias, log_scale, weight_inv = _params(bias, log_scale, weight_inv, C, y)
     x = torch.empty_like(y)
     with on_device_of(y):
-        _step_inverse_kernel[(n_pt, B)](
+        launch(_step_inverse_kernel, (n_pt, B),
             y, h, x, weight_inv, bias, log_scale, C, ca, cb, hc, hw,
             CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, **launch_options(cp, "fwd", prec),
         )

@@ -36,7 +36,7 @@ import torch
 import triton
 
 from . import _utils
-from .coupling import _launch as _coupling_launch
+from .coupling import _launch_options as _coupling_launch
 from .coupling import coupling_block_pixels
 
 KERNELS = (

@@ -1,0 +1,305 @@
+"""Compiling a step's kernels ahead of it (glowfast.kernels.precompile, glowfast.fused.precompile_training_step).
+
+The dry step must (1) ask for exactly the kernel variants the real step launches -- same kernels, same argument
+specialisations (dtypes, pointer alignment, integer divisibility), same constexprs and launch options, which is
+what Triton's cache key is made of -- (2) launch nothing and change nothing, and (3) leave other threads alone.
+On a GPU, the real step after a precompile must compile nothing more (the cache keys matched).
+Observed through Triton's own entry point (`InterpretedFunction.run` on CPU, the kernels' caches on a GPU).
+"""
+
+import threading
+
+import pytest
+import torch
+
+from glowfast import Glow
+from glowfast.fused import precompile_training_step
+from glowfast.kernels import actnorm_invconv, coupling, cross_step
+from glowfast.kernels.precompile import PrecompileReport, is_dry, precompiling
+
+from conftest import KERNEL_DEVICE, requires_cuda
+
+KERNELS = [getattr(m, name) for m in (actnorm_invconv, coupling, cross_step) for name in dir(m)
+           if name.endswith("_kernel") and name.startswith("_")]
+
+
+def _signature(args, kwargs) -> tuple:
+    """What Triton specialises a launch on: tensors by dtype and 16-byte alignment, integers by == 1 and
+    divisibility by 16 (and width), everything else (constexprs, launch options) by value."""
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((str(a.dtype), a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):
+            sig.append(("bool", a))
+        elif isinstance(a, int):
+            sig.append(("int", a == 1, a % 16 == 0, -2**31 <= a < 2**31))
+        else:
+            sig.append((type(a).__name__, a))
+    return tuple(sig), tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+
+
+@pytest.fixture
+def launch_log(monkeypatch):
+    """Every kernel launch and warm-up reaching Triton: (kernel, signature, warmup?)."""
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("observes the interpreter's launches (CPU); the GPU test checks the caches instead")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    log = []
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        log.append((self.fn.__name__, _signature(args, kwargs), warmup))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return log
+
+
+def _model(coupling="affine", permutation="invconv", lu=True, memory_saving=False, n_classes=None, shape=(3, 8, 8),
+           device=KERNEL_DEVICE):
+    torch.manual_seed(0)
+    model = Glow(shape, K=3, L=2, hidden_channels=8, coupling=coupling, permutation=permutation, lu=lu,
+                 n_classes=n_classes, backend="fused").to(device)
+    model.memory_saving = memory_saving
+    return model
+
+
+def _images(model, batch=2, device=KERNEL_DEVICE):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (batch, *model.image_shape), dtype=torch.uint8, generator=g).to(device)
+
+
+def _labels(model, batch=2, device=KERNEL_DEVICE):
+    return torch.arange(batch, device=device) % model.n_classes if model.n_classes else None
+
+
+def _init(model, x, y):
+    with torch.no_grad():
+        model(x, y)
+
+
+def _real_step(model, x, y):
+    model(x, y).bits_per_dim.mean().backward()
+
+
+CASES = [
+    pytest.param(dict(), id="affine-invconv-lu"),
+    pytest.param(dict(coupling="additive", permutation="shuffle"), id="additive-shuffle-lu"),
+    pytest.param(dict(permutation="reverse"), id="affine-reverse-lu"),
+    pytest.param(dict(lu=False), id="affine-invconv-plainW"),
+    pytest.param(dict(memory_saving=True), id="memory-saving"),
+    pytest.param(dict(n_classes=3, shape=(1, 8, 12)), id="conditional-nonsquare"),
+]
+
+
+@pytest.mark.parametrize("options", CASES)
+def test_dry_step_asks_for_exactly_the_variants_the_real_step_launches(options, launch_log):
+    model = _model(**options)
+    x, y = _images(model), _labels(model)
+    _init(model, x, y)
+    report = precompile_training_step(model, x, y)
+    dry = list(launch_log)
+    launch_log.clear()
+    _real_step(model, x, y)
+    real = list(launch_log)
+    assert dry and all(warmup for _, _, warmup in dry), "the dry step launched a kernel"
+    assert not any(warmup for _, _, warmup in real)
+    assert report.launches == len(dry) == len(real)
+    assert {(k, s) for k, s, _ in dry} == {(k, s) for k, s, _ in real}
+    # backward kernels too: the dry step's backward ran on this thread, inside the context
+    assert any("bwd" in k for k, _, _ in dry)
+
+
+def test_dry_step_changes_nothing_even_on_garbage(launch_log):
+    """Parameters, buffers, existing gradients, the RNG and the training mode are as before, with the kernels'
+    unwritten outputs filled with NaN (torch's fill_uninitialized_memory): no value-dependent check may fire."""
+    model = _model(memory_saving=True, n_classes=3)
+    x, y = _images(model), _labels(model)
+    _init(model, x, y)
+    _real_step(model, x, y)  # some existing gradients, which must survive
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    rng = torch.get_rng_state()
+    was = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        report = precompile_training_step(model, x, y)
+    finally:
+        torch.use_deterministic_algorithms(was[0])
+        torch.utils.deterministic.fill_uninitialized_memory = was[1]
+    assert report.launches > 0
+    assert not model.training
+    assert torch.equal(rng, torch.get_rng_state())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for n, p in model.named_parameters():
+        assert (p.grad is None) == (n not in grads), n
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[n]), n
+
+
+def test_training_after_a_precompile_is_bit_identical(launch_log):
+    def train(precompile: bool):
+        model = _model()
+        x = _images(model, batch=3)
+        _init(model, x, None)
+        opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
+        if precompile:
+            precompile_training_step(model, x)
+        torch.manual_seed(5)
+        losses = []
+        for _ in range(2):
+            opt.zero_grad()
+            loss = model(x).bits_per_dim.mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        return torch.stack(losses), model.state_dict()
+
+    (la, sa), (lb, sb) = train(False), train(True)
+    assert torch.equal(la, lb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_uninitialised_actnorm_is_refused():
+    model = _model()
+    x = _images(model)
+    with pytest.raises(ValueError, match="ActNorm"):
+        precompile_training_step(model, x)
+    assert all(not step.actnorm._initialized_cache for step in model.steps())  # no init from garbage either
+
+
+def test_reference_path_compiles_nothing(launch_log):
+    model = _model()
+    model.backend = "reference"
+    x = _images(model)
+    _init(model, x, None)
+    report = precompile_training_step(model, x)
+    assert report.launches == 0 and "reference" in report.skipped and not launch_log
+
+
+def test_interpreter_run_reports_why_nothing_compiled(launch_log):
+    model = _model()
+    x = _images(model)
+    _init(model, x, None)
+    report = precompile_training_step(model, x)
+    assert isinstance(report, PrecompileReport)
+    assert report.compiled == 0 and "interpreter" in report.skipped
+
+
+def test_nested_precompiling_is_refused():
+    with precompiling():
+        assert is_dry()
+        with pytest.raises(RuntimeError, match="already active"):
+            with precompiling():
+                pass
+    assert not is_dry()
+
+
+def test_the_dry_flag_is_per_thread(launch_log):
+    """Kernels launched by another thread while this one precompiles run for real, with correct results."""
+    from glowfast.kernels import coupling_forward
+
+    z = torch.randn(2, 4, 3, 5, device=KERNEL_DEVICE)
+    h = torch.randn(2, 4, 3, 5, device=KERNEL_DEVICE)
+    expected = coupling_forward(z, h)
+    out = {}
+    with precompiling():
+        worker = threading.Thread(target=lambda: out.update(r=coupling_forward(z, h), dry=is_dry()))
+        worker.start()
+        worker.join()
+    assert out["dry"] is False
+    torch.testing.assert_close(out["r"], expected, rtol=0, atol=0)
+    assert launch_log[-1][2] is False
+
+
+def test_an_exception_inside_leaves_no_dry_state():
+    with pytest.raises(KeyError):
+        with precompiling():
+            raise KeyError("boom")
+    assert not is_dry()
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+def _cache_entries(device_index: int) -> int:
+    return sum(len(k.device_caches[device_index][0]) for k in KERNELS if device_index in k.device_caches)
+
+
+@requires_cuda
+@pytest.mark.parametrize("memory_saving", [False, True])
+def test_gpu_real_step_after_precompile_compiles_nothing(memory_saving):
+    """The cache keys of the warm-ups are those of the real launches: after a precompile from a cold in-memory
+    cache, a real forward + backward adds no compiled kernel (and at least one variant was compiled ahead)."""
+    if KERNEL_DEVICE != "cuda":
+        pytest.skip("kernels interpreted")
+    model = _model(memory_saving=memory_saving, shape=(3, 16, 16), device="cuda")
+    x, y = _images(model, 4, "cuda"), None
+    _init(model, x, y)
+    index = torch.cuda.current_device()
+    for k in KERNELS:
+        k.device_caches.pop(index, None)  # cold in this process (the on-disk cache makes compiles quick)
+    report = precompile_training_step(model, x, y)
+    assert report.skipped is None and report.compiled > 0, report
+    before = _cache_entries(index)
+    assert before == report.compiled
+    _real_step(model, x, y)
+    torch.cuda.synchronize()
+    assert _cache_entries(index) == before
+
+
+# ------------------------------------------------------------------------------------------------ integrations
+
+
+def _train_run(tmp_path, name, extra):
+    import json
+
+    from glowfast.checkpoint import LAST, load_checkpoint
+    from glowfast.train import main
+
+    from test_train import TINY
+
+    args = [a for a in TINY if a != "reference"]
+    args[args.index("--backend") + 1: args.index("--backend") + 1] = ["fused"]
+    run = tmp_path / name
+    small = ["--batch-size", "16", "--init-batch-size", "16", "--temperatures", "1", "--n-samples", "4"]
+    assert main(args + small + ["--steps", "3", "--eval-interval", "3", "--run-dir", str(run), *extra]) == 0
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return recs, load_checkpoint(run / "checkpoints" / LAST)["model"]
+
+
+def test_trainer_precompiles_before_its_first_step_and_trains_identically(tmp_path, launch_log):
+    on, state_on = _train_run(tmp_path, "on", ["--precompile"])
+    off, state_off = _train_run(tmp_path, "off", [])  # the default off CUDA
+    pre = [r for r in on if r["type"] == "precompile"]
+    assert len(pre) == 1 and pre[0]["step"] == 0 and pre[0]["launches"] > 0, pre
+    assert not [r for r in off if r["type"] == "precompile"]
+    train_on = [(r["step"], r["loss"], r["grad_norm"]) for r in on if r["type"] == "train"]
+    train_off = [(r["step"], r["loss"], r["grad_norm"]) for r in off if r["type"] == "train"]
+    assert train_on == train_off and train_on
+    for k in state_on:
+        assert torch.equal(state_on[k], state_off[k]), k
+
+
+def test_experiments_init_before_precompile_is_the_first_steps_own_init(launch_log):
+    """glowfast.experiments initialises ActNorm on the first batch under a forked RNG before precompiling: the
+    same parameters as the first training step's own init (same dequantisation noise), and the RNG untouched."""
+    from glowfast.experiments.common import _precompile
+
+    a, b = _model(n_classes=3), _model(n_classes=3)
+    x, y = _images(a, 4), _labels(a, 4)
+    torch.manual_seed(11)
+    result = _precompile(a, x, y)
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(11)
+    assert torch.equal(rng_after, torch.get_rng_state())  # _precompile drew nothing from the global RNG
+    b(x, y)  # what the first step's forward does under the same RNG state: ActNorm's init from its batch
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert result["launches"] > 0 and "interpreter" in result["skipped"]
