@@ -2,12 +2,16 @@
 
     python benchmarks/startup.py --config cifar10_K32 --batch 64 --backend fused --out startup.json
 
-Times (seconds, wall clock, the GPU synchronised at each mark): `import` (torch + glowfast, CUDA context),
-`build` (the model on the device), `first_step` (ActNorm's data-dependent init, then forward + backward +
-Adamax: Triton JIT compiles, cuDNN autotuning, allocator growth), `second_step` (warm, for comparison) and
-`to_first_step` = import + build + first_step, what issue 6's "start-up under 20 s" bounds. Run it with
-`TRITON_CACHE_DIR` pointing at an empty folder (benchmarks/gpu_check.sh does) or the Triton compile time is
-not included. Appends one JSON record per run to --out (a list).
+Times (seconds, wall clock, the GPU synchronised at each mark), in the order `python -m glowfast.train` pays
+them: `import` (torch + glowfast, CUDA context), `build` (the model on the device), `init` (ActNorm's
+data-dependent init: one training-mode forward, which runs the reference path), `precompile` (the fused
+kernels of a step compiled in parallel from a dry run, glowfast.fused.precompile_training_step; --precompile
+off skips it), `first_step` (the first fused forward + backward + Adamax: without precompile, Triton compiles
+every kernel here one after another; cuDNN autotuning, allocator growth), `second_step` (warm, for comparison)
+and `to_first_step` = everything up to the end of the first step, what issue 6's "start-up under 20 s" bounds.
+(Before 2026-11-26 the init ran inside the "first step", and the kernels compiled in the second, unmeasured.)
+Run it with `TRITON_CACHE_DIR` pointing at an empty folder (benchmarks/gpu_check.sh does) or the Triton compile
+time is not included. Appends one JSON record per run to --out (a list).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--backend", default="fused", choices=("fused", "reference", "auto"))
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--precompile", choices=("auto", "on", "off"), default="auto",
+                    help="compile the step's kernels in parallel before it (auto: on for the fused path on CUDA, "
+                         "as python -m glowfast.train does)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -55,18 +62,31 @@ def main(argv: list[str] | None = None) -> int:
     step = glow_train_step(model, x)
     t_build = mark()
 
+    with torch.no_grad():
+        model(x)  # ActNorm's data-dependent init (the trainer's initialize_actnorm runs it before the first step)
+    t_init = mark()
+    path = model.resolve_backend(device)
+    precompile = args.precompile == "on" or (args.precompile == "auto" and path == "fused" and device.type == "cuda")
+    report = None
+    if precompile:
+        from glowfast.fused import precompile_training_step
+
+        report = precompile_training_step(model, x)
+    t_pre = mark()
     loss = step()
     t_first = mark()
     step()
     t_second = mark()
     record = {
         "config": args.config, "batch": args.batch, "backend": args.backend,
-        "compute_path": model.resolve_backend(device), "device": torch.cuda.get_device_name()
-        if device.type == "cuda" else "cpu",
+        "compute_path": path, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "glowfast": glowfast.__version__,
         "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR"),
+        "precompile": None if report is None else {"launches": report.launches, "compiled": report.compiled,
+                                                    "skipped": report.skipped},
         "import_s": round(t_import - T0, 3), "build_s": round(t_build - t_import, 3),
-        "first_step_s": round(t_first - t_build, 3), "second_step_s": round(t_second - t_first, 4),
+        "init_s": round(t_init - t_build, 3), "precompile_s": round(t_pre - t_init, 3),
+        "first_step_s": round(t_first - t_pre, 3), "second_step_s": round(t_second - t_first, 4),
         "to_first_step_s": round(t_first - T0, 3), "loss": float(loss.detach()),
     }
     runs = json.loads(args.out.read_text()) if args.out.exists() else []

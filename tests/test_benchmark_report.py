@@ -168,7 +168,8 @@ def test_cold_start_up_records(bench_json, tmp_path):
     # the cold record decides the target (22.5 s: missed), not the warm in-process first call (5 s)
     assert re.search(r"start-up \(fresh process, empty Triton cache\).*\| NO \| 22.5 s \(first step 17.5 s\)", md)
     assert "approximated by the first fused step" not in md
-    assert table_row(md, "cifar10_K32")[1:8] == ["64", "fused", "4 s", "1 s", "17.5 s", "22.5 s", "30 ms"]
+    # an old record (no init, no precompile marks): those two cells stay empty
+    assert table_row(md, "cifar10_K32")[1:10] == ["64", "fused", "4 s", "1 s", "—", "—", "17.5 s", "22.5 s", "30 ms"]
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     proc = subprocess.run([sys.executable, str(REPORT), str(bench_json), "--startup", str(bad)],
@@ -215,10 +216,27 @@ def test_startup_script_records_a_real_run(bench_json, tmp_path):
     records = json.loads(out.read_text())
     assert len(records) == 2
     for r in records:
-        assert r["compute_path"] == "reference" and r["loss"] > 0
-        parts = r["import_s"] + r["build_s"] + r["first_step_s"]
-        assert 0 < r["first_step_s"] and abs(parts - r["to_first_step_s"]) < 0.01
-    assert table_row(run_report(bench_json, "--startup", out).stdout, "mnist_K4_h128")[2] == "reference"
+        assert r["compute_path"] == "reference" and r["loss"] > 0 and r["precompile"] is None
+        parts = r["import_s"] + r["build_s"] + r["init_s"] + r["precompile_s"] + r["first_step_s"]
+        assert 0 < r["first_step_s"] and 0 < r["init_s"] and abs(parts - r["to_first_step_s"]) < 0.01
+    row = table_row(run_report(bench_json, "--startup", out).stdout, "mnist_K4_h128")
+    assert row[2] == "reference" and row[6] == "off"
+
+
+def test_startup_script_times_the_init_apart_and_precompiles_the_fused_step(tmp_path):
+    """The fused path (interpreted here): ActNorm's init is its own mark, so the first step is the first fused step
+    (the one that launches the kernels), and --precompile on runs the dry step before it."""
+    out = tmp_path / "startup.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--config", "mnist_K4_h128",
+                           "--batch", "2", "--backend", "fused", "--device", "cpu", "--precompile", "on",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())
+    assert r["compute_path"] == "fused" and r["precompile"]["launches"] > 0
+    assert "interpreter" in r["precompile"]["skipped"]
+    cells = table_row(run_report("--startup", out).stdout, "mnist_K4_h128")
+    assert cells[2] == "fused" and cells[6].startswith("nothing compiled")
 
 
 def test_issue4_kernel_targets(bench_json, tmp_path):
@@ -467,3 +485,21 @@ def test_run_timed_images_per_s_is_images_over_median_seconds_per_call(monkeypat
     assert bench.extra_info["variant"] == "fused" and "first_call_s" in bench.extra_info
     assert bench.pedantic_args == (3, 4, 2, 0)  # 3 warm-up calls (the timed first one included), then 4 x 2 timed
     assert out == 3 + 8 and len(calls) == 11
+
+
+def test_start_up_with_and_without_precompile_each_get_a_target_row(tmp_path):
+    """Before/after in one session: the fused record with its kernels precompiled and the one without are both
+    checked, each row saying which it is; the table shows the init and the precompile apart."""
+    base = {**startup_record("fused", 0.0), "init_s": 0.5}
+    on = {**base, "precompile": {"launches": 54, "compiled": 18, "skipped": None}, "precompile_s": 1.5,
+          "first_step_s": 2.0, "to_first_step_s": 8.0}
+    off = {**base, "precompile": None, "precompile_s": 0.0, "first_step_s": 14.5, "to_first_step_s": 19.0 + 2.0}
+    st = tmp_path / "startup.json"
+    st.write_text(json.dumps([on, off]))
+    md = run_report("--startup", st).stdout
+    rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in target_rows(md, "start-up")]
+    assert [(r[0].split("fused")[1].split(",")[1].strip(), r[1]) for r in rows] == [
+        ("precompile 1.5 s", "yes"), ("precompile off", "NO")], md
+    assert "18 kernels" in rows[0][0]
+    cells = table_row(md, "cifar10_K32")
+    assert cells[5:8] == ["500 ms", "1.5 s, 18 kernels", "2 s"], cells
