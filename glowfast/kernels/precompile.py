@@ -11,7 +11,7 @@ variants can compile side by side.
 computes -- under Triton's `AsyncCompileMode`, which submits each new key's compilation to a thread pool,
 deduplicates keys, and on exit waits for them and files them in the kernels' caches. Nothing is launched: the
 kernels' outputs stay uninitialised, so whatever the step computes is garbage and must be discarded (the model
-helper `glowfast.fused.precompile_training_step` does that, and restores the RNG and the gradients).
+helper `glowfast.fused.precompile_training_step` does that, on a forked RNG and without touching `.grad`).
 
 The dry flag is thread-local, and autograd's multithreading is switched off inside the context so that the
 backward pass (which the engine otherwise runs on a per-device worker thread) launches on the same thread:
