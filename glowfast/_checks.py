@@ -44,3 +44,16 @@ def check_even_spatial(x: torch.Tensor, name: str = "input") -> None:
     h, w = x.shape[-2:]
     if h % 2 or w % 2:
         raise ValueError(f"{name} spatial size {h}x{w} is odd; squeezing needs H and W divisible by 2")
+
+
+def check_device_exists(device: torch.device) -> None:
+    """RuntimeError naming the problem when `device` is a CUDA device this machine does not have: no CUDA at all,
+    or an index beyond the devices present (which would otherwise fail later, deep inside torch)."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available on this machine")
+    n = torch.cuda.device_count()
+    if device.index is not None and device.index >= n:
+        raise RuntimeError(f"{device} does not exist: this machine has {n} CUDA device{'' if n == 1 else 's'} "
+                           f"(cuda:0 to cuda:{n - 1})")

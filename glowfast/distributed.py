@@ -11,6 +11,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from ._checks import check_device_exists
+
 __all__ = ["DistInfo", "ResumableDistributedSampler", "broadcast_module", "broadcast_object", "cleanup",
            "init_from_env", "is_dist", "params_in_sync"]
 
@@ -52,6 +54,7 @@ def init_from_env(device_str: str = "auto") -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     else:
         device = torch.device(device_str)
+    check_device_exists(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     info = DistInfo(rank, world, local_rank)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from ._checks import is_temperature
+from ._checks import check_device_exists, is_temperature
 from .ema import use_checkpoint_average
 
 
@@ -83,12 +83,14 @@ def load_run_model(run, checkpoint, device: str, backend: str, raw_weights: bool
     device_str = device
     if device_str == "auto":
         device_str = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_str.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available")
     try:
         dev = torch.device(device_str)
     except RuntimeError:
         raise ValueError(f"--device {device}: not a device (auto, cpu, cuda or cuda:N)") from None
+    try:
+        check_device_exists(dev)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: {e}") from None
     source = checkpoint or run
     if run and checkpoint and not Path(checkpoint).exists():  # a checkpoint named within the run, e.g. prev.pt
         within = (Path(run) / "checkpoints" / checkpoint, Path(run) / checkpoint)

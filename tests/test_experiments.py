@@ -242,6 +242,11 @@ def test_bad_arguments(capsys, tmp_path):
     if not torch.cuda.is_available():  # one line, exit 2 (it was a traceback from deep inside torch.cuda)
         assert main(["samples", "--config", "tiny", "--device", "cuda"]) == 2
         assert "error: --device cuda: CUDA is not available" in capsys.readouterr().err
+    from test_sample import BEYOND, BEYOND_MESSAGE  # cuda:N past the last GPU: the same one line
+
+    assert main(["samples", "--config", "tiny", "--device", BEYOND, "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --device {BEYOND}: {BEYOND_MESSAGE}"
+    assert not (tmp_path / "b").exists()
 
 
 def test_glowfast_train_checkpoint(tiny_run, tmp_path, capsys):

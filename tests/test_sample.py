@@ -126,6 +126,13 @@ def test_sample_cli_errors(tmp_path):
     assert sample_main([]) == 2
 
 
+# a CUDA device this machine does not have: none at all here without a GPU, one past the last one with GPUs
+_N_CUDA = torch.cuda.device_count() if torch.cuda.is_available() else 0
+BEYOND = f"cuda:{_N_CUDA}"
+BEYOND_MESSAGE = (f"{BEYOND} does not exist: this machine has {_N_CUDA} CUDA device{'' if _N_CUDA == 1 else 's'} "
+                  f"(cuda:0 to cuda:{_N_CUDA - 1})" if _N_CUDA else "CUDA is not available on this machine")
+
+
 def test_bad_arguments_are_one_line_errors_before_any_output(runs, tmp_path, capsys):
     """Each was a traceback, some after grids were already written (found by a review)."""
     run = runs / "plain"
@@ -133,6 +140,7 @@ def test_bad_arguments_are_one_line_errors_before_any_output(runs, tmp_path, cap
     a_file.write_text("")
     for args, message in (
         (["--device", "gpu"], "error: --device gpu: not a device (auto, cpu, cuda or cuda:N)"),
+        (["--device", BEYOND], f"error: --device {BEYOND}: {BEYOND_MESSAGE}"),
         (["--temperatures", "0.5", "-1"], "error: --temperatures must be finite and >= 0, got -1.0"),
         (["--out", str(a_file)], f"error: --out {a_file} is a file, not a folder"),
     ):

@@ -274,6 +274,15 @@ def test_cuda_device_without_cuda_is_a_clean_error(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_cuda_device_this_machine_lacks_is_a_clean_error(tmp_path, capsys):
+    """cuda:N past the last GPU (or any CUDA device without a GPU): one line, exit 2, nothing written."""
+    from test_sample import BEYOND, BEYOND_MESSAGE
+
+    rc = main(TINY + ["--device", BEYOND, "--run-dir", str(tmp_path / "c")])
+    assert rc == 2 and capsys.readouterr().err.strip() == f"error: --device {BEYOND}: {BEYOND_MESSAGE}"
+    assert not (tmp_path / "c").exists()
+
+
 def test_bad_options_exit_2(tmp_path, capsys):
     assert main(TINY + ["--steps", "0", "--run-dir", str(tmp_path / "x")]) == 2
     assert main(TINY + ["--dataset", "noise", "--y-condition", "--run-dir", str(tmp_path / "y")]) == 2

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import check_device_exists
 from ..checkpoint import CheckpointError, find_checkpoint, save_checkpoint
 from ..data import DatasetNotFoundError, dataset_info, get_dataset
 from ..ema import ParameterEMA
@@ -214,12 +215,11 @@ def train_holdout(spec: ModelSpec, data_dir) -> tuple[Split, Split | None]:
 
 
 def resolve_device(device: str) -> torch.device:
-    """auto / cpu / cuda / cuda:N as a torch.device; RuntimeError for CUDA on a machine without it."""
+    """auto / cpu / cuda / cuda:N as a torch.device; RuntimeError for a CUDA device this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CUDA is not available on this machine")
+    check_device_exists(dev)
     return dev
 
 
