@@ -108,3 +108,11 @@ class OpLog(TorchDispatchMode):
     def matmul_dtypes(self) -> list[torch.dtype]:
         """The dtype of each product's matrix operands (the last tensor argument: mm's and addmm's right matrix)."""
         return [dtypes[-1] for name, _, dtypes in self.calls if name in self.MATMULS]
+
+
+# A CUDA device this machine does not have (none at all without a GPU; one past the last one with GPUs) and the
+# error every CLI gives for it after "--device NAME: ".
+_N_CUDA = torch.cuda.device_count() if torch.cuda.is_available() else 0
+BEYOND = f"cuda:{_N_CUDA}"
+BEYOND_MESSAGE = (f"{BEYOND} does not exist: this machine has {_N_CUDA} CUDA device{'' if _N_CUDA == 1 else 's'} "
+                  f"(cuda:0 to cuda:{_N_CUDA - 1})" if _N_CUDA else "CUDA is not available on this machine")

@@ -12,6 +12,8 @@ import torch
 
 from glowfast.experiments import EXPERIMENTS, main
 
+from helpers import BEYOND, BEYOND_MESSAGE
+
 PROVENANCE_KEYS = {"command", "git_commit", "device", "torch", "date"}
 
 EXPECTED = {
@@ -242,8 +244,7 @@ def test_bad_arguments(capsys, tmp_path):
     if not torch.cuda.is_available():  # one line, exit 2 (it was a traceback from deep inside torch.cuda)
         assert main(["samples", "--config", "tiny", "--device", "cuda"]) == 2
         assert "error: --device cuda: CUDA is not available" in capsys.readouterr().err
-    from test_sample import BEYOND, BEYOND_MESSAGE  # cuda:N past the last GPU: the same one line
-
+    # cuda:N past the last GPU: the same one line
     assert main(["samples", "--config", "tiny", "--device", BEYOND, "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err.strip() == f"error: --device {BEYOND}: {BEYOND_MESSAGE}"
     assert not (tmp_path / "b").exists()

@@ -16,6 +16,8 @@ from glowfast.sample import interpolate, load_model
 from glowfast.sample import main as sample_main
 from glowfast.train import main as train_main
 
+from helpers import BEYOND, BEYOND_MESSAGE
+
 # Grid cell: 8x8 digits are saved enlarged 4x (nearest) to 32x32, plus 1 px of padding.
 CELL = 33
 
@@ -124,13 +126,6 @@ def test_sample_cli_errors(tmp_path):
                          text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "checkpoint" in out.stderr
     assert sample_main([]) == 2
-
-
-# a CUDA device this machine does not have: none at all here without a GPU, one past the last one with GPUs
-_N_CUDA = torch.cuda.device_count() if torch.cuda.is_available() else 0
-BEYOND = f"cuda:{_N_CUDA}"
-BEYOND_MESSAGE = (f"{BEYOND} does not exist: this machine has {_N_CUDA} CUDA device{'' if _N_CUDA == 1 else 's'} "
-                  f"(cuda:0 to cuda:{_N_CUDA - 1})" if _N_CUDA else "CUDA is not available on this machine")
 
 
 def test_bad_arguments_are_one_line_errors_before_any_output(runs, tmp_path, capsys):

@@ -18,6 +18,8 @@ import torch
 from glowfast.checkpoint import LAST, PREV, find_checkpoint, load_checkpoint
 from glowfast.train import main
 
+from helpers import BEYOND, BEYOND_MESSAGE
+
 # Grid cell: 8x8 digits are saved enlarged 4x (nearest) to 32x32, plus 1 px of padding.
 CELL = 33
 
@@ -276,8 +278,6 @@ def test_cuda_device_without_cuda_is_a_clean_error(tmp_path, capsys):
 
 def test_a_cuda_device_this_machine_lacks_is_a_clean_error(tmp_path, capsys):
     """cuda:N past the last GPU (or any CUDA device without a GPU): one line, exit 2, nothing written."""
-    from test_sample import BEYOND, BEYOND_MESSAGE
-
     rc = main(TINY + ["--device", BEYOND, "--run-dir", str(tmp_path / "c")])
     assert rc == 2 and capsys.readouterr().err.strip() == f"error: --device {BEYOND}: {BEYOND_MESSAGE}"
     assert not (tmp_path / "c").exists()
