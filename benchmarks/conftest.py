@@ -41,6 +41,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -173,25 +174,38 @@ def pytest_collect_file(file_path, parent):
 
 
 # bench_model.py runs in this order, so that a time-limited stage keeps the headline numbers: configuration
-# by configuration (CIFAR-10 first), and within one its compile time, training steps, then sampling
+# by configuration (CIFAR-10 first), and within one its compile time, training steps, then sampling; among the
+# training steps the reference and fused variants at every batch size first (issue 6's images/s and peak-memory
+# targets), then the other variants
 MODEL_CONFIG_ORDER = ("cifar10_K32", "mnist_K16", "mnist_K32", "mnist_K4_h128")
 MODEL_TEST_ORDER = ("test_compile_time", "test_train_step", "test_sample")
+HEADLINE_VARIANTS = ("reference", "fused")
 
 
-def _model_bench_key(item) -> tuple[int, int]:
+def _model_bench_key(item) -> tuple[int, int, int]:
     params = getattr(getattr(item, "callspec", None), "params", {})
     config = params.get("config_name")
     name = getattr(item, "originalname", item.name)
     return (MODEL_CONFIG_ORDER.index(config) if config in MODEL_CONFIG_ORDER else len(MODEL_CONFIG_ORDER),
-            MODEL_TEST_ORDER.index(name) if name in MODEL_TEST_ORDER else len(MODEL_TEST_ORDER))
+            MODEL_TEST_ORDER.index(name) if name in MODEL_TEST_ORDER else len(MODEL_TEST_ORDER),
+            0 if name != "test_train_step" or params.get("variant") in HEADLINE_VARIANTS else 1)
+
+
+def _fused_step_bench_key(item) -> int:
+    """bench_fused_step.py: the K-step chain (issue 4's 3x target) before the per-op and bandwidth cases."""
+    return 0 if getattr(item, "originalname", item.name) == "test_step_chain_nonnet" else 1
+
+
+ORDER_KEYS = {"bench_model.py": _model_bench_key, "bench_fused_step.py": _fused_step_bench_key}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order bench_model.py's cases (MODEL_CONFIG_ORDER), in their own slots; then GLOWFAST_BENCH_SKIP_CPU=1
-    (gpu_check.sh sets it): skip every case parametrised with device="cpu"."""
-    slots = [i for i, item in enumerate(items) if item.path.name == "bench_model.py"]
-    for i, item in zip(slots, sorted((items[i] for i in slots), key=_model_bench_key)):  # a stable sort
-        items[i] = item
+    """Order bench_model.py's and bench_fused_step.py's cases (ORDER_KEYS), each file in its own slots; then
+    GLOWFAST_BENCH_SKIP_CPU=1 (gpu_check.sh sets it): skip every case parametrised with device="cpu"."""
+    for file, key in ORDER_KEYS.items():
+        slots = [i for i, item in enumerate(items) if item.path.name == file]
+        for i, item in zip(slots, sorted((items[i] for i in slots), key=key)):  # a stable sort
+            items[i] = item
     if _env("GLOWFAST_BENCH_SKIP_CPU", "0") not in ("1", "yes", "on", "true"):
         return
     skip = pytest.mark.skip(reason="CPU case skipped (GLOWFAST_BENCH_SKIP_CPU=1)")
@@ -230,6 +244,14 @@ def _bench_seed():
     yield
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = cudnn_benchmark
+    # a failed case's traceback (pytest keeps it in sys.last_*) holds its frames: its model, graph pool and
+    # activations would stay allocated and count in the next cases' peak memory
+    failed = [name for name in ("last_type", "last_value", "last_traceback", "last_exc")
+              if getattr(sys, name, None) is not None]
+    for name in failed:
+        setattr(sys, name, None)
+    if failed:
+        gc.collect()
     if HAS_CUDA:
         torch.cuda.empty_cache()
 

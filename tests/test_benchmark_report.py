@@ -261,7 +261,8 @@ def test_issue4_kernel_targets(bench_json, tmp_path):
     md = run_report(src).stdout
     assert "### Issue 4 targets" in md
     assert re.search(r"coupling/fwd/B64_C12_128x128 \(fused-tf32\) ≥ 70% of copy bandwidth \| yes \| 82%", md), md
-    assert re.search(r"\(fused-ieee\) ≥ 70% of copy bandwidth \| NO \| 55%", md), md
+    # the exact-fp32 rows are shown, not graded (compute-bound on CUDA cores; training runs the TF32 kernels)
+    assert "(fused-ieee) ≥ 70%" not in md and re.search(r"\(fused-ieee\): 55% \(1,650 GB/s\)", md), md
     assert re.search(r"step_nonnet/fwdbwd/B64_C12_16x16: fused ≥ 3× the reference \| yes \| 3.30×", md), md
 
 
