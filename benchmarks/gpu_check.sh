@@ -95,7 +95,8 @@ case $PRESET in
              BENCH_OPS_SELECT=${BENCH_OPS_SELECT-not ieee} ;;
     extra)   PRESET_STAGES="env build bench_compile bench_model tune report"
              # the rest of a session after `session` (set GPU_CHECK_BUDGET to the device time left, less a minute):
-             # torch.compile(reference) per op (issue 6's fused/compiled ratios), the MNIST models, the block sweep
+             # torch.compile(reference) per op (issue 6's per-op fused/compiled ratios; the whole-model compile, minutes
+             # of it, is the `compile` preset's own session), the MNIST models, the block sweep
              GPU_CHECK_COMPILE_MAX=${GPU_CHECK_COMPILE_MAX:-110}; MAX_bench_model=${MAX_bench_model:-90}
              MAX_tune=${MAX_tune:-60}; TUNE_BUDGET=${TUNE_BUDGET:-45}; BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-mnist} ;;
     check)   PRESET_STAGES="env build tests sanitizer train tf32"
