@@ -29,6 +29,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,8 +169,12 @@ def _graph_of(call: Callable[[], object], iterations: int) -> torch.cuda.CUDAGra
             for _ in range(iterations):
                 call()
         return graph
-    except Exception:  # noqa: BLE001 - fall back to eager timing, whatever stopped the capture
+    except Exception as e:  # noqa: BLE001 - fall back to eager timing, whatever stopped the capture
         torch.cuda.synchronize()
+        # said, not silent: eager calls include the host's launch overhead, so the time is then an upper bound
+        # (the bandwidth a lower bound) and the rows labelled graph_replay_us / tune.md are not graph replays
+        warnings.warn(f"CUDA-graph capture failed ({type(e).__name__}: {e}); timing eager calls instead, which "
+                      "include the launch overhead", stacklevel=2)
         return None
 
 
