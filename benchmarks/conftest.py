@@ -346,6 +346,9 @@ def run_timed(
         fn()
         torch.cuda.synchronize()
         info["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        # what the caching allocator held at its peak: for a graphed step, its private pool (the capture's
+        # activations and workspaces) as the GPU sees it, beyond the allocated bytes above
+        info["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
         fn, iterations = _synchronised(benchmark, fn, iterations, info)
     result = benchmark.pedantic(fn, rounds=n_rounds, iterations=iterations, warmup_rounds=0)
     if device == "cuda" and event_check:
