@@ -8,8 +8,9 @@
 #   bash results/gpu_full.sh main            # samples interpolation attributes ood typicality (~8-9 min est.)
 # Each writes results/full/<experiment>/ and packs it (without the model cache) into $OUT/results-*.tgz after
 # every group of experiments, one process per group within GPU_FULL_BUDGET (570 s): an overrun loses only the
-# group it cuts. The device copy has no .git: pass GLOWFAST_GIT_COMMIT=<git rev-parse HEAD> so that the results
-# name their commit.
+# group it cuts. The device copy has no .git (and carries uncommitted edits): pass
+# GLOWFAST_GIT_COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty) so that the results name their
+# commit honestly.
 set -euo pipefail
 what=${1:?usage: gpu_full.sh pack|ablations|main}
 cd "$(dirname "$0")/.."
@@ -60,7 +61,10 @@ for name in "${groups[@]}"; do
     --cache /tmp/glowfast-models --device cuda --backend auto 2>&1 | tee -a "$OUT/log-$what.txt" || rc=$?
   (( rc == 0 )) || { echo "== $name: exit $rc$( (( rc == 124 || rc == 137 )) && echo ' (time limit)')" \
     | tee -a "$OUT/log-$what.txt"; status=3; }
-  if [ -d results/full ]; then tar czf "$OUT/results-$what.tgz" --exclude=models results/full; fi
+  # written aside, then renamed: a kill during this tar leaves the previous group's complete archive in place
+  if [ -d results/full ] && tar czf "$OUT/results-$what.tgz.part" --exclude=models results/full; then
+    mv -f "$OUT/results-$what.tgz.part" "$OUT/results-$what.tgz"
+  fi
 done
 echo "== done in $(( $(date +%s) - START )) s, status $status (3: a group failed or was cut, see above)" \
   | tee -a "$OUT/log-$what.txt"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .common import (
     model_summary,
     nll_bits_per_dim,
     provenance,
+    reference_check,
     resolve_device,
     resolve_preset,
     set_backend,
@@ -50,12 +52,19 @@ class Context:
         self._models: dict[str, Trained] = {}
         self._scores: dict = {}
         self._main_test_bpd: dict | None = None
+        self._failed: dict[str, str] = {}  # models whose training raised: not trained again by the next experiment
         self.warned: set[str] = set()  # what was already said on stderr
 
     def get_model(self, spec: ModelSpec) -> Trained:
         key = spec.key()
+        if key in self._failed:
+            raise RuntimeError(f"{key}: its training failed earlier in this process ({self._failed[key]})")
         if key not in self._models:
-            self._models[key] = train(spec, self.data_dir, self.device, self.backend, self.cache)
+            try:
+                self._models[key] = train(spec, self.data_dir, self.device, self.backend, self.cache)
+            except Exception as e:
+                self._failed[key] = f"{type(e).__name__}: {e}"
+                raise
         return self._models[key]
 
     def main_model(self) -> Trained:
@@ -113,7 +122,11 @@ class Context:
             if t.model.n_classes:
                 d["test_bpd_given_true_class"] = float(
                     nll_bits_per_dim(t.model, te.images, self.device, labels=te.labels).mean())
+            if t.model.resolve_backend(self.device) == "fused":
+                d["reference_check"] = reference_check(t.model, te.images, bpd, self.device)
             self._main_test_bpd = d
+            _log(f"shared model: test bits/dim {d['test_bpd_marginal']:.4f} (marginal p(x), {d['n_test']} test "
+                 f"images, {d['bpd_unit']})")
         return self._main_test_bpd
 
     def main_summary(self) -> dict:
@@ -213,13 +226,26 @@ def main(argv=None) -> int:
     argv_list = list(argv) if argv is not None else None
     prov = provenance(device, argv_list)
     ctx = Context(args, preset, notes, device, root)
-    timings = {}
+    timings, failed = {}, []
     for name in names:
         ctx.out = root if single else root / name
         ctx.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         _log(f"{name} (config {preset.name}, device {device}) -> {ctx.out}")
-        results, md = run_one(ctx, name)
+        try:
+            if not name.startswith("ablation"):
+                # the shared model's headline first: an experiment that fails later (in sampling, say) cannot
+                # take it along
+                ctx.main_test_bpd()
+            results, md = run_one(ctx, name)
+        except Exception as e:  # noqa: BLE001 - one failed experiment must not lose the others of this command
+            failed.append(name)
+            print(traceback.format_exc(), file=sys.stderr)
+            _log(f"{name} FAILED: {type(e).__name__}: {e}")
+            results = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            md = f"**This experiment failed**: `{type(e).__name__}: {e}` (the traceback is in results.json).\n"
+            if ctx._main_test_bpd is not None and not name.startswith("ablation"):
+                results["model"] = ctx.main_summary()
         wall = time.perf_counter() - t0
         timings[name] = wall
         results = {"config": preset.name, "config_notes": preset.notes, "notes": notes, "wall_s": wall,
@@ -236,7 +262,15 @@ def main(argv=None) -> int:
                        + (f", {m['test_bpd_given_true_class']:.4f} given the true class; generative-classifier "
                           f"accuracy {m['generative_classifier_test_accuracy']:.3f}" if "test_bpd_given_true_class"
                           in m else "") + f") on {m['n_test']} test images, {m['bpd_unit']}.")
+            if m.get("reference_check"):
+                rc = m["reference_check"]
+                header += (f" Fused path checked against the reference layers on the first {rc['n']} test images: "
+                           f"max |difference| {rc['max_abs_diff']:.2e} bits/dim.")
         header += f"\n\nWall time of this command (this process, incl. training unless cached): {wall:.1f} s.\n\n"
         write_results(ctx.out, name, results, header + md, prov)
-        _log(f"{name} done in {wall:.1f}s")
+        _log(f"{name} {'FAILED' if name in failed else 'done'} in {wall:.1f}s")
+    if failed:
+        print(f"error: {len(failed)} experiment(s) failed: {', '.join(failed)} (their results.json hold the "
+              "tracebacks; the others completed)", file=sys.stderr)
+        return 1
     return 0
