@@ -61,6 +61,7 @@ def test_slogdet_matches_float64_reference(device, dtype, kind):
     ref_sign, ref_ld = _ref_slogdet(mats)
     sign, ld = batched_slogdet([m.to(device) for m in mats])
     assert sign.dtype == dtype and ld.dtype == dtype and sign.shape == (len(sizes),)
+    assert sign.device.type == ld.device.type == device  # on the inputs' device (the list API packs them there)
     np.testing.assert_array_equal(sign.cpu().double().numpy(), ref_sign)
     np.testing.assert_allclose(ld.cpu().double().numpy(), ref_ld, rtol=0, atol=_tol(dtype))
     if kind == "permutation":
@@ -77,6 +78,7 @@ def test_every_size_1_to_96_in_one_ragged_call(device, dtype):
     np.testing.assert_array_equal(sign.cpu().double().numpy(), ref_sign)
     np.testing.assert_allclose(ld.cpu().double().numpy(), ref_ld, rtol=0, atol=_tol(dtype, 96))
     inv = batched_inverse([m.to(device) for m in mats])
+    assert ld.device.type == device and all(x.device.type == device for x in inv)
     for m, x in zip(mats, inv):
         eye = torch.eye(m.shape[0], dtype=torch.float64)
         err = (x.cpu().double() @ m.double() - eye).abs().max().item()

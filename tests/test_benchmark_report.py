@@ -50,6 +50,11 @@ TOY_BENCH = textwrap.dedent('''
 ''')
 
 
+# one pytest-xdist worker for this module (gpu_check.sh runs the suite with --dist loadgroup): its module-scoped fixture
+# is expensive and would otherwise be rebuilt by every worker that gets one of its tests
+pytestmark = pytest.mark.xdist_group("benchmark_report")
+
+
 @pytest.fixture(scope="module")
 def bench_json(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("bench")

@@ -35,7 +35,9 @@ SANITIZERS = {
     "tsan": ["-O1", "-fsanitize=thread"],
 }
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+# one pytest-xdist worker for this module (--dist loadgroup): each emulated driver is a g++ build of ~10 s
+pytestmark = [pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found"),
+              pytest.mark.xdist_group("cuda_lu_emulated")]
 
 
 def emulated_source(cu: str) -> str:

@@ -31,6 +31,11 @@ EXPECTED = {
 TINY = ["--config", "tiny", "--steps", "20", "--time-limit", "1e9", "--device", "cpu", "--backend", "reference"]
 
 
+# one pytest-xdist worker for this module (gpu_check.sh runs the suite with --dist loadgroup): its module-scoped fixture
+# is expensive and would otherwise be rebuilt by every worker that gets one of its tests
+pytestmark = pytest.mark.xdist_group("experiments")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiments")
@@ -398,6 +403,8 @@ def test_cuda_graphs_spec_trains_from_replays_on_cuda(tmp_path, monkeypatch):
     monkeypatch.setattr(GraphedStep, "__call__", recording)
     t = train(_graphs_spec(), tmp_path, torch.device("cuda"), backend="auto")
     h = t.history
+    assert h["compute_path"] == "fused"  # auto on CUDA: the fused kernels are what is replayed
+    assert h["precompile"]["skipped"] is None and h["precompile"]["launches"] > 0  # compiled ahead, in parallel
     assert h["cuda_graphs"] == "on" and h["steps_done"] == 30 and len(losses) == 30
     assert h["test_bpd"][-1] < h["test_bpd"][0]
     # evaluations at steps 10 and 20 log the mean loss of the 10 steps before them

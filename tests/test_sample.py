@@ -27,6 +27,11 @@ TINY = ["--dataset", "digits", "-K", "2", "-L", "2", "--hidden-channels", "16", 
         "--no-progress", "--device", "cpu", "--backend", "reference"]
 
 
+# one pytest-xdist worker for this module (gpu_check.sh runs the suite with --dist loadgroup): its module-scoped fixture
+# is expensive and would otherwise be rebuilt by every worker that gets one of its tests
+pytestmark = pytest.mark.xdist_group("sample")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")

@@ -28,6 +28,11 @@ def _assert_same_weights(run_a, run_b):
         assert torch.equal(sa[k], sb[k]), k
 
 
+# one pytest-xdist worker for this module (gpu_check.sh runs the suite with --dist loadgroup): its module-scoped fixture
+# is expensive and would otherwise be rebuilt by every worker that gets one of its tests
+pytestmark = pytest.mark.xdist_group("train_resume")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
