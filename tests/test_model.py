@@ -349,9 +349,9 @@ def test_float_images_k_over_255_read_as_uint8_k(image_dtype, model_dtype):
 def test_auto_backend_is_the_reference_on_cpu_and_fused_on_cuda(monkeypatch):
     """backend='auto' never sends CPU tensors through the Triton kernels (the interpreter is for tests, not
     speed): on CPU it resolves to, and computes exactly, the reference. On CUDA it picks the fused path when
-    that can run. The CUDA half patches glowfast.fused.fused_available to report (True, "") because this
-    machine may have no GPU: the patch stands in only for the hardware probe, the decision under test is
-    resolve_backend's."""
+    that can run. Without a GPU the CUDA half patches glowfast.fused.fused_available to report (True, ""): the
+    patch stands in only for the hardware probe, the decision under test is resolve_backend's. On a GPU machine
+    the real probe answers."""
     import glowfast.fused
 
     model = tiny_glow((1, 4, 4), dtype=torch.float32)
@@ -363,7 +363,8 @@ def test_auto_backend_is_the_reference_on_cpu_and_fused_on_cuda(monkeypatch):
     images = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
     assert torch.equal(model.log_prob(images, dequantize=False), ref.log_prob(images, dequantize=False))
 
-    monkeypatch.setattr(glowfast.fused, "fused_available", lambda device: (True, ""))
+    if not torch.cuda.is_available():  # on a GPU machine the real probe answers
+        monkeypatch.setattr(glowfast.fused, "fused_available", lambda device: (True, ""))
     assert model.resolve_backend(torch.device("cuda")) == "fused"
     assert model.resolve_backend("cuda:0") == "fused"
     assert model.resolve_backend("cpu") == "reference"  # still the reference, even where the kernels could run

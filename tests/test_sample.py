@@ -16,6 +16,7 @@ from glowfast.sample import interpolate, load_model
 from glowfast.sample import main as sample_main
 from glowfast.train import main as train_main
 
+from conftest import cuda_devices
 from helpers import BEYOND, BEYOND_MESSAGE
 
 # Grid cell: 8x8 digits are saved enlarged 4x (nearest) to 32x32, plus 1 px of padding.
@@ -105,15 +106,18 @@ def test_class_conditional_rows_are_their_classes_at_t0(runs, tmp_path):
     assert len({rows[c, 0].tobytes() for c in range(10)}) == 10  # ten classes, ten different images
 
 
-def test_interpolation_end_points_reconstruct_the_images(runs, monkeypatch):
-    """Exactly, also on a GPU: the round trip runs without TF32 (every coupling network call sees it off)."""
+@pytest.mark.parametrize("device", cuda_devices())
+def test_interpolation_end_points_reconstruct_the_images(runs, monkeypatch, device):
+    """Exactly, also on a GPU (through the fused kernels there: backend auto): the round trip runs without TF32
+    (every coupling network call sees it off)."""
     from glowfast.amp import coupling_networks
     from glowfast.kernels import dot_precision
 
     _, state = find_checkpoint(runs / "plain")
-    model = load_model(state, torch.device("cpu"), "reference")
+    model = load_model(state, torch.device(device), "auto")
+    assert model.resolve_backend(torch.device(device)) == ("fused" if device == "cuda" else "reference")
     test = get_dataset("digits", "test")
-    x = torch.stack([test[i][0] for i in range(4)])
+    x = torch.stack([test[i][0] for i in range(4)]).to(device)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default, which a GPU trains with
     seen = []
     for net in coupling_networks(model):
