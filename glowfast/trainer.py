@@ -516,8 +516,7 @@ class Trainer:
                   "they compile at their first launch instead", file=sys.stderr)
             self.log({"type": "precompile", "error": f"{type(e).__name__}: {e}"})
             return
-        self.log({"type": "precompile", "launches": report.launches, "compiled": report.compiled,
-                  "seconds": round(report.seconds, 3), "skipped": report.skipped})
+        self.log({"type": "precompile", **report.as_record()})
 
     def evaluate(self) -> float:
         bpd = evaluate_bpd(self.model, self.test_set, self.device, batch_size=self.cfg["eval_batch_size"],

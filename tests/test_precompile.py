@@ -117,7 +117,8 @@ CASES = [
 @pytest.mark.parametrize("options", CASES)
 def test_dry_step_asks_for_exactly_the_variants_the_real_step_launches(options, launch_log):
     if launch_log is None:
-        pytest.skip("observes the interpreter's launches; on a GPU the cache test below checks the keys")
+        pytest.skip("observes launches at the interpreter's entry point; on a GPU "
+                    "test_gpu_real_step_after_precompile_compiles_nothing checks the keys instead")
     model = _model(**options)
     x, y = _images(model), _labels(model)
     _init(model, x, y)
@@ -213,7 +214,7 @@ def test_reference_path_compiles_nothing(launch_log):
 
 def test_interpreter_run_reports_why_nothing_compiled(launch_log):
     if launch_log is None:
-        pytest.skip("the interpreter's case")
+        pytest.skip("checks the interpreter's own skip reason; a GPU compiles for real (tests below)")
     model = _model()
     x = _images(model)
     _init(model, x, None)
@@ -269,13 +270,12 @@ def test_gpu_real_step_after_precompile_compiles_nothing(memory_saving):
     """The cache keys of the warm-ups are those of the real launches: after a precompile from a cold in-memory
     cache, a real forward + backward adds no compiled kernel (and at least one variant was compiled ahead)."""
     if KERNEL_DEVICE != "cuda":
-        pytest.skip("kernels interpreted")
+        pytest.skip("a GPU, but TRITON_INTERPRET=1: the kernels are interpreted, nothing is compiled")
     model = _model(memory_saving=memory_saving, shape=(3, 16, 16), device="cuda")
     x, y = _images(model, 4, "cuda"), None
     _init(model, x, y)
     index = torch.cuda.current_device()
-    for k in KERNELS:
-        k.device_caches.pop(index, None)  # cold in this process (the on-disk cache makes compiles quick)
+    _cold_kernel_caches()
     report = precompile_training_step(model, x, y)
     assert report.skipped is None and report.compiled > 0, report
     before = _cache_entries(index)

@@ -240,9 +240,10 @@ def main(argv=None) -> int:
             results, md = run_one(ctx, name)
         except Exception as e:  # noqa: BLE001 - one failed experiment must not lose the others of this command
             failed.append(name)
-            print(traceback.format_exc(), file=sys.stderr)
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr)
             _log(f"{name} FAILED: {type(e).__name__}: {e}")
-            results = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            results = {"error": f"{type(e).__name__}: {e}", "traceback": tb}
             md = f"**This experiment failed**: `{type(e).__name__}: {e}` (the traceback is in results.json).\n"
             if ctx._main_test_bpd is not None and not name.startswith("ablation"):
                 results["model"] = ctx.main_summary()

@@ -452,8 +452,7 @@ def _precompile(model: Glow, xb: torch.Tensor, yb: torch.Tensor | None) -> dict:
     except Exception as e:  # noqa: BLE001 - a start-up optimisation is never the reason a run fails
         warnings.warn(f"compiling the kernels ahead of the first step failed ({type(e).__name__}: {e})", stacklevel=2)
         return {"error": f"{type(e).__name__}: {e}"}
-    return {"launches": report.launches, "compiled": report.compiled, "seconds": round(report.seconds, 3),
-            "skipped": report.skipped}
+    return report.as_record()
 
 
 _CAPTURE_FAILED: list[str] = []  # a capture that failed once is not retried in this process (the next model)

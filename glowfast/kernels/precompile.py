@@ -40,6 +40,11 @@ class PrecompileReport:
     seconds: float = 0.0  # wall time of the dry step plus the compilations
     skipped: str | None = None  # why nothing was compiled, if nothing could be
 
+    def as_record(self) -> dict:
+        """The JSON record the trainer's metrics and the experiments' histories keep."""
+        return {"launches": self.launches, "compiled": self.compiled, "seconds": round(self.seconds, 3),
+                "skipped": self.skipped}
+
 
 def is_dry() -> bool:
     """True inside `precompiling()` on this thread: kernel launches are warm-ups, nothing runs."""
