@@ -332,8 +332,9 @@ def sections(groups: OrderedDict, stat: str) -> list[str]:
     return lines
 
 
-def target_table(groups: OrderedDict, startup: list[dict] = ()) -> list[str]:
-    """Issue 6's targets, checked where the groups they need were measured (CIFAR-10 config on a GPU)."""
+def target_table(groups: OrderedDict, startup: list[dict] = (), gpu: str | None = None) -> list[str]:
+    """Issue 6's targets (then issue 4's and 3's), checked where the groups they need were measured (CIFAR-10
+    config on a GPU); `gpu` names the device, which gets a caveat when it is not the H100 the targets were set on."""
     checks = []
     for g, anchor in PEER_ANCHOR_IMG_S.items():
         rows = groups.get(g) or {}
@@ -363,8 +364,19 @@ def target_table(groups: OrderedDict, startup: list[dict] = ()) -> list[str]:
         checks.append((f"start-up < {STARTUP_TARGET_S:.0f} s, approximated by the first fused step inside the "
                        "benchmark process (no startup.py record: CUDA context and cuDNN were already warm, so "
                        "this underestimates a cold start)", first < STARTUP_TARGET_S, f"{first:.1f} s"))
-    return checks_table("Issue 6 targets (H100; peer anchor y0ast/Glow-PyTorch: 244 img/s at B64, 952 img/s at B256)",
-                        checks) + kernel_target_table(groups) + lu_target_table(groups)
+    lines = checks_table("Issue 6 targets (H100; peer anchor y0ast/Glow-PyTorch: 244 img/s at B64, 952 img/s at B256)",
+                         checks) + kernel_target_table(groups) + lu_target_table(groups)
+    return (other_gpu_caveat(gpu) if lines else []) + lines
+
+
+def other_gpu_caveat(gpu: str | None) -> list[str]:
+    """The issues' targets and the peer anchor were measured on an H100; the device tool may lend an H200 (same
+    compute, ~1.4x the HBM bandwidth), whose rows are no verdict on them."""
+    if not gpu or gpu == "cpu" or "H100" in gpu:
+        return []
+    return [f"**Measured on {gpu}, not on the H100 that the targets and the peer anchor below were set on**: "
+            "read the met/NO columns as indicative only (an H200 has the H100's compute and about 1.4× its memory "
+            "bandwidth, so bandwidth-bound rows run faster there).", ""]
 
 
 def checks_table(title: str, checks: list[tuple[str, bool, str]]) -> list[str]:
@@ -437,17 +449,17 @@ def render(paths: list[Path], title: str | None = None, note: str | None = None,
         lines += [f"torch {r.get('torch', '?')}, glowfast {r.get('glowfast', '?')}, commit "
                   f"{os.environ.get('GLOWFAST_GIT_COMMIT') or git_commit(Path(__file__).resolve().parent) or '?'} "
                   "(at report time)", ""]
-        return "\n".join(lines + target_table(OrderedDict(), startup) + startup_table(startup))
+        return "\n".join(lines + target_table(OrderedDict(), startup, r.get("device")) + startup_table(startup))
     mi = meta.get("machine_info") or {}
     if title is None:
         title = f"Results on {mi['cuda_device']}" if mi.get("cuda_device") else "Results on CPU (no GPU)"
     groups = group_rows(benches, stat)
     lines = header(meta, title, note, benches)
     if not groups:
-        lines += target_table(groups, startup) + startup_table(startup)
+        lines += target_table(groups, startup, mi.get("cuda_device")) + startup_table(startup)
         lines += ["No benchmarks in the input (all skipped?).", ""]
         return "\n".join(lines)
-    lines += target_table(groups, startup) + startup_table(startup) + sections(groups, stat)
+    lines += target_table(groups, startup, mi.get("cuda_device")) + startup_table(startup) + sections(groups, stat)
     return "\n".join(lines)
 
 

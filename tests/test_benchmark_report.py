@@ -323,9 +323,9 @@ def test_start_up_records_alone(tmp_path):
     assert proc.returncode == 2 and "--startup" in proc.stderr
 
 
-def report_of(tmp_path, rows: list[dict], *args) -> str:
+def report_of(tmp_path, rows: list[dict], *args, device: str = "NVIDIA H100") -> str:
     src = tmp_path / "hand.json"
-    src.write_text(json.dumps({"machine_info": {"cuda_device": "NVIDIA H100", "torch": "2.x", "python_version": "3"},
+    src.write_text(json.dumps({"machine_info": {"cuda_device": device, "torch": "2.x", "python_version": "3"},
                                "commit_info": {"id": "0123456789abcdef", "dirty": False}, "benchmarks": rows,
                                "datetime": "2025-01-01T00:00:00", "version": "5.1.0"}))
     return run_report(src, *args).stdout
@@ -354,6 +354,22 @@ def test_cpu_and_gpu_rows_of_one_group_never_collide(tmp_path, cpu_first):
     assert table_row(md, f"{cifar} (CPU)")[1:6] == ["500 µs", "—", "125 µs", "—", "4.00×"]
     assert table_row(md, f"{big} (CPU)")[7] == "0.20×"
     assert "(test_x" not in md  # no suffixed duplicates: each device's variants are named plainly
+
+
+@pytest.mark.parametrize("device, caveat", [("NVIDIA H100 80GB HBM3", False), ("NVIDIA H200", True)])
+def test_targets_measured_off_an_h100_carry_a_caveat(tmp_path, device, caveat):
+    """The device tool may lend an H200: its rows are still graded, under a caveat naming the device; an H100's
+    are not. Start-up records alone are judged by their own device."""
+    g = "train_step/cifar10_K32_B64"
+    md = report_of(tmp_path, [bench_row(g, "fused", 0.05, images_per_s=2500.0)], device=device)
+    assert table_row(md, f"{g}: fused ≥ 2,400 img/s (9.8× the peer's 244)")[1] == "yes"
+    assert (f"**Measured on {device}, not on the H100" in md) is caveat
+    st = tmp_path / "startup.json"
+    st.write_text(json.dumps([{**startup_record("fused", 13.0), "device": device}]))
+    assert (f"**Measured on {device}, not on the H100" in run_report("--startup", st).stdout) is caveat
+    # no target measured (CPU rows only): nothing to caveat
+    assert "not on the H100" not in report_of(tmp_path, [bench_row("toy_op/fwd/B2", "fused", 1e-3, gpu=False)],
+                                              device=device)
 
 
 @pytest.mark.parametrize("ips, met", [(5500.0, "NO"), (5700.0, "yes"), (5699.0, "NO")])
