@@ -152,6 +152,7 @@ stage() {
     case $rc in
         0) status=ok ;;
         124|137) status="TIMEOUT after ${limit}s" ;;
+        75) status="UNAVAILABLE on this machine (see its log)" ;;  # the sanitizer stage only
         *) status="FAIL (rc=$rc)" ;;
     esac
     local dt=$(( $(date +%s) - t0 ))
@@ -244,9 +245,16 @@ sanitizer() {
     local rc=0 lu_pid
     bash benchmarks/gpu_check_lu.sh > "$LOGS/sanitizer_lu.log" 2>&1 &
     lu_pid=$!
-    bash benchmarks/gpu_check_kernels.sh || { rc=1; echo "gpu_check_kernels.sh: FAILED"; }
+    bash benchmarks/gpu_check_kernels.sh 2>&1 | tee "$WORK/sanitizer_kernels.log"
+    (( PIPESTATUS[0] == 0 )) || { rc=1; echo "gpu_check_kernels.sh: FAILED"; }
     wait "$lu_pid" || { rc=1; echo "gpu_check_lu.sh: FAILED"; }
     echo "---- gpu_check_lu.sh"; cat "$LOGS/sanitizer_lu.log"
+    # Some lent machines (gVisor-run ones, device tool KINDS.md) refuse compute-sanitizer ("Device not supported"):
+    # that is no memcheck verdict either way, and the summary says so instead of a plain FAIL
+    if (( rc )) && grep -qi "device not supported" "$WORK/sanitizer_kernels.log" "$LOGS/sanitizer_lu.log"; then
+        echo "compute-sanitizer cannot run on this machine (Device not supported): no memcheck verdict"
+        return 75
+    fi
     return $rc
 }
 
@@ -460,6 +468,8 @@ import re, sys
 lines = open(sys.argv[1]).read().splitlines()
 out, on = [], False
 for line in lines:
+    if line.startswith("**Measured on"):  # report.py's caveat: the targets graded on a GPU other than an H100
+        out += [line, ""]
     if line.startswith("### Issue 6 targets"):
         on = True
     elif line.startswith("### ") and on:
