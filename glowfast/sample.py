@@ -15,6 +15,7 @@ split's factored-out latent and the top one) linearly, and decodes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +76,44 @@ def load_model(state: dict, device: torch.device, backend: str = "auto", raw_wei
     return model.eval()
 
 
+def load_glow(source: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "auto",
+              raw_weights: bool = False):
+    """A trained Glow, ready to score and sample: ``glowfast.load_glow("runs/mnist-k16", device="cuda")``.
+
+    `source`: a run folder of ``python -m glowfast.train`` (its newest checkpoint that loads: ``last.pt``, else
+    ``prev.pt`` with a warning), its ``checkpoints/`` folder, or one checkpoint file (e.g. an experiments cache
+    entry). The model is rebuilt from the checkpoint's ``model_config`` on `device`, in eval mode, with the weights
+    the run evaluated with -- the moving average when the run kept one (``--ema-decay``), unless `raw_weights` --
+    and with its coupling networks' precision and layout options (``--amp``, ``--channels-last``,
+    ``--gemm-networks``). `backend`: "auto" (the fused kernels on CUDA where they run, else the reference layers),
+    "fused" or "reference".
+
+    Raises CheckpointError (a RuntimeError) when no checkpoint loads, ValueError for a checkpoint without
+    ``model_config`` or a backend that cannot run on `device`, RuntimeError for a CUDA device this machine lacks.
+    """
+    from .checkpoint import find_checkpoint
+
+    dev = torch.device(device)
+    check_device_exists(dev)
+    path, state = find_checkpoint(source, map_location="cpu")
+    return _model_of_checkpoint(path, state, dev, backend, raw_weights)
+
+
+def _model_of_checkpoint(path: Path, state: dict, dev: torch.device, backend: str, raw_weights: bool):
+    """load_model, after checking that `state` is a training checkpoint, with `backend` resolved on `dev` ("auto"
+    falls back to the reference layers where the fused kernels cannot run); ValueError names the problem."""
+    if "model_config" not in state:
+        raise ValueError(f"{path} has no model_config (not a python -m glowfast.train checkpoint)")
+    model = load_model(state, dev, backend, raw_weights)
+    try:
+        model.resolve_backend(dev)
+    except (RuntimeError, ImportError) as e:
+        if backend != "auto":
+            raise ValueError(f"backend {backend!r} on {dev}: {str(e).splitlines()[0]}") from None
+        model.backend = "reference"
+    return model
+
+
 def load_run_model(run, checkpoint, device: str, backend: str, raw_weights: bool = False):
     """(checkpoint path, its state, the model in eval mode, the torch.device) for a CLI given --run / --checkpoint,
     --device, --backend and --raw-weights; ValueError with a one-line message (the CLI prints it and exits 2)."""
@@ -102,15 +141,10 @@ def load_run_model(run, checkpoint, device: str, backend: str, raw_weights: bool
         path, state = find_checkpoint(source, map_location="cpu")
     except CheckpointError as e:
         raise ValueError(str(e)) from None
-    if "model_config" not in state:
-        raise ValueError(f"{path} has no model_config (not a python -m glowfast.train checkpoint)")
-    model = load_model(state, dev, backend, raw_weights)
     try:
-        model.resolve_backend(dev)
-    except (RuntimeError, ImportError) as e:
-        if backend != "auto":
-            raise ValueError(f"--backend {backend} on {dev}: {str(e).splitlines()[0]}") from None
-        model.backend = "reference"
+        model = _model_of_checkpoint(path, state, dev, backend, raw_weights)
+    except ValueError as e:
+        raise ValueError(f"--{e}" if str(e).startswith("backend ") else str(e)) from None
     return path, state, model, dev
 
 

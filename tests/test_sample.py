@@ -177,3 +177,62 @@ def test_a_missing_checkpoint_named_within_the_run_is_one_clear_line(runs, tmp_p
     assert err.endswith(f"--checkpoint {missing}: not found (looked for {missing}, {run / 'checkpoints' / missing} "
                         f"and {run / missing})"), err
     assert "\n" not in err
+
+
+def _params(model) -> list[torch.Tensor]:
+    return [p.detach() for p in model.parameters()]
+
+
+def _holds(model, saved: dict) -> bool:
+    """Whether the model's parameters and buffers equal a saved state_dict's, name by name."""
+    mine = model.state_dict()
+    return mine.keys() == saved.keys() and all(torch.equal(mine[k], v) for k, v in saved.items())
+
+
+def test_load_glow_takes_a_run_its_checkpoints_folder_or_a_file(runs):
+    """glowfast.load_glow: the same model from each way of naming a run's checkpoint, in eval mode, with the weights
+    the checkpoint holds (no moving average kept by this run), and the same log-likelihoods from each."""
+    import glowfast
+
+    run = runs / "cond"
+    path, state = find_checkpoint(run)
+    models = [glowfast.load_glow(src) for src in (run, run / "checkpoints", path, str(path))]
+    for model in models:
+        assert isinstance(model, glowfast.Glow) and not model.training
+        assert model.resolve_backend(torch.device("cpu")) == "reference"  # "auto" on a CPU
+        assert _holds(model, state["model"])
+    x = get_dataset("digits", "test").images[:8]
+    lp = []
+    for m in models:
+        torch.manual_seed(0)  # the same dequantisation noise for each
+        with torch.no_grad():
+            lp.append(m(x, y=torch.arange(8) % 10).log_prob)
+    assert torch.isfinite(lp[0]).all() and all(torch.equal(lp[0], other) for other in lp[1:])
+
+
+def test_load_glow_gives_the_moving_average_unless_asked_for_the_raw_weights(tmp_path):
+    run = tmp_path / "ema"
+    assert train_main(TINY + ["--ema-decay", "0.9", "--run-dir", str(run)]) == 0
+    from glowfast import load_glow
+
+    _, state = find_checkpoint(run)
+    average, raw = load_glow(run), load_glow(run, raw_weights=True)
+    assert all(torch.equal(p, s) for p, s in zip(_params(average), state["ema"]["shadow"]))
+    assert _holds(raw, state["model"])
+    assert any(not torch.equal(p, q) for p, q in zip(_params(average), _params(raw)))  # 3 steps: they differ
+
+
+def test_load_glow_bad_sources_name_the_problem(runs, tmp_path):
+    from glowfast import load_glow
+    from glowfast.checkpoint import CheckpointError, save_checkpoint
+
+    missing = tmp_path / "nowhere"
+    with pytest.raises(CheckpointError, match=f"checkpoint not found: {missing}"):
+        load_glow(missing)
+    with pytest.raises(CheckpointError, match=f"no usable checkpoint in {tmp_path}: no last.pt or prev.pt"):
+        load_glow(tmp_path)
+    save_checkpoint({"step": 1}, tmp_path / "bare")
+    with pytest.raises(ValueError, match="has no model_config"):
+        load_glow(tmp_path / "bare")
+    with pytest.raises(RuntimeError, match=BEYOND_MESSAGE.split(":")[0]):
+        load_glow(runs / "plain", device=BEYOND)
