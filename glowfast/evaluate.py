@@ -297,7 +297,7 @@ def _load_images(name: str, split: str, data_dir, image_shape: tuple[int, int, i
 def main(argv: list[str] | None = None) -> int:
     from .data import DatasetNotFoundError
     from .ood import auroc
-    from .sample import load_run_model
+    from .sample import load_run_model, training_options
 
     args = build_parser().parse_args(argv)
 
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.raw_weights)
     except ValueError as e:
         return fail(str(e))
-    cfg = state.get("config", {})
+    cfg = training_options(state)
     data_dir = args.data_dir or cfg.get("data_dir") or "data"
     rows, scores = [], {}
     for spec in args.datasets:

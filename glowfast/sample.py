@@ -52,18 +52,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def glow_config(state: dict) -> dict | None:
+    """The Glow constructor arguments a checkpoint was saved with: ``model_config`` (python -m glowfast.train), or
+    ``config`` beside a ``spec`` (glowfast.experiments' model cache, where ``config`` is the model's, not a CLI's);
+    None for anything else."""
+    if "model_config" in state:
+        return state["model_config"]
+    if "spec" in state and "config" in state:
+        return state["config"]
+    return None
+
+
+def training_options(state: dict) -> dict:
+    """The options a checkpoint's model was trained with, as python -m glowfast.train names them (dataset, size,
+    data_dir, amp, ...); of an experiments checkpoint, its spec's dataset and size."""
+    if "model_config" in state:
+        return dict(state.get("config") or {})
+    spec = state.get("spec") or {}
+    return {k: spec[k] for k in ("dataset", "size") if k in spec}
+
+
 def load_model(state: dict, device: torch.device, backend: str = "auto", raw_weights: bool = False):
-    """A Glow rebuilt from a checkpoint's ``model_config`` with its weights, in eval mode: the moving average of
-    the weights when the run kept one (``--ema-decay``), unless ``raw_weights``."""
+    """A Glow rebuilt from a checkpoint's config (``glow_config``) with its weights, in eval mode: the moving
+    average of the weights when the run kept one (``--ema-decay``), unless ``raw_weights``. (The experiments save
+    the weights they chose -- average or last iterate -- as the model's, with no separate average.)"""
     from .model import Glow
 
-    mc = dict(state["model_config"])
+    mc = dict(glow_config(state))
     mc["image_shape"] = tuple(mc["image_shape"])
     model = Glow(**mc, backend=backend)
     model.load_state_dict(state["model"])
     if not raw_weights:  # the weights the run evaluated with
         use_checkpoint_average(model, state)
-    config = state.get("config", {})
+    config = training_options(state)
     model.to(device)
     from .amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
 
@@ -81,15 +102,15 @@ def load_glow(source: str | os.PathLike, device: str | torch.device = "cpu", bac
     """A trained Glow, ready to score and sample: ``glowfast.load_glow("runs/mnist-k16", device="cuda")``.
 
     `source`: a run folder of ``python -m glowfast.train`` (its newest checkpoint that loads: ``last.pt``, else
-    ``prev.pt`` with a warning), its ``checkpoints/`` folder, or one checkpoint file (e.g. an experiments cache
-    entry). The model is rebuilt from the checkpoint's ``model_config`` on `device`, in eval mode, with the weights
-    the run evaluated with -- the moving average when the run kept one (``--ema-decay``), unless `raw_weights` --
-    and with its coupling networks' precision and layout options (``--amp``, ``--channels-last``,
+    ``prev.pt`` with a warning), its ``checkpoints/`` folder, or one checkpoint file; or a model folder of
+    glowfast.experiments' ``--cache``. The model is rebuilt from the checkpoint's config on `device`, in eval mode,
+    with the weights the run evaluated with -- the moving average when the run kept one (``--ema-decay``), unless
+    `raw_weights` -- and with its coupling networks' precision and layout options (``--amp``, ``--channels-last``,
     ``--gemm-networks``). `backend`: "auto" (the fused kernels on CUDA where they run, else the reference layers),
     "fused" or "reference".
 
-    Raises CheckpointError (a RuntimeError) when no checkpoint loads, ValueError for a checkpoint without
-    ``model_config`` or a backend that cannot run on `device`, RuntimeError for a CUDA device this machine lacks.
+    Raises CheckpointError (a RuntimeError) when no checkpoint loads, ValueError for a checkpoint without a model
+    config or a backend that cannot run on `device`, RuntimeError for a CUDA device this machine lacks.
     """
     from .checkpoint import find_checkpoint
 
@@ -102,8 +123,9 @@ def load_glow(source: str | os.PathLike, device: str | torch.device = "cpu", bac
 def _model_of_checkpoint(path: Path, state: dict, dev: torch.device, backend: str, raw_weights: bool):
     """load_model, after checking that `state` is a training checkpoint, with `backend` resolved on `dev` ("auto"
     falls back to the reference layers where the fused kernels cannot run); ValueError names the problem."""
-    if "model_config" not in state:
-        raise ValueError(f"{path} has no model_config (not a python -m glowfast.train checkpoint)")
+    if glow_config(state) is None:
+        raise ValueError(f"{path} has no model config (neither a python -m glowfast.train nor a "
+                         "glowfast.experiments checkpoint)")
     model = load_model(state, dev, backend, raw_weights)
     try:
         model.resolve_backend(dev)
@@ -189,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = state.get("config", {})
+    cfg = training_options(state)
     out = Path(args.out) if args.out else (Path(args.run) / "generated" if args.run else path.parent / "generated")
     out.mkdir(parents=True, exist_ok=True)
     n_classes = model.n_classes

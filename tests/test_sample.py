@@ -232,7 +232,24 @@ def test_load_glow_bad_sources_name_the_problem(runs, tmp_path):
     with pytest.raises(CheckpointError, match=f"no usable checkpoint in {tmp_path}: no last.pt or prev.pt"):
         load_glow(tmp_path)
     save_checkpoint({"step": 1}, tmp_path / "bare")
-    with pytest.raises(ValueError, match="has no model_config"):
+    with pytest.raises(ValueError, match="has no model config"):
         load_glow(tmp_path / "bare")
     with pytest.raises(RuntimeError, match=BEYOND_MESSAGE.split(":")[0]):
         load_glow(runs / "plain", device=BEYOND)
+
+
+def test_load_glow_and_the_sample_cli_read_an_experiments_model(tmp_path):
+    """glowfast.experiments caches its models as checkpoints with a spec (and the Glow's config under "config"):
+    load_glow rebuilds the weights the experiment kept, and python -m glowfast.sample finds the spec's dataset for
+    its interpolation (a train-CLI option before)."""
+    from glowfast import load_glow
+    from glowfast.experiments.common import ModelSpec, train
+
+    spec = ModelSpec("digits", 8, K=2, L=2, hidden=16, batch=64, steps=3, warmup=1, eval_n=64, holdout=100, ema=0.9)
+    trained = train(spec, tmp_path / "data", torch.device("cpu"), "reference", tmp_path / "cache")
+    model = load_glow(tmp_path / "cache" / spec.key())
+    assert _holds(model, trained.model.state_dict()) and model.n_classes == 10
+    out = tmp_path / "out"
+    assert sample_main(["--checkpoint", str(tmp_path / "cache" / spec.key()), "--temperatures", "0.5",
+                        "--per-class", "1", "--interpolate-pairs", "2", "--steps", "3", "--out", str(out)]) == 0
+    assert _size(out / "interpolation.png") == (3 * CELL + 1, 2 * CELL + 1)
