@@ -120,18 +120,22 @@ def load_glow(source: str | os.PathLike, device: str | torch.device = "cpu", bac
     return _model_of_checkpoint(path, state, dev, backend, raw_weights)
 
 
-def _model_of_checkpoint(path: Path, state: dict, dev: torch.device, backend: str, raw_weights: bool):
-    """load_model, after checking that `state` is a training checkpoint, with `backend` resolved on `dev` ("auto"
-    falls back to the reference layers where the fused kernels cannot run); ValueError names the problem."""
+def _require_glow_config(path: Path, state: dict) -> None:
     if glow_config(state) is None:
         raise ValueError(f"{path} has no model config (neither a python -m glowfast.train nor a "
                          "glowfast.experiments checkpoint)")
+
+
+def _model_of_checkpoint(path: Path, state: dict, dev: torch.device, backend: str, raw_weights: bool):
+    """load_model, after checking that `state` is a training checkpoint, with `backend` resolved on `dev` ("auto"
+    falls back to the reference layers where the fused kernels cannot run); ValueError names the problem."""
+    _require_glow_config(path, state)
     model = load_model(state, dev, backend, raw_weights)
     try:
         model.resolve_backend(dev)
     except (RuntimeError, ImportError) as e:
-        if backend != "auto":
-            raise ValueError(f"backend {backend!r} on {dev}: {str(e).splitlines()[0]}") from None
+        if backend != "auto":  # resolve_backend's message names the backend, the device and the reason
+            raise ValueError(str(e).splitlines()[0]) from None
         model.backend = "reference"
     return model
 
@@ -163,10 +167,11 @@ def load_run_model(run, checkpoint, device: str, backend: str, raw_weights: bool
         path, state = find_checkpoint(source, map_location="cpu")
     except CheckpointError as e:
         raise ValueError(str(e)) from None
+    _require_glow_config(path, state)
     try:
         model = _model_of_checkpoint(path, state, dev, backend, raw_weights)
     except ValueError as e:
-        raise ValueError(f"--{e}" if str(e).startswith("backend ") else str(e)) from None
+        raise ValueError(f"--backend {backend}: {e}") from None
     return path, state, model, dev
 
 

@@ -238,6 +238,25 @@ def test_load_glow_bad_sources_name_the_problem(runs, tmp_path):
         load_glow(runs / "plain", device=BEYOND)
 
 
+def test_a_backend_that_cannot_run_is_one_clear_error(tmp_path, capsys):
+    """A model wider than the fused kernels (160 channels after the squeeze; they take 128): backend="fused" is
+    refused with the reason, by load_glow and by the sample CLI (one line, exit 2); "auto" falls back."""
+    from glowfast import Glow, load_glow
+    from glowfast.checkpoint import save_checkpoint
+
+    wide = Glow((40, 4, 4), K=1, L=1, hidden_channels=8)
+    save_checkpoint({"model": wide.state_dict(), "model_config": {**wide.config, "image_shape": [40, 4, 4]}},
+                    tmp_path / "wide")
+    reason = "a flow step has 160 channels, the kernels support at most 128"
+    with pytest.raises(ValueError, match=f"backend='fused' cannot run on cpu: {reason}"):
+        load_glow(tmp_path / "wide", backend="fused")
+    assert load_glow(tmp_path / "wide").resolve_backend(torch.device("cpu")) == "reference"
+    assert sample_main(["--checkpoint", str(tmp_path / "wide"), "--backend", "fused", "--out",
+                        str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --backend fused: backend='fused' cannot run on cpu: " + reason) and "\n" not in err
+
+
 def test_load_glow_and_the_sample_cli_read_an_experiments_model(tmp_path):
     """glowfast.experiments caches its models as checkpoints with a spec (and the Glow's config under "config"):
     load_glow rebuilds the weights the experiment kept, and python -m glowfast.sample finds the spec's dataset for
