@@ -47,9 +47,20 @@ def check_even_spatial(x: torch.Tensor, name: str = "input") -> None:
 
 
 def check_device_exists(device: torch.device) -> None:
-    """RuntimeError naming the problem when `device` is a CUDA device this machine does not have: no CUDA at all,
-    or an index beyond the devices present (which would otherwise fail later, deep inside torch)."""
-    if device.type != "cuda":
+    """RuntimeError naming the problem when `device` is one this machine does not have: a CUDA device with no CUDA
+    at all, or an index beyond the devices present; another accelerator type (mps, xpu ...) this PyTorch build or
+    machine lacks; or meta, which computes nothing. Each would otherwise fail later, deep inside torch."""
+    if device.type == "cpu":
+        return
+    if device.type == "meta":
+        raise RuntimeError("meta is not a compute device (its tensors hold no data): use cpu or cuda")
+    if device.type != "cuda":  # untested by glowfast, but let the reference layers run where torch can
+        try:
+            torch.empty(1, device=device)
+        except Exception as e:  # torch raises RuntimeError or AssertionError, depending on the backend
+            why = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:160]  # torch's first sentence
+            raise RuntimeError(f"{device.type} is not available on this machine or in this PyTorch build "
+                               f"({why})") from None
         return
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available on this machine")

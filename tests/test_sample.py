@@ -145,6 +145,8 @@ def test_bad_arguments_are_one_line_errors_before_any_output(runs, tmp_path, cap
     for args, message in (
         (["--device", "gpu"], "error: --device gpu: not a device (auto, cpu, cuda or cuda:N)"),
         (["--device", BEYOND], f"error: --device {BEYOND}: {BEYOND_MESSAGE}"),
+        (["--device", "meta"], "error: --device meta: meta is not a compute device (its tensors hold no data): use "
+                               "cpu or cuda"),
         (["--temperatures", "0.5", "-1"], "error: --temperatures must be finite and >= 0, got -1.0"),
         (["--out", str(a_file)], f"error: --out {a_file} is a file, not a folder"),
     ):

@@ -283,6 +283,27 @@ def test_a_cuda_device_this_machine_lacks_is_a_clean_error(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def _torch_has(device_type: str) -> bool:
+    backend = getattr(torch.backends, device_type, None) if device_type == "mps" else getattr(torch, device_type, None)
+    return bool(backend and backend.is_available())
+
+
+@pytest.mark.parametrize("device, message", [
+    ("meta", "meta is not a compute device (its tensors hold no data): use cpu or cuda"),
+    ("xpu", "xpu is not available on this machine or in this PyTorch build ("),
+    ("mps", "mps is not available on this machine or in this PyTorch build ("),
+])
+def test_a_device_type_torch_cannot_use_here_is_a_clean_error(tmp_path, capsys, device, message):
+    """--device mps / xpu where this torch has none, and meta: one line, exit 2 (each was a traceback from deep
+    inside torch: an AssertionError, a missing MPS backend, .item() on a meta tensor)."""
+    if device != "meta" and _torch_has(device):
+        pytest.skip(f"this machine has a working {device} device")
+    rc = main(TINY + ["--device", device, "--run-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(f"error: --device {device}: {message}") and "\n" not in err, err
+    assert not (tmp_path / "c").exists()
+
+
 def test_bad_options_exit_2(tmp_path, capsys):
     assert main(TINY + ["--steps", "0", "--run-dir", str(tmp_path / "x")]) == 2
     assert main(TINY + ["--dataset", "noise", "--y-condition", "--run-dir", str(tmp_path / "y")]) == 2
