@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -278,20 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", choices=("reference", "fused", "auto"), default="auto")
     p.add_argument("--json", default=None, help="write the table (and settings) as JSON here")
-    p.add_argument("--save-scores", default=None, metavar="DIR", help="per-image bits/dim as DIR/<dataset>_<split>.npy")
+    p.add_argument("--save-scores", default=None, metavar="DIR",
+                   help="per-image bits/dim as DIR/<dataset>_<split>.npy, and each image's index in its set as "
+                        "DIR/<dataset>_<split>_index.npy (a random subset with --n)")
     return p
 
 
-def _load_images(name: str, split: str, data_dir, image_shape: tuple[int, int, int],
-                 n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images and labels of a set in the model's shape: at most `n` (a fixed random subset; 0 = all, and
-    10000 images of the synthetic noise / constant sets)."""
+def _load_images(name: str, split: str, data_dir, image_shape: tuple[int, int, int], n: int):
+    """The Split (uint8 images, labels, each image's index in the set) of a set in the model's shape: at most `n`
+    (a fixed random subset; 0 = all, and 10000 images of the synthetic noise / constant sets)."""
     from .experiments.common import load_split
 
     synthetic = name in ("noise", "constant")
-    s = load_split(name, split, data_dir, image_shape[1], image_shape=image_shape,
-                   n=(n or 10000) if synthetic else (n or None))
-    return s.images, s.labels
+    return load_split(name, split, data_dir, image_shape[1], image_shape=image_shape,
+                      n=(n or 10000) if synthetic else (n or None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,31 +326,39 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e))
     cfg = training_options(state)
     data_dir = args.data_dir or cfg.get("data_dir") or "data"
-    rows, scores = [], {}
+    sets = {}  # every set loaded before any is scored: a missing one fails at once, not after minutes of scoring
     for spec in args.datasets:
         name, _, split = spec.partition(":")
         split = split or "test"
         try:
-            images, labels = _load_images(name, split, data_dir, model.image_shape, args.n)
+            s = _load_images(name, split, data_dir, model.image_shape, args.n)
         except (DatasetNotFoundError, ValueError) as e:
             message = str(e)  # data's messages start with the dataset's name already
             return fail(message if message.startswith(f"{name}:") else f"{spec}: {message}")
-        if tuple(images.shape[1:]) != model.image_shape:
-            return fail(f"{spec}: images of shape {tuple(images.shape[1:])}, the model expects {model.image_shape}")
+        if tuple(s.images.shape[1:]) != model.image_shape:
+            return fail(f"{spec}: images of shape {tuple(s.images.shape[1:])}, the model expects {model.image_shape}")
+        sets[f"{name}:{split}"] = (name, s)
+    rows, scores = [], {}
+    for key, (name, s) in sets.items():
         # a set's labels are the model's classes only for the dataset it was trained on: any other set (noise,
         # another dataset's classes) is scored by the marginal p(x), and the table says which score each row is
         conditional = bool(args.labels and model.n_classes and name == cfg.get("dataset"))
-        use_labels = labels if conditional else None
-        bpd = nll_bits_per_dim(model, images, device, args.batch_size, args.seed, labels=use_labels,
+        use_labels = s.labels if conditional else None
+        bpd = nll_bits_per_dim(model, s.images, device, args.batch_size, args.seed, labels=use_labels,
                                dequant_samples=args.dequant_samples)
-        key = f"{name}:{split}"
         scores[key] = bpd
         n = int(bpd.size)
-        sem = float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else None  # JSON null (NaN is not JSON)
-        row = {"dataset": key, "n": n, "mean_bpd": float(bpd.mean()), "sem_bpd": sem,
-               "score": "p(x | label)" if conditional else "p(x)"}
+        finite = bool(np.isfinite(bpd).all())
+        if not finite:  # a broken model (NaN) or a zero likelihood (inf): no mean, no ranking, and said so
+            print(f"warning: {key}: {int((~np.isfinite(bpd)).sum())} of {n} images have non-finite bits/dim; "
+                  "its mean and AUROC are not computed", file=sys.stderr)
+        # JSON null, never NaN (NaN is not JSON)
+        sem = float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 and finite else None
+        row = {"dataset": key, "n": n, "mean_bpd": float(bpd.mean()) if finite else None, "sem_bpd": sem,
+               "n_nonfinite": n - int(np.isfinite(bpd).sum()), "score": "p(x | label)" if conditional else "p(x)"}
         if rows:
-            row["auroc_vs_first"] = auroc(scores[rows[0]["dataset"]], bpd)
+            first = scores[rows[0]["dataset"]]
+            row["auroc_vs_first"] = auroc(first, bpd) if finite and np.isfinite(first).all() else None
         rows.append(row)
     header = "| dataset | score | images | mean bits/dim | ± s.e. | AUROC vs " + rows[0]["dataset"] + " (−log p) |"
     print(f"{path} ({'moving average' if state.get('ema') is not None and not args.raw_weights else 'weights'}; "
@@ -361,18 +370,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         a = r.get("auroc_vs_first")
         sem = "—" if r["sem_bpd"] is None else f"{r['sem_bpd']:.4f}"
-        print(f"| {r['dataset']} | {r['score']} | {r['n']} | {r['mean_bpd']:.4f} | {sem} | "
+        mean = "non-finite" if r["mean_bpd"] is None else f"{r['mean_bpd']:.4f}"
+        print(f"| {r['dataset']} | {r['score'].replace('|', chr(92) + '|')} | {r['n']} | {mean} | {sem} | "
               f"{'—' if a is None else f'{a:.4f}'} |")
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k not in ("json",)}
         Path(args.json).write_text(json.dumps({"checkpoint": str(path), "settings": settings, "rows": rows},
                                               indent=1) + "\n")
     if args.save_scores:
-        import numpy as np
-
         out = Path(args.save_scores)
         for key, bpd in scores.items():
             np.save(out / f"{key.replace(':', '_')}.npy", bpd)
+            # which image of the set each score is (a subset with --n; the synthetic sets are generated in order)
+            np.save(out / f"{key.replace(':', '_')}_index.npy", sets[key][1].index.numpy())
     return 0
 
 

@@ -381,3 +381,73 @@ def test_reported_likelihoods_are_computed_in_full_fp32():
     class_log_likelihoods(model, model.preprocess(images, dequantize=False))
     assert len(model.seen) >= 3 and set(model.seen) == {(False, False, "ieee")}
     assert _tf32_state() == before
+
+
+def test_cli_checks_every_set_first_keeps_subset_indices_and_escapes_the_table(tmp_path, capsys, monkeypatch):
+    """Found by a user-study audit: (1) a missing set named after good ones failed only after those were scored;
+    (2) --save-scores with --n saved the scores of a random subset without saying which images; (3) the row of a
+    p(x | label) score broke the printed Markdown table (an extra column)."""
+    import glowfast.evaluate as ev
+    from glowfast.checkpoint import find_checkpoint
+    from glowfast.data import get_dataset
+    from glowfast.sample import load_model
+    from glowfast.train import main as train_main
+
+    from test_train import TINY
+
+    run = tmp_path / "run"
+    assert train_main(TINY + ["--steps", "4", "--eval-interval", "4", "--y-condition", "--run-dir", str(run)]) == 0
+    scored = []
+    real = ev.nll_bits_per_dim
+    monkeypatch.setattr(ev, "nll_bits_per_dim", lambda model, images, *a, **k: scored.append(len(images))
+                        or real(model, images, *a, **k))
+    capsys.readouterr()
+    assert main(["--run", str(run), "--datasets", "digits", "noise", "cifar10", "--data-dir", str(tmp_path / "none"),
+                 "--device", "cpu"]) == 2
+    assert "cifar10: " in capsys.readouterr().err and scored == []
+    scores = tmp_path / "scores"
+    assert main(["--run", str(run), "--datasets", "digits", "--n", "50", "--labels", "--device", "cpu",
+                 "--batch-size", "512", "--save-scores", str(scores)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len({line.replace("\\|", "").count("|") for line in table}) == 1, table  # one column count
+    assert r"| p(x \| label) |" in table[-1]
+    index = np.load(scores / "digits_test_index.npy")
+    assert index.shape == (50,) and len(set(index.tolist())) == 50 and 0 <= index.min() and index.max() < 297
+    test = get_dataset("digits", "test")
+    images = torch.stack([test[int(i)][0] for i in index])
+    labels = torch.tensor([int(test[int(i)][1]) for i in index])
+    model = load_model(find_checkpoint(run)[1], torch.device("cpu"))
+    np.testing.assert_array_equal(np.load(scores / "digits_test.npy"),
+                                  real(model, images, "cpu", 512, seed=0, labels=labels))
+
+
+def test_cli_non_finite_scores_are_named_never_a_crash_or_nan_json(tmp_path, capsys):
+    """A model whose forward overflows (a coupling network's output bias set to NaN, as a diverged run could leave
+    it): the sets are still tabled, each with its count of non-finite images, no mean and no AUROC (it was an
+    AUROC traceback that lost every result, and with one set "nan" rows and NaN in the JSON)."""
+    from glowfast.checkpoint import find_checkpoint
+    from glowfast.train import main as train_main
+
+    from test_train import TINY
+
+    run = tmp_path / "run"
+    assert train_main(TINY + ["--steps", "2", "--eval-interval", "2", "--run-dir", str(run)]) == 0
+    path, state = find_checkpoint(run)
+    bias = next(k for k in state["model"] if k.endswith(".bias") and "coupling" in k)
+    state["model"][bias].fill_(float("nan"))
+    torch.save(state, path)  # as a diverged run's weights would be (save_checkpoint refuses non-finite states)
+    out = tmp_path / "eval.json"
+    capsys.readouterr()
+    assert main(["--run", str(run), "--datasets", "digits", "noise", "--n", "20", "--device", "cpu",
+                 "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    for name in ("digits:test", "noise:test"):
+        assert f"warning: {name}: 20 of 20 images have non-finite bits/dim" in captured.err
+
+    def no_nan(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    rows = json.loads(out.read_text(), parse_constant=no_nan)["rows"]
+    assert [(r["n_nonfinite"], r["mean_bpd"], r["sem_bpd"]) for r in rows] == [(20, None, None)] * 2
+    assert rows[1]["auroc_vs_first"] is None
+    assert "| digits:test | p(x) | 20 | non-finite | — | — |" in captured.out

@@ -174,6 +174,7 @@ class Split:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
     name: str
+    index: torch.Tensor | None = None  # int64 (N,): each image's index in the dataset split (load_split's subsets)
 
 
 def load_split(name: str, split: str, data_dir, size: int, image_shape=None, n: int | None = None,
@@ -182,7 +183,7 @@ def load_split(name: str, split: str, data_dir, size: int, image_shape=None, n: 
     ``inverted-<name>`` = 255 - images of another set (e.g. inverted-digits)."""
     if name.startswith("inverted-") and name != "inverted-mnist":
         base = load_split(name[len("inverted-"):], split, data_dir, size, n=n)
-        return Split(255 - base.images, base.labels, name)
+        return Split(255 - base.images, base.labels, name, base.index)
     if name in ("noise", "constant"):
         ds = get_dataset(name, split, data_dir, image_shape=tuple(image_shape), n=n or 2000)
     else:
@@ -198,7 +199,7 @@ def load_split(name: str, split: str, data_dir, size: int, image_shape=None, n: 
         pairs = [ds[int(i)] for i in idx]
         images = torch.stack([torch.as_tensor(p[0]) for p in pairs])
         labels = torch.tensor([int(p[1]) for p in pairs])
-    return Split(images.contiguous(), labels.to(torch.int64), name)
+    return Split(images.contiguous(), labels.to(torch.int64), name, idx)
 
 
 def train_holdout(spec: ModelSpec, data_dir) -> tuple[Split, Split | None]:
