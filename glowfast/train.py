@@ -360,6 +360,8 @@ def _write_config(run_dir: Path, full: dict) -> None:
 
 
 def _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trainer, NonFiniteLossError) -> int:
+    from .trainer import ResumePastEndError
+
     main_rank = dist_info.is_main
     full = None
     if main_rank:
@@ -382,6 +384,8 @@ def _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trai
         return _fail(str(e), 3)
     except CheckpointError as e:
         return _fail(f"cannot resume {run_dir}: {e}. The files were left as they are.")
+    except ResumePastEndError as e:
+        return _fail(f"--resume {run_dir}: {e}. The run was left as it is.")
     except OSError as e:  # e.g. a full disk while saving: checkpoints are written atomically, the older ones stand
         newest = (f"the newest checkpoint is step {trainer.saved_step}" if trainer.saved_step is not None else
                   "no checkpoint was written")

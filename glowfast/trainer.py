@@ -63,8 +63,12 @@ from .model import Glow
 TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 1.0)
 CHECKPOINT_FORMAT = "glowfast-checkpoint-v1"
 
-__all__ = ["NonFiniteLossError", "Trainer", "TEMPERATURES", "build_model", "initialize_actnorm", "save_grid",
-           "sample_grid"]
+__all__ = ["NonFiniteLossError", "ResumePastEndError", "Trainer", "TEMPERATURES", "build_model", "initialize_actnorm",
+           "save_grid", "sample_grid"]
+
+
+class ResumePastEndError(ValueError):
+    """A resume asked for fewer steps than the run has done (raised before the run's files are touched)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -284,6 +288,10 @@ class Trainer:
                     print(f"note: {LAST} does not load; moved to {bad.name}, resuming from {PREV}")
         if state is not None:
             self.load_state(state)
+            if self.step > self.total_steps:  # before anything is written (every rank: the same decision)
+                option = "--steps" if self.cfg.get("steps") is not None else "--epochs"
+                raise ResumePastEndError(f"the run is already at step {self.step}, past the {option} given "
+                                         f"({self.total_steps} steps); give more to train further")
             if self.is_main:
                 kept = [m for m in read_metrics(self.metrics_path) if m.get("step", 0) <= self.step]
                 _atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))

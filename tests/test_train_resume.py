@@ -114,6 +114,24 @@ def test_resume_with_no_loadable_checkpoint_is_an_error_that_changes_nothing(tmp
     assert (run / "config.json").read_text() == config  # it took the failed resume's --steps 12
 
 
+def test_resume_with_fewer_steps_than_done_is_an_error_that_changes_nothing(tmp_path, capsys):
+    """--resume RUN --steps N below the run's step rewrote config.json to N (and every later plain --resume
+    inherited it) while training nothing (found by a user-study audit). Equal to the step: nothing to do, rc 0."""
+    run = tmp_path / "run"
+    assert main(COMMON + ["--steps", "8", "--run-dir", str(run)]) == 0
+    files = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    metrics, config = (run / "metrics.jsonl").read_text(), (run / "config.json").read_text()
+    capsys.readouterr()
+    assert main(["--resume", str(run), "--steps", "4", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --resume {run}: the run is already at step 8, past the --steps given (4 steps); give more to train "
+        "further. The run was left as it is.")
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == files
+    assert (run / "metrics.jsonl").read_text() == metrics and (run / "config.json").read_text() == config
+    assert main(["--resume", str(run), "--steps", "8", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["steps"] == 8
+
+
 def test_resume_from_prev_when_last_is_damaged_keeps_prev(tmp_path, uninterrupted):
     """last.pt unreadable: resume from prev.pt (step 4), move last.pt aside, and the next save must not turn the
     damaged file into prev.pt. The run then ends as the uninterrupted one."""
