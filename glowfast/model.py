@@ -206,8 +206,8 @@ class Glow(nn.Module):
                 # quantising to the n_bits grid is piecewise constant: x.grad would be exactly zero, silently
                 raise ValueError("images that require grad: preprocess quantises them to the n_bits grid, so their "
                                  "gradient would be zero. For d log p / d x of the continuous density use "
-                                 "model.encode(x_model) on x_model = model.preprocess(x.detach()) (or your own "
-                                 "values in [-0.5, 0.5)) with requires_grad")
+                                 "model.log_density(x_model) on x_model = model.preprocess(x.detach()) (or your "
+                                 "own values in [-0.5, 0.5)) with requires_grad")
             check_finite(x, "images")
             if can_synchronize(x) and bool((x < 0).any() or (x > 1).any()):
                 raise ValueError("float images must lie in [0, 1] (uint8 images in [0, 255])")
@@ -325,12 +325,26 @@ class Glow(nn.Module):
                 generator: torch.Generator | None = None) -> GlowOutput:
         """Images -> GlowOutput(log_prob, bits_per_dim, y_logits). Training minimises bits_per_dim.mean()."""
         xc = self.preprocess(x, dequantize=dequantize, generator=generator)  # validates the images
-        latents, logdet, log_pz = self._flow(xc)
-        log_pz = log_pz + self.prior.log_prob(latents[-1], y)
+        log_density, top = self._log_density(xc, y)
         num_dims = math.prod(self.image_shape)
-        log_prob = log_pz + logdet - num_dims * math.log(self.n_bins)
+        log_prob = log_density - num_dims * math.log(self.n_bins)
         bpd = -log_prob / (num_dims * math.log(2.0))
-        return GlowOutput(log_prob, bpd, self.prior.class_logits(latents[-1]))
+        return GlowOutput(log_prob, bpd, self.prior.class_logits(top))
+
+    def log_density(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample log-density in nats of the continuous flow at x in model space (``preprocess``'s output, in
+        [-0.5, 0.5)), differentiable with respect to x -- for d log p / d x (saliency maps, gradient-based OOD
+        scores, adversarial inputs), which ``forward`` cannot give because ``preprocess`` refuses images that
+        require grad. ``forward(images).log_prob`` is ``log_density(preprocess(images)) - D * log(n_bins)`` with
+        the same noise."""
+        self._check_model_space(x)
+        check_finite(x, "x")
+        return self._log_density(x, y)[0]
+
+    def _log_density(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-density of model-space x, the top latent)."""
+        latents, logdet, log_pz = self._flow(x)
+        return log_pz + self.prior.log_prob(latents[-1], y) + logdet, latents[-1]
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None, dequantize: bool = True,
                  generator: torch.Generator | None = None) -> torch.Tensor:

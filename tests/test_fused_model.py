@@ -203,6 +203,13 @@ def test_glow_fused_matches_reference(coupling, permutation, lu, batch, device, 
     assert_grads_exact(g, g_ref, names)
 
     x = model.preprocess(images, dequantize=True)
+    dx = {}  # d log p / d x through log_density (the README's route to input gradients)
+    for backend in ("reference", "fused"):
+        model.backend = backend
+        xm = x.clone().requires_grad_(True)
+        (dx[backend],) = torch.autograd.grad(model.log_density(xm).sum(), xm)
+    assert float(dx["reference"].abs().max()) > 0
+    assert_exact(dx["fused"], dx["reference"], "grad", "d log_density / d x")
     with torch.no_grad():
         model.backend = "reference"
         latents_ref, ld_ref = model.encode(x)
