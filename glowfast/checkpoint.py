@@ -233,7 +233,8 @@ def find_checkpoint(run_or_dir: str | os.PathLike, map_location: Any = "cpu") ->
             return candidate, load_checkpoint(candidate, map_location)
         except CheckpointError as e:
             errors.append(str(e))
-            warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=2)
+            if name == LAST and (directory / PREV).exists():  # else the error below says it all
+                warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=2)
     detail = ("; ".join(errors)) if errors else f"no {LAST} or {PREV} in {directory}"
     raise CheckpointError(f"no usable checkpoint in {p}: {detail}")
 

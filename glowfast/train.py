@@ -215,8 +215,10 @@ def validate(cfg: dict) -> None:
         raise ValueError(f"--steps must be >= 1, got {cfg['steps']}")
     if cfg["warmup_steps"] < 0:
         raise ValueError("--warmup-steps must be >= 0")
-    if cfg["lr"] <= 0:
-        raise ValueError("--lr must be > 0")
+    if not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0):
+        raise ValueError(f"--lr must be finite and > 0, got {cfg['lr']}")
+    if not (math.isfinite(cfg["grad_clip"]) and cfg["grad_clip"] >= 0):
+        raise ValueError(f"--grad-clip must be finite and >= 0 (0: off), got {cfg['grad_clip']}")
     ema = cfg.get("ema_decay") or 0.0
     if not (math.isfinite(ema) and 0.0 <= ema < 1.0):
         raise ValueError(f"--ema-decay must be in [0, 1) (0: off), got {ema}")
@@ -411,4 +413,7 @@ def _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trai
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # during start-up (imports, data, model): once training runs, fit() handles Ctrl-C
+        sys.exit(_fail("interrupted during start-up, before the first training step", 130))

@@ -373,6 +373,20 @@ def test_runs_started_together_without_a_name_get_folders_of_their_own(tmp_path)
         assert load_checkpoint(r / "checkpoints" / LAST)["config"]["lr"] == cfg["lr"]
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "inf", "--lr must be finite and > 0, got inf"),
+    ("--lr", "nan", "--lr must be finite and > 0, got nan"),
+    ("--grad-clip", "-1", "--grad-clip must be finite and >= 0 (0: off), got -1.0"),
+    ("--grad-clip", "nan", "--grad-clip must be finite and >= 0 (0: off), got nan"),
+])
+def test_non_finite_lr_and_negative_grad_clip_are_refused_before_training(tmp_path, capsys, option, value, message):
+    """--lr inf trained until the weights overflowed (exit 3 at step 11) and --grad-clip -1 silently meant "off"
+    (found by a user-study audit): one line, exit 2, nothing written."""
+    assert main(TINY + [option, value, "--run-dir", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "t").exists()
+
+
 def test_bad_temperatures_are_refused_before_training(tmp_path, capsys):
     for bad in ("-1", "nan"):
         assert main(TINY + ["--temperatures", "0.7", bad, "--run-dir", str(tmp_path / "t")]) == 2
