@@ -232,6 +232,8 @@ def test_module_entry_point(tiny_run):
                         "--out", str(root / "typicality-cli")], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "loaded cached model" in r.stdout  # the model trained by the fixture is reused from root/models
+    # the digits fallback is said on the console too (it was only in results.md: a mistyped --data-dir went unseen)
+    assert f"MNIST not found under {empty}: the tiny config uses the 8x8 digits dataset instead." in r.stdout
     _load(root / "typicality-cli")
 
 
@@ -253,6 +255,13 @@ def test_bad_arguments(capsys, tmp_path):
     assert main(["samples", "--config", "tiny", "--device", BEYOND, "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err.strip() == f"error: --device {BEYOND}: {BEYOND_MESSAGE}"
     assert not (tmp_path / "b").exists()
+    # --steps -1 trained 0 steps and cached that model as trained (found by a user-study audit)
+    for option, value, message in (("--steps", "-1", "--steps must be >= 1, got -1"),
+                                   ("--time-limit", "0", "--time-limit must be > 0, got 0.0"),
+                                   ("--alpha", "1", "--alpha must be in (0, 1), got 1.0")):
+        assert main(["samples", "--config", "tiny", option, value, "--out", str(tmp_path / "s")]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "s").exists()
 
 
 def test_glowfast_train_checkpoint(tiny_run, tmp_path, capsys):

@@ -202,6 +202,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    bad = [f"--{k.replace('_', '-')} must be {want}, got {v}" for k, v, ok, want in (
+        ("steps", args.steps, args.steps is None or args.steps >= 1, ">= 1"),
+        ("time_limit", args.time_limit, args.time_limit is None or args.time_limit > 0, "> 0"),
+        ("alpha", args.alpha, 0 < args.alpha < 1, "in (0, 1)"),
+        ("threads", args.threads, args.threads is None or args.threads >= 0, ">= 0")) if not ok]
+    if bad:  # a model trained for 0 steps was cached and reported as if trained (found by a user-study audit)
+        print(f"error: {bad[0]}", file=sys.stderr)
+        return 2
     names = list(EXPERIMENTS) if "all" in args.names else list(dict.fromkeys(args.names))
     single = len(names) == 1
     root = Path(args.out) if args.out else (Path("results") / names[0] if single else Path("results"))
@@ -220,6 +228,8 @@ def main(argv=None) -> int:
     except DatasetNotFoundError as e:  # small / full without MNIST: one line, not a traceback
         print(f"error: --config {args.config}: {e}", file=sys.stderr)
         return 2
+    for note in notes:  # e.g. the tiny config's fallback to the digits: on the console too, not only in results.md
+        _log(note)
     if args.seed:
         preset = replace(preset, main=replace(preset.main, seed=args.seed),
                          ablation=replace(preset.ablation, seed=args.seed))
