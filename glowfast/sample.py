@@ -110,7 +110,7 @@ def load_glow(source: str | os.PathLike, device: str | torch.device = "cpu", bac
     "fused" or "reference".
 
     Raises CheckpointError (a RuntimeError) when no checkpoint loads, ValueError for a checkpoint without a model
-    config or a backend that cannot run on `device`, RuntimeError for a CUDA device this machine lacks.
+    config or a backend that cannot run on `device`, RuntimeError for a device this machine lacks.
     """
     from .checkpoint import find_checkpoint
 
@@ -167,7 +167,7 @@ def load_run_model(run, checkpoint, device: str, backend: str, raw_weights: bool
         path, state = find_checkpoint(source, map_location="cpu")
     except CheckpointError as e:
         raise ValueError(str(e)) from None
-    _require_glow_config(path, state)
+    _require_glow_config(path, state)  # its ValueError as it is; after it, a ValueError is about --backend
     try:
         model = _model_of_checkpoint(path, state, dev, backend, raw_weights)
     except ValueError as e:
