@@ -735,7 +735,8 @@ def prepare_fashion_mnist(data_dir: str | os.PathLike, source_dir: str | os.Path
                           fmt: str = "idx", verify: bool = True) -> list[Path]:
     """Write Fashion-MNIST in torchvision's layout (``DATA/FashionMNIST/raw/*-ubyte``).
 
-    Source: ``source_dir`` holding the four ``*-ubyte.gz`` files, else ``/usr/share/datasets/fashion-mnist``
+    Source: ``source_dir`` holding the four ``*-ubyte.gz`` files (or uncompressed ``*-ubyte``, e.g. a torchvision
+    ``FashionMNIST/raw`` folder), else ``/usr/share/datasets/fashion-mnist``
     (Debian package ``dataset-fashion-mnist`` installed), else ``apt-get download dataset-fashion-mnist`` +
     ``dpkg-deb -x`` into a temporary folder (no root needed).
     """
@@ -743,9 +744,11 @@ def prepare_fashion_mnist(data_dir: str | os.PathLike, source_dir: str | os.Path
     names = [n for pair in _IDX_NAMES.values() for n in pair]
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(source_dir) if source_dir is not None else FASHION_SYSTEM_DIR
-        if not all((src / (n + ".gz")).is_file() for n in names):
+        if not all((src / (n + ".gz")).is_file() or (source_dir is not None and (src / n).is_file())
+                   for n in names):
             if source_dir is not None:
-                raise DatasetNotFoundError(f"fashion-mnist: {src} lacks the four *-ubyte.gz files")
+                raise DatasetNotFoundError(f"fashion-mnist: {src} lacks the four *-ubyte.gz (or uncompressed "
+                                           "*-ubyte) files")
             if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
                 raise DatasetNotFoundError(
                     "fashion-mnist: needs apt-get and dpkg-deb (Debian/Ubuntu) to fetch the Debian package "
@@ -757,11 +760,19 @@ def prepare_fashion_mnist(data_dir: str | os.PathLike, source_dir: str | os.Path
                 raise RuntimeError(f"apt-get download {FASHION_DEB} produced no .deb in {tmp}")
             _run(["dpkg-deb", "-x", str(debs[-1]), str(Path(tmp) / "x")], Path(tmp))
             src = Path(tmp) / "x" / FASHION_SYSTEM_DIR.relative_to("/")
-        gz = {n: (src / (n + ".gz")).read_bytes() for n in names}
-        idx = {n: _gunzip(gz[n], src / (n + ".gz")) for n in names}
+        gz, idx, paths_of = {}, {}, {}
+        for n in names:  # the .gz file where there is one, else the uncompressed file (as torchvision leaves them)
+            if (src / (n + ".gz")).is_file():
+                paths_of[n] = src / (n + ".gz")
+                gz[n] = paths_of[n].read_bytes()
+                idx[n] = _gunzip(gz[n], paths_of[n])
+            else:
+                paths_of[n] = src / n
+                idx[n] = paths_of[n].read_bytes()
+                gz[n] = gzip.compress(idx[n], mtime=0)
         for split in SPLITS:  # structural check: the files parse and agree
-            paths = tuple(src / (n + ".gz") for n in _IDX_NAMES[split])
-            images, labels = (_parse_idx(idx[p.name.removesuffix(".gz")], p) for p in paths)
+            paths = tuple(paths_of[n] for n in _IDX_NAMES[split])
+            images, labels = (_parse_idx(idx[n], paths_of[n]) for n in _IDX_NAMES[split])
             _check_idx_pair("fashion-mnist", images, labels, paths, 0, 9)
             if images.shape[1:] != (28, 28):
                 raise ValueError(f"{paths[0]}: images are {images.shape[1:]}, expected 28x28")

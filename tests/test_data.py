@@ -286,6 +286,11 @@ def test_prepare_fashion_from_source_dir(tmp_path):
     assert a.images.shape == (3, 1, 28, 28)
     with pytest.raises(gd.DatasetNotFoundError, match="lacks"):
         gd.prepare_fashion_mnist(tmp_path / "d", source_dir=tmp_path)
+    # a torchvision-style raw folder with uncompressed files (it was refused: found by a user-study audit)
+    write_mnist_layout(src, folder="u", gz=False)
+    gd.prepare_fashion_mnist(tmp_path / "e", source_dir=src / "u" / "raw", fmt="gz", verify=False)
+    b = gd.get_dataset("fashion-mnist", "test", tmp_path / "e", size=28)
+    assert torch.equal(b.images, a.images) and torch.equal(b.labels, a.labels)
 
 
 # --------------------------------------------------------------------------------------------------
