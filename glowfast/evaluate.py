@@ -387,4 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from ._cli import plain_warnings
+
+    plain_warnings()
     sys.exit(main())

@@ -413,6 +413,9 @@ def _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trai
 
 
 if __name__ == "__main__":
+    from ._cli import plain_warnings
+
+    plain_warnings()
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # during start-up (imports, data, model): once training runs, fit() handles Ctrl-C

@@ -279,3 +279,24 @@ def test_load_glow_and_the_sample_cli_read_an_experiments_model(tmp_path, capsys
                         "--per-class", "1", "--interpolate-pairs", "2", "--steps", "3", "--out", str(out)]) == 0
     assert _size(out / "interpolation.png") == (3 * CELL + 1, 2 * CELL + 1)
     assert f"{spec.key()}/checkpoints/last.pt (step 3); wrote " in capsys.readouterr().err  # was "(step None)"
+
+
+def test_cli_warnings_are_one_plain_line(runs, tmp_path):
+    """A run whose last.pt does not load falls back to prev.pt with a warning: the CLI prints it as one "warning:"
+    line, like its errors and notes (it was Python's "path:line: UserWarning: ..." plus the source line)."""
+    import shutil
+
+    from glowfast.checkpoint import LAST, PREV
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "plain", run)
+    shutil.copy(run / "checkpoints" / LAST, run / "checkpoints" / PREV)
+    (run / "checkpoints" / LAST).write_text("junk")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "glowfast.sample", "--run", str(run), "--interpolate-pairs", "0",
+                          "--temperatures", "1", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    warning = [line for line in out.stderr.splitlines() if "trying the previous checkpoint" in line]
+    assert len(warning) == 1 and warning[0].startswith(f"warning: cannot load checkpoint {run / 'checkpoints' / LAST}")
+    assert "UserWarning" not in out.stderr and "find_checkpoint(" not in out.stderr
