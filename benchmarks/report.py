@@ -202,8 +202,10 @@ def header(meta: dict, title: str, note: str | None, benches: list[dict] = ()) -
                 mi[pkg] = f"{importlib.metadata.version(pkg)} (installed where the report ran)"
             except importlib.metadata.PackageNotFoundError:
                 pass
-    commit = ci.get("id")
-    commit = (commit[:12] + (" (dirty tree)" if ci.get("dirty") else "")) if commit else \
+    # pytest-benchmark writes "unversioned" outside a git checkout: the GPU machine's copy of the tree, whose
+    # caller passes the commit in GLOWFAST_GIT_COMMIT
+    recorded = ci.get("id") not in (None, "", "unversioned")
+    commit = (ci["id"][:12] + (" (dirty tree)" if ci.get("dirty") else "")) if recorded else \
         os.environ.get("GLOWFAST_GIT_COMMIT") or \
         (git_commit(Path(__file__).resolve().parent) or "unknown") + " (git rev-parse at report time)"
     date = meta.get("datetime") or _dt.datetime.now(_dt.UTC).isoformat()
@@ -216,7 +218,7 @@ def header(meta: dict, title: str, note: str | None, benches: list[dict] = ()) -
         ("triton", mi.get("triton") or "—"),
         ("CUDA (torch build)", mi.get("cuda_version") or "—"),
         ("python", mi.get("python_version", "?")),
-        ("commit", f"{commit} on {ci.get('branch', '?')}" if ci.get("branch") else commit),
+        ("commit", f"{commit} on {ci['branch']}" if recorded and ci.get("branch") else commit),
         ("date", date),
         ("pytest-benchmark", meta.get("version", "?")),
         ("torch CPU threads", ", ".join(str(t) for t in sorted(

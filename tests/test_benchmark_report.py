@@ -70,9 +70,9 @@ def bench_json(tmp_path_factory) -> Path:
     return out
 
 
-def run_report(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+def run_report(*args, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(REPORT), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -525,3 +525,15 @@ def test_start_up_with_and_without_precompile_each_get_a_target_row(tmp_path):
     assert "18 kernels" in rows[0][0]
     cells = table_row(md, "cifar10_K32")
     assert cells[5:8] == ["500 ms", "1.5 s, 18 kernels", "2 s"], cells
+
+
+def test_commit_of_a_run_outside_git_comes_from_the_environment(tmp_path):
+    """The GPU machine's copy of the tree has no .git: pytest-benchmark records the commit as "unversioned", and
+    the report named that instead of the GLOWFAST_GIT_COMMIT the session passes (found by an API audit)."""
+    src = tmp_path / "gpu.json"
+    src.write_text(json.dumps({"machine_info": {"cuda_device": "NVIDIA H100", "torch": "2.x", "python_version": "3"},
+                               "commit_info": {"id": "unversioned", "dirty": False, "branch": "(unknown)"},
+                               "benchmarks": [bench_row("toy_op/fwd/B2", "fused", 1e-3)],
+                               "datetime": "2025-01-01T00:00:00", "version": "5.1.0"}))
+    md = run_report(src, env={**os.environ, "GLOWFAST_GIT_COMMIT": "0123abcd-dirty"}).stdout
+    assert "| commit | 0123abcd-dirty |" in md and "unversioned" not in md
