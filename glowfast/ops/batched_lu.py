@@ -28,8 +28,10 @@ implementations are registered here, so ``torch.compile(fullgraph=True)`` traces
 Autograd
     d logabsdet / dW = W^-T, formed from the saved LU factors by ``lu_inverse_packed`` (no second
     factorisation); sign has no gradient. d(W^-1) backward is -W^-T G W^-T (``inverse_packed_backward``).
-    Gradients flow to every element of a list input, and to ``.data`` of a PackedMatrices. Double backward is
-    not supported.
+    Gradients flow to every element of a list input, and to ``.data`` of a PackedMatrices. Second derivatives
+    of logabsdet (Hessian-vector products, gradient penalties: ``create_graph=True``) are exact: that backward
+    goes through the differentiable batched inverse instead (one more factorisation). Third derivatives, and
+    second derivatives of ``batched_inverse``, raise an error.
 
 Singular matrices
     An exactly singular matrix (an exactly zero pivot) gives sign 0 and logabsdet -inf, never NaN and never an
@@ -101,9 +103,9 @@ def _inverse_packed_backward_fake(inverse, grad, offsets, sizes, max_n):
 # Autograd
 # ----------------------------------------------------------------------------------------------------------
 def _factor_setup_context(ctx, inputs, output):
-    _, offsets, sizes, max_n = inputs
+    packed, offsets, sizes, max_n = inputs
     lu, pivots, sign, _, info = output
-    ctx.save_for_backward(lu, pivots, offsets, sizes)
+    ctx.save_for_backward(packed, lu, pivots, offsets, sizes)
     ctx.max_n = max_n
     ctx.mark_non_differentiable(lu, pivots, sign, info)
 
@@ -111,12 +113,27 @@ def _factor_setup_context(ctx, inputs, output):
 def _factor_backward(ctx, g_lu, g_pivots, g_sign, g_logabsdet, g_info):
     if g_logabsdet is None or not ctx.needs_input_grad[0]:
         return None, None, None, None
-    lu, pivots, offsets, sizes = ctx.saved_tensors
+    packed, lu, pivots, offsets, sizes = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: this backward is itself differentiated (Hessian-vector
+        return _differentiable_logdet_grad(packed, offsets, sizes, ctx.max_n, g_logabsdet), None, None, None
     # d logabsdet_b / dW_b = W_b^-T, scaled by the incoming gradient of matrix b, in one launch.
     grad = torch.ops.glowfast.lu_inverse_packed(
         lu, pivots, offsets, sizes, ctx.max_n, True, g_logabsdet.contiguous()
     )
     return grad, None, None, None
+
+
+def _differentiable_logdet_grad(packed, offsets, sizes, max_n, g):
+    """g_b * W_b^-T for every matrix of the packed buffer, built from the differentiable batched inverse (its
+    backward is -W^-T G W^-T) so that second derivatives are right: the LU factors are non-differentiable outputs,
+    and the one-launch gradient from them would carry no second-order term. A second factorisation, paid only
+    when create_graph=True. As in the first-order gradient, a zero incoming gradient masks a singular matrix."""
+    inverse, _ = torch.ops.glowfast.inverse_packed(packed, offsets, sizes, max_n)
+    transpose = torch.cat([o + torch.arange(n * n, device=packed.device).view(n, n).T.reshape(-1)
+                           for o, n in zip(offsets.tolist(), sizes.tolist())])
+    g_elem = torch.repeat_interleave(g.to(packed.dtype), sizes * sizes, output_size=packed.numel())
+    grad = g_elem * inverse[transpose]
+    return torch.where(g_elem == 0, torch.zeros_like(grad), grad)
 
 
 def _inverse_setup_context(ctx, inputs, output):
