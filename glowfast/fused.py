@@ -175,7 +175,8 @@ def level_weights(steps: Sequence, w_logabsdets: Sequence[torch.Tensor | None] |
     """
     steps = list(steps)
     log_scale_sum = torch.stack([s.actnorm.log_scale for s in steps]).sum()
-    if _same_permutations(steps, InvConv1x1, lu=True):
+    given = [] if w_logabsdets is None else [ld is not None for ld in w_logabsdets]
+    if _same_permutations(steps, InvConv1x1, lu=True) and not any(given):  # given values: the per-step path
         perms = [s.permute for s in steps]
         first = perms[0]
         lower = torch.stack([p.lower for p in perms]) * first.lower_mask + first.eye
@@ -188,7 +189,7 @@ def level_weights(steps: Sequence, w_logabsdets: Sequence[torch.Tensor | None] |
         eye = torch.eye(steps[0].channels, device=log_scale_sum.device)
         w = eye[torch.stack([s.permute.perm for s in steps])]
         return list(w.unbind(0)), log_scale_sum
-    if _same_permutations(steps, InvConv1x1, lu=False) and w_logabsdets is not None:
+    if _same_permutations(steps, InvConv1x1, lu=False) and given and all(given):
         return [s.permute.weight for s in steps], log_scale_sum + torch.stack(list(w_logabsdets)).sum()
     w_lds = [None] * len(steps) if w_logabsdets is None else w_logabsdets
     w_ld_sum = sum(_w_logabsdet(s, ld) for s, ld in zip(steps, w_lds, strict=True))

@@ -11,6 +11,7 @@ import torch
 from glowfast import fused
 from glowfast.model import Glow
 from glowfast.reference import FlowStep
+from glowfast.reference.flowstep import steps_forward as reference_steps_forward
 
 from conftest import kernel_devices
 from helpers import assert_steps_match_reference, make_steps, randomize_, reference_forward
@@ -63,6 +64,26 @@ def test_precomputed_w_logabsdets_and_inverses(kernel_device):
         assert_exact(ld, ld_ref + 2 * 15, "logdet", "logdet with offset log|det W|")
         w_invs = [torch.linalg.inv(s.permute.weight) for s in steps]
         assert_exact(fused.steps_inverse(list(steps), y, w_invs), x, "out", "inverse")
+
+
+@pytest.mark.parametrize("lu", [True, False], ids=["lu", "plain"])
+@pytest.mark.parametrize("which", ["all", "some"])
+def test_given_w_logabsdets_are_used_as_the_reference_uses_them(lu, which, kernel_device):
+    """fused.steps_forward takes per-step log|det W| (None: the step's own) exactly as the reference does. The LU
+    fast path ignored given values, and None entries crashed the plain-W path (found by an API audit)."""
+    steps = make_steps(3, 4, "affine", "invconv", lu, kernel_device)
+    x = torch.randn(2, 4, 3, 5, device=kernel_device)
+    lds = [s.permute.log_abs_det().detach() + 10.0 * (k + 1) for k, s in enumerate(steps)]
+    if which == "some":
+        lds[1] = None
+    with torch.no_grad():
+        y, ld = fused.steps_forward(list(steps), x, lds)
+        y_ref, ld_ref = reference_steps_forward(list(steps), x, lds)
+        own = reference_forward(steps, x)[1]
+    assert_exact(y, y_ref, "out", "y")
+    assert_exact(ld, ld_ref, "logdet", "logdet with given log|det W|")
+    offset = 15 * (10 + 30 if which == "some" else 10 + 20 + 30)  # H*W = 15 pixels
+    assert_exact(ld_ref, own + offset, "logdet", "the reference uses the given values")
 
 
 def _mixed_steps():
