@@ -89,12 +89,6 @@ def _ops() -> _Ops:
     return _COMPILE_OPS if torch.compiler.is_compiling() else _EAGER_OPS
 
 
-def _kernels_interpreted() -> bool:
-    from .kernels import actnorm_invconv
-
-    return type(actnorm_invconv._actnorm_invconv_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 @torch.compiler.assume_constant_result
 def _compute_capability(index: int) -> int:
     """10 * major + minor of CUDA device `index`. A constant for torch.compile: dynamo cannot trace the driver
@@ -123,7 +117,7 @@ def fused_available(device) -> tuple[bool, str]:
         if not _utils.is_interpret():
             return False, ("the fused backend runs on CUDA tensors; on CPU only under the Triton interpreter "
                            "(TRITON_INTERPRET=1) — use backend='reference' (or 'auto') on CPU")
-        if not _kernels_interpreted():
+        if not _utils.kernels_interpreted():
             return False, ("TRITON_INTERPRET=1 was set after glowfast.kernels was imported; set it before "
                            "importing glowfast to run the fused backend on CPU")
         return True, "CPU under the Triton interpreter"

@@ -111,3 +111,57 @@ def test_empty_batch_backward_under_the_gpu_reduction_rule():
     assert dx.shape == dz.shape == dh.shape == (0, C, 4, 4)
     for g in (db, dls, dw, db2, dls2, dw2):
         assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_float64_data_is_refused_not_computed_in_fp32():
+    """The kernels load and compute in fp32: float64 data came back as float64 with fp32 error (found by an API
+    audit). fused.steps_forward / steps_inverse and Glow run the reference layers for float64 instead."""
+    x64 = torch.randn(2, C, 3, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="x is float64, but the glowfast Triton kernels compute in fp32"):
+        actnorm_invconv_forward(x64, *params())
+    with pytest.raises(TypeError, match="z is float64"):
+        coupling_forward(x64, x64.float())
+    with pytest.raises(TypeError, match="h is float64"):
+        cross_step_forward(x64.float(), x64, *params())
+    with pytest.raises(TypeError, match="float64"):
+        step_inverse(x64, x64.float(), *params())
+
+
+def test_coupling_logdet_takes_the_promoted_dtype_of_z_and_h():
+    """A half-precision h made an fp32 z's logdet half precision too: -inf here, where the sum of log sigmoid over
+    64x64 pixels passes fp16's range (found by an API audit). It is promote(z, h), as the reference's arithmetic."""
+    z = torch.randn(1, 8, 64, 64)
+    h = torch.randn(1, 8, 64, 64)
+    h[:, 4:] = -30.0  # log sigmoid(-28) ~ -28 per element: ~ -4.6e5 in all, beyond fp16's 65504
+    _, ld32 = coupling_forward(z, h)
+    for h_half in (h.half(), h.bfloat16()):
+        _, ld = coupling_forward(z, h_half)
+        assert ld.dtype == torch.float32 and bool(torch.isfinite(ld).all())
+        torch.testing.assert_close(ld, ld32, rtol=1e-2, atol=0)
+        assert cross_step_forward(z, h_half, *params(8))[1].dtype == torch.float32
+    assert coupling_forward(z.half(), h.half())[1].dtype == torch.float16  # both half: the reference's dtype
+
+
+def test_interpreter_switched_on_after_import_is_named(tmp_path):
+    """TRITON_INTERPRET=1 set after glowfast.kernels was imported: the kernels are GPU ones, and a CPU call died
+    inside Triton with "0 active drivers" (Glow(backend="fused") already said why; the kernels' own entry points
+    now do too)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import os, torch\n"
+            "from glowfast.kernels import actnorm_invconv_forward\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "c = 4\n"
+            "try:\n"
+            "    actnorm_invconv_forward(torch.randn(2, c, 3, 3), torch.zeros(c), torch.zeros(c), torch.eye(c))\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("TRITON_INTERPRET=1 was set after glowfast.kernels was imported; set it before "
+                                  "importing glowfast to run the kernels on CPU tensors")

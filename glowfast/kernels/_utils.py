@@ -24,6 +24,15 @@ def is_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def kernels_interpreted() -> bool:
+    """Whether the kernels were built for the interpreter: TRITON_INTERPRET is read when the @triton.jit
+    decorators run, so setting it after glowfast.kernels was imported leaves GPU kernels, which fail on CPU tensors
+    with Triton's "0 active drivers"."""
+    from .actnorm_invconv import _actnorm_invconv_fwd_kernel
+
+    return type(_actnorm_invconv_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 def dot_precision(device: torch.device | str | None = None) -> str:
     """`input_precision` of every fp32 `tl.dot` (the 1x1 conv): "ieee" (exact fp32) or "tf32".
 
@@ -241,6 +250,10 @@ MAX_BATCH = 65535  # the kernels launch one row of programs per image: CUDA's gr
 def check_nchw(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"{name} must be NCHW (4-d), got shape {tuple(x.shape)}")
+    if x.dtype == torch.float64:  # the kernels load and compute in fp32: a float64 result would carry fp32 error
+        raise TypeError(f"{name} is float64, but the glowfast Triton kernels compute in fp32; use the reference "
+                        "layers for float64 (glowfast.fused.steps_forward / steps_inverse and Glow switch to them "
+                        "by themselves)")
     if x.shape[0] > MAX_BATCH:
         raise ValueError(f"{name} holds a batch of {x.shape[0]} images; the fused kernels take at most {MAX_BATCH} "
                          "per call (CUDA's grid limit): split the batch")
@@ -270,6 +283,9 @@ def check_device(*tensors: torch.Tensor) -> None:
         if t.device.type == "cuda":
             continue
         if t.device.type == "cpu" and is_interpret():
+            if not kernels_interpreted():
+                raise RuntimeError("TRITON_INTERPRET=1 was set after glowfast.kernels was imported; set it before "
+                                   "importing glowfast to run the kernels on CPU tensors")
             continue
         raise RuntimeError(
             f"glowfast Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "

@@ -244,7 +244,7 @@ def coupling_forward(z, h, affine: bool = True, *, block_p: int | None = None,
             z, h, y, ld_part, C, ca, cb, hc, hw, n_pt, G,
             CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch_options(cp, bp),
         )
-    return y, ld_part.sum(1).to(h.dtype)
+    return y, ld_part.sum(1).to(torch.promote_types(z.dtype, h.dtype))
 
 
 def coupling_inverse(y, h, affine: bool = True, *, block_p: int | None = None):
@@ -315,8 +315,10 @@ def apply_coupling(z, h, affine: bool = True):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _logdet_like(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return torch.empty((z.shape[0],), dtype=h.dtype, device=z.device)
+def logdet_like(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The (B,) logdet buffer of a coupling of z given h: in the dtype the reference's arithmetic would give,
+    promote(z, h) (it was h's: an fp16 h made an fp32 z's logdet overflow to -inf)."""
+    return torch.empty((z.shape[0],), dtype=torch.promote_types(z.dtype, h.dtype), device=z.device)
 
 
 @torch.library.custom_op("glowfast::coupling", mutates_args=())
@@ -327,7 +329,7 @@ def coupling_op(z: torch.Tensor, h: torch.Tensor, affine: bool) -> tuple[torch.T
 
 @coupling_op.register_fake
 def _(z, h, affine):
-    return torch.empty_like(z, memory_format=torch.contiguous_format), _logdet_like(z, h)
+    return torch.empty_like(z, memory_format=torch.contiguous_format), logdet_like(z, h)
 
 
 @torch.library.custom_op("glowfast::coupling_backward", mutates_args=())

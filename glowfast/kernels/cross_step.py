@@ -60,6 +60,7 @@ from .coupling import (
     coupling_inv_tile,
     coupling_load_h,
     coupling_store_dh,
+    logdet_like,
 )
 from .precompile import launch
 
@@ -185,7 +186,7 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
             z, h, out, weight, bias, log_scale, ld_part, C, ca, cb, hc, hw, n_pt, G,
             CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, **launch_options(cp, "cross_step_fwd", prec),
         )
-    return out, ld_part.sum(1).to(h.dtype)
+    return out, ld_part.sum(1).to(torch.promote_types(z.dtype, h.dtype))
 
 
 def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, affine: bool = True, *,
@@ -291,8 +292,7 @@ def cross_step_op(z: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, log_scal
 
 @cross_step_op.register_fake
 def _(z, h, bias, log_scale, weight, affine):
-    return (torch.empty_like(z, memory_format=torch.contiguous_format),
-            torch.empty((z.shape[0],), dtype=h.dtype, device=z.device))
+    return torch.empty_like(z, memory_format=torch.contiguous_format), logdet_like(z, h)
 
 
 @torch.library.custom_op("glowfast::cross_step_backward", mutates_args=())
