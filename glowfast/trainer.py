@@ -374,6 +374,11 @@ class Trainer:
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
         else:  # a different world size cannot continue the same trajectory; keep going deterministically
+            if self.is_main:  # and say so: the README's "continues the same run" does not hold here
+                print(f"note: this run was trained with {len(rngs)} process(es) and resumes with "
+                      f"{self.dist.world_size}: the global batch ({self.cfg['batch_size']} per process) and the "
+                      "random streams change, so it continues deterministically but not as the same run would have",
+                      file=sys.stderr)
             set_rng_state(rngs[0])
             torch.manual_seed(self.cfg["seed"] * 1000 + 1 + self.dist.rank + 7919 * self.step)
 

@@ -102,7 +102,7 @@ def test_ddp_two_gloo_ranks_stay_identical(tmp_path):
     assert not (tmp_path / "run" / "rank1").exists()
 
 
-def test_torchrun_cli_two_processes(tmp_path):
+def test_torchrun_cli_two_processes(tmp_path, capsys):
     run = tmp_path / "tr"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -123,6 +123,14 @@ def test_torchrun_cli_two_processes(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 6
+    assert "note: this run was trained with" not in out.stderr  # the same world size: the same run
+    # resumed by one process: allowed, but no longer the same run, and it says so (it was silent: an API audit)
+    from glowfast.train import main
+
+    capsys.readouterr()
+    assert main(["--resume", str(run), "--steps", "7", "--no-progress"]) == 0
+    assert ("note: this run was trained with 2 process(es) and resumes with 1: the global batch"
+            in capsys.readouterr().err)
 
 
 def _spawn_within(fn, args, nprocs: int, seconds: float) -> None:
