@@ -736,3 +736,15 @@ def test_overflow_during_elimination_is_not_called_non_finite_input():
     assert float(logabsdet[0]) == pytest.approx(float(expected.logabsdet), rel=1e-12)
     with pytest.raises(ValueError, match="contains non-finite values"):  # genuinely non-finite input
         batched_slogdet(torch.tensor([[[1.0, float("nan")], [0.0, 1.0]]]))
+
+
+def test_derivatives_past_those_supported_are_an_error():
+    """batched_inverse's second derivative and batched_slogdet's third raise (never a silent zero)."""
+    w = (torch.eye(3, dtype=torch.float64) + 0.3 * torch.randn(2, 3, 3, dtype=torch.float64)).requires_grad_()
+    (g,) = torch.autograd.grad(batched_inverse(w).sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="batched_inverse has no second derivative"):
+        torch.autograd.grad(g.sum(), w)
+    (g1,) = torch.autograd.grad(batched_slogdet(w)[1].sum(), w, create_graph=True)
+    (g2,) = torch.autograd.grad((g1 * g1).sum(), w, create_graph=True)  # the second derivative: supported
+    with pytest.raises(RuntimeError, match="batched_slogdet no third"):
+        torch.autograd.grad(g2.sum(), w)
