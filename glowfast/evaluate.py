@@ -348,14 +348,15 @@ def main(argv: list[str] | None = None) -> int:
                                dequant_samples=args.dequant_samples)
         scores[key] = bpd
         n = int(bpd.size)
-        finite = bool(np.isfinite(bpd).all())
+        n_nonfinite = int((~np.isfinite(bpd)).sum())
+        finite = n_nonfinite == 0
         if not finite:  # a broken model (NaN) or a zero likelihood (inf): no mean, no ranking, and said so
-            print(f"warning: {key}: {int((~np.isfinite(bpd)).sum())} of {n} images have non-finite bits/dim; "
+            print(f"warning: {key}: {n_nonfinite} of {n} images have non-finite bits/dim; "
                   "its mean and AUROC are not computed", file=sys.stderr)
         # JSON null, never NaN (NaN is not JSON)
         sem = float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 and finite else None
         row = {"dataset": key, "n": n, "mean_bpd": float(bpd.mean()) if finite else None, "sem_bpd": sem,
-               "n_nonfinite": n - int(np.isfinite(bpd).sum()), "score": "p(x | label)" if conditional else "p(x)"}
+               "n_nonfinite": n_nonfinite, "score": "p(x | label)" if conditional else "p(x)"}
         if rows:
             first = scores[rows[0]["dataset"]]
             row["auroc_vs_first"] = auroc(first, bpd) if finite and np.isfinite(first).all() else None

@@ -67,8 +67,8 @@ from .reference import steps_forward as reference_steps_forward
 
 batched_lu_ops()  # decided at import, outside any code torch.compile traces
 
-__all__ = ["fused_available", "check_fused_available", "precompile_training_step", "steps_forward", "steps_inverse",
-           "step_weights", "level_weights", "level_weight_inverses"]
+__all__ = ["fused_available", "check_fused_available", "precompile_record", "precompile_training_step", "steps_forward",
+           "steps_inverse", "step_weights", "level_weights", "level_weight_inverses"]
 
 
 class _Ops(NamedTuple):
@@ -342,3 +342,13 @@ def precompile_training_step(model, images: torch.Tensor, y: torch.Tensor | None
     finally:
         model.train(was_training)
     return report
+
+
+def precompile_record(model, images: torch.Tensor, y: torch.Tensor | None = None) -> dict:
+    """`precompile_training_step` as the JSON record the trainer's metrics and the experiments' histories keep; a
+    failure becomes ``{"error": ...}`` for the caller to report, since a start-up optimisation is never the reason
+    a run fails (the kernels then compile at their first launch)."""
+    try:
+        return precompile_training_step(model, images, y).as_record()
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}

@@ -520,16 +520,13 @@ class Trainer:
         glow = unwrap(self.model)
         if glow.resolve_backend(self.device) != "fused":
             return
-        from .fused import precompile_training_step
+        from .fused import precompile_record
 
-        try:
-            report = precompile_training_step(glow, x, y if self.n_classes else None)
-        except Exception as e:  # noqa: BLE001 - a start-up optimisation is never the reason a run fails
-            print(f"warning: compiling the kernels ahead of the first step failed ({type(e).__name__}: {e}); "
+        record = precompile_record(glow, x, y if self.n_classes else None)
+        if "error" in record:
+            print(f"warning: compiling the kernels ahead of the first step failed ({record['error']}); "
                   "they compile at their first launch instead", file=sys.stderr)
-            self.log({"type": "precompile", "error": f"{type(e).__name__}: {e}"})
-            return
-        self.log({"type": "precompile", **report.as_record()})
+        self.log({"type": "precompile", **record})
 
     def evaluate(self) -> float:
         bpd = evaluate_bpd(self.model, self.test_set, self.device, batch_size=self.cfg["eval_batch_size"],

@@ -444,16 +444,14 @@ def _precompile(model: Glow, xb: torch.Tensor, yb: torch.Tensor | None) -> dict:
 
     The init runs on a forked RNG, so it draws the dequantisation noise the first step then draws again: the
     same initial parameters as the first step's own init would give, and the same training trajectory."""
-    from ..fused import precompile_training_step
+    from ..fused import precompile_record
 
     with torch.random.fork_rng(devices=[xb.device] if xb.is_cuda else []), torch.no_grad():
         model(xb, yb)
-    try:
-        report = precompile_training_step(model, xb, yb)
-    except Exception as e:  # noqa: BLE001 - a start-up optimisation is never the reason a run fails
-        warnings.warn(f"compiling the kernels ahead of the first step failed ({type(e).__name__}: {e})", stacklevel=2)
-        return {"error": f"{type(e).__name__}: {e}"}
-    return report.as_record()
+    record = precompile_record(model, xb, yb)
+    if "error" in record:
+        warnings.warn(f"compiling the kernels ahead of the first step failed ({record['error']})", stacklevel=2)
+    return record
 
 
 _CAPTURE_FAILED: list[str] = []  # a capture that failed once is not retried in this process (the next model)
