@@ -30,7 +30,7 @@ fullgraph=True)` of a fused Glow gives one graph with the kernels as opaque node
 Special cases (documented behaviour)
 - ActNorm data-dependent initialisation: if any step's actnorm still needs its init (training mode, not yet
   initialised), that call runs the reference path (which initialises it from the batch) and returns its result.
-- float64 inputs run the reference path (the kernels load any float dtype but compute in fp32, which would
+- float64 inputs run the reference path (the kernels compute in fp32, and refuse float64 input rather than
   silently drop a float64 model's precision).
 - `steps_inverse` is not differentiable on the fused path: when autograd is recording and y or any parameter
   requires grad, it runs the reference inverse instead (wrap sampling in `torch.no_grad()` to use the kernels).
@@ -42,9 +42,10 @@ Extension points (keep these properties when changing this file)
     Function stores only the level's output and in backward reconstructs each step's input with the inverse
     kernels (`coupling_inverse`, `actnorm_invconv_inverse`), then runs the same backward kernels. That works
     because every backward is a standalone launch function taking explicit tensors
-    (`actnorm_invconv_backward(x, grad_y, bias, log_scale, W)`, `coupling_backward(z, h, grad_y, grad_logdet)`,
-    `cross_step_backward(z, h, grad_z_next, grad_logdet, bias, log_scale, W)`), separate from the autograd
-    Functions that only decide what to save.
+    (`actnorm_invconv_backward(x, grad_y, bias, log_scale, weight)`,
+    `coupling_backward(z, h, grad_y, grad_logdet, affine)`,
+    `cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, affine)`), separate from the
+    autograd Functions that only decide what to save.
 (b) Coupling networks faster than cuDNN: the coupling Functions take the network output h as an input tensor
     and never call the network themselves; swapping `step.coupling.net` (or computing h any other way) needs
     no change to the kernels (first instance: glowfast.amp.nhwc_network_forward, the 1x1 conv as a GEMM).

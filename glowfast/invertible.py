@@ -17,7 +17,7 @@ Activation memory is then one tensor per level instead of ~2 per step plus each 
 network forward per step). Forward values are the ordinary fused path's; gradients differ from it only by the
 rounding of the reconstruction (tested against the reference). W^-1 is computed once per backward, in float64
 like the reference's inverse. The reconstruction divides by the affine coupling's scale s = sigmoid(raw + 2),
-so its rounding is amplified by 1/s: negligible for ordinary scales, ~1e-4 relative gradient error at
+so its rounding is amplified by 1/s: negligible for ordinary scales, ~2e-4 relative gradient error at
 s = 3e-4, order 1 at s ~ 1e-8 (docs/DESIGN.md has the measurements).
 
 The standalone launch functions used here are the ones the ordinary fused path's autograd Functions use

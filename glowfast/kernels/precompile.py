@@ -2,9 +2,9 @@
 
 Triton compiles a kernel the first time it is launched with a new specialisation, on the launching thread, one
 after another. A CIFAR-10 Glow's first training step launches 18 kernel variants (6 kernels x 3 channel counts;
-counted under the interpreter); compiling them for sm_90 took 12.7 s serially on this project's 2-core VM, most
-of issue 6's 20 s start-up budget. Triton's compiler releases the GIL (2 threads: 1.9x faster, measured), so the
-variants can compile side by side.
+counted under the interpreter); compiling them for sm_90 took 9.7 s serially on this project's idle 2-core VM, most
+of issue 6's 20 s start-up budget. Triton's compiler releases the GIL (2 threads: 5.2 s, 1.87x faster; both in
+benchmarks/RESULTS.md), so the variants can compile side by side.
 
 `precompiling()` runs a step *dry*: every glowfast kernel launch inside it (`launch`) becomes
 `JITFunction.warmup` with the launch's own arguments -- so the cache key is exactly the one the real launch

@@ -332,7 +332,8 @@ def _parse_shapes(text: str) -> list[tuple[int, ...]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m glowfast.kernels.tune", description=__doc__.split("\n\n")[0])
+    summary = __doc__.split("\n\n")[0].rstrip(":") + "."  # the docstring's first line introduces an example
+    ap = argparse.ArgumentParser(prog="python -m glowfast.kernels.tune", description=summary)
     ap.add_argument("--out", default="tune_out", help="folder for tune.json and tune.md")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", type=_parse_shapes, default=None,
