@@ -45,7 +45,7 @@ __all__ = [
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint (missing or unreadable)."""
+    """No usable checkpoint (missing, unreadable, damaged, or not one of this run)."""
 
 
 class NonFiniteStateError(ValueError):
@@ -91,16 +91,18 @@ def _readable_by_group(fd: int) -> None:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike, writer: Callable[[Any, Any], None] | None = None,
-                before_replace: Callable[[], None] | None = None) -> Path:
+                before_replace: Callable[[], None] | None = None, make_parents: bool = True) -> Path:
     """Write ``obj`` to ``path`` atomically (temp file in the same directory + fsync + ``os.replace``).
 
     ``writer(obj, file)`` serialises ``obj`` into an open binary file (default ``torch.save``). If it raises
     (or the process dies) the temporary file is removed / left under a ``.tmp`` name and ``path`` keeps its
     previous content. ``before_replace()`` runs once the new content is safely on disk, just before the rename
-    (save_checkpoint keeps the old file as prev.pt there).
+    (save_checkpoint keeps the old file as prev.pt there). ``make_parents=False``: the folder must exist (a run's
+    own files: a run folder deleted while training is not silently recreated).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     writer = writer or torch.save
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -213,16 +215,36 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return state
 
 
-def find_checkpoint(run_or_dir: str | os.PathLike, map_location: Any = "cpu") -> tuple[Path, dict]:
-    """The newest loadable checkpoint of a run folder (or a checkpoints/ folder, or a file).
+def _usable(path: Path, map_location: Any, check: Callable[[dict], None] | None) -> dict:
+    """load_checkpoint, then the checks that make a loaded file usable: finite weights (save_checkpoint never
+    writes non-finite ones, so NaN/Inf here is damage) and the caller's ``check`` (CheckpointError when unfit)."""
+    state = load_checkpoint(path, map_location)
+    for key in ("model", "optimizer", "ema"):
+        try:
+            assert_finite_state(state.get(key), key)
+        except NonFiniteStateError as e:
+            raise CheckpointError(f"{path} is damaged: {e}") from None
+    if check is not None:
+        try:
+            check(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    return state
 
-    Tries ``last.pt`` then ``prev.pt``; returns ``(path, state)``. Raises CheckpointError if none loads.
+
+def find_checkpoint(run_or_dir: str | os.PathLike, map_location: Any = "cpu",
+                    check: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
+    """The newest usable checkpoint of a run folder (or a checkpoints/ folder, or a file).
+
+    Tries ``last.pt`` then ``prev.pt``; returns ``(path, state)``. A file is unusable when it does not load, holds
+    non-finite weights, optimizer or moving-average state, or fails ``check(state)`` (which raises
+    CheckpointError, e.g. a checkpoint of another model). Raises CheckpointError if none is usable.
     """
     p = Path(run_or_dir)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.is_file():
-        return p, load_checkpoint(p, map_location)
+        return p, _usable(p, map_location, check)
     directory = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     errors = []
     for name in (LAST, PREV):
@@ -230,7 +252,7 @@ def find_checkpoint(run_or_dir: str | os.PathLike, map_location: Any = "cpu") ->
         if not candidate.exists():
             continue
         try:
-            return candidate, load_checkpoint(candidate, map_location)
+            return candidate, _usable(candidate, map_location, check)
         except CheckpointError as e:
             errors.append(str(e))
             if name == LAST and (directory / PREV).exists():  # else the error below says it all

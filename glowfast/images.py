@@ -41,8 +41,12 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, min_side: int = 32) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    if grid.ndim == 2:
-        imsave(tmp, grid, cmap="gray", vmin=0.0, vmax=1.0, format="png")
-    else:
-        imsave(tmp, grid, format="png")
-    os.replace(tmp, path)
+    try:
+        if grid.ndim == 2:
+            imsave(tmp, grid, cmap="gray", vmin=0.0, vmax=1.0, format="png")
+        else:
+            imsave(tmp, grid, format="png")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill: no half-written temporary left next to the grids
+        tmp.unlink(missing_ok=True)
+        raise

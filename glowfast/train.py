@@ -10,10 +10,11 @@ Multi-GPU / multi-process: ``torchrun --nproc_per_node N -m glowfast.train ...``
 DistributedDataParallel (NCCL on CUDA, gloo on CPU) and a DistributedSampler; ``--batch-size`` is per
 process. ``--resume RUN`` continues RUN exactly where its newest checkpoint left it.
 
-Exit status: 0 done; 1 an I/O error stopped it (e.g. a full disk; the older checkpoints stand); 2 bad usage,
-missing dataset, unusable device/backend or checkpoint, run folder in use by another process; 3 stopped on
-non-finite losses; 130 interrupted (Ctrl-C: the step in flight finishes and is checkpointed; an interrupt in
-the middle of a step -- a second Ctrl-C -- leaves the newest checkpoint as it is).
+Exit status: 0 done; 1 an I/O error stopped it (e.g. a full disk; the older checkpoints stand), or the run
+folder was removed while training; 2 bad usage, missing dataset, unusable device/backend, checkpoint or run
+folder, run folder in use by another process; 3 stopped on non-finite losses; 130 interrupted (Ctrl-C: the step
+in flight finishes and is checkpointed; a second Ctrl-C stops at once and leaves the newest checkpoint as it
+is); 143 terminated by SIGTERM (handled as Ctrl-C).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from . import __version__
 from ._checks import is_temperature
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, find_checkpoint
 
 OPTIMIZERS = ("adamax", "adam")
 # options that may be changed when resuming a run; everything else comes from the run's config.json
@@ -52,8 +53,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                "Multi-process: torchrun --nproc_per_node N -m glowfast.train ... (DDP; NCCL on CUDA, gloo on CPU). "
                "Exit status 1: an I/O error stopped it (e.g. a full disk; the older checkpoints stand), 2: "
                "usage/dataset/device/checkpoint errors or a run folder in use by another process, 3: stopped on "
-               "non-finite losses, 130: interrupted (Ctrl-C finishes the step and checkpoints it; --resume "
-               "continues exactly).")
+               "non-finite losses, 130 / 143: interrupted by Ctrl-C / SIGTERM (the step in flight finishes and is "
+               "checkpointed; --resume continues exactly).")
 
     def add(group, *names, **kw):
         if suppress_defaults:
@@ -171,10 +172,7 @@ def resolve_config(argv: list[str] | None) -> tuple[dict, Path, bool]:
     cfg = vars(args)
     if args.resume:
         run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.json"
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a glowfast run folder?)")
-        saved = json.loads(cfg_path.read_text())
+        saved = _saved_config(run_dir)
         bad = sorted(k for k in explicit if k not in RESUMABLE_OVERRIDES and k != "resume"
                      and saved.get(k, None) != explicit[k])
         if bad:
@@ -202,6 +200,35 @@ def resolve_config(argv: list[str] | None) -> tuple[dict, Path, bool]:
         run_dir = Path(args.runs_root) / (args.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     cfg["run_dir"] = str(run_dir)
     return cfg, run_dir, False
+
+
+def _saved_config(run_dir: Path) -> dict:
+    """The run's config for --resume: config.json, or -- when that file is missing or damaged -- the copy every
+    checkpoint holds (with a note). ValueError / FileNotFoundError naming the problem when neither is there."""
+    cfg_path = run_dir / "config.json"
+    try:
+        saved = json.loads(cfg_path.read_text())
+        if isinstance(saved, dict) and "batch_size" in saved:
+            return saved
+        problem = "does not hold a run's config"
+    except FileNotFoundError:
+        problem = "is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = f"does not load ({e})"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume {run_dir}: no such folder")
+    try:
+        path, state = find_checkpoint(run_dir, map_location="cpu")
+    except CheckpointError:
+        if problem == "is missing":
+            raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a glowfast run folder?)") from None
+        raise ValueError(f"--resume {run_dir}: {cfg_path} {problem}, and no checkpoint there holds a copy") from None
+    saved = state.get("config")
+    if not (isinstance(saved, dict) and "batch_size" in saved):
+        raise ValueError(f"--resume {run_dir}: {cfg_path} {problem}, and {path} holds no run config")
+    print(f"note: {cfg_path} {problem}; using the config saved in {path} (config.json is rewritten once the run "
+          "resumes)", file=sys.stderr)
+    return saved
 
 
 def validate(cfg: dict) -> None:
@@ -276,7 +303,10 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
 
     # fail fast on a reused folder, before building the model (on a GPU the backend check compiles kernels); the
     # decision that counts is taken again under the run folder's lock below
-    taken = _holds_a_run(run_dir) if (main_rank and not resume) else None
+    try:
+        taken = _holds_a_run(run_dir) if (main_rank and not resume) else None
+    except OSError as e:
+        taken = f"cannot use the run folder {run_dir}: {e}"
     taken = broadcast_object(taken)
     if taken:
         return _fail(taken) if main_rank else 2
@@ -312,13 +342,16 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
     # meanwhile cannot be overwritten.
     lock, refused = None, None
     if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock_run_folder(run_dir)
-        if lock is None:
-            refused = (f"{run_dir} is in use by another python -m glowfast.train process; wait for it to finish, "
-                       "or give this run another --name/--run-dir")
-        elif not resume:
-            refused = _holds_a_run(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = _lock_run_folder(run_dir)
+            if lock is None:
+                refused = (f"{run_dir} is in use by another python -m glowfast.train process; wait for it to finish, "
+                           "or give this run another --name/--run-dir")
+            elif not resume:
+                refused = _holds_a_run(run_dir)
+        except OSError as e:  # an unwritable parent, a read-only run folder, an unreadable checkpoints/ ...
+            refused = f"cannot use the run folder {run_dir}: {e}"
     refused = broadcast_object(refused)  # every rank stops, not only rank 0
     if refused:
         if lock is not None:
@@ -356,13 +389,13 @@ def _lock_run_folder(run_dir: Path):
 
 
 def _write_config(run_dir: Path, full: dict) -> None:
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(full, indent=2) + "\n")
-    os.replace(tmp, run_dir / "config.json")
+    from .trainer import _atomic_write_text
+
+    _atomic_write_text(run_dir / "config.json", json.dumps(full, indent=2) + "\n")
 
 
 def _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trainer, NonFiniteLossError) -> int:
-    from .trainer import ResumePastEndError
+    from .trainer import ResumePastEndError, RunFolderGoneError
 
     main_rank = dist_info.is_main
     full = None
@@ -372,12 +405,12 @@ def _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trai
                 "world_size": dist_info.world_size, "device_used": str(device),
                 "glowfast_version": __version__, "torch_version": torch.__version__,
                 "steps_total": trainer.total_steps, "batches_per_epoch": trainer.batches_per_epoch}
-        if not resume:  # a resume writes it once the checkpoint has loaded: a failed one changes nothing
-            _write_config(run_dir, full)
         print(f"run folder: {run_dir}  ({cfg['dataset']} {tuple(info.image_shape)}, "
               f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, {trainer.total_steps} steps, "
               f"device {device}, world size {dist_info.world_size})", file=sys.stderr)
     try:
+        if main_rank and not resume:  # a resume writes it once the checkpoint has loaded: a failed one changes nothing
+            _write_config(run_dir, full)
         trainer.setup(resume)
         if resume and main_rank:
             _write_config(run_dir, full)
@@ -388,25 +421,37 @@ def _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trai
         return _fail(f"cannot resume {run_dir}: {e}. The files were left as they are.")
     except ResumePastEndError as e:
         return _fail(f"--resume {run_dir}: {e}. The run was left as it is.")
+    except RunFolderGoneError as e:
+        return _fail(str(e), 1)
     except OSError as e:  # e.g. a full disk while saving: checkpoints are written atomically, the older ones stand
         newest = (f"the newest checkpoint is step {trainer.saved_step}" if trainer.saved_step is not None else
+                  "this session wrote no checkpoint; the run's checkpoints were left as they are" if resume else
                   "no checkpoint was written")
         return _fail(f"stopped at step {trainer.step}: {e} ({newest}); resume with --resume {run_dir}", 1)
     except KeyboardInterrupt:
         saved = False
-        if not dist_info.distributed:  # under DDP only the agreed stop in fit() can save (a collective)
+        if dist_info.distributed:  # under DDP only the agreed stop in fit() can save (a collective)
+            saved = trainer.saved_step == trainer.step
+        elif not trainer.stop_requested:  # an interrupt fit() did not defer: save the step if it is whole.
+            # (A requested stop has saved already, or was interrupted by a second signal: no checkpoint then.)
             try:
                 saved = trainer.save_if_consistent()
-            except Exception:
+            except BaseException:  # a failed save, or yet another Ctrl-C: the newest checkpoint stands
                 pass
         else:
             saved = trainer.saved_step == trainer.step
-        where = ("the checkpoint holds it" if saved else
-                 f"interrupted mid-step: the newest checkpoint (step {trainer.saved_step}) was left as it is"
-                 if trainer.saved_step is not None else "no checkpoint was written")
-        return _fail(f"interrupted at step {trainer.step} ({where}); resume with --resume {run_dir}", 130)
+        if saved:
+            where = "the checkpoint holds it"
+        elif trainer.saved_step is None:
+            where = "no checkpoint was written"
+        else:
+            when = "stopped before its checkpoint" if trainer.at_step_boundary else "interrupted mid-step"
+            where = f"{when}: the newest checkpoint (step {trainer.saved_step}) was left as it is"
+        how, code = ("terminated (SIGTERM)", 143) if trainer.stop_signal == "SIGTERM" else ("interrupted", 130)
+        return _fail(f"{how} at step {trainer.step} ({where}); resume with --resume {run_dir}", code)
     if main_rank:
-        print(f"done: step {summary['step']}, test bits/dim {summary['test_bpd']:.4f} "
+        bpd = summary["test_bpd"]
+        print(f"done: step {summary['step']}, test bits/dim {'n/a' if bpd is None else f'{bpd:.4f}'} "
               f"({summary['test_images']} test images), {summary['wall_seconds']:.0f} s; run folder {run_dir}",
               file=sys.stderr)
     return 0

@@ -46,8 +46,10 @@ from .amp import enable_bf16_networks, enable_channels_last_networks, enable_gem
 from .checkpoint import (
     LAST,
     PREV,
+    CheckpointError,
     NonFiniteStateError,
     assert_finite_state,
+    atomic_save,
     find_checkpoint,
     get_rng_state,
     save_checkpoint,
@@ -63,8 +65,17 @@ from .model import Glow
 TEMPERATURES = (0.0, 0.5, 0.7, 0.8, 1.0)
 CHECKPOINT_FORMAT = "glowfast-checkpoint-v1"
 
-__all__ = ["NonFiniteLossError", "ResumePastEndError", "Trainer", "TEMPERATURES", "build_model", "initialize_actnorm",
-           "save_grid", "sample_grid"]
+__all__ = ["NonFiniteLossError", "ResumePastEndError", "RunFolderGoneError", "Trainer", "TEMPERATURES", "build_model",
+           "initialize_actnorm", "save_grid", "sample_grid"]
+
+
+class RunFolderGoneError(RuntimeError):
+    """The run folder was removed or replaced while training: nothing more is written (it would be recreated
+    without its config, lock or checkpoints)."""
+
+
+# A checkpoint the trainer can continue from holds these (glowfast.checkpoint only knows a dict of tensors).
+RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "epoch_pos", "rng")
 
 
 class ResumePastEndError(ValueError):
@@ -131,12 +142,8 @@ def sample_grid(model: Glow, temperature: float, n: int, seed: int, device: torc
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A run's text file, atomically (a failed write leaves the old file and no temporary); its folder must exist."""
+    atomic_save(text.encode(), path, writer=lambda data, f: f.write(data), make_parents=False)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -220,8 +227,11 @@ class Trainer:
         # A checkpoint may only be written between steps: mid-step, the RNG has drawn the step's noise (or the
         # optimiser has applied it) while `step` says it has not happened, and resuming would not be exact.
         self.at_step_boundary = False  # True once setup() is done, False while a step is in flight
-        self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote
+        self.saved_step: int | None = None  # the step of the newest checkpoint (this process wrote or resumed from)
         self.stop_requested = False  # set by the first Ctrl-C (SIGINT); fit() stops at the next step boundary
+        self.stop_signal: str | None = None  # the signal that requested it: "SIGINT" or "SIGTERM"
+        self.last_eval_step: int | None = None  # the step of the newest evaluation (checkpointed)
+        self._run_dir_id: tuple[int, int] | None = None  # (device, inode) of the run folder, taken in setup()
         self.stop_agreed = False  # under DDP: whether any rank had requested it at this step's all-reduce
         self.log_window: list[dict] = []  # train records since the last metrics.jsonl train record
         if cfg.get("cuda_graphs"):
@@ -264,13 +274,39 @@ class Trainer:
         record = {"type": record.pop("type", "info"), "step": self.step, **record}
         self.metrics.append(record)
         if self.is_main:
+            self._assert_run_folder()
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
 
+    def _assert_run_folder(self) -> None:
+        """RunFolderGoneError if the run folder is no longer the one setup() found (rank 0, before each write)."""
+        if self._run_dir_id is not None and _dir_id(self.run_dir) != self._run_dir_id:
+            raise RunFolderGoneError(f"the run folder {self.run_dir} was removed or replaced while training (at step "
+                                     f"{self.step}); nothing more was written")
+
+    def _check_resumable(self, state: dict) -> None:
+        """find_checkpoint's check: a checkpoint of this trainer, of this model (CheckpointError names why not)."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"not a python -m glowfast.train checkpoint (format {state.get('format')!r}, "
+                                  f"expected {CHECKPOINT_FORMAT!r})")
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"incomplete checkpoint: no {', '.join(missing)}")
+        saved, ours = state.get("model_config"), self.model_config()
+        if isinstance(saved, dict) and _plain(saved) != _plain(ours):
+            diff = sorted(k for k in set(saved) | set(ours) if _plain(saved.get(k)) != _plain(ours.get(k)))
+            raise CheckpointError("a checkpoint of another model (" + ", ".join(
+                f"{k} {saved.get(k)!r} there, {ours.get(k)!r} here" for k in diff) + ")")
+
+    def model_config(self) -> dict:
+        return {**self.model.config, "image_shape": list(self.model.config["image_shape"])}
+
     def setup(self, resume: bool) -> None:
         """Resume from the run's newest checkpoint, or initialise ActNorm from data; then wrap for DDP."""
         state = None
+        if self.is_main:
+            self._run_dir_id = _dir_id(self.run_dir)
         if resume:
             if not any((self.ckpt_dir / name).exists() for name in (LAST, PREV)):
                 # killed before its first checkpoint: nothing to continue, start over
@@ -278,16 +314,21 @@ class Trainer:
                     print(f"note: no checkpoint in {self.ckpt_dir} yet; starting from step 0")
             else:
                 # Files that exist but do not load are an error (CheckpointError): restarting would overwrite them.
-                path, state = find_checkpoint(self.run_dir, map_location="cpu")
+                path, state = find_checkpoint(self.run_dir, map_location="cpu", check=self._check_resumable)
                 self.resumed_from = str(path)
                 if path.name == PREV and self.is_main and (self.ckpt_dir / LAST).exists():
                     # last.pt does not load: move it aside, or the next save would keep it as prev.pt in place
                     # of the good checkpoint this run continues from
                     bad = self.ckpt_dir / f"{LAST}.unreadable"
                     os.replace(self.ckpt_dir / LAST, bad)
-                    print(f"note: {LAST} does not load; moved to {bad.name}, resuming from {PREV}")
+                    print(f"note: {LAST} is not usable; moved to {bad.name}, resuming from {PREV}")
         if state is not None:
-            self.load_state(state)
+            try:
+                self.load_state(state)
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:  # checked above; belt and braces
+                raise CheckpointError(f"{self.resumed_from} does not fit this run: "
+                                      f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+            self.saved_step = self.step  # the newest checkpoint on disk holds this state
             if self.step > self.total_steps:  # before anything is written (every rank: the same decision)
                 option = "--steps" if self.cfg.get("steps") is not None else "--epochs"
                 raise ResumePastEndError(f"the run is already at step {self.step}, past the {option} given "
@@ -346,12 +387,13 @@ class Trainer:
             "log_window": list(self.log_window),
             "best_test_bpd": self.best_test_bpd,
             "last_test_bpd": self.last_test_bpd,
+            "last_eval_step": self.last_eval_step,
             "elapsed": self.elapsed,
             "rng": rng_all,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "world_size": self.dist.world_size,
             "config": self.cfg,
-            "model_config": {**self.model.config, "image_shape": list(self.model.config["image_shape"])},
+            "model_config": self.model_config(),
             "version": __version__,
         }
 
@@ -369,6 +411,7 @@ class Trainer:
         self.log_window = list(state.get("log_window", []))
         self.best_test_bpd = state.get("best_test_bpd", math.inf)
         self.last_test_bpd = state.get("last_test_bpd", math.nan)
+        self.last_eval_step = state.get("last_eval_step")
         self.elapsed = state.get("elapsed", 0.0)
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
@@ -396,6 +439,7 @@ class Trainer:
         if not self.is_main:
             self.saved_step = self.step
             return None
+        self._assert_run_folder()
         path = save_checkpoint(state, self.ckpt_dir)
         self.saved_step = self.step  # only once the file is in place
         return path
@@ -568,21 +612,25 @@ class Trainer:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.run_dir / ".curves.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.run_dir / "curves.png")
+        try:
+            atomic_save(fig, self.run_dir / "curves.png", writer=lambda fig, f: fig.savefig(f, format="png", dpi=100),
+                        make_parents=False)
+        finally:
+            plt.close(fig)
 
     def eval_weights(self):
         """Context: the weights evaluation and sampling use -- the EMA's with ema_decay, else the model's own."""
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def do_eval(self) -> None:
+        if self.is_main:
+            self._assert_run_folder()  # before the sample grids, which would recreate it
         t0 = time.perf_counter()
         with self.eval_weights():
             bpd = self.evaluate()
             samples = self.save_samples()
         recent = [m["bpd"] for m in self.metrics if m["type"] == "train" and "bpd" in m][-1:]
+        self.last_eval_step = self.step
         self.log({"type": "eval", "test_bpd": bpd, "train_bpd": recent[0] if recent else None,
                   "eval_seconds": round(time.perf_counter() - t0, 3), "samples": samples})
         self.plot_curves()
@@ -591,9 +639,10 @@ class Trainer:
     def fit(self) -> dict:
         """Train to ``total_steps``; returns the summary (also written to summary.json by rank 0).
 
-        Ctrl-C (SIGINT, in the main thread): the step in flight finishes, a checkpoint is written and
-        KeyboardInterrupt is raised, so ``--resume`` continues exactly. A second Ctrl-C interrupts at once and
-        leaves the newest checkpoint as it is.
+        Ctrl-C (SIGINT, in the main thread) or SIGTERM (a scheduler's or ``docker stop``'s): the step in flight
+        finishes, a checkpoint is written and KeyboardInterrupt is raised (``stop_signal`` says which), so
+        ``--resume`` continues exactly. A second signal interrupts at once and leaves the newest checkpoint as it is.
+        A run resumed at its last step (stopped there before its final evaluation) evaluates and checkpoints.
         """
         from tqdm import tqdm
 
@@ -607,8 +656,13 @@ class Trainer:
         imgs_per_step = cfg["batch_size"] * self.dist.world_size
         status = "completed"
         self.stop_requested = self.stop_agreed = False  # a new fit() (e.g. after an interrupted one) starts afresh
-        restore_sigint = self._defer_sigint()
+        self.stop_signal = None
+        restore_signals = self._defer_stop_signals()
         try:
+            if self.step >= self.total_steps and self.last_eval_step != self.step:
+                # resumed at the end (a run stopped in its last checkpointed step): the final evaluation is owed
+                self.do_eval()
+                self.save()
             while self.step < self.total_steps:
                 for batch in self._batches():
                     self.batch = batch
@@ -678,33 +732,55 @@ class Trainer:
             status = "failed"
             raise
         finally:
-            restore_sigint()
+            restore_signals()
             bar.close()
             self.elapsed = time.perf_counter() - t_start  # training + evals + checkpoints of all sessions
-            self.summary = self._write_summary(status)
+            try:
+                self.summary = self._write_summary(status)
+            except (OSError, RunFolderGoneError):
+                if status == "completed":
+                    raise
+                # the error already propagating is the cause (e.g. the full disk that failed a save): keep it
+                self.summary = self._summary(status)
             self._emit("end")
         return self.summary
 
-    def _defer_sigint(self) -> Callable[[], None]:
-        """Make the first SIGINT a request to stop at the next step boundary (a second one interrupts at once).
-        Only from the main thread and over Python's default handler; returns the function that restores it."""
-        if threading.current_thread() is not threading.main_thread() or \
-                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    def _defer_stop_signals(self) -> Callable[[], None]:
+        """Make the first SIGINT or SIGTERM a request to stop at the next step boundary (a second one interrupts at
+        once). Only from the main thread, and over Python's default handlers (SIGINT: default_int_handler, SIGTERM:
+        SIG_DFL), never over a handler someone else installed; returns the function that restores them."""
+        if threading.current_thread() is not threading.main_thread():
             return lambda: None
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        ours = [s for s, default in defaults.items() if signal.getsignal(s) is default]
 
         def request_stop(signum, frame):
             if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = True
+            self.stop_signal = signal.Signals(signum).name
             if self.is_main:  # os.write: print() here could re-enter a stderr write the signal interrupted
-                os.write(2, f"\ninterrupt: stopping after step {self.step + 1} with a checkpoint (Ctrl-C again to "
-                            "stop now without one)\n".encode())
+                again = "Ctrl-C" if signum == signal.SIGINT else "a second signal"
+                os.write(2, f"\n{self.stop_signal}: stopping after step {self.step + 1} with a checkpoint ({again} "
+                            "stops now without one)\n".encode())
 
-        signal.signal(signal.SIGINT, request_stop)
-        return lambda: signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in ours:
+            signal.signal(s, request_stop)
+
+        def restore() -> None:
+            for s in ours:
+                signal.signal(s, defaults[s])
+        return restore
 
     def _write_summary(self, status: str) -> dict:
-        summary = {
+        summary = self._summary(status)
+        if self.is_main:
+            self._assert_run_folder()
+            _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _summary(self, status: str) -> dict:
+        return {
             "status": status,
             "step": self.step,
             "total_steps": self.total_steps,
@@ -721,6 +797,16 @@ class Trainer:
             "device": str(self.device),
             "resumed_from": self.resumed_from,
         }
-        if self.is_main:
-            _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return summary
+
+
+def _dir_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _plain(value):
+    """A config value as JSON would give it back (tuples as lists), for comparing a checkpoint's with ours."""
+    return json.loads(json.dumps(value, default=str))

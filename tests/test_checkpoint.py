@@ -276,3 +276,52 @@ def test_an_unreadable_checkpoint_is_one_short_line_naming_the_cause(tmp_path, c
     assert "weights_only" not in message and "\n" not in message and len(message) < 200 + len(str(path)) + 60
     with pytest.raises(CheckpointError, match=f"^checkpoint not found: {tmp_path / 'nowhere'}$"):
         find_checkpoint(tmp_path / "nowhere")
+
+
+def _overwrite_last(directory, state):
+    """Put `state` in last.pt without save_checkpoint's checks (a damaged or foreign file); prev.pt is untouched
+    (the hard link to it is broken first)."""
+    os.unlink(directory / LAST)
+    torch.save(state, directory / LAST)
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer", "ema"])
+def test_a_checkpoint_holding_non_finite_state_is_unusable(tmp_path, where):
+    """save_checkpoint never writes NaN/Inf, so a file that holds some is damaged: find_checkpoint skips it for prev.pt
+    (with a warning naming the tensor) and refuses it when it is the only one (a loaded NaN model would be silent)."""
+    save_checkpoint(_state(1.0), tmp_path)
+    save_checkpoint(_state(2.0), tmp_path)
+    bad = _state(3.0)
+    bad["ema"] = {"shadow": [torch.ones(2)]}
+    nan_holder = {"model": bad["model"]["w"], "optimizer": None, "ema": bad["ema"]["shadow"][0]}[where]
+    if nan_holder is None:
+        bad["optimizer"]["state"] = {0: {"exp_avg": torch.tensor([0.0, float("inf")])}}
+    else:
+        nan_holder[0] = float("nan")
+    _overwrite_last(tmp_path, bad)
+    with pytest.warns(UserWarning, match=f"damaged: {where}.*non-finite.*trying the previous"):
+        path, state = find_checkpoint(tmp_path)
+    assert path.name == PREV and state["step"] == 1
+    with pytest.raises(CheckpointError, match=f"{LAST} is damaged: {where}"):
+        find_checkpoint(tmp_path / LAST)
+
+
+def test_the_callers_check_makes_a_checkpoint_unusable(tmp_path):
+    """find_checkpoint(check=...): a checkpoint that loads but fails the caller's check (the trainer's: another
+    model, an incomplete dict) is skipped for prev.pt, and with neither usable the error names both reasons."""
+    save_checkpoint(_state(1.0), tmp_path)
+    save_checkpoint(_state(2.0), tmp_path)
+
+    def only_step_1(state):
+        if state["step"] != 1:
+            raise CheckpointError(f"step {state['step']} is not step 1")
+
+    with pytest.warns(UserWarning, match="step 2 is not step 1"):
+        path, state = find_checkpoint(tmp_path, check=only_step_1)
+    assert path.name == PREV and state["step"] == 1
+
+    def none(state):
+        raise CheckpointError(f"not this one (step {state['step']})")
+
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"step 2\).*step 1\)"):
+        find_checkpoint(tmp_path, check=none)

@@ -422,8 +422,8 @@ def test_cli_checks_every_set_first_keeps_subset_indices_and_escapes_the_table(t
 
 
 def test_cli_non_finite_scores_are_named_never_a_crash_or_nan_json(tmp_path, capsys):
-    """A model whose forward overflows (a coupling network's output bias set to NaN, as a diverged run could leave
-    it): the sets are still tabled, each with its count of non-finite images, no mean and no AUROC (it was an
+    """A model whose forward overflows (a coupling network's output bias set to 1e30: finite weights, since a
+    checkpoint holding NaN is refused as damaged, but an infinite log-density): the sets are still tabled, each with its count of non-finite images, no mean and no AUROC (it was an
     AUROC traceback that lost every result, and with one set "nan" rows and NaN in the JSON)."""
     from glowfast.checkpoint import find_checkpoint
     from glowfast.train import main as train_main
@@ -434,8 +434,8 @@ def test_cli_non_finite_scores_are_named_never_a_crash_or_nan_json(tmp_path, cap
     assert train_main(TINY + ["--steps", "2", "--eval-interval", "2", "--run-dir", str(run)]) == 0
     path, state = find_checkpoint(run)
     bias = next(k for k in state["model"] if k.endswith(".bias") and "coupling" in k)
-    state["model"][bias].fill_(float("nan"))
-    torch.save(state, path)  # as a diverged run's weights would be (save_checkpoint refuses non-finite states)
+    state["model"][bias].fill_(1e30)
+    torch.save(state, path)
     out = tmp_path / "eval.json"
     capsys.readouterr()
     assert main(["--run", str(run), "--datasets", "digits", "noise", "--n", "20", "--device", "cpu",

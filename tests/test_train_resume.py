@@ -8,6 +8,8 @@ Tiny real runs (digits 1x8x8, K=2, L=1), as in test_train.py.
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -237,3 +239,206 @@ def test_a_new_fit_after_an_interrupted_one_is_not_stopped_by_the_old_request(tm
     finally:
         signal.signal(signal.SIGINT, previous)
     assert summary["status"] == "completed" and summary["step"] == 8
+
+
+# ------------------------------------------------------------------ found by a crash-safety audit (12th session)
+def test_a_run_resumed_at_its_last_step_runs_its_final_evaluation(tmp_path, capfd, uninterrupted):
+    """A run stopped at step 3 (Ctrl-C; no evaluation at 3) resumed with --steps 3 has no step left to train: it
+    used to skip the final evaluation, write test_bpd null and crash printing it. It evaluates and checkpoints,
+    and the run can still be continued to the uninterrupted run's end, bit for bit."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run = tmp_path / "run"
+        assert main(COMMON + ["--steps", "9", "--run-dir", str(run)], callbacks=[_ctrl_c_before_step(3)]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not [m for m in _metrics(run) if m["type"] == "eval"]
+    capfd.readouterr()
+    assert main(["--resume", str(run), "--steps", "3", "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 3
+    evals = [m for m in _metrics(run) if m["type"] == "eval"]
+    assert [m["step"] for m in evals] == [3] and evals[0]["test_bpd"] == summary["test_bpd"]
+    assert f"test bits/dim {summary['test_bpd']:.4f}" in capfd.readouterr().err
+    ckpt = load_checkpoint(run / "checkpoints" / LAST)
+    assert ckpt["step"] == 3 and ckpt["last_eval_step"] == 3 and ckpt["last_test_bpd"] == summary["test_bpd"]
+    # a second resume at the end evaluates nothing more (the checkpoint says step 3 was evaluated)
+    assert main(["--resume", str(run), "--steps", "3", "--no-progress"]) == 0
+    assert [m["step"] for m in _metrics(run) if m["type"] == "eval"] == [3]
+    assert main(["--resume", str(run), "--steps", "9", "--no-progress"]) == 0
+    _assert_same_weights(uninterrupted, run)
+
+
+def _another_model(tmp_path):
+    other = tmp_path / "other"
+    assert main(COMMON + ["--steps", "1", "--hidden-channels", "8", "--run-dir", str(other)]) == 0
+    return load_checkpoint(other / "checkpoints" / LAST)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("another model", "a checkpoint of another model (hidden_channels 8 there, 16 here)"),
+    ("no model", "incomplete checkpoint: no model"),
+    ("not a training checkpoint", "not a python -m glowfast.train checkpoint"),
+    ("NaN weights", "is damaged: model.levels"),
+])
+def test_an_unusable_last_checkpoint_falls_back_to_prev(tmp_path, uninterrupted, damage, reason):
+    """last.pt loads but cannot continue this run -- another model's, a dict without weights, something else's,
+    NaN weights: resume used to crash with a traceback (or train on and blame the learning rate), ignoring a good
+    prev.pt. Now it is skipped like an unreadable file (a warning naming why), moved aside, and the run resumes
+    from prev.pt to the uninterrupted run's weights."""
+    run = tmp_path / "run"
+    assert main(COMMON + ["--steps", "8", "--run-dir", str(run)]) == 0
+    state = load_checkpoint(run / "checkpoints" / LAST)
+    if damage == "another model":
+        state = _another_model(tmp_path)
+    elif damage == "no model":
+        del state["model"]
+    elif damage == "not a training checkpoint":
+        state = {"model": state["model"]}
+    else:
+        next(iter(state["model"].values())).fill_(float("nan"))
+    os.unlink(run / "checkpoints" / LAST)  # prev.pt is a hard link to the old last.pt: keep it intact
+    torch.save(state, run / "checkpoints" / LAST)
+    with pytest.warns(UserWarning, match="trying the previous checkpoint") as record:
+        assert main(["--resume", str(run), "--steps", "9", "--no-progress"]) == 0
+    assert any(reason in str(w.message) for w in record), [str(w.message) for w in record]
+    assert (run / "checkpoints" / f"{LAST}.unreadable").exists()
+    assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 9
+    _assert_same_weights(uninterrupted, run)
+
+
+def test_a_checkpoint_of_another_model_alone_is_a_one_line_error_that_changes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(COMMON + ["--steps", "4", "--run-dir", str(run)]) == 0
+    torch.save(_another_model(tmp_path), run / "checkpoints" / LAST)  # the only checkpoint (prev.pt: none at 4)
+    assert not (run / "checkpoints" / PREV).exists()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["--resume", str(run), "--steps", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: cannot resume {run}: no usable checkpoint in {run}: {run / 'checkpoints' / LAST}: a checkpoint of "
+        "another model (hidden_channels 8 there, 16 here). The files were left as they are.")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("content", ["", "{\"steps\": 8", "[]"])
+def test_a_damaged_config_json_resumes_from_the_checkpoints_copy(tmp_path, capsys, uninterrupted, content):
+    """config.json empty, truncated or not a config: the error used to be a bare JSON message or a KeyError
+    traceback. Every checkpoint holds the run's config, so --resume uses it (with a note) and rewrites the file."""
+    run = tmp_path / "run"
+    assert main(COMMON + ["--steps", "4", "--run-dir", str(run)]) == 0
+    good = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(content)
+    capsys.readouterr()
+    assert main(["--resume", str(run), "--steps", "9", "--no-progress"]) == 0
+    assert "using the config saved in" in capsys.readouterr().err
+    again = json.loads((run / "config.json").read_text())
+    assert {k: again[k] for k in ("K", "L", "hidden_channels", "seed", "batch_size", "lr")} == \
+        {k: good[k] for k in ("K", "L", "hidden_channels", "seed", "batch_size", "lr")}
+    _assert_same_weights(uninterrupted, run)
+
+
+def test_a_damaged_config_json_without_checkpoints_is_a_one_line_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{")
+    assert main(["--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json does not load" in err[0] and "no checkpoint there holds a copy" in err[0]
+    (run / "config.json").unlink()
+    assert main(["--resume", str(run), "--no-progress"]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["removed", "replaced"])
+def test_a_run_folder_removed_while_training_is_not_recreated(tmp_path, capsys, replace):
+    """The run folder deleted (or deleted and made again) mid-run: training used to recreate it without its
+    config, lock or older checkpoints, report success, and leave a folder --resume refused. It stops at its next
+    write with a one-line error (exit 1) and writes nothing more."""
+    import shutil
+
+    run = tmp_path / "run"
+
+    def remove(event, trainer):
+        if event == "after_step" and trainer.step == 3:
+            shutil.rmtree(run)
+            if replace:
+                run.mkdir()
+
+    assert main(COMMON + ["--steps", "8", "--ckpt-interval", "2", "--run-dir", str(run)], callbacks=[remove]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: the run folder {run} was removed or replaced while training (at step 4); nothing more "
+                       "was written")
+    assert (sorted(run.iterdir()) == []) if replace else not run.exists()
+
+
+def test_an_unusable_run_folder_is_a_one_line_error(tmp_path, capsys):
+    """--run-dir under a file (and, as root can write anywhere, the stand-in for an unwritable parent): the
+    mkdir's OSError used to be a traceback."""
+    (tmp_path / "file").write_text("x")
+    assert main(COMMON + ["--steps", "2", "--run-dir", str(tmp_path / "file" / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot use the run folder {tmp_path / 'file' / 'run'}: ")
+
+
+def test_a_failed_config_write_is_a_one_line_error_that_leaves_no_temporary(tmp_path, capsys):
+    """Writing config.json fails (here: a folder in its place; in life a full disk): one line, exit 1, and no
+    half-written temporary left in the run folder."""
+    run = tmp_path / "run"
+    (run / "config.json").mkdir(parents=True)
+    assert main(COMMON + ["--steps", "2", "--run-dir", str(run)]) == 1
+    assert "error: stopped at step 0:" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json"]
+
+
+def test_a_second_ctrl_c_stops_without_the_checkpoint(tmp_path, capfd):
+    """Ctrl-C, then Ctrl-C again before the stop's checkpoint: "again to stop now without one" -- the interrupt
+    handler used to write it anyway."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def second(event, trainer):
+        if event == "after_step" and trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        run = tmp_path / "run"
+        assert main(COMMON + ["--steps", "9", "--ckpt-interval", "2", "--run-dir", str(run)],
+                    callbacks=[_ctrl_c_before_step(3), second]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: interrupted at step 3 (stopped before its checkpoint: the newest checkpoint (step 2) "
+                       f"was left as it is); resume with --resume {run}")
+    assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 2
+
+
+_SIGTERM_RUN = """
+import os, signal, sys
+from glowfast.train import main
+def term(event, trainer):
+    if event == "before_step" and trainer.step == 6:
+        os.kill(os.getpid(), signal.SIGTERM)
+rc = main(sys.argv[1:], callbacks=[term])
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "SIGTERM's default handler was not restored"
+sys.exit(rc)
+"""
+
+
+def test_sigterm_stops_like_ctrl_c_with_a_checkpoint(tmp_path, uninterrupted):
+    """SIGTERM (a scheduler's pre-emption, docker stop) used to kill the run on the spot, losing every step since
+    the last checkpoint. It now finishes the step, checkpoints it and exits 143; the resumed run is the
+    uninterrupted one. In a subprocess: a missing handler would kill the process that gets the signal."""
+    from test_train import _env
+
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-c", _SIGTERM_RUN, *COMMON, "--steps", "9", "--run-dir", str(run)],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert out.returncode == 143, out.stderr[-2000:]
+    assert "SIGTERM: stopping after step 7 with a checkpoint" in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: terminated (SIGTERM) at step 7 (the checkpoint holds it); resume with --resume {run}")
+    assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 7
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert main(["--resume", str(run), "--no-progress"]) == 0
+    _assert_same_weights(uninterrupted, run)
