@@ -451,7 +451,7 @@ def _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trai
         return _fail(f"{how} at step {trainer.step} ({where}); resume with --resume {run_dir}", code)
     if main_rank:
         bpd = summary["test_bpd"]
-        print(f"done: step {summary['step']}, test bits/dim {'n/a' if bpd is None else f'{bpd:.4f}'} "
+        print(f"done: step {summary['step']}, test bits/dim {'non-finite' if bpd is None else f'{bpd:.4f}'} "
               f"({summary['test_images']} test images), {summary['wall_seconds']:.0f} s; run folder {run_dir}",
               file=sys.stderr)
     return 0

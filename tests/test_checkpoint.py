@@ -12,6 +12,7 @@ from glowfast.checkpoint import (
     PREV,
     CheckpointError,
     NonFiniteStateError,
+    assert_finite_state,
     atomic_save,
     find_checkpoint,
     get_rng_state,
@@ -325,3 +326,15 @@ def test_the_callers_check_makes_a_checkpoint_unusable(tmp_path):
 
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"step 2\).*step 1\)"):
         find_checkpoint(tmp_path, check=none)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_non_finite_values_inside_lists_and_tuples_are_found_and_named():
+    """assert_finite_state walks a NESTED state (its docstring), lists and tuples included -- e.g. a moving
+    average's list of shadow tensors -- and names where the value sits."""
+    assert_finite_state({"a": [torch.ones(2), (torch.zeros(1), 3, "x")], "b": torch.arange(3)})  # all finite
+    nan, inf = torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf")])
+    with pytest.raises(NonFiniteStateError, match=r"state\.ema\.shadow\[1\]"):
+        assert_finite_state({"ema": {"shadow": [torch.ones(2), nan]}})
+    with pytest.raises(NonFiniteStateError, match=r"state\[0\]\[1\]"):
+        assert_finite_state([(torch.ones(1), inf)])

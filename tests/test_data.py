@@ -584,3 +584,17 @@ def test_resize_rounds_to_nearest_uint8(size):
     frac = ref - np.floor(ref)
     assert ((frac > 0.1) & (frac < 0.4)).mean() > 0.05  # plenty of pixels where truncation and rounding differ
     assert abs(diff.mean()) < 0.02
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_make_loader_shuffles_only_when_asked():
+    """shuffle=True draws the images in a random order (the first batch of 64 being the first 64 images has
+    probability ~1/297!); shuffle=False keeps the dataset's order; either way each image keeps its label."""
+    ds = gd.get_dataset("digits", "test")
+    torch.manual_seed(0)
+    x, y = next(iter(gd.make_loader(ds, 64, shuffle=True, drop_last=True)))
+    assert not torch.equal(x, ds.images[:64])
+    label_of = {img.numpy().tobytes(): int(lab) for img, lab in zip(ds.images, ds.labels)}
+    assert [label_of[img.numpy().tobytes()] for img in x] == y.tolist()
+    x, y = next(iter(gd.make_loader(ds, 64, shuffle=False, drop_last=True)))
+    assert torch.equal(x, ds.images[:64]) and torch.equal(y, ds.labels[:64])

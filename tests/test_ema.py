@@ -150,3 +150,54 @@ def test_average_of_low_precision_weights_is_kept_in_float32():
     with ema.applied():  # the weights used for evaluation: the average rounded once to bf16
         for p, s in zip(net.parameters(), ema.shadow):
             assert p.dtype == torch.bfloat16 and torch.equal(p, s.to(torch.bfloat16))
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_training_averages_the_weights_after_each_update(tmp_path):
+    """--ema-decay: the average starts at the initialised weights w0 (after ActNorm's data-dependent init) and is
+    updated after the optimiser's step, so after the first step it is 0.1·w0 + 0.9·w1 (the first update's decay is
+    min(decay, 1/10)), w1 being the weights that step produced -- not w0 again (an update before the step)."""
+    seen = {}
+
+    def grab(event, trainer):
+        params = list(trainer.model.parameters())
+        if event == "start":
+            seen["w0"] = [p.detach().clone() for p in params]
+            seen["shadow0"] = [s.clone() for s in trainer.ema.shadow]
+        elif event == "after_step" and trainer.step == 1:
+            seen["w1"] = [p.detach().clone() for p in params]
+            seen["shadow1"] = [s.clone() for s in trainer.ema.shadow]
+
+    assert main(TINY + ["--steps", "1", "--ema-decay", "0.9", "--lr", "1e-2", "--eval-interval", "100",
+                        "--temperatures", "0.7", "--run-dir", str(tmp_path / "run")], callbacks=[grab]) == 0
+    assert any(not torch.equal(a, b) for a, b in zip(seen["w0"], seen["w1"]))  # the step moved the weights
+    assert any(bool((w != 0).any()) and not torch.equal(w, torch.zeros_like(w)) for w in seen["w0"])
+    for s, w0 in zip(seen["shadow0"], seen["w0"], strict=True):
+        assert torch.equal(s, w0)
+    for s, w0, w1 in zip(seen["shadow1"], seen["w0"], seen["w1"], strict=True):
+        torch.testing.assert_close(s.double(), 0.1 * w0.double() + 0.9 * w1.double(), rtol=0, atol=1e-6)
+
+
+def test_a_skipped_step_leaves_the_average_alone(tmp_path):
+    """The average is updated after every APPLIED update, not after skipped ones (module docstring): an inf put
+    into the top prior for step 4 only makes that step non-finite, so it is skipped, and the average (its tensors and
+    its update count) is the same after it as before it."""
+    seen = {}
+
+    def inject(event, trainer):
+        top = trainer.model.prior.top
+        if event == "before_step" and trainer.step == 3:
+            seen["shadow"] = [s.clone() for s in trainer.ema.shadow]
+            seen["n"] = trainer.ema.num_updates
+            seen["value"] = top.data[0].item()
+            top.data[0] = float("inf")
+        elif event == "after_step" and trainer.step == 4:
+            top.data[0] = seen["value"]
+            seen["skipped"] = trainer.nonfinite_total
+            seen["same"] = all(torch.equal(a, b) for a, b in zip(seen["shadow"], trainer.ema.shadow, strict=True))
+            seen["n_after"] = trainer.ema.num_updates
+
+    assert main(TINY + ["--steps", "5", "--ema-decay", "0.9", "--eval-interval", "100", "--temperatures", "0.7",
+                        "--run-dir", str(tmp_path / "run")], callbacks=[inject]) == 0
+    assert seen["skipped"] == 1 and seen["n"] == 3
+    assert seen["same"] and seen["n_after"] == 3

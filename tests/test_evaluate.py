@@ -423,8 +423,9 @@ def test_cli_checks_every_set_first_keeps_subset_indices_and_escapes_the_table(t
 
 def test_cli_non_finite_scores_are_named_never_a_crash_or_nan_json(tmp_path, capsys):
     """A model whose forward overflows (a coupling network's output bias set to 1e30: finite weights, since a
-    checkpoint holding NaN is refused as damaged, but an infinite log-density): the sets are still tabled, each with its count of non-finite images, no mean and no AUROC (it was an
-    AUROC traceback that lost every result, and with one set "nan" rows and NaN in the JSON)."""
+    checkpoint holding NaN is refused as damaged, but an infinite log-density): the sets are still tabled, each
+    with its count of non-finite images, no mean and no AUROC (it was an AUROC traceback that lost every result,
+    and with one set "nan" rows and NaN in the JSON)."""
     from glowfast.checkpoint import find_checkpoint
     from glowfast.train import main as train_main
 
@@ -451,3 +452,48 @@ def test_cli_non_finite_scores_are_named_never_a_crash_or_nan_json(tmp_path, cap
     assert [(r["n_nonfinite"], r["mean_bpd"], r["sem_bpd"]) for r in rows] == [(20, None, None)] * 2
     assert rows[1]["auroc_vs_first"] is None
     assert "| digits:test | p(x) | 20 | non-finite | — | — |" in captured.out
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_colour_images_are_averaged_over_every_channel_too():
+    """bits/dim divides by D = C·H·W. Every other test here uses 1-channel images, where C·H·W = H·W; a fresh additive
+    Glow on 3-channel images is the same rotation of N(0, I) (module docstring), so the per-dimension closed form
+    holds unchanged, for the per-image scores and for evaluate_bpd."""
+    shape = (3, 8, 8)
+    torch.manual_seed(0)
+    model = Glow(shape, K=2, L=2, hidden_channels=8, coupling="additive").double().eval()
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand((40, *shape), generator=g) < torch.rand((40, 1, 1, 1), generator=g)).to(torch.uint8) * 255
+    expected = _expected_bpd(images)
+    assert nll_bits_per_dim(model, images, "cpu", batch_size=16).mean() == pytest.approx(expected.mean(), abs=2e-5)
+    data = TensorDataset(images, torch.zeros(40, dtype=torch.long))
+    assert evaluate_bpd(model, data, "cpu", batch_size=16) == pytest.approx(expected.mean(), abs=2e-5)
+
+
+def test_conditional_evaluation_of_an_in_memory_dataset_keeps_each_image_with_its_label():
+    """An in-memory dataset (ImageTensorDataset: the training runs' test sets) is batched by a fast path of its own.
+    Its batches pair every image with its own label, in index order; and evaluate_bpd(y_condition=True) is the mean
+    over images of −log p(x | its label) / (D ln 2), the seeded noise drawn batch by batch -- recomputed here from
+    the model's forward. Distinct class priors make a misplaced label show."""
+    from glowfast.data import DatasetInfo, ImageTensorDataset
+    from glowfast.evaluate import iterate_batches
+
+    model = _measure_preserving_glow(n_classes=3)
+    with torch.no_grad():
+        for p in model.prior.parameters():
+            p.normal_(0, 0.3)
+    images, labels = _images(30, seed=6), torch.arange(30) % 3
+    ds = ImageTensorDataset(images, labels, DatasetInfo("pairs", SHAPE, 3))
+    idx = [5, 0, 29, 7, 12, 3, 3]
+    xs, ys = zip(*iterate_batches(ds, 4, idx))
+    assert torch.equal(torch.cat(xs), images[idx]) and torch.equal(torch.cat(ys), labels[idx])
+
+    @torch.no_grad()
+    def by_hand(lab):
+        g = torch.Generator().manual_seed(3)
+        return float(torch.cat([model(images[i: i + 8], lab[i: i + 8], generator=g).bits_per_dim
+                                for i in range(0, 30, 8)]).mean())
+
+    expected = by_hand(labels)
+    assert abs(expected - by_hand((labels + 1) % 3)) > 1e-3  # the label matters
+    assert evaluate_bpd(model, ds, "cpu", batch_size=8, y_condition=True, seed=3) == pytest.approx(expected, rel=1e-12)

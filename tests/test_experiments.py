@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -538,3 +539,104 @@ def test_reference_check_compares_the_fused_headline_with_the_reference_layers(m
     with pytest.warns(UserWarning, match="the headline may be wrong"):
         off = reference_check(model, images, fused_bpd + 0.01, torch.device("cpu"), n=4)
     assert abs(off["max_abs_diff"] - 0.01) < 1e-4
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def _spec(**kw):
+    from glowfast.experiments.common import ModelSpec
+
+    base = dict(K=1, L=1, hidden=8, batch=64, steps=1, warmup=4, lr=1e-3, conditional=False, eval_n=50)
+    return ModelSpec("digits", 8, **{**base, **kw})
+
+
+def test_experiment_training_warms_up_from_lr_over_warmup_and_clips_the_gradient(tmp_path):
+    """The experiments' training loop (Adam, linear warm-up, gradient clipping). Adam's first update of a parameter is
+    lr_1 · g / (|g| + eps) with lr_1 the first step's rate: at most lr_1, and lr_1 to 1e-6 wherever |g| > 1e-2. The
+    top prior starts at zero, so after one step its largest entry is lr/warmup (warm-up from lr/W: not 0, not lr).
+    Clipped to a global norm of 1e-12, every |g| <= 1e-12 and the update is at most lr_1 · 1e-12 / 1e-8."""
+    from glowfast.experiments.common import train
+
+    cpu = torch.device("cpu")
+    lr_1 = 1e-3 / 4
+    top = train(_spec(), tmp_path, cpu, backend="reference").model.prior.top.detach().double()
+    assert float(top.abs().max()) == pytest.approx(lr_1, rel=1e-5)
+    assert bool((top.abs() <= lr_1 * (1 + 1e-6)).all())
+    clipped = train(_spec(max_grad_norm=1e-12), tmp_path, cpu, backend="reference").model.prior.top.detach()
+    assert float(clipped.abs().max()) <= lr_1 * 1e-4
+
+
+def test_experiment_moving_average_is_updated_after_each_step(tmp_path):
+    """The experiments' moving average is created after the first update (ActNorm initialises in the first forward)
+    and updated after every optimiser step; without held-out images the model kept is the average. After 2 steps with
+    decay 0.9 it is therefore d·w1 + (1 − d)·w2 with d = min(0.9, 2/11) (its second update), w_k being the last
+    iterate after k steps (the same trajectory, trained without the average)."""
+    from glowfast.experiments.common import train
+
+    cpu = torch.device("cpu")
+    w1 = train(_spec(steps=1), tmp_path, cpu, backend="reference").model.state_dict()
+    w2 = train(_spec(steps=2), tmp_path, cpu, backend="reference").model.state_dict()
+    avg = train(_spec(steps=2, ema=0.9), tmp_path, cpu, backend="reference").model.state_dict()
+    d = 2 / 11
+    moved = 0
+    for k in w2:
+        if not w2[k].is_floating_point():
+            continue
+        torch.testing.assert_close(avg[k].double(), d * w1[k].double() + (1 - d) * w2[k].double(), rtol=0, atol=1e-6)
+        moved += int(not torch.equal(w1[k], w2[k]))
+    assert moved > 0
+
+
+def test_ablation_best_is_the_lowest_bits_per_dim(tiny_run):  # noqa: F811
+    """'best' names the variant with the LOWEST test bits/dim (of the final numbers when every variant trained the
+    same number of steps)."""
+    root, _ = tiny_run
+    for kind in ("permutation", "coupling"):
+        data = json.loads((root / f"ablation-{kind}" / "results.json").read_text())
+        ranking = data["final_test_bpd"] if data["same_number_of_steps"] else \
+            data["test_bpd_at_common_step_eval_subset"]
+        assert len(set(ranking.values())) == len(ranking)  # distinct: min and max differ
+        assert data["best"] == min(ranking, key=ranking.get), kind
+
+
+def test_interpolation_path_bits_per_dim_are_the_mean_over_pairs(tiny_run):  # noqa: F811
+    """mean_bpd_along_path[k] is the mean over the class pairs of the k-th interpolant's bits/dim. Its endpoints decode
+    to the test images themselves (max reconstruction error < half a level), so entry 0 is the mean over pairs of
+    image a's bits/dim, and entry −1 of image b's, each scored with the noise its position in the row draws
+    (nll_bits_per_dim's seeded generator, position by position)."""
+    from glowfast.checkpoint import find_checkpoint
+    from glowfast.experiments.common import ModelSpec, build_model, load_split, nll_bits_per_dim
+
+    root, empty = tiny_run
+    res = json.loads((root / "interpolation" / "results.json").read_text())
+    spec = ModelSpec(**res["model"]["spec"])
+    _, state = find_checkpoint(root / "models" / spec.key())
+    model = build_model(spec)
+    model.load_state_dict(state["model"])
+    te = load_split(spec.dataset, "test", empty, spec.size)
+    S = len(res["t"])
+    first, last = [], []
+    for p in res["pairs"]:
+        a, b = te.images[p["test_index_a"]], te.images[p["test_index_b"]]
+        first.append(nll_bits_per_dim(model, a.expand(S, *a.shape).contiguous(), "cpu")[0])
+        last.append(nll_bits_per_dim(model, b.expand(S, *b.shape).contiguous(), "cpu")[-1])
+    assert res["mean_bpd_along_path"][0] == pytest.approx(float(np.mean(first)), rel=1e-6)
+    assert res["mean_bpd_along_path"][-1] == pytest.approx(float(np.mean(last)), rel=1e-6)
+
+
+def test_typicality_on_a_model_without_held_out_images_splits_the_test_set_in_two(tiny_run, tmp_path):  # noqa: F811
+    """A model trained on the whole training split (glowfast.train) has no held-out images: ε is bootstrapped on a
+    random half of the scored test images and the other half gives the false-positive rate -- two disjoint halves,
+    not the same set twice."""
+    train = pytest.importorskip("glowfast.train")
+    _, empty = tiny_run
+    run = tmp_path / "run"
+    assert train.main(["--dataset", "digits", "--steps", "2", "--K", "1", "--L", "1", "--hidden-channels", "8",
+                       "--run-dir", str(run), "--no-progress", "--device", "cpu", "--eval-interval", "2",
+                       "--batch-size", "32", "--temperatures", "0.7"]) == 0
+    out = tmp_path / "typicality"
+    assert main(["typicality", *TINY, "--data-dir", str(empty), "--out", str(out), "--checkpoint", str(run)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["heldout_source"] == "test half"
+    n = data["n"]
+    scored = min(297, 256)  # digits' test split, scored at most ood_n = 256 images in the tiny preset (digits)
+    assert n["heldout"] + n["test"] == scored and abs(n["heldout"] - n["test"]) <= 1

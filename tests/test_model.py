@@ -455,3 +455,54 @@ def test_log_prob_and_bits_per_dim_without_dequantisation_are_deterministic():
     torch.testing.assert_close(noisy, model(images, generator=torch.Generator().manual_seed(4)).bits_per_dim,
                                rtol=0, atol=0)
     assert not torch.equal(noisy, bpd1)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_dequantisation_noise_fills_the_whole_bin_with_fewer_bits():
+    """With n_bits = 5 a pixel's bin is 1/32 wide in model space; the uniform dequantisation noise must cover all of
+    it (the likelihood's −D·log(n_bins) term assumes a density over the whole bin): (noisy − corner)·32 ~ U[0, 1)."""
+    model = tiny_glow((1, 4, 4), n_bits=5)
+    images = torch.randint(0, 256, (2000, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    corner = model.preprocess(images, dequantize=False)
+    u = (model.preprocess(images, generator=torch.Generator().manual_seed(1)) - corner) * 32
+    assert float(u.min()) >= 0 and float(u.max()) < 1
+    assert float(u.max()) > 0.99  # 32000 draws: P(max < 0.99) = 0.99^32000
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.01)  # SE 0.0016
+    assert float((u < 0.5).double().mean()) == pytest.approx(0.5, abs=0.015)
+
+
+@torch.no_grad()
+def _standardised_latents(model, temperature, n, seed):
+    """decode(temperature) with a seeded generator, re-encoded level by level: (z − prior mean) / prior std of
+    every latent, each under its own (conditional) prior."""
+    x = model.decode([None] * len(model.levels), temperature=temperature, n=n,
+                     generator=torch.Generator().manual_seed(seed))
+    z, out = x, []
+    for level in model.levels:
+        z = squeeze2d(z)
+        for step in level.steps:
+            z, _ = step(z)
+        if level.split is not None:
+            z, z2, _ = level.split(z)
+            mean, log_std = level.split.prior_params(z)
+            out.append((z2 - mean) / log_std.exp())
+    mean, log_std = model.prior.params(n, None, z.device, z.dtype)
+    out.append((z - mean) / log_std.exp())
+    return out
+
+
+def test_temperature_scales_every_priors_standard_deviation_linearly():
+    """Glow's temperature T samples every latent as mean + T·std·eps (the docstring: 'temperature scales every
+    prior's standard deviation'). So (z − mean)/std is T·eps: standard normal times T at every level, and for the
+    same generator seed exactly T times the T = 1 draws (same eps). T = 0 and T = 1 cannot tell T from T²."""
+    torch.manual_seed(0)
+    # mildly random weights: non-trivial conditional priors, and a flow whose inverse stays finite at T = 1
+    model = randomize_(Glow((3, 8, 8), K=2, L=3, hidden_channels=8), scale=0.05).double().eval()
+    ones = _standardised_latents(model, 1.0, 200, 7)
+    halves = _standardised_latents(model, 0.5, 200, 7)
+    for a, b in zip(ones, halves, strict=True):
+        torch.testing.assert_close(b, 0.5 * a, rtol=1e-7, atol=1e-7)
+    flat1 = torch.cat([t.flatten() for t in ones])  # 200 x 192 values
+    assert float(flat1.mean()) == pytest.approx(0.0, abs=0.03)
+    assert float(flat1.std()) == pytest.approx(1.0, abs=0.02)
+    assert float(torch.cat([t.flatten() for t in halves]).std()) == pytest.approx(0.5, abs=0.01)

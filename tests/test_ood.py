@@ -232,3 +232,27 @@ def test_typicality_flags_only_strictly_greater_than_epsilon():
     # fraction_flagged applies the same strict rule
     assert ood.fraction_flagged(np.full(8, H), H, 0.0, 4, n_batches=50, rng=0) == 0.0
     assert ood.fraction_flagged(np.full(8, H + 0.5), H, 0.5, 4, n_batches=50, rng=0) == 0.0
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_bootstrap_epsilon_draws_with_replacement_even_when_the_batch_fits_in_the_set():
+    """ε is a bootstrap quantile (Algorithm 1): batches of M drawn WITH replacement from the held-out scores, also
+    when M <= N. From {0, 1} with M = 2 the batch mean is 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4, so
+    |mean − 1/2| is 1/2 with probability 1/2 and its 0.9-quantile is 1/2. Drawn without replacement every batch
+    would be the whole set (mean 1/2) and ε would be 0."""
+    means = ood.bootstrap_batch_means([0.0, 1.0], 2, 4000, rng=1)
+    assert set(means.tolist()) == {0.0, 0.5, 1.0}
+    frac = {v: float(np.mean(means == v)) for v in (0.0, 0.5, 1.0)}
+    assert frac == pytest.approx({0.0: 0.25, 0.5: 0.5, 1.0: 0.25}, abs=0.03)  # binomial SE <= 0.008
+    assert ood.typicality_epsilon([0.0, 1.0], 0.5, 2, K=400, alpha=0.9, rng=0) == 0.5
+
+
+def test_typicality_statistic_of_one_batch_is_the_distance_of_its_mean():
+    """|mean NLL of the batch − Ĥ| for a 1-D batch too, and the same as the batched form's row. With three
+    values (0, 0, 3) the mean (1) differs from the median (0): a location other than the mean shows."""
+    batch = [0.0, 0.0, 3.0]
+    assert ood.typicality_statistic(batch, 0.0) == pytest.approx(1.0, abs=1e-15)
+    assert ood.typicality_statistic(batch, 0.25) == pytest.approx(0.75, abs=1e-15)
+    assert ood.typicality_statistic(np.array([batch]), 0.0).tolist() == pytest.approx([1.0], abs=1e-15)
+    assert ood.typicality_test(batch, 0.0, 0.5) is True
+    assert ood.typicality_test(batch, 1.0, 0.5) is False

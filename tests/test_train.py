@@ -3,6 +3,7 @@
 All runs are tiny (digits 1x8x8, K=2, L=1, width 16) and real: no mocks of torch or of the data.
 """
 
+import copy
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from glowfast.checkpoint import LAST, PREV, find_checkpoint, load_checkpoint
+from glowfast.data import get_dataset
 from glowfast.train import main
 
 from helpers import BEYOND, BEYOND_MESSAGE
@@ -521,3 +523,150 @@ def test_cosine_after_warmup_spans_the_remaining_steps_and_ends_at_zero(tmp_path
     assert _logged_rates(run) == pytest.approx(expected, rel=1e-12)
     ckpt = load_checkpoint(run / "checkpoints" / LAST)
     assert ckpt["step"] == total and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-15)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_logged_train_bits_per_dim_is_the_batch_mean(tmp_path):
+    """The loss is the batch MEAN of the per-image bits/dim (Adam/Adamax would train almost the same on the sum,
+    so only the logged value shows it): recomputed for the first step from a copy of the model taken just before it,
+    with the same dequantisation noise (the global RNG state at that point)."""
+    seen = {}
+
+    def grab(event, trainer):
+        if event == "before_step" and trainer.step == 0:
+            seen["model"] = copy.deepcopy(trainer.model)
+            seen["rng"] = torch.get_rng_state()
+            seen["batch"] = trainer.batch
+
+    run = tmp_path / "run"
+    assert main(TINY + ["--steps", "1", "--log-interval", "1", "--eval-interval", "100", "--temperatures", "0.7",
+                        "--run-dir", str(run)], callbacks=[grab]) == 0
+    (rec,) = [r for r in _metrics(run) if r["type"] == "train"]
+    x, _ = seen["batch"]
+    torch.set_rng_state(seen["rng"])
+    with torch.no_grad():
+        per_image = seen["model"].train()(x).bits_per_dim.double()
+    assert per_image.numel() == 256
+    assert rec["bpd"] == pytest.approx(float(per_image.mean()), rel=1e-6)
+    assert rec["loss"] == pytest.approx(rec["bpd"], rel=1e-12)  # unconditional: the loss is the bits/dim
+
+
+def test_conditional_training_batches_keep_each_image_with_its_own_label(tmp_path):
+    """The shuffled batches pair every image with ITS label (a misaligned label trains the class prior on noise);
+    over 7 steps (5 batches per epoch: an epoch boundary is crossed)."""
+    train = get_dataset("digits", "train")
+    label_of = {}
+    for img, lab in zip(train.images, train.labels.tolist()):
+        label_of.setdefault(img.numpy().tobytes(), set()).add(lab)
+    checked = []
+
+    def check(event, trainer):
+        if event == "before_step":
+            x, y = trainer.batch
+            checked.append(all(int(lab) in label_of[img.numpy().tobytes()] for img, lab in zip(x, y)))
+
+    assert main(TINY + ["--steps", "7", "--y-condition", "--eval-interval", "100", "--temperatures", "0.7",
+                        "--run-dir", str(tmp_path / "run")], callbacks=[check]) == 0
+    assert checked == [True] * 7
+
+
+def test_best_test_bpd_is_the_lowest_evaluation_not_the_last(tmp_path):
+    """summary.json's best_test_bpd is the minimum over the evaluations. The weights are made worse (top prior's
+    mean and log-std shifted) for the step-2 evaluation only -- through the callback hooks, restored at its "eval"
+    event before the checkpoint -- so the last evaluation is not the best."""
+    saved = {}
+
+    def worsen(event, trainer):
+        top = trainer.model.prior.top
+        if event == "after_step" and trainer.step == 2:
+            saved["top"] = top.detach().clone()
+            with torch.no_grad():
+                top.add_(3.0)
+        elif event == "eval" and trainer.step == 2:
+            with torch.no_grad():
+                top.copy_(saved["top"])
+
+    run = tmp_path / "run"
+    assert main(TINY + ["--steps", "2", "--eval-interval", "1", "--temperatures", "0.7", "--run-dir", str(run)],
+                callbacks=[worsen]) == 0
+    evals = [r["test_bpd"] for r in _metrics(run) if r["type"] == "eval"]
+    assert len(evals) == 2 and evals[1] > evals[0] + 0.1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_test_bpd"] == pytest.approx(evals[0], rel=1e-12)
+    assert summary["test_bpd"] == pytest.approx(evals[1], rel=1e-12)
+
+
+def test_a_non_finite_gradient_norm_with_a_finite_loss_skips_the_update(tmp_path):
+    """train_step skips a step when the loss OR the gradient norm is non-finite. A gradient hook makes step 4's
+    gradient infinite while its loss stays finite: the weights are unchanged and the skip is logged as
+    'grad_norm'."""
+    seen = {}
+
+    def inject(event, trainer):
+        top = trainer.model.prior.top
+        if event == "before_step" and trainer.step == 3:
+            seen["before"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+            seen["hook"] = top.register_hook(lambda g: torch.full_like(g, float("inf")))
+        elif event == "after_step" and trainer.step == 4:
+            seen["hook"].remove()
+            after = trainer.model.state_dict()
+            seen["unchanged"] = all(torch.equal(seen["before"][k], after[k]) for k in after)
+
+    run = tmp_path / "run"
+    assert main(TINY + ["--steps", "6", "--eval-interval", "6", "--temperatures", "0.7", "--run-dir", str(run)],
+                callbacks=[inject]) == 0
+    assert seen["unchanged"]
+    (rec,) = [r for r in _metrics(run) if r["type"] == "nonfinite"]
+    assert rec["step"] == 4 and rec["what"] == "grad_norm" and math.isfinite(rec["loss"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["nonfinite_skipped"] == 1
+
+
+def test_a_skipped_step_still_advances_the_learning_rate_schedule(tmp_path):
+    """The schedule is indexed by the training step: step k trains with lr·k/W during the warm-up whether or not an
+    earlier step was skipped (else a run with skipped steps would end its cosine above 0). Step 2 is made non-finite
+    (an inf in the top prior for that step only, through the callback hooks) and skipped; the rates logged for the
+    applied steps 1, 3, 4, 5 are those of their step numbers."""
+    saved = {}
+
+    def inject(event, trainer):
+        top = trainer.model.prior.top
+        if event == "before_step" and trainer.step == 1:
+            saved["value"] = top.data[0].item()
+            top.data[0] = float("inf")
+        elif event == "after_step" and trainer.step == 2:
+            top.data[0] = saved["value"]
+
+    run = tmp_path / "run"
+    lr = 2e-3
+    assert main(TINY + ["--steps", "5", "--warmup-steps", "4", "--lr", str(lr), "--log-interval", "1",
+                        "--eval-interval", "100", "--temperatures", "0.7", "--run-dir", str(run)],
+                callbacks=[inject]) == 0
+    assert [r["step"] for r in _metrics(run) if r["type"] == "nonfinite"] == [2]
+    rates = {r["step"]: r["lr"] for r in _metrics(run) if r["type"] == "train"}
+    assert rates == pytest.approx({1: lr / 4, 3: 3 * lr / 4, 4: lr, 5: lr}, rel=1e-12)
+
+
+def test_a_non_finite_final_evaluation_is_reported_not_a_crash(tmp_path, capsys):
+    """The last evaluation gives an infinite bits/dim with finite weights (the top prior's log-std set to -400 for
+    that evaluation only, restored at its "eval" event before the checkpoint): summary.json says null, and the
+    closing line says so -- it used to be a TypeError formatting None (found by mutation testing)."""
+    saved = {}
+
+    def cb(event, trainer):
+        top = trainer.model.prior.top
+        c = top.numel() // 2
+        if event == "after_step" and trainer.step == 2:
+            saved["top"] = top.detach().clone()
+            with torch.no_grad():
+                top.view(-1)[c:] = -400.0
+        elif event == "eval" and trainer.step == 2:
+            with torch.no_grad():
+                top.copy_(saved["top"])
+
+    run = tmp_path / "run"
+    assert main(TINY + ["--steps", "2", "--eval-interval", "2", "--temperatures", "0.7", "--run-dir", str(run)],
+                callbacks=[cb]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["test_bpd"] is None
+    assert "done: step 2, test bits/dim non-finite" in capsys.readouterr().err
