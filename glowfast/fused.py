@@ -98,6 +98,14 @@ def _compute_capability(index: int) -> int:
     return 10 * major + minor
 
 
+def _capability_refusal(capability: int) -> str | None:
+    """Why a GPU of this compute capability (10 * major + minor) cannot run the kernels; None when it can."""
+    major, minor = divmod(capability, 10)
+    if major < 8:
+        return f"the fused backend needs a GPU with compute capability >= 8.0, got {major}.{minor}"
+    return None
+
+
 def fused_available(device) -> tuple[bool, str]:
     """Whether the fused (Triton) backend can run on `device`, and if not, why.
 
@@ -110,10 +118,8 @@ def fused_available(device) -> tuple[bool, str]:
         if not torch.cuda.is_available():
             return False, "the fused backend needs CUDA, and torch.cuda.is_available() is False"
         index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = divmod(_compute_capability(index), 10)
-        if major < 8:
-            return False, f"the fused backend needs a GPU with compute capability >= 8.0, got {major}.{minor}"
-        return True, "CUDA"
+        refusal = _capability_refusal(_compute_capability(index))
+        return (False, refusal) if refusal else (True, "CUDA")
     if device.type == "cpu":
         if not _utils.is_interpret():
             return False, ("the fused backend runs on CUDA tensors; on CPU only under the Triton interpreter "

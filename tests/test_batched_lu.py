@@ -3,6 +3,7 @@
 import math
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from glowfast.ops import MAX_N_CUDA, PackedMatrices, batched_inverse, batched_slogdet
+from glowfast.ops import batched_lu as lu
 
 from conftest import cuda_devices, requires_cuda
 
@@ -748,3 +750,15 @@ def test_derivatives_past_those_supported_are_an_error():
     (g2,) = torch.autograd.grad((g1 * g1).sum(), w, create_graph=True)  # the second derivative: supported
     with pytest.raises(RuntimeError, match="batched_slogdet no third"):
         torch.autograd.grad(g2.sum(), w)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_cuda_matrix_size_limit_is_inclusive(monkeypatch):
+    """The CUDA kernels take n <= MAX_N_CUDA: exactly MAX_N_CUDA passes the wrapper's check, one more is refused
+    with a ValueError naming both (checked on a stand-in CUDA buffer: the check reads only its device)."""
+    monkeypatch.setattr(lu, "has_cuda_kernels", lambda: True)
+    on_cuda = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"))
+    lu._check_device(on_cuda, lu._Layout((3, lu.MAX_N_CUDA), False), "batched_slogdet")
+    with pytest.raises(ValueError, match=f"matrix size {lu.MAX_N_CUDA + 1} exceeds the CUDA kernels' limit "
+                                         f"n <= {lu.MAX_N_CUDA}"):
+        lu._check_device(on_cuda, lu._Layout((lu.MAX_N_CUDA + 1,), False), "batched_slogdet")

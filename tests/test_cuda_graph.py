@@ -151,3 +151,11 @@ def test_class_conditional_model_captures_without_a_sync():
     replayed = step(x, y).clone()
     model.zero_grad(set_to_none=False)
     torch.testing.assert_close(replayed, fn(x, y), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_graphed_step_needs_an_input():
+    from glowfast.cuda_graph import GraphedStep
+
+    with pytest.raises(ValueError, match="needs at least one input tensor"):
+        GraphedStep(lambda: torch.zeros(()), [], [])

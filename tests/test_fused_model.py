@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from glowfast import fused
+from glowfast.kernels import _utils
+from glowfast.kernels.precompile import precompiling
 from glowfast.model import Glow
 from glowfast.reference import FlowStep
 from glowfast.reference.flowstep import steps_forward as reference_steps_forward
@@ -316,3 +318,52 @@ print("ok")
     env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+@pytest.mark.parametrize("capability, ok", [(75, False), (80, True), (90, True)])
+def test_fused_needs_compute_capability_8(capability, ok):
+    """The kernels' fp32 tl.dot needs sm_80+: a 7.5 GPU (T4) is refused with its capability named (the decision
+    fused_available takes from the device's capability)."""
+    refusal = fused._capability_refusal(capability)
+    assert (refusal is None) is ok
+    if not ok:
+        assert refusal == "the fused backend needs a GPU with compute capability >= 8.0, got 7.5"
+
+
+def test_per_step_lists_of_the_wrong_length_are_refused():
+    steps = list(make_steps(3, 4, "affine", "invconv", True, "cpu"))
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="w_logabsdets has 2 entries for 3 steps"):
+        fused.steps_forward(steps, x, [None, None])
+    with torch.no_grad(), pytest.raises(ValueError, match="w_inverses has 2 entries for 3 steps"):
+        fused.steps_inverse(steps, x, [None, None])
+
+
+def test_precompile_record_turns_any_failure_into_an_error_entry(kernel_device):
+    """A start-up optimisation never fails a run: even the ValueError of an uninitialised ActNorm comes back as
+    {"error": ...} (precompile_record's contract), not as an exception."""
+    model = Glow((1, 8, 8), K=1, L=1, hidden_channels=8, backend="fused").to(kernel_device)
+    images = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, device=kernel_device)
+    record = fused.precompile_record(model, images)
+    assert set(record) == {"error"} and record["error"].startswith("ValueError: precompile_training_step needs "
+                                                                   "ActNorm initialised")
+
+
+def test_autograd_multithreading_is_off_inside_precompiling():
+    """The backward of a dry step must launch on the thread that holds the dry flag (module docstring): autograd's
+    per-device worker threads are switched off inside, and on again after."""
+    before = torch.autograd.is_multithreading_enabled()
+    with precompiling():
+        assert not torch.autograd.is_multithreading_enabled()
+    assert torch.autograd.is_multithreading_enabled() == before
+
+
+def test_cpu_tensors_get_exact_fp32_dots(monkeypatch):
+    """dot_precision: "ieee" for CPU tensors (the CPU conv is exact fp32); on CUDA cuDNN's TF32 flag decides."""
+    monkeypatch.setattr(_utils, "_dot_precision_override", None)
+    assert _utils.dot_precision("cpu") == "ieee"
+    monkeypatch.setattr(_utils, "_cudnn_conv_allows_tf32", lambda: True)
+    assert _utils.dot_precision("cuda") == "tf32"
+    monkeypatch.setattr(_utils, "_cudnn_conv_allows_tf32", lambda: False)
+    assert _utils.dot_precision("cuda") == "ieee"

@@ -5,6 +5,7 @@ script that breaks on its first line there costs the session. Parsed by bash, an
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,72 @@ def test_gpu_check_reruns_only_the_named_tests(tmp_path):
     assert junit.count("<testcase ") == 1
     assert 'name="test_gpu_check_unknown_preset_is_refused"' in junit
     assert "| tests | ok |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def _fake_python(tmp_path, body: str) -> Path:
+    py = tmp_path / "fakepython"
+    py.write_text("#!/usr/bin/env bash\n" + body)
+    py.chmod(0o755)
+    return py
+
+
+def test_gpu_check_times_out_a_stage_and_skips_what_the_budget_cannot_hold(tmp_path):
+    """A 22 s budget keeps a 15 s reserve: the env stage (cap 30 s, needs >= 5 s) gets ~7 s and is cut there (its
+    python hangs), reported as a time-out, not a failure; the training run (needs >= 40 s) is then skipped for the
+    budget, not started. A single functional stage runs on its own (no "side by side")."""
+    # `python -` (env_info's script on stdin) hangs; every other call (import probes, the training run) fails fast
+    py = _fake_python(tmp_path, 'if [ "${1:-}" = "-" ]; then sleep 60; fi\nexit 1\n')
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(py), "GPU_CHECK_BUDGET": "22", "GPU_CHECK_STAGES": "env train"}
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "session"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = (out / "summary.md").read_text()
+    rows = {cells[1].strip(): cells[2].strip() for cells in
+            (line.split("|") for line in summary.splitlines() if line.startswith("| ") and
+             not line.startswith(("| stage", "| ---")))}
+    m = re.fullmatch(r"TIMEOUT after (\d+)s", rows["env"])
+    assert m and 5 <= int(m.group(1)) <= 7, rows["env"]
+    assert rows["train"].startswith("skipped (budget:") and "needs ≥ 40s" in rows["train"], rows["train"]
+    assert "side by side" not in summary
+
+
+def _gpu_full(tmp_path, what, rc=0, budget=570):
+    log = tmp_path / "calls.log"
+    py = _fake_python(tmp_path, f'echo "$@" >> "{log}"\nexit {rc}\n')
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(py), "GPU_FULL_BUDGET": str(budget)}
+    res = subprocess.run(["bash", str(ROOT / "results" / "gpu_full.sh"), what], capture_output=True, text=True,
+                         env=env, timeout=120)
+    calls = log.read_text().splitlines() if log.exists() else []
+    return res, calls
+
+
+def test_gpu_full_runs_each_group_into_its_folder(tmp_path):
+    """One process per group: a single experiment writes into results/full/<name>, a group of several into
+    results/full (one folder each, made by glowfast.experiments)."""
+    res, calls = _gpu_full(tmp_path, "ablations")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [re.search(r"--out (\S+)", c).group(1) for c in calls] == [
+        "results/full/ablation-permutation", "results/full/ablation-coupling"]
+    (tmp_path / "m").mkdir()
+    res, calls = _gpu_full(tmp_path / "m", "main")
+    assert res.returncode == 0
+    assert [c.split(" --config")[0] for c in calls] == ["-m glowfast.experiments samples interpolation attributes",
+                                                        "-m glowfast.experiments ood typicality"]
+    assert all("--out results/full " in c for c in calls)
+
+
+def test_gpu_full_reports_a_cut_group_and_a_spent_budget(tmp_path):
+    res, calls = _gpu_full(tmp_path, "ablations", rc=124)
+    assert res.returncode == 3 and len(calls) == 2
+    assert "== ablation-permutation: exit 124 (time limit)" in res.stdout
+    (tmp_path / "b").mkdir()
+    res, calls = _gpu_full(tmp_path / "b", "ablations", budget=25)  # 25 - 10 s reserve < the 20 s a group needs
+    assert res.returncode == 3 and calls == []
+    assert "skipped" in res.stdout
+
+
+def test_gpu_full_unknown_half_is_refused(tmp_path):
+    res, calls = _gpu_full(tmp_path, "everything")
+    assert res.returncode == 2 and calls == [] and "unknown: everything" in res.stdout

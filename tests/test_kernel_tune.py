@@ -173,3 +173,121 @@ def test_coupling_candidates_at_cifar_level_one_follow_the_documented_rule():
     cands = tune.candidates("coupling", (256, 12, 16, 16))
     assert cands[0] == tune.default_config("coupling", (256, 12, 16, 16)) and cands[0][0] == 256
     assert sorted(cands) == [(128, 4), (128, 8), (256, 4), (256, 8)]
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_candidates_reach_the_rules_largest_tile_of_16k_elements():
+    """The documented rule keeps tiles of 512 ... 16384 elements (cp x BLOCK_P): at the issue's bandwidth shape
+    64x12x128x128 (cp 16, 16384 pixels per image) a 1024-pixel tile is exactly 16384 elements and lies within
+    default/2 ... default*8 for the interpreter's default (2048) and the GPU table's (512) alike."""
+    for kernel, mode in (("coupling", "fwd"), ("actnorm_invconv", "fwd"), ("cross_step", "bwd")):
+        cands = tune.candidates(kernel, (64, 12, 128, 128), mode=mode)
+        assert any(bp == 1024 for bp, _ in cands[1:]), (kernel, mode, cands)
+        assert all(512 <= 16 * bp <= 16384 for bp, _ in cands[1:]), (kernel, mode, cands)
+
+
+@pytest.mark.parametrize("kernel, mode, n_reads, n_writes, h_reads, h_writes", [
+    ("coupling", "fwd", 1, 1, 1, 0),        # z, h read; y written
+    ("coupling", "bwd", 2, 1, 1, 1),        # z, h, dy read; dz, dh written
+    ("cross_step", "fwd", 1, 1, 1, 0),
+    ("cross_step", "bwd", 2, 1, 1, 1),
+    ("step_inverse", "fwd", 1, 1, 1, 0),
+    ("actnorm_invconv", "inv", 1, 1, 0, 0),
+])
+def test_bytes_moved_are_every_input_read_and_every_output_written_once(kernel, mode, n_reads, n_writes, h_reads,
+                                                                        h_writes):
+    """Compulsory traffic (module docstring): every input read once, every output written once. At 1x12x8x8 fp32
+    the activations are 3072 B and the network output h (2 x 6 channels) 3072 B too."""
+    n = nh = 1 * 12 * 8 * 8 * 4
+    _, nbytes = tune.kernel_case(kernel, mode, (1, 12, 8, 8), "cpu")
+    assert nbytes == (n_reads + n_writes) * n + (h_reads + h_writes) * nh
+
+
+def test_a_default_tile_that_fails_is_a_failure_of_the_sweep(tmp_path, monkeypatch):
+    """A default configuration that raises (e.g. out of resources) leaves nothing to compare with: it is recorded
+    with its error, the case stops, and the exit code says so (1)."""
+    def failing_case(kernel, mode, shape, device):
+        def call():
+            raise RuntimeError("out of resources")
+        return call, 1000
+
+    monkeypatch.setattr(tune, "kernel_case", failing_case)
+    rc = tune.main(["--device", "cpu", "--shapes", "1x12x16x16", "--kernels", "coupling/fwd", "--block-p", "16,32",
+                    "--num-warps", "4", "--rounds", "1", "--iterations", "1", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "tune.json").read_text())["records"]
+    assert len(records) == 1 and records[0]["default"] and "out of resources" in records[0]["error"]
+    assert rc == 1
+
+
+def test_a_spent_budget_starts_no_new_case(monkeypatch):
+    started, logged = [], []
+    monkeypatch.setattr(tune, "kernel_case", lambda *a, **k: started.append(a) or ((lambda: torch.ones(1)), 1))
+    monkeypatch.setattr(tune, "time_call", lambda *a, **k: 1e-3)
+    records = tune.sweep([(1, 12, 16, 16)], (("coupling", "fwd"),), device="cpu", budget_s=-1.0, block_ps=[],
+                         num_warps=(), log=logged.append)
+    assert records == [] and started == [] and "budget" in logged[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shapes", "2x6x8"], "not BxCxHxW"),
+    (["--kernels", "coupling/sideways"], "unknown kernel/mode"),
+])
+def test_bad_shapes_and_kernels_are_refused(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        tune.main(["--device", "cpu", "--out", str(tmp_path / "o"), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_exactly_max_channels_is_supported():
+    """MAX_CHANNELS is the widest tile compiled and tested (C up to 128 per flow step): 128 itself is accepted."""
+    _utils.check_channels(_utils.MAX_CHANNELS)
+    assert _utils.channel_pad(_utils.MAX_CHANNELS) == _utils.MAX_CHANNELS
+    with pytest.raises(ValueError, match="at most"):
+        _utils.check_channels(_utils.MAX_CHANNELS + 1)
+
+
+def test_exactly_max_channels_runs_through_a_kernel(kernel_device):
+    from glowfast.kernels import actnorm_invconv_forward
+
+    c = _utils.MAX_CHANNELS
+    x = torch.randn(1, c, 1, 2, device=kernel_device)
+    w = torch.eye(c, device=kernel_device)
+    y = actnorm_invconv_forward(x, torch.zeros(c, device=kernel_device), torch.zeros(c, device=kernel_device), w)
+    torch.testing.assert_close(y, x)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "cross_step_fwd"])
+def test_gpu_tile_takes_the_ieee_table_only_for_ieee_dots(kind):
+    """GPU_TILES_IEEE holds the exact-fp32 tiles of the forward families; "tf32" launches (and cp values without an
+    ieee entry) use GPU_TILES."""
+    for cp, tile in _utils.GPU_TILES[kind].items():
+        assert _utils.gpu_tile(kind, cp, "tf32") == tile
+        assert _utils.gpu_tile(kind, cp, "ieee") == _utils.GPU_TILES_IEEE[kind].get(cp, tile)
+    assert any(_utils.GPU_TILES_IEEE[kind][cp] != _utils.GPU_TILES[kind][cp] for cp in _utils.GPU_TILES_IEEE[kind])
+
+
+def test_gpu_block_pixels_is_the_table_tile_clipped_to_the_image(monkeypatch):
+    """Off the interpreter: BLOCK_P = the table's tile, at most the image's pixels (rounded up to a power of two),
+    at least 16 (the K of the grad-W dot); num_warps = the table's."""
+    monkeypatch.setattr(_utils, "is_interpret", lambda: False)
+    for kind, table in _utils.GPU_TILES.items():
+        for cp, (bp, nw) in table.items():
+            assert _utils.block_pixels(cp, 1 << 20, kind, "tf32") == bp
+            assert _utils.block_pixels(cp, 24, kind, "tf32") == min(bp, 32)  # 24 pixels: a 32-pixel tile
+            assert _utils.block_pixels(cp, 4, kind, "tf32") == 16
+            assert _utils.launch_options(cp, kind, "tf32")["num_warps"] == nw
+
+
+def test_reduction_programs_per_sample_follow_programs_per_sm():
+    """Programs per sample = ceil(programs_per_sm x SMs / batch), at most one per pixel tile, at least 1; off a GPU
+    the device counts as one SM (launch_override's docstring). Without an override, off a GPU: one per tile."""
+    cpu = torch.device("cpu")
+    assert _utils.reduction_programs(batch=3, n_ptiles=10, device=cpu) == 10
+    with _utils.launch_override(programs_per_sm=8):
+        assert _utils.reduction_programs(batch=2, n_ptiles=100, device=cpu) == 4   # 8 x 1 SM / 2 samples
+        assert _utils.reduction_programs(batch=3, n_ptiles=100, device=cpu) == 3   # ceil(8 / 3)
+        assert _utils.reduction_programs(batch=2, n_ptiles=3, device=cpu) == 3     # clipped to the tiles
+        assert _utils.reduction_programs(batch=64, n_ptiles=100, device=cpu) == 1  # at least one
+        assert _utils.reduction_programs(batch=0, n_ptiles=100, device=cpu) == 8   # empty batch: no division by 0

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from glowfast import Glow
+from glowfast._checks import check_device_exists
 from glowfast.reference import squeeze2d
 
+from conftest import requires_cuda
 from helpers import jacobian_logabsdet, max_rel_err, randomize_
 
 CHOICES = list(itertools.product(["affine", "additive"], ["invconv", "shuffle", "reverse"], [True, False]))
@@ -506,3 +508,14 @@ def test_temperature_scales_every_priors_standard_deviation_linearly():
     assert float(flat1.mean()) == pytest.approx(0.0, abs=0.03)
     assert float(flat1.std()) == pytest.approx(1.0, abs=0.02)
     assert float(torch.cat([t.flatten() for t in halves]).std()) == pytest.approx(0.5, abs=0.01)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+@requires_cuda
+def test_cuda_index_equal_to_the_device_count_does_not_exist():
+    """Devices are cuda:0 ... cuda:n-1: the last one exists, cuda:n does not (on the machine's real devices)."""
+    n = torch.cuda.device_count()
+    check_device_exists(torch.device("cuda", n - 1))
+    check_device_exists(torch.device("cuda"))
+    with pytest.raises(RuntimeError, match=rf"^cuda:{n} does not exist: this machine has {n} CUDA device"):
+        check_device_exists(torch.device("cuda", n))

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+import glowfast._extension as ext
 from glowfast import Glow
 
 from helpers import randomize_
@@ -80,3 +81,17 @@ def test_plain_w_without_the_extension_falls_back_to_torch_linalg(monkeypatch):
     x = reference.preprocess(images, dequantize=False)
     latents, _ = reference.encode(x)
     torch.testing.assert_close(without.decode(latents), x, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def test_a_build_without_cuda_kernels_serves_cpu_only(monkeypatch):
+    """glowfast._C built without nvcc: the batched-LU op runs on CPU tensors; CUDA callers get None (and use
+    torch.linalg) instead of an op that raises on their tensors."""
+    ops = object()
+    monkeypatch.setattr(ext, "_BATCHED_LU", (ops, False))
+    assert ext.batched_lu_ops("cpu") is ops
+    assert ext.batched_lu_ops("cuda") is None
+    monkeypatch.setattr(ext, "_BATCHED_LU", (ops, True))
+    assert ext.batched_lu_ops("cuda") is ops
+    monkeypatch.setattr(ext, "_BATCHED_LU", (None, False))
+    assert ext.batched_lu_ops("cpu") is None

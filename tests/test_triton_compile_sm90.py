@@ -16,9 +16,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
+
+import glowfast.kernels._compile_check as cc
+from glowfast.kernels._utils import SM90_MAX_SHARED
 
 MODULES = ("actnorm_invconv", "coupling", "cross_step")
 # Under pytest-xdist with --dist loadgroup, one worker runs this whole module (the compile jobs start once).
@@ -134,3 +138,41 @@ def test_default_gpu_tiles_do_not_spill_registers(module):
         f"{r['kernel']} CP={r['constexprs']['CP']} BLOCK_P={r['constexprs']['BLOCK_P']} "
         f"num_warps={r['options']['num_warps']}: {r['regs']} registers, {r['stack']} B stack frame (spills)"
         for r in spilled)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing (12th session)
+def _compiled(shared: int):
+    return types.SimpleNamespace(metadata=types.SimpleNamespace(shared=shared), asm={})
+
+
+def _run(monkeypatch, capsys, compile_one):
+    monkeypatch.setattr(cc, "compile_one", compile_one)
+    monkeypatch.setattr(cc, "cubin_resources", lambda compiled: {})
+    rc = cc.main(["coupling"])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return rc, records
+
+
+def test_exit_code_is_zero_only_when_every_spec_compiles(monkeypatch, capsys):
+    rc, records = _run(monkeypatch, capsys, lambda *a, **k: _compiled(1024))
+    assert rc == 0 and records and all(r["ok"] for r in records)
+    calls = []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("PassManager::run failed")
+        return _compiled(1024)
+
+    rc, records = _run(monkeypatch, capsys, second_fails)
+    assert rc == 1 and [r["ok"] for r in records].count(False) == 1
+    assert "PassManager::run failed" in next(r["error"] for r in records if not r["ok"])
+
+
+def test_more_shared_memory_than_an_sm90_block_has_is_a_failure(monkeypatch, capsys):
+    """227 KiB (SM90_MAX_SHARED) is the most one sm_90 block may use: exactly that compiles, a byte more fails."""
+    rc, records = _run(monkeypatch, capsys, lambda *a, **k: _compiled(SM90_MAX_SHARED))
+    assert rc == 0 and all(r["ok"] for r in records)
+    rc, records = _run(monkeypatch, capsys, lambda *a, **k: _compiled(SM90_MAX_SHARED + 1))
+    assert rc == 1 and not any(r["ok"] for r in records)
+    assert all(f"needs {SM90_MAX_SHARED + 1} B of shared memory" in r["error"] for r in records)
