@@ -146,13 +146,22 @@ def load(paths: list[Path], allow_mixed: bool = False) -> tuple[dict, list[dict]
     return meta or {}, benches
 
 
+# the fields startup_table and the start-up target read from every benchmarks/startup.py record
+STARTUP_FIELDS = ("config", "batch", "import_s", "build_s", "first_step_s", "to_first_step_s", "second_step_s")
+
+
 def load_startup(paths: list[Path]) -> list[dict]:
-    """The records of benchmarks/startup.py (one JSON list per file)."""
+    """The records of benchmarks/startup.py (one non-empty JSON list per file); SystemExit naming the file and the
+    missing fields otherwise."""
     records = []
     for p in paths:
         data = json.loads(Path(p).read_text())
-        if not isinstance(data, list) or not all(isinstance(r, dict) and "to_first_step_s" in r for r in data):
-            raise SystemExit(f"{p}: not a benchmarks/startup.py output (a list of records with to_first_step_s)")
+        if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+            raise SystemExit(f"{p}: not a benchmarks/startup.py output (a non-empty list of records)")
+        for i, r in enumerate(data):
+            missing = [k for k in STARTUP_FIELDS if k not in r]
+            if missing:
+                raise SystemExit(f"{p}: record {i} is not a benchmarks/startup.py record (no {', '.join(missing)})")
         records += data
     return records
 

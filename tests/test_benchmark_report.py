@@ -927,3 +927,21 @@ def test_time_and_number_formatting_edge_cases():
     assert report.fmt_time(12.34) == "12.3 s"
     assert report.fmt_ratio(2.0, 0.0) == "—" and report.fmt_ratio(0.0, 2.0) == "—"
     assert report.fmt_num(float("nan")) == "—" and report.fmt_num(float("inf")) == "—"
+
+
+@pytest.mark.parametrize("content, message", [
+    ([], "a non-empty list of records"),
+    ([{"config": "cifar10_K32", "batch": 64, "to_first_step_s": 13.0}],
+     "record 0 is not a benchmarks/startup.py record (no import_s, build_s, first_step_s, second_step_s)"),
+])
+def test_an_empty_or_partial_start_up_file_is_one_line(tmp_path, content, message):
+    """An empty start-up list crashed the report (IndexError on its first record), and a record without import_s
+    (or another column) a KeyError in the table: both are now the file named and what it lacks (found by mutation
+    testing)."""
+    st = tmp_path / "startup.json"
+    st.write_text(json.dumps(content))
+    proc = subprocess.run([sys.executable, str(REPORT), "--startup", str(st)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    expected = f"{st}: {message}" if content else f"{st}: not a benchmarks/startup.py output ({message})"
+    assert proc.stderr.strip() == expected

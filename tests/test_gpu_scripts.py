@@ -95,14 +95,15 @@ def _fake_python(tmp_path, body: str) -> Path:
     return py
 
 
-def test_gpu_check_times_out_a_stage_and_skips_what_the_budget_cannot_hold(tmp_path):
-    """A 22 s budget keeps a 15 s reserve: the env stage (cap 30 s, needs >= 5 s) gets ~7 s and is cut there (its
-    python hangs), reported as a time-out, not a failure; the training run (needs >= 40 s) is then skipped for the
-    budget, not started. A single functional stage runs on its own (no "side by side")."""
-    # `python -` (env_info's script on stdin) hangs; every other call (import probes, the training run) fails fast
-    py = _fake_python(tmp_path, 'if [ "${1:-}" = "-" ]; then sleep 60; fi\nexit 1\n')
+def _gpu_check_rows(tmp_path, budget: int, stages: str, hang: str = ""):
+    """gpu_check.sh session with a stand-in python: `python -` (env_info's script on stdin) hangs when `hang` is
+    "sleep" (stopped by the time limit's SIGINT) or "ignore-int" (ignores it: killed 20 s later); every other call
+    (import probes, the training run) fails at once. Returns the summary's rows {stage: status} and its text."""
+    hang_cmd = {"": "", "sleep": "sleep 60", "ignore-int": "trap '' INT; sleep 60"}[hang]
+    py = _fake_python(tmp_path, f'if [ "${{1:-}}" = "-" ]; then {hang_cmd}; fi\nexit 1\n')
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": str(py), "GPU_CHECK_BUDGET": "22", "GPU_CHECK_STAGES": "env train"}
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(py), "GPU_CHECK_BUDGET": str(budget),
+           "GPU_CHECK_STAGES": stages}
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "session"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -110,9 +111,28 @@ def test_gpu_check_times_out_a_stage_and_skips_what_the_budget_cannot_hold(tmp_p
     rows = {cells[1].strip(): cells[2].strip() for cells in
             (line.split("|") for line in summary.splitlines() if line.startswith("| ") and
              not line.startswith(("| stage", "| ---")))}
+    return rows, summary
+
+
+def test_gpu_check_times_out_a_stage_within_the_budget_less_its_reserve(tmp_path):
+    """A 22 s budget keeps a 15 s reserve: the env stage (cap 30 s) gets ~7 s and is cut there, reported as a
+    time-out, not as a failure."""
+    rows, _ = _gpu_check_rows(tmp_path, 22, "env", hang="sleep")
     m = re.fullmatch(r"TIMEOUT after (\d+)s", rows["env"])
     assert m and 5 <= int(m.group(1)) <= 7, rows["env"]
-    assert rows["train"].startswith("skipped (budget:") and "needs ≥ 40s" in rows["train"], rows["train"]
+
+
+def test_gpu_check_stage_ignoring_the_time_limits_sigint_is_killed_and_reported_as_a_timeout(tmp_path):
+    rows, _ = _gpu_check_rows(tmp_path, 22, "env", hang="ignore-int")
+    assert re.fullmatch(r"TIMEOUT after \d+s", rows["env"]), rows["env"]
+
+
+def test_gpu_check_skips_a_stage_the_budget_left_cannot_hold(tmp_path):
+    """50 s budget, 15 s reserve: ~35 s are left after a quick env stage, less than the training run's 40 s minimum:
+    it is skipped (not started with what is left). A single functional stage runs on its own (no "side by side")."""
+    rows, summary = _gpu_check_rows(tmp_path, 50, "env train")
+    m = re.fullmatch(r"skipped \(budget: (\d+)s left, needs ≥ 40s\)", rows["train"])
+    assert m and 25 <= int(m.group(1)) < 40, rows["train"]
     assert "side by side" not in summary
 
 
