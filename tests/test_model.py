@@ -86,20 +86,27 @@ def test_preprocess_quantises_and_dequantises():
     torch.testing.assert_close(model.postprocess(x), torch.floor(images.double() / 8) * 8 / 255)
 
 
-def test_temperature_zero_gives_prior_means():
-    model = tiny_glow((3, 8, 8), K=2, L=3)
-    x = model.decode([None] * 3, temperature=0.0, n=2)
-    # Re-encode level by level: every factored-out latent equals its conditional prior mean.
-    z = x
+@torch.no_grad()
+def _latents_and_priors(model, x):
+    """Re-encode x level by level: (latent, its prior's mean, its prior's log-std) for every factored-out latent
+    (under its conditional prior) and the top one (unconditional model)."""
+    z, out = x, []
     for level in model.levels:
         z = squeeze2d(z)
         for step in level.steps:
             z, _ = step(z)
         if level.split is not None:
             z, z2, _ = level.split(z)
-            torch.testing.assert_close(z2, level.split.prior_params(z)[0], rtol=1e-8, atol=1e-8)
-    top_mean, _ = model.prior.params(2, None, z.device, z.dtype)
-    torch.testing.assert_close(z, top_mean, rtol=1e-8, atol=1e-8)
+            out.append((z2, *level.split.prior_params(z)))
+    out.append((z, *model.prior.params(x.shape[0], None, z.device, z.dtype)))
+    return out
+
+
+def test_temperature_zero_gives_prior_means():
+    model = tiny_glow((3, 8, 8), K=2, L=3)
+    x = model.decode([None] * 3, temperature=0.0, n=2)
+    for z, mean, _ in _latents_and_priors(model, x):  # every latent equals its (conditional) prior mean
+        torch.testing.assert_close(z, mean, rtol=1e-8, atol=1e-8)
 
 
 def test_sample_shapes_range_and_generator():
@@ -479,18 +486,7 @@ def _standardised_latents(model, temperature, n, seed):
     every latent, each under its own (conditional) prior."""
     x = model.decode([None] * len(model.levels), temperature=temperature, n=n,
                      generator=torch.Generator().manual_seed(seed))
-    z, out = x, []
-    for level in model.levels:
-        z = squeeze2d(z)
-        for step in level.steps:
-            z, _ = step(z)
-        if level.split is not None:
-            z, z2, _ = level.split(z)
-            mean, log_std = level.split.prior_params(z)
-            out.append((z2 - mean) / log_std.exp())
-    mean, log_std = model.prior.params(n, None, z.device, z.dtype)
-    out.append((z - mean) / log_std.exp())
-    return out
+    return [(z - mean) / log_std.exp() for z, mean, log_std in _latents_and_priors(model, x)]
 
 
 def test_temperature_scales_every_priors_standard_deviation_linearly():

@@ -570,25 +570,29 @@ def test_conditional_training_batches_keep_each_image_with_its_own_label(tmp_pat
     assert checked == [True] * 7
 
 
-def test_best_test_bpd_is_the_lowest_evaluation_not_the_last(tmp_path):
-    """summary.json's best_test_bpd is the minimum over the evaluations. The weights are made worse (top prior's
-    mean and log-std shifted) for the step-2 evaluation only -- through the callback hooks, restored at its "eval"
-    event before the checkpoint -- so the last evaluation is not the best."""
+def _top_prior_changed_for_the_evaluation_at(step: int, change):
+    """A callback that applies change(top prior tensor) after step `step` and undoes it at that step's "eval" event,
+    before the checkpoint: that one evaluation sees other (finite) weights, nothing else does."""
     saved = {}
 
-    def worsen(event, trainer):
+    def cb(event, trainer):
         top = trainer.model.prior.top
-        if event == "after_step" and trainer.step == 2:
+        if event == "after_step" and trainer.step == step:
             saved["top"] = top.detach().clone()
             with torch.no_grad():
-                top.add_(3.0)
-        elif event == "eval" and trainer.step == 2:
+                change(top)
+        elif event == "eval" and trainer.step == step:
             with torch.no_grad():
                 top.copy_(saved["top"])
+    return cb
 
+
+def test_best_test_bpd_is_the_lowest_evaluation_not_the_last(tmp_path):
+    """summary.json's best_test_bpd is the minimum over the evaluations. The weights are made worse (top prior's
+    mean and log-std shifted) for the step-2 evaluation only, so the last evaluation is not the best."""
     run = tmp_path / "run"
     assert main(TINY + ["--steps", "2", "--eval-interval", "1", "--temperatures", "0.7", "--run-dir", str(run)],
-                callbacks=[worsen]) == 0
+                callbacks=[_top_prior_changed_for_the_evaluation_at(2, lambda top: top.add_(3.0))]) == 0
     evals = [r["test_bpd"] for r in _metrics(run) if r["type"] == "eval"]
     assert len(evals) == 2 and evals[1] > evals[0] + 0.1
     summary = json.loads((run / "summary.json").read_text())
@@ -649,21 +653,12 @@ def test_a_skipped_step_still_advances_the_learning_rate_schedule(tmp_path):
 
 def test_a_non_finite_final_evaluation_is_reported_not_a_crash(tmp_path, capsys):
     """The last evaluation gives an infinite bits/dim with finite weights (the top prior's log-std set to -400 for
-    that evaluation only, restored at its "eval" event before the checkpoint): summary.json says null, and the
-    closing line says so -- it used to be a TypeError formatting None (found by mutation testing)."""
-    saved = {}
+    that evaluation only): summary.json says null, and the closing line says so -- it used to be a TypeError
+    formatting None (found by mutation testing)."""
+    def log_std_minus_400(top):
+        top.view(-1)[top.numel() // 2:] = -400.0
 
-    def cb(event, trainer):
-        top = trainer.model.prior.top
-        c = top.numel() // 2
-        if event == "after_step" and trainer.step == 2:
-            saved["top"] = top.detach().clone()
-            with torch.no_grad():
-                top.view(-1)[c:] = -400.0
-        elif event == "eval" and trainer.step == 2:
-            with torch.no_grad():
-                top.copy_(saved["top"])
-
+    cb = _top_prior_changed_for_the_evaluation_at(2, log_std_minus_400)
     run = tmp_path / "run"
     assert main(TINY + ["--steps", "2", "--eval-interval", "2", "--temperatures", "0.7", "--run-dir", str(run)],
                 callbacks=[cb]) == 0

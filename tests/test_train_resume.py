@@ -5,6 +5,7 @@ the same: the resumed run is the uninterrupted run, and no good checkpoint is lo
 Tiny real runs (digits 1x8x8, K=2, L=1), as in test_train.py.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,16 @@ from glowfast.train import main
 from test_train import TINY, _metrics
 
 COMMON = TINY + ["--eval-interval", "4", "--ckpt-interval", "4"]
+
+
+@contextlib.contextmanager
+def python_sigint():
+    """Python's own SIGINT handler for the duration (pytest installs its own; fit() defers only Python's)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _assert_same_weights(run_a, run_b):
@@ -76,17 +87,10 @@ def test_interrupt_mid_step_keeps_the_last_consistent_checkpoint(tmp_path, capsy
 def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, capfd, uninterrupted):
     """A real SIGINT during step 7: the step completes, a checkpoint at step 7 is written, exit 130; the resumed
     run equals the uninterrupted one. The Python SIGINT handler is restored afterwards."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        def ctrl_c(event, trainer):
-            if event == "before_step" and trainer.step == 6:
-                os.kill(os.getpid(), signal.SIGINT)
-
+    with python_sigint():
         run = tmp_path / "run"
-        assert main(COMMON + ["--steps", "9", "--run-dir", str(run)], callbacks=[ctrl_c]) == 130
+        assert main(COMMON + ["--steps", "9", "--run-dir", str(run)], callbacks=[_ctrl_c_before_step(7)]) == 130
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, previous)
     err = capfd.readouterr().err
     assert "stopping after step 7" in err and "the checkpoint holds it" in err
     assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 7
@@ -208,12 +212,9 @@ def _ctrl_c_before_step(step: int):
 def test_ctrl_c_in_the_last_step_completes_the_run(tmp_path):
     """Every step, the final evaluation and the final checkpoint happen anyway: the run is complete, not
     interrupted."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with python_sigint():
         run = tmp_path / "run"
         assert main(COMMON + ["--steps", "4", "--run-dir", str(run)], callbacks=[_ctrl_c_before_step(4)]) == 0
-    finally:
-        signal.signal(signal.SIGINT, previous)
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 4
 
@@ -228,16 +229,13 @@ def test_a_new_fit_after_an_interrupted_one_is_not_stopped_by_the_old_request(tm
         if event == "start":
             trainers.append(trainer)
 
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with python_sigint():
         run = tmp_path / "run"
         rc = train_module.main(COMMON + ["--steps", "8", "--run-dir", str(run)],
                                callbacks=[keep, _ctrl_c_before_step(3)])
         assert rc == 130 and trainers[0].step == 3
         trainers[0].callbacks = []
         summary = trainers[0].fit()
-    finally:
-        signal.signal(signal.SIGINT, previous)
     assert summary["status"] == "completed" and summary["step"] == 8
 
 
@@ -246,12 +244,9 @@ def test_a_run_resumed_at_its_last_step_runs_its_final_evaluation(tmp_path, capf
     """A run stopped at step 3 (Ctrl-C; no evaluation at 3) resumed with --steps 3 has no step left to train: it
     used to skip the final evaluation, write test_bpd null and crash printing it. It evaluates and checkpoints,
     and the run can still be continued to the uninterrupted run's end, bit for bit."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with python_sigint():
         run = tmp_path / "run"
         assert main(COMMON + ["--steps", "9", "--run-dir", str(run)], callbacks=[_ctrl_c_before_step(3)]) == 130
-    finally:
-        signal.signal(signal.SIGINT, previous)
     assert not [m for m in _metrics(run) if m["type"] == "eval"]
     capfd.readouterr()
     assert main(["--resume", str(run), "--steps", "3", "--no-progress"]) == 0
@@ -395,18 +390,14 @@ def test_a_failed_config_write_is_a_one_line_error_that_leaves_no_temporary(tmp_
 def test_a_second_ctrl_c_stops_without_the_checkpoint(tmp_path, capfd):
     """Ctrl-C, then Ctrl-C again before the stop's checkpoint: "again to stop now without one" -- the interrupt
     handler used to write it anyway."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-
     def second(event, trainer):
         if event == "after_step" and trainer.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    try:
+    with python_sigint():
         run = tmp_path / "run"
         assert main(COMMON + ["--steps", "9", "--ckpt-interval", "2", "--run-dir", str(run)],
                     callbacks=[_ctrl_c_before_step(3), second]) == 130
-    finally:
-        signal.signal(signal.SIGINT, previous)
     err = capfd.readouterr().err.strip().splitlines()
     assert err[-1] == (f"error: interrupted at step 3 (stopped before its checkpoint: the newest checkpoint (step 2) "
                        f"was left as it is); resume with --resume {run}")
