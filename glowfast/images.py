@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .checkpoint import atomic_save
 
 
 def image_grid(images: torch.Tensor | np.ndarray, nrow: int, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
@@ -38,15 +39,6 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, min_side: int = 32) -
     if scale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
     grid = image_grid(images, nrow, pad=1, pad_value=0.5)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        if grid.ndim == 2:
-            imsave(tmp, grid, cmap="gray", vmin=0.0, vmax=1.0, format="png")
-        else:
-            imsave(tmp, grid, format="png")
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, a kill: no half-written temporary left next to the grids
-        tmp.unlink(missing_ok=True)
-        raise
+    # atomic_save: a temporary beside the grid, fsync'ed and renamed; removed if the write fails (a full disk)
+    kwargs = dict(cmap="gray", vmin=0.0, vmax=1.0) if grid.ndim == 2 else {}
+    atomic_save(grid, path, writer=lambda g, f: imsave(f, g, format="png", **kwargs))
