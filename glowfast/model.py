@@ -165,8 +165,13 @@ class Glow(nn.Module):
         return None if ops is None else list(ops.batched_slogdet([s.permute.weight for s in self.steps()])[1])
 
     def _w_inverses(self) -> list | None:
+        """Every plain W^-1 from one batched-LU call, inverted in float64 as the reference layers and glowfast.fused
+        invert (an fp32 inverse of an ill-conditioned W made decode's error several times the reference's)."""
         ops = self._batched_lu_ops()
-        return None if ops is None else list(ops.batched_inverse([s.permute.weight for s in self.steps()]))
+        if ops is None:
+            return None
+        weights = [s.permute.weight for s in self.steps()]
+        return [inv.to(w.dtype) for inv, w in zip(ops.batched_inverse([w.double() for w in weights]), weights)]
 
     def _steps_forward(self, steps, z, w_lds, backend):
         if backend == "fused":
