@@ -36,6 +36,8 @@ Special cases (documented behaviour)
   requires grad, it runs the reference inverse instead (wrap sampling in `torch.no_grad()` to use the kernels).
 - The fused path runs on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 (tests); see
   `fused_available`.
+- Steps of more than 128 channels (`kernels._utils.MAX_CHANNELS`) are refused here (ValueError); a Glow runs such
+  levels on the reference layers and the others here (`Glow.level_backends`).
 
 Extension points (keep these properties when changing this file)
 (a) Memory-saving invertible backward (`memory_saving=True`, implemented in glowfast.invertible): a level-wide

@@ -10,6 +10,8 @@ Backends share every parameter, so switching `model.backend` never changes the f
   all plain-W log-determinants per forward and all inverses per decode.
 - "auto": "fused" when the input is on a CUDA device and the kernels can run, else "reference" (still
   using the batched LU op for plain W).
+Under "fused" and "auto", a level wider than the kernels take (128 channels) runs the reference layers and the
+others keep the kernels (`Glow.level_backends`).
 `memory_saving=True` (fused path): backward recomputes each flow step's input from its output with the inverse
 kernels instead of keeping activations (glowfast.invertible); same forward values.
 """
@@ -128,25 +130,47 @@ class Glow(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
 
-    def resolve_backend(self, device: torch.device) -> str:
-        """The compute path used for tensors on `device`; raises if "fused" cannot run there."""
+    def level_backends(self, device: torch.device) -> tuple[str, ...]:
+        """The compute path of each level (bottom first) for tensors on `device`; raises if "fused" cannot run there.
+
+        The fused kernels take flow steps of at most `MAX_CHANNELS` (128) channels. A level wider than that -- the
+        low-resolution top levels of a model of large images (a 256x256 Glow with L=6 has 192 and 384 channels
+        there) -- runs the reference layers, under "auto" and "fused" alike, and the levels below it keep the kernels
+        (they hold most of the pixels). Only a model none of whose levels fits is refused by "fused". Levels chain
+        through their inputs and outputs, so the function computed is the same either way.
+        """
         if self.backend == "reference":
-            return "reference"
+            return ("reference",) * len(self.levels)
         if self.backend == "auto" and torch.device(device).type != "cuda":
-            return "reference"  # the Triton interpreter on CPU is for tests, not speed
+            return ("reference",) * len(self.levels)  # the Triton interpreter on CPU is for tests, not speed
         from . import fused
         from .kernels._utils import MAX_CHANNELS
 
         ok, reason = fused.fused_available(device)
-        widest = max(step.channels for step in self.steps())
-        if ok and widest > MAX_CHANNELS:
-            ok, reason = False, f"a flow step has {widest} channels, the kernels support at most {MAX_CHANNELS}"
-        if self.backend == "fused":
-            if not ok:
-                raise RuntimeError(f"backend='fused' cannot run on {device}: {reason}. "
-                                   "Use backend='auto' or 'reference'.")
-            return "fused"
-        return "fused" if ok else "reference"
+        widths = [level.steps[0].channels for level in self.levels]
+        if ok and min(widths) > MAX_CHANNELS:
+            ok, reason = False, f"a flow step has {min(widths)} channels, the kernels support at most {MAX_CHANNELS}"
+        if self.backend == "fused" and not ok:
+            raise RuntimeError(f"backend='fused' cannot run on {device}: {reason}. Use backend='auto' or 'reference'.")
+        return tuple("fused" if ok and width <= MAX_CHANNELS else "reference" for width in widths)
+
+    def resolve_backend(self, device: torch.device) -> str:
+        """The compute path used for tensors on `device`: "fused" when the kernels run at least one level
+        (`level_backends` says which), else "reference"; raises if "fused" cannot run there."""
+        return "fused" if "fused" in self.level_backends(device) else "reference"
+
+    def reference_levels_note(self, device: torch.device) -> str | None:
+        """One line naming the levels that run the reference layers while others run the fused kernels (they are
+        wider than the kernels take), or None when every level runs one path."""
+        paths = self.level_backends(device)
+        if len(set(paths)) < 2:
+            return None
+        from .kernels._utils import MAX_CHANNELS
+
+        wide = [f"{i + 1} ({level.steps[0].channels} channels)"
+                for i, (level, path) in enumerate(zip(self.levels, paths)) if path == "reference"]
+        return (f"the reference layers run level{'s' if len(wide) > 1 else ''} {', '.join(wide)} of {len(paths)}: the "
+                f"fused kernels take at most {MAX_CHANNELS} channels per flow step")
 
     def steps(self) -> list[FlowStep]:
         return [step for level in self.levels for step in level.steps]
@@ -272,14 +296,14 @@ class Glow(nn.Module):
 
     def _flow(self, x: torch.Tensor):
         """x in model space (already validated) -> (latents, logdet, sum of the split priors' log p(z2 | z1))."""
-        backend = self.resolve_backend(x.device)
+        backends = self.level_backends(x.device)
         w_lds = self._w_logabsdets()
         k = 0
         z = x
         logdet = x.new_zeros(x.shape[0])
         log_pz = x.new_zeros(x.shape[0])
         latents = []
-        for level in self.levels:
+        for level, backend in zip(self.levels, backends):
             z = squeeze2d(z)
             n = len(level.steps)
             z, ld = self._steps_forward(level.steps, z, None if w_lds is None else w_lds[k: k + n], backend)
@@ -312,7 +336,7 @@ class Glow(nn.Module):
             if n is None:
                 raise ValueError("decode: all latents are None; pass n (the number of samples)")
             z = self.prior.sample(n, y, temperature, generator, device, self._param_dtype())
-        backend = self.resolve_backend(z.device)
+        backends = self.level_backends(z.device)
         w_invs = self._w_inverses()
         k = sum(len(level.steps) for level in self.levels)
         for i in reversed(range(len(self.levels))):
@@ -321,7 +345,7 @@ class Glow(nn.Module):
                 z = level.split.inverse(z, latents[i], temperature, generator)
             n_steps = len(level.steps)
             k -= n_steps
-            z = self._steps_inverse(level.steps, z, None if w_invs is None else w_invs[k: k + n_steps], backend)
+            z = self._steps_inverse(level.steps, z, None if w_invs is None else w_invs[k: k + n_steps], backends[i])
             z = unsqueeze2d(z)
         return z
 

@@ -335,6 +335,11 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
     if cfg.get("memory_saving") and main_rank and trainer.model.resolve_backend(device) == "reference":
         print("note: --memory-saving applies to the fused backend; this run uses the reference backend, which "
               "stores activations", file=sys.stderr)
+    note = trainer.model.reference_levels_note(device) if main_rank else None
+    if note:  # a model wider than the kernels at its top levels (large images): those run the reference layers
+        saving = " (they store activations: --memory-saving covers the fused levels)" if cfg.get("memory_saving") \
+            else ""
+        print(f"note: {note}{saving}", file=sys.stderr)
 
     # One process per run folder: a second one (a repeated --name, a --resume while the run still trains) would
     # mix two runs' checkpoints and metrics. The lock is released when this function returns or the process dies.

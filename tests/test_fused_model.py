@@ -262,14 +262,88 @@ def test_glow_fused_training_step_initialises_actnorm(kernel_device):
 def test_too_wide_model_fused_is_an_error_auto_falls_back(kernel_device):
     from glowfast.kernels._utils import MAX_CHANNELS
 
-    # 12 x 32 x 32 with L=3: the top level's steps have 12 * 4^3 / 2^2 = 192 channels.
-    wide = Glow((12, 32, 32), K=1, L=3, hidden_channels=4, backend="fused")
-    images = torch.randint(0, 256, (1, 12, 32, 32), dtype=torch.uint8)
+    # 40 x 4 x 4 with L=1: the only level's steps have 160 channels, none the kernels take.
+    wide = Glow((40, 4, 4), K=1, L=1, hidden_channels=4, backend="fused")
+    images = torch.randint(0, 256, (1, 40, 4, 4), dtype=torch.uint8)
     assert max(s.channels for s in wide.steps()) > MAX_CHANNELS
-    with pytest.raises(RuntimeError, match=f"at most {MAX_CHANNELS}"):
+    with pytest.raises(RuntimeError, match=f"a flow step has 160 channels, the kernels support at most {MAX_CHANNELS}"):
         wide(images)
     wide.backend = "auto"  # falls back instead of failing (on CPU it is the reference anyway)
+    assert wide.level_backends(torch.device("cuda")) == ("reference",)
     assert wide.resolve_backend(torch.device("cuda")) == "reference"
+
+
+def _wide_top_glow(device):
+    """(12, 8, 8) with L=3: levels of 48, 96 and 192 channels (at 4x4, 2x2, 1x1) -- the kernels take the first two,
+    as they take the high-resolution levels of a 256x256 model and not its 192- and 384-channel top levels."""
+    model = Glow((12, 8, 8), K=2, L=3, hidden_channels=8, coupling="affine", permutation="invconv", lu=False)
+    return randomize_(model, scale=0.1).to(device).eval()
+
+
+@pytest.mark.parametrize("memory_saving", [False, True], ids=["stored", "memory-saving"])
+def test_levels_wider_than_the_kernels_run_the_reference_layers(memory_saving, kernel_device, exact_precision,
+                                                                 monkeypatch):
+    """backend="fused" on a model whose top level is wider than the kernels take: the levels that fit run the
+    kernels (and only those reach glowfast.fused), the wide one the reference layers, and the whole model computes
+    what the reference computes -- log p, every parameter's gradient, latents, decode(encode(x))."""
+    model = _wide_top_glow(kernel_device)
+    model.memory_saving = memory_saving
+    assert [level.steps[0].channels for level in model.levels] == [48, 96, 192]
+    images = torch.randint(0, 256, (2, 12, 8, 8), dtype=torch.uint8, device=kernel_device)
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    model.backend = "reference"
+    lp_ref = model.log_prob(images, dequantize=False)
+    g_ref = torch.autograd.grad(lp_ref.sum(), params, allow_unused=True)
+
+    model.backend = "fused"
+    assert model.level_backends(kernel_device) == ("fused", "fused", "reference")
+    assert model.resolve_backend(kernel_device) == "fused"
+    widths = {"forward": [], "inverse": []}  # the channel counts of the levels glowfast.fused was given
+    for name in widths:
+        real = getattr(fused, f"steps_{name}")
+
+        def spy(steps, *args, _real=real, _log=widths[name], **kwargs):
+            _log.append(steps[0].channels)
+            return _real(steps, *args, **kwargs)
+
+        monkeypatch.setattr(fused, f"steps_{name}", spy)
+    lp = model.log_prob(images, dequantize=False)
+    g = torch.autograd.grad(lp.sum(), params, allow_unused=True)
+    assert widths["forward"] == [48, 96]
+    assert_exact(lp, lp_ref, "logdet", "log_prob")
+    assert_grads_exact(g, g_ref, names)
+
+    x = model.preprocess(images, dequantize=True)
+    with torch.no_grad():
+        model.backend = "reference"
+        latents_ref, ld_ref = model.encode(x)
+        err_ref = float((model.decode(latents_ref) - x).abs().max())
+        model.backend = "fused"
+        latents, ld = model.encode(x)
+        for a, e in zip(latents, latents_ref, strict=True):
+            assert_exact(a, e, "out", "latent")
+        assert_exact(ld, ld_ref, "logdet", "encode logdet")
+        err = float((model.decode(latents) - x).abs().max())
+    assert widths["inverse"] == [96, 48]
+    assert_roundtrip(err, err_ref)
+
+
+def test_the_note_names_the_levels_the_reference_layers_run(kernel_device):
+    model = _wide_top_glow(kernel_device)
+    model.backend = "fused"
+    assert model.reference_levels_note(kernel_device) == (
+        "the reference layers run level 3 (192 channels) of 3: the fused kernels take at most 128 channels per flow "
+        "step")
+    wider = Glow((20, 8, 8), K=1, L=3, hidden_channels=4, backend="fused")
+    assert [level.steps[0].channels for level in wider.levels] == [80, 160, 320]
+    assert wider.reference_levels_note(kernel_device) == (
+        "the reference layers run levels 2 (160 channels), 3 (320 channels) of 3: the fused kernels take at most 128 "
+        "channels per flow step")
+    model.backend = "reference"  # one path for every level: nothing to say
+    assert model.reference_levels_note(kernel_device) is None
+    assert Glow((3, 8, 8), K=1, L=2, hidden_channels=4, backend="fused").reference_levels_note(kernel_device) is None
 
 
 def test_lu_models_run_the_fused_path_without_the_extension(tmp_path):

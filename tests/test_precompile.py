@@ -111,6 +111,8 @@ CASES = [
     pytest.param(dict(lu=False), id="affine-invconv-plainW"),
     pytest.param(dict(memory_saving=True), id="memory-saving"),
     pytest.param(dict(n_classes=3, shape=(1, 8, 12)), id="conditional-nonsquare"),
+    # levels of 80 and 160 channels: the second, wider than the kernels take, runs the reference layers
+    pytest.param(dict(shape=(20, 4, 4)), id="wide-top-level-on-the-reference"),
 ]
 
 
@@ -135,11 +137,13 @@ def test_dry_step_asks_for_exactly_the_variants_the_real_step_launches(options, 
     assert any("bwd" in k for k, _, _ in dry)
 
 
-def test_dry_step_changes_nothing_even_on_garbage():
+@pytest.mark.parametrize("shape", [(3, 8, 8), (20, 4, 4)], ids=["fused-levels", "wide-top-level"])
+def test_dry_step_changes_nothing_even_on_garbage(shape):
     """Parameters, buffers, existing gradients, the RNG and the training mode are as before, with the kernels'
-    unwritten outputs filled with NaN (torch's fill_uninitialized_memory): no value-dependent check may fire.
+    unwritten outputs filled with NaN (torch's fill_uninitialized_memory): no value-dependent check may fire -- also
+    in a level that runs the reference layers on the garbage (20 x 4 x 4: a 160-channel top level).
     (CPU under the interpreter, and on a GPU: there the precompile really compiles.)"""
-    model = _model(memory_saving=True, n_classes=3)
+    model = _model(memory_saving=True, n_classes=3, shape=shape)
     x, y = _images(model), _labels(model)
     _init(model, x, y)
     _real_step(model, x, y)  # some existing gradients, which must survive
