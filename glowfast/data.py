@@ -31,6 +31,9 @@ constant           3x32x32       0         synthetic OOD: every pixel of an imag
                                            uniformly from 0..255 per image (the same in all channels).
 inverted-mnist     1x32x32       10        synthetic OOD: ``255 - x`` of the (padded) MNIST image; the padding
                                            is inverted too, so the whole image is the photographic negative.
+folder:PATH        from images   from      your own images (png, jpg, ...): train/ and test/ subfolders or a
+                                 folders   fixed 10 % hold-out, classes from subfolders, centre-cropped and
+                                           resized to ``size``; see glowfast.image_folder.
 =================  ============  ========  ==================================================================
 
 For a size larger than the native one, mnist / fashion-mnist / emnist-letters are zero-padded (centred);
@@ -85,6 +88,7 @@ __all__ = [
     "RestrictedUnpickler",
     "dataset_info",
     "get_dataset",
+    "is_folder_dataset",
     "make_loader",
     "mnist_pickle_to_uint8",
     "prepare_fashion_mnist",
@@ -132,15 +136,25 @@ DATASETS: dict[str, _Spec] = {
 SPLITS = ("train", "test")
 
 
+def is_folder_dataset(name) -> bool:
+    """Whether `name` is a folder of your own images, ``folder:PATH`` (glowfast.image_folder)."""
+    return isinstance(name, str) and name.startswith("folder:")
+
+
 def _spec(name: str) -> _Spec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or folder:PATH (your own "
+                         "images)") from None
 
 
 def dataset_info(name: str, size: int | None = None) -> DatasetInfo:
     """Name, ``(C, H, W)`` and number of classes of ``get_dataset(name, size=size)``."""
+    if is_folder_dataset(name):
+        from .image_folder import folder_info
+
+        return folder_info(name, size)
     s = _spec(name)
     hw = s.default if size is None else int(size)
     if hw <= 0:
@@ -534,8 +548,13 @@ def get_dataset(name: str, split: str = "train", data_dir: str | os.PathLike = "
     ``size=28`` native). ``download=True`` lets torchvision fetch missing files (needs network).
     ``image_shape``, ``n`` and ``seed`` apply to the synthetic ``noise`` / ``constant`` sets only (default
     shape ``(3, size or 32, size or 32)``, ``n=10000``, seed fixed per split so train and test differ).
-    Missing files raise :class:`DatasetNotFoundError` with the command that gets them.
+    Missing files raise :class:`DatasetNotFoundError` with the command that gets them. ``folder:PATH`` is a folder
+    of your own images (glowfast.image_folder; ``data_dir`` and ``download`` do not apply).
     """
+    if is_folder_dataset(name):
+        from .image_folder import folder_dataset
+
+        return folder_dataset(name, split, size)
     s = _spec(name)
     _check_split(split, name)
     data_dir = Path(data_dir).expanduser()

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-weights", action="store_true",
                    help="the last iterate's weights even when the run kept a moving average (--ema-decay)")
     p.add_argument("--datasets", nargs="+", required=True, metavar="NAME[:SPLIT]",
-                   help="datasets to score (split: test unless NAME:train); AUROCs are against the first")
+                   help="datasets to score (split: test unless NAME:train), including folder:PATH[:train] (your own "
+                        "images, glowfast/image_folder.py); AUROCs are against the first")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the run's --data-dir)")
     p.add_argument("--n", type=int, default=0, help="score at most this many images per set, a fixed random subset "
                    "(0: all; 10000 for the synthetic noise / constant sets)")
@@ -281,8 +283,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the table (and settings) as JSON here")
     p.add_argument("--save-scores", default=None, metavar="DIR",
                    help="per-image bits/dim as DIR/<dataset>_<split>.npy, and each image's index in its set as "
-                        "DIR/<dataset>_<split>_index.npy (a random subset with --n)")
+                        "DIR/<dataset>_<split>_index.npy (a random subset with --n; a folder:PATH set's name with "
+                        "every run of characters other than letters, digits, '.' and '-' as '_')")
     return p
+
+
+def _dataset_and_split(spec: str) -> tuple[str, str]:
+    """--datasets NAME[:SPLIT] -> (name, split); a folder:PATH[:SPLIT] name keeps its path (canonical, absolute)."""
+    from .data import SPLITS, is_folder_dataset
+    from .image_folder import canonical_name
+
+    if not is_folder_dataset(spec):
+        name, _, split = spec.partition(":")
+        return name, split or "test"
+    path, _, split = spec.rpartition(":")
+    if split not in SPLITS or not path[len("folder:"):]:
+        path, split = spec, "test"
+    return canonical_name(path), split
+
+
+def _file_stem(key: str) -> str:
+    """A set's key (name:split) as a file name: every run of characters other than letters, digits, '.', '-'
+    becomes '_' (mnist:test -> mnist_test; folder:/data/x:test -> folder_data_x_test)."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", key)
 
 
 def _load_images(name: str, split: str, data_dir, image_shape: tuple[int, int, int], n: int):
@@ -328,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or cfg.get("data_dir") or "data"
     sets = {}  # every set loaded before any is scored: a missing one fails at once, not after minutes of scoring
     for spec in args.datasets:
-        name, _, split = spec.partition(":")
-        split = split or "test"
+        name, split = _dataset_and_split(spec)
         try:
             s = _load_images(name, split, data_dir, model.image_shape, args.n)
         except (DatasetNotFoundError, ValueError) as e:
@@ -381,9 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_scores:
         out = Path(args.save_scores)
         for key, bpd in scores.items():
-            np.save(out / f"{key.replace(':', '_')}.npy", bpd)
+            np.save(out / f"{_file_stem(key)}.npy", bpd)
             # which image of the set each score is (a subset with --n; the synthetic sets are generated in order)
-            np.save(out / f"{key.replace(':', '_')}_index.npy", sets[key][1].index.numpy())
+            np.save(out / f"{_file_stem(key)}_index.npy", sets[key][1].index.numpy())
     return 0
 
 

@@ -64,7 +64,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     add(g, "--dataset", default="digits",
         help="digits (1x8x8, embedded in scikit-learn, no download), mnist, fashion-mnist, cifar10, svhn, celeba, "
-             "... (see glowfast/data.py)")
+             "... (see glowfast/data.py), or folder:PATH -- your own images (train/ and test/ subfolders or a 10%% "
+             "hold-out, classes from subfolders; see glowfast/image_folder.py)")
     add(g, "--data-dir", default="data", help="folder holding the datasets (torchvision layouts)")
     add(g, "--size", type=int, default=None, help="spatial size (dataset default if omitted, e.g. 32 for mnist)")
     add(g, "--download", action="store_true", default=False,
@@ -295,6 +296,7 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
         return _fail(str(e))
     except ValueError as e:
         return _fail(str(e))
+    cfg["dataset"] = info.name  # folder:PATH as an absolute path: --resume and evaluate find it from anywhere
     n_classes = info.n_classes or None
     if cfg["y_condition"] and not n_classes:
         return _fail(f"--y-condition needs class labels, but dataset {cfg['dataset']} has none")
