@@ -71,6 +71,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add(g, "--download", action="store_true", default=False,
         help="let torchvision download missing datasets (needs network)")
     add(g, "--num-workers", type=int, default=0, help="DataLoader workers for on-disk datasets")
+    add(g, "--hflip", action=argparse.BooleanOptionalAction, default=False,
+        help="augment the training images with random horizontal flips (each image flipped with probability 1/2, "
+             "drawn afresh each epoch from --seed: a resumed run flips the same images); evaluation never flips")
 
     g = p.add_argument_group("model")
     add(g, "-K", "--K", dest="K", type=int, default=8, help="flow steps per level")

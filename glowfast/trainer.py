@@ -13,8 +13,8 @@ Run folder (rank 0 writes everything):
 Exactness of resumption: the data order is a DistributedSampler permutation seeded by ``seed + epoch``
 (re-entered part-way through an epoch), the dequantisation noise comes from the global RNGs whose states
 (torch CPU + CUDA, python, numpy; per rank) are checkpointed, and evaluation / sampling / ActNorm's init
-batch use private generators. On CPU a run resumed at step k therefore reaches bit-identical parameters
-at step n as an uninterrupted run.
+batch use private generators; ``--hflip``'s flips are a function of (seed, epoch, image). On CPU a run resumed at
+step k therefore reaches bit-identical parameters at step n as an uninterrupted run.
 
 With ``ema_decay`` (``--ema-decay``) an exponential moving average of the weights (glowfast.ema, openai/glow's
 Polyak averaging) is updated after every applied step and checkpointed; evaluation, the sample grids and
@@ -161,6 +161,14 @@ def read_metrics(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def hflip_mask(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which of the training set's `n` images are flipped horizontally in `epoch` (``--hflip``): a fair coin per
+    image from a generator seeded by (seed, epoch) alone, so a run resumed part-way through an epoch, and every DDP
+    rank, see the same flips (and the dequantisation RNG is untouched)."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7 + int(epoch))
+    return torch.rand(n, generator=g) < 0.5
 
 
 class Trainer:
@@ -455,25 +463,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def _batches(self):
-        """This rank's remaining batches of the current epoch (resumes part-way through)."""
+        """This rank's remaining batches of the current epoch (resumes part-way through), flipped where
+        `hflip_mask` says."""
         bs = self.cfg["batch_size"]
         self.sampler.set_position(self.epoch, self.epoch_pos, bs)
-        indices = list(iter(self.sampler))
+        idx = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
+        flips = hflip_mask(len(self.train_set), self.cfg["seed"], self.epoch) if self.cfg.get("hflip") else None
         images = getattr(self.train_set, "images", None)
         labels = getattr(self.train_set, "labels", None)
         if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
-            idx = torch.as_tensor(indices, dtype=torch.long)
-            for i in range(0, len(idx) - bs + 1, bs):
-                j = idx[i: i + bs]
-                yield images[j], labels[j]
-            return
-        from torch.utils.data import DataLoader
+            batches = ((images[idx[i: i + bs]], labels[idx[i: i + bs]]) for i in range(0, len(idx) - bs + 1, bs))
+        else:
+            from torch.utils.data import DataLoader
 
-        loader = DataLoader(self.train_set, batch_size=bs, sampler=self.sampler, drop_last=True,
-                            num_workers=self.cfg.get("num_workers", 0), generator=torch.Generator(),
-                            pin_memory=self.device.type == "cuda")
-        for x, y in loader:
-            yield x, torch.as_tensor(y)
+            # the loader iterates the same sampler, at the same position: its k-th batch holds idx[k*bs:(k+1)*bs]
+            loader = DataLoader(self.train_set, batch_size=bs, sampler=self.sampler, drop_last=True,
+                                num_workers=self.cfg.get("num_workers", 0), generator=torch.Generator(),
+                                pin_memory=self.device.type == "cuda")
+            batches = ((x, torch.as_tensor(y)) for x, y in loader)
+        for k, (x, y) in enumerate(batches):
+            if flips is not None:
+                x = torch.where(flips[idx[k * bs: (k + 1) * bs]].view(-1, 1, 1, 1), x.flip(-1), x)
+            yield x, y
 
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward, backward and gradient clipping of one batch without any host synchronisation (so that it

@@ -665,3 +665,45 @@ def test_a_non_finite_final_evaluation_is_reported_not_a_crash(tmp_path, capsys)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["test_bpd"] is None
     assert "done: step 2, test bits/dim non-finite" in capsys.readouterr().err
+
+
+def test_hflip_mask_is_a_fair_coin_per_image_and_epoch():
+    from glowfast.trainer import hflip_mask
+
+    a = hflip_mask(10000, seed=0, epoch=0)
+    assert a.dtype == torch.bool and a.shape == (10000,)
+    assert 0.47 < a.float().mean() < 0.53
+    assert torch.equal(a, hflip_mask(10000, seed=0, epoch=0))
+    for other in (hflip_mask(10000, seed=0, epoch=1), hflip_mask(10000, seed=1, epoch=0)):
+        assert 0.47 < (a != other).float().mean() < 0.53  # independent coins, not a shifted copy
+
+
+@pytest.mark.parametrize("dataset", ["digits", "folder"])
+def test_hflip_feeds_each_training_image_as_is_or_mirrored(tmp_path, dataset):
+    """With --hflip, every training image of every batch is the image the same run without it feeds, or its mirror,
+    about half of them mirrored -- for in-memory sets and for sets read through a DataLoader (a folder of PNGs)."""
+    args = list(TINY)
+    if dataset == "folder":
+        from test_image_folder import _digits, _write
+
+        for i, arr in enumerate(_digits(60)):
+            _write(tmp_path / "pngs" / f"{i:02d}.png", arr)
+        args[args.index("digits")] = f"folder:{tmp_path / 'pngs'}"
+        args += ["--batch-size", "16", "--init-batch-size", "16"]
+
+    def batches(extra, name):
+        seen = []
+
+        def record(event, trainer):
+            if event == "before_step":
+                seen.append(trainer.batch[0].clone())
+
+        assert main(args + ["--steps", "7", "--run-dir", str(tmp_path / name), *extra], callbacks=[record]) == 0
+        return torch.cat(seen)
+
+    plain, flipped = batches([], "plain"), batches(["--hflip"], "hflip")
+    assert plain.shape == flipped.shape and plain.shape[0] >= 7 * 16
+    same = (flipped == plain).flatten(1).all(1)
+    mirrored = (flipped == plain.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all())
+    assert 0.3 < float((~same).float().mean()) < 0.7

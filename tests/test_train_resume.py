@@ -433,3 +433,17 @@ def test_sigterm_stops_like_ctrl_c_with_a_checkpoint(tmp_path, uninterrupted):
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     assert main(["--resume", str(run), "--no-progress"]) == 0
     _assert_same_weights(uninterrupted, run)
+
+
+def test_hflip_run_resumed_mid_epoch_is_the_uninterrupted_run(tmp_path):
+    """--hflip's flips depend on (seed, epoch, image) only: stopped at step 7 (part-way through the second epoch of
+    5 batches) and resumed, the run reaches the uninterrupted run's weights bit for bit."""
+    args = COMMON + ["--steps", "9", "--hflip"]
+    whole = tmp_path / "whole"
+    assert main(args + ["--run-dir", str(whole)]) == 0
+    with python_sigint():
+        run = tmp_path / "run"
+        assert main(args + ["--run-dir", str(run)], callbacks=[_ctrl_c_before_step(7)]) == 130
+    assert load_checkpoint(run / "checkpoints" / LAST)["step"] == 7
+    assert main(["--resume", str(run), "--no-progress"]) == 0
+    _assert_same_weights(whole, run)
