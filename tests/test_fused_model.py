@@ -208,17 +208,37 @@ def make_glow(coupling, permutation, lu, device, image_shape=(3, 12, 4)):
     return randomize_(model, scale=0.1).to(device).eval()
 
 
+def _reference_log_prob_and_grads(model, images):
+    """(parameters, their names, log p and its gradients on the reference backend) -- what the fused path must give."""
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    model.backend = "reference"
+    lp_ref = model.log_prob(images, dequantize=False)
+    return params, names, lp_ref, torch.autograd.grad(lp_ref.sum(), params, allow_unused=True)
+
+
+def _assert_encode_decode_match_reference(model, x):
+    """model.encode(x) on the fused backend gives the reference's latents and logdet, and decode(encode(x)) recovers
+    x as well as the reference does (the model is left on the fused backend)."""
+    with torch.no_grad():
+        model.backend = "reference"
+        latents_ref, ld_ref = model.encode(x)
+        err_ref = float((model.decode(latents_ref) - x).abs().max())
+        model.backend = "fused"
+        latents, ld = model.encode(x)
+        for a, e in zip(latents, latents_ref, strict=True):
+            assert_exact(a, e, "out", "latent")
+        assert_exact(ld, ld_ref, "logdet", "encode logdet")
+        err = float((model.decode(latents) - x).abs().max())
+    assert_roundtrip(err, err_ref)
+
+
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("coupling,permutation,lu,batch", GLOW_CASES)
 def test_glow_fused_matches_reference(coupling, permutation, lu, batch, device, exact_precision):
     model = make_glow(coupling, permutation, lu, device)
     images = torch.randint(0, 256, (batch, 3, 12, 4), dtype=torch.uint8, device=device)
-    params = list(model.parameters())
-    names = [n for n, _ in model.named_parameters()]
-
-    model.backend = "reference"
-    lp_ref = model.log_prob(images, dequantize=False)
-    g_ref = torch.autograd.grad(lp_ref.sum(), params, allow_unused=True)
+    params, names, lp_ref, g_ref = _reference_log_prob_and_grads(model, images)
     model.backend = "fused"
     lp = model.log_prob(images, dequantize=False)
     g = torch.autograd.grad(lp.sum(), params, allow_unused=True)
@@ -233,17 +253,7 @@ def test_glow_fused_matches_reference(coupling, permutation, lu, batch, device, 
         (dx[backend],) = torch.autograd.grad(model.log_density(xm).sum(), xm)
     assert float(dx["reference"].abs().max()) > 0
     assert_exact(dx["fused"], dx["reference"], "grad", "d log_density / d x")
-    with torch.no_grad():
-        model.backend = "reference"
-        latents_ref, ld_ref = model.encode(x)
-        err_ref = float((model.decode(latents_ref) - x).abs().max())
-        model.backend = "fused"
-        latents, ld = model.encode(x)
-        for a, e in zip(latents, latents_ref, strict=True):
-            assert_exact(a, e, "out", "latent")
-        assert_exact(ld, ld_ref, "logdet", "encode logdet")
-        err = float((model.decode(latents) - x).abs().max())
-    assert_roundtrip(err, err_ref)
+    _assert_encode_decode_match_reference(model, x)
 
 
 def test_glow_fused_training_step_initialises_actnorm(kernel_device):
@@ -290,12 +300,7 @@ def test_levels_wider_than_the_kernels_run_the_reference_layers(memory_saving, k
     model.memory_saving = memory_saving
     assert [level.steps[0].channels for level in model.levels] == [48, 96, 192]
     images = torch.randint(0, 256, (2, 12, 8, 8), dtype=torch.uint8, device=kernel_device)
-    params = list(model.parameters())
-    names = [n for n, _ in model.named_parameters()]
-
-    model.backend = "reference"
-    lp_ref = model.log_prob(images, dequantize=False)
-    g_ref = torch.autograd.grad(lp_ref.sum(), params, allow_unused=True)
+    params, names, lp_ref, g_ref = _reference_log_prob_and_grads(model, images)
 
     model.backend = "fused"
     assert model.level_backends(kernel_device) == ("fused", "fused", "reference")
@@ -316,18 +321,8 @@ def test_levels_wider_than_the_kernels_run_the_reference_layers(memory_saving, k
     assert_grads_exact(g, g_ref, names)
 
     x = model.preprocess(images, dequantize=True)
-    with torch.no_grad():
-        model.backend = "reference"
-        latents_ref, ld_ref = model.encode(x)
-        err_ref = float((model.decode(latents_ref) - x).abs().max())
-        model.backend = "fused"
-        latents, ld = model.encode(x)
-        for a, e in zip(latents, latents_ref, strict=True):
-            assert_exact(a, e, "out", "latent")
-        assert_exact(ld, ld_ref, "logdet", "encode logdet")
-        err = float((model.decode(latents) - x).abs().max())
+    _assert_encode_decode_match_reference(model, x)
     assert widths["inverse"] == [96, 48]
-    assert_roundtrip(err, err_ref)
 
 
 def test_the_note_names_the_levels_the_reference_layers_run(kernel_device):
