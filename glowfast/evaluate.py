@@ -351,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or cfg.get("data_dir") or "data"
     sets = {}  # every set loaded before any is scored: a missing one fails at once, not after minutes of scoring
     for spec in args.datasets:
-        name, split = _dataset_and_split(spec)
+        name = spec.partition(":")[0]  # for the message, if the name itself is refused
         try:
+            name, split = _dataset_and_split(spec)
             s = _load_images(name, split, data_dir, model.image_shape, args.n)
         except (DatasetNotFoundError, ValueError) as e:
             message = str(e)  # data's messages start with the dataset's name already

@@ -44,7 +44,7 @@ TEST_EVERY = 10  # without train/ and test/ folders: every 10th image (sorted pa
 def _root(name: str) -> Path:
     path = name[len(PREFIX):]
     if not path:
-        raise ValueError(f"{name!r}: give the folder, as folder:PATH")
+        raise ValueError("folder: no folder given; write folder:PATH")
     return Path(path).expanduser().resolve()
 
 

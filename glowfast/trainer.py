@@ -482,8 +482,9 @@ class Trainer:
                                 pin_memory=self.device.type == "cuda")
             batches = ((x, torch.as_tensor(y)) for x, y in loader)
         for k, (x, y) in enumerate(batches):
-            if flips is not None:
-                x = torch.where(flips[idx[k * bs: (k + 1) * bs]].view(-1, 1, 1, 1), x.flip(-1), x)
+            if flips is not None:  # in place: x is this batch's own copy (and stays in pinned memory)
+                m = flips[idx[k * bs: (k + 1) * bs]]
+                x[m] = x[m].flip(-1)
             yield x, y
 
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

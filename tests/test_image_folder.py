@@ -130,7 +130,7 @@ def test_bad_folders_and_files_are_named(tmp_path):
     _write(tmp_path / "splits" / "test" / "a.png", _digits(1)[0])
     with pytest.raises(DatasetNotFoundError, match=f"for the train split under {tmp_path / 'splits' / 'train'}"):
         dataset_info(f"folder:{tmp_path / 'splits'}")
-    with pytest.raises(ValueError, match="give the folder, as folder:PATH"):
+    with pytest.raises(ValueError, match="no folder given; write folder:PATH"):
         dataset_info("folder:")
     with pytest.raises(ValueError, match="split must be one of"):
         get_dataset(f"folder:{tmp_path / 'splits'}", "valid")
@@ -188,3 +188,5 @@ def test_train_and_evaluate_clis_on_a_folder(tmp_path, monkeypatch, capsys):
     assert evaluate_main(["--run", str(run), "--datasets", "folder:missing", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"error: folder:{tmp_path / 'missing'}: no such folder" in err
+    assert evaluate_main(["--run", str(run), "--datasets", "folder:", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "error: folder: no folder given; write folder:PATH\n"
