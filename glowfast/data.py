@@ -149,12 +149,14 @@ def _spec(name: str) -> _Spec:
                          "images)") from None
 
 
-def dataset_info(name: str, size: int | None = None) -> DatasetInfo:
-    """Name, ``(C, H, W)`` and number of classes of ``get_dataset(name, size=size)``."""
+def dataset_info(name: str, size: int | None = None, channels: int | None = None) -> DatasetInfo:
+    """Name, ``(C, H, W)`` and number of classes of ``get_dataset(name, size=size, channels=channels)``."""
     if is_folder_dataset(name):
         from .image_folder import folder_info
 
-        return folder_info(name, size)
+        return folder_info(name, size, channels)
+    if channels is not None:
+        raise ValueError("channels applies only to folder:PATH datasets")
     s = _spec(name)
     hw = s.default if size is None else int(size)
     if hw <= 0:
@@ -541,7 +543,7 @@ def _synthetic(name: str, split: str, shape: tuple[int, int, int], n: int, seed:
 
 def get_dataset(name: str, split: str = "train", data_dir: str | os.PathLike = "data", size: int | None = None,
                 download: bool = False, *, image_shape: tuple[int, int, int] | None = None,
-                n: int | None = None, seed: int | None = None) -> Dataset:
+                n: int | None = None, seed: int | None = None, channels: int | None = None) -> Dataset:
     """The dataset ``name`` (see :data:`DATASETS`) as ``(uint8 (C, H, W) image, int label)`` pairs.
 
     ``size`` sets the spatial size (defaults in the module docstring: mnist-like 32 by zero padding,
@@ -549,12 +551,15 @@ def get_dataset(name: str, split: str = "train", data_dir: str | os.PathLike = "
     ``image_shape``, ``n`` and ``seed`` apply to the synthetic ``noise`` / ``constant`` sets only (default
     shape ``(3, size or 32, size or 32)``, ``n=10000``, seed fixed per split so train and test differ).
     Missing files raise :class:`DatasetNotFoundError` with the command that gets them. ``folder:PATH`` is a folder
-    of your own images (glowfast.image_folder; ``data_dir`` and ``download`` do not apply).
+    of your own images (glowfast.image_folder; ``data_dir`` and ``download`` do not apply; ``channels`` 1 or 3
+    converts every image to greyscale or RGB, default: as the first training image).
     """
     if is_folder_dataset(name):
         from .image_folder import folder_dataset
 
-        return folder_dataset(name, split, size)
+        return folder_dataset(name, split, size, channels)
+    if channels is not None:
+        raise ValueError("channels applies only to folder:PATH datasets")
     s = _spec(name)
     _check_split(split, name)
     data_dir = Path(data_dir).expanduser()

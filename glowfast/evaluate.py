@@ -17,6 +17,7 @@ import json
 import math
 import re
 import sys
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -284,28 +285,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-scores", default=None, metavar="DIR",
                    help="per-image bits/dim as DIR/<dataset>_<split>.npy, and each image's index in its set as "
                         "DIR/<dataset>_<split>_index.npy (a random subset with --n; a folder:PATH set's name with "
-                        "every run of characters other than letters, digits, '.' and '-' as '_')")
+                        "every run of characters other than letters, digits, '.' and '-' as '_', then '_' and the "
+                        "CRC-32 of NAME:SPLIT in hex)")
     return p
 
 
 def _dataset_and_split(spec: str) -> tuple[str, str]:
-    """--datasets NAME[:SPLIT] -> (name, split); a folder:PATH[:SPLIT] name keeps its path (canonical, absolute)."""
+    """--datasets NAME[:SPLIT] -> (name, split); a [inverted-]folder:PATH[:SPLIT] name keeps its path (canonical,
+    absolute)."""
     from .data import SPLITS, is_folder_dataset
     from .image_folder import canonical_name
 
-    if not is_folder_dataset(spec):
+    prefix = "inverted-" if spec.startswith("inverted-folder:") else ""
+    body = spec[len(prefix):]
+    if not is_folder_dataset(body):
         name, _, split = spec.partition(":")
         return name, split or "test"
-    path, _, split = spec.rpartition(":")
+    path, _, split = body.rpartition(":")
     if split not in SPLITS or not path[len("folder:"):]:
-        path, split = spec, "test"
-    return canonical_name(path), split
+        path, split = body, "test"
+    return prefix + canonical_name(path), split
 
 
 def _file_stem(key: str) -> str:
     """A set's key (name:split) as a file name: every run of characters other than letters, digits, '.', '-'
-    becomes '_' (mnist:test -> mnist_test; folder:/data/x:test -> folder_data_x_test)."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", key)
+    becomes '_' (mnist:test -> mnist_test); a folder set's also ends in the CRC-32 of its key, as two folders can
+    give the same stem (folder:/data/x_y:test and folder:/data/x/y:test)."""
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", key)
+    return f"{stem}_{zlib.crc32(key.encode()):08x}" if "folder:" in key else stem
 
 
 def _load_images(name: str, split: str, data_dir, image_shape: tuple[int, int, int], n: int):

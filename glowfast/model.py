@@ -151,7 +151,8 @@ class Glow(nn.Module):
         if ok and min(widths) > MAX_CHANNELS:
             ok, reason = False, f"a flow step has {min(widths)} channels, the kernels support at most {MAX_CHANNELS}"
         if self.backend == "fused" and not ok:
-            raise RuntimeError(f"backend='fused' cannot run on {device}: {reason}. Use backend='auto' or 'reference'.")
+            advice = "" if "backend='reference'" in reason else ". Use backend='auto' or 'reference'."
+            raise RuntimeError(f"backend='fused' cannot run on {device}: {reason}{advice}")
         return tuple("fused" if ok and width <= MAX_CHANNELS else "reference" for width in widths)
 
     def resolve_backend(self, device: torch.device) -> str:

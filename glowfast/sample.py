@@ -222,21 +222,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg = training_options(state)
     pairs = None
     if args.interpolate_pairs > 0:  # its test images first: a missing split fails before any grid is written
-        from .data import DatasetNotFoundError, get_dataset
+        from .data import DatasetNotFoundError, get_dataset, is_folder_dataset
 
+        dataset = cfg.get("dataset", "digits")
+        # a folder's images at the model's shape (a run older than the recorded size and channels, or files added)
+        shape = dict(size=model.image_shape[1], channels=model.image_shape[0]) if is_folder_dataset(dataset) else \
+            dict(size=cfg.get("size"))
+        k = args.interpolate_pairs
         try:
-            test = get_dataset(cfg.get("dataset", "digits"), "test", args.data_dir or cfg.get("data_dir", "data"),
-                               cfg.get("size"))
-        except (DatasetNotFoundError, ValueError) as e:
+            test = get_dataset(dataset, "test", args.data_dir or cfg.get("data_dir", "data"), **shape)
+            if len(test) < 2 * k:
+                print(f"error: --interpolate-pairs {k}: the test split has {len(test)} images, fewer than 2 x {k}",
+                      file=sys.stderr)
+                return 2
+            idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[: 2 * k].tolist()
+            x = torch.stack([test[i][0] for i in idx]).to(device)
+        except (DatasetNotFoundError, ValueError) as e:  # ValueError: also an image that cannot be decoded
             print(f"error: interpolation needs the test split: {e}", file=sys.stderr)
             return 2
-        k = args.interpolate_pairs
-        if len(test) < 2 * k:
-            print(f"error: --interpolate-pairs {k}: the test split has {len(test)} images, fewer than 2 x {k}",
-                  file=sys.stderr)
-            return 2
-        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[: 2 * k].tolist()
-        x = torch.stack([test[i][0] for i in idx]).to(device)
         pairs = (x[:k], x[k:])
     out = Path(args.out) if args.out else (Path(args.run) / "generated" if args.run else path.parent / "generated")
     out.mkdir(parents=True, exist_ok=True)

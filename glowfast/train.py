@@ -32,6 +32,8 @@ import torch
 from . import __version__
 from ._checks import is_temperature
 from .checkpoint import CheckpointError, find_checkpoint
+from .data import is_folder_dataset
+from .image_folder import ImageReadError, canonical_name
 
 OPTIMIZERS = ("adamax", "adam")
 # options that may be changed when resuming a run; everything else comes from the run's config.json
@@ -71,6 +73,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add(g, "--download", action="store_true", default=False,
         help="let torchvision download missing datasets (needs network)")
     add(g, "--num-workers", type=int, default=0, help="DataLoader workers for on-disk datasets")
+    add(g, "--channels", type=int, choices=(1, 3), default=None,
+        help="folder:PATH: convert the images to 1 (greyscale) or 3 (RGB) channels (default: as the first training "
+             "image)")
     add(g, "--hflip", action=argparse.BooleanOptionalAction, default=False,
         help="augment the training images with random horizontal flips (each image flipped with probability 1/2, "
              "drawn afresh each epoch from --seed: a resumed run flips the same images); evaluation never flips")
@@ -177,8 +182,11 @@ def resolve_config(argv: list[str] | None) -> tuple[dict, Path, bool]:
     if args.resume:
         run_dir = Path(args.resume)
         saved = _saved_config(run_dir)
+        # a folder dataset may be re-pointed (its images moved, or the same folder spelled another way)
+        repoint = "dataset" in explicit and is_folder_dataset(saved.get("dataset")) and \
+            is_folder_dataset(explicit["dataset"])
         bad = sorted(k for k in explicit if k not in RESUMABLE_OVERRIDES and k != "resume"
-                     and saved.get(k, None) != explicit[k])
+                     and saved.get(k, None) != explicit[k] and not (k == "dataset" and repoint))
         if bad:
             raise ValueError("--resume reuses the run's config; these options cannot change: "
                              + ", ".join("--" + k.replace("_", "-") for k in bad))
@@ -190,6 +198,11 @@ def resolve_config(argv: list[str] | None) -> tuple[dict, Path, bool]:
             merged["epochs"] = None
         if "epochs" in explicit and "steps" not in explicit:
             merged["steps"] = None
+        if repoint:
+            merged["dataset"] = canonical_name(explicit["dataset"])
+            if merged["dataset"] != saved["dataset"]:
+                print(f"note: the run's images are now read from {merged['dataset']} (were {saved['dataset']}); "
+                      "the run continues exactly only if they are the same files", file=sys.stderr)
         merged["resume"] = str(run_dir)
         return merged, run_dir, True
     if args.epochs is not None and "steps" not in explicit:
@@ -260,6 +273,14 @@ def validate(cfg: dict) -> None:
         raise ValueError("--channels-last and --gemm-networks are two different network layouts; choose one")
 
 
+def _one_line(e: BaseException) -> str:
+    """An error's message in one line: a DataLoader worker's error arrives as "Caught X in DataLoader worker
+    process N" + the worker's traceback, whose last line is the original message."""
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    name = type(e).__name__ + ": "
+    return last.split(name, 1)[1] if name in last else last
+
+
 def main(argv: list[str] | None = None, callbacks=()) -> int:
     """Entry point of ``python -m glowfast.train``; returns the exit status. ``callbacks``: see Trainer."""
     from .data import DatasetNotFoundError, dataset_info, get_dataset
@@ -291,15 +312,18 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
     DatasetNotFoundError, dataset_info, get_dataset = data_api
     main_rank = dist_info.is_main
     run_dir = Path(broadcast_object(str(run_dir)))  # a timestamped name must be the same on every rank
+    folder = {"channels": cfg["channels"]} if cfg.get("channels") is not None else {}
     try:
-        info = dataset_info(cfg["dataset"], cfg["size"])
-        train_set = get_dataset(cfg["dataset"], "train", cfg["data_dir"], cfg["size"], cfg["download"])
-        test_set = get_dataset(cfg["dataset"], "test", cfg["data_dir"], cfg["size"], cfg["download"])
+        info = dataset_info(cfg["dataset"], cfg["size"], **folder)
+        train_set = get_dataset(cfg["dataset"], "train", cfg["data_dir"], cfg["size"], cfg["download"], **folder)
+        test_set = get_dataset(cfg["dataset"], "test", cfg["data_dir"], cfg["size"], cfg["download"], **folder)
     except DatasetNotFoundError as e:
         return _fail(str(e))
     except ValueError as e:
         return _fail(str(e))
     cfg["dataset"] = info.name  # folder:PATH as an absolute path: --resume and evaluate find it from anywhere
+    if is_folder_dataset(cfg["dataset"]):  # recorded: images added to the folder later cannot change them
+        cfg["channels"], cfg["size"] = info.image_shape[0], info.image_shape[1]
     n_classes = info.n_classes or None
     if cfg["y_condition"] and not n_classes:
         return _fail(f"--y-condition needs class labels, but dataset {cfg['dataset']} has none")
@@ -329,6 +353,8 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
         with torch.no_grad():
             trainer.model(x, y)
         trainer.model.train()
+    except ImageReadError as e:
+        return _fail(_one_line(e))
     except RuntimeError as e:
         return _fail(f"--backend {cfg['backend']} on {device}: {str(e).splitlines()[0]}")
     except ImportError as e:
@@ -433,11 +459,12 @@ def _train_locked(cfg, run_dir, resume, dist_info, device, info, n_classes, trai
         return _fail(f"--resume {run_dir}: {e}. The run was left as it is.")
     except RunFolderGoneError as e:
         return _fail(str(e), 1)
-    except OSError as e:  # e.g. a full disk while saving: checkpoints are written atomically, the older ones stand
+    except (OSError, ImageReadError) as e:  # a full disk while saving, an image file that cannot be decoded:
+        # checkpoints are written atomically, the older ones stand
         newest = (f"the newest checkpoint is step {trainer.saved_step}" if trainer.saved_step is not None else
                   "this session wrote no checkpoint; the run's checkpoints were left as they are" if resume else
                   "no checkpoint was written")
-        return _fail(f"stopped at step {trainer.step}: {e} ({newest}); resume with --resume {run_dir}", 1)
+        return _fail(f"stopped at step {trainer.step}: {_one_line(e)} ({newest}); resume with --resume {run_dir}", 1)
     except KeyboardInterrupt:
         saved = False
         if dist_info.distributed:  # under DDP only the agreed stop in fit() can save (a collective)

@@ -167,7 +167,7 @@ def hflip_mask(n: int, seed: int, epoch: int) -> torch.Tensor:
     """Which of the training set's `n` images are flipped horizontally in `epoch` (``--hflip``): a fair coin per
     image from a generator seeded by (seed, epoch) alone, so a run resumed part-way through an epoch, and every DDP
     rank, see the same flips (and the dequantisation RNG is untouched)."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7 + int(epoch))
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + 7 + int(epoch)) % 2**64)  # any int seed
     return torch.rand(n, generator=g) < 0.5
 
 

@@ -78,8 +78,9 @@ def test_fused_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = Glow((3, 8, 8), K=1, L=1, hidden_channels=8, backend="fused")
     images = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
-    with pytest.raises(RuntimeError, match="backend='fused' cannot run on cpu"):
+    with pytest.raises(RuntimeError, match="backend='fused' cannot run on cpu") as info:
         model(images)
+    assert str(info.value).count("backend='reference'") == 1  # the advice once (it was given twice)
 
 
 def test_plain_w_without_the_extension_falls_back_to_torch_linalg(monkeypatch):

@@ -676,6 +676,8 @@ def test_hflip_mask_is_a_fair_coin_per_image_and_epoch():
     assert torch.equal(a, hflip_mask(10000, seed=0, epoch=0))
     for other in (hflip_mask(10000, seed=0, epoch=1), hflip_mask(10000, seed=1, epoch=0)):
         assert 0.47 < (a != other).float().mean() < 0.53  # independent coins, not a shifted copy
+    for seed in (10**15, 2**70, -3):  # any seed the run accepts (10**15 * 1_000_003 overflowed 64 bits)
+        assert 0.47 < hflip_mask(10000, seed=seed, epoch=2).float().mean() < 0.53
 
 
 @pytest.mark.parametrize("dataset", ["digits", "folder"])

@@ -23,7 +23,7 @@ import torch
 
 from .._checks import check_device_exists
 from ..checkpoint import CheckpointError, find_checkpoint, save_checkpoint
-from ..data import DatasetNotFoundError, dataset_info, get_dataset
+from ..data import DatasetNotFoundError, dataset_info, get_dataset, is_folder_dataset
 from ..ema import ParameterEMA
 from ..evaluate import class_log_likelihoods, nll_bits_per_dim  # noqa: F401  (re-exported)
 from ..images import image_grid
@@ -186,6 +186,8 @@ def load_split(name: str, split: str, data_dir, size: int, image_shape=None, n: 
         return Split(255 - base.images, base.labels, name, base.index)
     if name in ("noise", "constant"):
         ds = get_dataset(name, split, data_dir, image_shape=tuple(image_shape), n=n or 2000)
+    elif is_folder_dataset(name) and image_shape is not None:  # converted to the model's channels
+        ds = get_dataset(name, split, data_dir, size=size, channels=image_shape[0])
     else:
         ds = get_dataset(name, split, data_dir, size=size)
     idx = torch.arange(len(ds))
