@@ -120,7 +120,8 @@ def _scan(name: str) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
     if test_dir is not None and not train_dir.is_dir():
         raise ValueError(f"{PREFIX}{root}: has {test_dir.name}/ but no train/ beside it")
     if test_dir is not None:
-        classes = sorted(_labelled(train_dir) or {})
+        train_classes = _labelled(train_dir)
+        classes = sorted(train_classes or {})
         if classes:  # the test split is labelled by the training classes (it may lack some of them)
             own, test_classes = _class_folders(test_dir)
             extra = sorted(set(test_classes) - set(classes))
@@ -128,7 +129,7 @@ def _scan(name: str) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
                 what = "images outside class folders" if own else f"classes {extra}"
                 raise ValueError(f"{PREFIX}{root}: {test_dir.name}/ holds {what}, but train/ is labelled by its "
                                  f"class folders {classes}")
-            by_class = {"train": _labelled(train_dir), "test": test_classes}
+            by_class = {"train": train_classes, "test": test_classes}
             splits = {s: [(f, classes.index(c)) for c in sorted(by_class[s]) for f in by_class[s][c]]
                       for s in SPLITS}
         else:

@@ -281,8 +281,8 @@ def test_train_and_evaluate_clis_on_a_folder(tmp_path, monkeypatch, capsys):
     key = cfg["dataset"]
     assert [r["dataset"] for r in rows] == [f"{key}:test", f"{key}:train"]
     assert sum(r["n"] for r in rows) == 121 and all(r["score"] == "p(x | label)" for r in rows)
-    if rows[0]["n"] == n_test:  # the new file went to the training split: the test split is the run's own
-        assert rows[0]["mean_bpd"] == pytest.approx(summary["test_bpd"], rel=1e-5)
+    assert rows[0]["n"] == n_test  # the new file's path puts it in the training split: the test split is the run's
+    assert rows[0]["mean_bpd"] == pytest.approx(summary["test_bpd"], rel=1e-5)
     names = sorted(p.name for p in scores.iterdir())
     assert len(names) == 4 and all(re.fullmatch(r"folder_[A-Za-z0-9._-]*mine_(test|train)_[0-9a-f]{8}(_index)?\.npy",
                                                 n) for n in names)
