@@ -421,6 +421,18 @@ def test_op_rejects_inconsistent_layout():
         torch.ops.glowfast.lu_factor_packed(packed, offsets.int(), sizes, max_n)
 
 
+def test_the_cuda_kernel_check_traces_under_torch_compile():
+    """has_cuda_kernels() runs inside traced code on CUDA tensors (the op wrappers' device check): it must be a
+    constant to torch.compile, not a dispatcher query (which returns a bool and broke fullgraph compiles on the GPU,
+    where the check runs; on CPU tensors it is skipped, so this calls it directly)."""
+    from glowfast.ops.batched_lu import has_cuda_kernels
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + 1 if has_cuda_kernels() else x - 1, fullgraph=True, backend="eager")
+    x = torch.zeros(3)
+    torch.testing.assert_close(f(x), x + 1 if has_cuda_kernels() else x - 1)
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     def f(ws):
         sign, ld = batched_slogdet(ws)

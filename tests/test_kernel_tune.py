@@ -178,11 +178,15 @@ def test_coupling_candidates_at_cifar_level_one_follow_the_documented_rule():
 # ------------------------------------------------------------------ gaps found by mutation testing (12th session)
 def test_candidates_reach_the_rules_largest_tile_of_16k_elements():
     """The documented rule keeps tiles of 512 ... 16384 elements (cp x BLOCK_P): at the issue's bandwidth shape
-    64x12x128x128 (cp 16, 16384 pixels per image) a 1024-pixel tile is exactly 16384 elements and lies within
-    default/2 ... default*8 for the interpreter's default (2048) and the GPU table's (512) alike."""
+    64x12x128x128 (cp 16, 16384 pixels per image) a 1024-pixel tile is exactly 16384 elements, a candidate wherever
+    it lies within default/2 ... default*8 -- for the interpreter's defaults (2048) and the GPU table's forward
+    ones (512); the GPU's spill-free backward tiles (64 for cross_step) reach 512 only."""
     for kernel, mode in (("coupling", "fwd"), ("actnorm_invconv", "fwd"), ("cross_step", "bwd")):
         cands = tune.candidates(kernel, (64, 12, 128, 128), mode=mode)
-        assert any(bp == 1024 for bp, _ in cands[1:]), (kernel, mode, cands)
+        if cands[0][0] * 8 >= 1024:
+            assert any(bp == 1024 for bp, _ in cands[1:]), (kernel, mode, cands)
+        else:
+            assert max(bp for bp, _ in cands) == cands[0][0] * 8, (kernel, mode, cands)
         assert all(512 <= 16 * bp <= 16384 for bp, _ in cands[1:]), (kernel, mode, cands)
 
 

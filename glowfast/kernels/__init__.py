@@ -24,6 +24,11 @@ from .cross_step import (
     step_inverse,
 )
 
+if is_interpret():  # the interpreter of triton 3.6 under numpy 2.4 (see _interpreter_compat)
+    from . import _interpreter_compat
+
+    _interpreter_compat.apply()
+
 __all__ = [
     "ActNormInvConvFunction", "apply_actnorm_invconv", "actnorm_invconv_backward", "actnorm_invconv_forward",
     "actnorm_invconv_inverse", "CouplingFunction", "apply_coupling", "coupling_backward", "coupling_forward",

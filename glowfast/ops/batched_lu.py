@@ -482,10 +482,14 @@ def _pack(mats, fn: str) -> tuple[torch.Tensor, _Layout, str]:
     return packed, layout, "list"
 
 
-@functools.lru_cache(maxsize=1)
+# Decided once, at import: torch.compile cannot trace the dispatcher query (it returns a bool, not a tensor), and
+# _check_device runs inside traced code on CUDA tensors (found on the first GPU run: fullgraph compiles failed).
+_HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("glowfast::lu_factor_packed", "CUDA")
+
+
 def has_cuda_kernels() -> bool:
     """Whether glowfast._C was built with its CUDA kernels (it needs nvcc at install time)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("glowfast::lu_factor_packed", "CUDA")
+    return _HAS_CUDA_KERNELS
 
 
 def _check_device(packed: torch.Tensor, layout: _Layout, fn: str) -> None:
