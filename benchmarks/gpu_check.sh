@@ -119,8 +119,13 @@ TRAIN_STEPS=${TRAIN_STEPS:-1000}
 START=$(date +%s)
 # the commit: the device machine gets a copy of the working tree without .git, so the caller passes it
 # (GLOWFAST_GIT_COMMIT=$(git rev-parse HEAD) in the device command); else git, when there is a repository
-COMMIT=${GLOWFAST_GIT_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')}
-if git rev-parse HEAD > /dev/null 2>&1 && ! git diff --quiet 2>/dev/null; then COMMIT="$COMMIT (dirty tree)"; fi
+# (a given commit is the caller's word: a .git the device copy may hold is stale, and its diff meaningless)
+if [ -n "${GLOWFAST_GIT_COMMIT:-}" ]; then
+    COMMIT=$GLOWFAST_GIT_COMMIT
+else
+    COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')
+    if git rev-parse HEAD > /dev/null 2>&1 && ! git diff --quiet 2>/dev/null; then COMMIT="$COMMIT (dirty tree)"; fi
+fi
 export GLOWFAST_GIT_COMMIT=$COMMIT
 PY=${PYTHON:-python3}  # the device image has python3 (its torch); a venv has both
 SUMMARY_ROWS=$WORK/stages.tsv

@@ -211,12 +211,13 @@ def header(meta: dict, title: str, note: str | None, benches: list[dict] = ()) -
                 mi[pkg] = f"{importlib.metadata.version(pkg)} (installed where the report ran)"
             except importlib.metadata.PackageNotFoundError:
                 pass
-    # pytest-benchmark writes "unversioned" outside a git checkout: the GPU machine's copy of the tree, whose
-    # caller passes the commit in GLOWFAST_GIT_COMMIT
+    # GLOWFAST_GIT_COMMIT, when the caller gives it, names the commit: the GPU machine's copy of the tree has no
+    # .git of its own (pytest-benchmark writes "unversioned") or a stale one (it recorded an older commit, "dirty",
+    # on the first GPU run); else what pytest-benchmark recorded; else git at report time
     recorded = ci.get("id") not in (None, "", "unversioned")
-    commit = (ci["id"][:12] + (" (dirty tree)" if ci.get("dirty") else "")) if recorded else \
-        os.environ.get("GLOWFAST_GIT_COMMIT") or \
-        (git_commit(Path(__file__).resolve().parent) or "unknown") + " (git rev-parse at report time)"
+    commit = os.environ.get("GLOWFAST_GIT_COMMIT") or \
+        ((ci["id"][:12] + (" (dirty tree)" if ci.get("dirty") else "")) if recorded else
+         (git_commit(Path(__file__).resolve().parent) or "unknown") + " (git rev-parse at report time)")
     date = meta.get("datetime") or _dt.datetime.now(_dt.UTC).isoformat()
     lines = [f"## {title}", ""]
     if note:
@@ -227,7 +228,8 @@ def header(meta: dict, title: str, note: str | None, benches: list[dict] = ()) -
         ("triton", mi.get("triton") or "—"),
         ("CUDA (torch build)", mi.get("cuda_version") or "—"),
         ("python", mi.get("python_version", "?")),
-        ("commit", f"{commit} on {ci['branch']}" if recorded and ci.get("branch") else commit),
+        ("commit", f"{commit} on {ci['branch']}" if recorded and ci.get("branch") and
+         not os.environ.get("GLOWFAST_GIT_COMMIT") else commit),
         ("date", date),
         ("pytest-benchmark", meta.get("version", "?")),
         ("torch CPU threads", ", ".join(str(t) for t in sorted(

@@ -540,6 +540,14 @@ def test_commit_of_a_run_outside_git_comes_from_the_environment(tmp_path):
                                "datetime": "2025-01-01T00:00:00", "version": "5.1.0"}))
     md = run_report(src, env={**os.environ, "GLOWFAST_GIT_COMMIT": "0123abcd-dirty"}).stdout
     assert "| commit | 0123abcd-dirty |" in md and "unversioned" not in md
+    # a stale .git in the device copy: pytest-benchmark recorded an older commit there (the first GPU run did)
+    data = json.loads(src.read_text())
+    data["commit_info"] = {"id": "85cd5417d1cd0000", "dirty": True, "branch": "main"}
+    src.write_text(json.dumps(data))
+    md = run_report(src, env={**os.environ, "GLOWFAST_GIT_COMMIT": "871add979931"}).stdout
+    assert "| commit | 871add979931 |" in md and "85cd5417" not in md
+    env = {k: v for k, v in os.environ.items() if k != "GLOWFAST_GIT_COMMIT"}
+    assert "| commit | 85cd5417d1cd (dirty tree) on main |" in run_report(src, env=env).stdout
 
 
 # ------------------------------------------------------------------ gaps found by mutation testing (12th session)

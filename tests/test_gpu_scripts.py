@@ -51,7 +51,8 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
                      GLOWFAST_GIT_COMMIT="0123abcd")
     assert res.returncode == 0, res.stdout + res.stderr
     summary = (out / "summary.md").read_text()
-    assert "commit: 0123abcd" in summary
+    assert "commit: 0123abcd\n" in summary or "commit: 0123abcd " in summary  # the given commit, nothing added
+    assert "0123abcd (dirty tree)" not in summary
     table = [line.split("|") for line in summary.splitlines()
              if line.startswith("| ") and not line.startswith(("| stage", "| ---"))]
     rows = {cells[1].strip(): cells[2].strip() for cells in table}
