@@ -620,6 +620,21 @@ def test_bench_model_cases_run_cifar10_first_headline_variants_first(monkeypatch
     assert items[2] is other
 
 
+def test_bench_fused_step_runs_issue_4s_targets_first(monkeypatch):
+    """bench_fused_step.py: the non-network chain (3x target), then the bandwidth cases (70 %), then the per-op
+    cases -- the first GPU run's 90 s stage ended inside the per-op cases, before any bandwidth case."""
+    conftest = _bench_conftest()
+    monkeypatch.setenv("GLOWFAST_BENCH_SKIP_CPU", "0")
+    items = [_item("bench_fused_step.py", "test_fused_op", op="coupling"),
+             _item("bench_fused_step.py", "test_bandwidth", kernel="coupling"),
+             _item("bench_fused_step.py", "test_fused_op", op="cross_step"),
+             _item("bench_fused_step.py", "test_step_chain_nonnet", variant="fused")]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [i.originalname for i in items] == ["test_step_chain_nonnet", "test_bandwidth", "test_fused_op",
+                                               "test_fused_op"]
+    assert [i.callspec.params.get("op") for i in items[2:]] == ["coupling", "cross_step"]  # stable
+
+
 def test_skip_cpu_marks_only_the_cpu_cases(monkeypatch):
     conftest = _bench_conftest()
     monkeypatch.setenv("GLOWFAST_BENCH_SKIP_CPU", "1")
