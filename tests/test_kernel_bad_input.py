@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from glowfast.kernels import (
+    _utils,
     actnorm_invconv_backward,
     actnorm_invconv_forward,
     coupling_backward,
@@ -165,3 +166,31 @@ def test_interpreter_switched_on_after_import_is_named(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ("TRITON_INTERPRET=1 was set after glowfast.kernels was imported; set it before "
                                   "importing glowfast to run the kernels on CPU tensors")
+
+
+@pytest.mark.skipif(not _utils.is_interpret(), reason="the interpreter's compatibility shim: TRITON_INTERPRET=1 only")
+def test_the_interpreter_converts_a_program_id_of_shape_1_to_an_int():
+    """Triton 3.6's interpreter did int(array of shape (1,)), which numpy 2.4 refuses: every kernel loop over
+    range(program_id, n, G) failed (the GPU machine runs its CPU-side tests that way). glowfast.kernels installs
+    triton 3.8's squeeze-first conversion; installed once, however often applied."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from glowfast.kernels import _interpreter_compat
+
+    assert _interpreter_compat.apply() and getattr(interpreter._patch_lang_tensor, "glowfast_compat", False)
+    hook = interpreter._patch_lang_tensor
+    assert _interpreter_compat.apply() and interpreter._patch_lang_tensor is hook
+
+    class Handle:
+        data = np.array([7], dtype=np.int32)
+
+    class Tensor:
+        handle = Handle()
+
+    scope = interpreter._LangPatchScope()
+    interpreter._patch_lang_tensor(Tensor, scope)
+    try:
+        assert list(range(Tensor(), 10, 2)) == [7, 9]
+    finally:
+        scope.restore()
