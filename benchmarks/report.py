@@ -215,7 +215,8 @@ def header(meta: dict, title: str, note: str | None, benches: list[dict] = ()) -
     # .git of its own (pytest-benchmark writes "unversioned") or a stale one (it recorded an older commit, "dirty",
     # on the first GPU run); else what pytest-benchmark recorded; else git at report time
     recorded = ci.get("id") not in (None, "", "unversioned")
-    commit = os.environ.get("GLOWFAST_GIT_COMMIT") or \
+    given = os.environ.get("GLOWFAST_GIT_COMMIT")
+    commit = given or \
         ((ci["id"][:12] + (" (dirty tree)" if ci.get("dirty") else "")) if recorded else
          (git_commit(Path(__file__).resolve().parent) or "unknown") + " (git rev-parse at report time)")
     date = meta.get("datetime") or _dt.datetime.now(_dt.UTC).isoformat()
@@ -228,8 +229,7 @@ def header(meta: dict, title: str, note: str | None, benches: list[dict] = ()) -
         ("triton", mi.get("triton") or "—"),
         ("CUDA (torch build)", mi.get("cuda_version") or "—"),
         ("python", mi.get("python_version", "?")),
-        ("commit", f"{commit} on {ci['branch']}" if recorded and ci.get("branch") and
-         not os.environ.get("GLOWFAST_GIT_COMMIT") else commit),
+        ("commit", f"{commit} on {ci['branch']}" if recorded and ci.get("branch") and not given else commit),
         ("date", date),
         ("pytest-benchmark", meta.get("version", "?")),
         ("torch CPU threads", ", ".join(str(t) for t in sorted(

@@ -141,6 +141,11 @@ def is_folder_dataset(name) -> bool:
     return isinstance(name, str) and name.startswith("folder:")
 
 
+def _no_channels(channels) -> None:
+    if channels is not None:
+        raise ValueError("channels applies only to folder:PATH datasets")
+
+
 def _spec(name: str) -> _Spec:
     try:
         return DATASETS[name]
@@ -155,8 +160,7 @@ def dataset_info(name: str, size: int | None = None, channels: int | None = None
         from .image_folder import folder_info
 
         return folder_info(name, size, channels)
-    if channels is not None:
-        raise ValueError("channels applies only to folder:PATH datasets")
+    _no_channels(channels)
     s = _spec(name)
     hw = s.default if size is None else int(size)
     if hw <= 0:
@@ -206,15 +210,22 @@ class _CelebA(Dataset):
         from PIL import Image
 
         with Image.open(self.folder / self.files[index]) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            c = min(self.CROP, w, h)
-            left, top = (w - c) // 2, (h - c) // 2
-            im = im.crop((left, top, left + c, top + c))
-            if c != self.size:
-                im = im.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=None)
-            arr = np.asarray(im, dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), 0
+            return centre_crop_resize(im.convert("RGB"), self.CROP, self.size), 0
+
+
+def centre_crop_resize(im, crop: int | None, size: int) -> torch.Tensor:
+    """A PIL image's centred square of side min(crop, width, height) (crop None: the shorter side), resized to
+    size x size (bilinear, antialiased), as a uint8 (C, size, size) tensor."""
+    from PIL import Image
+
+    w, h = im.size
+    c = min(w, h) if crop is None else min(crop, w, h)
+    left, top = (w - c) // 2, (h - c) // 2
+    im = im.crop((left, top, left + c, top + c))
+    if c != size:
+        im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    image = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+    return (image[None] if image.dim() == 2 else image.permute(2, 0, 1)).contiguous()
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, drop_last: bool = True,
@@ -558,8 +569,7 @@ def get_dataset(name: str, split: str = "train", data_dir: str | os.PathLike = "
         from .image_folder import folder_dataset
 
         return folder_dataset(name, split, size, channels)
-    if channels is not None:
-        raise ValueError("channels applies only to folder:PATH datasets")
+    _no_channels(channels)
     s = _spec(name)
     _check_split(split, name)
     data_dir = Path(data_dir).expanduser()

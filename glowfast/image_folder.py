@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import SPLITS, DatasetInfo, DatasetNotFoundError
+from .data import SPLITS, DatasetInfo, DatasetNotFoundError, centre_crop_resize
 
 PREFIX = "folder:"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -76,7 +76,7 @@ def _images_under(folder: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         # a link back to this folder or above it would list its images again
-        above = real != top and (top + os.sep).startswith(real + os.sep) if dirpath != str(folder) else False
+        above = real != top and (top + os.sep).startswith(real + os.sep)
         if real in seen or above or _is_run_folder(set(dirnames) | set(filenames)):
             dirnames[:] = []
             continue
@@ -214,22 +214,9 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         path, label = self.files[index]
         with _open(path, self.info.name) as im:
-            im = im.convert(self.mode)
-            w, h = im.size
-            c = min(w, h)
-            left, top = (w - c) // 2, (h - c) // 2
-            im = im.crop((left, top, left + c, top + c))
-            size = self.info.image_shape[-1]
-            if c != size:
-                im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-            arr = np.asarray(im, dtype=np.uint8)
-        image = torch.from_numpy(arr.copy())
-        image = image[None] if image.dim() == 2 else image.permute(2, 0, 1)
-        return image.contiguous(), label
+            return centre_crop_resize(im.convert(self.mode), None, self.info.image_shape[-1]), label
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.info.name}, n={len(self)}, shape={self.info.image_shape})"

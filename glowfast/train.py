@@ -312,11 +312,11 @@ def _run(cfg, run_dir, resume, dist_info, device, callbacks, data_api, Trainer, 
     DatasetNotFoundError, dataset_info, get_dataset = data_api
     main_rank = dist_info.is_main
     run_dir = Path(broadcast_object(str(run_dir)))  # a timestamped name must be the same on every rank
-    folder = {"channels": cfg["channels"]} if cfg.get("channels") is not None else {}
+    channels = {"channels": cfg["channels"]} if cfg.get("channels") is not None else {}
     try:
-        info = dataset_info(cfg["dataset"], cfg["size"], **folder)
-        train_set = get_dataset(cfg["dataset"], "train", cfg["data_dir"], cfg["size"], cfg["download"], **folder)
-        test_set = get_dataset(cfg["dataset"], "test", cfg["data_dir"], cfg["size"], cfg["download"], **folder)
+        info = dataset_info(cfg["dataset"], cfg["size"], **channels)
+        train_set = get_dataset(cfg["dataset"], "train", cfg["data_dir"], cfg["size"], cfg["download"], **channels)
+        test_set = get_dataset(cfg["dataset"], "test", cfg["data_dir"], cfg["size"], cfg["download"], **channels)
     except DatasetNotFoundError as e:
         return _fail(str(e))
     except ValueError as e:
