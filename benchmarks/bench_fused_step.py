@@ -102,7 +102,9 @@ def test_fused_op(cuda_timer, op, shape, mode):
     ("actnorm_invconv", "fwd"), ("actnorm_invconv", "inv"), ("actnorm_invconv", "bwd"), ("coupling", "fwd"),
     ("coupling", "inv"), ("coupling", "bwd"), ("cross_step", "fwd"), ("cross_step", "bwd"), ("step_inverse", "fwd"),
 ])
-@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+# ids: the GPU default (3xTF32) is graded against issue 4's 70 %; plain TF32 (opt-in) and exact fp32 (evaluation)
+# are for information; `-k "not ieee and not tf32_plain"` keeps the graded rows only (gpu_check.sh session)
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32", "ieee"], ids=["tf32x3_default", "tf32_plain", "ieee"])
 def test_bandwidth(cuda_timer, kernel, mode, shape, precision):
     from glowfast.kernels import use_dot_precision
     from glowfast.kernels.tune import copy_bandwidth_gbps, kernel_case, time_call

@@ -40,8 +40,8 @@
 #                larger/smaller tiles, outputs checked against the default's), the most-used kernels first
 #   train        a short real training run (MNIST if data/MNIST or gpudata/MNIST is there, fused backend; else digits); at
 #                its time limit it is interrupted (SIGINT), and the trainer still writes its summary
-#   tf32         that run's held-out bits/dim at the default TF32 (fused, and reference with cuDNN) and in full fp32,
-#                each vs float64 (benchmarks/tf32_rounding.py --run): does TF32 bias the likelihoods on this GPU?
+#   tf32         that run's held-out bits/dim with the fused path's default 3xTF32 dots and with plain TF32 dots, the
+#                reference at cuDNN's default, and in full fp32, each vs float64 (benchmarks/tf32_rounding.py --run)
 #   bench_compile torch.compile(reference) per-op benchmarks (cold compiles; whatever budget is left)
 #   report       benchmarks/report.py -> RESULTS.md (always run at the end when there is benchmark JSON)
 # Files written to $OUT (the device tool returns at most 8): summary.md, RESULTS.md, results.json (all the
@@ -54,7 +54,7 @@
 # GLOWFAST_GIT_COMMIT, GPU_TESTS (node ids or files instead of the whole suite: a rerun of what failed),
 # GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests, sanitizer and train (then tf32) side by side),
 # BENCH_MODEL_SELECT (pytest -k over bench_model's cases; session cifar10, extra mnist), BENCH_OPS_SELECT (pytest -k
-# over the per-op cases; session "not ieee"), TUNE_BUDGET (75; extra 45),
+# over the per-op cases; session "not ieee and not tf32_plain"), TUNE_BUDGET (75; extra 45),
 # PYTHON (python3), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
 # adds the whole-model torch.compile benchmark to bench_compile, minutes of compilation per case) with
 # GPU_CHECK_COMPILE_MAX (seconds for bench_compile, default 200; 420 under the `compile` preset). A command for the
@@ -92,7 +92,7 @@ case $PRESET in
              MAX_bench_model=${MAX_bench_model:-150}; GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-8}
              BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-cifar10}
              # the exact-fp32 bandwidth cases are information, not a target (report.py): kept out of the 90 s slot
-             BENCH_OPS_SELECT=${BENCH_OPS_SELECT-not ieee} ;;
+             BENCH_OPS_SELECT=${BENCH_OPS_SELECT-not ieee and not tf32_plain} ;;
     extra)   PRESET_STAGES="env build bench_compile bench_model tune report"
              # the rest of a session after `session` (set GPU_CHECK_BUDGET to the device time left, less a minute):
              # torch.compile(reference) per op (issue 6's per-op fused/compiled ratios; the whole-model compile, minutes
@@ -338,8 +338,8 @@ train() {
 }
 
 tf32_bias() {
-    # the training run's model: held-out bits/dim with the fused path at the default TF32, the reference path at
-    # the default TF32 (cuDNN) and the fused path in full fp32, each vs the model in float64 (docs/DESIGN.md)
+    # the training run's model: held-out bits/dim with the fused path at its default (3xTF32) and plain TF32 dots,
+    # the reference path at cuDNN's default and the fused path in full fp32, each vs the model in float64
     [ -f "$WORK/train_run/checkpoints/last.pt" ] || { echo "no training run checkpoint: nothing to measure"; return 1; }
     local args=(--run "$WORK/train_run" --device cuda --test-images 2000)
     for d in data gpudata; do [ -d "$d/MNIST" ] && { args+=(--data-dir "$d"); break; }; done

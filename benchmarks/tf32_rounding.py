@@ -1,21 +1,24 @@
-"""How TF32 1x1 convolutions move a Glow's log-likelihood: operands truncated vs rounded (float64 emulation, CPU).
+"""How TF32 1x1 convolutions move a Glow's log-likelihood: operands truncated vs rounded vs 3xTF32 (float64
+emulation, CPU).
 
 The fused kernels' 1x1 convolutions are `tl.dot`s. Under TF32 (PyTorch's default for convolutions on a GPU), fp32
 operands given to the tensor cores lose their 13 low mantissa bits by truncation, which shrinks every product
 towards zero; the kernels therefore round their operands to the nearest TF32 value first
 (`glowfast.kernels.actnorm_invconv.round_to_tf32`). This script measures what either choice does to held-out
-bits/dim: it trains a small Glow (reference path, fp32), then evaluates it in float64 three times (the same
-dequantisation noise each time) — exactly, and
-with every flow step's 1x1 conv computed from truncated or from rounded TF32 operands (the flow's log-determinant
-stays the exact log|det W|, as in the kernels). Only the 1x1 convs are emulated; the coupling networks stay exact.
+bits/dim: it trains a small Glow (reference path, fp32), then evaluates it in float64 (the same dequantisation
+noise each time) — exactly, and with every flow step's 1x1 conv computed from truncated or from rounded TF32
+operands, as 3xTF32 (each fp32 operand split into two TF32 values, three products: the kernels' GPU default,
+`conv_dot`), and in plain fp32 (what the reference's fp32 conv computes); the flow's log-determinant stays the
+exact log|det W|, as in the kernels. Only the 1x1 convs are emulated; the coupling networks stay exact.
 
     python benchmarks/tf32_rounding.py                       # digits (embedded), K = 8 and 32, ~3 min on 2 cores
     python benchmarks/tf32_rounding.py --dataset mnist --size 28 --data-dir data -K 16 --steps 500
 
 On a GPU, `--run RUN_DIR --device cuda` measures instead of emulating: the held-out bits/dim of a trained
-`glowfast.train` run with the fused path at the default TF32, the reference path at the default TF32 (cuDNN), and
-the fused path in full fp32 (`glowfast.evaluate.full_fp32`), each against the same model in float64
-(benchmarks/gpu_check.sh runs it after its training run).
+`glowfast.train` run with the fused path at its default (3xTF32 dots under cuDNN's default TF32 flag) and with
+plain TF32 dots (`use_dot_precision("tf32")`), the reference path at the default (cuDNN), and the fused path in
+full fp32 (`glowfast.evaluate.full_fp32`), each against the same model in float64 (benchmarks/gpu_check.sh runs
+it after its training run).
 """
 
 from __future__ import annotations
@@ -41,12 +44,28 @@ def tf32(t: torch.Tensor, mode: str) -> torch.Tensor:
     return (bits & ~_LOW_BITS).view(torch.float32).to(t.dtype)
 
 
+def conv1x1(w: torch.Tensor, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """W x per pixel (float64 result) as computed in `mode`: "truncate" / "round" (one product of TF32-cut
+    operands), "3xtf32" (a_hi b_hi + a_hi b_lo + a_lo b_hi of the fp32 operands split into TF32 halves) or "fp32"."""
+    prod = lambda a, b: torch.einsum("oc,bchw->bohw", a, b)  # noqa: E731
+    if mode == "fp32":
+        return prod(w.float(), x.float()).double()
+    if mode == "3xtf32":
+        w32, x32 = w.float(), x.float()
+        w_hi, x_hi = tf32(w32, "round"), tf32(x32, "round")
+        w_lo, x_lo = tf32(w32 - w_hi, "round"), tf32(x32 - x_hi, "round")
+        return prod(w_lo.double(), x_hi.double()) + prod(w_hi.double(), x_lo.double()) \
+            + prod(w_hi.double(), x_hi.double())
+    return prod(tf32(w, mode), tf32(x, mode))
+
+
+MODES = ("truncate", "round", "3xtf32", "fp32")
+
+
 def emulate_tf32_invconv(model: Glow, mode: str) -> list:
-    """Forward hooks that replace every InvConv1x1's output by W x computed from TF32-cut operands."""
+    """Forward hooks that replace every InvConv1x1's output by W x computed as in `mode` (see conv1x1)."""
     def hook(module, args, output):
-        x = args[0]
-        y = torch.einsum("oc,bchw->bohw", tf32(module.weight_matrix(), mode), tf32(x, mode))
-        return (y, *output[1:])
+        return (conv1x1(module.weight_matrix(), args[0], mode), *output[1:])
 
     return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, InvConv1x1)]
 
@@ -77,7 +96,7 @@ def study(args, K: int) -> dict:
     exact = heldout_bpd(model64, x_test, args.seed)
     row = {"dataset": args.dataset, "K": K, "L": args.L, "flow_steps": K * args.L, "train_steps": args.steps,
            "heldout_bpd": float(exact.mean()), "images": len(x_test)}
-    for mode in ("truncate", "round"):
+    for mode in MODES:
         handles = emulate_tf32_invconv(model64, mode)
         err = heldout_bpd(model64, x_test, args.seed) - exact
         for h in handles:
@@ -91,6 +110,7 @@ def measure_run(args) -> dict:
     vs the same model in float64."""
     from glowfast.evaluate import full_fp32
     from glowfast.experiments.common import load_split
+    from glowfast.kernels import dot_precision, use_dot_precision
     from glowfast.sample import load_run_model
 
     _, state, model, dev = load_run_model(args.run, None, args.device, "auto")
@@ -109,8 +129,10 @@ def measure_run(args) -> dict:
 
     fused_backend = model.resolve_backend(dev)
     exact = bpd(copy.deepcopy(model).double(), "reference")
-    rows = {f"{fused_backend}, default TF32": bpd(model, fused_backend),
-            "reference, default TF32 (cuDNN)": bpd(model, "reference")}
+    rows = {f"{fused_backend}, default ({dot_precision(dev)} dots)": bpd(model, fused_backend)}
+    with use_dot_precision("tf32"):
+        rows[f"{fused_backend}, plain TF32 dots"] = bpd(model, fused_backend)
+    rows["reference, default TF32 flag (cuDNN)"] = bpd(model, "reference")
     with full_fp32():
         rows[f"{fused_backend}, full fp32"] = bpd(model, fused_backend)
     out = {"run": str(args.run), "device": str(dev), "images": len(images), "heldout_bpd": float(exact.mean()),
@@ -147,15 +169,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {name} | {v['mean_bpd_error']:+.2e} | {v['max_abs_bpd_error']:.1e} |")
         print(json.dumps(r))
         return 0
-    print("| data | flow steps | held-out bits/dim | TF32 truncated: mean (max) error "
-          "| TF32 rounded: mean (max) error |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| data | flow steps | held-out bits/dim | " + " | ".join(
+        f"{m}: mean (max) error" for m in MODES) + " |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(MODES))
     for K in args.K:
         r = study(args, K)
-        t, rd = r["truncate"], r["round"]
-        print(f"| {r['dataset']} | {r['flow_steps']} | {r['heldout_bpd']:.4f} | {t['mean_bpd_error']:+.2e} "
-              f"({t['max_abs_bpd_error']:.1e}) | {rd['mean_bpd_error']:+.2e} ({rd['max_abs_bpd_error']:.1e}) |",
-              flush=True)
+        cells = " | ".join(f"{r[m]['mean_bpd_error']:+.2e} ({r[m]['max_abs_bpd_error']:.1e})" for m in MODES)
+        print(f"| {r['dataset']} | {r['flow_steps']} | {r['heldout_bpd']:.4f} | {cells} |", flush=True)
         print(json.dumps(r))
     return 0
 

@@ -94,8 +94,8 @@ def conv_precision_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor |
 
     A GEMM layout of the coupling networks stands in for cuDNN convolutions, which run in TF32 under PyTorch's
     default (`torch.backends.cudnn.allow_tf32`), while cuBLAS matmuls default to full fp32 (several times slower
-    on an H100's tensor cores). So forward and backward products here use TF32 exactly when a convolution (and
-    the fused kernels' 1x1-conv dots: `glowfast.kernels.dot_precision`) would; `full_fp32` makes them exact.
+    on an H100's tensor cores). So forward and backward products here use TF32 exactly when a convolution would
+    (`glowfast.kernels._utils.conv_allows_tf32`); `full_fp32` makes them exact.
     Under autocast the product runs in the autocast dtype, as autocast runs `addmm`. While torch.compile traces,
     the plain ops (inductor applies its own precision settings)."""
     if torch.compiler.is_compiling():
@@ -106,9 +106,9 @@ def conv_precision_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor |
         a, w, bias = a.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
             return _ConvPrecisionLinear.apply(a, w, bias, False)
-    from .kernels._utils import dot_precision  # here, not at import: Triton loads only with the fast paths
+    from .kernels._utils import conv_allows_tf32  # here, not at import: Triton loads only with the fast paths
 
-    tf32 = a.dtype == torch.float32 and dot_precision(a.device) == "tf32"
+    tf32 = a.dtype == torch.float32 and conv_allows_tf32(a.device)
     return _ConvPrecisionLinear.apply(a, w, bias, tf32)
 
 

@@ -39,8 +39,9 @@ def full_fp32():
     Why: training may use TF32 (PyTorch's default for convolutions; fast, and its rounding noise is harmless to
     SGD), but a reported bits/dim, or the likelihood ranking of an OOD test, should not carry TF32's error: in a
     float64 emulation the 1x1 convs alone moved single images' bits/dim by up to 1.4e-2 with rounded TF32 operands
-    (the kernels' choice) and by -4e-2 on average with truncated ones (benchmarks/RESULTS.md). A network's own
-    bf16 option (--amp bf16) is part of the model and stays."""
+    (the kernels' opt-in plain "tf32") and by -4e-2 on average with truncated ones (benchmarks/RESULTS.md); the
+    kernels' default 3xTF32 dots are at fp32 level, but cuDNN's TF32 convolutions in the coupling networks are not.
+    A network's own bf16 option (--amp bf16) is part of the model and stays."""
     from .kernels import use_dot_precision
 
     # Switched through the legacy setters, which keep torch's two TF32 APIs consistent (the legacy getters still

@@ -11,8 +11,9 @@ A flow step is ActNorm2d -> permutation (InvConv1x1 / Shuffle / Reverse) -> coup
     y       = coupling(z_{K-1}, h_{K-1})                 1 kernel   (last step's coupling)
 
 so K steps cost K + 1 kernels besides the networks, each a single read/write pass over NCHW data. Shuffle and
-Reverse run as a 1x1 conv with their permutation matrix (logdet 0): exact under "ieee" dots; under TF32 their
-activations are rounded to TF32 like the 1x1 conv's, and an overflowed (inf) entry spreads NaN across the
+Reverse run as a 1x1 conv with their permutation matrix (logdet 0): exact under "ieee" dots; under the default
+3xTF32 (or plain TF32) their activations go through the same split (rounding) as the 1x1 conv's — within 2^-22 of
+the value (plain TF32: 2^-11) — and an overflowed (inf) entry spreads NaN across the
 channels (0 * inf), where the reference's indexing keeps one inf. The log-determinant's parameter-only part,
 H*W*(sum(log_scale) + log|det W|), is added in torch; log|det W| comes from `w_logabsdets` (the model's batched
 LU op) or from the layer's own `log_abs_det()` (LU: sum(log_s)). W comes from `permute.weight_matrix()`, which

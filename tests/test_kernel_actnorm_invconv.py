@@ -20,7 +20,16 @@ from glowfast.reference import ActNorm2d, InvConv1x1, Reverse, Shuffle
 
 from conftest import kernel_devices, requires_cuda
 from helpers import KERNEL_SHAPES, randomize_
-from tolerances import TF32Conv1x1, assert_exact, assert_grads_exact, assert_tf32
+from tolerances import (
+    TF32Conv1x1,
+    TF32x3Conv1x1,
+    assert_exact,
+    assert_grads_exact,
+    assert_tf32,
+    assert_tf32x3,
+    tf32_round,
+    tf32_split,
+)
 
 SHAPES = KERNEL_SHAPES
 PERMS = ["lu", "plain", "shuffle", "reverse"]
@@ -174,6 +183,86 @@ def test_tf32_dots_round_operands(C, device):
     assert_exact(x_back, TF32Conv1x1.apply(y.detach(), w_inv), "out", "inverse")
 
 
+def _split_sum(t: torch.Tensor) -> torch.Tensor:
+    hi, lo = tf32_split(t)
+    return hi + lo  # exact in fp32: lo is at most 2^-11 of hi
+
+
+# What one product by 1.0 leaves of an fp32 value under each dot precision.
+_ONE_PRODUCT = {"ieee": lambda t: t, "tf32": tf32_round, "tf32x3": _split_sum}
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_dot_precisions_bit_exact_on_single_products(precision, device):
+    """Where every output of a dot is one product by 1.0 (a permutation W, or a diagonal W applied to ones; ActNorm
+    the identity), the kernels give bit for bit what the precision's arithmetic leaves of the other factor: the
+    value itself ("ieee"), its TF32 rounding ("tf32"), or hi + lo of its split into two TF32 values ("tf32x3", the
+    GPU default: within 2^-22 of the value, unequal to it in about a quarter of cases). On the interpreter and on a
+    GPU alike: the operands the kernels hand to a "tf32" tl.dot are TF32 values already, so the hardware's
+    truncation is a no-op. Forward (activation side and matrix side), inverse, and grad x (W^T dy)."""
+    C = 24
+    f = _ONE_PRODUCT[precision]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, C, 5, 3, generator=gen).to(device)
+    d = torch.randn(C, generator=gen).to(device)
+    if precision != "ieee":
+        assert (f(x) != x).float().mean() > 0.2, "the test values must be ones the precision changes"
+    perm = torch.randperm(C, generator=gen)
+    p_mat = torch.eye(C, device=device)[perm]
+    zeros = torch.zeros(C, device=device)
+    ones = torch.ones_like(x)
+    with use_dot_precision(precision), torch.no_grad():
+        assert torch.equal(actnorm_invconv_forward(x, zeros, zeros, p_mat), f(x)[:, perm])
+        assert torch.equal(actnorm_invconv_forward(ones, zeros, zeros, torch.diag(d)),
+                           f(d).view(1, C, 1, 1).expand_as(ones))
+        assert torch.equal(actnorm_invconv_inverse(x, zeros, zeros, p_mat), f(x)[:, perm])
+        grad_x = actnorm_invconv_backward(ones, x, zeros, zeros, p_mat)[0]
+        assert torch.equal(grad_x, f(x)[:, torch.argsort(perm)])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("perm", ["lu", "plain"])
+@pytest.mark.parametrize("C", [12, 48, 96])
+def test_tf32x3_error_is_fp32_level(C, perm, device):
+    """The GPU default "tf32x3": forward and every gradient (x, bias, log_scale, W or its LU factors) equal the
+    float64 emulation of the split products (TF32x3Conv1x1) to fp32 accuracy, and err vs float64 at most
+    TF32X3_FACTOR times the fp32 reference (the reference layers, TF32 off) — a bound plain "tf32" exceeds by
+    far. Why the default: plain TF32 moved a trained Glow's held-out bits/dim by +5e-3 on an H200."""
+    actnorm, permute = make_layers(C, perm, device)
+    gen = torch.Generator().manual_seed(C)
+    x = torch.randn(4, C, 17, 15, generator=gen).to(device).requires_grad_(True)
+    g = torch.randn(4, C, 17, 15, generator=gen).to(device)
+    names = ["x", "bias", "log_scale", *(f"permute.{n}" for n, _ in permute.named_parameters())]
+    leaves = [x, actnorm.bias, actnorm.log_scale, *permute.parameters()]
+    an64, pm64 = copy.deepcopy(actnorm).double(), copy.deepcopy(permute).double()
+    x64 = x.detach().double().requires_grad_(True)
+    leaves64 = [x64, an64.bias, an64.log_scale, *pm64.parameters()]
+    y64 = reference(an64, pm64, x64)
+    u64 = (x64 + an64.bias.view(1, -1, 1, 1)) * an64.log_scale.exp().view(1, -1, 1, 1)
+    y_split = TF32x3Conv1x1.apply(u64, pm64.weight_matrix())
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        y32 = reference(actnorm, permute, x)
+        ref32 = _grads(y32, leaves, g)
+        outputs = {}
+        for precision in ("tf32x3", "tf32"):
+            with use_dot_precision(precision):
+                y = apply_actnorm_invconv(x, actnorm.bias, actnorm.log_scale, permute.weight_matrix())
+                outputs[precision] = (y, *_grads(y, leaves, g))
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    split = (y_split, *_grads(y_split, leaves64, g))
+    exact = (y64, *_grads(y64, leaves64, g))
+    for name, fast, emulated, r32, r64, tf32 in zip(["y", *names], outputs["tf32x3"], split, (y32, *ref32), exact,
+                                                    outputs["tf32"], strict=True):
+        assert_exact(fast, emulated, "out" if name == "y" else "grad", f"{name} vs the 3xTF32 emulation")
+        assert_tf32x3(fast, r32, r64, name)
+        with pytest.raises(AssertionError):  # plain TF32 is far outside the bound
+            assert_tf32x3(tf32, r32, r64, name)
+
+
 def _grads(out, leaves, g):
     return torch.autograd.grad(out, leaves, g.to(out.dtype))
 
@@ -215,22 +304,28 @@ def test_tf32_flash_rule(C, perm):
         assert_tf32(a, [r32, rt], r64, f"grad {name}")
 
 
-def test_dot_precision_mirrors_the_cudnn_conv_setting():
-    """The kernels' tl.dot precision follows what governs the reference's 1x1 conv (cuDNN conv TF32), through the
-    legacy flag and through torch's per-op API (once that is used, reading the legacy flag raises)."""
-    from glowfast.kernels._utils import dot_precision
+def test_dot_precision_follows_the_cudnn_conv_setting():
+    """On CUDA the kernels' dots run 3xTF32 while cuDNN may use TF32 for convolutions (what governs the reference's
+    1x1 conv) and exact fp32 when it may not, through the legacy flag and through torch's per-op API (once that is
+    used, reading the legacy flag raises); CPU tensors (the interpreter) always exact; an override wins."""
+    from glowfast.kernels._utils import conv_allows_tf32, dot_precision
 
     cudnn = torch.backends.cudnn
     saved = cudnn.allow_tf32  # restored through the legacy setter: it resets conv and rnn alike
     try:
         cudnn.allow_tf32 = True
-        assert dot_precision() == "tf32"
+        assert dot_precision() == dot_precision("cuda") == "tf32x3" and conv_allows_tf32("cuda")
+        assert dot_precision("cpu") == "ieee"
+        with use_dot_precision("tf32"):
+            assert dot_precision("cuda") == dot_precision("cpu") == "tf32" and conv_allows_tf32("cuda")
+        with use_dot_precision("ieee"):
+            assert dot_precision("cuda") == "ieee" and not conv_allows_tf32("cuda")
         cudnn.allow_tf32 = False
-        assert dot_precision() == "ieee"
+        assert dot_precision() == "ieee" and not conv_allows_tf32()
         cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "ieee", "tf32"
         assert dot_precision() == "ieee"
         cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "tf32", "ieee"
-        assert dot_precision() == "tf32"
+        assert dot_precision() == "tf32x3"
         cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "ieee"  # new API only: the legacy read raises too
         assert dot_precision() == "ieee"
     finally:

@@ -17,7 +17,7 @@ from glowfast.reference import FlowStep
 
 from conftest import kernel_devices, requires_cuda
 from helpers import KERNEL_SHAPES, randomize_
-from tolerances import TF32Conv1x1, assert_exact, assert_grads_exact, assert_tf32
+from tolerances import TF32Conv1x1, TF32x3Conv1x1, assert_exact, assert_grads_exact, assert_tf32, assert_tf32x3
 
 SHAPES = KERNEL_SHAPES
 # (permutation, lu) of step k+1: every coupling meets every permutation across the shapes.
@@ -239,3 +239,45 @@ def test_tf32_flash_rule(C, coupling, perm):
     for name, a, r32, rt, r64 in zip(names, fast, ref32, grads(out_tf32, ld_tf32, leaves64),
                                      grads(out64, ld64, leaves64), strict=True):
         assert_tf32(a, [r32, rt], r64, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("perm", ["lu", "plain"])
+@pytest.mark.parametrize("C", [12, 48])
+def test_tf32x3_error_is_fp32_level(C, perm, device):
+    """The GPU default "tf32x3" in the cross-step kernels: output, log-determinant and every gradient (z, h, step
+    k+1's bias, log_scale, W or its LU factors) equal the float64 emulation of the split products to fp32 accuracy
+    and err vs float64 at most TF32X3_FACTOR times the fp32 reference layers (see
+    tests/test_kernel_actnorm_invconv.py::test_tf32x3_error_is_fp32_level)."""
+    step_k, step_next = make_steps(C, "affine", perm, device)
+    an, pm = step_next.actnorm, step_next.permute
+    gen = torch.Generator().manual_seed(C + 1)
+    z = torch.randn(4, C, 17, 15, generator=gen).to(device).requires_grad_(True)
+    h = net_out(step_k, z).detach().requires_grad_(True)
+    g_out, g_ld = torch.randn(4, C, 17, 15, generator=gen).to(device), torch.randn(4, generator=gen).to(device)
+    names = ["out", "logdet", "z", "h", "bias", "log_scale", *(f"permute.{n}" for n, _ in pm.named_parameters())]
+    leaves = [z, h, an.bias, an.log_scale, *pm.parameters()]
+    an64, pm64 = copy.deepcopy(an).double(), copy.deepcopy(pm).double()
+    z64, h64 = (t.detach().double().requires_grad_(True) for t in (z, h))
+    leaves64 = [z64, h64, an64.bias, an64.log_scale, *pm64.parameters()]
+
+    def outputs_and_grads(out, ld, wrt):
+        loss = (out * g_out.to(out.dtype)).sum() + (ld * g_ld.to(ld.dtype)).sum()
+        return (out, ld, *torch.autograd.grad(loss, wrt, retain_graph=True))
+
+    y64, ld64 = coupling_given_h(z64, h64, True)
+    exact = outputs_and_grads(pm64(an64(y64)[0])[0], ld64, leaves64)
+    u64 = (y64 + an64.bias.view(1, -1, 1, 1)) * an64.log_scale.exp().view(1, -1, 1, 1)
+    split = outputs_and_grads(TF32x3Conv1x1.apply(u64, pm64.weight_matrix()), ld64, leaves64)
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with use_dot_precision("tf32x3"):
+            fast = outputs_and_grads(*apply_cross_step(z, h, an.bias, an.log_scale, pm.weight_matrix(), True), leaves)
+        y32, ld32 = coupling_given_h(z, h, True)
+        ref32 = outputs_and_grads(pm(an(y32)[0])[0], ld32, leaves)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    for name, a, emulated, r32, r64 in zip(names, fast, split, ref32, exact, strict=True):
+        assert_exact(a, emulated, "out" if name == "out" else "grad", f"{name} vs the 3xTF32 emulation")
+        assert_tf32x3(a, r32, r64, name)

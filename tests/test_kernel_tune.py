@@ -262,14 +262,22 @@ def test_exactly_max_channels_runs_through_a_kernel(kernel_device):
     torch.testing.assert_close(y, x)
 
 
-@pytest.mark.parametrize("kind", ["fwd", "cross_step_fwd"])
-def test_gpu_tile_takes_the_ieee_table_only_for_ieee_dots(kind):
-    """GPU_TILES_IEEE holds the exact-fp32 tiles of the forward families; "tf32" launches (and cp values without an
-    ieee entry) use GPU_TILES."""
+@pytest.mark.parametrize("kind", ["fwd", "cross_step_fwd", "actnorm_invconv_bwd", "cross_step_bwd", "coupling"])
+def test_gpu_tile_takes_each_dot_precisions_table(kind):
+    """GPU_TILES_IEEE holds the exact-fp32 tiles of the forward families, GPU_TILES_TF32X3 the 3xTF32 tiles (the
+    GPU default) of every family with a dot; "tf32" launches, the coupling kernels (no dot) and cp values without
+    an entry use GPU_TILES. With no precision given: the default's, i.e. 3xTF32 under PyTorch's default flags."""
+    ieee, tf32x3 = _utils.GPU_TILES_IEEE.get(kind, {}), _utils.GPU_TILES_TF32X3.get(kind, {})
     for cp, tile in _utils.GPU_TILES[kind].items():
         assert _utils.gpu_tile(kind, cp, "tf32") == tile
-        assert _utils.gpu_tile(kind, cp, "ieee") == _utils.GPU_TILES_IEEE[kind].get(cp, tile)
-    assert any(_utils.GPU_TILES_IEEE[kind][cp] != _utils.GPU_TILES[kind][cp] for cp in _utils.GPU_TILES_IEEE[kind])
+        assert _utils.gpu_tile(kind, cp, "ieee") == ieee.get(cp, tile)
+        assert _utils.gpu_tile(kind, cp, "tf32x3") == tf32x3.get(cp, tile)
+        with _utils.use_dot_precision(None):
+            if torch.backends.cudnn.allow_tf32:
+                assert _utils.gpu_tile(kind, cp) == tf32x3.get(cp, tile)
+    if kind != "coupling":
+        assert set(tf32x3) == set(_utils.GPU_TILES[kind]), "every dot family has a 3xTF32 tile for every cp"
+        assert any(tf32x3[cp] != _utils.GPU_TILES[kind][cp] for cp in tf32x3)
 
 
 def test_gpu_block_pixels_is_the_table_tile_clipped_to_the_image(monkeypatch):

@@ -110,10 +110,17 @@ def test_every_kernel_compiles_for_sm90(module):
 
 # The stated exceptions: both backward kernels at cp 128 hold W^T (64 KB) in registers at the smallest tile the
 # grad-W dot allows (16 pixels); since their tl.dot operands are rounded to TF32 in the kernel (round_to_tf32, which
-# keeps both an activation tile and its rounded copy live), ptxas spills 136-304 B of them under Triton 3.6-3.9
-# (16 warps cap registers at 128 and spill more). Only levels with more than 64 channels use cp 128 (e.g. a 4th
-# level of 96 channels at 4x4): no CIFAR/MNIST configuration, and a small share of any model's pixels.
-TOLERATED_STACK_BYTES = {("_cross_step_bwd_kernel", 128): 320, ("_actnorm_invconv_bwd_kernel", 128): 192}
+# keeps both an activation tile and its rounded copy live; 3xTF32 keeps two halves of each), ptxas spills 104-304 B
+# of them under "tf32" and 352-504 B under "tf32x3" with Triton 3.6-3.9 (16 warps cap registers at 128). Only
+# levels with more than 64 channels use cp 128 (e.g. a 4th level of 96 channels at 4x4): no CIFAR/MNIST
+# configuration, and a small share of any model's pixels. One more under "tf32x3": the cross-step backward at cp 64
+# (CIFAR-10's 48-channel level) spills 72 B under Triton 3.6 at every tile tried (none under 3.8). Keyed by
+# (kernel, cp, dot precision).
+TOLERATED_STACK_BYTES = {("_cross_step_bwd_kernel", 128, "tf32"): 320,
+                         ("_actnorm_invconv_bwd_kernel", 128, "tf32"): 192,
+                         ("_cross_step_bwd_kernel", 128, "tf32x3"): 512,
+                         ("_actnorm_invconv_bwd_kernel", 128, "tf32x3"): 384,
+                         ("_cross_step_bwd_kernel", 64, "tf32x3"): 96}
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -133,9 +140,11 @@ def test_default_gpu_tiles_do_not_spill_registers(module):
         assert covered == expected, f"{kernel}: default tiles compiled for cp {sorted(covered)}, " \
                                     f"GPU_TILES has {sorted(expected)}"
     spilled = [r for r in production
-               if r["local"] or r["stack"] > TOLERATED_STACK_BYTES.get((r["kernel"], r["constexprs"]["CP"]), 0)]
+               if r["local"] or r["stack"] > TOLERATED_STACK_BYTES.get(
+                   (r["kernel"], r["constexprs"]["CP"], r["constexprs"].get("PREC")), 0)]
     assert not spilled, "default GPU tiles that spill registers on sm_90:\n" + "\n".join(
         f"{r['kernel']} CP={r['constexprs']['CP']} BLOCK_P={r['constexprs']['BLOCK_P']} "
+        f"PREC={r['constexprs'].get('PREC')} "
         f"num_warps={r['options']['num_warps']}: {r['regs']} registers, {r['stack']} B stack frame (spills)"
         for r in spilled)
 

@@ -6,7 +6,7 @@ compiled) and TRITON_CACHE_DIR pointing at a scratch folder. Prints one JSON lin
 non-zero if any spec fails to compile or needs more shared memory than an sm_90 block can have.
 
 Specs come from each kernel module's `compile_specs()`: every kernel with every constexpr branch at small
-tiles (fp32 and bf16 data pointers), plus the production tile sizes for the default "tf32" precision.
+tiles (fp32 and bf16 data pointers), plus the production tile sizes of every dot precision.
 
 Each record also carries the machine-code resources of the cubin Triton built (`cuobjdump
 --dump-resource-usage`, Triton's own copy): registers, stack frame and local memory bytes per thread. A
@@ -78,13 +78,13 @@ def cubin_resources(compiled) -> dict:
 
 
 def is_production(kernel_name: str, constexprs: dict, options: dict, data_type: str) -> bool:
-    """True for a launch configuration a GPU runs by default (fp32 data): a GPU_TILES entry with "tf32" dots, or a
-    GPU_TILES_IEEE entry with "ieee" dots (likelihood evaluation)."""
-    from ._utils import GPU_TILES, GPU_TILES_IEEE, KERNEL_KINDS, gpu_tile
+    """True for a launch configuration a GPU runs (fp32 data): the tile `gpu_tile` gives for the spec's dot precision
+    (GPU_TILES_TF32X3 for the default "tf32x3", GPU_TILES_IEEE for likelihood evaluation's "ieee", GPU_TILES for
+    "tf32" and the no-dot kernels)."""
+    from ._utils import GPU_TILES, KERNEL_KINDS, gpu_tile
 
     kind, cp, prec = KERNEL_KINDS[kernel_name], constexprs["CP"], constexprs.get("PREC", "tf32")
-    tiles = GPU_TILES[kind] if prec == "tf32" else GPU_TILES_IEEE.get(kind, {})
-    if data_type != "*fp32" or cp not in tiles:
+    if data_type != "*fp32" or cp not in GPU_TILES[kind]:
         return False
     return (constexprs["BLOCK_P"], options["num_warps"]) == gpu_tile(kind, cp, prec)
 

@@ -80,38 +80,60 @@ def round_to_tf32(x):
 
 
 @triton.jit
-def dot_operand(x, PREC: tl.constexpr):
-    """x as an operand of tl.dot(..., input_precision=PREC): rounded to TF32 for "tf32", unchanged for "ieee"."""
-    if PREC == "tf32":
-        x = round_to_tf32(x)
-    return x
+def split_tf32(x):
+    """x = hi + lo (up to 2^-22 |x|) with hi and lo both TF32 values: the operands of a 3xTF32 product."""
+    hi = round_to_tf32(x)
+    return hi, round_to_tf32(x - hi)
 
 
 @triton.jit
-def load_matrix(ptr, C, CP: tl.constexpr, TRANS: tl.constexpr, PREC: tl.constexpr):
-    """The (C, C) row-major matrix at ptr, zero-padded to (CP, CP), transposed when TRANS, as a tl.dot operand
-    (`dot_operand`: rounded once here, not per pixel tile)."""
+def conv_dot(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b (acc may be None): the 1x1 conv's matrix product at precision PREC.
+
+    "ieee": exact fp32 (FMA loops). "tf32": one tensor-core product of the operands rounded to TF32 (relative error
+    ~5e-4 per product). "tf32x3" (the GPU default): a_hi b_hi + a_hi b_lo + a_lo b_hi from the split of each
+    operand into two TF32 values (`split_tf32`; the dropped a_lo b_lo is ~2^-22 of the product): fp32-level
+    accuracy (~1e-6 relative) from three tensor-core products, where plain TF32 biased a Glow's bits/dim by
+    +5e-3 on an H200 (benchmarks/RESULTS.md). Every operand reaching a "tf32" tl.dot here is already a TF32
+    value, so the tensor cores' truncation is a no-op and the interpreter (which multiplies in fp32) computes
+    what the GPU does, up to summation order: CI checks the GPU's arithmetic. Splitting or rounding a matrix
+    operand loaded before a pixel-tile loop is loop-invariant (hoisted by the compiler)."""
+    if PREC == "tf32x3":
+        a_hi, a_lo = split_tf32(a)
+        b_hi, b_lo = split_tf32(b)
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    elif PREC == "tf32":
+        return tl.dot(round_to_tf32(a), round_to_tf32(b), acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def load_matrix(ptr, C, CP: tl.constexpr, TRANS: tl.constexpr):
+    """The (C, C) row-major fp32 matrix at ptr, zero-padded to (CP, CP), transposed when TRANS."""
     r = tl.arange(0, CP)
     mask = (r[:, None] < C) & (r[None, :] < C)
     if TRANS:
         offs = r[None, :] * C + r[:, None]
     else:
         offs = r[:, None] * C + r[None, :]
-    return dot_operand(tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32), PREC)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def actnorm_conv_fwd_tile(x, w, bias, log_scale, PREC: tl.constexpr):
     """u = (x + b) * exp(log_scale); y = W @ u. Returns (y, u)."""
     u = (x + bias[:, None]) * tl.exp(log_scale)[:, None]
-    y = tl.dot(w, dot_operand(u, PREC), input_precision=PREC)
+    y = conv_dot(w, u, None, PREC)
     return y, u
 
 
 @triton.jit
 def actnorm_conv_inv_tile(y, w_inv, bias, log_scale, PREC: tl.constexpr):
     """x = (W^-1 @ y) * exp(-log_scale) - b."""
-    u = tl.dot(w_inv, dot_operand(y, PREC), input_precision=PREC)
+    u = conv_dot(w_inv, y, None, PREC)
     return u * tl.exp(-log_scale)[:, None] - bias[:, None]
 
 
@@ -120,7 +142,7 @@ def actnorm_conv_bwd_tile(x, dy, w_t, bias, log_scale, PREC: tl.constexpr):
     """Given x and dL/dy: returns (dx, du, u) with du = W^T dy, dx = du * s."""
     s = tl.exp(log_scale)
     u = (x + bias[:, None]) * s[:, None]
-    du = tl.dot(w_t, dot_operand(dy, PREC), input_precision=PREC)
+    du = conv_dot(w_t, dy, None, PREC)
     dx = du * s[:, None]
     return dx, du, u
 
@@ -141,7 +163,7 @@ def _actnorm_invconv_fwd_kernel(
     base = b * C * HW
     _, _, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    w = load_matrix(w_ptr, C, CP, False, PREC)
+    w = load_matrix(w_ptr, C, CP, False)
     y, _ = actnorm_conv_fwd_tile(x, w, load_vec(bias_ptr, C, CP), load_vec(log_scale_ptr, C, CP), PREC)
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -157,7 +179,7 @@ def _actnorm_invconv_inv_kernel(
     base = b * C * HW
     _, _, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
     y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    w_inv = load_matrix(w_inv_ptr, C, CP, False, PREC)
+    w_inv = load_matrix(w_inv_ptr, C, CP, False)
     x = actnorm_conv_inv_tile(y, w_inv, load_vec(bias_ptr, C, CP), load_vec(log_scale_ptr, C, CP), PREC)
     tl.store(x_ptr + base + offs, x.to(x_ptr.dtype.element_ty), mask=mask)
 
@@ -174,7 +196,7 @@ def _actnorm_invconv_bwd_kernel(
     g = tl.program_id(0)
     b = tl.program_id(1)
     base = b.to(tl.int64) * C * HW
-    w_t = load_matrix(w_ptr, C, CP, True, PREC)
+    w_t = load_matrix(w_ptr, C, CP, True)
     bias = load_vec(bias_ptr, C, CP)
     log_scale = load_vec(log_scale_ptr, C, CP)
     dw_acc = tl.zeros((CP, CP), dtype=tl.float32)
@@ -193,7 +215,7 @@ def _actnorm_invconv_bwd_kernel(
         dls_acc += tl.sum(du * u, axis=1)
         db_acc += tl.sum(dx, axis=1)
         if NEED_DW:
-            dw_acc += tl.dot(dot_operand(dy, PREC), tl.trans(dot_operand(u, PREC)), input_precision=PREC)
+            dw_acc = conv_dot(dy, tl.trans(u), dw_acc, PREC)
     part = b * G + g
     r = tl.arange(0, CP)
     tl.store(dls_part_ptr + part * C + r, dls_acc, mask=r < C)
@@ -271,7 +293,8 @@ def actnorm_invconv_backward(
     x = check_nchw(x, "x")
     grad_y = grad_y.contiguous()
     check_grads(x, grad_y)
-    B, C, hw, cp, bp, n_pt = _geometry(x, block_p, "actnorm_invconv_bwd")
+    prec = dot_precision(x.device)
+    B, C, hw, cp, bp, n_pt = _geometry(x, block_p, "actnorm_invconv_bwd", prec)
     bias, log_scale, weight = _params(bias, log_scale, weight, C, x)
     G = programs_per_sample or reduction_programs(B, n_pt, x.device)
     G = max(1, min(G, n_pt))
@@ -284,8 +307,8 @@ def actnorm_invconv_backward(
         launch(_actnorm_invconv_bwd_kernel, (G, B),
             x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part,
             C, hw, n_pt, G,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(x.device), NEED_DX=need_dx, NEED_DW=need_dw,
-            **launch_options(cp, "actnorm_invconv_bwd"),
+            CP=cp, BLOCK_P=bp, PREC=prec, NEED_DX=need_dx, NEED_DW=need_dw,
+            **launch_options(cp, "actnorm_invconv_bwd", prec),
         )
     return (
         dx if need_dx else None,

@@ -48,7 +48,7 @@ from .actnorm_invconv import (
     actnorm_conv_bwd_tile,
     actnorm_conv_fwd_tile,
     actnorm_conv_inv_tile,
-    dot_operand,
+    conv_dot,
     load_matrix,
     load_vec,
     tile_index,
@@ -79,7 +79,7 @@ def _cross_step_fwd_kernel(
     b = tl.program_id(1)
     base = b.to(tl.int64) * C * HW
     h_base = b.to(tl.int64) * HC * HW
-    w = load_matrix(w_ptr, C, CP, False, PREC)
+    w = load_matrix(w_ptr, C, CP, False)
     bias = load_vec(bias_ptr, C, CP)
     log_scale = load_vec(log_scale_ptr, C, CP)
     ld_acc = tl.zeros((CP,), dtype=tl.float32)
@@ -107,7 +107,7 @@ def _cross_step_bwd_kernel(
     b = tl.program_id(1)
     base = b.to(tl.int64) * C * HW
     h_base = b.to(tl.int64) * HC * HW
-    w_t = load_matrix(w_ptr, C, CP, True, PREC)
+    w_t = load_matrix(w_ptr, C, CP, True)
     bias = load_vec(bias_ptr, C, CP)
     log_scale = load_vec(log_scale_ptr, C, CP)
     dld = tl.load(dld_ptr + b).to(tl.float32)
@@ -125,7 +125,7 @@ def _cross_step_bwd_kernel(
         dls_acc += tl.sum(du * u, axis=1)
         db_acc += tl.sum(dy, axis=1)
         if NEED_DW:
-            dw_acc += tl.dot(dot_operand(dout, PREC), tl.trans(dot_operand(u, PREC)), input_precision=PREC)
+            dw_acc = conv_dot(dout, tl.trans(u), dw_acc, PREC)
         dz, dshift, draw = coupling_bwd_tile(z, dy, shift, raw, is_b, dld, AFFINE)
         tl.store(dz_ptr + base + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         coupling_store_dh(dh_ptr, h_base, c, p, CA, CB, HW, dshift, draw, mask_b, AFFINE)
@@ -152,7 +152,7 @@ def _step_inverse_kernel(
     y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     shift, raw, is_b, _ = coupling_load_h(h_ptr, h_base, c, p, C, CA, CB, HW, AFFINE)
     z = coupling_inv_tile(y, shift, raw, is_b, AFFINE)
-    w_inv = load_matrix(w_inv_ptr, C, CP, False, PREC)
+    w_inv = load_matrix(w_inv_ptr, C, CP, False)
     x = actnorm_conv_inv_tile(z, w_inv, load_vec(bias_ptr, C, CP), load_vec(log_scale_ptr, C, CP), PREC)
     tl.store(x_ptr + base + offs, x.to(x_ptr.dtype.element_ty), mask=mask)
 
@@ -202,7 +202,8 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     grad_out = grad_out.contiguous()
     check_device(z, h)
     check_grads(z, grad_out, grad_logdet if affine else None)
-    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p, "cross_step_bwd")
+    prec = dot_precision(z.device)
+    B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p, "cross_step_bwd", prec)
     bias, log_scale, weight = _params(bias, log_scale, weight, C, z)
     G = programs_per_sample or reduction_programs(B, n_pt, z.device)
     G = max(1, min(G, n_pt))
@@ -219,8 +220,8 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
         launch(_cross_step_bwd_kernel, (G, B),
             z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part,
             C, ca, cb, hc, hw, n_pt, G,
-            CP=cp, BLOCK_P=bp, PREC=dot_precision(z.device), AFFINE=affine, NEED_DW=need_dw,
-            **launch_options(cp, "cross_step_bwd"),
+            CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, NEED_DW=need_dw,
+            **launch_options(cp, "cross_step_bwd", prec),
         )
     return (
         dz,
