@@ -27,7 +27,8 @@
 # under the device tool's 600 s per command); a failing or timed-out stage is recorded and the next one runs:
 #   env          nvidia-smi, versions
 #   build        benchmarks/gpu_build.sh: pip install --no-build-isolation --no-deps -e . for this GPU's architecture
-#                (glowfast._C with CUDA), skipped when the sources are unchanged since the last build here
+#                (glowfast._C with CUDA), skipped when the sources are unchanged since the last build here; then
+#                benchmarks/cpp_exception_probe.py (does a TORCH_CHECK in the extension reach Python as an error?)
 #   tests        python -m pytest -q (the whole suite; junit xml)
 #   sanitizer    compute-sanitizer memcheck on the CUDA LU op tests and the Triton kernel tests
 #                (benchmarks/gpu_check_lu.sh, benchmarks/gpu_check_kernels.sh)
@@ -218,7 +219,12 @@ EOF
 build() {
     # only this GPU's architecture (setup.py's default builds 8.0 and 9.0: twice the nvcc time), and not again
     # when the previous call on this machine built the same sources (benchmarks/gpu_build.sh)
-    bash benchmarks/gpu_build.sh
+    bash benchmarks/gpu_build.sh || return 1
+    # does a TORCH_CHECK in the extension reach Python here? (it segfaulted on the first GPU machine; the probe
+    # prints compilers, ABI and a gdb backtrace when it does not); informational: the build stage stands
+    timeout 150 $PY benchmarks/cpp_exception_probe.py > "$LOGS/cpp_exception_probe.log" 2>&1
+    head -1 "$LOGS/cpp_exception_probe.log"
+    return 0
 }
 
 tests() {
@@ -451,6 +457,7 @@ fi
     workers=$(grep -h '^pytest workers:' "$LOGS/tests.log" 2>/dev/null | head -1)
     echo "- test workers: ${workers:-(the tests did not run)}"
     (( ${#SIDE_BY_SIDE[@]} )) && echo "- side by side (functional, no timings): ${SIDE_BY_SIDE[*]}"
+    [ -f "$LOGS/cpp_exception_probe.log" ] && echo "- $(head -1 "$LOGS/cpp_exception_probe.log") (logs/cpp_exception_probe.log)"
     echo
     echo "| stage | status | seconds | last result line |"
     echo "| --- | --- | ---: | --- |"

@@ -175,3 +175,26 @@ def test_gpu_full_reports_a_cut_group_and_a_spent_budget(tmp_path):
 def test_gpu_full_unknown_half_is_refused(tmp_path):
     res, calls = _gpu_full(tmp_path, "everything")
     assert res.returncode == 2 and calls == [] and "unknown: everything" in res.stdout
+
+
+def test_cpp_exception_probe_passes_here_and_reports_a_crash():
+    """The probe gpu_check.sh runs after its build: the extension's TORCH_CHECK arrives as a RuntimeError on this
+    machine (exit 0), and a child killed by a signal is reported as a failure with the diagnosis (exit 1), not
+    taken down with it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cpp_exception_probe as probe
+    finally:
+        sys.path.pop(0)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpp_exception_probe.py")], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "C++ exception probe: ok (raised RuntimeError: glowfast::lu_factor_packed: matrix 0" in res.stdout
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import cpp_exception_probe as p; " \
+           f"p.RAISE = {crash!r}; raise SystemExit(p.main())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "C++ exception probe: FAILED (killed by signal 11)" in res.stdout
+    assert "cxx11 abi" in res.stdout and ("gdb backtrace:" in res.stdout or "gdb: not found" in res.stdout)
+    assert probe.RAISE.count("lu_factor_packed") == 1  # the probe raises the op's own check, as the test does
