@@ -436,10 +436,11 @@ def test_autograd_multithreading_is_off_inside_precompiling():
 
 
 def test_cpu_tensors_get_exact_fp32_dots(monkeypatch):
-    """dot_precision: "ieee" for CPU tensors (the CPU conv is exact fp32); on CUDA cuDNN's TF32 flag decides."""
+    """dot_precision: "ieee" for CPU tensors (the CPU conv is exact fp32); on CUDA cuDNN's TF32 flag decides between
+    3xTF32 and exact fp32 (plain TF32 only on request)."""
     monkeypatch.setattr(_utils, "_dot_precision_override", None)
     assert _utils.dot_precision("cpu") == "ieee"
     monkeypatch.setattr(_utils, "_cudnn_conv_allows_tf32", lambda: True)
-    assert _utils.dot_precision("cuda") == "tf32"
+    assert _utils.dot_precision("cuda") == "tf32x3"
     monkeypatch.setattr(_utils, "_cudnn_conv_allows_tf32", lambda: False)
     assert _utils.dot_precision("cuda") == "ieee"
