@@ -303,3 +303,12 @@ def test_reduction_programs_per_sample_follow_programs_per_sm():
         assert _utils.reduction_programs(batch=2, n_ptiles=3, device=cpu) == 3     # clipped to the tiles
         assert _utils.reduction_programs(batch=64, n_ptiles=100, device=cpu) == 1  # at least one
         assert _utils.reduction_programs(batch=0, n_ptiles=100, device=cpu) == 8   # empty batch: no division by 0
+
+
+def test_host_side_power_of_two_and_cdiv_match_tritons():
+    """The launch wrappers' plain-Python next_power_of_2 / cdiv (Triton's are ConstexprFunctions costing
+    microseconds per host call) give Triton's values."""
+    import triton
+
+    assert [_utils.next_power_of_2(n) for n in range(0, 70_000)] == [triton.next_power_of_2(n) for n in range(70_000)]
+    assert all(_utils.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 70))

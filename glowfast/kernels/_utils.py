@@ -11,12 +11,23 @@ import functools
 import os
 
 import torch
-import triton
 
 _DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 _dot_precision_override: str | None = os.environ.get("GLOWFAST_DOT_PRECISION") or None
 if _dot_precision_override not in (None, *_DOT_PRECISIONS):
     raise ValueError(f"GLOWFAST_DOT_PRECISION must be one of {_DOT_PRECISIONS}, got {_dot_precision_override!r}")
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0, as Triton's): `triton.next_power_of_2` for host code. Triton's is a
+    ConstexprFunction whose host call costs 2-6 us, and the launch wrappers computed 3-5 of them per call (~200
+    wrapper calls per training step; benchmarks/RESULTS.md, "Host-side overhead of the launch wrappers")."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: `triton.cdiv` for host code (see next_power_of_2)."""
+    return -(-a // b)
 
 
 def is_interpret() -> bool:
@@ -108,7 +119,7 @@ def check_channels(channels: int) -> None:
 def channel_pad(channels: int) -> int:
     """Channels padded to a power of two >= 16 (tl.arange needs a power of two; tl.dot needs >= 16)."""
     check_channels(channels)
-    return max(16, triton.next_power_of_2(channels))
+    return max(16, next_power_of_2(channels))
 
 
 # (BLOCK_P, num_warps, programs per SM) forced by `launch_override` (the block-size sweep, glowfast.kernels.tune);
@@ -232,8 +243,8 @@ def block_pixels(cp: int, hw: int, kind: str = "fwd", precision: str | None = No
     if forced is not None:
         return forced
     if is_interpret():
-        return max(16, min(triton.next_power_of_2(hw), 2048))
-    return max(16, min(gpu_tile(kind, cp, precision)[0], triton.next_power_of_2(hw)))
+        return max(16, min(next_power_of_2(hw), 2048))
+    return max(16, min(gpu_tile(kind, cp, precision)[0], next_power_of_2(hw)))
 
 
 # Software pipelining multi-buffers every tile loaded in a loop in shared memory (3 stages of z, h, dy tiles
@@ -266,7 +277,7 @@ def reduction_programs(batch: int, n_ptiles: int, device: torch.device) -> int:
         return n_ptiles
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 1
-    return max(1, min(n_ptiles, triton.cdiv((per_sm or 4) * sms, max(1, batch))))  # an empty batch: no programs
+    return max(1, min(n_ptiles, cdiv((per_sm or 4) * sms, max(1, batch))))  # an empty batch: no programs
 
 
 MAX_BATCH = 65535  # the kernels launch one row of programs per image: CUDA's grid y-dimension limit

@@ -29,6 +29,7 @@ import triton.language as tl
 from ._utils import (
     KERNEL_KINDS,
     block_pixels,
+    cdiv,
     channel_pad,
     check_block_pixels,
     check_device,
@@ -235,7 +236,7 @@ def _geometry(x: torch.Tensor, block_p: int | None, kind: str = "fwd", precision
     hw = H * W
     cp = channel_pad(C)
     bp = check_block_pixels(block_p) or block_pixels(cp, hw, kind, precision)
-    return B, C, hw, cp, bp, triton.cdiv(hw, bp)
+    return B, C, hw, cp, bp, cdiv(hw, bp)
 
 
 def _params(bias, log_scale, weight, C, data):

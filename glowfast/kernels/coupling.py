@@ -27,12 +27,14 @@ from ._utils import (
     GPU_TILES,
     NUM_STAGES,
     block_pixels,
+    cdiv,
     check_block_pixels,
     check_channels,
     check_device,
     check_grads,
     check_nchw,
     gpu_tile,
+    next_power_of_2,
     on_device_of,
     overridden_num_warps,
     refuse_double_backward,
@@ -219,9 +221,9 @@ def _coupling_geometry(z, h, affine, block_p):
         raise ValueError(f"h must have shape {(B, hc, H, W)} for C={C} ({'affine' if affine else 'additive'}), "
                          f"got {tuple(h.shape)}")
     hw = H * W
-    cp = triton.next_power_of_2(C)
+    cp = next_power_of_2(C)
     bp = check_block_pixels(block_p) or coupling_block_pixels(cp, hw)
-    return B, C, ca, cb, hc, hw, cp, bp, triton.cdiv(hw, bp)
+    return B, C, ca, cb, hc, hw, cp, bp, cdiv(hw, bp)
 
 
 def _launch_options(cp, bp):

@@ -31,6 +31,7 @@ import triton.language as tl
 from ._utils import (
     KERNEL_KINDS,
     block_pixels,
+    cdiv,
     channel_pad,
     check_block_pixels,
     check_device,
@@ -166,7 +167,7 @@ def _geometry(z, h, affine, block_p, kind, precision=None):
     B, C, ca, cb, hc, hw, _, _, _ = _coupling_geometry(z, h, affine, 16)
     cp = channel_pad(C)
     bp = check_block_pixels(block_p) or block_pixels(cp, hw, kind, precision)
-    return B, C, ca, cb, hc, hw, cp, bp, triton.cdiv(hw, bp)
+    return B, C, ca, cb, hc, hw, cp, bp, cdiv(hw, bp)
 
 
 def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,

@@ -58,7 +58,7 @@ def shape_tag(shape) -> str:
 
 
 def _padded_channels(kernel: str, c: int) -> int:
-    return triton.next_power_of_2(c) if kernel == "coupling" else _utils.channel_pad(c)
+    return _utils.next_power_of_2(c) if kernel == "coupling" else _utils.channel_pad(c)
 
 
 # GPU_TILES family of each launch function (as the wrappers in actnorm_invconv.py / cross_step.py pass it)
@@ -88,7 +88,7 @@ def candidates(kernel: str, shape, num_warps=NUM_WARPS, block_ps=None, mode: str
     cp = _padded_channels(kernel, c)
     default = default_config(kernel, shape, mode)
     if block_ps is None:
-        cap = max(16, triton.next_power_of_2(h * w))
+        cap = max(16, _utils.next_power_of_2(h * w))
         block_ps = [bp for bp in (default[0] // 2, default[0], default[0] * 2, default[0] * 4, default[0] * 8)
                     if 16 <= bp <= cap and 512 <= cp * bp <= 16384]
     out = [default]
