@@ -14,7 +14,8 @@ this file imports nothing from it):
 3. The non-network part of a chain of flow steps, forward + backward: `step_nonnet/fwdbwd/B<b>_C<c>_<H>x<W>`,
    variants "reference" (the reference layers' code: ActNorm2d, InvConv1x1, the coupling given h) and
    "fused" (1 actnorm_invconv + (K-1) cross_step + 1 coupling launch); the coupling networks are replaced by
-   fixed leaf tensors h_k, so only what the kernels replace is timed (target: fused >= 3x faster).
+   fixed leaf tensors h_k, so only what the kernels replace is timed (target: fused >= 3x faster). Each row also
+   records `graph_replay_us`, the call replayed from a CUDA graph (device time, no host launch overhead).
 """
 
 from __future__ import annotations
@@ -197,3 +198,10 @@ def test_step_chain_nonnet(cuda_timer, shape, variant):
 
     cuda_timer(call, device="cuda", variant=variant, images=b,
                config={"shape": list(shape), "K": K_CHAIN, "mode": "fwdbwd"}, **TIMING)
+    # Device time too: the same call replayed from a CUDA graph (forward + backward captured), which leaves out
+    # the host's launch overhead that bounds the eager time of these small shapes on both variants (tune.time_call;
+    # it falls back to eager calls, with a warning, where capture fails)
+    from glowfast.kernels.tune import time_call
+
+    device_s = time_call(call, torch.device("cuda"), rounds=TIMING["n_rounds"], iterations=TIMING["iterations"])
+    cuda_timer.extra_info.update(graph_replay_us=round(device_s * 1e6, 2))

@@ -879,6 +879,17 @@ def test_step_chain_target_is_fused_at_least_3x_faster(tmp_path, t_ref, t_fused,
     assert row[1:] == [met, f"{t_ref / t_fused:.2f}×"]
 
 
+@pytest.mark.parametrize("g_ref, g_fused, met", [(900.0, 300.0, "yes"), (870.0, 300.0, "NO")])
+def test_step_chain_target_is_graded_on_graph_replays_too(tmp_path, g_ref, g_fused, met):
+    """The chain rows' CUDA-graph device times get their own 3x check beside the eager one."""
+    g = "step_nonnet/fwdbwd/B64_C12_16x16"
+    md = report_of(tmp_path, [bench_row(g, "reference", 5e-3, graph_replay_us=g_ref),
+                              bench_row(g, "fused", 3e-3, graph_replay_us=g_fused)])
+    assert table_row(md, f"{g}: fused ≥ 3× the reference")[1] == "NO"  # eager: 1.67x
+    row = table_row(md, f"{g}: fused ≥ 3× the reference, CUDA-graph replays (device time)")
+    assert row[1:] == [met, f"{g_ref / g_fused:.2f}× ({g_ref:,.0f} vs {g_fused:,.0f} µs)"]
+
+
 def test_the_packed_lu_variant_is_graded_too(tmp_path):
     """Issue 3's 96-matrix targets apply to the PackedMatrices variant as well as to the list API."""
     g = "batched_lu/slogdet-fwd/cifar96"
