@@ -13,11 +13,11 @@ Triton's own launch path and the CUDA launch costs of the allocations and reduct
 from __future__ import annotations
 
 import os
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+from bench_batched_lu import _min_mean_us  # noqa: E402  (run as a script: benchmarks/ is on sys.path)
 
 from glowfast.kernels import (  # noqa: E402
     actnorm_invconv_backward,
@@ -28,18 +28,6 @@ from glowfast.kernels import (  # noqa: E402
     cross_step_forward,
 )
 from glowfast.kernels.precompile import precompiling  # noqa: E402
-
-
-def per_call_us(fn, calls: int = 300, reps: int = 7) -> float:
-    for _ in range(calls // 3):
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
 
 
 def cases(c: int, s: int) -> dict:
@@ -64,7 +52,7 @@ def main() -> None:
     for c, s in ((12, 16), (24, 8), (48, 4)):
         with precompiling(max_workers=1):
             for name, fn in cases(c, s).items():
-                rows.setdefault(name, []).append(per_call_us(fn))
+                rows.setdefault(name, []).append(_min_mean_us(fn, calls=300, repeats=7))
     for name, values in rows.items():
         print(f"| {name} | " + " | ".join(f"{v:.1f} µs" for v in values) + " |")
 

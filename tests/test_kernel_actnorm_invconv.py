@@ -183,6 +183,18 @@ def test_tf32_dots_round_operands(C, device):
     assert_exact(x_back, TF32Conv1x1.apply(y.detach(), w_inv), "out", "inverse")
 
 
+def _float64_twins(actnorm, permute, x):
+    """For the precision tests: the parameter names and leaves (x first) of the fp32 layers, the same leaves of
+    float64 copies, the float64 reference output y64, its 1x1-conv input u64 and W in float64."""
+    names = ["x", "bias", "log_scale", *(f"permute.{n}" for n, _ in permute.named_parameters())]
+    leaves = [x, actnorm.bias, actnorm.log_scale, *permute.parameters()]
+    an64, pm64 = copy.deepcopy(actnorm).double(), copy.deepcopy(permute).double()
+    x64 = x.detach().double().requires_grad_(True)
+    leaves64 = [x64, an64.bias, an64.log_scale, *pm64.parameters()]
+    u64 = (x64 + an64.bias.view(1, -1, 1, 1)) * an64.log_scale.exp().view(1, -1, 1, 1)
+    return names, leaves, leaves64, reference(an64, pm64, x64), u64, pm64.weight_matrix()
+
+
 def _split_sum(t: torch.Tensor) -> torch.Tensor:
     hi, lo = tf32_split(t)
     return hi + lo  # exact in fp32: lo is at most 2^-11 of hi
@@ -233,14 +245,8 @@ def test_tf32x3_error_is_fp32_level(C, perm, device):
     gen = torch.Generator().manual_seed(C)
     x = torch.randn(4, C, 17, 15, generator=gen).to(device).requires_grad_(True)
     g = torch.randn(4, C, 17, 15, generator=gen).to(device)
-    names = ["x", "bias", "log_scale", *(f"permute.{n}" for n, _ in permute.named_parameters())]
-    leaves = [x, actnorm.bias, actnorm.log_scale, *permute.parameters()]
-    an64, pm64 = copy.deepcopy(actnorm).double(), copy.deepcopy(permute).double()
-    x64 = x.detach().double().requires_grad_(True)
-    leaves64 = [x64, an64.bias, an64.log_scale, *pm64.parameters()]
-    y64 = reference(an64, pm64, x64)
-    u64 = (x64 + an64.bias.view(1, -1, 1, 1)) * an64.log_scale.exp().view(1, -1, 1, 1)
-    y_split = TF32x3Conv1x1.apply(u64, pm64.weight_matrix())
+    names, leaves, leaves64, y64, u64, w64 = _float64_twins(actnorm, permute, x)
+    y_split = TF32x3Conv1x1.apply(u64, w64)
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -279,15 +285,8 @@ def test_tf32_flash_rule(C, perm):
     actnorm, permute = make_layers(C, perm, "cuda")
     x = torch.randn(4, C, 33, 31, device="cuda", requires_grad=True)
     g = torch.randn(4, C, 33, 31, device="cuda")
-    names = ["x", "bias", "log_scale", *(f"permute.{n}" for n, _ in permute.named_parameters())]
-    leaves = [x, actnorm.bias, actnorm.log_scale, *permute.parameters()]
-    an64, pm64 = copy.deepcopy(actnorm).double(), copy.deepcopy(permute).double()
-    x64 = x.detach().double().requires_grad_(True)
-    leaves64 = [x64, an64.bias, an64.log_scale, *pm64.parameters()]
-    y64 = reference(an64, pm64, x64)
-    # the TF32 computation, in float64 from rounded operands
-    u64 = (x64 + an64.bias.view(1, -1, 1, 1)) * an64.log_scale.exp().view(1, -1, 1, 1)
-    y_tf32 = TF32Conv1x1.apply(u64, pm64.weight_matrix())
+    names, leaves, leaves64, y64, u64, w64 = _float64_twins(actnorm, permute, x)
+    y_tf32 = TF32Conv1x1.apply(u64, w64)  # the TF32 computation, in float64 from rounded operands
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True
     try:
