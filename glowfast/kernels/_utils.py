@@ -166,16 +166,17 @@ def overridden_num_warps() -> int | None:
     return _launch_override["num_warps"]
 
 
-# GPU launch configuration per kernel family and padded channel count: cp -> (BLOCK_P, num_warps).
-# Each entry is a large tile that compiles for sm_90 with no register spills at the default tf32 precision
-# under Triton 3.6 (the GPU machine's), 3.8 and 3.9: a spill sends tile data through local memory on every
-# pixel tile of these bandwidth-bound kernels. Entries at the edge (255 registers under one version) were
-# halved, since another version's ptxas spilled them. The backward kernels keep ~10 tiles live (inputs, h,
-# the dot operands and their gradients), hence their small tiles. Chosen from the compiled cubins' resource
-# usage (2026-11-25, no GPU yet; table in benchmarks/RESULTS.md); tests/test_triton_compile_sm90.py keeps
-# every entry spill-free, and `python -m glowfast.kernels.tune` times each entry against larger and smaller
-# tiles on a GPU. The previous rule (~8K elements per tile, 4 warps below cp 64) spilled in at least 8 of
-# the 12 backward/cross-step configurations, the cross-step backward at cp 16 by 10 KB per thread.
+# GPU launch configuration per kernel family and padded channel count: cp -> (BLOCK_P, num_warps), for the no-dot
+# coupling kernels and the opt-in plain "tf32" dots (the default 3xTF32 dots use GPU_TILES_TF32X3 below, exact fp32
+# GPU_TILES_IEEE, where they have an entry). Each entry is a large tile that compiles for sm_90 with no register spills
+# at its precision under Triton 3.6 (the GPU machine's), 3.8 and 3.9: a spill sends tile data through local memory on
+# every pixel tile of these bandwidth-bound kernels. Entries at the edge (255 registers under one version) were halved,
+# since another version's ptxas spilled them. The backward kernels keep ~10 tiles live (inputs, h, the dot operands and
+# their gradients), hence their small tiles. Chosen from the compiled cubins' resource usage (2026-11-25, no GPU yet;
+# table in benchmarks/RESULTS.md); tests/test_triton_compile_sm90.py keeps every entry spill-free, and `python -m
+# glowfast.kernels.tune` times each entry against larger and smaller tiles on a GPU. The previous rule (~8K elements per
+# tile, 4 warps below cp 64) spilled in at least 8 of the 12 backward/cross-step configurations, the cross-step backward
+# at cp 16 by 10 KB per thread.
 GPU_TILES: dict[str, dict[int, tuple[int, int]]] = {
     # actnorm_invconv forward and inverse, step inverse
     "fwd": {16: (256, 4), 32: (256, 8), 64: (128, 8), 128: (64, 8)},
