@@ -6,7 +6,7 @@ fused/compiled. Group names: `<op>/<fwd|fwdbwd>/B<batch>_C<channels>_<H>x<W>`; v
 `reference` and `compiled` here, except in two groups that hold their own fast variants: `step_params/*` (the
 parameter-side ops of all 96 CIFAR-10 steps; `fused` = glowfast.fused.level_weights) and `coupling_net/*` (one
 coupling network; `fused` / `fused_bf16` = channels_last with the 1x1 as a GEMM, `gemm` / `gemm_bf16` = every
-conv as a GEMM over pixels).
+conv as a GEMM over pixels, `triton` = glowfast's Triton network).
 
 Ops (CIFAR-10 Glow shapes: the three levels after squeezing, 12x16x16, 24x8x8, 48x4x4)
 - actnorm_invconv: ActNorm2d -> InvConv1x1 (the reference layers' code) at the kernels' function boundary:
@@ -187,7 +187,7 @@ def test_step_params(cuda_timer, variant, device, mode):
 NET_SHAPES = [pytest.param((b, *s), id=f"B{b}_C{s[0]}_{s[1]}x{s[2]}") for b in (64, 256) for s in LEVEL_SHAPES]
 
 
-@pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "gemm", "gemm_bf16", "compiled"])
+@pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "gemm", "gemm_bf16", "triton", "compiled"])
 @pytest.mark.parametrize("shape", NET_SHAPES)
 @pytest.mark.skipif(not HAS_CUDA, reason="hidden-512 coupling networks: CUDA only (seconds per call on a CPU)")
 def test_coupling_network(cuda_timer, shape, variant):
@@ -195,9 +195,15 @@ def test_coupling_network(cuda_timer, shape, variant):
     CIFAR-10 level's shape: reference = the NCHW module (cuDNN); fused = glowfast's channels_last path with the
     1x1 conv as one GEMM (`--channels-last`, glowfast.amp.nhwc_network_forward); fused_bf16 = that under bf16
     autocast (`--amp bf16`); gemm / gemm_bf16 = every conv as a GEMM over pixels (`--gemm-networks`,
-    glowfast.amp.gemm_network_forward); compiled = torch.compile of the NCHW module. Input and output stay
-    NCHW, as the flow hands them over."""
-    from glowfast.amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
+    glowfast.amp.gemm_network_forward); triton = glowfast's Triton network (`--triton-networks`,
+    glowfast.kernels.coupling_net: thin 3x3 convs as fused implicit-GEMM kernels, fp32/TF32); compiled =
+    torch.compile of the NCHW module. Input and output stay NCHW, as the flow hands them over."""
+    from glowfast.amp import (
+        enable_bf16_networks,
+        enable_channels_last_networks,
+        enable_gemm_networks,
+        enable_triton_networks,
+    )
     from glowfast.reference.coupling import CouplingNetwork
 
     b, c, h, w = shape
@@ -212,6 +218,10 @@ def test_coupling_network(cuda_timer, shape, variant):
         enable_channels_last_networks(holder)
     if variant in ("gemm", "gemm_bf16"):
         enable_gemm_networks(holder)
+    if variant == "triton":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("the Triton network is timed compiled, not under the interpreter")
+        enable_triton_networks(holder)
     if variant.endswith("_bf16"):
         enable_bf16_networks(holder)
     net = holder.net

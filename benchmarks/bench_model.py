@@ -14,6 +14,8 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
              the networks' outputs (the flow and the log-determinants stay fp32).
 - graphed_gemm / graphed_bf16_gemm: `graphed` with the coupling networks' convolutions as GEMMs over pixels
              (`--gemm-networks`; fp32, or bf16 autocast) instead of cuDNN.
+- graphed_triton: `graphed` with glowfast's Triton coupling networks (`--triton-networks`: each thin 3x3 conv
+             one fused implicit-GEMM kernel, fp32 with TF32 dots; glowfast.kernels.coupling_net).
 - compiled:  `torch.compile(Glow(..., backend="reference"))` (default mode; the optimiser step stays eager).
              Its compile time (the first step of a fresh compile: dynamo reset, empty inductor/Triton cache
              dirs unless GLOWFAST_BENCH_COLD_COMPILE=0) is its own benchmark (group `compile/train_step/...`)
@@ -69,8 +71,8 @@ SAMPLE_CASES = [
     pytest.param("mnist_K16", "cuda", id="cuda-mnist_K16", marks=CUDA_ONLY),
     pytest.param("mnist_K32", "cuda", id="cuda-mnist_K32", marks=CUDA_ONLY),
 ]
-VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_gemm", "graphed_bf16_nhwc", "graphed_bf16_gemm",
-            "compiled", "peer"]
+VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_gemm", "graphed_triton", "graphed_bf16_nhwc",
+            "graphed_bf16_gemm", "compiled", "peer"]
 N_SAMPLES = 64
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
 ROUNDS = {"cpu": 5, "cuda": 10}
@@ -270,8 +272,15 @@ def test_train_step(cuda_timer, config_name, batch, device, variant):
             pytest.skip("CUDA graphs: CUDA only")
         _check_fused(cuda_timer, device)
         model = _glow(cfg, "fused", device)
-        from glowfast.amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
+        from glowfast.amp import (
+            enable_bf16_networks,
+            enable_channels_last_networks,
+            enable_gemm_networks,
+            enable_triton_networks,
+        )
 
+        if variant.endswith("triton"):
+            enable_triton_networks(model)
         if "bf16" in variant:
             enable_bf16_networks(model)
         if variant.endswith("nhwc"):

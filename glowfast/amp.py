@@ -19,6 +19,13 @@ gemm (``--gemm-networks``): every convolution of the networks as one GEMM over t
 (`gemm_network_forward`: im2col for the thin-input 3x3, a GEMM + col2im for the thin-output 3x3), instead of
 cuDNN, which runs these thin convolutions far below the GPU's matmul rate. Exclusive with channels_last.
 
+triton (``--triton-networks``): the whole network by glowfast's Triton kernels (`glowfast.kernels.coupling_net`):
+each thin 3x3 convolution one implicit-GEMM pass with its bias/scale/ReLU fused, the 1x1 a cuBLAS GEMM, hidden
+activations as pixel rows; forward and backward. fp32 only (exclusive with bf16 and with the two layouts above). It
+acts where the kernels run (fp32 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); elsewhere, and while
+torch.compile traces, the network runs as the plain module (the same function), so a model trained with it loads
+and evaluates anywhere.
+
 Precision: the GEMMs of both layouts run at the precision of the convolutions they replace (TF32 iff cuDNN's
 convolutions would use it, the rule the fused kernels' dots follow), forward and backward, whatever cuBLAS's own
 setting (`conv_precision_linear`); PyTorch defaults cuBLAS to full fp32, which would make the "fast" layouts
@@ -34,13 +41,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 from torch import nn
 
 from .reference.coupling import CouplingNetwork
 
-_OPTIONS = "_glowfast_net_options"  # per network: {"bf16": bool, "channels_last": bool, "gemm": bool}
+_OPTIONS = "_glowfast_net_options"  # per network: {"bf16": bool, "channels_last": bool, "gemm": bool, "triton": bool}
+_LAYOUTS = ("channels_last", "gemm", "triton")  # at most one of these per network
 
 
 def coupling_networks(model: nn.Module) -> list[nn.Module]:
@@ -134,7 +143,12 @@ def _is_standard_network(net: CouplingNetwork) -> bool:
     c1, c2, c3 = net.conv1, net.conv2, net.conv3.conv
     return (c1.kernel_size == (3, 3) and c1.padding == (1, 1) and c2.kernel_size == (1, 1)
             and c3.kernel_size == (3, 3) and c3.padding == (1, 1)
+            and c2.padding == (0, 0)
             and all(c.stride == (1, 1) and c.dilation == (1, 1) and c.groups == 1 for c in (c1, c2, c3)))
+
+
+def _has_biases(net: CouplingNetwork) -> bool:
+    return all(c.bias is not None for c in (net.conv1, net.conv2, net.conv3.conv))
 
 
 def gemm_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
@@ -161,11 +175,31 @@ def gemm_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
     return y * torch.exp(net.conv3.logs * net.conv3.logscale_factor).view(1, -1, 1, 1)
 
 
+def _triton_network_runs(x: torch.Tensor) -> bool:
+    """Whether the Triton network's kernels run on x: fp32 CUDA tensors, or fp32 CPU tensors under the interpreter
+    (read from the environment, so a CPU-only process never imports Triton here)."""
+    if x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def triton_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
+    """`CouplingNetwork.forward` by the Triton network (glowfast.kernels.coupling_net) where its kernels run
+    (`_triton_network_runs`); elsewhere the module's own forward, the same function."""
+    if not _triton_network_runs(x):
+        return type(net).forward(net, x)
+    from .kernels.coupling_net import apply_coupling_network  # here: Triton loads only with the fast paths
+
+    return apply_coupling_network(net, x)
+
+
 def _forward_with_options(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Installed as the network's `forward`, as `functools.partial(_forward_with_options, net)`: copy.deepcopy
     rebinds it to the copy, and pickle (torch.save of a whole model) can store it (a bound MethodType would be
     looked up by name on load, where the network has no such attribute)."""
     opts = getattr(net, _OPTIONS)
+    if opts["triton"]:
+        return triton_network_forward(net, x)
     if opts["gemm"]:
         forward = gemm_network_forward
     else:
@@ -186,20 +220,28 @@ def _set_option(model: nn.Module, name: str, value: bool) -> int:
     """Set one option on every coupling network of `model`; returns how many networks changed."""
     n = 0
     nets = coupling_networks(model)
-    if value and name in ("gemm", "channels_last"):
-        other = "channels_last" if name == "gemm" else "gemm"
-        if any(getattr(net, _OPTIONS, {}).get(other) for net in nets):
-            raise ValueError(f"the coupling networks already run with {other}; {name} and {other} are two "
-                             "different layouts, enable one of them")
-        if name == "gemm" and not all(_is_standard_network(net) for net in nets):
-            raise ValueError("gemm networks need the standard coupling network (3x3 pad 1, 1x1, 3x3 pad 1, "
+    if value and name in _LAYOUTS:
+        for other in _LAYOUTS:
+            if other != name and any(getattr(net, _OPTIONS, {}).get(other) for net in nets):
+                raise ValueError(f"the coupling networks already run with {other}; {name} and {other} are two "
+                                 "different layouts, enable one of them")
+        if name in ("gemm", "triton") and not all(_is_standard_network(net) for net in nets):
+            raise ValueError(f"{name} networks need the standard coupling network (3x3 pad 1, 1x1, 3x3 pad 1, "
                              "stride 1)")
+        if name == "triton" and not all(_has_biases(net) for net in nets):
+            raise ValueError("triton networks need the standard coupling network (3x3 pad 1, 1x1, 3x3 pad 1, "
+                             "stride 1, with biases)")
+    if value and name in ("bf16", "triton"):
+        other = "triton" if name == "bf16" else "bf16"
+        if any(getattr(net, _OPTIONS, {}).get(other) for net in nets):
+            raise ValueError("the Triton coupling network computes in fp32: bf16 networks (--amp bf16) and "
+                             "--triton-networks do not combine")
     for net in nets:
         opts = getattr(net, _OPTIONS, None)
         if bool(opts and opts[name]) == value:
             continue
         if opts is None:
-            opts = {"bf16": False, "channels_last": False, "gemm": False}
+            opts = {"bf16": False, "channels_last": False, "gemm": False, "triton": False}
             setattr(net, _OPTIONS, opts)
             net.forward = functools.partial(_forward_with_options, net)
         opts[name] = value
@@ -262,3 +304,31 @@ def disable_gemm_networks(model: nn.Module) -> int:
 
 def gemm_networks_enabled(model: nn.Module) -> bool:
     return _all_set(model, "gemm")
+
+
+def enable_triton_networks(model: nn.Module) -> int:
+    """Run every coupling network of ``model`` by glowfast's Triton kernels (`triton_network_forward`) where they
+    run; returns how many networks were changed. Idempotent. fp32: exclusive with bf16 networks and with the
+    channels_last and gemm layouts."""
+    return _set_option(model, "triton", True)
+
+
+def disable_triton_networks(model: nn.Module) -> int:
+    return _set_option(model, "triton", False)
+
+
+def triton_networks_enabled(model: nn.Module) -> bool:
+    return _all_set(model, "triton")
+
+
+def apply_network_options(model: nn.Module, config: dict) -> None:
+    """The coupling networks' precision and layout options of a run's config (``amp``, ``channels_last``,
+    ``gemm_networks``, ``triton_networks``), as training, sampling and evaluation apply them."""
+    if config.get("amp", "none") == "bf16":
+        enable_bf16_networks(model)
+    if config.get("channels_last"):
+        enable_channels_last_networks(model)
+    if config.get("gemm_networks"):
+        enable_gemm_networks(model)
+    if config.get("triton_networks"):
+        enable_triton_networks(model)

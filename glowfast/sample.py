@@ -86,14 +86,9 @@ def load_model(state: dict, device: torch.device, backend: str = "auto", raw_wei
         use_checkpoint_average(model, state)
     config = training_options(state)
     model.to(device)
-    from .amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
+    from .amp import apply_network_options
 
-    if config.get("amp", "none") == "bf16":  # the networks run as they were trained
-        enable_bf16_networks(model)
-    if config.get("channels_last"):
-        enable_channels_last_networks(model)
-    if config.get("gemm_networks"):
-        enable_gemm_networks(model)
+    apply_network_options(model, config)  # the networks run as they were trained
     return model.eval()
 
 
@@ -106,8 +101,8 @@ def load_glow(source: str | os.PathLike, device: str | torch.device = "cpu", bac
     glowfast.experiments' ``--cache``. The model is rebuilt from the checkpoint's config on `device`, in eval mode,
     with the weights the run evaluated with -- the moving average when the run kept one (``--ema-decay``), unless
     `raw_weights` -- and with its coupling networks' precision and layout options (``--amp``, ``--channels-last``,
-    ``--gemm-networks``). `backend`: "auto" (the fused kernels on CUDA where they run, else the reference layers),
-    "fused" or "reference".
+    ``--gemm-networks``, ``--triton-networks``). `backend`: "auto" (the fused kernels on CUDA where they run, else
+    the reference layers), "fused" or "reference".
 
     Raises CheckpointError (a RuntimeError) when no checkpoint loads, ValueError for a checkpoint without a model
     config or a backend that cannot run on `device`, RuntimeError for a device this machine lacks.

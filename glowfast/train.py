@@ -39,7 +39,8 @@ OPTIMIZERS = ("adamax", "adam")
 # options that may be changed when resuming a run; everything else comes from the run's config.json
 RESUMABLE_OVERRIDES = ("steps", "epochs", "eval_interval", "ckpt_interval", "log_interval", "device", "backend",
                        "max_nonfinite", "progress", "num_workers", "eval_batch_size", "data_dir", "threads",
-                       "cuda_graphs", "channels_last", "memory_saving", "gemm_networks", "precompile")
+                       "cuda_graphs", "channels_last", "memory_saving", "gemm_networks", "triton_networks",
+                       "precompile")
 
 DEFAULTS_NOTE = "defaults: a small digits model that trains in a few minutes on 2 CPU cores"
 
@@ -159,6 +160,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add(g, "--gemm-networks", action=argparse.BooleanOptionalAction, default=False,
         help="run the coupling networks' convolutions as GEMMs over the pixels (im2col / col2im for the thin "
              "3x3s) instead of cuDNN; the same function; exclusive with --channels-last")
+    add(g, "--triton-networks", action=argparse.BooleanOptionalAction, default=False,
+        help="run the coupling networks by glowfast's Triton kernels (each thin 3x3 conv one fused pass, the 1x1 a "
+             "cuBLAS GEMM) instead of cuDNN, where they run (fp32 on CUDA); the same function; exclusive with "
+             "--channels-last, --gemm-networks and --amp bf16")
     add(g, "--amp", choices=("none", "bf16"), default="none",
         help="bf16: coupling networks under bf16 autocast; flow, log-determinants and loss stay fp32")
     add(g, "--threads", type=int, default=1,
@@ -269,8 +274,12 @@ def validate(cfg: dict) -> None:
     bad = [t for t in cfg.get("temperatures") or () if not is_temperature(t)]
     if bad:  # else the first evaluation's sample grids would fail, hundreds of steps in
         raise ValueError(f"--temperatures must be finite and >= 0, got {bad[0]}")
-    if cfg.get("channels_last") and cfg.get("gemm_networks"):
-        raise ValueError("--channels-last and --gemm-networks are two different network layouts; choose one")
+    layouts = [f"--{k.replace('_', '-')}" for k in ("channels_last", "gemm_networks", "triton_networks") if cfg.get(k)]
+    if len(layouts) > 1:
+        raise ValueError(f"{' and '.join(layouts)} are different network layouts; choose one")
+    if cfg.get("triton_networks") and cfg.get("amp") == "bf16":
+        raise ValueError("--triton-networks computes the coupling networks in fp32; it does not combine with "
+                         "--amp bf16")
 
 
 def _one_line(e: BaseException) -> str:

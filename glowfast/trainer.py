@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .amp import enable_bf16_networks, enable_channels_last_networks, enable_gemm_networks
+from .amp import apply_network_options
 from .checkpoint import (
     LAST,
     PREV,
@@ -198,12 +198,7 @@ class Trainer:
         # Same model initialisation on every rank, then per-rank RNG streams for the dequantisation noise.
         torch.manual_seed(cfg["seed"])
         self.model = build_model(cfg, self.image_shape, self.n_classes).to(device)
-        if cfg["amp"] == "bf16":
-            enable_bf16_networks(self.model)
-        if cfg.get("channels_last"):
-            enable_channels_last_networks(self.model)
-        if cfg.get("gemm_networks"):
-            enable_gemm_networks(self.model)
+        apply_network_options(self.model, cfg)
         self.model.memory_saving = bool(cfg.get("memory_saving"))
 
         per_rank = len(train_set) // self.dist.world_size

@@ -116,3 +116,28 @@ _N_CUDA = torch.cuda.device_count() if torch.cuda.is_available() else 0
 BEYOND = f"cuda:{_N_CUDA}"
 BEYOND_MESSAGE = (f"{BEYOND} does not exist: this machine has {_N_CUDA} CUDA device{'' if _N_CUDA == 1 else 's'} "
                   f"(cuda:0 to cuda:{_N_CUDA - 1})" if _N_CUDA else "CUDA is not available on this machine")
+
+
+def assert_option_keeps_the_fused_model(device, enable):
+    """Enable a network option on a fused Glow: same log-likelihood and every gradient as before. Returns it."""
+    from glowfast import Glow
+    from glowfast.amp import coupling_networks
+
+    from tolerances import assert_exact
+
+    torch.manual_seed(0)
+    m = Glow((1, 8, 8), K=2, L=2, hidden_channels=16, backend="fused").to(device)
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, device=device)
+    m(x)  # ActNorm init
+    with torch.no_grad():
+        for net in coupling_networks(m):
+            net.conv3.conv.weight.normal_(0, 0.05)
+    params = list(m.parameters())
+    ref = m(x, dequantize=False).log_prob
+    expected = torch.autograd.grad(ref.sum(), params)
+    assert enable(m) == 4
+    out = m(x, dequantize=False).log_prob
+    assert_exact(out, ref, "logdet", "log p")
+    for (name, _), a, e in zip(m.named_parameters(), torch.autograd.grad(out.sum(), params), expected, strict=True):
+        assert_exact(a, e, "grad", name)
+    return m

@@ -21,7 +21,7 @@ from glowfast.amp import (
 )
 
 from conftest import cuda_devices
-from helpers import OpLog
+from helpers import OpLog, assert_option_keeps_the_fused_model
 from tolerances import assert_exact
 
 
@@ -229,35 +229,15 @@ def test_bf16_gemm_networks_run_in_bf16_and_keep_the_flow_fp32():
                for p in m.parameters())
 
 
-def _assert_option_keeps_the_fused_model(device, enable):
-    """Enable a network option on a fused Glow: same log-likelihood and every gradient as before. Returns it."""
-    torch.manual_seed(0)
-    m = Glow((1, 8, 8), K=2, L=2, hidden_channels=16, backend="fused").to(device)
-    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, device=device)
-    m(x)  # ActNorm init
-    with torch.no_grad():
-        for net in coupling_networks(m):
-            net.conv3.conv.weight.normal_(0, 0.05)
-    params = list(m.parameters())
-    ref = m(x, dequantize=False).log_prob
-    expected = torch.autograd.grad(ref.sum(), params)
-    assert enable(m) == 4
-    out = m(x, dequantize=False).log_prob
-    assert_exact(out, ref, "logdet", "log p")
-    for (name, _), a, e in zip(m.named_parameters(), torch.autograd.grad(out.sum(), params), expected, strict=True):
-        assert_exact(a, e, "grad", name)
-    return m
-
-
 def test_fused_backend_with_channels_last_networks(kernel_device):
     """The fused kernels read the NHWC networks' outputs (handed back as NCHW): same likelihood and gradients."""
-    _assert_option_keeps_the_fused_model(kernel_device, enable_channels_last_networks)
+    assert_option_keeps_the_fused_model(kernel_device, enable_channels_last_networks)
 
 
 def test_gemm_networks_in_the_model_and_their_errors(kernel_device):
     """--gemm-networks: same likelihood and gradients as cuDNN's convolutions, on the fused backend too; it and
     channels_last exclude each other with a clear error; a non-standard network is refused."""
-    m = _assert_option_keeps_the_fused_model(kernel_device, enable_gemm_networks)
+    m = assert_option_keeps_the_fused_model(kernel_device, enable_gemm_networks)
     assert gemm_networks_enabled(m)
     with pytest.raises(ValueError, match="enable one of them"):
         enable_channels_last_networks(m)

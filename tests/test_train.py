@@ -326,6 +326,23 @@ def test_gemm_networks_option(tmp_path, capsys):
     assert "choose one" in capsys.readouterr().err
 
 
+def test_triton_networks_option(tmp_path, capsys):
+    """--triton-networks trains (the interpreter runs the kernels on CPU here), is kept in the checkpoint's config
+    so the model reloads with it, and refuses the other network layouts and bf16."""
+    from glowfast.amp import triton_networks_enabled
+    from glowfast.sample import load_model
+
+    run = tmp_path / "triton"
+    assert main(TINY + ["--steps", "2", "--eval-interval", "2", "--triton-networks", "--run-dir", str(run)]) == 0
+    assert triton_networks_enabled(load_model(load_checkpoint(run / "checkpoints" / LAST), torch.device("cpu"),
+                                              "reference"))
+    for other in (["--gemm-networks"], ["--channels-last"]):
+        assert main(TINY + ["--steps", "2", "--triton-networks", *other, "--run-dir", str(tmp_path / "x")]) == 2
+        assert "choose one" in capsys.readouterr().err
+    assert main(TINY + ["--steps", "2", "--triton-networks", "--amp", "bf16", "--run-dir", str(tmp_path / "y")]) == 2
+    assert "does not combine with --amp bf16" in capsys.readouterr().err
+
+
 def test_one_process_per_run_folder(tmp_path):
     """While a run trains, a second process on its folder (the same --run-dir, or --resume of it) exits 2 with a
     clear error and changes nothing; the run then completes as if alone."""

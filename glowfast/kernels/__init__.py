@@ -5,6 +5,8 @@ the same op as a torch.library custom op with a fake implementation for torch.co
 - `coupling`: affine / additive coupling given the network output h — forward (+ logdet), inverse, backward.
 - `cross_step`: step k's coupling fused with step k+1's ActNorm + 1x1 conv — forward, backward; and the fused
   inverse of one whole step.
+- `coupling_net`: the coupling network itself, its thin 3x3 convolutions as fused implicit-GEMM kernels (opt-in:
+  `--triton-networks`, glowfast.amp.enable_triton_networks) — forward, backward.
 """
 
 from ._utils import dot_precision, is_interpret, use_dot_precision
@@ -16,6 +18,7 @@ from .actnorm_invconv import (
     apply_actnorm_invconv,
 )
 from .coupling import CouplingFunction, apply_coupling, coupling_backward, coupling_forward, coupling_inverse
+from .coupling_net import CouplingNetworkFunction, apply_coupling_network
 from .cross_step import (
     CrossStepFunction,
     apply_cross_step,
@@ -32,7 +35,8 @@ if is_interpret():  # the interpreter of triton 3.6 under numpy 2.4 (see _interp
 __all__ = [
     "ActNormInvConvFunction", "apply_actnorm_invconv", "actnorm_invconv_backward", "actnorm_invconv_forward",
     "actnorm_invconv_inverse", "CouplingFunction", "apply_coupling", "coupling_backward", "coupling_forward",
-    "coupling_inverse", "CrossStepFunction", "apply_cross_step", "cross_step_backward", "cross_step_forward",
+    "coupling_inverse", "CouplingNetworkFunction", "apply_coupling_network",
+    "CrossStepFunction", "apply_cross_step", "cross_step_backward", "cross_step_forward",
     "step_inverse", "dot_precision", "is_interpret", "use_dot_precision",
 ]
 
@@ -41,5 +45,6 @@ def all_compile_specs():
     """Every kernel with representative constexprs: (kernel, constexprs, launch options) for the sm_90 check."""
     import importlib
 
-    mods = [importlib.import_module(f"{__name__}.{m}") for m in ("actnorm_invconv", "coupling", "cross_step")]
+    mods = [importlib.import_module(f"{__name__}.{m}")
+            for m in ("actnorm_invconv", "coupling", "cross_step", "coupling_net")]
     return [spec for m in mods for spec in m.compile_specs()]

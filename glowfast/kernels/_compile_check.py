@@ -26,7 +26,7 @@ import tempfile
 import time
 import traceback
 
-MODULES = ("actnorm_invconv", "coupling", "cross_step")
+MODULES = ("actnorm_invconv", "coupling", "cross_step", "coupling_net")
 # Pointers that always hold fp32 (parameters, per-sample logdet grads, reduction partials).
 _FP32_POINTERS = {"w_ptr", "w_inv_ptr", "bias_ptr", "log_scale_ptr", "dld_ptr"}
 
@@ -119,8 +119,9 @@ def main(argv: list[str]) -> int:
     for mod_name in argv or MODULES:
         mod = importlib.import_module(f"glowfast.kernels.{mod_name}")
         for kernel, constexprs, options, data_type in mod.compile_specs():
+            production = getattr(mod, "is_production_spec", is_production)  # coupling_net has its own tiles
             rec = dict(module=mod_name, kernel=kernel.__name__, constexprs=constexprs, data=data_type,
-                       options=options, production=is_production(kernel.__name__, constexprs, options, data_type))
+                       options=options, production=production(kernel.__name__, constexprs, options, data_type))
             t0 = time.perf_counter()
             try:
                 out = compile_one(kernel, constexprs, options, data_type)

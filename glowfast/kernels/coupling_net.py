@@ -1,0 +1,455 @@
+"""The coupling network (conv3x3 -> ReLU -> conv1x1 -> ReLU -> ZeroConv2d) with its thin 3x3 convolutions in Triton.
+
+Why: a Glow's coupling networks are most of a fused training step (benchmarks/RESULTS.md), and their two 3x3
+convolutions are *thin* — few input channels (conv1: C_a -> 512) or few output channels (conv3: 512 -> 2 C_b) —
+shapes on which cuDNN runs at 14-37 TFLOP/s on an H100 (shared/TOOLCHAIN.md: 460-800 us forward + backward per
+layer at batch 256, 16x16), while the memory they must move takes ~30-60 us. Here each is one implicit-GEMM pass:
+a program owns BLOCK_M pixels x BLOCK_N output channels and accumulates the 9 taps x C_in products with tl.dot,
+gathering the shifted input pixels itself (zero padding by masks), with bias, scale, ReLU or the ReLU-backward
+mask applied before the single store. The 1x1 convolution stays a cuBLAS GEMM over the pixel rows.
+
+Layouts: the network's input x_a (a channel slice of the flow's NCHW z, no copy) and output h (NCHW, what the
+coupling kernel reads) are NCHW; the hidden activations (B*H*W, 512) are pixel rows (NHWC), the layout of the
+GEMM and of coalesced channel loads. Every kernel takes (batch, channel, pixel) strides, so one kernel serves
+both layouts.
+
+Kernels (all 3x3, stride 1, zero padding 1):
+- `_conv3x3_kernel`: out[p, o] = epilogue(sum_{tap, c} in[p + d_tap, c] * w[tap, c, o]). The forward of conv1
+  (bias + ReLU) and conv3 (bias, then scale exp(logscale_factor * logs)), and the input gradients of both
+  (a 3x3 conv with the kernel flipped and transposed; for conv3 the epilogue applies ReLU's backward mask).
+- `_conv3x3_wgrad_kernel`: partial[g, tap, c, o] = sum over pixel tiles g, g + G, ... of
+  in[p + d_tap, c] * dout[p, o]; torch sums the G partials (deterministic, no atomics).
+
+Precision: the dots follow the convolutions they replace — TF32 (operands rounded to TF32, as cuDNN/cuBLAS round)
+when cuDNN may use TF32 for convolutions (PyTorch's default on a GPU), exact fp32 otherwise and for CPU tensors
+(the interpreter); the 1x1 GEMM likewise. The network only computes the coupling's shift and scale: whatever its
+rounding, the flow stays exactly invertible (the inverse runs the same kernels on the same input) and its
+log-determinant exact. fp32 activations only (bf16 networks keep cuDNN, `--amp bf16`).
+
+Public API
+- `coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor)` -> (h, h1, h2)
+- `coupling_network_backward(x, h1, h2, out, grad_out, w1, w2, w3, logs, logscale_factor)` -> grads of
+  (x, w1, b1, w2, b2, w3, b3, logs)
+- `CouplingNetworkFunction` / `apply_coupling_network(net, x)`: autograd for a
+  `glowfast.reference.coupling.CouplingNetwork` (saves x, h1, h2 and the output).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    MAX_BATCH,
+    cdiv,
+    check_device,
+    conv_allows_tf32,
+    is_interpret,
+    next_power_of_2,
+    on_device_of,
+    reduction_programs,
+    refuse_double_backward,
+)
+from .actnorm_invconv import conv_dot
+from .precompile import launch
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pixel_coords(m, HW, W):
+    """(sample, pixel within the sample, row, column) of flattened pixel indices m = b * HW + y * W + x."""
+    b = m // HW
+    p = m % HW
+    return b, p, p // W, p % W
+
+
+@triton.jit
+def _conv3x3_kernel(
+    in_ptr, w_ptr, bias_ptr, scale_ptr, mask_ptr, out_ptr,
+    M, H, W, CIN, COUT,
+    s_ib, s_ic, s_ip, s_ob, s_oc, s_op,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    HW = H * W
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    n_ok = n < COUT
+    b, p, y, x = _pixel_coords(m, HW, W)
+    in_base = b * s_ib
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_k = tl.cdiv(CIN, BLOCK_K)
+    # one flat loop over (tap, K step), not 9 unrolled copies of the K loop: the unrolled form kept several taps'
+    # gather addresses live and spilled registers at every tile tried on sm_90
+    for it in range(0, 9 * n_k):
+        tap = it // n_k
+        k = (it % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+        yy = y + (tap // 3 - 1)
+        xx = x + (tap % 3 - 1)
+        ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        row = in_base + (yy * W + xx) * s_ip
+        k_ok = k < CIN
+        a = tl.load(in_ptr + row[:, None] + k[None, :] * s_ic, mask=ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + (tap * CIN + k)[:, None] * COUT + n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc = conv_dot(a, w, acc, PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out_offs = (b * s_ob + p * s_op)[:, None] + n[None, :] * s_oc
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if MASK:  # ReLU's backward: keep the gradient where the ReLU's output (same layout as out) is positive
+        keep = tl.load(mask_ptr + out_offs, mask=out_mask, other=0.0) > 0
+        acc = tl.where(keep, acc, 0.0)
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _conv3x3_wgrad_kernel(
+    in_ptr, dout_ptr, part_ptr,
+    M, H, W, CIN, COUT, n_mtiles, G,
+    s_ib, s_ic, s_ip, s_db, s_dc, s_dp,
+    BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, PREC: tl.constexpr,
+):
+    n_co = tl.cdiv(COUT, BLOCK_CO)
+    tile = tl.program_id(0)
+    tap = tl.program_id(1)
+    g = tl.program_id(2)
+    ci = (tile // n_co) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    co = (tile % n_co) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci_ok = ci < CIN
+    co_ok = co < COUT
+    dy = tap // 3 - 1
+    dx = tap % 3 - 1
+    HW = H * W
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    for mt in range(g, n_mtiles, G):
+        m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        b, p, y, x = _pixel_coords(m, HW, W)
+        yy = y + dy
+        xx = x + dx
+        ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        src = b * s_ib + (yy * W + xx) * s_ip
+        a = tl.load(in_ptr + src[None, :] + ci[:, None] * s_ic, mask=ci_ok[:, None] & ok[None, :],
+                    other=0.0).to(tl.float32)
+        dst = b * s_db + p * s_dp
+        d = tl.load(dout_ptr + dst[:, None] + co[None, :] * s_dc, mask=m_ok[:, None] & co_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc = conv_dot(a, d, acc, PREC)
+    offs = ((g * 9 + tap) * CIN + ci)[:, None] * COUT + co[None, :]
+    tl.store(part_ptr + offs, acc, mask=ci_ok[:, None] & co_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiles
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _gpu_conv_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
+    """GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_conv3x3_kernel`. Thin input (the hidden layer's 512 outputs):
+    64 pixels x 128 output channels, K steps of up to 32 input channels, 4 warps. Thin output: 128 pixels x all
+    output channels (padded to 16-128), K steps of 32, 8 warps. Chosen as the largest tiles without register
+    spills on sm_90 (Triton 3.6 and 3.8, tf32 and ieee dots; tests/test_triton_compile_sm90.py), not yet timed on
+    a GPU."""
+    if cout > 64:
+        return 64, 128, max(16, min(32, next_power_of_2(cin))), 4
+    return 128, max(16, next_power_of_2(cout)), 32, 8
+
+
+def _gpu_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
+    """GPU (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps) of `_conv3x3_wgrad_kernel`: 64 pixels per step, up to 64 input
+    channels, and 128, 64 or 32 output channels as the input side is 16, 32 or 64 wide (wider spilled: 64 x 128
+    under tf32, 64 x 64 under ieee with Triton 3.6); same criterion as _gpu_conv_tile."""
+    bci = max(16, min(64, next_power_of_2(cin)))
+    return 64, bci, max(16, min(2048 // bci, next_power_of_2(cout))), 4
+
+
+def _interpreter_tile(a: int, b: int, m: int) -> tuple[int, int, int, int]:
+    """The interpreter's cost is per program instance: as few as possible."""
+    return (max(16, min(1024, next_power_of_2(m))), max(16, min(512, next_power_of_2(a))),
+            max(16, min(512, next_power_of_2(b))), 4)
+
+
+def conv_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_conv3x3_kernel` for cin -> cout channels over m pixels."""
+    if is_interpret():
+        bm, bk, bn, nw = _interpreter_tile(cin, cout, m)
+        return bm, bn, bk, nw
+    return _gpu_conv_tile(cin, cout)
+
+
+def wgrad_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps) of `_conv3x3_wgrad_kernel`."""
+    return _interpreter_tile(cin, cout, m) if is_interpret() else _gpu_wgrad_tile(cin, cout)
+
+
+def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_type: str) -> bool:
+    """True for a GPU tile the wrappers launch (the compile check requires those spill-free)."""
+    if data_type != "*fp32":
+        return False
+    if kernel_name == "_conv3x3_kernel":
+        tiles = {_gpu_conv_tile(cin, cout) for cin, cout in _network_shapes()}
+        tile = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], options["num_warps"])
+    else:
+        tiles = {_gpu_wgrad_tile(cin, cout) for cin, cout in _network_shapes()}
+        tile = (constexprs["BLOCK_M"], constexprs["BLOCK_CI"], constexprs["BLOCK_CO"], options["num_warps"])
+    return tile in tiles
+
+
+def network_precision(device: torch.device) -> str:
+    """The dots' precision: "tf32" where a convolution on `device` would use TF32 (cuDNN's flag), else "ieee"."""
+    return "tf32" if device.type == "cuda" and conv_allows_tf32(device) else "ieee"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch wrappers
+# ----------------------------------------------------------------------------------------------------------
+
+# (batch, channel, pixel) strides of the two layouts
+def _nchw_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of an NCHW tensor whose pixels are contiguous per channel (a channel slice of a contiguous tensor
+    qualifies, so the network reads z_a in place)."""
+    _, _, h, w = t.shape
+    if t.stride(3) != 1 or (h > 1 and t.stride(2) != w):
+        raise ValueError(f"expected an NCHW tensor with contiguous pixels, got strides {t.stride()}")
+    return t.stride(0), t.stride(1), 1
+
+
+def pixel_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself where `_nchw_strides` can read it (contiguous, or a channel slice of a contiguous tensor), else a
+    contiguous copy (channels_last, transposed pixels)."""
+    _, _, h, w = t.shape
+    return t if t.stride(3) == 1 and (h == 1 or t.stride(2) == w) else t.contiguous()
+
+
+def _rows_strides(hw: int, c: int) -> tuple[int, int, int]:
+    """Strides of pixel rows (B*H*W, c), contiguous."""
+    return hw * c, 1, c
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """(cout, cin, 3, 3) -> (9, cin, cout) contiguous: w[tap, c, o] = w[o, c, kh, kw], tap = 3 kh + kw."""
+    return w.permute(2, 3, 1, 0).reshape(9, w.shape[1], w.shape[0]).contiguous()
+
+
+def pack_weight_transposed(w: torch.Tensor) -> torch.Tensor:
+    """The packed kernel of the input gradient of a 3x3 conv with kernel w (cout, cin, 3, 3): the conv from cout to
+    cin channels with the kernel flipped, (9, cout, cin)."""
+    return w.flip(2, 3).permute(2, 3, 0, 1).reshape(9, w.shape[0], w.shape[1]).contiguous()
+
+
+def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_weight: (9, cin, cout) -> (cout, cin, 3, 3)."""
+    _, cin, cout = packed.shape
+    return packed.reshape(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous()
+
+
+def conv3x3(inp, in_strides, w_packed, out, out_strides, shape, *, bias=None, scale=None, relu=False, mask=None,
+            precision="ieee") -> torch.Tensor:
+    """out <- epilogue(3x3 conv of inp); shape = (B, H, W, cin, cout); w_packed (9, cin, cout)."""
+    B, H, W, cin, cout = shape
+    m = B * H * W
+    bm, bn, bk, nw = conv_tile(cin, cout, m)
+    dummy = w_packed  # never read: its flag is off
+    with on_device_of(out):
+        launch(_conv3x3_kernel, (cdiv(m, bm), cdiv(cout, bn)),
+               inp, w_packed, dummy if bias is None else bias, dummy if scale is None else scale,
+               dummy if mask is None else mask, out,
+               m, H, W, cin, cout, *in_strides, *out_strides,
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+               RELU=relu, MASK=mask is not None, PREC=precision, num_warps=nw, num_stages=1)
+    return out
+
+
+def conv3x3_weight_grad(inp, in_strides, dout, dout_strides, shape, *, precision="ieee") -> torch.Tensor:
+    """(9, cin, cout) fp32: sum over pixels of in[p + d_tap, c] * dout[p, o]; shape = (B, H, W, cin, cout)."""
+    B, H, W, cin, cout = shape
+    m = B * H * W
+    bm, bci, bco, nw = wgrad_tile(cin, cout, m)
+    n_mt = cdiv(m, bm)
+    tiles = cdiv(cin, bci) * cdiv(cout, bco)
+    # pixel-tile groups: ~4 programs per SM in all (reduction_programs' rule with the 9 taps x tiles as "batch")
+    G = max(1, min(n_mt, reduction_programs(9 * tiles, n_mt, dout.device)))
+    part = torch.empty((G, 9, cin, cout), device=dout.device, dtype=torch.float32)
+    with on_device_of(dout):
+        launch(_conv3x3_wgrad_kernel, (tiles, 9, G),
+               inp, dout, part, m, H, W, cin, cout, n_mt, G, *in_strides, *dout_strides,
+               BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=precision, num_warps=nw, num_stages=1)
+    return part.sum(0) if G > 1 else part[0]
+
+
+def _check_network_inputs(x, w1, b1, w2, b2, w3, b3, logs):
+    if x.dim() != 4:
+        raise ValueError(f"the coupling network's input must be NCHW (4-d), got shape {tuple(x.shape)}")
+    tensors = (x, w1, b1, w2, b2, w3, b3, logs)
+    check_device(*tensors)
+    if any(t.dtype != torch.float32 for t in tensors):
+        raise TypeError("the Triton coupling network computes in fp32: input and parameters must be float32, got "
+                        + ", ".join(sorted({str(t.dtype) for t in tensors})))
+    B, cin, H, W = x.shape
+    hidden = w1.shape[0]
+    cout = w3.shape[0]
+    expected = {"conv1.weight": (w1, (hidden, cin, 3, 3)), "conv1.bias": (b1, (hidden,)),
+                "conv2.weight": (w2, (hidden, hidden, 1, 1)), "conv2.bias": (b2, (hidden,)),
+                "conv3.weight": (w3, (cout, hidden, 3, 3)), "conv3.bias": (b3, (cout,)), "conv3.logs": (logs, (cout,))}
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape} for an input of {cin} channels")
+    if B > MAX_BATCH:
+        raise ValueError(f"the Triton coupling network takes at most {MAX_BATCH} images per call, got {B}")
+    if B * H * W * max(hidden, cin, cout) >= 2**31:
+        raise ValueError(f"{B} images of {H}x{W} pixels x {hidden} hidden channels exceed the kernels' 2^31-element "
+                         "activations: split the batch")
+
+
+def coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor: float):
+    """h = ZeroConv2d(relu(conv1x1(relu(conv3x3(x))))) for NCHW fp32 x (a channel slice is read in place).
+
+    Returns (h NCHW contiguous, h1, h2): the two ReLU outputs as (B*H*W, hidden) pixel rows, kept for backward."""
+    from ..amp import _cublas_tf32
+
+    _check_network_inputs(x, w1, b1, w2, b2, w3, b3, logs)
+    x = pixel_contiguous(x)
+    B, cin, H, W = x.shape
+    hidden, cout, hw = w1.shape[0], w3.shape[0], H * W
+    prec = network_precision(x.device)
+    rows = _rows_strides(hw, hidden)
+    h1 = torch.empty((B * hw, hidden), device=x.device, dtype=torch.float32)
+    conv3x3(x, _nchw_strides(x), pack_weight(w1), h1, rows, (B, H, W, cin, hidden), bias=b1, relu=True,
+            precision=prec)
+    with _cublas_tf32(prec == "tf32"):
+        h2 = torch.addmm(b2, h1, w2.view(hidden, hidden).t()).relu_()
+    out = torch.empty((B, cout, H, W), device=x.device, dtype=torch.float32)
+    scale = torch.exp(logs * logscale_factor)
+    conv3x3(h2, rows, pack_weight(w3), out, _nchw_strides(out), (B, H, W, hidden, cout), bias=b3, scale=scale,
+            precision=prec)
+    return out, h1, h2
+
+
+def coupling_network_backward(x, h1, h2, out, grad_out, w1, w2, w3, logs, logscale_factor: float,
+                              need_dx: bool = True):
+    """Gradients (dx or None, dw1, db1, dw2, db2, dw3, db3, dlogs) of the network given its saved activations."""
+    from ..amp import _cublas_tf32
+
+    B, cin, H, W = x.shape
+    hidden, cout, hw = w1.shape[0], w3.shape[0], H * W
+    if tuple(grad_out.shape) != (B, cout, H, W):
+        raise ValueError(f"gradient has shape {tuple(grad_out.shape)}, expected {(B, cout, H, W)}")
+    check_device(x, grad_out)
+    prec = network_precision(x.device)
+    rows = _rows_strides(hw, hidden)
+    grad_out = grad_out.contiguous().float()
+    scale = torch.exp(logs * logscale_factor)
+    # out = (conv3(h2) + b3) * scale: the conv's output gradient is grad_out * scale
+    g3 = grad_out * scale.view(1, -1, 1, 1)
+    dlogs = logscale_factor * (grad_out * out).sum((0, 2, 3))
+    db3 = g3.sum((0, 2, 3))
+    g3_strides = _nchw_strides(g3)
+    dw3 = unpack_weight(conv3x3_weight_grad(h2, rows, g3, g3_strides, (B, H, W, hidden, cout), precision=prec))
+    # through conv3 and the second ReLU: d pre-activation of h2, as pixel rows
+    d2 = torch.empty((B * hw, hidden), device=x.device, dtype=torch.float32)
+    conv3x3(g3, g3_strides, pack_weight_transposed(w3), d2, rows, (B, H, W, cout, hidden), mask=h2, precision=prec)
+    w2m = w2.view(hidden, hidden)
+    with _cublas_tf32(prec == "tf32"):
+        dw2 = torch.mm(d2.t(), h1).view_as(w2)
+        d1 = torch.mm(d2, w2m)
+    db2 = d2.sum(0)
+    d1 = torch.ops.aten.threshold_backward(d1, h1, 0)  # the first ReLU's backward, in place of a mask pass
+    db1 = d1.sum(0)
+    dw1 = unpack_weight(conv3x3_weight_grad(x, _nchw_strides(x), d1, rows, (B, H, W, cin, hidden), precision=prec))
+    dx = None
+    if need_dx:
+        dx = torch.empty((B, cin, H, W), device=x.device, dtype=torch.float32)
+        conv3x3(d1, rows, pack_weight_transposed(w1), dx, _nchw_strides(dx), (B, H, W, hidden, cin), precision=prec)
+    return dx, dw1, db1, dw2, db2, dw3, db3, dlogs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------
+
+
+class CouplingNetworkFunction(torch.autograd.Function):
+    """h = CouplingNetwork(x) with explicit parameters. Saves x, the two ReLU outputs (pixel rows) and h."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, logs, logscale_factor):
+        if x.dim() == 4:
+            x = pixel_contiguous(x)  # what the kernels read, saved for backward
+        out, h1, h2 = coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor)
+        ctx.logscale_factor = logscale_factor
+        ctx.save_for_backward(x, h1, h2, out, w1, w2, w3, logs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward("CouplingNetworkFunction")
+        x, h1, h2, out, w1, w2, w3, logs = ctx.saved_tensors
+        grads = coupling_network_backward(x, h1, h2, out, grad_out, w1, w2, w3, logs, ctx.logscale_factor,
+                                          need_dx=ctx.needs_input_grad[0])
+        return (*grads, None)
+
+
+def apply_coupling_network(net, x: torch.Tensor) -> torch.Tensor:
+    """`net(x)` for a standard `CouplingNetwork` (3x3 pad 1 with bias, 1x1 with bias, ZeroConv2d 3x3 pad 1),
+    computed by the Triton network (differentiable)."""
+    c1, c2, c3 = net.conv1, net.conv2, net.conv3
+    with torch.autocast(x.device.type if x.device.type in ("cuda", "cpu") else "cpu", enabled=False):
+        return CouplingNetworkFunction.apply(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight,
+                                             c3.conv.bias, c3.logs, float(c3.logscale_factor))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile specs
+# ----------------------------------------------------------------------------------------------------------
+
+# The thin channel counts C_a, 2 C_b of the networks of Glows with 2 to 96 channels per level (MNIST 1x32x32: 4, 8,
+# 16 channels; CIFAR-10: 12, 24, 48; a 4th level: 96), at hidden 512: each (cin, cout) pair a launch makes.
+_THIN = (1, 2, 4, 6, 8, 12, 16, 24, 48, 96)
+_HIDDEN = 512
+
+
+def _network_shapes() -> set[tuple[int, int]]:
+    """(cin, cout) of the networks' conv and wgrad launches: thin input (conv1, conv3's input gradient) and thin
+    output (conv3, conv1's input gradient), padded channel counts."""
+    thin = {max(16, next_power_of_2(c)) for c in _THIN}
+    return {(t, _HIDDEN) for t in thin} | {(_HIDDEN, t) for t in thin}
+
+
+def compile_specs():
+    """(kernel, constexprs, launch options, data pointer type): every epilogue branch at small tiles, and the GPU
+    tiles of the networks' launches (`_network_shapes`) under both dot precisions."""
+    specs = []
+    for flags in (dict(HAS_BIAS=True, HAS_SCALE=False, RELU=True, MASK=False),
+                  dict(HAS_BIAS=True, HAS_SCALE=True, RELU=False, MASK=False),
+                  dict(HAS_BIAS=False, HAS_SCALE=False, RELU=False, MASK=True),
+                  dict(HAS_BIAS=False, HAS_SCALE=False, RELU=False, MASK=False)):
+        specs.append((_conv3x3_kernel, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, PREC="ieee", **flags),
+                      dict(num_warps=4, num_stages=1), "*fp32"))
+    specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=32, BLOCK_CI=16, BLOCK_CO=16, PREC="ieee"),
+                  dict(num_warps=4, num_stages=1), "*fp32"))
+    # the heaviest epilogue of each direction at each production tile: thin input runs bias + ReLU (conv1) or the
+    # ReLU mask (conv3's input gradient), thin output bias + scale (conv3) or nothing (conv1's input gradient)
+    heavy_in = dict(HAS_BIAS=True, HAS_SCALE=False, RELU=True, MASK=True)
+    heavy_out = dict(HAS_BIAS=True, HAS_SCALE=True, RELU=False, MASK=False)
+    for prec in ("tf32", "ieee"):
+        for cin, cout in sorted(_network_shapes()):
+            bm, bn, bk, nw = _gpu_conv_tile(cin, cout)
+            flags = heavy_in if cout == _HIDDEN else heavy_out
+            specs.append((_conv3x3_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=prec, **flags),
+                          dict(num_warps=nw, num_stages=1), "*fp32"))
+            bm, bci, bco, nw = _gpu_wgrad_tile(cin, cout)
+            specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=prec),
+                          dict(num_warps=nw, num_stages=1), "*fp32"))
+    return list({repr((s[0].__name__, s[1], s[2])): s for s in specs}.values())  # shared tiles compile once

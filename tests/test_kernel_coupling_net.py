@@ -1,0 +1,186 @@
+"""The Triton coupling network (glowfast.kernels.coupling_net) vs the reference CouplingNetwork module.
+
+Forward and every gradient (input and all seven parameters) against the module's own fp32 forward/backward
+(cuDNN or the CPU's conv), EXACT tolerances (tests/tolerances.py: the interpreter, or a GPU with TF32 off); on a
+GPU also the default TF32 dots against float64 by the TF32 rule. Then the model option (--triton-networks) and
+its errors.
+"""
+
+import pytest
+import torch
+
+from glowfast import Glow
+from glowfast.amp import (
+    coupling_networks,
+    disable_triton_networks,
+    enable_bf16_networks,
+    enable_channels_last_networks,
+    enable_gemm_networks,
+    enable_triton_networks,
+    triton_networks_enabled,
+)
+from glowfast.kernels.coupling_net import (
+    apply_coupling_network,
+    coupling_network_forward,
+    pack_weight,
+    pack_weight_transposed,
+    unpack_weight,
+)
+from glowfast.reference.coupling import CouplingNetwork
+
+from conftest import kernel_devices, requires_cuda
+from helpers import assert_option_keeps_the_fused_model
+from tolerances import assert_exact, assert_grads_exact, assert_tf32
+
+# (B, C, H, W, hidden): the network of a C-channel coupling reads C_a = C // 2 channels and writes 2 C_b.
+# C from 2 to 96 (C_a 1..48, 2 C_b 2..96: one K step and several; one output tile and several), hidden not a
+# multiple of the hidden tile, odd and non-square images, 1x1 and 1xW images (every off-centre tap padding).
+SHAPES = [
+    (1, 2, 5, 7, 16),
+    (2, 3, 4, 6, 24),
+    (2, 12, 7, 9, 40),
+    (1, 48, 5, 5, 16),
+    (2, 96, 3, 7, 16),
+    (3, 4, 1, 1, 16),
+    (2, 6, 1, 5, 16),
+]
+
+
+def _net(C, hidden, device, dtype=torch.float32):
+    """A network with every parameter non-zero (ZeroConv2d starts at zero) and ReLUs that cut both ways."""
+    net = CouplingNetwork(C // 2, hidden, 2 * (C - C // 2))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    return net.to(device=device, dtype=dtype)
+
+
+def _shape_id(s):
+    return "B{}_C{}_{}x{}_h{}".format(*s)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_forward_and_all_gradients_match_the_module(shape, device, exact_precision):
+    B, C, H, W, hidden = shape
+    net = _net(C, hidden, device)
+    z = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    params = [z, *net.parameters()]
+    names = ["z", *(n for n, _ in net.named_parameters())]
+    ref = net(z[:, : C // 2])
+    g = torch.randn_like(ref)
+    expected = torch.autograd.grad(ref, params, g)
+    out = apply_coupling_network(net, z[:, : C // 2])  # a channel slice: read in place
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert_exact(out, ref, "out", "h")
+    assert_grads_exact(torch.autograd.grad(out, params, g), expected, names)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_inputs_in_any_memory_layout(device, exact_precision):
+    """A channels_last or transposed input is not a pixel-contiguous NCHW view: copied, same result."""
+    net = _net(12, 16, device)
+    x = torch.randn(2, 6, 5, 7, device=device)
+    ref = net(x)
+    for view in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        assert_exact(apply_coupling_network(net, view), ref, "out", "layout")
+
+
+def test_weight_packing_round_trips_and_transposes():
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    assert torch.equal(unpack_weight(pack_weight(w)), w)
+    # the transposed kernel, used as a forward kernel, is conv_transpose2d's kernel: the input gradient of the conv
+    x = torch.randn(2, 3, 6, 4, dtype=torch.float64)
+    gy = torch.randn(2, 5, 6, 4, dtype=torch.float64)
+    expected = torch.nn.grad.conv2d_input(x.shape, w, gy, padding=1)
+    assert torch.allclose(torch.nn.functional.conv2d(gy, unpack_weight(pack_weight_transposed(w)), padding=1),
+                          expected)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_bad_input_is_refused_with_a_clear_error(device):
+    net = _net(12, 16, device)
+    c1, c2, c3 = net.conv1, net.conv2, net.conv3
+    args = [c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight, c3.conv.bias, c3.logs, 3.0]
+    x = torch.randn(2, 6, 4, 4, device=device)
+    with pytest.raises(TypeError, match="fp32"):
+        coupling_network_forward(x.double(), *args)
+    with pytest.raises(ValueError, match="NCHW"):
+        coupling_network_forward(x[0], *args)
+    with pytest.raises(ValueError, match=r"conv1.weight has shape \(16, 6, 3, 3\), expected \(16, 5, 3, 3\)"):
+        coupling_network_forward(x[:, :5], *args)
+    with pytest.raises(TypeError, match="floating-point"):
+        coupling_network_forward(x.int(), *args)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_double_backward_is_refused(device):
+    net = _net(4, 16, device)
+    x = torch.randn(1, 2, 3, 3, device=device, requires_grad=True)
+    out = apply_coupling_network(net, x)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(8, 12, 16, 16, 512), (8, 48, 4, 4, 512)], ids=_shape_id)
+def test_tf32_dots_follow_the_tf32_rule(shape):
+    """GPU default (TF32 allowed): error vs float64 at most TF32_FACTOR x that of the module under cuDNN's TF32."""
+    B, C, H, W, hidden = shape
+    net64 = _net(C, hidden, "cuda", torch.float64)
+    net = _net(C, hidden, "cuda")
+    net.load_state_dict(net64.state_dict())
+    x64 = torch.randn(B, C // 2, H, W, device="cuda", dtype=torch.float64)
+    ref64 = net64(x64)
+    assert_tf32(apply_coupling_network(net, x64.float()), net(x64.float()), ref64, name="h")
+
+
+# ---------------------------------------------------------------------------------------------- the model option
+def test_triton_networks_keep_the_fused_model(kernel_device):
+    """--triton-networks on a fused Glow: same log-likelihood and every gradient as the module networks."""
+    m = assert_option_keeps_the_fused_model(kernel_device, enable_triton_networks)
+    assert triton_networks_enabled(m) and enable_triton_networks(m) == 0
+    assert disable_triton_networks(m) == 4 and not triton_networks_enabled(m)
+    assert all(not hasattr(n, "_glowfast_net_options") for n in coupling_networks(m))
+
+
+def test_triton_networks_run_the_kernels_only_where_they_can(kernel_device, monkeypatch):
+    """fp32 tensors where the kernels run: the Triton network; float64 (or without the interpreter on CPU): the
+    module's forward, the same function."""
+    import glowfast.kernels.coupling_net as cn
+
+    calls = []
+    real = cn.CouplingNetworkFunction.apply
+    monkeypatch.setattr(cn.CouplingNetworkFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    m = Glow((1, 8, 8), K=1, L=1, hidden_channels=16, backend="reference")
+    x = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    m(x)
+    enable_triton_networks(m)
+    m(x)
+    assert len(calls) == 1  # one network, run by the kernels
+    m.double()(x)
+    assert len(calls) == 1  # float64: the module's forward
+    if kernel_device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU process without the interpreter
+        m.float()(x)
+        assert len(calls) == 1
+
+
+def test_triton_networks_exclude_other_layouts_and_bf16(kernel_device):
+    m = Glow((1, 8, 8), K=1, L=2, hidden_channels=16, backend="reference")
+    enable_triton_networks(m)
+    for enable in (enable_channels_last_networks, enable_gemm_networks):
+        with pytest.raises(ValueError, match="enable one of them"):
+            enable(m)
+    with pytest.raises(ValueError, match="computes in fp32"):
+        enable_bf16_networks(m)
+    disable_triton_networks(m)
+    enable_bf16_networks(m)
+    with pytest.raises(ValueError, match="computes in fp32"):
+        enable_triton_networks(m)
+    m2 = Glow((1, 8, 8), K=1, L=1, hidden_channels=16, backend="reference")
+    coupling_networks(m2)[0].conv2 = torch.nn.Conv2d(16, 16, 1, bias=False)
+    with pytest.raises(ValueError, match="with biases"):
+        enable_triton_networks(m2)
+    assert not any(hasattr(n, "_glowfast_net_options") for n in coupling_networks(m2))
