@@ -71,7 +71,9 @@ SAMPLE_CASES = [
     pytest.param("mnist_K16", "cuda", id="cuda-mnist_K16", marks=CUDA_ONLY),
     pytest.param("mnist_K32", "cuda", id="cuda-mnist_K32", marks=CUDA_ONLY),
 ]
-VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_gemm", "graphed_triton", "graphed_bf16_nhwc",
+# graphed_triton early: a time-capped GPU session measures the variants in this order (the GEMM layouts, measured
+# slower than cuDNN on the H200, last among the graphed ones)
+VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_triton", "graphed_bf16_nhwc", "graphed_gemm",
             "graphed_bf16_gemm", "compiled", "peer"]
 N_SAMPLES = 64
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)

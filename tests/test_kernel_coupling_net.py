@@ -144,6 +144,15 @@ def test_triton_networks_keep_the_fused_model(kernel_device):
     assert all(not hasattr(n, "_glowfast_net_options") for n in coupling_networks(m))
 
 
+def test_triton_networks_with_the_memory_saving_backward(kernel_device):
+    """The memory-saving backward recomputes each network from the reconstructed input: same gradients."""
+    def enable(m):
+        m.memory_saving = True
+        return enable_triton_networks(m)
+
+    assert assert_option_keeps_the_fused_model(kernel_device, enable).memory_saving
+
+
 def test_triton_networks_run_the_kernels_only_where_they_can(kernel_device, monkeypatch):
     """fp32 tensors where the kernels run: the Triton network; float64 (or without the interpreter on CPU): the
     module's forward, the same function."""
