@@ -17,8 +17,11 @@ Kernels (all 3x3, stride 1, zero padding 1):
 - `_conv3x3_kernel`: out[p, o] = epilogue(sum_{tap, c} in[p + d_tap, c] * w[tap, c, o]). The forward of conv1
   (bias + ReLU) and conv3 (bias, then scale exp(logscale_factor * logs)), and the input gradients of both
   (a 3x3 conv with the kernel flipped and transposed; for conv3 the epilogue applies ReLU's backward mask).
+  For conv3's input gradient it also writes per-tile column sums: conv2's bias gradient without another pass.
 - `_conv3x3_wgrad_kernel`: partial[g, tap, c, o] = sum over pixel tiles g, g + G, ... of
   in[p + d_tap, c] * dout[p, o]; torch sums the G partials (deterministic, no atomics).
+- `_relu_backward_kernel`: the first ReLU's backward in place, with conv1's bias gradient (column sums), one pass.
+The 1x1's bias and ReLU run in cuBLASLt's epilogue (`torch._addmm_activation`).
 
 Precision: the dots follow the convolutions they replace — TF32 (operands rounded to TF32, as cuDNN/cuBLAS round)
 when cuDNN may use TF32 for convolutions (PyTorch's default on a GPU), exact fp32 otherwise and for CPU tensors
@@ -69,12 +72,12 @@ def _pixel_coords(m, HW, W):
 
 @triton.jit
 def _conv3x3_kernel(
-    in_ptr, w_ptr, bias_ptr, scale_ptr, mask_ptr, out_ptr,
+    in_ptr, w_ptr, bias_ptr, scale_ptr, mask_ptr, out_ptr, colsum_ptr,
     M, H, W, CIN, COUT,
     s_ib, s_ic, s_ip, s_ob, s_oc, s_op,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr, MASK: tl.constexpr,
-    PREC: tl.constexpr,
+    COLSUM: tl.constexpr, PREC: tl.constexpr,
 ):
     HW = H * W
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,6 +115,26 @@ def _conv3x3_kernel(
         keep = tl.load(mask_ptr + out_offs, mask=out_mask, other=0.0) > 0
         acc = tl.where(keep, acc, 0.0)
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if COLSUM:  # this tile's share of sum over pixels of out (a bias gradient), without another pass over out
+        tl.store(colsum_ptr + tl.program_id(0) * COUT + n, tl.sum(tl.where(out_mask, acc, 0.0), axis=0), mask=n_ok)
+
+
+@triton.jit
+def _relu_backward_kernel(
+    g_ptr, h_ptr, colsum_ptr, M, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """g <- g where h > 0 else 0 (ReLU's backward, in place, h the ReLU's output), and per-tile column sums of the
+    result (the preceding bias's gradient); g and h are (M, N) row-major."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (m < M)[:, None] & (n < N)[None, :]
+    offs = m[:, None] * N + n[None, :]
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0)
+    g = tl.where(h > 0, g, 0.0)
+    tl.store(g_ptr + offs, g, mask=mask)
+    tl.store(colsum_ptr + tl.program_id(0) * N + n, tl.sum(g.to(tl.float32), axis=0), mask=n < N)
 
 
 @triton.jit
@@ -158,12 +181,12 @@ def _conv3x3_wgrad_kernel(
 
 def _gpu_conv_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
     """GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_conv3x3_kernel`. Thin input (the hidden layer's 512 outputs):
-    64 pixels x 128 output channels, K steps of up to 32 input channels, 4 warps. Thin output: 128 pixels x all
+    64 pixels x 128 output channels, K steps of up to 32 input channels, 8 warps. Thin output: 128 pixels x all
     output channels (padded to 16-128), K steps of 32, 8 warps. Chosen as the largest tiles without register
     spills on sm_90 (Triton 3.6 and 3.8, tf32 and ieee dots; tests/test_triton_compile_sm90.py), not yet timed on
     a GPU."""
     if cout > 64:
-        return 64, 128, max(16, min(32, next_power_of_2(cin))), 4
+        return 64, 128, max(16, min(32, next_power_of_2(cin))), 8
     return 128, max(16, next_power_of_2(cout)), 32, 8
 
 
@@ -198,6 +221,8 @@ def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_t
     """True for a GPU tile the wrappers launch (the compile check requires those spill-free)."""
     if data_type != "*fp32":
         return False
+    if kernel_name == "_relu_backward_kernel":
+        return (constexprs["BLOCK_M"], constexprs["BLOCK_N"], options["num_warps"]) == _GPU_RELU_TILE
     if kernel_name == "_conv3x3_kernel":
         tiles = {_gpu_conv_tile(cin, cout) for cin, cout in _network_shapes()}
         tile = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], options["num_warps"])
@@ -205,6 +230,11 @@ def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_t
         tiles = {_gpu_wgrad_tile(cin, cout) for cin, cout in _network_shapes()}
         tile = (constexprs["BLOCK_M"], constexprs["BLOCK_CI"], constexprs["BLOCK_CO"], options["num_warps"])
     return tile in tiles
+
+
+# (BLOCK_M, BLOCK_N, num_warps) of `_relu_backward_kernel` on a GPU: an elementwise pass, 8K elements per program
+# (on 4 warps it spilled on sm_90)
+_GPU_RELU_TILE = (64, 128, 8)
 
 
 def network_precision(device: torch.device) -> str:
@@ -256,20 +286,35 @@ def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
 
 
 def conv3x3(inp, in_strides, w_packed, out, out_strides, shape, *, bias=None, scale=None, relu=False, mask=None,
-            precision="ieee") -> torch.Tensor:
-    """out <- epilogue(3x3 conv of inp); shape = (B, H, W, cin, cout); w_packed (9, cin, cout)."""
+            colsum=False, precision="ieee"):
+    """out <- epilogue(3x3 conv of inp); shape = (B, H, W, cin, cout); w_packed (9, cin, cout). Returns out, or
+    with `colsum` (out, out summed over pixels: fp32 (cout,))."""
     B, H, W, cin, cout = shape
     m = B * H * W
     bm, bn, bk, nw = conv_tile(cin, cout, m)
-    dummy = w_packed  # never read: its flag is off
+    dummy = w_packed  # never read or written: its flag is off
+    parts = torch.empty((cdiv(m, bm), cout), device=out.device, dtype=torch.float32) if colsum else dummy
     with on_device_of(out):
         launch(_conv3x3_kernel, (cdiv(m, bm), cdiv(cout, bn)),
                inp, w_packed, dummy if bias is None else bias, dummy if scale is None else scale,
-               dummy if mask is None else mask, out,
+               dummy if mask is None else mask, out, parts,
                m, H, W, cin, cout, *in_strides, *out_strides,
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-               RELU=relu, MASK=mask is not None, PREC=precision, num_warps=nw, num_stages=1)
-    return out
+               RELU=relu, MASK=mask is not None, COLSUM=colsum, PREC=precision, num_warps=nw, num_stages=1)
+    return (out, parts.sum(0)) if colsum else out
+
+
+def relu_backward_(grad: torch.Tensor, relu_out: torch.Tensor) -> torch.Tensor:
+    """grad <- ReLU's backward of grad given the ReLU's output (in place, (M, N) contiguous rows); returns grad
+    summed over rows (fp32 (N,)), the gradient of the bias before the ReLU."""
+    m, n = grad.shape
+    bm, bn, nw = (max(16, min(1024, next_power_of_2(m))), max(16, min(512, next_power_of_2(n))), 4) \
+        if is_interpret() else _GPU_RELU_TILE
+    parts = torch.empty((cdiv(m, bm), n), device=grad.device, dtype=torch.float32)
+    with on_device_of(grad):
+        launch(_relu_backward_kernel, (cdiv(m, bm), cdiv(n, bn)), grad, relu_out, parts, m, n,
+               BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=1)
+    return parts.sum(0)
 
 
 def conv3x3_weight_grad(inp, in_strides, dout, dout_strides, shape, *, precision="ieee") -> torch.Tensor:
@@ -313,6 +358,13 @@ def _check_network_inputs(x, w1, b1, w2, b2, w3, b3, logs):
                          "activations: split the batch")
 
 
+def _addmm_relu(bias, a, b):
+    """relu(bias + a @ b), with the ReLU in cuBLASLt's epilogue where torch has it (`torch._addmm_activation`,
+    private but present since torch 1.13): no separate pass over the (B*H*W, 512) result."""
+    fused = getattr(torch, "_addmm_activation", None)
+    return fused(bias, a, b) if fused is not None else torch.addmm(bias, a, b).relu_()
+
+
 def coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor: float):
     """h = ZeroConv2d(relu(conv1x1(relu(conv3x3(x))))) for NCHW fp32 x (a channel slice is read in place).
 
@@ -329,7 +381,7 @@ def coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor: f
     conv3x3(x, _nchw_strides(x), pack_weight(w1), h1, rows, (B, H, W, cin, hidden), bias=b1, relu=True,
             precision=prec)
     with _cublas_tf32(prec == "tf32"):
-        h2 = torch.addmm(b2, h1, w2.view(hidden, hidden).t()).relu_()
+        h2 = _addmm_relu(b2, h1, w2.view(hidden, hidden).t())
     out = torch.empty((B, cout, H, W), device=x.device, dtype=torch.float32)
     scale = torch.exp(logs * logscale_factor)
     conv3x3(h2, rows, pack_weight(w3), out, _nchw_strides(out), (B, H, W, hidden, cout), bias=b3, scale=scale,
@@ -359,14 +411,13 @@ def coupling_network_backward(x, h1, h2, out, grad_out, w1, w2, w3, logs, logsca
     dw3 = unpack_weight(conv3x3_weight_grad(h2, rows, g3, g3_strides, (B, H, W, hidden, cout), precision=prec))
     # through conv3 and the second ReLU: d pre-activation of h2, as pixel rows
     d2 = torch.empty((B * hw, hidden), device=x.device, dtype=torch.float32)
-    conv3x3(g3, g3_strides, pack_weight_transposed(w3), d2, rows, (B, H, W, cout, hidden), mask=h2, precision=prec)
+    _, db2 = conv3x3(g3, g3_strides, pack_weight_transposed(w3), d2, rows, (B, H, W, cout, hidden), mask=h2,
+                     colsum=True, precision=prec)
     w2m = w2.view(hidden, hidden)
     with _cublas_tf32(prec == "tf32"):
         dw2 = torch.mm(d2.t(), h1).view_as(w2)
         d1 = torch.mm(d2, w2m)
-    db2 = d2.sum(0)
-    d1 = torch.ops.aten.threshold_backward(d1, h1, 0)  # the first ReLU's backward, in place of a mask pass
-    db1 = d1.sum(0)
+    db1 = relu_backward_(d1, h1)  # the first ReLU's backward and conv1's bias gradient in one pass
     dw1 = unpack_weight(conv3x3_weight_grad(x, _nchw_strides(x), d1, rows, (B, H, W, cin, hidden), precision=prec))
     dx = None
     if need_dx:
@@ -431,18 +482,20 @@ def compile_specs():
     """(kernel, constexprs, launch options, data pointer type): every epilogue branch at small tiles, and the GPU
     tiles of the networks' launches (`_network_shapes`) under both dot precisions."""
     specs = []
-    for flags in (dict(HAS_BIAS=True, HAS_SCALE=False, RELU=True, MASK=False),
-                  dict(HAS_BIAS=True, HAS_SCALE=True, RELU=False, MASK=False),
-                  dict(HAS_BIAS=False, HAS_SCALE=False, RELU=False, MASK=True),
-                  dict(HAS_BIAS=False, HAS_SCALE=False, RELU=False, MASK=False)):
+    for flags in (dict(HAS_BIAS=True, HAS_SCALE=False, RELU=True, MASK=False, COLSUM=False),
+                  dict(HAS_BIAS=True, HAS_SCALE=True, RELU=False, MASK=False, COLSUM=False),
+                  dict(HAS_BIAS=False, HAS_SCALE=False, RELU=False, MASK=True, COLSUM=True),
+                  dict(HAS_BIAS=False, HAS_SCALE=False, RELU=False, MASK=False, COLSUM=False)):
         specs.append((_conv3x3_kernel, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, PREC="ieee", **flags),
                       dict(num_warps=4, num_stages=1), "*fp32"))
     specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=32, BLOCK_CI=16, BLOCK_CO=16, PREC="ieee"),
                   dict(num_warps=4, num_stages=1), "*fp32"))
     # the heaviest epilogue of each direction at each production tile: thin input runs bias + ReLU (conv1) or the
     # ReLU mask (conv3's input gradient), thin output bias + scale (conv3) or nothing (conv1's input gradient)
-    heavy_in = dict(HAS_BIAS=True, HAS_SCALE=False, RELU=True, MASK=True)
-    heavy_out = dict(HAS_BIAS=True, HAS_SCALE=True, RELU=False, MASK=False)
+    heavy_in = dict(HAS_BIAS=True, HAS_SCALE=False, RELU=True, MASK=True, COLSUM=True)
+    heavy_out = dict(HAS_BIAS=True, HAS_SCALE=True, RELU=False, MASK=False, COLSUM=False)
+    bm, bn, nw = _GPU_RELU_TILE
+    specs.append((_relu_backward_kernel, dict(BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=nw, num_stages=1), "*fp32"))
     for prec in ("tf32", "ieee"):
         for cin, cout in sorted(_network_shapes()):
             bm, bn, bk, nw = _gpu_conv_tile(cin, cout)
