@@ -21,10 +21,11 @@ cuDNN, which runs these thin convolutions far below the GPU's matmul rate. Exclu
 
 triton (``--triton-networks``): the whole network by glowfast's Triton kernels (`glowfast.kernels.coupling_net`):
 each thin 3x3 convolution one implicit-GEMM pass with its bias/scale/ReLU fused, the 1x1 a cuBLAS GEMM, hidden
-activations as pixel rows; forward and backward. fp32 only (exclusive with bf16 and with the two layouts above). It
-acts where the kernels run (fp32 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); elsewhere, and while
-torch.compile traces, the network runs as the plain module (the same function), so a model trained with it loads
-and evaluates anywhere.
+activations as pixel rows; forward and backward. Exclusive with the two layouts above; with bf16 its hidden
+activations and 1x1 GEMM are bf16 (the 3x3 convs accumulate in fp32 from them). It acts where the kernels run (fp32
+CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); elsewhere, and while torch.compile traces, the network runs
+as the plain module (under bf16 autocast if bf16), the same function, so a model trained with it loads and evaluates
+anywhere.
 
 Precision: the GEMMs of both layouts run at the precision of the convolutions they replace (TF32 iff cuDNN's
 convolutions would use it, the rule the fused kernels' dots follow), forward and backward, whatever cuBLAS's own
@@ -183,23 +184,16 @@ def _triton_network_runs(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-def triton_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
-    """`CouplingNetwork.forward` by the Triton network (glowfast.kernels.coupling_net) where its kernels run
-    (`_triton_network_runs`); elsewhere the module's own forward, the same function."""
-    if not _triton_network_runs(x):
-        return type(net).forward(net, x)
-    from .kernels.coupling_net import apply_coupling_network  # here: Triton loads only with the fast paths
-
-    return apply_coupling_network(net, x)
-
-
 def _forward_with_options(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Installed as the network's `forward`, as `functools.partial(_forward_with_options, net)`: copy.deepcopy
     rebinds it to the copy, and pickle (torch.save of a whole model) can store it (a bound MethodType would be
     looked up by name on load, where the network has no such attribute)."""
     opts = getattr(net, _OPTIONS)
-    if opts["triton"]:
-        return triton_network_forward(net, x)
+    if opts["triton"] and _triton_network_runs(x):
+        from .kernels.coupling_net import apply_coupling_network  # here: Triton loads only with the fast paths
+
+        return apply_coupling_network(net, x, torch.bfloat16 if opts["bf16"] else torch.float32)
+    # elsewhere a Triton network runs as the plain module (under autocast if bf16), the same function
     if opts["gemm"]:
         forward = gemm_network_forward
     else:
@@ -231,11 +225,6 @@ def _set_option(model: nn.Module, name: str, value: bool) -> int:
         if name == "triton" and not all(_has_biases(net) for net in nets):
             raise ValueError("triton networks need the standard coupling network (3x3 pad 1, 1x1, 3x3 pad 1, "
                              "stride 1, with biases)")
-    if value and name in ("bf16", "triton"):
-        other = "triton" if name == "bf16" else "bf16"
-        if any(getattr(net, _OPTIONS, {}).get(other) for net in nets):
-            raise ValueError("the Triton coupling network computes in fp32: bf16 networks (--amp bf16) and "
-                             "--triton-networks do not combine")
     for net in nets:
         opts = getattr(net, _OPTIONS, None)
         if bool(opts and opts[name]) == value:
@@ -307,9 +296,9 @@ def gemm_networks_enabled(model: nn.Module) -> bool:
 
 
 def enable_triton_networks(model: nn.Module) -> int:
-    """Run every coupling network of ``model`` by glowfast's Triton kernels (`triton_network_forward`) where they
-    run; returns how many networks were changed. Idempotent. fp32: exclusive with bf16 networks and with the
-    channels_last and gemm layouts."""
+    """Run every coupling network of ``model`` by glowfast's Triton kernels (glowfast.kernels.coupling_net) where
+    they run; returns how many networks were changed. Idempotent. Exclusive with the channels_last and gemm layouts;
+    combined with `enable_bf16_networks`, its hidden activations are bf16."""
     return _set_option(model, "triton", True)
 
 

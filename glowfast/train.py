@@ -162,8 +162,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
              "3x3s) instead of cuDNN; the same function; exclusive with --channels-last")
     add(g, "--triton-networks", action=argparse.BooleanOptionalAction, default=False,
         help="run the coupling networks by glowfast's Triton kernels (each thin 3x3 conv one fused pass, the 1x1 a "
-             "cuBLAS GEMM) instead of cuDNN, where they run (fp32 on CUDA); the same function; exclusive with "
-             "--channels-last, --gemm-networks and --amp bf16")
+             "cuBLAS GEMM) instead of cuDNN, where they run (CUDA); the same function; with --amp bf16 its hidden "
+             "activations are bf16; exclusive with --channels-last and --gemm-networks")
     add(g, "--amp", choices=("none", "bf16"), default="none",
         help="bf16: coupling networks under bf16 autocast; flow, log-determinants and loss stay fp32")
     add(g, "--threads", type=int, default=1,
@@ -277,9 +277,6 @@ def validate(cfg: dict) -> None:
     layouts = [f"--{k.replace('_', '-')}" for k in ("channels_last", "gemm_networks", "triton_networks") if cfg.get(k)]
     if len(layouts) > 1:
         raise ValueError(f"{' and '.join(layouts)} are different network layouts; choose one")
-    if cfg.get("triton_networks") and cfg.get("amp") == "bf16":
-        raise ValueError("--triton-networks computes the coupling networks in fp32; it does not combine with "
-                         "--amp bf16")
 
 
 def _one_line(e: BaseException) -> str:

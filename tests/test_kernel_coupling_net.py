@@ -30,7 +30,7 @@ from glowfast.reference.coupling import CouplingNetwork
 
 from conftest import kernel_devices, requires_cuda
 from helpers import assert_option_keeps_the_fused_model
-from tolerances import assert_exact, assert_grads_exact, assert_tf32
+from tolerances import assert_bf16, assert_exact, assert_grads_exact, assert_tf32
 
 # (B, C, H, W, hidden): the network of a C-channel coupling reads C_a = C // 2 channels and writes 2 C_b.
 # C from 2 to 96 (C_a 1..48, 2 C_b 2..96: one K step and several; one output tile and several), hidden not a
@@ -74,6 +74,32 @@ def test_forward_and_all_gradients_match_the_module(shape, device, exact_precisi
     assert out.shape == ref.shape and out.is_contiguous()
     assert_exact(out, ref, "out", "h")
     assert_grads_exact(torch.autograd.grad(out, params, g), expected, names)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("shape", [(4, 12, 8, 8, 64), (4, 48, 4, 4, 64), (2, 4, 8, 8, 64)], ids=_shape_id)
+def test_bf16_activations_err_like_bf16_autocast(shape, device):
+    """bf16 hidden activations: output and every gradient err like the module under bf16 autocast (the BF16 rule of
+    tests/tolerances.py), both against the float64 module; the output and all gradients stay fp32."""
+    B, C, H, W, hidden = shape
+    net64 = _net(C, hidden, device, torch.float64)
+    net = _net(C, hidden, device)
+    net.load_state_dict(net64.state_dict())
+    z64 = torch.randn(B, C, H, W, device=device, dtype=torch.float64, requires_grad=True)
+    g64 = torch.randn(B, 2 * (C - C // 2), H, W, device=device, dtype=torch.float64)
+    ref64 = net64(z64[:, : C // 2])
+    expected = torch.autograd.grad(ref64, [z64, *net64.parameters()], g64)
+    z = z64.detach().float().requires_grad_(True)
+    params = [z, *net.parameters()]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        auto = net(z[:, : C // 2]).float()
+    auto_grads = torch.autograd.grad(auto, params, g64.float())
+    out = apply_coupling_network(net, z[:, : C // 2], torch.bfloat16)
+    grads = torch.autograd.grad(out, params, g64.float())
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert_bf16(out, auto, ref64, "out", "h")
+    for (name, _), g, a, e in zip([("z", None), *net.named_parameters()], grads, auto_grads, expected, strict=True):
+        assert_bf16(g, a, e, "grad", name)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
@@ -176,18 +202,13 @@ def test_triton_networks_run_the_kernels_only_where_they_can(kernel_device, monk
         assert len(calls) == 1
 
 
-def test_triton_networks_exclude_other_layouts_and_bf16(kernel_device):
+def test_triton_networks_exclude_the_other_layouts(kernel_device):
     m = Glow((1, 8, 8), K=1, L=2, hidden_channels=16, backend="reference")
     enable_triton_networks(m)
     for enable in (enable_channels_last_networks, enable_gemm_networks):
         with pytest.raises(ValueError, match="enable one of them"):
             enable(m)
-    with pytest.raises(ValueError, match="computes in fp32"):
-        enable_bf16_networks(m)
-    disable_triton_networks(m)
-    enable_bf16_networks(m)
-    with pytest.raises(ValueError, match="computes in fp32"):
-        enable_triton_networks(m)
+    assert enable_bf16_networks(m) == 2 and triton_networks_enabled(m)  # bf16 hidden activations
     m2 = Glow((1, 8, 8), K=1, L=1, hidden_channels=16, backend="reference")
     coupling_networks(m2)[0].conv2 = torch.nn.Conv2d(16, 16, 1, bias=False)
     with pytest.raises(ValueError, match="with biases"):

@@ -327,9 +327,9 @@ def test_gemm_networks_option(tmp_path, capsys):
 
 
 def test_triton_networks_option(tmp_path, capsys):
-    """--triton-networks trains (the interpreter runs the kernels on CPU here), is kept in the checkpoint's config
-    so the model reloads with it, and refuses the other network layouts and bf16."""
-    from glowfast.amp import triton_networks_enabled
+    """--triton-networks trains (the interpreter runs the kernels on CPU here), also with --amp bf16, is kept in the
+    checkpoint's config so the model reloads with it, and refuses the other network layouts."""
+    from glowfast.amp import bf16_networks_enabled, triton_networks_enabled
     from glowfast.sample import load_model
 
     run = tmp_path / "triton"
@@ -339,8 +339,10 @@ def test_triton_networks_option(tmp_path, capsys):
     for other in (["--gemm-networks"], ["--channels-last"]):
         assert main(TINY + ["--steps", "2", "--triton-networks", *other, "--run-dir", str(tmp_path / "x")]) == 2
         assert "choose one" in capsys.readouterr().err
-    assert main(TINY + ["--steps", "2", "--triton-networks", "--amp", "bf16", "--run-dir", str(tmp_path / "y")]) == 2
-    assert "does not combine with --amp bf16" in capsys.readouterr().err
+    run = tmp_path / "bf16"
+    assert main(TINY + ["--steps", "2", "--triton-networks", "--amp", "bf16", "--run-dir", str(run)]) == 0
+    model = load_model(load_checkpoint(run / "checkpoints" / LAST), torch.device("cpu"), "reference")
+    assert triton_networks_enabled(model) and bf16_networks_enabled(model)
 
 
 def test_one_process_per_run_folder(tmp_path):

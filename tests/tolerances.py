@@ -23,6 +23,15 @@ TF32X3 — the GPU default (`glowfast.kernels.dot_precision`): every 1x1-conv pr
     and their error vs float64 is at most TF32X3_FACTOR times the fp32 reference's plus TF32X3_SLACK (the split
     drops ~2^-22 of each product where fp32 rounds at 2^-24; measured 0.6-3.1x over outputs and gradients at C = 12,
     48, 96) — where plain "tf32" errs 580-3,500 times more (test_tf32x3_error_is_fp32_level).
+
+BF16 — the Triton coupling network with bf16 hidden activations (`--triton-networks --amp bf16`), against the
+    same network module under torch's bf16 autocast, both vs float64:
+      output      max error <= BF16_FACTOR (2, flash-attention's rule) x autocast's + BF16_SLACK (measured: <= 0.97x)
+      gradients   relative L2 error <= BF16_GRAD_FACTOR (4) x autocast's + BF16_GRAD_SLACK (1e-2)
+    The gradients get a norm and a wider factor because a ReLU whose input lies within bf16 rounding of zero flips
+    in one path and not the other, and one flipped unit sets the max error of a small test network: over 24 seeded
+    cases the Triton network's activations erred half as much as autocast's, yet its gradients' relative L2 error
+    reached 2.6x autocast's where it had one flip more (max error: 3.1x). A wrong gradient formula errs O(1).
 """
 
 from __future__ import annotations
@@ -39,6 +48,11 @@ ROUNDTRIP_SLACK = 1e-5
 
 TF32_FACTOR = 2.0
 TF32_SLACK = 1e-5
+
+BF16_FACTOR = 2.0
+BF16_SLACK = 1e-5
+BF16_GRAD_FACTOR = 4.0
+BF16_GRAD_SLACK = 1e-2
 
 TF32X3_FACTOR = 4.0
 TF32X3_SLACK = 1e-6
@@ -155,3 +169,21 @@ def assert_tf32(fast: torch.Tensor, ref_same_precision: torch.Tensor | list[torc
         f"{name}: TF32 fast-path error {fast_err:.3g} > {TF32_FACTOR} x reference error {ref_err:.3g} "
         f"+ {TF32_SLACK} x {scale:.3g}"
     )
+
+
+def assert_bf16(fast: torch.Tensor, ref_bf16: torch.Tensor, ref_fp64: torch.Tensor, kind: str = "out",
+                name: str = "") -> None:
+    """The BF16 rule (module docstring) for an output (`kind` "out": max error) or a gradient ("grad": relative L2
+    error); ref_bf16 is the module under bf16 autocast."""
+    ref64 = ref_fp64.detach().double()
+    fast_d, ref_d = fast.detach().double() - ref64, ref_bf16.detach().double() - ref64
+    if kind == "out":
+        scale = max(1.0, float(ref64.abs().max()))
+        fast_err, ref_err = float(fast_d.abs().max()), float(ref_d.abs().max())
+        bound = BF16_FACTOR * ref_err + BF16_SLACK * scale
+    else:
+        norm = max(float(ref64.norm()), 1e-30)
+        fast_err, ref_err = float(fast_d.norm()) / norm, float(ref_d.norm()) / norm
+        bound = BF16_GRAD_FACTOR * ref_err + BF16_GRAD_SLACK
+    assert fast_err <= bound, f"{name} ({kind}): bf16 fast-path error {fast_err:.3g} > bound {bound:.3g} " \
+                              f"(autocast's error {ref_err:.3g})"

@@ -27,7 +27,8 @@ Precision: the dots follow the convolutions they replace — TF32 (operands roun
 when cuDNN may use TF32 for convolutions (PyTorch's default on a GPU), exact fp32 otherwise and for CPU tensors
 (the interpreter); the 1x1 GEMM likewise. The network only computes the coupling's shift and scale: whatever its
 rounding, the flow stays exactly invertible (the inverse runs the same kernels on the same input) and its
-log-determinant exact. fp32 activations only (bf16 networks keep cuDNN, `--amp bf16`).
+log-determinant exact. Hidden activations fp32, or bf16 with `--amp bf16` (stored and the 1x1 GEMM in bf16; the
+3x3 convs load them into fp32 and accumulate in fp32).
 
 Public API
 - `coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor)` -> (h, h1, h2)
@@ -68,6 +69,24 @@ def _pixel_coords(m, HW, W):
     b = m // HW
     p = m % HW
     return b, p, p // W, p % W
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32: stored to bf16 memory it converts exactly.
+    Why: the Triton interpreter's fp32 -> bf16 cast truncates (Triton 3.8, checked), a GPU's rounds to nearest;
+    rounding here first makes the interpreter (CI) store what the GPU stores. NaN kept as is."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
+def for_store(x, ptr):
+    """x (fp32) converted to ptr's element type, bf16 by round to nearest even (`round_to_bf16`)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        x = round_to_bf16(x)
+    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -114,7 +133,7 @@ def _conv3x3_kernel(
     if MASK:  # ReLU's backward: keep the gradient where the ReLU's output (same layout as out) is positive
         keep = tl.load(mask_ptr + out_offs, mask=out_mask, other=0.0) > 0
         acc = tl.where(keep, acc, 0.0)
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + out_offs, for_store(acc, out_ptr), mask=out_mask)
     if COLSUM:  # this tile's share of sum over pixels of out (a bias gradient), without another pass over out
         tl.store(colsum_ptr + tl.program_id(0) * COUT + n, tl.sum(tl.where(out_mask, acc, 0.0), axis=0), mask=n_ok)
 
@@ -132,9 +151,9 @@ def _relu_backward_kernel(
     offs = m[:, None] * N + n[None, :]
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     h = tl.load(h_ptr + offs, mask=mask, other=0.0)
-    g = tl.where(h > 0, g, 0.0)
-    tl.store(g_ptr + offs, g, mask=mask)
-    tl.store(colsum_ptr + tl.program_id(0) * N + n, tl.sum(g.to(tl.float32), axis=0), mask=n < N)
+    g = tl.where(h > 0, g.to(tl.float32), 0.0)
+    tl.store(g_ptr + offs, for_store(g, g_ptr), mask=mask)
+    tl.store(colsum_ptr + tl.program_id(0) * N + n, tl.sum(g, axis=0), mask=n < N)
 
 
 @triton.jit
@@ -193,9 +212,10 @@ def _gpu_conv_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
 def _gpu_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
     """GPU (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps) of `_conv3x3_wgrad_kernel`: 64 pixels per step, up to 64 input
     channels, and 128, 64 or 32 output channels as the input side is 16, 32 or 64 wide (wider spilled: 64 x 128
-    under tf32, 64 x 64 under ieee with Triton 3.6); same criterion as _gpu_conv_tile."""
+    under tf32, 64 x 64 under ieee with Triton 3.6), on 8 warps (on 4, 16 x 128 spilled with bf16 data under Triton
+    3.6); same criterion as _gpu_conv_tile."""
     bci = max(16, min(64, next_power_of_2(cin)))
-    return 64, bci, max(16, min(2048 // bci, next_power_of_2(cout))), 4
+    return 64, bci, max(16, min(2048 // bci, next_power_of_2(cout))), 8
 
 
 def _interpreter_tile(a: int, b: int, m: int) -> tuple[int, int, int, int]:
@@ -218,8 +238,9 @@ def wgrad_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int]:
 
 
 def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_type: str) -> bool:
-    """True for a GPU tile the wrappers launch (the compile check requires those spill-free)."""
-    if data_type != "*fp32":
+    """True for a GPU tile the wrappers launch, fp32 or bf16 activations (the compile check requires those
+    spill-free)."""
+    if data_type not in ("*fp32", "*bf16"):
         return False
     if kernel_name == "_relu_backward_kernel":
         return (constexprs["BLOCK_M"], constexprs["BLOCK_N"], options["num_warps"]) == _GPU_RELU_TILE
@@ -365,23 +386,28 @@ def _addmm_relu(bias, a, b):
     return fused(bias, a, b) if fused is not None else torch.addmm(bias, a, b).relu_()
 
 
-def coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor: float):
+def coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor: float,
+                             activation_dtype: torch.dtype = torch.float32):
     """h = ZeroConv2d(relu(conv1x1(relu(conv3x3(x))))) for NCHW fp32 x (a channel slice is read in place).
 
-    Returns (h NCHW contiguous, h1, h2): the two ReLU outputs as (B*H*W, hidden) pixel rows, kept for backward."""
+    Returns (h NCHW contiguous fp32, h1, h2): the two ReLU outputs as (B*H*W, hidden) pixel rows in
+    `activation_dtype` (float32, or bfloat16: half the activation traffic and a bf16 1x1 GEMM; the 3x3 convs still
+    accumulate in fp32), kept for backward."""
     from ..amp import _cublas_tf32
 
     _check_network_inputs(x, w1, b1, w2, b2, w3, b3, logs)
+    if activation_dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"activation_dtype must be torch.float32 or torch.bfloat16, got {activation_dtype}")
     x = pixel_contiguous(x)
     B, cin, H, W = x.shape
     hidden, cout, hw = w1.shape[0], w3.shape[0], H * W
     prec = network_precision(x.device)
     rows = _rows_strides(hw, hidden)
-    h1 = torch.empty((B * hw, hidden), device=x.device, dtype=torch.float32)
+    h1 = torch.empty((B * hw, hidden), device=x.device, dtype=activation_dtype)
     conv3x3(x, _nchw_strides(x), pack_weight(w1), h1, rows, (B, H, W, cin, hidden), bias=b1, relu=True,
             precision=prec)
     with _cublas_tf32(prec == "tf32"):
-        h2 = _addmm_relu(b2, h1, w2.view(hidden, hidden).t())
+        h2 = _addmm_relu(b2.to(activation_dtype), h1, w2.view(hidden, hidden).t().to(activation_dtype))
     out = torch.empty((B, cout, H, W), device=x.device, dtype=torch.float32)
     scale = torch.exp(logs * logscale_factor)
     conv3x3(h2, rows, pack_weight(w3), out, _nchw_strides(out), (B, H, W, hidden, cout), bias=b3, scale=scale,
@@ -409,13 +435,13 @@ def coupling_network_backward(x, h1, h2, out, grad_out, w1, w2, w3, logs, logsca
     db3 = g3.sum((0, 2, 3))
     g3_strides = _nchw_strides(g3)
     dw3 = unpack_weight(conv3x3_weight_grad(h2, rows, g3, g3_strides, (B, H, W, hidden, cout), precision=prec))
-    # through conv3 and the second ReLU: d pre-activation of h2, as pixel rows
-    d2 = torch.empty((B * hw, hidden), device=x.device, dtype=torch.float32)
+    # through conv3 and the second ReLU: d pre-activation of h2, as pixel rows (in the activations' dtype)
+    d2 = torch.empty((B * hw, hidden), device=x.device, dtype=h2.dtype)
     _, db2 = conv3x3(g3, g3_strides, pack_weight_transposed(w3), d2, rows, (B, H, W, cout, hidden), mask=h2,
                      colsum=True, precision=prec)
-    w2m = w2.view(hidden, hidden)
+    w2m = w2.view(hidden, hidden).to(h2.dtype)
     with _cublas_tf32(prec == "tf32"):
-        dw2 = torch.mm(d2.t(), h1).view_as(w2)
+        dw2 = torch.mm(d2.t(), h1).view_as(w2).to(w2.dtype)
         d1 = torch.mm(d2, w2m)
     db1 = relu_backward_(d1, h1)  # the first ReLU's backward and conv1's bias gradient in one pass
     dw1 = unpack_weight(conv3x3_weight_grad(x, _nchw_strides(x), d1, rows, (B, H, W, cin, hidden), precision=prec))
@@ -435,10 +461,10 @@ class CouplingNetworkFunction(torch.autograd.Function):
     """h = CouplingNetwork(x) with explicit parameters. Saves x, the two ReLU outputs (pixel rows) and h."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w3, b3, logs, logscale_factor):
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, logs, logscale_factor, activation_dtype):
         if x.dim() == 4:
             x = pixel_contiguous(x)  # what the kernels read, saved for backward
-        out, h1, h2 = coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor)
+        out, h1, h2 = coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor, activation_dtype)
         ctx.logscale_factor = logscale_factor
         ctx.save_for_backward(x, h1, h2, out, w1, w2, w3, logs)
         return out
@@ -449,16 +475,16 @@ class CouplingNetworkFunction(torch.autograd.Function):
         x, h1, h2, out, w1, w2, w3, logs = ctx.saved_tensors
         grads = coupling_network_backward(x, h1, h2, out, grad_out, w1, w2, w3, logs, ctx.logscale_factor,
                                           need_dx=ctx.needs_input_grad[0])
-        return (*grads, None)
+        return (*grads, None, None)
 
 
-def apply_coupling_network(net, x: torch.Tensor) -> torch.Tensor:
+def apply_coupling_network(net, x: torch.Tensor, activation_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`net(x)` for a standard `CouplingNetwork` (3x3 pad 1 with bias, 1x1 with bias, ZeroConv2d 3x3 pad 1),
-    computed by the Triton network (differentiable)."""
+    computed by the Triton network (differentiable); fp32 output, hidden activations in `activation_dtype`."""
     c1, c2, c3 = net.conv1, net.conv2, net.conv3
     with torch.autocast(x.device.type if x.device.type in ("cuda", "cpu") else "cpu", enabled=False):
         return CouplingNetworkFunction.apply(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight,
-                                             c3.conv.bias, c3.logs, float(c3.logscale_factor))
+                                             c3.conv.bias, c3.logs, float(c3.logscale_factor), activation_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -495,14 +521,16 @@ def compile_specs():
     heavy_in = dict(HAS_BIAS=True, HAS_SCALE=False, RELU=True, MASK=True, COLSUM=True)
     heavy_out = dict(HAS_BIAS=True, HAS_SCALE=True, RELU=False, MASK=False, COLSUM=False)
     bm, bn, nw = _GPU_RELU_TILE
-    specs.append((_relu_backward_kernel, dict(BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=nw, num_stages=1), "*fp32"))
-    for prec in ("tf32", "ieee"):
+    for data in ("*fp32", "*bf16"):
+        specs.append((_relu_backward_kernel, dict(BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=nw, num_stages=1), data))
+    # bf16 activations (--amp bf16) with the GPU's default TF32 dots: their bf16 loads and rounded bf16 stores
+    for prec, data in (("tf32", "*fp32"), ("ieee", "*fp32"), ("tf32", "*bf16")):
         for cin, cout in sorted(_network_shapes()):
             bm, bn, bk, nw = _gpu_conv_tile(cin, cout)
             flags = heavy_in if cout == _HIDDEN else heavy_out
             specs.append((_conv3x3_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=prec, **flags),
-                          dict(num_warps=nw, num_stages=1), "*fp32"))
+                          dict(num_warps=nw, num_stages=1), data))
             bm, bci, bco, nw = _gpu_wgrad_tile(cin, cout)
             specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=prec),
-                          dict(num_warps=nw, num_stages=1), "*fp32"))
-    return list({repr((s[0].__name__, s[1], s[2])): s for s in specs}.values())  # shared tiles compile once
+                          dict(num_warps=nw, num_stages=1), data))
+    return list({repr((s[0].__name__, s[1], s[2], s[3])): s for s in specs}.values())  # shared tiles compile once
