@@ -187,7 +187,8 @@ def test_step_params(cuda_timer, variant, device, mode):
 NET_SHAPES = [pytest.param((b, *s), id=f"B{b}_C{s[0]}_{s[1]}x{s[2]}") for b in (64, 256) for s in LEVEL_SHAPES]
 
 
-@pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "gemm", "gemm_bf16", "triton", "compiled"])
+@pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "gemm", "gemm_bf16", "triton", "triton_bf16",
+                                     "compiled"])
 @pytest.mark.parametrize("shape", NET_SHAPES)
 @pytest.mark.skipif(not HAS_CUDA, reason="hidden-512 coupling networks: CUDA only (seconds per call on a CPU)")
 def test_coupling_network(cuda_timer, shape, variant):
@@ -195,8 +196,8 @@ def test_coupling_network(cuda_timer, shape, variant):
     CIFAR-10 level's shape: reference = the NCHW module (cuDNN); fused = glowfast's channels_last path with the
     1x1 conv as one GEMM (`--channels-last`, glowfast.amp.nhwc_network_forward); fused_bf16 = that under bf16
     autocast (`--amp bf16`); gemm / gemm_bf16 = every conv as a GEMM over pixels (`--gemm-networks`,
-    glowfast.amp.gemm_network_forward); triton = glowfast's Triton network (`--triton-networks`,
-    glowfast.kernels.coupling_net: thin 3x3 convs as fused implicit-GEMM kernels, fp32/TF32); compiled =
+    glowfast.amp.gemm_network_forward); triton / triton_bf16 = glowfast's Triton network (`--triton-networks`,
+    glowfast.kernels.coupling_net: thin 3x3 convs as fused implicit-GEMM kernels; fp32 or bf16 activations); compiled =
     torch.compile of the NCHW module. Input and output stay NCHW, as the flow hands them over."""
     from glowfast.amp import (
         enable_bf16_networks,
@@ -218,7 +219,7 @@ def test_coupling_network(cuda_timer, shape, variant):
         enable_channels_last_networks(holder)
     if variant in ("gemm", "gemm_bf16"):
         enable_gemm_networks(holder)
-    if variant == "triton":
+    if variant.startswith("triton"):
         if os.environ.get("TRITON_INTERPRET") == "1":
             pytest.skip("the Triton network is timed compiled, not under the interpreter")
         enable_triton_networks(holder)

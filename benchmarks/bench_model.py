@@ -14,8 +14,9 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
              the networks' outputs (the flow and the log-determinants stay fp32).
 - graphed_gemm / graphed_bf16_gemm: `graphed` with the coupling networks' convolutions as GEMMs over pixels
              (`--gemm-networks`; fp32, or bf16 autocast) instead of cuDNN.
-- graphed_triton: `graphed` with glowfast's Triton coupling networks (`--triton-networks`: each thin 3x3 conv
-             one fused implicit-GEMM kernel, fp32 with TF32 dots; glowfast.kernels.coupling_net).
+- graphed_triton / graphed_bf16_triton: `graphed` with glowfast's Triton coupling networks (`--triton-networks`:
+             each thin 3x3 conv one fused implicit-GEMM kernel; glowfast.kernels.coupling_net), fp32 activations,
+             or bf16 ones (`--amp bf16`).
 - compiled:  `torch.compile(Glow(..., backend="reference"))` (default mode; the optimiser step stays eager).
              Its compile time (the first step of a fresh compile: dynamo reset, empty inductor/Triton cache
              dirs unless GLOWFAST_BENCH_COLD_COMPILE=0) is its own benchmark (group `compile/train_step/...`)
@@ -73,8 +74,8 @@ SAMPLE_CASES = [
 ]
 # graphed_triton early: a time-capped GPU session measures the variants in this order (the GEMM layouts, measured
 # slower than cuDNN on the H200, last among the graphed ones)
-VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_triton", "graphed_bf16_nhwc", "graphed_gemm",
-            "graphed_bf16_gemm", "compiled", "peer"]
+VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_triton", "graphed_bf16_nhwc",
+            "graphed_bf16_triton", "graphed_gemm", "graphed_bf16_gemm", "compiled", "peer"]
 N_SAMPLES = 64
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
 ROUNDS = {"cpu": 5, "cuda": 10}
