@@ -1,7 +1,7 @@
 """GPU-free compile check: compile glowfast's Triton kernels for sm_90 with `triton.compile`.
 
-Run as `python -m glowfast.kernels._compile_check [--table] [actnorm_invconv|coupling|cross_step ...]` with
-TRITON_INTERPRET unset (under the interpreter `@triton.jit` yields interpreter objects that cannot be
+Run as `python -m glowfast.kernels._compile_check [--table] [actnorm_invconv|coupling|cross_step|coupling_net ...]`
+with TRITON_INTERPRET unset (under the interpreter `@triton.jit` yields interpreter objects that cannot be
 compiled) and TRITON_CACHE_DIR pointing at a scratch folder. Prints one JSON line per compiled spec and exits
 non-zero if any spec fails to compile or needs more shared memory than an sm_90 block can have.
 
@@ -94,18 +94,20 @@ def resource_table(records: list[dict]) -> str:
     several constexpr branches share a default tile, the row of the branch with the most registers."""
     import triton
 
+    def tile(c: dict) -> str:  # the launch-size constexprs: CP and BLOCK_P, or coupling_net's BLOCK_*
+        return ", ".join(f"{k}={v}" for k, v in c.items() if k == "CP" or k.startswith("BLOCK"))
+
     rows: dict[tuple, dict] = {}
     for r in records:
-        key = (r["kernel"], r["constexprs"]["CP"])
+        key = (r["kernel"], tile(r["constexprs"]), r["options"]["num_warps"], r["data"])
         if r.get("production") and r.get("ok") and r.get("regs", -1) >= rows.get(key, {}).get("regs", -1):
             rows[key] = r
     lines = [f"Triton {triton.__version__}, sm_90:", "",
-             "| kernel | CP | BLOCK_P | warps | registers | stack (spill) B | shared B |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows.values():
-        c = r["constexprs"]
-        lines.append(f"| {r['kernel']} | {c['CP']} | {c['BLOCK_P']} | {r['options']['num_warps']} | "
-                     f"{r.get('regs', '?')} | {r.get('stack', '?')} | {r['shared']} |")
+             "| kernel | tile | data | warps | registers | stack (spill) B | shared B |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for (kernel, t, warps, data), r in rows.items():
+        lines.append(f"| {kernel} | {t} | {data.lstrip('*')} | {warps} | {r.get('regs', '?')} | "
+                     f"{r.get('stack', '?')} | {r['shared']} |")
     return "\n".join(lines)
 
 

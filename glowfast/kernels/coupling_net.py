@@ -374,7 +374,7 @@ def _check_network_inputs(x, w1, b1, w2, b2, w3, b3, logs):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape} for an input of {cin} channels")
     if B > MAX_BATCH:
         raise ValueError(f"the Triton coupling network takes at most {MAX_BATCH} images per call, got {B}")
-    if B * H * W * max(hidden, cin, cout) >= 2**31:
+    if B * H * W * max(hidden, cin, cout) >= 2**31 or B * x.stride(0) >= 2**31:  # int32 offsets in the kernels
         raise ValueError(f"{B} images of {H}x{W} pixels x {hidden} hidden channels exceed the kernels' 2^31-element "
                          "activations: split the batch")
 
