@@ -13,6 +13,10 @@
 #     bash benchmarks/gpu_check.sh bench      # build, cold start-up, whole-model + per-op benchmarks, block sweep,
 #                                             # RESULTS.md (issue 6's and issue 4's target tables)
 #     bash benchmarks/gpu_check.sh compile    # torch.compile(reference) compile times + compiled step (minutes)
+#     bash benchmarks/gpu_check.sh nets       # the coupling networks only (~5 min): the Triton network's tests, then
+#                                             # cuDNN vs glowfast's Triton network, per network (coupling_net/*) and
+#                                             # in the graphed CIFAR-10 training step (fp32 and bf16) -- issue 6's
+#                                             # throughput question
 #     bash benchmarks/gpu_check.sh all        # every stage in one command (a longer GPU_CHECK_BUDGET than 540 s)
 #
 # ($OUT is set by the device tool; default ./gpu_out.) A session has 15 minutes of device time, the machine's
@@ -108,8 +112,16 @@ case $PRESET in
     compile) PRESET_STAGES="env build bench_compile report"
              export GLOWFAST_BENCH_COMPILE_MODEL=${GLOWFAST_BENCH_COMPILE_MODEL:-cifar10_K32_B64}
              GPU_CHECK_COMPILE_MAX=${GPU_CHECK_COMPILE_MAX:-420} ;;
+    nets)    PRESET_STAGES="env build tests bench_ops bench_model report"
+             # the Triton network's own tests first (its numbers mean nothing if it is wrong on this GPU); then per
+             # network: the cuDNN module, channels_last (+ bf16), the Triton network (+ bf16); whole model: the
+             # graphed fused step with cuDNN or Triton networks, fp32 and bf16 (the GEMM layouts were slower already)
+             GPU_TESTS=${GPU_TESTS:-tests/test_kernel_coupling_net.py}; MAX_tests=${MAX_tests:-90}
+             MAX_bench_ops=${MAX_bench_ops:-120}; MAX_bench_model=${MAX_bench_model:-150}
+             BENCH_OPS_SELECT=${BENCH_OPS_SELECT-coupling_network and not gemm and not compiled}
+             BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-cifar10 and graphed and not gemm} ;;
     all)     PRESET_STAGES="env build tests sanitizer startup bench_model bench_ops tune train tf32 bench_compile report" ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|all]"; exit 2 ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|nets|all]"; exit 2 ;;
 esac
 STAGES=${GPU_CHECK_STAGES:-$PRESET_STAGES}
 ALL_STAGES="env build tests sanitizer startup bench_model bench_ops tune train tf32 bench_compile report"

@@ -32,7 +32,7 @@ def _gpu_check(tmp_path, *args, **env):
 def test_gpu_check_unknown_preset_is_refused(tmp_path):
     res = _gpu_check(tmp_path, "sesion")
     assert res.returncode == 2
-    assert "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|all]" in res.stdout
+    assert "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|nets|all]" in res.stdout
 
 
 def test_gpu_check_unknown_stage_is_refused_before_anything_runs(tmp_path):
