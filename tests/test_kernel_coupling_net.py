@@ -1,9 +1,9 @@
 """The Triton coupling network (glowfast.kernels.coupling_net) vs the reference CouplingNetwork module.
 
 Forward and every gradient (input and all seven parameters) against the module's own fp32 forward/backward
-(cuDNN or the CPU's conv), EXACT tolerances (tests/tolerances.py: the interpreter, or a GPU with TF32 off); on a
-GPU also the default TF32 dots against float64 by the TF32 rule. Then the model option (--triton-networks) and
-its errors.
+(cuDNN or the CPU's conv), EXACT tolerances (tests/tolerances.py: the interpreter, or a GPU with TF32 off); bf16
+hidden activations against the module under bf16 autocast (the BF16 rule); on a GPU also the default TF32 dots
+against float64 by the TF32 rule. Then the model option (--triton-networks) and its errors.
 """
 
 import pytest

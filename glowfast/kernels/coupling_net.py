@@ -31,10 +31,10 @@ log-determinant exact. Hidden activations fp32, or bf16 with `--amp bf16` (store
 3x3 convs load them into fp32 and accumulate in fp32).
 
 Public API
-- `coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor)` -> (h, h1, h2)
+- `coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor, activation_dtype)` -> (h, h1, h2)
 - `coupling_network_backward(x, h1, h2, out, grad_out, w1, w2, w3, logs, logscale_factor)` -> grads of
   (x, w1, b1, w2, b2, w3, b3, logs)
-- `CouplingNetworkFunction` / `apply_coupling_network(net, x)`: autograd for a
+- `CouplingNetworkFunction` / `apply_coupling_network(net, x, activation_dtype)`: autograd for a
   `glowfast.reference.coupling.CouplingNetwork` (saves x, h1, h2 and the output).
 """
 
@@ -199,11 +199,11 @@ def _conv3x3_wgrad_kernel(
 
 
 def _gpu_conv_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
-    """GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_conv3x3_kernel`. Thin input (the hidden layer's 512 outputs):
-    64 pixels x 128 output channels, K steps of up to 32 input channels, 8 warps. Thin output: 128 pixels x all
-    output channels (padded to 16-128), K steps of 32, 8 warps. Chosen as the largest tiles without register
-    spills on sm_90 (Triton 3.6 and 3.8, tf32 and ieee dots; tests/test_triton_compile_sm90.py), not yet timed on
-    a GPU."""
+    """GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_conv3x3_kernel`. More than 64 output channels (the hidden
+    layer's 512, from a thin input): 64 pixels x 128 output channels, K steps of up to 32 input channels, 8 warps.
+    Up to 64 (thin output): 128 pixels x all output channels (padded to 16-64), K steps of 32, 8 warps. Chosen as
+    the largest tiles without register spills on sm_90 (Triton 3.6 and 3.8, tf32 and ieee dots, fp32 and bf16 data;
+    tests/test_triton_compile_sm90.py), not yet timed on a GPU."""
     if cout > 64:
         return 64, 128, max(16, min(32, next_power_of_2(cin))), 8
     return 128, max(16, next_power_of_2(cout)), 32, 8
