@@ -452,8 +452,14 @@ def lu_target_table(groups: OrderedDict) -> list[str]:
         for variant in ("fused", "packed"):
             row = (groups.get(f"batched_lu/{mode}/cifar96") or {}).get(variant)
             if gpu(row):
-                checks.append((f"batched_lu/{mode}/cifar96 ({variant}): 96 matrices ≤ {limit * 1e6:.0f} µs",
-                               row["time"] <= limit, fmt_time(row["time"])))
+                target = f"batched_lu/{mode}/cifar96 ({variant}): 96 matrices ≤ {limit * 1e6:.0f} µs"
+                checks.append((target, row["time"] <= limit, fmt_time(row["time"])))
+                # the same call replayed from a CUDA graph (bench_batched_lu records graph_replay_us): the device
+                # time, without the host's Python / dispatcher / autograd work that bounded the eager rows on the H200
+                replay_us = row["info"].get("graph_replay_us")
+                if replay_us:
+                    checks.append((f"{target}, CUDA-graph replays (device time)", replay_us * 1e-6 <= limit,
+                                   fmt_time(replay_us * 1e-6)))
     rows = groups.get("batched_lu/slogdet-fwd/batch4096x48") or {}
     fused, torch_batched = rows.get("fused"), rows.get("peer")
     if gpu(fused) and gpu(torch_batched):
