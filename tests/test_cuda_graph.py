@@ -41,11 +41,15 @@ def test_cuda_graphs_refuse_the_reference_slogdet(tmp_path, capsys):
     assert not (run / "checkpoints").exists()
 
 
-def _model(backend="fused", memory_saving=False):
+def _model(backend="fused", memory_saving=False, networks=None):
     torch.manual_seed(0)
     model = Glow((1, 8, 8), K=3, L=2, hidden_channels=16, backend=backend, memory_saving=memory_saving).cuda()
     with torch.no_grad():
         model(torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, device="cuda"))  # ActNorm init
+    if networks == "triton":
+        from glowfast.amp import enable_triton_networks
+
+        enable_triton_networks(model)
     return model
 
 
@@ -65,13 +69,15 @@ def _eager_grads(model, x):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend,memory_saving", [("fused", False), ("reference", False), ("fused", True)])
-def test_replay_matches_eager(backend, memory_saving, monkeypatch):
-    """memory_saving: the invertible backward (W^-1 from the batched LU op, no host read) is captured too."""
+@pytest.mark.parametrize("backend,memory_saving,networks", [("fused", False, None), ("reference", False, None),
+                                                            ("fused", True, None), ("fused", False, "triton")])
+def test_replay_matches_eager(backend, memory_saving, networks, monkeypatch):
+    """memory_saving: the invertible backward (W^-1 from the batched LU op, no host read) is captured too; triton:
+    the coupling networks by glowfast's kernels (--triton-networks), whose launches and GEMMs are captured too."""
     # replay and eager run the same algorithms only if cuDNN may not pick a non-deterministic one per call
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    model = _model(backend, memory_saving)
+    model = _model(backend, memory_saving, networks)
     params = list(model.parameters())
     batches = [torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8, device="cuda") for _ in range(3)]
     step = GraphedStep(_loss_and_grads(model), (batches[0],), params)

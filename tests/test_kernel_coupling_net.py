@@ -24,7 +24,6 @@ from glowfast.kernels.coupling_net import (
     coupling_network_forward,
     pack_weight,
     pack_weight_transposed,
-    unpack_weight,
 )
 from glowfast.reference.coupling import CouplingNetwork
 
@@ -112,15 +111,18 @@ def test_inputs_in_any_memory_layout(device, exact_precision):
         assert_exact(apply_coupling_network(net, view), ref, "out", "layout")
 
 
-def test_weight_packing_round_trips_and_transposes():
+def test_weight_packing_and_the_transposed_kernel():
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
-    assert torch.equal(unpack_weight(pack_weight(w)), w)
-    # the transposed kernel, used as a forward kernel, is conv_transpose2d's kernel: the input gradient of the conv
+    packed = pack_weight(w)
+    for tap in range(9):  # packed[tap, c, o] = w[o, c, kh, kw] with tap = 3 kh + kw
+        assert torch.equal(packed[tap], w[:, :, tap // 3, tap % 3].T)
+    # the transposed kernel is the packed kernel of the conv whose output is the input gradient of w's conv
+    flipped = w.flip(2, 3).transpose(0, 1)
+    assert torch.equal(pack_weight_transposed(w), pack_weight(flipped))
     x = torch.randn(2, 3, 6, 4, dtype=torch.float64)
     gy = torch.randn(2, 5, 6, 4, dtype=torch.float64)
     expected = torch.nn.grad.conv2d_input(x.shape, w, gy, padding=1)
-    assert torch.allclose(torch.nn.functional.conv2d(gy, unpack_weight(pack_weight_transposed(w)), padding=1),
-                          expected)
+    assert torch.allclose(torch.nn.functional.conv2d(gy, flipped, padding=1), expected)
 
 
 @pytest.mark.parametrize("device", kernel_devices())

@@ -18,8 +18,8 @@ Kernels (all 3x3, stride 1, zero padding 1):
   (bias + ReLU) and conv3 (bias, then scale exp(logscale_factor * logs)), and the input gradients of both
   (a 3x3 conv with the kernel flipped and transposed; for conv3 the epilogue applies ReLU's backward mask).
   For conv3's input gradient it also writes per-tile column sums: conv2's bias gradient without another pass.
-- `_conv3x3_wgrad_kernel`: partial[g, tap, c, o] = sum over pixel tiles g, g + G, ... of
-  in[p + d_tap, c] * dout[p, o]; torch sums the G partials (deterministic, no atomics).
+- `_conv3x3_wgrad_kernel`: partial[g, o, c, tap] = sum over pixel tiles g, g + G, ... of
+  in[p + d_tap, c] * dout[p, o], in the weight's own layout; torch sums the G partials (deterministic, no atomics).
 - `_relu_backward_kernel`: the first ReLU's backward in place, with conv1's bias gradient (column sums), one pass.
 The 1x1's bias and ReLU run in cuBLASLt's epilogue (`torch._addmm_activation`).
 
@@ -174,7 +174,8 @@ def _conv3x3_wgrad_kernel(
     dy = tap // 3 - 1
     dx = tap % 3 - 1
     HW = H * W
-    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    # acc[o, c]: the (COUT, CIN) slice of tap `tap`, in the order the weight stores it
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
     for mt in range(g, n_mtiles, G):
         m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M
@@ -183,14 +184,15 @@ def _conv3x3_wgrad_kernel(
         xx = x + dx
         ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
         src = b * s_ib + (yy * W + xx) * s_ip
-        a = tl.load(in_ptr + src[None, :] + ci[:, None] * s_ic, mask=ci_ok[:, None] & ok[None, :],
+        a = tl.load(in_ptr + src[:, None] + ci[None, :] * s_ic, mask=ok[:, None] & ci_ok[None, :],
                     other=0.0).to(tl.float32)
         dst = b * s_db + p * s_dp
-        d = tl.load(dout_ptr + dst[:, None] + co[None, :] * s_dc, mask=m_ok[:, None] & co_ok[None, :],
+        d = tl.load(dout_ptr + dst[None, :] + co[:, None] * s_dc, mask=co_ok[:, None] & m_ok[None, :],
                     other=0.0).to(tl.float32)
-        acc = conv_dot(a, d, acc, PREC)
-    offs = ((g * 9 + tap) * CIN + ci)[:, None] * COUT + co[None, :]
-    tl.store(part_ptr + offs, acc, mask=ci_ok[:, None] & co_ok[None, :])
+        acc = conv_dot(d, a, acc, PREC)
+    # partial g of the gradient in the weight's own (COUT, CIN, 3, 3) layout: summed over g it is the gradient
+    offs = (g * COUT + co)[:, None] * (CIN * 9) + ci[None, :] * 9 + tap
+    tl.store(part_ptr + offs, acc, mask=co_ok[:, None] & ci_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,12 +212,13 @@ def _gpu_conv_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
 
 
 def _gpu_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
-    """GPU (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps) of `_conv3x3_wgrad_kernel`: 64 pixels per step, up to 64 input
-    channels, and 128, 64 or 32 output channels as the input side is 16, 32 or 64 wide (wider spilled: 64 x 128
-    under tf32, 64 x 64 under ieee with Triton 3.6), on 8 warps (on 4, 16 x 128 spilled with bf16 data under Triton
-    3.6); same criterion as _gpu_conv_tile."""
+    """GPU (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps) of `_conv3x3_wgrad_kernel`: 32 pixels per step, up to 64 input
+    channels, and 128, 64 or 32 output channels as the input side is 16, 32 or 64 wide, on 8 warps; same criterion
+    as _gpu_conv_tile. (Wider tiles spilled: 64 x 128 under tf32, 64 x 64 under ieee with Triton 3.6; so did 64
+    pixels per step with some tiles under Triton 3.6, 8 B, once the kernel wrote the weight's own layout; and 4
+    warps.)"""
     bci = max(16, min(64, next_power_of_2(cin)))
-    return 64, bci, max(16, min(2048 // bci, next_power_of_2(cout))), 8
+    return 32, bci, max(16, min(2048 // bci, next_power_of_2(cout))), 8
 
 
 def _interpreter_tile(a: int, b: int, m: int) -> tuple[int, int, int, int]:
@@ -300,12 +303,6 @@ def pack_weight_transposed(w: torch.Tensor) -> torch.Tensor:
     return w.flip(2, 3).permute(2, 3, 0, 1).reshape(9, w.shape[0], w.shape[1]).contiguous()
 
 
-def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_weight: (9, cin, cout) -> (cout, cin, 3, 3)."""
-    _, cin, cout = packed.shape
-    return packed.reshape(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous()
-
-
 def conv3x3(inp, in_strides, w_packed, out, out_strides, shape, *, bias=None, scale=None, relu=False, mask=None,
             colsum=False, precision="ieee"):
     """out <- epilogue(3x3 conv of inp); shape = (B, H, W, cin, cout); w_packed (9, cin, cout). Returns out, or
@@ -339,7 +336,8 @@ def relu_backward_(grad: torch.Tensor, relu_out: torch.Tensor) -> torch.Tensor:
 
 
 def conv3x3_weight_grad(inp, in_strides, dout, dout_strides, shape, *, precision="ieee") -> torch.Tensor:
-    """(9, cin, cout) fp32: sum over pixels of in[p + d_tap, c] * dout[p, o]; shape = (B, H, W, cin, cout)."""
+    """The (cout, cin, 3, 3) fp32 weight gradient: sum over pixels of in[p + d_tap, c] * dout[p, o];
+    shape = (B, H, W, cin, cout)."""
     B, H, W, cin, cout = shape
     m = B * H * W
     bm, bci, bco, nw = wgrad_tile(cin, cout, m)
@@ -347,7 +345,7 @@ def conv3x3_weight_grad(inp, in_strides, dout, dout_strides, shape, *, precision
     tiles = cdiv(cin, bci) * cdiv(cout, bco)
     # pixel-tile groups: ~4 programs per SM in all (reduction_programs' rule with the 9 taps x tiles as "batch")
     G = max(1, min(n_mt, reduction_programs(9 * tiles, n_mt, dout.device)))
-    part = torch.empty((G, 9, cin, cout), device=dout.device, dtype=torch.float32)
+    part = torch.empty((G, cout, cin, 3, 3), device=dout.device, dtype=torch.float32)
     with on_device_of(dout):
         launch(_conv3x3_wgrad_kernel, (tiles, 9, G),
                inp, dout, part, m, H, W, cin, cout, n_mt, G, *in_strides, *dout_strides,
@@ -434,7 +432,7 @@ def coupling_network_backward(x, h1, h2, out, grad_out, w1, w2, w3, logs, logsca
     dlogs = logscale_factor * (grad_out * out).sum((0, 2, 3))
     db3 = g3.sum((0, 2, 3))
     g3_strides = _nchw_strides(g3)
-    dw3 = unpack_weight(conv3x3_weight_grad(h2, rows, g3, g3_strides, (B, H, W, hidden, cout), precision=prec))
+    dw3 = conv3x3_weight_grad(h2, rows, g3, g3_strides, (B, H, W, hidden, cout), precision=prec)
     # through conv3 and the second ReLU: d pre-activation of h2, as pixel rows (in the activations' dtype)
     d2 = torch.empty((B * hw, hidden), device=x.device, dtype=h2.dtype)
     _, db2 = conv3x3(g3, g3_strides, pack_weight_transposed(w3), d2, rows, (B, H, W, cout, hidden), mask=h2,
@@ -444,7 +442,7 @@ def coupling_network_backward(x, h1, h2, out, grad_out, w1, w2, w3, logs, logsca
         dw2 = torch.mm(d2.t(), h1).view_as(w2).to(w2.dtype)
         d1 = torch.mm(d2, w2m)
     db1 = relu_backward_(d1, h1)  # the first ReLU's backward and conv1's bias gradient in one pass
-    dw1 = unpack_weight(conv3x3_weight_grad(x, _nchw_strides(x), d1, rows, (B, H, W, cin, hidden), precision=prec))
+    dw1 = conv3x3_weight_grad(x, _nchw_strides(x), d1, rows, (B, H, W, cin, hidden), precision=prec)
     dx = None
     if need_dx:
         dx = torch.empty((B, cin, H, W), device=x.device, dtype=torch.float32)
