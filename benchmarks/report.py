@@ -199,7 +199,12 @@ def precompile_cell(r: dict) -> str:
         return "off"
     if pre.get("skipped"):
         return f"nothing compiled ({pre['skipped']})"
-    return f"{fmt_time(r['precompile_s'])}, {pre['compiled']} kernels"
+    cell = f"{fmt_time(r['precompile_s'])}, {pre['compiled']} kernels"
+    if "dry_seconds" in pre:  # the dry step's own share (torch ops, cuDNN autotuning) vs waiting for the compiles
+        cell += f" (dry step {fmt_time(pre['dry_seconds'])})"
+    if r.get("first_step_compiles"):  # the real step compiled variants the dry step's keys missed
+        cell += f"; the first step compiled {r['first_step_compiles']} more"
+    return cell
 
 
 def header(meta: dict, title: str, note: str | None, benches: list[dict] = ()) -> list[str]:

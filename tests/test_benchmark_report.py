@@ -532,6 +532,20 @@ def test_start_up_with_and_without_precompile_each_get_a_target_row(tmp_path):
     assert cells[5:8] == ["500 ms", "1.5 s, 18 kernels", "2 s"], cells
 
 
+@pytest.mark.parametrize("first_step_compiles, said", [(0, False), (3, True)])
+def test_the_precompile_cell_shows_the_dry_step_and_missed_variants(tmp_path, first_step_compiles, said):
+    """startup.py's diagnostics: the dry step's own share of the precompile, and any variant the real first step
+    still compiled (a key the dry step missed) -- said only when there is one."""
+    rec = {**startup_record("fused", 0.0), "init_s": 0.5, "precompile_s": 9.5, "first_step_s": 3.0,
+           "to_first_step_s": 21.0, "first_step_compiles": first_step_compiles,
+           "precompile": {"launches": 54, "compiled": 18, "seconds": 9.5, "dry_seconds": 7.25, "skipped": None}}
+    st = tmp_path / "startup.json"
+    st.write_text(json.dumps([rec]))
+    cell = table_row(run_report("--startup", st).stdout, "cifar10_K32")[6]
+    assert cell.startswith("9.5 s, 18 kernels (dry step 7.25 s)")
+    assert ("the first step compiled 3 more" in cell) == said, cell
+
+
 def test_commit_of_a_run_outside_git_comes_from_the_environment(tmp_path):
     """The GPU machine's copy of the tree has no .git: pytest-benchmark records the commit as "unversioned", and
     the report named that instead of the GLOWFAST_GIT_COMMIT the session passes (found by an API audit)."""

@@ -14,12 +14,12 @@ import torch
 
 from glowfast import Glow
 from glowfast.fused import precompile_training_step
-from glowfast.kernels import actnorm_invconv, coupling, cross_step
-from glowfast.kernels.precompile import PrecompileReport, is_dry, precompiling
+from glowfast.kernels import actnorm_invconv, coupling, coupling_net, cross_step
+from glowfast.kernels.precompile import PrecompileReport, compiled_variants, is_dry, precompiling
 
 from conftest import KERNEL_DEVICE, requires_cuda
 
-KERNELS = [getattr(m, name) for m in (actnorm_invconv, coupling, cross_step) for name in dir(m)
+KERNELS = [getattr(m, name) for m in (actnorm_invconv, coupling, cross_step, coupling_net) for name in dir(m)
            if name.endswith("_kernel") and name.startswith("_")]
 
 
@@ -78,11 +78,16 @@ def _cold_kernel_caches():
 
 
 def _model(coupling="affine", permutation="invconv", lu=True, memory_saving=False, n_classes=None, shape=(3, 8, 8),
-           device=KERNEL_DEVICE):
+           device=KERNEL_DEVICE, networks=()):
+    """`networks`: coupling-network options ("triton", "bf16": --triton-networks, --amp bf16)."""
+    from glowfast.amp import apply_network_options
+
     torch.manual_seed(0)
     model = Glow(shape, K=3, L=2, hidden_channels=8, coupling=coupling, permutation=permutation, lu=lu,
                  n_classes=n_classes, backend="fused").to(device)
     model.memory_saving = memory_saving
+    apply_network_options(model, {"triton_networks": "triton" in networks,
+                                  "amp": "bf16" if "bf16" in networks else "none"})
     return model
 
 
@@ -113,6 +118,9 @@ CASES = [
     pytest.param(dict(n_classes=3, shape=(1, 8, 12)), id="conditional-nonsquare"),
     # levels of 80 and 160 channels: the second, wider than the kernels take, runs the reference layers
     pytest.param(dict(shape=(20, 4, 4)), id="wide-top-level-on-the-reference"),
+    # the coupling networks' own kernels (--triton-networks), fp32 and bf16 activations
+    pytest.param(dict(networks=("triton",)), id="triton-networks"),
+    pytest.param(dict(networks=("triton", "bf16")), id="triton-networks-bf16"),
 ]
 
 
@@ -124,6 +132,7 @@ def test_dry_step_asks_for_exactly_the_variants_the_real_step_launches(options, 
     model = _model(**options)
     x, y = _images(model), _labels(model)
     _init(model, x, y)
+    launch_log.clear()  # the init runs the reference flow layers, but --triton-networks' networks run their kernels
     report = precompile_training_step(model, x, y)
     dry = list(launch_log)
     launch_log.clear()
@@ -264,29 +273,28 @@ def test_an_exception_inside_leaves_no_dry_state():
 # ------------------------------------------------------------------------------------------------ GPU
 
 
-def _cache_entries(device_index: int) -> int:
-    return sum(len(k.device_caches[device_index][0]) for k in KERNELS if device_index in k.device_caches)
-
-
 @requires_cuda
-@pytest.mark.parametrize("memory_saving", [False, True])
-def test_gpu_real_step_after_precompile_compiles_nothing(memory_saving):
+@pytest.mark.parametrize("memory_saving, networks", [(False, ()), (True, ()), (False, ("triton",)),
+                                                     (False, ("triton", "bf16"))])
+def test_gpu_real_step_after_precompile_compiles_nothing(memory_saving, networks):
     """The cache keys of the warm-ups are those of the real launches: after a precompile from a cold in-memory
-    cache, a real forward + backward adds no compiled kernel (and at least one variant was compiled ahead)."""
+    cache, a real forward + backward adds no compiled kernel (and at least one variant was compiled ahead);
+    `compiled_variants` (what benchmarks/startup.py reports) counts them."""
     if KERNEL_DEVICE != "cuda":
         pytest.skip("a GPU, but TRITON_INTERPRET=1: the kernels are interpreted, nothing is compiled")
-    model = _model(memory_saving=memory_saving, shape=(3, 16, 16), device="cuda")
+    model = _model(memory_saving=memory_saving, shape=(3, 16, 16), device="cuda", networks=networks)
     x, y = _images(model, 4, "cuda"), None
     _init(model, x, y)
-    index = torch.cuda.current_device()
     _cold_kernel_caches()
+    assert compiled_variants() == 0
     report = precompile_training_step(model, x, y)
     assert report.skipped is None and report.compiled > 0, report
-    before = _cache_entries(index)
+    assert 0 < report.dry_seconds <= report.seconds
+    before = compiled_variants()
     assert before == report.compiled
     _real_step(model, x, y)
     torch.cuda.synchronize()
-    assert _cache_entries(index) == before
+    assert compiled_variants() == before
 
 
 # ------------------------------------------------------------------------------------------------ integrations

@@ -38,12 +38,30 @@ class PrecompileReport:
     launches: int = 0  # glowfast kernel launches the dry step made (each became a warm-up)
     compiled: int = 0  # distinct kernel variants submitted for compilation (not already in Triton's caches)
     seconds: float = 0.0  # wall time of the dry step plus the compilations
+    dry_seconds: float = 0.0  # of which the dry step itself (its torch ops, cuDNN autotuning, compile submissions)
     skipped: str | None = None  # why nothing was compiled, if nothing could be
 
     def as_record(self) -> dict:
         """The JSON record the trainer's metrics and the experiments' histories keep."""
         return {"launches": self.launches, "compiled": self.compiled, "seconds": round(self.seconds, 3),
-                "skipped": self.skipped}
+                "dry_seconds": round(self.dry_seconds, 3), "skipped": self.skipped}
+
+
+def compiled_variants() -> int:
+    """How many compiled variants glowfast's Triton kernels hold in their in-process caches (every device). Read
+    before and after a step, it says whether the step compiled anything: after `precompiling()` the first real step
+    should add none (start-up diagnostics, benchmarks/startup.py). 0 under the interpreter, or where this Triton
+    keeps its caches elsewhere."""
+    import importlib
+
+    total = 0
+    for name in ("actnorm_invconv", "coupling", "cross_step", "coupling_net"):
+        mod = importlib.import_module(f"{__package__}.{name}")
+        for attr in dir(mod):
+            caches = getattr(getattr(mod, attr), "device_caches", None) if attr.endswith("_kernel") else None
+            for entry in (caches or {}).values():
+                total += len(entry[0])  # (kernel_cache, key cache, target, backend, binder) in Triton 3.6-3.8
+    return total
 
 
 def is_dry() -> bool:
@@ -101,4 +119,5 @@ def precompiling(max_workers: int | None = None):
         if report.skipped is None:
             stack.callback(lambda: setattr(report, "compiled", len(getattr(mode, "future_kernels", ()))))
         yield report
+        report.dry_seconds = time.perf_counter() - t0  # before the exit waits for the compilations
     report.seconds = time.perf_counter() - t0
