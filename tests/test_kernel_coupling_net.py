@@ -142,6 +142,17 @@ def test_bad_input_is_refused_with_a_clear_error(device):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+def test_an_empty_batch(device):
+    """No images: empty output, zero parameter gradients, nothing launched (a CUDA grid of 0 programs is an error)."""
+    net = _net(6, 16, device)
+    x = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+    out = apply_coupling_network(net, x)
+    assert out.shape == (0, 6, 4, 4)
+    grads = torch.autograd.grad(out.sum(), [x, *net.parameters()])
+    assert grads[0].shape == x.shape and all(float(g.abs().sum()) == 0.0 for g in grads[1:])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 def test_double_backward_is_refused(device):
     net = _net(4, 16, device)
     x = torch.randn(1, 2, 3, 3, device=device, requires_grad=True)
