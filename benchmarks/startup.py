@@ -9,6 +9,8 @@ kernels of a step compiled in parallel from a dry run, glowfast.fused.precompile
 off skips it), `first_step` (the first fused forward + backward + Adamax: without precompile, Triton compiles
 every kernel here one after another; cuDNN autotuning, allocator growth), `second_step` (warm, for comparison)
 and `to_first_step` = everything up to the end of the first step, what issue 6's "start-up under 20 s" bounds.
+Diagnostics: `first_step_compiles` (kernel variants the first step compiled itself: 0 after a precompile that covered
+it) and the precompile record's `dry_seconds` (its dry step's own share, before the wait for the compilations).
 (Before 2026-11-26 the init ran inside the "first step", and the kernels compiled in the second, unmeasured.)
 Run it with `TRITON_CACHE_DIR` pointing at an empty folder (benchmarks/gpu_check.sh does) or the Triton compile
 time is not included. Appends one JSON record per run to --out (a list).
