@@ -312,3 +312,52 @@ def test_host_side_power_of_two_and_cdiv_match_tritons():
 
     assert [_utils.next_power_of_2(n) for n in range(0, 70_000)] == [triton.next_power_of_2(n) for n in range(70_000)]
     assert all(_utils.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in range(1, 70))
+
+
+# ------------------------------------------------------------------------------ the coupling networks' kernels
+def test_network_sweep_every_candidate_matches_the_default(tmp_path):
+    """--networks: every launch kind of glowfast.kernels.coupling_net at every candidate tile gives the default
+    tile's outputs (a small hidden width and image keep the interpreter quick; on a GPU, one launch kind)."""
+    launches = tune.NETWORK_LAUNCHES if KERNEL_DEVICE == "cpu" else ("conv_out",)
+    rc = tune.main(["--networks", "--device", KERNEL_DEVICE, "--shapes", "1x4x2x3", "--hidden", "24",
+                    "--kernels", ",".join(launches), "--rounds", "1", "--iterations", "1", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "tune.json").read_text())["records"]
+    assert rc == 0
+    for launch in launches:
+        got = [r for r in records if r["mode"] == launch]
+        assert [tuple(r["tile"]) for r in got] == tune.network_candidates(launch, (1, 4, 2, 3), 24)
+        assert all(r["match"] and "error" not in r and r["us"] > 0 for r in got), got
+    table = (tmp_path / "tune.md").read_text()
+    assert all(f"| coupling_net/{launch} | B1_C4_2x3 |" in table for launch in launches)
+
+
+def test_network_candidates_start_with_the_default_and_have_no_duplicates():
+    from glowfast.kernels.coupling_net import conv_tile, wgrad_tile
+
+    for launch in tune.NETWORK_LAUNCHES:
+        for shape in tune.CIFAR_SHAPES:
+            cands = tune.network_candidates(launch, shape)
+            b, _, h, w = shape
+            cin, cout = tune.network_channels(launch, shape)
+            tile = conv_tile if launch.startswith("conv") else wgrad_tile
+            assert cands[0] == tile(cin, cout, b * h * w) and len(set(cands)) == len(cands) > 1
+            for *blocks, warps in cands[1:]:
+                assert all(v >= 16 and v & (v - 1) == 0 for v in blocks) and warps in tune.NUM_WARPS
+
+
+@pytest.mark.parametrize("tile", [(8, 64, 16, 4), (64, 96, 16, 4), (64, 64, 16, 3), (64, 64, 16)])
+def test_network_tile_override_rejects_bad_tiles(tile):
+    from glowfast.kernels.coupling_net import tile_override
+
+    with pytest.raises(ValueError, match="powers of two"), tile_override(conv=tile):
+        pass
+
+
+def test_network_tile_override_applies_inside_and_is_restored_after_an_error():
+    from glowfast.kernels.coupling_net import conv_tile, tile_override, wgrad_tile
+
+    before = conv_tile(16, 512, 4096), wgrad_tile(16, 512, 4096)
+    with pytest.raises(RuntimeError, match="boom"), tile_override(conv=(32, 64, 16, 2)):
+        assert conv_tile(16, 512, 4096) == (32, 64, 16, 2) and wgrad_tile(16, 512, 4096) == before[1]
+        raise RuntimeError("boom")
+    assert (conv_tile(16, 512, 4096), wgrad_tile(16, 512, 4096)) == before

@@ -40,6 +40,8 @@ Public API
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -227,8 +229,35 @@ def _interpreter_tile(a: int, b: int, m: int) -> tuple[int, int, int, int]:
             max(16, min(512, next_power_of_2(b))), 4)
 
 
+# Tiles forced by `tile_override` (the block-size sweep, `python -m glowfast.kernels.tune --networks`)
+_TILE_OVERRIDE: dict[str, tuple[int, int, int, int]] = {}
+
+
+@contextlib.contextmanager
+def tile_override(conv: tuple[int, int, int, int] | None = None, wgrad: tuple[int, int, int, int] | None = None):
+    """Inside, every `_conv3x3_kernel` launch uses tile `conv` = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) and every
+    `_conv3x3_wgrad_kernel` launch `wgrad` = (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps), where given: each block
+    size a power of two >= 16 (tl.dot's smallest), warps a power of two up to 16. Restored on exit."""
+    for name, tile in (("conv", conv), ("wgrad", wgrad)):
+        if tile is None:
+            continue
+        *blocks, warps = tile
+        if len(tile) != 4 or any(b < 16 or b & (b - 1) for b in blocks) or warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{name} tile must be 3 powers of two >= 16 and a warp count in 1..16 (a power of "
+                             f"two), got {tile}")
+    saved = dict(_TILE_OVERRIDE)
+    _TILE_OVERRIDE.update({k: tuple(v) for k, v in (("conv", conv), ("wgrad", wgrad)) if v is not None})
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDE.clear()
+        _TILE_OVERRIDE.update(saved)
+
+
 def conv_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_conv3x3_kernel` for cin -> cout channels over m pixels."""
+    if "conv" in _TILE_OVERRIDE:
+        return _TILE_OVERRIDE["conv"]
     if is_interpret():
         bm, bk, bn, nw = _interpreter_tile(cin, cout, m)
         return bm, bn, bk, nw
@@ -237,6 +266,8 @@ def conv_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int]:
 
 def wgrad_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps) of `_conv3x3_wgrad_kernel`."""
+    if "wgrad" in _TILE_OVERRIDE:
+        return _TILE_OVERRIDE["wgrad"]
     return _interpreter_tile(cin, cout, m) if is_interpret() else _gpu_wgrad_tile(cin, cout)
 
 

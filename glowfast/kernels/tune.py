@@ -19,6 +19,10 @@ shapes at batch 256. Candidates: BLOCK_P = the default /2 ... x8 (powers of two,
 finished). The defaults are the table `GPU_TILES` in glowfast/kernels/_utils.py: a tuning result is applied
 there (and must stay spill-free: tests/test_triton_compile_sm90.py), and measured again.
 
+`--networks` sweeps the coupling network's kernels instead (glowfast/kernels/coupling_net.py, `--triton-networks`):
+its four launch kinds (thin-input and thin-output conv, the two weight gradients) at CIFAR-10's level shapes, over
+tiles around the wrapper's (`network_candidates`), the same output check and timing.
+
 Under TRITON_INTERPRET=1 the sweep runs on CPU tensors (tiny shapes; tests/test_kernel_tune.py), where only
 the output check means anything.
 """
@@ -288,20 +292,29 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def config_text(r: dict) -> str:
+    """A record's launch configuration: (BLOCK_P, warps[, programs/SM]) of a flow kernel, or the tile of a coupling
+    network kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps) or (BLOCK_M, BLOCK_CI, BLOCK_CO, warps)."""
+    if "tile" in r:
+        return "(" + ", ".join(map(str, r["tile"])) + ")"
+    per_sm = f", {r['programs_per_sm']}/SM" if r.get("programs_per_sm") else ""
+    return f"({r['block_p']}, {r['num_warps']}{per_sm})"
+
+
 def markdown(records: list[dict], device_name: str) -> str:
     lines = [f"# Block-size sweep of the fused kernels ({device_name})", "",
              "Default = the current rule; best = the fastest candidate whose outputs match the default's. "
-             "GB/s = compulsory bytes / median time; frac = of the measured device-to-device copy bandwidth.", "",
-             "| kernel | shape | default (BLOCK_P, warps[, programs/SM]) | µs | GB/s | frac | best | µs | GB/s | "
-             "frac | speed-up |",
+             "GB/s = compulsory bytes / median time; frac = of the measured device-to-device copy bandwidth. "
+             "Configurations: (BLOCK_P, warps[, programs/SM]) for the flow kernels; for the coupling network's "
+             "(coupling_net/*) (BLOCK_M, BLOCK_N, BLOCK_K, warps) and, for its weight gradients, "
+             "(BLOCK_M, BLOCK_CI, BLOCK_CO, warps).", "",
+             "| kernel | shape | default | µs | GB/s | frac | best | µs | GB/s | frac | speed-up |",
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
 
     def cells(r):
         if r is None or "us" not in r:
             return ["-", "-", "-", "-"]
-        cfg = f"({r['block_p']}, {r['num_warps']}" + (f", {r['programs_per_sm']}/SM" if r.get("programs_per_sm")
-                                                      else "") + ")"
-        return [cfg, f"{r['us']:.1f}", f"{r['GBps']:.0f}",
+        return [config_text(r), f"{r['us']:.1f}", f"{r['GBps']:.0f}",
                 f"{r['fraction_of_copy_bw']:.2f}" if "fraction_of_copy_bw" in r else "-"]
 
     bad = []
@@ -315,10 +328,138 @@ def markdown(records: list[dict], device_name: str) -> str:
         lines += ["", "Candidates that failed or did not match the default's outputs:", ""]
         for r in bad:
             why = r.get("error") or f"max rel diff {r['max_rel_diff']:.2e}"
-            per_sm = f", {r['programs_per_sm']}/SM" if r.get("programs_per_sm") else ""
-            lines.append(f"- {r['kernel']}/{r['mode']} {shape_tag(r['shape'])} ({r['block_p']}, {r['num_warps']}"
-                         f"{per_sm}): {why}")
+            lines.append(f"- {r['kernel']}/{r['mode']} {shape_tag(r['shape'])} {config_text(r)}: {why}")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ the coupling networks' kernels
+# Launches of glowfast.kernels.coupling_net at a flow level's shape (B, C, H, W): the network reads C_a = C // 2
+# channels and writes 2 C_b, with NETWORK_HIDDEN hidden channels. conv_in = conv1's forward (thin input: C_a ->
+# hidden, bias + ReLU), conv_out = conv3's forward (thin output: hidden -> 2 C_b, bias + scale); their input
+# gradients run the same kernel at the mirrored channel counts. wgrad_in / wgrad_out = the two weight gradients.
+NETWORK_LAUNCHES = ("conv_in", "conv_out", "wgrad_in", "wgrad_out")
+NETWORK_HIDDEN = 512
+
+
+def network_channels(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> tuple[int, int]:
+    """(cin, cout) of a network launch at a flow level's shape."""
+    _, c, _, _ = shape
+    thin_in, thin_out = c // 2, 2 * (c - c // 2)
+    return (thin_in, hidden) if launch.endswith("_in") else (hidden, thin_out)
+
+
+def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list[tuple[int, int, int, int]]:
+    """The wrapper's tile first, then variations of the dimensions that matter for the launch (tiles of up to 16K
+    elements for the conv's (BLOCK_M, BLOCK_N) and its (BLOCK_M, BLOCK_K) input tile, 4K for the weight gradient's
+    accumulator), on 4 and 8 warps."""
+    from .coupling_net import conv_tile, wgrad_tile
+
+    b, _, h, w = shape
+    cin, cout = network_channels(launch, shape, hidden)
+    if launch.startswith("conv"):
+        default = conv_tile(cin, cout, b * h * w)
+        bm0, bn0, bk0, _ = default
+        if launch == "conv_in":  # many output channels: the pixel x channel output tile
+            grid = [(bm, bn, bk0) for bm in (32, 64, 128) for bn in (64, 128, 256) if bm * bn <= 16384]
+        else:  # few output channels: the pixel x K input tile
+            grid = [(bm, bn0, bk) for bm in (64, 128, 256) for bk in (16, 32, 64) if bm * bk <= 16384]
+    else:
+        default = wgrad_tile(cin, cout, b * h * w)
+        bm0, bci0, bco0, _ = default
+        if launch == "wgrad_in":  # the wide side is the output channels
+            grid = [(bm, bci0, bco) for bm in (16, 32, 64) for bco in (32, 64, 128, 256) if bci0 * bco <= 4096]
+        else:
+            grid = [(bm, bci, bco0) for bm in (16, 32, 64) for bci in (16, 32, 64, 128) if bci * bco0 <= 4096]
+    out = [default]
+    out += [(*t, nw) for t in grid for nw in NUM_WARPS if (*t, nw) not in out]
+    return out
+
+
+def network_case(launch: str, shape, device, hidden: int = NETWORK_HIDDEN) -> tuple[Callable[[], object], int]:
+    """(call, bytes moved) for one network kernel launch on fixed random inputs (a fresh output each call)."""
+    from .coupling_net import (
+        _nchw_strides,
+        _rows_strides,
+        conv3x3,
+        conv3x3_weight_grad,
+        network_precision,
+        pack_weight,
+    )
+
+    b, _, h, w = shape
+    cin, cout = network_channels(launch, shape, hidden)
+    m = b * h * w
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*size, scale=1.0):
+        return (scale * torch.randn(*size, generator=g)).to(device)
+
+    prec = network_precision(torch.device(device))
+    rows = _rows_strides(h * w, hidden)
+    geometry = (b, h, w, cin, cout)
+    if launch == "conv_in":
+        x, wp, bias = randn(b, cin, h, w), pack_weight(randn(cout, cin, 3, 3, scale=0.1)), randn(cout)
+        return (lambda: conv3x3(x, _nchw_strides(x), wp, torch.empty(m, cout, device=device), rows, geometry,
+                                bias=bias, relu=True, precision=prec)), 4 * (x.numel() + m * cout)
+    if launch == "conv_out":
+        hid, wp = randn(m, cin).relu(), pack_weight(randn(cout, cin, 3, 3, scale=0.05))
+        bias, scale = randn(cout), randn(cout).exp()
+
+        def call():
+            out = torch.empty(b, cout, h, w, device=device)
+            return conv3x3(hid, rows, wp, out, _nchw_strides(out), geometry, bias=bias, scale=scale, precision=prec)
+
+        return call, 4 * (hid.numel() + m * cout)
+    if launch == "wgrad_in":
+        x, dout = randn(b, cin, h, w), randn(m, cout)
+        return (lambda: conv3x3_weight_grad(x, _nchw_strides(x), dout, rows, geometry, precision=prec)), \
+            4 * (x.numel() + dout.numel())
+    hid, dout = randn(m, cin).relu(), randn(b, cout, h, w)
+    return (lambda: conv3x3_weight_grad(hid, rows, dout, _nchw_strides(dout), geometry, precision=prec)), \
+        4 * (hid.numel() + dout.numel())
+
+
+def sweep_networks(shapes, launches=NETWORK_LAUNCHES, *, device="cuda", budget_s: float = 480.0, rounds: int = 7,
+                   iterations: int = 10, hidden: int = NETWORK_HIDDEN, log=print,
+                   records: list[dict] | None = None) -> list[dict]:
+    """`sweep` for the coupling network's kernels: every candidate tile of `network_candidates` under
+    `coupling_net.tile_override`, its outputs compared with the default tile's, then timed (CUDA-graph replays)."""
+    from .coupling_net import tile_override
+
+    device = torch.device(device)
+    copy_gbps = copy_bandwidth_gbps() if device.type == "cuda" else None
+    t_start = time.perf_counter()
+    records = [] if records is None else records
+    for shape in shapes:
+        for launch in launches:
+            if time.perf_counter() - t_start > budget_s:
+                log(f"budget of {budget_s:.0f} s spent: stopping before coupling_net/{launch}/{shape_tag(shape)}")
+                return records
+            call, nbytes = network_case(launch, shape, device, hidden)
+            ref = None
+            for tile in network_candidates(launch, shape, hidden):
+                rec = dict(kernel="coupling_net", mode=launch, shape=list(shape), tile=list(tile),
+                           default=ref is None, bytes=nbytes)
+                try:
+                    with tile_override(**{"conv" if launch.startswith("conv") else "wgrad": tile}):
+                        out = call()
+                        if ref is None:
+                            ref = out
+                        rec["max_rel_diff"] = max_rel_diff(out, ref)
+                        rec["match"] = rec["max_rel_diff"] <= MATCH_RTOL
+                        sec = time_call(call, device, rounds, iterations)
+                    rec.update(us=round(sec * 1e6, 2), GBps=round(nbytes / sec / 1e9, 1))
+                    if copy_gbps:
+                        rec.update(copy_GBps=round(copy_gbps, 1),
+                                   fraction_of_copy_bw=round(nbytes / sec / 1e9 / copy_gbps, 3))
+                except Exception as exc:  # noqa: BLE001 - e.g. out of resources for one tile: record, go on
+                    rec.update(error=f"{type(exc).__name__}: {str(exc)[:300]}", match=False)
+                    if ref is None:
+                        records.append(rec)
+                        break
+                records.append(rec)
+                log(json.dumps(rec))
+    return records
 
 
 def _parse_shapes(text: str) -> list[tuple[int, ...]]:
@@ -338,7 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", type=_parse_shapes, default=None,
                     help="BxCxHxW,... (default: the bandwidth shapes, then CIFAR-10's at batch 256)")
-    ap.add_argument("--kernels", default=None, help="kernel/mode,... e.g. cross_step/bwd (default: all)")
+    ap.add_argument("--kernels", default=None, help="kernel/mode,... e.g. cross_step/bwd (default: all); with "
+                                                    "--networks: launches, e.g. conv_in,wgrad_out")
+    ap.add_argument("--networks", action="store_true",
+                    help="sweep the coupling network's kernels (glowfast.kernels.coupling_net, --triton-networks) "
+                         "instead of the flow's; shapes are flow levels (default: CIFAR-10's at batch 256)")
+    ap.add_argument("--hidden", type=int, default=NETWORK_HIDDEN, help="--networks: hidden channels (default 512)")
     ap.add_argument("--block-p", default=None, help="BLOCK_P candidates, e.g. 64,128 (default: around the rule)")
     ap.add_argument("--num-warps", default="4,8")
     ap.add_argument("--programs-per-sm", default="",
@@ -351,20 +497,28 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a functional run)")
-    kernels = KERNELS
+    kernels = NETWORK_LAUNCHES if args.networks else KERNELS
     if args.kernels:
-        kernels = tuple(tuple(k.split("/")) for k in args.kernels.split(","))
-        unknown = [k for k in kernels if k not in KERNELS]
+        kernels = tuple(args.kernels.split(",")) if args.networks else \
+            tuple(tuple(k.split("/")) for k in args.kernels.split(","))
+        known = NETWORK_LAUNCHES if args.networks else KERNELS
+        unknown = [k for k in kernels if k not in known]
         if unknown:
-            ap.error(f"unknown kernel/mode {unknown}; choose from {['/'.join(k) for k in KERNELS]}")
-    shapes = args.shapes or [*BANDWIDTH_SHAPES, *CIFAR_SHAPES]
+            names = list(known) if args.networks else ['/'.join(k) for k in KERNELS]
+            ap.error(f"unknown kernel/mode {unknown}; choose from {names}")
+    shapes = args.shapes or ([*CIFAR_SHAPES] if args.networks else [*BANDWIDTH_SHAPES, *CIFAR_SHAPES])
     block_ps = [int(v) for v in args.block_p.split(",")] if args.block_p else None
     num_warps = tuple(int(v) for v in args.num_warps.split(","))
     programs_per_sm = tuple(int(v) for v in args.programs_per_sm.split(",") if v)
     records: list[dict] = []
     try:
-        sweep(shapes, kernels, device=device, budget_s=args.budget, rounds=args.rounds, iterations=args.iterations,
-              num_warps=num_warps, block_ps=block_ps, programs_per_sm=programs_per_sm, records=records)
+        if args.networks:
+            sweep_networks(shapes, kernels, device=device, budget_s=args.budget, rounds=args.rounds,
+                           iterations=args.iterations, hidden=args.hidden, records=records)
+        else:
+            sweep(shapes, kernels, device=device, budget_s=args.budget, rounds=args.rounds,
+                  iterations=args.iterations, num_warps=num_warps, block_ps=block_ps,
+                  programs_per_sm=programs_per_sm, records=records)
     except KeyboardInterrupt:  # a time limit's SIGINT: write what finished
         print(f"interrupted: writing the {len(records)} records measured so far")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
