@@ -233,6 +233,28 @@ def copy_bandwidth_gbps(numel: int = 2**28) -> float:
     return _COPY_GBPS["v"]
 
 
+def _measure_candidate(rec: dict, call, override, ref, device, rounds: int, iterations: int, copy_gbps) -> object:
+    """Run `call` under `override` (a context manager forcing one candidate configuration), compare its outputs
+    with `ref` (None: this candidate is the default, whose outputs become the reference), time it, and fill `rec`
+    (match, max_rel_diff, us, GB/s of rec["bytes"], fraction of the copy bandwidth; or the error). Returns the
+    reference outputs: None only when the default failed, leaving nothing to compare the others with."""
+    try:
+        with override:
+            out = call()
+            if ref is None:
+                ref = out
+            rec["max_rel_diff"] = max_rel_diff(out, ref)
+            rec["match"] = rec["max_rel_diff"] <= MATCH_RTOL
+            sec = time_call(call, device, rounds, iterations)
+        gbps = rec["bytes"] / sec / 1e9
+        rec.update(us=round(sec * 1e6, 2), GBps=round(gbps, 1))
+        if copy_gbps:
+            rec.update(copy_GBps=round(copy_gbps, 1), fraction_of_copy_bw=round(gbps / copy_gbps, 3))
+    except Exception as exc:  # noqa: BLE001 - e.g. out of resources for one tile: record, go on
+        rec.update(error=f"{type(exc).__name__}: {str(exc)[:300]}", match=False)
+    return ref
+
+
 def sweep(shapes, kernels=KERNELS, *, device="cuda", budget_s: float = 480.0, rounds: int = 7,
           iterations: int = 10, num_warps=NUM_WARPS, block_ps=None, programs_per_sm=(), log=print,
           records: list[dict] | None = None) -> list[dict]:
@@ -255,24 +277,11 @@ def sweep(shapes, kernels=KERNELS, *, device="cuda", budget_s: float = 480.0, ro
             for bp, nw, k in configs:
                 rec = dict(kernel=kernel, mode=mode, shape=list(shape), block_p=bp, num_warps=nw,
                            programs_per_sm=k, default=ref is None, bytes=nbytes)
-                try:
-                    with _utils.launch_override(block_p=bp, num_warps=nw, programs_per_sm=k):
-                        out = call()
-                        if ref is None:
-                            ref = out
-                        rec["max_rel_diff"] = max_rel_diff(out, ref)
-                        rec["match"] = rec["max_rel_diff"] <= MATCH_RTOL
-                        sec = time_call(call, device, rounds, iterations)
-                    rec.update(us=round(sec * 1e6, 2), GBps=round(nbytes / sec / 1e9, 1))
-                    if copy_gbps:
-                        rec.update(copy_GBps=round(copy_gbps, 1), fraction_of_copy_bw=round(nbytes / sec / 1e9
-                                                                                            / copy_gbps, 3))
-                except Exception as exc:  # noqa: BLE001 - e.g. out of resources for one tile: record, go on
-                    rec.update(error=f"{type(exc).__name__}: {str(exc)[:300]}", match=False)
-                    if ref is None:  # the default config failed: nothing to compare with
-                        records.append(rec)
-                        break
+                override = _utils.launch_override(block_p=bp, num_warps=nw, programs_per_sm=k)
+                ref = _measure_candidate(rec, call, override, ref, device, rounds, iterations, copy_gbps)
                 records.append(rec)
+                if ref is None:  # the default config failed: nothing to compare with
+                    break
                 log(json.dumps(rec))
     return records
 
@@ -440,24 +449,11 @@ def sweep_networks(shapes, launches=NETWORK_LAUNCHES, *, device="cuda", budget_s
             for tile in network_candidates(launch, shape, hidden):
                 rec = dict(kernel="coupling_net", mode=launch, shape=list(shape), tile=list(tile),
                            default=ref is None, bytes=nbytes)
-                try:
-                    with tile_override(**{"conv" if launch.startswith("conv") else "wgrad": tile}):
-                        out = call()
-                        if ref is None:
-                            ref = out
-                        rec["max_rel_diff"] = max_rel_diff(out, ref)
-                        rec["match"] = rec["max_rel_diff"] <= MATCH_RTOL
-                        sec = time_call(call, device, rounds, iterations)
-                    rec.update(us=round(sec * 1e6, 2), GBps=round(nbytes / sec / 1e9, 1))
-                    if copy_gbps:
-                        rec.update(copy_GBps=round(copy_gbps, 1),
-                                   fraction_of_copy_bw=round(nbytes / sec / 1e9 / copy_gbps, 3))
-                except Exception as exc:  # noqa: BLE001 - e.g. out of resources for one tile: record, go on
-                    rec.update(error=f"{type(exc).__name__}: {str(exc)[:300]}", match=False)
-                    if ref is None:
-                        records.append(rec)
-                        break
+                override = tile_override(**{"conv" if launch.startswith("conv") else "wgrad": tile})
+                ref = _measure_candidate(rec, call, override, ref, device, rounds, iterations, copy_gbps)
                 records.append(rec)
+                if ref is None:
+                    break
                 log(json.dumps(rec))
     return records
 
