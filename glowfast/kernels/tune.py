@@ -367,14 +367,14 @@ def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list
     cin, cout = network_channels(launch, shape, hidden)
     if launch.startswith("conv"):
         default = conv_tile(cin, cout, b * h * w)
-        bm0, bn0, bk0, _ = default
+        _, bn0, bk0, _ = default
         if launch == "conv_in":  # many output channels: the pixel x channel output tile
             grid = [(bm, bn, bk0) for bm in (32, 64, 128) for bn in (64, 128, 256) if bm * bn <= 16384]
         else:  # few output channels: the pixel x K input tile
             grid = [(bm, bn0, bk) for bm in (64, 128, 256) for bk in (16, 32, 64) if bm * bk <= 16384]
     else:
         default = wgrad_tile(cin, cout, b * h * w)
-        bm0, bci0, bco0, _ = default
+        _, bci0, bco0, _ = default
         if launch == "wgrad_in":  # the wide side is the output channels
             grid = [(bm, bci0, bco) for bm in (16, 32, 64) for bco in (32, 64, 128, 256) if bci0 * bco <= 4096]
         else:
