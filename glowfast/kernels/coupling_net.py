@@ -342,9 +342,9 @@ def conv3x3(inp, in_strides, w_packed, out, out_strides, shape, *, bias=None, sc
     m = B * H * W
     bm, bn, bk, nw = conv_tile(cin, cout, m)
     dummy = w_packed  # never read or written: its flag is off
-    parts = torch.empty((cdiv(m, bm), cout), device=out.device, dtype=torch.float32) if colsum else dummy
     if m == 0:  # an empty batch: nothing to launch (a CUDA grid of 0 programs is an error)
         return (out, torch.zeros(cout, device=out.device, dtype=torch.float32)) if colsum else out
+    parts = torch.empty((cdiv(m, bm), cout), device=out.device, dtype=torch.float32) if colsum else dummy
     with on_device_of(out):
         launch(_conv3x3_kernel, (cdiv(m, bm), cdiv(cout, bn)),
                inp, w_packed, dummy if bias is None else bias, dummy if scale is None else scale,
@@ -361,9 +361,9 @@ def relu_backward_(grad: torch.Tensor, relu_out: torch.Tensor) -> torch.Tensor:
     m, n = grad.shape
     bm, bn, nw = (max(16, min(1024, next_power_of_2(m))), max(16, min(512, next_power_of_2(n))), 4) \
         if is_interpret() else _GPU_RELU_TILE
-    parts = torch.empty((cdiv(m, bm), n), device=grad.device, dtype=torch.float32)
     if m == 0:
         return torch.zeros(n, device=grad.device, dtype=torch.float32)
+    parts = torch.empty((cdiv(m, bm), n), device=grad.device, dtype=torch.float32)
     with on_device_of(grad):
         launch(_relu_backward_kernel, (cdiv(m, bm), cdiv(n, bn)), grad, relu_out, parts, m, n,
                BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=1)
