@@ -34,7 +34,7 @@
 #                (glowfast._C with CUDA), skipped when the sources are unchanged since the last build here; then
 #                benchmarks/cpp_exception_probe.py (does a TORCH_CHECK in the extension reach Python as an error?)
 #   tests        python -m pytest -q (the whole suite; junit xml)
-#   sanitizer    compute-sanitizer memcheck on the CUDA LU op tests and the Triton kernel tests
+#   sanitizer    compute-sanitizer memcheck on the CUDA LU op tests and the Triton kernel tests (coupling networks too)
 #                (benchmarks/gpu_check_lu.sh, benchmarks/gpu_check_kernels.sh)
 #   startup      benchmarks/startup.py in fresh processes with an empty Triton cache: import, build, ActNorm init,
 #                first training step of the CIFAR-10 model (fused with its kernels precompiled in parallel, the

@@ -11,4 +11,4 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'gpu_check_kernels.sh ne
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check no \
     --target-processes all \
     $PY -m pytest -q -x -p no:cacheprovider tests/test_kernel_bad_input.py tests/test_kernel_coupling.py \
-    tests/test_kernel_actnorm_invconv.py tests/test_kernel_cross_step.py "$@"
+    tests/test_kernel_actnorm_invconv.py tests/test_kernel_cross_step.py tests/test_kernel_coupling_net.py "$@"
