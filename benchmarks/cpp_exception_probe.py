@@ -7,6 +7,13 @@ raises the same check in a child process, so a crash is reported instead of take
 diagnosis needs: the signal, the compilers, torch's C++ ABI and build flags, the extension's linked C++ runtime,
 and a native backtrace when gdb is installed. Exit 0 when the error arrives as a RuntimeError, 1 otherwise.
 
+Found in the 16th session (H200 machine, Ubuntu 24.04, g++ 13.3, torch 2.11 wheel): there ANY `ostream << number`
+compiled into an extension segfaults (a 6-line load_inline extension did too, also without an exception; strings
+stream fine, std::to_string works), and TORCH_CHECK streams its message arguments. glowfast's checks now format
+their messages with std::to_string (csrc/batched_lu.h: glowfast::message; tests/test_csrc_messages.py). The probe
+also reports whether this machine's toolchain still has the defect (`toolchain:` line; informational, it builds a
+tiny extension with torch.utils.cpp_extension.load_inline, ~20 s).
+
     python benchmarks/cpp_exception_probe.py          # benchmarks/gpu_check.sh runs it after its build stage
 """
 
@@ -26,6 +33,16 @@ except RuntimeError as exc:
     print("raised RuntimeError:", str(exc).splitlines()[0])
 else:
     raise SystemExit("no error: the op accepted a layout that overruns its buffer")
+"""
+
+
+# Streams an integer inside an extension built here: the toolchain defect itself, independent of glowfast.
+STREAM_AN_INT = r"""
+import torch.utils.cpp_extension as ext
+src = ("#include <sstream>\n#include <string>\n"
+       "int64_t streamed_length(int64_t n) { std::ostringstream s; s << n; return s.str().size(); }")
+mod = ext.load_inline("glowfast_stream_probe", cpp_sources=[src], functions=["streamed_length"])
+print("streamed", mod.streamed_length(12345), "characters")
 """
 
 
@@ -58,16 +75,32 @@ def diagnose() -> None:
         print("gdb: not found (no native backtrace)")
 
 
+def toolchain_line() -> str:
+    """Does `ostream << int` in an extension built on this machine work? (the segfault's cause; informational)"""
+    try:
+        r = subprocess.run([sys.executable, "-c", STREAM_AN_INT], capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired:
+        return "toolchain: the stream probe's build timed out"
+    if r.returncode == 0:
+        return "toolchain: `ostream << int` in an extension built here works"
+    if r.returncode < 0:
+        return (f"toolchain: `ostream << int` in an extension built here is killed by signal {-r.returncode} "
+                "(the defect glowfast.message avoids)")
+    return f"toolchain: the stream probe failed to build or run: {(r.stdout + r.stderr).strip()[-300:]}"
+
+
 def main() -> int:
     r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", RAISE], capture_output=True, text=True,
                        timeout=120)
     out = (r.stdout + r.stderr).strip()
     if r.returncode == 0:
         print(f"C++ exception probe: ok ({out.splitlines()[-1]})")
+        print(toolchain_line())
         return 0
     how = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
     print(f"C++ exception probe: FAILED ({how}): a TORCH_CHECK in glowfast._C did not arrive as a RuntimeError")
     print(out[-4000:])
+    print(toolchain_line())
     diagnose()
     return 1
 

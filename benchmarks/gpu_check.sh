@@ -236,7 +236,7 @@ build() {
     # does a TORCH_CHECK in the extension reach Python here? (it segfaulted on the first GPU machine; the probe
     # prints compilers, ABI and a gdb backtrace when it does not); informational: the build stage stands
     timeout 150 $PY benchmarks/cpp_exception_probe.py > "$LOGS/cpp_exception_probe.log" 2>&1
-    head -1 "$LOGS/cpp_exception_probe.log"
+    head -1 "$LOGS/cpp_exception_probe.log"; grep -m1 "^toolchain:" "$LOGS/cpp_exception_probe.log"
     return 0
 }
 
@@ -470,7 +470,7 @@ fi
     workers=$(grep -h '^pytest workers:' "$LOGS/tests.log" 2>/dev/null | head -1)
     echo "- test workers: ${workers:-(the tests did not run)}"
     (( ${#SIDE_BY_SIDE[@]} )) && echo "- side by side (functional, no timings): ${SIDE_BY_SIDE[*]}"
-    [ -f "$LOGS/cpp_exception_probe.log" ] && echo "- $(head -1 "$LOGS/cpp_exception_probe.log") (logs/cpp_exception_probe.log)"
+    [ -f "$LOGS/cpp_exception_probe.log" ] && echo "- $(head -1 "$LOGS/cpp_exception_probe.log") (logs/cpp_exception_probe.log); $(grep -m1 "^toolchain:" "$LOGS/cpp_exception_probe.log")"
     echo
     echo "| stage | status | seconds | last result line |"
     echo "| --- | --- | ---: | --- |"

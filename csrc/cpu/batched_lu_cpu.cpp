@@ -143,9 +143,10 @@ Layout cpu_layout(const at::Tensor& packed, const at::Tensor& offsets, const at:
   const int64_t numel = packed.numel();
   for (int64_t b = 0; b < L.count; ++b) {
     const int64_t n = L.sizes[b], off = L.offsets[b];
-    TORCH_CHECK(n >= 1 && n <= max_n, op, ": matrix ", b, " has size ", n, ", outside [1, max_n=", max_n, "]");
-    TORCH_CHECK(off >= 0 && off + n * n <= numel, op, ": matrix ", b, " (offset ", off, ", n ", n,
-                ") overruns the packed buffer of ", numel, " elements");
+    TORCH_CHECK(n >= 1 && n <= max_n,
+                message(op, ": matrix ", b, " has size ", n, ", outside [1, max_n=", max_n, "]"));
+    TORCH_CHECK(off >= 0 && off + n * n <= numel, message(op, ": matrix ", b, " (offset ", off, ", n ", n,
+                                                          ") overruns the packed buffer of ", numel, " elements"));
   }
   return L;
 }
@@ -193,12 +194,12 @@ at::Tensor lu_inverse_packed_cpu(const at::Tensor& lu_in, const at::Tensor& piv_
   const at::Tensor offsets = offsets_in.contiguous(), sizes = sizes_in.contiguous();
   const Layout L = cpu_layout(lu, offsets, sizes, max_n, op);
   TORCH_CHECK(piv.scalar_type() == at::kInt && piv.dim() == 2 && piv.size(0) == L.count && piv.size(1) == max_n,
-              op, ": pivots must be int32 of shape (B, max_n)");
+              message(op, ": pivots must be int32 of shape (B, max_n)"));
   at::Tensor scale;
   if (scale_in.has_value()) {
     scale = scale_in->contiguous();
-    TORCH_CHECK(scale.dim() == 1 && scale.numel() == L.count && scale.scalar_type() == lu.scalar_type(), op,
-                ": scale must be a (B,) tensor of the factors' dtype");
+    TORCH_CHECK(scale.dim() == 1 && scale.numel() == L.count && scale.scalar_type() == lu.scalar_type(),
+                message(op, ": scale must be a (B,) tensor of the factors' dtype"));
   }
   at::Tensor out = at::empty_like(lu);
   AT_DISPATCH_FLOATING_TYPES(lu.scalar_type(), "lu_inverse_packed_cpu", [&] {
@@ -267,8 +268,8 @@ at::Tensor inverse_packed_backward_cpu(const at::Tensor& inv_in, const at::Tenso
   const at::Tensor inv = inv_in.contiguous(), grad = grad_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous(), sizes = sizes_in.contiguous();
   const Layout L = cpu_layout(inv, offsets, sizes, max_n, op);
-  TORCH_CHECK(grad.sizes() == inv.sizes() && grad.scalar_type() == inv.scalar_type(), op,
-              ": grad must match the inverse's shape and dtype");
+  TORCH_CHECK(grad.sizes() == inv.sizes() && grad.scalar_type() == inv.scalar_type(),
+              message(op, ": grad must match the inverse's shape and dtype"));
   at::Tensor out = at::empty_like(inv);
   AT_DISPATCH_FLOATING_TYPES(inv.scalar_type(), "inverse_packed_backward_cpu", [&] {
     const scalar_t* X = inv.data_ptr<scalar_t>();

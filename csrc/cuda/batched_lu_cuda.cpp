@@ -21,10 +21,10 @@ namespace {
 cuda::PackedLayoutDev cuda_layout(const at::Tensor& packed, const at::Tensor& offsets, const at::Tensor& sizes,
                                   int64_t max_n, const char* op) {
   check_packed_layout(packed, offsets, sizes, max_n, op);
-  TORCH_CHECK(packed.is_cuda(), op, ": expected CUDA tensors");
-  TORCH_CHECK(max_n <= cuda::kMaxN, op, ": the CUDA kernels support matrices up to n = ", cuda::kMaxN,
-              ", got max_n = ", max_n);
-  TORCH_CHECK(offsets.numel() <= int64_t{0x7fffffff}, op, ": too many matrices for one launch");
+  TORCH_CHECK(packed.is_cuda(), message(op, ": expected CUDA tensors"));
+  TORCH_CHECK(max_n <= cuda::kMaxN,
+              message(op, ": the CUDA kernels support matrices up to n = ", cuda::kMaxN, ", got max_n = ", max_n));
+  TORCH_CHECK(offsets.numel() <= int64_t{0x7fffffff}, message(op, ": too many matrices for one launch"));
   // Per-matrix sizes/offsets are bounds-checked inside the kernels (status 3), without a host sync.
   return cuda::PackedLayoutDev{offsets.data_ptr<int64_t>(), sizes.data_ptr<int64_t>(), offsets.numel(),
                                packed.numel(), static_cast<int>(max_n)};
@@ -60,13 +60,13 @@ at::Tensor lu_inverse_packed_cuda(const at::Tensor& lu_in, const at::Tensor& piv
   const auto L = cuda_layout(lu, offsets, sizes, max_n, op);
   TORCH_CHECK(piv.scalar_type() == at::kInt && piv.dim() == 2 && piv.size(0) == L.count && piv.size(1) == max_n &&
                   piv.device() == lu.device(),
-              op, ": pivots must be int32 of shape (B, max_n) on the factors' device");
+              message(op, ": pivots must be int32 of shape (B, max_n) on the factors' device"));
   at::Tensor scale;
   if (scale_in.has_value()) {
     scale = scale_in->contiguous();
     TORCH_CHECK(scale.dim() == 1 && scale.numel() == L.count && scale.scalar_type() == lu.scalar_type() &&
                     scale.device() == lu.device(),
-                op, ": scale must be a (B,) tensor of the factors' dtype and device");
+                message(op, ": scale must be a (B,) tensor of the factors' dtype and device"));
   }
   at::Tensor out = at::empty_like(lu);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -109,7 +109,7 @@ at::Tensor inverse_packed_backward_cuda(const at::Tensor& inv_in, const at::Tens
   const at::Tensor offsets = offsets_in.contiguous(), sizes = sizes_in.contiguous();
   const auto L = cuda_layout(inv, offsets, sizes, max_n, op);
   TORCH_CHECK(grad.sizes() == inv.sizes() && grad.scalar_type() == inv.scalar_type() && grad.device() == inv.device(),
-              op, ": grad must match the inverse's shape, dtype and device");
+              message(op, ": grad must match the inverse's shape, dtype and device"));
   at::Tensor out = at::empty_like(inv);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES(inv.scalar_type(), "inverse_packed_backward_cuda", [&] {
