@@ -115,13 +115,16 @@ def test_every_kernel_compiles_for_sm90(module):
 # of them under "tf32" and 352-504 B under "tf32x3" with Triton 3.6-3.9 (16 warps cap registers at 128). Only
 # levels with more than 64 channels use cp 128 (e.g. a 4th level of 96 channels at 4x4): no CIFAR/MNIST
 # configuration, and a small share of any model's pixels. One more under "tf32x3": the cross-step backward at cp 64
-# (CIFAR-10's 48-channel level) spills 72 B under Triton 3.6 at every tile tried (none under 3.8). Keyed by
-# (kernel, cp, dot precision).
+# (CIFAR-10's 48-channel level) spills 72 B under Triton 3.6 at every tile tried (none under 3.8). And the Triton
+# coupling network's 3x3 conv into the hidden layer at its H200-swept tile (128 x 64, K steps of 32: CIFAR-10's
+# 48-channel level) spills 8 B under "ieee" dots with Triton 3.8 (none under 3.6; "ieee" runs only with TF32 off);
+# 64 x 64 on 4 warps ran 1.35x slower. Keyed by (kernel, cp, dot precision); cp None for the network's kernels.
 TOLERATED_STACK_BYTES = {("_cross_step_bwd_kernel", 128, "tf32"): 320,
                          ("_actnorm_invconv_bwd_kernel", 128, "tf32"): 192,
                          ("_cross_step_bwd_kernel", 128, "tf32x3"): 512,
                          ("_actnorm_invconv_bwd_kernel", 128, "tf32x3"): 384,
-                         ("_cross_step_bwd_kernel", 64, "tf32x3"): 96}
+                         ("_cross_step_bwd_kernel", 64, "tf32x3"): 96,
+                         ("_conv3x3_kernel", None, "ieee"): 8}
 
 
 @pytest.mark.parametrize("module", MODULES)

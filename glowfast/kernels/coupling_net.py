@@ -203,24 +203,32 @@ def _conv3x3_wgrad_kernel(
 
 
 def _gpu_conv_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
-    """GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_conv3x3_kernel`. More than 64 output channels (the hidden
-    layer's 512, from a thin input): 64 pixels x 128 output channels, K steps of up to 32 input channels, 8 warps.
-    Up to 64 (thin output): 128 pixels x all output channels (padded to 16-64), K steps of 32, 8 warps. Chosen as
-    the largest tiles without register spills on sm_90 (Triton 3.6 and 3.8, tf32 and ieee dots, fp32 and bf16 data;
-    tests/test_triton_compile_sm90.py), not yet timed on a GPU."""
+    """GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_conv3x3_kernel`, from the block-size sweep on an H200
+    (`python -m glowfast.kernels.tune --networks`, CIFAR-10's three levels at batch 256; benchmarks/RESULTS.md).
+    More than 64 output channels (the hidden layer's 512 from a thin input): 128 pixels x 64 channels, K steps of
+    up to 32 input channels, 8 warps: 1.7-1.9x faster than the first rule's 64 x 128 (4 warps, up to 12% faster
+    still, spilled 8-160 B under Triton 3.8). Up to 64 (thin output, e.g. conv3): K steps of 64 on 64 pixels,
+    4 warps up to 32 channels and 8 above (1.3x / 1.5x at 24 / 48 channels); up to 16 channels the first rule's
+    128 pixels, K steps of 32, 8 warps stay the fastest.
+    Every default compiles without register spills on sm_90 (tests/test_triton_compile_sm90.py)."""
     if cout > 64:
-        return 64, 128, max(16, min(32, next_power_of_2(cin))), 8
-    return 128, max(16, next_power_of_2(cout)), 32, 8
+        return 128, 64, max(16, min(32, next_power_of_2(cin))), 8
+    bn = max(16, next_power_of_2(cout))
+    if bn == 16:
+        return 128, 16, 32, 8
+    return 64, bn, 64, 4 if bn <= 32 else 8
 
 
 def _gpu_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
-    """GPU (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps) of `_conv3x3_wgrad_kernel`: 32 pixels per step, up to 64 input
-    channels, and 128, 64 or 32 output channels as the input side is 16, 32 or 64 wide, on 8 warps; same criterion
-    as _gpu_conv_tile. (Wider tiles spilled: 64 x 128 under tf32, 64 x 64 under ieee with Triton 3.6; so did 64
-    pixels per step with some tiles under Triton 3.6, 8 B, once the kernel wrote the weight's own layout; and 4
-    warps.)"""
+    """GPU (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps) of `_conv3x3_wgrad_kernel`, from the same sweep, all on 4 warps.
+    Thin input, 512 outputs (conv1's weight): up to 64 input channels x 64 output channels, 64 pixels per step
+    where the input side is 16 wide, else 32 (1.1-1.3x faster than the first rule's 8 warps). 512 hidden inputs,
+    thin output (conv3's weight): 128 hidden channels x up to 32 outputs, 16 pixels per step up to 32 outputs,
+    else 32 (1.4-1.65x; the sweep's best above 32 outputs, 64 pixels, spilled 112-640 B)."""
+    if cin > cout:
+        return (16 if cout <= 32 else 32), 128, max(16, min(32, next_power_of_2(cout))), 4
     bci = max(16, min(64, next_power_of_2(cin)))
-    return 32, bci, max(16, min(2048 // bci, next_power_of_2(cout))), 8
+    return (64 if bci == 16 else 32), bci, 64, 4
 
 
 def _interpreter_tile(a: int, b: int, m: int) -> tuple[int, int, int, int]:
