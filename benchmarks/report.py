@@ -36,7 +36,7 @@ VARIANT_ALIASES = {
     "ref": "reference", "eager": "reference", "torch": "reference", "loop": "reference",
     "torch_loop": "reference", "python_loop": "reference", "reference_loop": "reference",
     "compile": "compiled", "torch_compile": "compiled", "compiled_reference": "compiled",
-    "triton": "fused", "glowfast": "fused", "op": "fused", "batched": "fused", "cpp": "fused",
+    "glowfast": "fused", "op": "fused", "batched": "fused", "cpp": "fused",
     "glowfast_op": "fused", "batched_lu": "fused",
     "normflows": "peer", "y0ast": "peer",
 }

@@ -361,6 +361,18 @@ def test_cpu_and_gpu_rows_of_one_group_never_collide(tmp_path, cpu_first):
     assert "(test_x" not in md  # no suffixed duplicates: each device's variants are named plainly
 
 
+def test_the_triton_network_is_its_own_variant_not_fused(tmp_path):
+    """coupling_net's `triton` variant (glowfast's Triton network) is not the fused path: before the 16th session
+    "triton" was an alias of "fused", and its rows came out as "fused (B256_...-triton)" beside the real fused row."""
+    group = "coupling_net/fwdbwd/B256_C12_16x16"
+    md = report_of(tmp_path, [bench_row(group, "reference", 2.6e-3), bench_row(group, "fused", 2.3e-3),
+                              bench_row(group, "triton", 2.8e-3), bench_row(group, "triton_bf16", 2.4e-3)])
+    for variant in ("reference", "fused", "triton", "triton_bf16"):
+        assert len(target_rows(md, f"{group} | {variant} |")) == 1, md
+    assert "fused (" not in md
+    assert table_row(md, group)[3] == "2.3 ms"  # the fused column holds the fused row
+
+
 @pytest.mark.parametrize("device, caveat", [("NVIDIA H100 80GB HBM3", False), ("NVIDIA H200", True)])
 def test_targets_measured_off_an_h100_carry_a_caveat(tmp_path, device, caveat):
     """The device tool may lend an H200: its rows are still graded, under a caveat naming the device; an H100's
