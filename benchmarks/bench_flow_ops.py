@@ -188,16 +188,17 @@ NET_SHAPES = [pytest.param((b, *s), id=f"B{b}_C{s[0]}_{s[1]}x{s[2]}") for b in (
 
 
 @pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "gemm", "gemm_bf16", "triton", "triton_bf16",
-                                     "compiled"])
+                                     "triton_bf16_dots", "compiled"])
 @pytest.mark.parametrize("shape", NET_SHAPES)
 @pytest.mark.skipif(not HAS_CUDA, reason="hidden-512 coupling networks: CUDA only (seconds per call on a CPU)")
-def test_coupling_network(cuda_timer, shape, variant):
+def test_coupling_network(cuda_timer, shape, variant, monkeypatch):
     """One coupling network (conv3x3 -> ReLU -> conv1x1 512 -> ReLU -> ZeroConv2d), forward + backward, at a
     CIFAR-10 level's shape: reference = the NCHW module (cuDNN); fused = glowfast's channels_last path with the
     1x1 conv as one GEMM (`--channels-last`, glowfast.amp.nhwc_network_forward); fused_bf16 = that under bf16
     autocast (`--amp bf16`); gemm / gemm_bf16 = every conv as a GEMM over pixels (`--gemm-networks`,
     glowfast.amp.gemm_network_forward); triton / triton_bf16 = glowfast's Triton network (`--triton-networks`,
-    glowfast.kernels.coupling_net: thin 3x3 convs as fused implicit-GEMM kernels; fp32 or bf16 activations); compiled =
+    glowfast.kernels.coupling_net: thin 3x3 convs as fused implicit-GEMM kernels; fp32 or bf16 activations);
+    triton_bf16_dots = triton_bf16 with bf16 tensor-core dots in the 3x3 convs (`use_bf16_dots`); compiled =
     torch.compile of the NCHW module. Input and output stay NCHW, as the flow hands them over."""
     from glowfast.amp import (
         enable_bf16_networks,
@@ -223,7 +224,11 @@ def test_coupling_network(cuda_timer, shape, variant):
         if os.environ.get("TRITON_INTERPRET") == "1":
             pytest.skip("the Triton network is timed compiled, not under the interpreter")
         enable_triton_networks(holder)
-    if variant.endswith("_bf16"):
+    if variant.endswith("_dots"):  # restored by monkeypatch after the case
+        from glowfast.kernels import coupling_net
+
+        monkeypatch.setattr(coupling_net, "_BF16_DOTS", True)
+    if "_bf16" in variant:
         enable_bf16_networks(holder)
     net = holder.net
     x = torch.randn(b, ca, h, w, device=device, requires_grad=True)

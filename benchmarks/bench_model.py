@@ -16,7 +16,8 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
              (`--gemm-networks`; fp32, or bf16 autocast) instead of cuDNN.
 - graphed_triton / graphed_bf16_triton: `graphed` with glowfast's Triton coupling networks (`--triton-networks`:
              each thin 3x3 conv one fused implicit-GEMM kernel; glowfast.kernels.coupling_net), fp32 activations,
-             or bf16 ones (`--amp bf16`).
+             or bf16 ones (`--amp bf16`). graphed_bf16_triton_dots: graphed_bf16_triton with bf16 tensor-core dots
+             in the networks' 3x3 convs (glowfast.kernels.coupling_net.use_bf16_dots; fp32-operand dots otherwise).
 - compiled:  `torch.compile(Glow(..., backend="reference"))` (default mode; the optimiser step stays eager).
              Its compile time (the first step of a fresh compile: dynamo reset, empty inductor/Triton cache
              dirs unless GLOWFAST_BENCH_COLD_COMPILE=0) is its own benchmark (group `compile/train_step/...`)
@@ -75,7 +76,7 @@ SAMPLE_CASES = [
 # graphed_triton early: a time-capped GPU session measures the variants in this order (the GEMM layouts, measured
 # slower than cuDNN on the H200, last among the graphed ones)
 VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_triton", "graphed_bf16_nhwc",
-            "graphed_bf16_triton", "graphed_gemm", "graphed_bf16_gemm", "compiled", "peer"]
+            "graphed_bf16_triton", "graphed_bf16_triton_dots", "graphed_gemm", "graphed_bf16_gemm", "compiled", "peer"]
 N_SAMPLES = 64
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
 ROUNDS = {"cpu": 5, "cuda": 10}
@@ -250,7 +251,7 @@ def test_compile_time(cuda_timer, config_name, batch, device):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("config_name,batch,device", TRAIN_CASES)
-def test_train_step(cuda_timer, config_name, batch, device, variant):
+def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch):
     """One training step: forward (bits/dim), backward, Adamax step."""
     cfg = model_config(config_name)
     cuda_timer.benchmark.group = f"train_step/{config_name}_B{batch}"
@@ -282,8 +283,12 @@ def test_train_step(cuda_timer, config_name, batch, device, variant):
             enable_triton_networks,
         )
 
-        if variant.endswith("triton"):
+        if "triton" in variant:
             enable_triton_networks(model)
+        if variant.endswith("_dots"):  # restored by monkeypatch after the case
+            from glowfast.kernels import coupling_net
+
+            monkeypatch.setattr(coupling_net, "_BF16_DOTS", True)
         if "bf16" in variant:
             enable_bf16_networks(model)
         if variant.endswith("nhwc"):

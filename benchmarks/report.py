@@ -66,13 +66,15 @@ SECTION_NOTES = {
                   "that plus the coupling networks in bf16 and channels_last (`--amp bf16 --channels-last`); "
                   "`graphed_gemm` / `graphed_bf16_gemm` = graphs with the networks' convs as GEMMs "
                   "(`--gemm-networks`); `graphed_triton` / `graphed_bf16_triton` = graphs with glowfast's Triton "
-                  "coupling networks (`--triton-networks`; fp32 or bf16 activations).",
+                  "coupling networks (`--triton-networks`; fp32 or bf16 activations); `graphed_bf16_triton_dots` = "
+                  "the bf16 one with bf16 tensor-core dots in its 3x3 convs (`use_bf16_dots`).",
     "coupling_net": "`reference` = the NCHW module on cuDNN; `fused` = glowfast's channels_last path with the 1x1 "
                     "conv as one GEMM over pixels (`--channels-last`); `fused_bf16` = that under bf16 autocast "
                     "(`--amp bf16`); `gemm` / `gemm_bf16` = every conv as a GEMM over pixels (`--gemm-networks`); "
                     "`triton` / `triton_bf16` = glowfast's Triton network, thin 3x3 convs as fused implicit-GEMM "
-                    "kernels (`--triton-networks`; fp32 or bf16 activations); `compiled` = torch.compile of the "
-                    "NCHW module.",
+                    "kernels (`--triton-networks`; fp32 or bf16 activations); `triton_bf16_dots` = triton_bf16 "
+                    "with bf16 tensor-core dots in its 3x3 convs (`use_bf16_dots`); `compiled` = torch.compile of "
+                    "the NCHW module.",
     "step_params": "`reference` = each step builds its own W and log-determinant (the reference layers); `fused` "
                    "= glowfast.fused.level_weights (all steps of a level in batched ops). Host-bound.",
 }
@@ -81,7 +83,7 @@ PEER_ANCHOR_IMG_S = {"train_step/cifar10_K32_B64": 244.0, "train_step/cifar10_K3
 TARGET_IMG_S = {"train_step/cifar10_K32_B64": 2400.0, "train_step/cifar10_K32_B256": 5700.0}  # the issue's numbers
 STARTUP_TARGET_S = 20.0
 TRAINING_PATHS = ("fused", "memory_saving", "graphed", "graphed_gemm", "graphed_triton", "graphed_bf16_nhwc",
-                  "graphed_bf16_triton", "graphed_bf16_gemm")
+                  "graphed_bf16_triton", "graphed_bf16_triton_dots", "graphed_bf16_gemm")
 
 
 def canonical_variant(bench: dict) -> str:

@@ -20,10 +20,15 @@ from glowfast.amp import (
     triton_networks_enabled,
 )
 from glowfast.kernels.coupling_net import (
+    _nchw_strides,
     apply_coupling_network,
+    conv3x3,
+    conv3x3_weight_grad,
     coupling_network_forward,
+    network_precision,
     pack_weight,
     pack_weight_transposed,
+    use_bf16_dots,
 )
 from glowfast.reference.coupling import CouplingNetwork
 
@@ -75,11 +80,14 @@ def test_forward_and_all_gradients_match_the_module(shape, device, exact_precisi
     assert_grads_exact(torch.autograd.grad(out, params, g), expected, names)
 
 
+@pytest.mark.parametrize("bf16_dots", [False, True], ids=["fp32_dots", "bf16_dots"])
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("shape", [(4, 12, 8, 8, 64), (4, 48, 4, 4, 64), (2, 4, 8, 8, 64)], ids=_shape_id)
-def test_bf16_activations_err_like_bf16_autocast(shape, device):
+def test_bf16_activations_err_like_bf16_autocast(shape, device, bf16_dots):
     """bf16 hidden activations: output and every gradient err like the module under bf16 autocast (the BF16 rule of
-    tests/tolerances.py), both against the float64 module; the output and all gradients stay fp32."""
+    tests/tolerances.py), both against the float64 module; the output and all gradients stay fp32. With the 3x3
+    convs' dots on fp32 operands (the default) and on bf16 operands (`use_bf16_dots`: tensor cores on a GPU, their
+    emulation under the interpreter)."""
     B, C, H, W, hidden = shape
     net64 = _net(C, hidden, device, torch.float64)
     net = _net(C, hidden, device)
@@ -93,12 +101,44 @@ def test_bf16_activations_err_like_bf16_autocast(shape, device):
     with torch.autocast(device, dtype=torch.bfloat16):
         auto = net(z[:, : C // 2]).float()
     auto_grads = torch.autograd.grad(auto, params, g64.float())
-    out = apply_coupling_network(net, z[:, : C // 2], torch.bfloat16)
-    grads = torch.autograd.grad(out, params, g64.float())
+    with use_bf16_dots(bf16_dots):
+        assert network_precision(torch.device(device), torch.bfloat16).startswith("bf16") == bf16_dots
+        out = apply_coupling_network(net, z[:, : C // 2], torch.bfloat16)
+        grads = torch.autograd.grad(out, params, g64.float())
     assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
     assert_bf16(out, auto, ref64, "out", "h")
     for (name, _), g, a, e in zip([("z", None), *net.named_parameters()], grads, auto_grads, expected, strict=True):
         assert_bf16(g, a, e, "grad", name)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_bf16_dots_multiply_the_bf16_rounded_operands(device):
+    """The "bf16" dots' arithmetic (tensor cores on a GPU, "bf16_emulated" under the interpreter): a 3x3 conv and its
+    weight gradient equal the float64 conv of the operands rounded to bf16 (round to nearest even, as autocast casts)
+    up to fp32 accumulation, ~1e-6 relative; the fp32 operands themselves (the "ieee" dots) give a different result
+    by ~1e-3, so the check sees the rounding."""
+    B, H, W, cin, cout = 2, 5, 7, 24, 40
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, cin, H, W, generator=g).to(device)
+    w = torch.randn(cout, cin, 3, 3, generator=g).to(device)
+    dout = torch.randn(B, cout, H, W, generator=g).to(device)
+    rx, rw, rd = (t.bfloat16().double() for t in (x, w, dout))
+    expected = torch.nn.functional.conv2d(rx, rw, padding=1)
+    expected_dw = torch.nn.grad.conv2d_weight(rx, w.shape, rd, padding=1)
+    outs = {}
+    for dots in (True, False):
+        with use_bf16_dots(dots):
+            p = network_precision(torch.device(device), torch.bfloat16)
+            assert p.startswith("bf16") == dots
+            out = torch.empty(B, cout, H, W, device=device)
+            conv3x3(x, _nchw_strides(x), pack_weight(w), out, _nchw_strides(out), (B, H, W, cin, cout), precision=p)
+            dw = conv3x3_weight_grad(x, _nchw_strides(x), dout, _nchw_strides(dout), (B, H, W, cin, cout),
+                                     precision=p)
+        outs[dots] = out, dw
+    for got, want in zip(outs[True], (expected, expected_dw), strict=True):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < 2e-6, err
+    assert (outs[False][0].double() - expected).abs().max() / expected.abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("device", kernel_devices())

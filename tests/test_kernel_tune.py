@@ -325,7 +325,14 @@ def test_network_sweep_every_candidate_matches_the_default(tmp_path):
     assert rc == 0
     for launch in launches:
         got = [r for r in records if r["mode"] == launch]
-        assert [tuple(r["tile"]) for r in got] == tune.network_candidates(launch, (1, 4, 2, 3), 24)
+        first = tune.network_candidates(launch, (1, 4, 2, 3), 24)
+        assert [tuple(r["tile"]) for r in got[:len(first)]] == first
+        # then the fastest NETWORK_STAGE_TOP at each deeper pipeline
+        second = [tuple(r["tile"]) for r in got[len(first):]]
+        assert len(second) == tune.NETWORK_STAGE_TOP * len(tune.NETWORK_STAGES)
+        assert sorted({t[4] for t in second}) == list(tune.NETWORK_STAGES)
+        fastest = sorted(got[:len(first)], key=lambda r: r["us"])[:tune.NETWORK_STAGE_TOP]
+        assert {t[:4] for t in second} == {tuple(r["tile"][:4]) for r in fastest}
         assert all(r["match"] and "error" not in r and r["us"] > 0 for r in got), got
     table = (tmp_path / "tune.md").read_text()
     assert all(f"| coupling_net/{launch} | B1_C4_2x3 |" in table for launch in launches)
@@ -341,11 +348,13 @@ def test_network_candidates_start_with_the_default_and_have_no_duplicates():
             cin, cout = tune.network_channels(launch, shape)
             tile = conv_tile if launch.startswith("conv") else wgrad_tile
             assert cands[0] == tile(cin, cout, b * h * w) and len(set(cands)) == len(cands) > 1
-            for *blocks, warps in cands[1:]:
+            for *blocks, warps, stages in cands[1:]:
                 assert all(v >= 16 and v & (v - 1) == 0 for v in blocks) and warps in tune.NUM_WARPS
+                assert stages == 1
 
 
-@pytest.mark.parametrize("tile", [(8, 64, 16, 4), (64, 96, 16, 4), (64, 64, 16, 3), (64, 64, 16)])
+@pytest.mark.parametrize("tile", [(8, 64, 16, 4), (64, 96, 16, 4), (64, 64, 16, 3), (64, 64, 16),
+                                  (64, 64, 16, 4, 0), (64, 64, 16, 4, 5), (64, 64, 16, 4, 2, 1)])
 def test_network_tile_override_rejects_bad_tiles(tile):
     from glowfast.kernels.coupling_net import tile_override
 
@@ -358,6 +367,9 @@ def test_network_tile_override_applies_inside_and_is_restored_after_an_error():
 
     before = conv_tile(16, 512, 4096), wgrad_tile(16, 512, 4096)
     with pytest.raises(RuntimeError, match="boom"), tile_override(conv=(32, 64, 16, 2)):
-        assert conv_tile(16, 512, 4096) == (32, 64, 16, 2) and wgrad_tile(16, 512, 4096) == before[1]
+        # a 4-tuple is one pipeline stage
+        assert conv_tile(16, 512, 4096) == (32, 64, 16, 2, 1) and wgrad_tile(16, 512, 4096) == before[1]
+        with tile_override(wgrad=(16, 32, 64, 4, 3)):
+            assert wgrad_tile(16, 512, 4096) == (16, 32, 64, 4, 3) and conv_tile(16, 512, 4096)[4] == 1
         raise RuntimeError("boom")
     assert (conv_tile(16, 512, 4096), wgrad_tile(16, 512, 4096)) == before

@@ -28,7 +28,8 @@ when cuDNN may use TF32 for convolutions (PyTorch's default on a GPU), exact fp3
 (the interpreter); the 1x1 GEMM likewise. The network only computes the coupling's shift and scale: whatever its
 rounding, the flow stays exactly invertible (the inverse runs the same kernels on the same input) and its
 log-determinant exact. Hidden activations fp32, or bf16 with `--amp bf16` (stored and the 1x1 GEMM in bf16; the
-3x3 convs load them into fp32 and accumulate in fp32).
+3x3 convs load them into fp32 and accumulate in fp32; under `use_bf16_dots`, not yet the default, the 3x3 convs
+multiply bf16 operands on the tensor cores instead, as bf16 autocast would).
 
 Public API
 - `coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor, activation_dtype)` -> (h, h1, h2)
@@ -92,6 +93,30 @@ def for_store(x, ptr):
 
 
 @triton.jit
+def net_dot(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b for operands loaded in their storage dtype (fp32 or bf16). "ieee" / "tf32": in fp32
+    (`conv_dot`). "bf16": a tensor-core bf16 product with fp32 accumulation, operands rounded to bf16 first where
+    stored in fp32 (as autocast rounds a conv's input and weight). "bf16_emulated": the same rounded operands
+    multiplied on the fp32 units, for the interpreter (CI), whose bf16 tl.dot is wrong: a product of two bf16 values
+    is exact in fp32, so this computes what the tensor cores do, up to summation order."""
+    if PREC == "bf16":
+        acc = tl.dot(as_bf16(a), as_bf16(b), acc)
+    elif PREC == "bf16_emulated":
+        acc = tl.dot(round_to_bf16(a.to(tl.float32)), round_to_bf16(b.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = conv_dot(a.to(tl.float32), b.to(tl.float32), acc, PREC)
+    return acc
+
+
+@triton.jit
+def as_bf16(x):
+    """x as bf16: itself if stored so, else rounded to nearest even (`round_to_bf16`)."""
+    if x.dtype.is_bf16():
+        return x
+    return round_to_bf16(x.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def _conv3x3_kernel(
     in_ptr, w_ptr, bias_ptr, scale_ptr, mask_ptr, out_ptr, colsum_ptr,
     M, H, W, CIN, COUT,
@@ -119,11 +144,10 @@ def _conv3x3_kernel(
         ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
         row = in_base + (yy * W + xx) * s_ip
         k_ok = k < CIN
-        a = tl.load(in_ptr + row[:, None] + k[None, :] * s_ic, mask=ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
+        a = tl.load(in_ptr + row[:, None] + k[None, :] * s_ic, mask=ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + (tap * CIN + k)[:, None] * COUT + n[None, :], mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc = conv_dot(a, w, acc, PREC)
+                    other=0.0)
+        acc = net_dot(a, w, acc, PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:
@@ -186,12 +210,10 @@ def _conv3x3_wgrad_kernel(
         xx = x + dx
         ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
         src = b * s_ib + (yy * W + xx) * s_ip
-        a = tl.load(in_ptr + src[:, None] + ci[None, :] * s_ic, mask=ok[:, None] & ci_ok[None, :],
-                    other=0.0).to(tl.float32)
+        a = tl.load(in_ptr + src[:, None] + ci[None, :] * s_ic, mask=ok[:, None] & ci_ok[None, :], other=0.0)
         dst = b * s_db + p * s_dp
-        d = tl.load(dout_ptr + dst[None, :] + co[:, None] * s_dc, mask=co_ok[:, None] & m_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc = conv_dot(d, a, acc, PREC)
+        d = tl.load(dout_ptr + dst[None, :] + co[:, None] * s_dc, mask=co_ok[:, None] & m_ok[None, :], other=0.0)
+        acc = net_dot(d, a, acc, PREC)
     # partial g of the gradient in the weight's own (COUT, CIN, 3, 3) layout: summed over g it is the gradient
     offs = (g * COUT + co)[:, None] * (CIN * 9) + ci[None, :] * 9 + tap
     tl.store(part_ptr + offs, acc, mask=co_ok[:, None] & ci_ok[None, :])
@@ -202,59 +224,70 @@ def _conv3x3_wgrad_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _gpu_conv_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
-    """GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_conv3x3_kernel`, from the block-size sweep on an H200
+def _gpu_conv_tile(cin: int, cout: int) -> tuple[int, int, int, int, int]:
+    """GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of `_conv3x3_kernel`, from the block-size sweep on an H200
     (`python -m glowfast.kernels.tune --networks`, CIFAR-10's three levels at batch 256; benchmarks/RESULTS.md).
     More than 64 output channels (the hidden layer's 512 from a thin input): 128 pixels x 64 channels, K steps of
     up to 32 input channels, 8 warps: 1.7-1.9x faster than the first rule's 64 x 128 (4 warps, up to 12% faster
     still, spilled 8-160 B under Triton 3.8). Up to 64 (thin output, e.g. conv3): K steps of 64 on 64 pixels,
     4 warps up to 32 channels and 8 above (1.3x / 1.5x at 24 / 48 channels); up to 16 channels the first rule's
     128 pixels, K steps of 32, 8 warps stay the fastest.
-    Every default compiles without register spills on sm_90 (tests/test_triton_compile_sm90.py)."""
+    Every default compiles without register spills on sm_90 (tests/test_triton_compile_sm90.py). One pipeline
+    stage (no prefetch of the next (tap, K step)'s loads): the only depth measured so far (`_GPU_STAGES`)."""
     if cout > 64:
-        return 128, 64, max(16, min(32, next_power_of_2(cin))), 8
+        return 128, 64, max(16, min(32, next_power_of_2(cin))), 8, _GPU_STAGES
     bn = max(16, next_power_of_2(cout))
     if bn == 16:
-        return 128, 16, 32, 8
-    return 64, bn, 64, 4 if bn <= 32 else 8
+        return 128, 16, 32, 8, _GPU_STAGES
+    return 64, bn, 64, 4 if bn <= 32 else 8, _GPU_STAGES
 
 
-def _gpu_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int]:
-    """GPU (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps) of `_conv3x3_wgrad_kernel`, from the same sweep, all on 4 warps.
-    Thin input, 512 outputs (conv1's weight): up to 64 input channels x 64 output channels, 64 pixels per step
-    where the input side is 16 wide, else 32 (1.1-1.3x faster than the first rule's 8 warps). 512 hidden inputs,
-    thin output (conv3's weight): 128 hidden channels x up to 32 outputs, 16 pixels per step up to 32 outputs,
-    else 32 (1.4-1.65x; the sweep's best above 32 outputs, 64 pixels, spilled 112-640 B)."""
+def _gpu_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int, int]:
+    """GPU (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps, num_stages) of `_conv3x3_wgrad_kernel`, from the same sweep,
+    all on 4 warps. Thin input, 512 outputs (conv1's weight): up to 64 input channels x 64 output channels, 64
+    pixels per step where the input side is 16 wide, else 32 (1.1-1.3x faster than the first rule's 8 warps). 512
+    hidden inputs, thin output (conv3's weight): 128 hidden channels x up to 32 outputs, 16 pixels per step up to
+    32 outputs, else 32 (1.4-1.65x; the sweep's best above 32 outputs, 64 pixels, spilled 112-640 B)."""
     if cin > cout:
-        return (16 if cout <= 32 else 32), 128, max(16, min(32, next_power_of_2(cout))), 4
+        return (16 if cout <= 32 else 32), 128, max(16, min(32, next_power_of_2(cout))), 4, _GPU_STAGES
     bci = max(16, min(64, next_power_of_2(cin)))
-    return (64 if bci == 16 else 32), bci, 64, 4
+    return (64 if bci == 16 else 32), bci, 64, 4, _GPU_STAGES
 
 
-def _interpreter_tile(a: int, b: int, m: int) -> tuple[int, int, int, int]:
+# Software-pipelining depth (Triton's num_stages) of the conv and weight-gradient kernels on a GPU: how many
+# (tap, K step)s of loads are in flight. 1 is what the H200 sweep measured; deeper pipelines are among the
+# candidates of `python -m glowfast.kernels.tune --networks` (its second phase) and change this once measured.
+_GPU_STAGES = 1
+
+
+def _interpreter_tile(a: int, b: int, m: int) -> tuple[int, int, int, int, int]:
     """The interpreter's cost is per program instance: as few as possible."""
     return (max(16, min(1024, next_power_of_2(m))), max(16, min(512, next_power_of_2(a))),
-            max(16, min(512, next_power_of_2(b))), 4)
+            max(16, min(512, next_power_of_2(b))), 4, 1)
 
 
 # Tiles forced by `tile_override` (the block-size sweep, `python -m glowfast.kernels.tune --networks`)
-_TILE_OVERRIDE: dict[str, tuple[int, int, int, int]] = {}
+_TILE_OVERRIDE: dict[str, tuple[int, int, int, int, int]] = {}
 
 
 @contextlib.contextmanager
-def tile_override(conv: tuple[int, int, int, int] | None = None, wgrad: tuple[int, int, int, int] | None = None):
-    """Inside, every `_conv3x3_kernel` launch uses tile `conv` = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) and every
-    `_conv3x3_wgrad_kernel` launch `wgrad` = (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps), where given: each block
-    size a power of two >= 16 (tl.dot's smallest), warps a power of two up to 16. Restored on exit."""
+def tile_override(conv: tuple[int, ...] | None = None, wgrad: tuple[int, ...] | None = None):
+    """Inside, every `_conv3x3_kernel` launch uses tile `conv` = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps[,
+    num_stages]) and every `_conv3x3_wgrad_kernel` launch `wgrad` = (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps[,
+    num_stages]), where given: each block size a power of two >= 16 (tl.dot's smallest), warps a power of two up
+    to 16, stages 1 to 4 (default 1). Restored on exit."""
+    tiles = {}
     for name, tile in (("conv", conv), ("wgrad", wgrad)):
         if tile is None:
             continue
-        *blocks, warps = tile
-        if len(tile) != 4 or any(b < 16 or b & (b - 1) for b in blocks) or warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"{name} tile must be 3 powers of two >= 16 and a warp count in 1..16 (a power of "
-                             f"two), got {tile}")
+        tile = tuple(tile) + (1,) * (len(tile) == 4)
+        if len(tile) != 5 or any(b < 16 or b & (b - 1) for b in tile[:3]) or tile[3] not in (1, 2, 4, 8, 16) \
+                or tile[4] not in (1, 2, 3, 4):
+            raise ValueError(f"{name} tile must be 3 powers of two >= 16, a warp count in 1..16 (a power of two) "
+                             f"and optionally 1 to 4 pipeline stages, got {tile}")
+        tiles[name] = tile
     saved = dict(_TILE_OVERRIDE)
-    _TILE_OVERRIDE.update({k: tuple(v) for k, v in (("conv", conv), ("wgrad", wgrad)) if v is not None})
+    _TILE_OVERRIDE.update(tiles)
     try:
         yield
     finally:
@@ -262,18 +295,19 @@ def tile_override(conv: tuple[int, int, int, int] | None = None, wgrad: tuple[in
         _TILE_OVERRIDE.update(saved)
 
 
-def conv_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_conv3x3_kernel` for cin -> cout channels over m pixels."""
+def conv_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of `_conv3x3_kernel` for cin -> cout channels over m
+    pixels."""
     if "conv" in _TILE_OVERRIDE:
         return _TILE_OVERRIDE["conv"]
     if is_interpret():
-        bm, bk, bn, nw = _interpreter_tile(cin, cout, m)
-        return bm, bn, bk, nw
+        bm, bk, bn, nw, ns = _interpreter_tile(cin, cout, m)
+        return bm, bn, bk, nw, ns
     return _gpu_conv_tile(cin, cout)
 
 
-def wgrad_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps) of `_conv3x3_wgrad_kernel`."""
+def wgrad_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps, num_stages) of `_conv3x3_wgrad_kernel`."""
     if "wgrad" in _TILE_OVERRIDE:
         return _TILE_OVERRIDE["wgrad"]
     return _interpreter_tile(cin, cout, m) if is_interpret() else _gpu_wgrad_tile(cin, cout)
@@ -288,10 +322,12 @@ def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_t
         return (constexprs["BLOCK_M"], constexprs["BLOCK_N"], options["num_warps"]) == _GPU_RELU_TILE
     if kernel_name == "_conv3x3_kernel":
         tiles = {_gpu_conv_tile(cin, cout) for cin, cout in _network_shapes()}
-        tile = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], options["num_warps"])
+        tile = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], options["num_warps"],
+                options["num_stages"])
     else:
         tiles = {_gpu_wgrad_tile(cin, cout) for cin, cout in _network_shapes()}
-        tile = (constexprs["BLOCK_M"], constexprs["BLOCK_CI"], constexprs["BLOCK_CO"], options["num_warps"])
+        tile = (constexprs["BLOCK_M"], constexprs["BLOCK_CI"], constexprs["BLOCK_CO"], options["num_warps"],
+                options["num_stages"])
     return tile in tiles
 
 
@@ -300,9 +336,33 @@ def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_t
 _GPU_RELU_TILE = (64, 128, 8)
 
 
-def network_precision(device: torch.device) -> str:
-    """The dots' precision: "tf32" where a convolution on `device` would use TF32 (cuDNN's flag), else "ieee"."""
+def network_precision(device: torch.device, activation_dtype: torch.dtype = torch.float32) -> str:
+    """The dots' precision: with bf16 activations under `use_bf16_dots`, "bf16" (tensor cores) on CUDA and
+    "bf16_emulated" under the interpreter; else "tf32" where a convolution on `device` would use TF32 (cuDNN's
+    flag), and "ieee" (exact fp32) otherwise."""
+    if activation_dtype == torch.bfloat16 and _BF16_DOTS:
+        return "bf16" if device.type == "cuda" else "bf16_emulated"
     return "tf32" if device.type == "cuda" and conv_allows_tf32(device) else "ieee"
+
+
+# bf16 tensor-core dots for the 3x3 convolutions when the hidden activations are bf16 (`use_bf16_dots`). Off by
+# default until timed against the fp32-operand dots on a GPU (benchmark variants triton_bf16_dots and
+# graphed_bf16_triton_dots); numerically it is what bf16 autocast does to the module's convolutions.
+_BF16_DOTS = False
+
+
+@contextlib.contextmanager
+def use_bf16_dots(enabled: bool = True):
+    """Inside, networks with bf16 hidden activations (`--triton-networks --amp bf16`) run their 3x3 convolutions
+    and weight gradients as bf16 x bf16 -> fp32 dots (inputs and weights rounded to bf16, like autocast) instead
+    of fp32/TF32 dots on upcast operands. Restored on exit."""
+    global _BF16_DOTS
+    old = _BF16_DOTS
+    _BF16_DOTS = bool(enabled)
+    try:
+        yield
+    finally:
+        _BF16_DOTS = old
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,7 +408,7 @@ def conv3x3(inp, in_strides, w_packed, out, out_strides, shape, *, bias=None, sc
     with `colsum` (out, out summed over pixels: fp32 (cout,))."""
     B, H, W, cin, cout = shape
     m = B * H * W
-    bm, bn, bk, nw = conv_tile(cin, cout, m)
+    bm, bn, bk, nw, ns = conv_tile(cin, cout, m)
     dummy = w_packed  # never read or written: its flag is off
     if m == 0:  # an empty batch: nothing to launch (a CUDA grid of 0 programs is an error)
         return (out, torch.zeros(cout, device=out.device, dtype=torch.float32)) if colsum else out
@@ -359,7 +419,7 @@ def conv3x3(inp, in_strides, w_packed, out, out_strides, shape, *, bias=None, sc
                dummy if mask is None else mask, out, parts,
                m, H, W, cin, cout, *in_strides, *out_strides,
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-               RELU=relu, MASK=mask is not None, COLSUM=colsum, PREC=precision, num_warps=nw, num_stages=1)
+               RELU=relu, MASK=mask is not None, COLSUM=colsum, PREC=precision, num_warps=nw, num_stages=ns)
     return (out, parts.sum(0)) if colsum else out
 
 
@@ -383,7 +443,7 @@ def conv3x3_weight_grad(inp, in_strides, dout, dout_strides, shape, *, precision
     shape = (B, H, W, cin, cout)."""
     B, H, W, cin, cout = shape
     m = B * H * W
-    bm, bci, bco, nw = wgrad_tile(cin, cout, m)
+    bm, bci, bco, nw, ns = wgrad_tile(cin, cout, m)
     n_mt = cdiv(m, bm)
     tiles = cdiv(cin, bci) * cdiv(cout, bco)
     # pixel-tile groups: ~4 programs per SM in all (reduction_programs' rule with the 9 taps x tiles as "batch")
@@ -394,7 +454,7 @@ def conv3x3_weight_grad(inp, in_strides, dout, dout_strides, shape, *, precision
     with on_device_of(dout):
         launch(_conv3x3_wgrad_kernel, (tiles, 9, G),
                inp, dout, part, m, H, W, cin, cout, n_mt, G, *in_strides, *dout_strides,
-               BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=precision, num_warps=nw, num_stages=1)
+               BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=precision, num_warps=nw, num_stages=ns)
     return part.sum(0) if G > 1 else part[0]
 
 
@@ -444,7 +504,7 @@ def coupling_network_forward(x, w1, b1, w2, b2, w3, b3, logs, logscale_factor: f
     x = pixel_contiguous(x)
     B, cin, H, W = x.shape
     hidden, cout, hw = w1.shape[0], w3.shape[0], H * W
-    prec = network_precision(x.device)
+    prec = network_precision(x.device, activation_dtype)
     rows = _rows_strides(hw, hidden)
     h1 = torch.empty((B * hw, hidden), device=x.device, dtype=activation_dtype)
     conv3x3(x, _nchw_strides(x), pack_weight(w1), h1, rows, (B, H, W, cin, hidden), bias=b1, relu=True,
@@ -468,7 +528,7 @@ def coupling_network_backward(x, h1, h2, out, grad_out, w1, w2, w3, logs, logsca
     if tuple(grad_out.shape) != (B, cout, H, W):
         raise ValueError(f"gradient has shape {tuple(grad_out.shape)}, expected {(B, cout, H, W)}")
     check_device(x, grad_out)
-    prec = network_precision(x.device)
+    prec = network_precision(x.device, h1.dtype)
     rows = _rows_strides(hw, hidden)
     grad_out = grad_out.contiguous().float()
     scale = torch.exp(logs * logscale_factor)
@@ -566,14 +626,15 @@ def compile_specs():
     bm, bn, nw = _GPU_RELU_TILE
     for data in ("*fp32", "*bf16"):
         specs.append((_relu_backward_kernel, dict(BLOCK_M=bm, BLOCK_N=bn), dict(num_warps=nw, num_stages=1), data))
-    # bf16 activations (--amp bf16) with the GPU's default TF32 dots: their bf16 loads and rounded bf16 stores
-    for prec, data in (("tf32", "*fp32"), ("ieee", "*fp32"), ("tf32", "*bf16")):
+    # bf16 activations (--amp bf16) with the GPU's default TF32 dots: their bf16 loads and rounded bf16 stores;
+    # and with bf16 tensor-core dots (`use_bf16_dots`)
+    for prec, data in (("tf32", "*fp32"), ("ieee", "*fp32"), ("tf32", "*bf16"), ("bf16", "*bf16")):
         for cin, cout in sorted(_network_shapes()):
-            bm, bn, bk, nw = _gpu_conv_tile(cin, cout)
+            bm, bn, bk, nw, ns = _gpu_conv_tile(cin, cout)
             flags = heavy_in if cout == _HIDDEN else heavy_out
             specs.append((_conv3x3_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=prec, **flags),
-                          dict(num_warps=nw, num_stages=1), data))
-            bm, bci, bco, nw = _gpu_wgrad_tile(cin, cout)
+                          dict(num_warps=nw, num_stages=ns), data))
+            bm, bci, bco, nw, ns = _gpu_wgrad_tile(cin, cout)
             specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=prec),
-                          dict(num_warps=nw, num_stages=1), data))
+                          dict(num_warps=nw, num_stages=ns), data))
     return list({repr((s[0].__name__, s[1], s[2], s[3])): s for s in specs}.values())  # shared tiles compile once

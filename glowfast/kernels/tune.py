@@ -21,7 +21,8 @@ there (and must stay spill-free: tests/test_triton_compile_sm90.py), and measure
 
 `--networks` sweeps the coupling network's kernels instead (glowfast/kernels/coupling_net.py, `--triton-networks`):
 its four launch kinds (thin-input and thin-output conv, the two weight gradients) at CIFAR-10's level shapes, over
-tiles around the wrapper's (`network_candidates`), the same output check and timing.
+tiles around the wrapper's (`network_candidates`, one pipeline stage), the same output check and timing; then the
+`NETWORK_STAGE_TOP` fastest of those again at each deeper software pipeline (`NETWORK_STAGES`).
 
 Under TRITON_INTERPRET=1 the sweep runs on CPU tensors (tiny shapes; tests/test_kernel_tune.py), where only
 the output check means anything.
@@ -303,7 +304,7 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def config_text(r: dict) -> str:
     """A record's launch configuration: (BLOCK_P, warps[, programs/SM]) of a flow kernel, or the tile of a coupling
-    network kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps) or (BLOCK_M, BLOCK_CI, BLOCK_CO, warps)."""
+    network kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) or (BLOCK_M, BLOCK_CI, BLOCK_CO, warps, stages)."""
     if "tile" in r:
         return "(" + ", ".join(map(str, r["tile"])) + ")"
     per_sm = f", {r['programs_per_sm']}/SM" if r.get("programs_per_sm") else ""
@@ -315,8 +316,8 @@ def markdown(records: list[dict], device_name: str) -> str:
              "Default = the current rule; best = the fastest candidate whose outputs match the default's. "
              "GB/s = compulsory bytes / median time; frac = of the measured device-to-device copy bandwidth. "
              "Configurations: (BLOCK_P, warps[, programs/SM]) for the flow kernels; for the coupling network's "
-             "(coupling_net/*) (BLOCK_M, BLOCK_N, BLOCK_K, warps) and, for its weight gradients, "
-             "(BLOCK_M, BLOCK_CI, BLOCK_CO, warps).", "",
+             "(coupling_net/*) (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) and, for its weight gradients, "
+             "(BLOCK_M, BLOCK_CI, BLOCK_CO, warps, stages).", "",
              "| kernel | shape | default | µs | GB/s | frac | best | µs | GB/s | frac | speed-up |",
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
 
@@ -348,6 +349,9 @@ def markdown(records: list[dict], device_name: str) -> str:
 # gradients run the same kernel at the mirrored channel counts. wgrad_in / wgrad_out = the two weight gradients.
 NETWORK_LAUNCHES = ("conv_in", "conv_out", "wgrad_in", "wgrad_out")
 NETWORK_HIDDEN = 512
+# second phase of the network sweep: the fastest tiles of the first (all at one stage) at deeper pipelines
+NETWORK_STAGES = (2, 3, 4)
+NETWORK_STAGE_TOP = 3
 
 
 def network_channels(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> tuple[int, int]:
@@ -357,30 +361,43 @@ def network_channels(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> tuple[
     return (thin_in, hidden) if launch.endswith("_in") else (hidden, thin_out)
 
 
-def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list[tuple[int, int, int, int]]:
+def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list[tuple[int, int, int, int, int]]:
     """The wrapper's tile first, then variations of the dimensions that matter for the launch (tiles of up to 16K
     elements for the conv's (BLOCK_M, BLOCK_N) and its (BLOCK_M, BLOCK_K) input tile, 4K for the weight gradient's
-    accumulator), on 4 and 8 warps."""
+    accumulator), on 4 and 8 warps, one pipeline stage."""
     from .coupling_net import conv_tile, wgrad_tile
 
     b, _, h, w = shape
     cin, cout = network_channels(launch, shape, hidden)
     if launch.startswith("conv"):
         default = conv_tile(cin, cout, b * h * w)
-        _, bn0, bk0, _ = default
+        _, bn0, bk0, _, _ = default
         if launch == "conv_in":  # many output channels: the pixel x channel output tile
             grid = [(bm, bn, bk0) for bm in (32, 64, 128) for bn in (64, 128, 256) if bm * bn <= 16384]
         else:  # few output channels: the pixel x K input tile
             grid = [(bm, bn0, bk) for bm in (64, 128, 256) for bk in (16, 32, 64) if bm * bk <= 16384]
     else:
         default = wgrad_tile(cin, cout, b * h * w)
-        _, bci0, bco0, _ = default
+        _, bci0, bco0, _, _ = default
         if launch == "wgrad_in":  # the wide side is the output channels
             grid = [(bm, bci0, bco) for bm in (16, 32, 64) for bco in (32, 64, 128, 256) if bci0 * bco <= 4096]
         else:
             grid = [(bm, bci, bco0) for bm in (16, 32, 64) for bci in (16, 32, 64, 128) if bci * bco0 <= 4096]
     out = [default]
-    out += [(*t, nw) for t in grid for nw in NUM_WARPS if (*t, nw) not in out]
+    out += [(*t, nw, 1) for t in grid for nw in NUM_WARPS if (*t, nw, 1) not in out]
+    return out
+
+
+def stage_candidates(timed: list[dict], tried) -> list[tuple[int, int, int, int, int]]:
+    """The second phase's tiles: the `NETWORK_STAGE_TOP` fastest matching records of the first, each at every
+    depth of `NETWORK_STAGES` not tried already."""
+    fastest = sorted((r for r in timed if r.get("match") and "us" in r), key=lambda r: r["us"])[:NETWORK_STAGE_TOP]
+    out = []
+    for r in fastest:
+        for ns in NETWORK_STAGES:
+            tile = (*r["tile"][:4], ns)
+            if tile not in tried and tile not in out:
+                out.append(tile)
     return out
 
 
@@ -432,7 +449,8 @@ def sweep_networks(shapes, launches=NETWORK_LAUNCHES, *, device="cuda", budget_s
                    iterations: int = 10, hidden: int = NETWORK_HIDDEN, log=print,
                    records: list[dict] | None = None) -> list[dict]:
     """`sweep` for the coupling network's kernels: every candidate tile of `network_candidates` under
-    `coupling_net.tile_override`, its outputs compared with the default tile's, then timed (CUDA-graph replays)."""
+    `coupling_net.tile_override`, its outputs compared with the default tile's, then timed (CUDA-graph replays);
+    then the fastest at deeper pipelines (`stage_candidates`)."""
     from .coupling_net import tile_override
 
     device = torch.device(device)
@@ -446,15 +464,22 @@ def sweep_networks(shapes, launches=NETWORK_LAUNCHES, *, device="cuda", budget_s
                 return records
             call, nbytes = network_case(launch, shape, device, hidden)
             ref = None
-            for tile in network_candidates(launch, shape, hidden):
-                rec = dict(kernel="coupling_net", mode=launch, shape=list(shape), tile=list(tile),
-                           default=ref is None, bytes=nbytes)
-                override = tile_override(**{"conv" if launch.startswith("conv") else "wgrad": tile})
-                ref = _measure_candidate(rec, call, override, ref, device, rounds, iterations, copy_gbps)
-                records.append(rec)
+            case = []
+            for phase in (1, 2):
+                tiles = network_candidates(launch, shape, hidden) if phase == 1 else \
+                    stage_candidates(case, {tuple(r["tile"]) for r in case})
+                for tile in tiles:
+                    rec = dict(kernel="coupling_net", mode=launch, shape=list(shape), tile=list(tile),
+                               default=ref is None, bytes=nbytes)
+                    override = tile_override(**{"conv" if launch.startswith("conv") else "wgrad": tile})
+                    ref = _measure_candidate(rec, call, override, ref, device, rounds, iterations, copy_gbps)
+                    records.append(rec)
+                    case.append(rec)
+                    if ref is None:
+                        break
+                    log(json.dumps(rec))
                 if ref is None:
                     break
-                log(json.dumps(rec))
     return records
 
 
