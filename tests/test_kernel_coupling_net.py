@@ -28,6 +28,7 @@ from glowfast.kernels.coupling_net import (
     network_precision,
     pack_weight,
     pack_weight_transposed,
+    tile_override,
     use_bf16_dots,
 )
 from glowfast.reference.coupling import CouplingNetwork
@@ -109,6 +110,31 @@ def test_bf16_activations_err_like_bf16_autocast(shape, device, bf16_dots):
     assert_bf16(out, auto, ref64, "out", "h")
     for (name, _), g, a, e in zip([("z", None), *net.named_parameters()], grads, auto_grads, expected, strict=True):
         assert_bf16(g, a, e, "grad", name)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("cin", [1, 6, 12, 24])
+def test_both_k_orders_compute_the_conv(cin, device, exact_precision):
+    """`_conv3x3_kernel` steps K tap by tap or over flattened (tap, channel) pairs (FLAT_K, `uses_flat_k`'s pick for
+    thin inputs); forced either way, conv1's forward and conv3's input gradient (a conv into a thin output run
+    through the same kernel) equal F.conv2d at the EXACT tolerance; steps spanning taps (cin 6 at BLOCK_K 16) and
+    padding at the end of K included."""
+    B, H, W, cout = 2, 5, 6, 20
+    g = torch.Generator().manual_seed(cin)
+    x = torch.randn(B, cin, H, W, generator=g).to(device)
+    w = torch.randn(cout, cin, 3, 3, generator=g).to(device)
+    expected = torch.nn.functional.conv2d(x, w, padding=1)
+    expected_dx = torch.nn.grad.conv2d_input(x.shape, w, expected, padding=1)
+    for flat in (False, True):
+        with tile_override(conv=(16, 32, 16, 4), flat_k=flat):
+            out = torch.empty(B, cout, H, W, device=device)
+            conv3x3(x, _nchw_strides(x), pack_weight(w), out, _nchw_strides(out), (B, H, W, cin, cout),
+                    precision="ieee")
+            dx = torch.empty(B, cin, H, W, device=device)
+            conv3x3(out, _nchw_strides(out), pack_weight_transposed(w), dx, _nchw_strides(dx),
+                    (B, H, W, cout, cin), precision="ieee")
+        assert_exact(out, expected, "out", f"conv, flat_k={flat}")
+        assert_exact(dx, expected_dx, "out", f"input gradient, flat_k={flat}")
 
 
 @pytest.mark.parametrize("device", kernel_devices())

@@ -316,6 +316,8 @@ def test_host_side_power_of_two_and_cdiv_match_tritons():
 
 # ------------------------------------------------------------------------------ the coupling networks' kernels
 def test_network_sweep_every_candidate_matches_the_default(tmp_path):
+    from glowfast.kernels.coupling_net import uses_flat_k
+
     """--networks: every launch kind of glowfast.kernels.coupling_net at every candidate tile gives the default
     tile's outputs (a small hidden width and image keep the interpreter quick; on a GPU, one launch kind)."""
     launches = tune.NETWORK_LAUNCHES if KERNEL_DEVICE == "cpu" else ("conv_out",)
@@ -328,11 +330,20 @@ def test_network_sweep_every_candidate_matches_the_default(tmp_path):
         first = tune.network_candidates(launch, (1, 4, 2, 3), 24)
         assert [tuple(r["tile"]) for r in got[:len(first)]] == first
         # then the fastest NETWORK_STAGE_TOP at each deeper pipeline
-        second = [tuple(r["tile"]) for r in got[len(first):]]
+        second = [tuple(r["tile"]) for r in got[len(first):] if "flat_k" not in r]
         assert len(second) == tune.NETWORK_STAGE_TOP * len(tune.NETWORK_STAGES)
         assert sorted({t[4] for t in second}) == list(tune.NETWORK_STAGES)
         fastest = sorted(got[:len(first)], key=lambda r: r["us"])[:tune.NETWORK_STAGE_TOP]
         assert {t[:4] for t in second} == {tuple(r["tile"][:4]) for r in fastest}
+        # then, for a conv, the fastest of all with the K order its rule does not pick
+        third = [r for r in got if "flat_k" in r]
+        if launch.startswith("conv"):
+            best = min(got[:-1], key=lambda r: r["us"])
+            cin, _ = tune.network_channels(launch, (1, 4, 2, 3), 24)
+            assert third == [got[-1]] and third[0]["tile"] == best["tile"]
+            assert third[0]["flat_k"] == (not uses_flat_k(cin, best["tile"][2]))
+        else:
+            assert third == []
         assert all(r["match"] and "error" not in r and r["us"] > 0 for r in got), got
     table = (tmp_path / "tune.md").read_text()
     assert all(f"| coupling_net/{launch} | B1_C4_2x3 |" in table for launch in launches)

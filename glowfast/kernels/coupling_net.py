@@ -123,7 +123,7 @@ def _conv3x3_kernel(
     s_ib, s_ic, s_ip, s_ob, s_oc, s_op,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, RELU: tl.constexpr, MASK: tl.constexpr,
-    COLSUM: tl.constexpr, PREC: tl.constexpr,
+    COLSUM: tl.constexpr, PREC: tl.constexpr, FLAT_K: tl.constexpr,
 ):
     HW = H * W
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,21 +133,38 @@ def _conv3x3_kernel(
     b, p, y, x = _pixel_coords(m, HW, W)
     in_base = b * s_ib
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    n_k = tl.cdiv(CIN, BLOCK_K)
-    # one flat loop over (tap, K step), not 9 unrolled copies of the K loop: the unrolled form kept several taps'
-    # gather addresses live and spilled registers at every tile tried on sm_90
-    for it in range(0, 9 * n_k):
-        tap = it // n_k
-        k = (it % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-        yy = y + (tap // 3 - 1)
-        xx = x + (tap % 3 - 1)
-        ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-        row = in_base + (yy * W + xx) * s_ip
-        k_ok = k < CIN
-        a = tl.load(in_ptr + row[:, None] + k[None, :] * s_ic, mask=ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + (tap * CIN + k)[:, None] * COUT + n[None, :], mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0)
-        acc = net_dot(a, w, acc, PREC)
+    if FLAT_K:
+        # K runs over (tap, channel) pairs, 9 * CIN of them, BLOCK_K at a time (a step may span taps): for a thin
+        # input (conv1's C_a = 6 at BLOCK_K = 16) 4 steps instead of 9 mostly-padding ones. The weight's packed
+        # (9, CIN, COUT) layout is already that (9 * CIN, COUT) matrix.
+        KT = 9 * CIN
+        for k0 in range(0, KT, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kk_ok = kk < KT
+            tap = kk // CIN
+            yy = y[:, None] + (tap // 3 - 1)[None, :]
+            xx = x[:, None] + (tap % 3 - 1)[None, :]
+            ok = m_ok[:, None] & kk_ok[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            a = tl.load(in_ptr + in_base[:, None] + (yy * W + xx) * s_ip + (kk % CIN)[None, :] * s_ic, mask=ok,
+                        other=0.0)
+            w = tl.load(w_ptr + kk[:, None] * COUT + n[None, :], mask=kk_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = net_dot(a, w, acc, PREC)
+    else:
+        n_k = tl.cdiv(CIN, BLOCK_K)
+        # one flat loop over (tap, K step), not 9 unrolled copies of the K loop: the unrolled form kept several taps'
+        # gather addresses live and spilled registers at every tile tried on sm_90
+        for it in range(0, 9 * n_k):
+            tap = it // n_k
+            k = (it % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+            yy = y + (tap // 3 - 1)
+            xx = x + (tap % 3 - 1)
+            ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            row = in_base + (yy * W + xx) * s_ip
+            k_ok = k < CIN
+            a = tl.load(in_ptr + row[:, None] + k[None, :] * s_ic, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + (tap * CIN + k)[:, None] * COUT + n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc = net_dot(a, w, acc, PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:
@@ -271,12 +288,14 @@ _TILE_OVERRIDE: dict[str, tuple[int, int, int, int, int]] = {}
 
 
 @contextlib.contextmanager
-def tile_override(conv: tuple[int, ...] | None = None, wgrad: tuple[int, ...] | None = None):
+def tile_override(conv: tuple[int, ...] | None = None, wgrad: tuple[int, ...] | None = None,
+                  flat_k: bool | None = None):
     """Inside, every `_conv3x3_kernel` launch uses tile `conv` = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps[,
     num_stages]) and every `_conv3x3_wgrad_kernel` launch `wgrad` = (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps[,
     num_stages]), where given: each block size a power of two >= 16 (tl.dot's smallest), warps a power of two up
-    to 16, stages 1 to 4 (default 1). Restored on exit."""
-    tiles = {}
+    to 16, stages 1 to 4 (default 1); and `flat_k`, where given, decides `_conv3x3_kernel`'s K order instead of
+    `uses_flat_k`. Restored on exit."""
+    tiles = {} if flat_k is None else {"flat_k": bool(flat_k)}
     for name, tile in (("conv", conv), ("wgrad", wgrad)):
         if tile is None:
             continue
@@ -304,6 +323,17 @@ def conv_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int, int]:
         bm, bk, bn, nw, ns = _interpreter_tile(cin, cout, m)
         return bm, bn, bk, nw, ns
     return _gpu_conv_tile(cin, cout)
+
+
+def uses_flat_k(cin: int, block_k: int) -> bool:
+    """Whether `_conv3x3_kernel` steps K over (tap, channel) pairs (FLAT_K) rather than tap by tap: where that takes
+    at most 3/4 of the steps, i.e. where padding cin up to BLOCK_K wastes a quarter of them or more (cin <= 8 at
+    BLOCK_K 16: conv1 of CIFAR-10's first level, C_a = 6, takes 4 steps instead of 9). Flat steps compute their
+    gather addresses per (pixel, k) element instead of per pixel: not worth it for a small saving. Not yet timed
+    on a GPU either way (`tune --networks` compares both at the fastest tile)."""
+    if "flat_k" in _TILE_OVERRIDE:
+        return _TILE_OVERRIDE["flat_k"]
+    return 4 * cdiv(9 * cin, block_k) <= 3 * 9 * cdiv(cin, block_k)
 
 
 def wgrad_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int, int]:
@@ -419,7 +449,8 @@ def conv3x3(inp, in_strides, w_packed, out, out_strides, shape, *, bias=None, sc
                dummy if mask is None else mask, out, parts,
                m, H, W, cin, cout, *in_strides, *out_strides,
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-               RELU=relu, MASK=mask is not None, COLSUM=colsum, PREC=precision, num_warps=nw, num_stages=ns)
+               RELU=relu, MASK=mask is not None, COLSUM=colsum, PREC=precision, FLAT_K=uses_flat_k(cin, bk),
+               num_warps=nw, num_stages=ns)
     return (out, parts.sum(0)) if colsum else out
 
 
@@ -615,8 +646,9 @@ def compile_specs():
                   dict(HAS_BIAS=True, HAS_SCALE=True, RELU=False, MASK=False, COLSUM=False),
                   dict(HAS_BIAS=False, HAS_SCALE=False, RELU=False, MASK=True, COLSUM=True),
                   dict(HAS_BIAS=False, HAS_SCALE=False, RELU=False, MASK=False, COLSUM=False)):
-        specs.append((_conv3x3_kernel, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, PREC="ieee", **flags),
-                      dict(num_warps=4, num_stages=1), "*fp32"))
+        for flat in (False, True):
+            specs.append((_conv3x3_kernel, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, PREC="ieee", FLAT_K=flat, **flags),
+                          dict(num_warps=4, num_stages=1), "*fp32"))
     specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=32, BLOCK_CI=16, BLOCK_CO=16, PREC="ieee"),
                   dict(num_warps=4, num_stages=1), "*fp32"))
     # the heaviest epilogue of each direction at each production tile: thin input runs bias + ReLU (conv1) or the
@@ -632,8 +664,10 @@ def compile_specs():
         for cin, cout in sorted(_network_shapes()):
             bm, bn, bk, nw, ns = _gpu_conv_tile(cin, cout)
             flags = heavy_in if cout == _HIDDEN else heavy_out
-            specs.append((_conv3x3_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=prec, **flags),
-                          dict(num_warps=nw, num_stages=ns), data))
+            # thin inputs (cin here is padded to >= 16) run FLAT_K where cin <= 8 (`uses_flat_k`): both K orders
+            for flat in (False, True) if cout == _HIDDEN and cin == 16 else (False,):
+                specs.append((_conv3x3_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=prec, FLAT_K=flat,
+                                                    **flags), dict(num_warps=nw, num_stages=ns), data))
             bm, bci, bco, nw, ns = _gpu_wgrad_tile(cin, cout)
             specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=prec),
                           dict(num_warps=nw, num_stages=ns), data))

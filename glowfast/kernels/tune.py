@@ -22,7 +22,8 @@ there (and must stay spill-free: tests/test_triton_compile_sm90.py), and measure
 `--networks` sweeps the coupling network's kernels instead (glowfast/kernels/coupling_net.py, `--triton-networks`):
 its four launch kinds (thin-input and thin-output conv, the two weight gradients) at CIFAR-10's level shapes, over
 tiles around the wrapper's (`network_candidates`, one pipeline stage), the same output check and timing; then the
-`NETWORK_STAGE_TOP` fastest of those again at each deeper software pipeline (`NETWORK_STAGES`).
+`NETWORK_STAGE_TOP` fastest of those again at each deeper software pipeline (`NETWORK_STAGES`), and for the convs
+the fastest with the other K order (`coupling_net.uses_flat_k`).
 
 Under TRITON_INTERPRET=1 the sweep runs on CPU tensors (tiny shapes; tests/test_kernel_tune.py), where only
 the output check means anything.
@@ -306,7 +307,8 @@ def config_text(r: dict) -> str:
     """A record's launch configuration: (BLOCK_P, warps[, programs/SM]) of a flow kernel, or the tile of a coupling
     network kernel, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) or (BLOCK_M, BLOCK_CI, BLOCK_CO, warps, stages)."""
     if "tile" in r:
-        return "(" + ", ".join(map(str, r["tile"])) + ")"
+        flat = "" if "flat_k" not in r else (", flat K" if r["flat_k"] else ", tap-major K")
+        return "(" + ", ".join(map(str, r["tile"])) + flat + ")"
     per_sm = f", {r['programs_per_sm']}/SM" if r.get("programs_per_sm") else ""
     return f"({r['block_p']}, {r['num_warps']}{per_sm})"
 
@@ -388,6 +390,19 @@ def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list
     return out
 
 
+def flat_k_candidate(timed: list[dict], launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list[tuple[tuple, bool]]:
+    """The conv's fastest matching tile so far with the K order its rule does not pick (`uses_flat_k`): the
+    before/after of that rule, at the tile that matters."""
+    from .coupling_net import uses_flat_k
+
+    ok = [r for r in timed if r.get("match") and "us" in r]
+    if not ok:
+        return []
+    best = min(ok, key=lambda r: r["us"])
+    cin, _ = network_channels(launch, shape, hidden)
+    return [(tuple(best["tile"]), not uses_flat_k(cin, best["tile"][2]))]
+
+
 def stage_candidates(timed: list[dict], tried) -> list[tuple[int, int, int, int, int]]:
     """The second phase's tiles: the `NETWORK_STAGE_TOP` fastest matching records of the first, each at every
     depth of `NETWORK_STAGES` not tried already."""
@@ -465,13 +480,20 @@ def sweep_networks(shapes, launches=NETWORK_LAUNCHES, *, device="cuda", budget_s
             call, nbytes = network_case(launch, shape, device, hidden)
             ref = None
             case = []
-            for phase in (1, 2):
-                tiles = network_candidates(launch, shape, hidden) if phase == 1 else \
-                    stage_candidates(case, {tuple(r["tile"]) for r in case})
-                for tile in tiles:
+            conv = launch.startswith("conv")
+            for phase in (1, 2, 3):
+                if phase == 1:
+                    configs = [(t, None) for t in network_candidates(launch, shape, hidden)]
+                elif phase == 2:
+                    configs = [(t, None) for t in stage_candidates(case, {tuple(r["tile"]) for r in case})]
+                else:  # the conv's other K order (`coupling_net.uses_flat_k`) at the fastest configuration
+                    configs = flat_k_candidate(case, launch, shape, hidden) if conv else []
+                for tile, flat_k in configs:
                     rec = dict(kernel="coupling_net", mode=launch, shape=list(shape), tile=list(tile),
                                default=ref is None, bytes=nbytes)
-                    override = tile_override(**{"conv" if launch.startswith("conv") else "wgrad": tile})
+                    if flat_k is not None:
+                        rec["flat_k"] = flat_k
+                    override = tile_override(**{"conv" if conv else "wgrad": tile}, flat_k=flat_k)
                     ref = _measure_candidate(rec, call, override, ref, device, rounds, iterations, copy_gbps)
                     records.append(rec)
                     case.append(rec)
