@@ -118,7 +118,8 @@ def test_both_k_orders_compute_the_conv(cin, device, exact_precision):
     """`_conv3x3_kernel` steps K tap by tap or over flattened (tap, channel) pairs (FLAT_K, `uses_flat_k`'s pick for
     thin inputs); forced either way, conv1's forward and conv3's input gradient (a conv into a thin output run
     through the same kernel) equal F.conv2d at the EXACT tolerance; steps spanning taps (cin 6 at BLOCK_K 16) and
-    padding at the end of K included."""
+    padding at the end of K included. Likewise the weight gradient, by tap or over (tap, channel) columns
+    (`uses_flat_wgrad`), against torch's, with column tiles spanning taps and a partial last one."""
     B, H, W, cout = 2, 5, 6, 20
     g = torch.Generator().manual_seed(cin)
     x = torch.randn(B, cin, H, W, generator=g).to(device)
@@ -133,8 +134,12 @@ def test_both_k_orders_compute_the_conv(cin, device, exact_precision):
             dx = torch.empty(B, cin, H, W, device=device)
             conv3x3(out, _nchw_strides(out), pack_weight_transposed(w), dx, _nchw_strides(dx),
                     (B, H, W, cout, cin), precision="ieee")
+        with tile_override(wgrad=(16, 16, 16, 4), flat_k=flat):
+            dw = conv3x3_weight_grad(x, _nchw_strides(x), out, _nchw_strides(out), (B, H, W, cin, cout),
+                                     precision="ieee")
         assert_exact(out, expected, "out", f"conv, flat_k={flat}")
         assert_exact(dx, expected_dx, "out", f"input gradient, flat_k={flat}")
+        assert_exact(dw, torch.nn.grad.conv2d_weight(x, w.shape, out, padding=1), "grad", f"weight, flat_k={flat}")
 
 
 @pytest.mark.parametrize("device", kernel_devices())

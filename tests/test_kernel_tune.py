@@ -316,7 +316,7 @@ def test_host_side_power_of_two_and_cdiv_match_tritons():
 
 # ------------------------------------------------------------------------------ the coupling networks' kernels
 def test_network_sweep_every_candidate_matches_the_default(tmp_path):
-    from glowfast.kernels.coupling_net import uses_flat_k
+    from glowfast.kernels.coupling_net import uses_flat_k, uses_flat_wgrad, wgrad_tile
 
     """--networks: every launch kind of glowfast.kernels.coupling_net at every candidate tile gives the default
     tile's outputs (a small hidden width and image keep the interpreter quick; on a GPU, one launch kind)."""
@@ -335,30 +335,37 @@ def test_network_sweep_every_candidate_matches_the_default(tmp_path):
         assert sorted({t[4] for t in second}) == list(tune.NETWORK_STAGES)
         fastest = sorted(got[:len(first)], key=lambda r: r["us"])[:tune.NETWORK_STAGE_TOP]
         assert {t[:4] for t in second} == {tuple(r["tile"][:4]) for r in fastest}
-        # then, for a conv, the fastest of all with the K order its rule does not pick
+        # then the other K order: for a conv at the fastest tile of all; for a weight gradient that runs flat, the
+        # tap-by-tap kernel at its own default tile
         third = [r for r in got if "flat_k" in r]
+        cin, cout = tune.network_channels(launch, (1, 4, 2, 3), 24)
         if launch.startswith("conv"):
             best = min(got[:-1], key=lambda r: r["us"])
-            cin, _ = tune.network_channels(launch, (1, 4, 2, 3), 24)
             assert third == [got[-1]] and third[0]["tile"] == best["tile"]
             assert third[0]["flat_k"] == (not uses_flat_k(cin, best["tile"][2]))
+        elif uses_flat_wgrad(cin):
+            assert third == [got[-1]] and third[0]["flat_k"] is False
+            assert tuple(third[0]["tile"]) == wgrad_tile(cin, cout, 6, flat=False)
         else:
             assert third == []
         assert all(r["match"] and "error" not in r and r["us"] > 0 for r in got), got
+    assert any(uses_flat_wgrad(tune.network_channels(launch, (1, 4, 2, 3), 24)[0]) for launch in launches
+               if launch.startswith("wgrad")) == (KERNEL_DEVICE == "cpu")  # the flat kind ran (CPU: all launches)
     table = (tmp_path / "tune.md").read_text()
     assert all(f"| coupling_net/{launch} | B1_C4_2x3 |" in table for launch in launches)
 
 
 def test_network_candidates_start_with_the_default_and_have_no_duplicates():
-    from glowfast.kernels.coupling_net import conv_tile, wgrad_tile
+    from glowfast.kernels.coupling_net import conv_tile, uses_flat_wgrad, wgrad_tile
 
     for launch in tune.NETWORK_LAUNCHES:
         for shape in tune.CIFAR_SHAPES:
             cands = tune.network_candidates(launch, shape)
             b, _, h, w = shape
             cin, cout = tune.network_channels(launch, shape)
-            tile = conv_tile if launch.startswith("conv") else wgrad_tile
-            assert cands[0] == tile(cin, cout, b * h * w) and len(set(cands)) == len(cands) > 1
+            default = conv_tile(cin, cout, b * h * w) if launch.startswith("conv") else \
+                wgrad_tile(cin, cout, b * h * w, uses_flat_wgrad(cin))  # the tile the wrapper launches
+            assert cands[0] == default and len(set(cands)) == len(cands) > 1
             for *blocks, warps, stages in cands[1:]:
                 assert all(v >= 16 and v & (v - 1) == 0 for v in blocks) and warps in tune.NUM_WARPS
                 assert stages == 1

@@ -205,34 +205,50 @@ def _conv3x3_wgrad_kernel(
     M, H, W, CIN, COUT, n_mtiles, G,
     s_ib, s_ic, s_ip, s_db, s_dc, s_dp,
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, PREC: tl.constexpr,
+    FLAT_K: tl.constexpr,
 ):
     n_co = tl.cdiv(COUT, BLOCK_CO)
     tile = tl.program_id(0)
-    tap = tl.program_id(1)
     g = tl.program_id(2)
-    ci = (tile // n_co) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    kk = (tile // n_co) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     co = (tile % n_co) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    ci_ok = ci < CIN
     co_ok = co < COUT
+    if FLAT_K:
+        # columns are (tap, channel) pairs, 9 * CIN of them (one grid row, program_id(1) == 0): a program covers
+        # every tap of its channels, so the wide dout tile is read once per pixel tile, not once per tap
+        ci = kk % CIN
+        tap = kk // CIN
+        ci_ok = kk < 9 * CIN
+    else:
+        ci = kk
+        tap = tl.program_id(1) + tl.zeros((BLOCK_CI,), dtype=tl.int32)
+        ci_ok = ci < CIN
     dy = tap // 3 - 1
     dx = tap % 3 - 1
     HW = H * W
-    # acc[o, c]: the (COUT, CIN) slice of tap `tap`, in the order the weight stores it
+    # acc[o, c]: the (COUT, CIN) slice of each column's tap, in the order the weight stores it
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
     for mt in range(g, n_mtiles, G):
         m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M
         b, p, y, x = _pixel_coords(m, HW, W)
-        yy = y + dy
-        xx = x + dx
-        ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-        src = b * s_ib + (yy * W + xx) * s_ip
-        a = tl.load(in_ptr + src[:, None] + ci[None, :] * s_ic, mask=ok[:, None] & ci_ok[None, :], other=0.0)
+        if FLAT_K:
+            yy = y[:, None] + dy[None, :]
+            xx = x[:, None] + dx[None, :]
+            ok = m_ok[:, None] & ci_ok[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            a = tl.load(in_ptr + (b * s_ib)[:, None] + (yy * W + xx) * s_ip + ci[None, :] * s_ic, mask=ok,
+                        other=0.0)
+        else:
+            yy = y + tl.program_id(1) // 3 - 1
+            xx = x + tl.program_id(1) % 3 - 1
+            ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            src = b * s_ib + (yy * W + xx) * s_ip
+            a = tl.load(in_ptr + src[:, None] + ci[None, :] * s_ic, mask=ok[:, None] & ci_ok[None, :], other=0.0)
         dst = b * s_db + p * s_dp
         d = tl.load(dout_ptr + dst[None, :] + co[:, None] * s_dc, mask=co_ok[:, None] & m_ok[None, :], other=0.0)
         acc = net_dot(d, a, acc, PREC)
     # partial g of the gradient in the weight's own (COUT, CIN, 3, 3) layout: summed over g it is the gradient
-    offs = (g * COUT + co)[:, None] * (CIN * 9) + ci[None, :] * 9 + tap
+    offs = (g * COUT + co)[:, None] * (CIN * 9) + (ci * 9 + tap)[None, :]
     tl.store(part_ptr + offs, acc, mask=co_ok[:, None] & ci_ok[None, :])
 
 
@@ -269,6 +285,16 @@ def _gpu_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int, int]:
         return (16 if cout <= 32 else 32), 128, max(16, min(32, next_power_of_2(cout))), 4, _GPU_STAGES
     bci = max(16, min(64, next_power_of_2(cin)))
     return (64 if bci == 16 else 32), bci, 64, 4, _GPU_STAGES
+
+
+def _gpu_flat_wgrad_tile(cin: int) -> tuple[int, int, int, int, int]:
+    """GPU tile of the flat weight gradient (`uses_flat_wgrad`): every (tap, channel) column in one tile (up to 128),
+    the accumulator kept at 4K elements (64 or 32 output channels), 64 pixels per step (the swept tap-by-tap tile's),
+    on 8 warps from 64 columns (4 warps spilled 160-1,440 B there: each column carries its own tap's gather
+    addresses). Chosen without a GPU (spill-free on sm_90 under Triton 3.6 and 3.8,
+    tests/test_triton_compile_sm90.py); to be swept."""
+    cols = max(16, next_power_of_2(9 * cin))
+    return 64, cols, 4096 // max(64, cols), 8 if cols >= 64 else 4, _GPU_STAGES
 
 
 # Software-pipelining depth (Triton's num_stages) of the conv and weight-gradient kernels on a GPU: how many
@@ -336,11 +362,25 @@ def uses_flat_k(cin: int, block_k: int) -> bool:
     return 4 * cdiv(9 * cin, block_k) <= 3 * 9 * cdiv(cin, block_k)
 
 
-def wgrad_tile(cin: int, cout: int, m: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps, num_stages) of `_conv3x3_wgrad_kernel`."""
+def uses_flat_wgrad(cin: int) -> bool:
+    """Whether `_conv3x3_wgrad_kernel` runs over (tap, channel) columns (FLAT_K): where all 9 x cin of them fit one
+    128-wide tile (cin <= 14, conv1's weight at CIFAR-10's first two levels). Then each program reads the wide
+    gradient tile (B*H*W x 512) once per pixel tile instead of once per tap: the tap-by-tap kernel read it 9 times
+    and ran at the copy bandwidth doing so on the H200 (306 us at level 1, B256; benchmarks/RESULTS.md). Not yet timed
+    (`tune --networks` compares both orders); `tile_override(flat_k=...)` decides instead where given."""
+    if "flat_k" in _TILE_OVERRIDE:
+        return _TILE_OVERRIDE["flat_k"]
+    return 9 * cin <= 128
+
+
+def wgrad_tile(cin: int, cout: int, m: int, flat: bool = False) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps, num_stages) of `_conv3x3_wgrad_kernel`; with `flat` BLOCK_CI counts
+    (tap, channel) columns."""
     if "wgrad" in _TILE_OVERRIDE:
         return _TILE_OVERRIDE["wgrad"]
-    return _interpreter_tile(cin, cout, m) if is_interpret() else _gpu_wgrad_tile(cin, cout)
+    if is_interpret():
+        return _interpreter_tile(9 * cin if flat else cin, cout, m)
+    return _gpu_flat_wgrad_tile(cin) if flat else _gpu_wgrad_tile(cin, cout)
 
 
 def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_type: str) -> bool:
@@ -354,11 +394,20 @@ def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_t
         tiles = {_gpu_conv_tile(cin, cout) for cin, cout in _network_shapes()}
         tile = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"], options["num_warps"],
                 options["num_stages"])
+    elif constexprs.get("FLAT_K"):
+        tiles = _flat_wgrad_tiles()
+        tile = (constexprs["BLOCK_M"], constexprs["BLOCK_CI"], constexprs["BLOCK_CO"], options["num_warps"],
+                options["num_stages"])
     else:
         tiles = {_gpu_wgrad_tile(cin, cout) for cin, cout in _network_shapes()}
         tile = (constexprs["BLOCK_M"], constexprs["BLOCK_CI"], constexprs["BLOCK_CO"], options["num_warps"],
                 options["num_stages"])
     return tile in tiles
+
+
+def _flat_wgrad_tiles() -> set[tuple[int, int, int, int, int]]:
+    """The GPU tiles of the flat weight gradient, for every input width that takes it."""
+    return {_gpu_flat_wgrad_tile(c) for c in range(1, 129) if uses_flat_wgrad(c)}
 
 
 # (BLOCK_M, BLOCK_N, num_warps) of `_relu_backward_kernel` on a GPU: an elementwise pass, 8K elements per program
@@ -474,18 +523,21 @@ def conv3x3_weight_grad(inp, in_strides, dout, dout_strides, shape, *, precision
     shape = (B, H, W, cin, cout)."""
     B, H, W, cin, cout = shape
     m = B * H * W
-    bm, bci, bco, nw, ns = wgrad_tile(cin, cout, m)
+    flat = uses_flat_wgrad(cin)
+    bm, bci, bco, nw, ns = wgrad_tile(cin, cout, m, flat)
     n_mt = cdiv(m, bm)
-    tiles = cdiv(cin, bci) * cdiv(cout, bco)
-    # pixel-tile groups: ~4 programs per SM in all (reduction_programs' rule with the 9 taps x tiles as "batch")
-    G = max(1, min(n_mt, reduction_programs(9 * tiles, n_mt, dout.device)))
+    # flat: programs over (tap, channel) column tiles, one grid row; else channel tiles x 9 taps
+    taps = 1 if flat else 9
+    tiles = cdiv(cin * (9 if flat else 1), bci) * cdiv(cout, bco)
+    # pixel-tile groups: ~4 programs per SM in all (reduction_programs' rule with the taps x tiles as "batch")
+    G = max(1, min(n_mt, reduction_programs(taps * tiles, n_mt, dout.device)))
     part = torch.empty((G, cout, cin, 3, 3), device=dout.device, dtype=torch.float32)
     if m == 0:
         return part.zero_()[0]
     with on_device_of(dout):
-        launch(_conv3x3_wgrad_kernel, (tiles, 9, G),
+        launch(_conv3x3_wgrad_kernel, (tiles, taps, G),
                inp, dout, part, m, H, W, cin, cout, n_mt, G, *in_strides, *dout_strides,
-               BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=precision, num_warps=nw, num_stages=ns)
+               BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=precision, FLAT_K=flat, num_warps=nw, num_stages=ns)
     return part.sum(0) if G > 1 else part[0]
 
 
@@ -649,8 +701,9 @@ def compile_specs():
         for flat in (False, True):
             specs.append((_conv3x3_kernel, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, PREC="ieee", FLAT_K=flat, **flags),
                           dict(num_warps=4, num_stages=1), "*fp32"))
-    specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=32, BLOCK_CI=16, BLOCK_CO=16, PREC="ieee"),
-                  dict(num_warps=4, num_stages=1), "*fp32"))
+    for flat in (False, True):
+        specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=32, BLOCK_CI=16, BLOCK_CO=16, PREC="ieee", FLAT_K=flat),
+                      dict(num_warps=4, num_stages=1), "*fp32"))
     # the heaviest epilogue of each direction at each production tile: thin input runs bias + ReLU (conv1) or the
     # ReLU mask (conv3's input gradient), thin output bias + scale (conv3) or nothing (conv1's input gradient)
     heavy_in = dict(HAS_BIAS=True, HAS_SCALE=False, RELU=True, MASK=True, COLSUM=True)
@@ -669,6 +722,10 @@ def compile_specs():
                 specs.append((_conv3x3_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=prec, FLAT_K=flat,
                                                     **flags), dict(num_warps=nw, num_stages=ns), data))
             bm, bci, bco, nw, ns = _gpu_wgrad_tile(cin, cout)
-            specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=prec),
-                          dict(num_warps=nw, num_stages=ns), data))
+            specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=prec,
+                                                      FLAT_K=False), dict(num_warps=nw, num_stages=ns), data))
+        for tile in sorted(_flat_wgrad_tiles()):  # conv1's weight at thin inputs (`uses_flat_wgrad`)
+            bm, bci, bco, nw, ns = tile
+            specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=prec,
+                                                      FLAT_K=True), dict(num_warps=nw, num_stages=ns), data))
     return list({repr((s[0].__name__, s[1], s[2], s[3])): s for s in specs}.values())  # shared tiles compile once

@@ -22,8 +22,8 @@ there (and must stay spill-free: tests/test_triton_compile_sm90.py), and measure
 `--networks` sweeps the coupling network's kernels instead (glowfast/kernels/coupling_net.py, `--triton-networks`):
 its four launch kinds (thin-input and thin-output conv, the two weight gradients) at CIFAR-10's level shapes, over
 tiles around the wrapper's (`network_candidates`, one pipeline stage), the same output check and timing; then the
-`NETWORK_STAGE_TOP` fastest of those again at each deeper software pipeline (`NETWORK_STAGES`), and for the convs
-the fastest with the other K order (`coupling_net.uses_flat_k`).
+`NETWORK_STAGE_TOP` fastest of those again at each deeper software pipeline (`NETWORK_STAGES`), and the other K
+order (`coupling_net.uses_flat_k` for the convs, `uses_flat_wgrad` for the weight gradients: `flat_k_candidate`).
 
 Under TRITON_INTERPRET=1 the sweep runs on CPU tensors (tiny shapes; tests/test_kernel_tune.py), where only
 the output check means anything.
@@ -367,7 +367,7 @@ def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list
     """The wrapper's tile first, then variations of the dimensions that matter for the launch (tiles of up to 16K
     elements for the conv's (BLOCK_M, BLOCK_N) and its (BLOCK_M, BLOCK_K) input tile, 4K for the weight gradient's
     accumulator), on 4 and 8 warps, one pipeline stage."""
-    from .coupling_net import conv_tile, wgrad_tile
+    from .coupling_net import conv_tile, uses_flat_wgrad, wgrad_tile
 
     b, _, h, w = shape
     cin, cout = network_channels(launch, shape, hidden)
@@ -379,7 +379,7 @@ def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list
         else:  # few output channels: the pixel x K input tile
             grid = [(bm, bn0, bk) for bm in (64, 128, 256) for bk in (16, 32, 64) if bm * bk <= 16384]
     else:
-        default = wgrad_tile(cin, cout, b * h * w)
+        default = wgrad_tile(cin, cout, b * h * w, uses_flat_wgrad(cin))  # flat: BLOCK_CI counts (tap, channel)s
         _, bci0, bco0, _, _ = default
         if launch == "wgrad_in":  # the wide side is the output channels
             grid = [(bm, bci0, bco) for bm in (16, 32, 64) for bco in (32, 64, 128, 256) if bci0 * bco <= 4096]
@@ -391,16 +391,20 @@ def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list
 
 
 def flat_k_candidate(timed: list[dict], launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list[tuple[tuple, bool]]:
-    """The conv's fastest matching tile so far with the K order its rule does not pick (`uses_flat_k`): the
-    before/after of that rule, at the tile that matters."""
-    from .coupling_net import uses_flat_k
+    """The before/after of the K-order rules. A conv: its fastest matching tile so far with the order `uses_flat_k`
+    does not pick. A weight gradient that runs flat (`uses_flat_wgrad`): the tap-by-tap kernel at its own default
+    tile (its columns are channels, not (tap, channel) pairs, so the flat tile would not compare)."""
+    from .coupling_net import uses_flat_k, uses_flat_wgrad, wgrad_tile
 
     ok = [r for r in timed if r.get("match") and "us" in r]
     if not ok:
         return []
-    best = min(ok, key=lambda r: r["us"])
-    cin, _ = network_channels(launch, shape, hidden)
-    return [(tuple(best["tile"]), not uses_flat_k(cin, best["tile"][2]))]
+    b, _, h, w = shape
+    cin, cout = network_channels(launch, shape, hidden)
+    if launch.startswith("conv"):
+        best = min(ok, key=lambda r: r["us"])
+        return [(tuple(best["tile"]), not uses_flat_k(cin, best["tile"][2]))]
+    return [(wgrad_tile(cin, cout, b * h * w, flat=False), False)] if uses_flat_wgrad(cin) else []
 
 
 def stage_candidates(timed: list[dict], tried) -> list[tuple[int, int, int, int, int]]:
@@ -486,8 +490,8 @@ def sweep_networks(shapes, launches=NETWORK_LAUNCHES, *, device="cuda", budget_s
                     configs = [(t, None) for t in network_candidates(launch, shape, hidden)]
                 elif phase == 2:
                     configs = [(t, None) for t in stage_candidates(case, {tuple(r["tile"]) for r in case})]
-                else:  # the conv's other K order (`coupling_net.uses_flat_k`) at the fastest configuration
-                    configs = flat_k_candidate(case, launch, shape, hidden) if conv else []
+                else:  # the other K order (`coupling_net.uses_flat_k`, `uses_flat_wgrad`)
+                    configs = flat_k_candidate(case, launch, shape, hidden)
                 for tile, flat_k in configs:
                     rec = dict(kernel="coupling_net", mode=launch, shape=list(shape), tile=list(tile),
                                default=ref is None, bytes=nbytes)
