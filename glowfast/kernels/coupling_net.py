@@ -319,8 +319,8 @@ def tile_override(conv: tuple[int, ...] | None = None, wgrad: tuple[int, ...] | 
     """Inside, every `_conv3x3_kernel` launch uses tile `conv` = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps[,
     num_stages]) and every `_conv3x3_wgrad_kernel` launch `wgrad` = (BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps[,
     num_stages]), where given: each block size a power of two >= 16 (tl.dot's smallest), warps a power of two up
-    to 16, stages 1 to 4 (default 1); and `flat_k`, where given, decides `_conv3x3_kernel`'s K order instead of
-    `uses_flat_k`. Restored on exit."""
+    to 16, stages 1 to 4 (default 1); and `flat_k`, where given, decides both kernels' K order instead of
+    `uses_flat_k` / `uses_flat_wgrad`. Restored on exit."""
     tiles = {} if flat_k is None else {"flat_k": bool(flat_k)}
     for name, tile in (("conv", conv), ("wgrad", wgrad)):
         if tile is None:
