@@ -151,11 +151,14 @@ def _conv3x3_kernel(
             acc = net_dot(a, w, acc, PREC)
     else:
         n_k = tl.cdiv(CIN, BLOCK_K)
-        # one flat loop over (tap, K step), not 9 unrolled copies of the K loop: the unrolled form kept several taps'
-        # gather addresses live and spilled registers at every tile tried on sm_90
+        # one flat loop over (K step, tap), not 9 unrolled copies of the K loop: the unrolled form kept several taps'
+        # gather addresses live and spilled registers at every tile tried on sm_90. Taps innermost: the 9 shifted
+        # reads of one channel chunk follow each other and hit the cache. Tap-outer, a wide input (conv3: 512
+        # hidden channels) was re-read from memory for every tap: 9 x 128 MB at CIFAR-10's first level, B256,
+        # 289 us on the H200 (benchmarks/RESULTS.md).
         for it in range(0, 9 * n_k):
-            tap = it // n_k
-            k = (it % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+            tap = it % 9
+            k = (it // 9) * BLOCK_K + tl.arange(0, BLOCK_K)
             yy = y + (tap // 3 - 1)
             xx = x + (tap % 3 - 1)
             ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
@@ -214,10 +217,12 @@ def _conv3x3_wgrad_kernel(
     co = (tile % n_co) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < COUT
     if FLAT_K:
-        # columns are (tap, channel) pairs, 9 * CIN of them (one grid row, program_id(1) == 0): a program covers
-        # every tap of its channels, so the wide dout tile is read once per pixel tile, not once per tap
-        ci = kk % CIN
-        tap = kk // CIN
+        # columns are (channel, tap) pairs, column kk = 9 * channel + tap, 9 * CIN of them (one grid row,
+        # program_id(1) == 0): a program covers every tap of its channels, so neither operand is re-read per tap
+        # (the wide dout of conv1's weight; the wide hidden input of conv3's, whose 9 shifted reads per channel
+        # now come from one load)
+        ci = kk // 9
+        tap = kk % 9
         ci_ok = kk < 9 * CIN
     else:
         ci = kk
@@ -287,13 +292,17 @@ def _gpu_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int, int]:
     return (64 if bci == 16 else 32), bci, 64, 4, _GPU_STAGES
 
 
-def _gpu_flat_wgrad_tile(cin: int) -> tuple[int, int, int, int, int]:
-    """GPU tile of the flat weight gradient (`uses_flat_wgrad`): every (tap, channel) column in one tile (up to 128),
-    the accumulator kept at 4K elements (64 or 32 output channels), 64 pixels per step (the swept tap-by-tap tile's),
-    on 8 warps from 64 columns (4 warps spilled 160-1,440 B there: each column carries its own tap's gather
-    addresses). Chosen without a GPU (spill-free on sm_90 under Triton 3.6 and 3.8,
-    tests/test_triton_compile_sm90.py); to be swept."""
-    cols = max(16, next_power_of_2(9 * cin))
+def _gpu_flat_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int, int]:
+    """GPU tile of the flat weight gradient (`uses_flat_wgrad`), chosen without a GPU (spill-free on sm_90 under
+    Triton 3.6 and 3.8, tests/test_triton_compile_sm90.py); to be swept. Up to 128 (channel, tap) columns. Thin
+    input (conv1's weight, 512 outputs): all 9 x cin columns in one tile where they fit, the accumulator at 4K
+    elements (64 or 32 output channels), 64 pixels per step, 8 warps from 64 columns (4 spilled 160-1,440 B there:
+    each column carries its own gather address). Wide input (conv3's weight, 512 hidden inputs, few outputs): 128
+    columns x up to 32 outputs, 32 pixels per step, 4 warps at 16 outputs and 8 at 32 (4 spilled 72 B)."""
+    cols = min(128, max(16, next_power_of_2(9 * cin)))
+    if cin > cout:
+        bco = max(16, min(32, next_power_of_2(cout)))
+        return 32, cols, bco, 4 if bco == 16 else 8, _GPU_STAGES
     return 64, cols, 4096 // max(64, cols), 8 if cols >= 64 else 4, _GPU_STAGES
 
 
@@ -363,14 +372,16 @@ def uses_flat_k(cin: int, block_k: int) -> bool:
 
 
 def uses_flat_wgrad(cin: int) -> bool:
-    """Whether `_conv3x3_wgrad_kernel` runs over (tap, channel) columns (FLAT_K): where all 9 x cin of them fit one
-    128-wide tile (cin <= 14, conv1's weight at CIFAR-10's first two levels). Then each program reads the wide
-    gradient tile (B*H*W x 512) once per pixel tile instead of once per tap: the tap-by-tap kernel read it 9 times
-    and ran at the copy bandwidth doing so on the H200 (306 us at level 1, B256; benchmarks/RESULTS.md). Not yet timed
-    (`tune --networks` compares both orders); `tile_override(flat_k=...)` decides instead where given."""
+    """Whether `_conv3x3_wgrad_kernel` runs over (channel, tap) columns (FLAT_K): by default always, since tap by tap
+    (9 programs per channel tile, one per tap) the wide operand is read from memory once per tap. On the H200 both
+    weight gradients of CIFAR-10's first level, B256, ran at about the copy bandwidth doing that: 9 x 128 MB in
+    306 us (conv1's weight: the 512-wide gradient) and 386 us (conv3's: the 512-wide hidden input);
+    benchmarks/RESULTS.md. Flat, each pixel tile of it is read once. Not yet timed (`tune --networks` times the
+    tap-by-tap kernel at its own tile); `tile_override(flat_k=...)` decides instead where given. `cin` is kept for
+    that comparison's callers."""
     if "flat_k" in _TILE_OVERRIDE:
         return _TILE_OVERRIDE["flat_k"]
-    return 9 * cin <= 128
+    return True
 
 
 def wgrad_tile(cin: int, cout: int, m: int, flat: bool = False) -> tuple[int, int, int, int, int]:
@@ -380,7 +391,7 @@ def wgrad_tile(cin: int, cout: int, m: int, flat: bool = False) -> tuple[int, in
         return _TILE_OVERRIDE["wgrad"]
     if is_interpret():
         return _interpreter_tile(9 * cin if flat else cin, cout, m)
-    return _gpu_flat_wgrad_tile(cin) if flat else _gpu_wgrad_tile(cin, cout)
+    return _gpu_flat_wgrad_tile(cin, cout) if flat else _gpu_wgrad_tile(cin, cout)
 
 
 def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_type: str) -> bool:
@@ -406,8 +417,9 @@ def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_t
 
 
 def _flat_wgrad_tiles() -> set[tuple[int, int, int, int, int]]:
-    """The GPU tiles of the flat weight gradient, for every input width that takes it."""
-    return {_gpu_flat_wgrad_tile(c) for c in range(1, 129) if uses_flat_wgrad(c)}
+    """The GPU tiles of the flat weight gradient: every thin channel count _THIN (their column counts differ from
+    the padded ones') into the hidden layer, and out of it."""
+    return {_gpu_flat_wgrad_tile(c, _HIDDEN) for c in _THIN} | {_gpu_flat_wgrad_tile(_HIDDEN, c) for c in _THIN}
 
 
 # (BLOCK_M, BLOCK_N, num_warps) of `_relu_backward_kernel` on a GPU: an elementwise pass, 8K elements per program
@@ -724,7 +736,7 @@ def compile_specs():
             bm, bci, bco, nw, ns = _gpu_wgrad_tile(cin, cout)
             specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=prec,
                                                       FLAT_K=False), dict(num_warps=nw, num_stages=ns), data))
-        for tile in sorted(_flat_wgrad_tiles()):  # conv1's weight at thin inputs (`uses_flat_wgrad`)
+        for tile in sorted(_flat_wgrad_tiles()):  # the default weight gradient (`uses_flat_wgrad`)
             bm, bci, bco, nw, ns = tile
             specs.append((_conv3x3_wgrad_kernel, dict(BLOCK_M=bm, BLOCK_CI=bci, BLOCK_CO=bco, PREC=prec,
                                                       FLAT_K=True), dict(num_warps=nw, num_stages=ns), data))

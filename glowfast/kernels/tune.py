@@ -382,7 +382,7 @@ def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list
         default = wgrad_tile(cin, cout, b * h * w, uses_flat_wgrad(cin))  # flat: BLOCK_CI counts (tap, channel)s
         _, bci0, bco0, _, _ = default
         if launch == "wgrad_in":  # the wide side is the output channels
-            grid = [(bm, bci0, bco) for bm in (16, 32, 64) for bco in (32, 64, 128, 256) if bci0 * bco <= 4096]
+            grid = [(bm, bci0, bco) for bm in (16, 32, 64) for bco in (16, 32, 64, 128, 256) if bci0 * bco <= 4096]
         else:
             grid = [(bm, bci, bco0) for bm in (16, 32, 64) for bci in (16, 32, 64, 128) if bci * bco0 <= 4096]
     out = [default]
