@@ -118,7 +118,7 @@ def test_both_k_orders_compute_the_conv(cin, device, exact_precision):
     """`_conv3x3_kernel` steps K tap by tap or over flattened (tap, channel) pairs (FLAT_K, `uses_flat_k`'s pick for
     thin inputs); forced either way, conv1's forward and conv3's input gradient (a conv into a thin output run
     through the same kernel) equal F.conv2d at the EXACT tolerance; steps spanning taps (cin 6 at BLOCK_K 16) and
-    padding at the end of K included. Likewise the weight gradient, by tap or over (tap, channel) columns
+    padding at the end of K included. Likewise the weight gradient, by tap or over (channel, tap) columns
     (`uses_flat_wgrad`), against torch's, with column tiles spanning taps and a partial last one."""
     B, H, W, cout = 2, 5, 6, 20
     g = torch.Generator().manual_seed(cin)

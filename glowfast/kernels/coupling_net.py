@@ -386,7 +386,7 @@ def uses_flat_wgrad(cin: int) -> bool:
 
 def wgrad_tile(cin: int, cout: int, m: int, flat: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_CI, BLOCK_CO, num_warps, num_stages) of `_conv3x3_wgrad_kernel`; with `flat` BLOCK_CI counts
-    (tap, channel) columns."""
+    (channel, tap) columns."""
     if "wgrad" in _TILE_OVERRIDE:
         return _TILE_OVERRIDE["wgrad"]
     if is_interpret():
@@ -538,7 +538,7 @@ def conv3x3_weight_grad(inp, in_strides, dout, dout_strides, shape, *, precision
     flat = uses_flat_wgrad(cin)
     bm, bci, bco, nw, ns = wgrad_tile(cin, cout, m, flat)
     n_mt = cdiv(m, bm)
-    # flat: programs over (tap, channel) column tiles, one grid row; else channel tiles x 9 taps
+    # flat: programs over (channel, tap) column tiles, one grid row; else channel tiles x 9 taps
     taps = 1 if flat else 9
     tiles = cdiv(cin * (9 if flat else 1), bci) * cdiv(cout, bco)
     # pixel-tile groups: ~4 programs per SM in all (reduction_programs' rule with the taps x tiles as "batch")

@@ -379,7 +379,7 @@ def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list
         else:  # few output channels: the pixel x K input tile
             grid = [(bm, bn0, bk) for bm in (64, 128, 256) for bk in (16, 32, 64) if bm * bk <= 16384]
     else:
-        default = wgrad_tile(cin, cout, b * h * w, uses_flat_wgrad(cin))  # flat: BLOCK_CI counts (tap, channel)s
+        default = wgrad_tile(cin, cout, b * h * w, uses_flat_wgrad(cin))  # flat: BLOCK_CI counts (channel, tap)s
         _, bci0, bco0, _, _ = default
         if launch == "wgrad_in":  # the wide side is the output channels
             grid = [(bm, bci0, bco) for bm in (16, 32, 64) for bco in (16, 32, 64, 128, 256) if bci0 * bco <= 4096]
@@ -393,7 +393,7 @@ def network_candidates(launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list
 def flat_k_candidate(timed: list[dict], launch: str, shape, hidden: int = NETWORK_HIDDEN) -> list[tuple[tuple, bool]]:
     """The before/after of the K-order rules. A conv: its fastest matching tile so far with the order `uses_flat_k`
     does not pick. A weight gradient that runs flat (`uses_flat_wgrad`): the tap-by-tap kernel at its own default
-    tile (its columns are channels, not (tap, channel) pairs, so the flat tile would not compare)."""
+    tile (its columns are channels, not (channel, tap) pairs, so the flat tile would not compare)."""
     from .coupling_net import uses_flat_k, uses_flat_wgrad, wgrad_tile
 
     ok = [r for r in timed if r.get("match") and "us" in r]
