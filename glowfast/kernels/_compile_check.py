@@ -77,14 +77,17 @@ def cubin_resources(compiled) -> dict:
     return dict(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3))) if m else {}
 
 
-def wgmma_shapes(compiled) -> list[str]:
-    """The Hopper warpgroup MMA shapes in the kernel's PTX, e.g. "m64n32k8.f32.tf32.tf32" ([] without wgmma).
+def wgmma_shapes(compiled) -> list[str] | None:
+    """The Hopper warpgroup MMA shapes in the kernel's PTX, e.g. "m64n32k8.f32.tf32.tf32" ([] without wgmma; None
+    where the build holds no PTX to read).
 
     Why: with an N of 8 (which Triton emits when a warpgroup's share of a dot is 8 columns wide, e.g. 16 pixels
     over two warpgroups) the wgmma's shared-memory descriptor reads past its unpadded operand
     (triton-lang/triton#10629); compute-sanitizer reported exactly that read in the backward kernel on the H200
     (benchmarks/RESULTS.md, 16th session). tests/test_triton_compile_sm90.py keeps N=8 out of the default tiles."""
-    ptx = compiled.asm.get("ptx", "") if hasattr(compiled.asm, "get") else ""
+    ptx = compiled.asm.get("ptx") if hasattr(compiled.asm, "get") else None
+    if not ptx:
+        return None
     return sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.[\w.]+?)\s", ptx)))
 
 
@@ -139,8 +142,9 @@ def main(argv: list[str]) -> int:
             try:
                 out = compile_one(kernel, constexprs, options, data_type)
                 shared = int(out.metadata.shared)
-                rec.update(ok=shared <= SM90_MAX_SHARED, shared=shared, wgmma=wgmma_shapes(out),
-                           **cubin_resources(out))
+                shapes = wgmma_shapes(out)
+                rec.update(ok=shared <= SM90_MAX_SHARED, shared=shared, **cubin_resources(out),
+                           **({} if shapes is None else {"wgmma": shapes}))
                 if shared > SM90_MAX_SHARED:
                     rec["error"] = f"needs {shared} B of shared memory > {SM90_MAX_SHARED}"
             except Exception:  # noqa: BLE001 - report every failure, not just the first

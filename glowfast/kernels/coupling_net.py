@@ -226,9 +226,9 @@ def _conv3x3_wgrad_kernel(
         ci_ok = kk < 9 * CIN
     else:
         ci = kk
-        tap = tl.program_id(1) + tl.zeros((BLOCK_CI,), dtype=tl.int32)
+        tap = tl.program_id(1)  # one tap per grid row
         ci_ok = ci < CIN
-    dy = tap // 3 - 1
+    dy = tap // 3 - 1  # per column when flat, one shift otherwise
     dx = tap % 3 - 1
     HW = H * W
     # acc[o, c]: the (COUT, CIN) slice of each column's tap, in the order the weight stores it
@@ -244,8 +244,8 @@ def _conv3x3_wgrad_kernel(
             a = tl.load(in_ptr + (b * s_ib)[:, None] + (yy * W + xx) * s_ip + ci[None, :] * s_ic, mask=ok,
                         other=0.0)
         else:
-            yy = y + tl.program_id(1) // 3 - 1
-            xx = x + tl.program_id(1) % 3 - 1
+            yy = y + dy
+            xx = x + dx
             ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
             src = b * s_ib + (yy * W + xx) * s_ip
             a = tl.load(in_ptr + src[:, None] + ci[None, :] * s_ic, mask=ok[:, None] & ci_ok[None, :], other=0.0)
