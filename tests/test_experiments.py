@@ -124,6 +124,10 @@ def test_ood_and_typicality_contents(tiny_run):
     assert sets["inverted-digits"]["auroc"] > 0.9
     for name, v in sets.items():
         assert v["fraction_more_likely_than_median_test"] <= 2 * (1 - v["auroc"]) + 1e-12, name
+        # an OOD set whose median lies above the test set's has at most half its images below the test median
+        if v["median_bpd"] > o["models"]["digits"]["test_bpd_median"]:
+            assert v["fraction_more_likely_than_median_test"] <= 0.5, name
+    assert sets["inverted-digits"]["median_bpd"] > o["models"]["digits"]["test_bpd_median"]
     t = json.loads((root / "typicality" / "results.json").read_text())
     # every M of the paper's list that the smallest scored set holds ten times over (nearly independent batches)
     n_min = min(t["n"]["test"], *(t["n"][name] for name in sets))
