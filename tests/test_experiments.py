@@ -591,6 +591,40 @@ def test_experiment_moving_average_is_updated_after_each_step(tmp_path):
     assert moved > 0
 
 
+def test_lr_factor_warms_up_then_follows_a_half_cosine():
+    from glowfast.experiments.common import lr_factor
+
+    assert [lr_factor(s, 0.0, 4, "none") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(10, 0.9, 4, "none") == 1.0
+    cos = [lr_factor(100, p, 4, "cosine") for p in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)]
+    assert cos == pytest.approx([1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2, 0.0, 0.0], abs=1e-15)
+    assert lr_factor(1, 0.5, 4, "cosine") == pytest.approx(0.5 * 0.5)  # warm-up and decay multiply
+
+
+def test_lr_decay_is_checked_and_names_its_own_cache_folder():
+    with pytest.raises(ValueError, match="lr_decay must be one of none, cosine, got 'linear'"):
+        _spec(lr_decay="linear")
+    assert _spec(lr_decay="cosine").key() != _spec().key()
+
+
+@pytest.mark.parametrize("decay", ["none", "cosine"])
+def test_cosine_decay_reaches_zero_at_the_step_count_or_the_time_limit(tmp_path, decay):
+    """A run ends at lr 0 under "cosine" whichever ends it: its step count, or its time limit (a limit of 1 ns stops
+    it at the first clock reading, step 10 of a million, and its progress is then the time's, 1). "none" ends at
+    lr."""
+    from glowfast.experiments.common import train
+
+    cpu = torch.device("cpu")
+    by_steps = train(_spec(steps=12, lr_decay=decay), tmp_path, cpu, backend="reference").history
+    by_time = train(_spec(steps=10**6, time_limit_s=1e-9, lr_decay=decay), tmp_path, cpu,
+                    backend="reference").history
+    assert by_steps["steps_done"] == 12 and not by_steps["stopped_by_time_limit"]
+    assert by_time["steps_done"] == 10 and by_time["stopped_by_time_limit"]
+    for h in (by_steps, by_time):
+        assert h["lr_decay"] == decay
+        assert h["final_lr"] == (0.0 if decay == "cosine" else 1e-3)
+
+
 def test_ablation_best_is_the_lowest_bits_per_dim(tiny_run):  # noqa: F811
     """'best' names the variant with the LOWEST test bits/dim (of the final numbers when every variant trained the
     same number of steps)."""
