@@ -65,11 +65,11 @@ def glow_config(state: dict) -> dict | None:
 
 def training_options(state: dict) -> dict:
     """The options a checkpoint's model was trained with, as python -m glowfast.train names them (dataset, size,
-    data_dir, amp, ...); of an experiments checkpoint, its spec's dataset and size."""
+    data_dir, amp, ...); of an experiments checkpoint, its spec's dataset, size and network options."""
     if "model_config" in state:
         return dict(state.get("config") or {})
     spec = state.get("spec") or {}
-    return {k: spec[k] for k in ("dataset", "size") if k in spec}
+    return {k: spec[k] for k in ("dataset", "size", "amp", "channels_last") if k in spec}
 
 
 def load_model(state: dict, device: torch.device, backend: str = "auto", raw_weights: bool = False):

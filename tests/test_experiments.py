@@ -625,6 +625,30 @@ def test_cosine_decay_reaches_zero_at_the_step_count_or_the_time_limit(tmp_path,
         assert h["final_lr"] == (0.0 if decay == "cosine" else 1e-3)
 
 
+def test_network_options_train_reload_and_load_as_trained(tmp_path):
+    """A spec's amp / channels_last: the networks of the trained model run in bf16 and NHWC, and so do those of the
+    model loaded back from the cache and by glowfast.load_glow (sampling and scoring as trained); the options name
+    their own cache folder, and a bad amp is refused naming it."""
+    from glowfast import load_glow
+    from glowfast.amp import bf16_networks_enabled, channels_last_networks_enabled
+    from glowfast.experiments.common import train
+
+    with pytest.raises(ValueError, match="amp must be one of none, bf16, got 'fp16'"):
+        _spec(amp="fp16")
+    spec = _spec(steps=3, amp="bf16", channels_last=True)
+    assert spec.key() != _spec(steps=3).key()
+    cpu = torch.device("cpu")
+    trained = train(spec, tmp_path, cpu, backend="reference", cache_dir=tmp_path / "cache")
+    assert not trained.cached and math.isfinite(trained.history["test_bpd"][-1])
+    cached = train(spec, tmp_path, cpu, backend="reference", cache_dir=tmp_path / "cache")
+    loaded = load_glow(tmp_path / "cache" / spec.key())
+    for model in (trained.model, cached.model, loaded):
+        assert bf16_networks_enabled(model) and channels_last_networks_enabled(model)
+    assert cached.cached
+    plain = train(_spec(steps=3), tmp_path, cpu, backend="reference").model
+    assert not bf16_networks_enabled(plain) and not channels_last_networks_enabled(plain)
+
+
 def test_ablation_best_is_the_lowest_bits_per_dim(tiny_run):  # noqa: F811
     """'best' names the variant with the LOWEST test bits/dim (of the final numbers when every variant trained the
     same number of steps)."""
@@ -689,7 +713,8 @@ def recorded_runs(monkeypatch):
 
     def fake_run_one(ctx, name):
         seen.append(dict(name=name, main_seed=ctx.preset.main.seed, ablation_seed=ctx.preset.ablation.seed,
-                         threads=torch.get_num_threads()))
+                         threads=torch.get_num_threads(),
+                         networks={(m.amp, m.channels_last) for m in (ctx.preset.main, ctx.preset.ablation)}))
         return {}, ""
 
     monkeypatch.setattr(cli, "run_one", fake_run_one)
@@ -702,6 +727,14 @@ def test_seed_reaches_the_shared_and_the_ablation_models(recorded_runs, tmp_path
     assert cli.main(["ablation-coupling", "--seed", "5", "--data-dir", str(tmp_path / "none"),
                      "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
     assert [(r["main_seed"], r["ablation_seed"]) for r in recorded_runs] == [(5, 5)]
+
+
+@pytest.mark.parametrize("flags, want", [([], {("none", False)}), (["--amp", "bf16"], {("bf16", False)}),
+                                         (["--amp", "bf16", "--channels-last"], {("bf16", True)})])
+def test_network_options_reach_the_shared_and_the_ablation_models(recorded_runs, tmp_path, flags, want):
+    assert cli.main(["ablation-coupling", *flags, "--data-dir", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert [r["networks"] for r in recorded_runs] == [want]
 
 
 def test_a_name_given_twice_runs_once(recorded_runs, tmp_path):

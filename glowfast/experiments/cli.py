@@ -192,6 +192,11 @@ def parse_args(argv=None):
     ap.add_argument("--backend", default="auto", choices=("auto", "reference", "fused"))
     ap.add_argument("--steps", type=int, default=None, help="override every model's number of training steps")
     ap.add_argument("--time-limit", type=float, default=None, help="override each model's training time cap (s)")
+    ap.add_argument("--amp", default=None, choices=("none", "bf16"),
+                    help="every model's coupling networks in bf16 autocast (default: the config's; none in every "
+                         "config)")
+    ap.add_argument("--channels-last", action="store_true", default=None,
+                    help="every model's coupling networks in NHWC (cuDNN's faster layout)")
     ap.add_argument("--alpha", type=float, default=0.99, help="typicality test confidence (paper: 0.99)")
     ap.add_argument("--cifar", action="store_true", help="ood, typicality: also train a CIFAR-10 model (skipped, and "
                     "said so, when its files are not under --data-dir)")
@@ -224,7 +229,8 @@ def main(argv=None) -> int:
         print(f"error: --device {args.device}: {e}", file=sys.stderr)
         return 2
     try:
-        preset, notes = resolve_preset(args.config, args.data_dir, args.steps, args.time_limit)
+        networks = {k: v for k, v in (("amp", args.amp), ("channels_last", args.channels_last)) if v is not None}
+        preset, notes = resolve_preset(args.config, args.data_dir, args.steps, args.time_limit, networks)
     except DatasetNotFoundError as e:  # small / full without MNIST: one line, not a traceback
         print(f"error: --config {args.config}: {e}", file=sys.stderr)
         return 2
