@@ -5,14 +5,18 @@
 #   bash results/gpu_full.sh pack            # data/{MNIST,FashionMNIST}/raw/*-ubyte -> gpudata/.../*.gz
 # then, with the device tool (carry: ["gpudata"]), one call per half:
 #   bash results/gpu_full.sh ablations       # ablation-permutation + ablation-coupling   (~6-7 min est.)
-#   bash results/gpu_full.sh main            # samples interpolation attributes ood typicality (~8-9 min est.)
+#   bash results/gpu_full.sh main            # samples interpolation attributes ood typicality (448 s on an H200)
+#   bash results/gpu_full.sh shared          # samples alone: trains the shared MNIST model (~5 min), to try a
+#                                            # training option, e.g. GPU_FULL_ARGS="--amp bf16 --channels-last"
+#                                            # GPU_FULL_OUT=results/full-bf16
+# GPU_FULL_ARGS: extra options for every glowfast.experiments call; GPU_FULL_OUT: the results folder (results/full).
 # Each writes results/full/<experiment>/ and packs it (without the model cache) into $OUT/results-*.tgz after
 # every group of experiments, one process per group within GPU_FULL_BUDGET (570 s): an overrun loses only the
 # group it cuts. The device copy has no .git (and carries uncommitted edits): pass
 # GLOWFAST_GIT_COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty) so that the results name their
 # commit honestly.
 set -euo pipefail
-what=${1:?usage: gpu_full.sh pack|ablations|main}
+what=${1:?usage: gpu_full.sh pack|ablations|main|shared}
 cd "$(dirname "$0")/.."
 
 if [[ $what == pack ]]; then
@@ -41,12 +45,14 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || t
 case $what in
   ablations) groups=("ablation-permutation" "ablation-coupling") ;;
   main) groups=("samples interpolation attributes" "ood typicality") ;;  # ood and typicality share their scores
+  shared) groups=("samples") ;;
   *) echo "unknown: $what"; exit 2 ;;
 esac
 # One process per group of experiments (the trained models are cached in /tmp/glowfast-models and reused),
 # each under the time left, and the results packed after each: an overrun loses at most the group it cut, never
 # the finished ones (the device tool returns only what is under $OUT when its limit kills the command).
 status=0
+base=${GPU_FULL_OUT:-results/full}
 for name in "${groups[@]}"; do
   left=$(( BUDGET - ($(date +%s) - START) - 10 ))
   if (( left < 20 )); then
@@ -56,13 +62,15 @@ for name in "${groups[@]}"; do
   # shellcheck disable=SC2086  # $name: a group of experiment names
   rc=0
   # one experiment name writes into --out itself, several into --out/<name>: every experiment its own folder
-  out=results/full; [[ $name == *" "* ]] || out=results/full/$name
+  out=$base; [[ $name == *" "* ]] || out=$base/$name
+  # shellcheck disable=SC2086  # GPU_FULL_ARGS: options, split on spaces
   timeout -k 10 "$left" $PY -m glowfast.experiments $name --config full --data-dir gpudata --out "$out" \
-    --cache /tmp/glowfast-models --device cuda --backend auto 2>&1 | tee -a "$OUT/log-$what.txt" || rc=$?
+    --cache /tmp/glowfast-models --device cuda --backend auto ${GPU_FULL_ARGS:-} 2>&1 \
+    | tee -a "$OUT/log-$what.txt" || rc=$?
   (( rc == 0 )) || { echo "== $name: exit $rc$( (( rc == 124 || rc == 137 )) && echo ' (time limit)')" \
     | tee -a "$OUT/log-$what.txt"; status=3; }
   # written aside, then renamed: a kill during this tar leaves the previous group's complete archive in place
-  if [ -d results/full ] && tar czf "$OUT/results-$what.tgz.part" --exclude=models results/full; then
+  if [ -d "$base" ] && tar czf "$OUT/results-$what.tgz.part" --exclude=models "$base"; then
     mv -f "$OUT/results-$what.tgz.part" "$OUT/results-$what.tgz"
   fi
 done

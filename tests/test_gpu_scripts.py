@@ -137,10 +137,11 @@ def test_gpu_check_skips_a_stage_the_budget_left_cannot_hold(tmp_path):
     assert "side by side" not in summary
 
 
-def _gpu_full(tmp_path, what, rc=0, budget=570):
+def _gpu_full(tmp_path, what, rc=0, budget=570, **env_extra):
     log = tmp_path / "calls.log"
     py = _fake_python(tmp_path, f'echo "$@" >> "{log}"\nexit {rc}\n')
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(py), "GPU_FULL_BUDGET": str(budget)}
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(py), "GPU_FULL_BUDGET": str(budget),
+           **env_extra}
     res = subprocess.run(["bash", str(ROOT / "results" / "gpu_full.sh"), what], capture_output=True, text=True,
                          env=env, timeout=120)
     calls = log.read_text().splitlines() if log.exists() else []
@@ -160,6 +161,14 @@ def test_gpu_full_runs_each_group_into_its_folder(tmp_path):
     assert [c.split(" --config")[0] for c in calls] == ["-m glowfast.experiments samples interpolation attributes",
                                                         "-m glowfast.experiments ood typicality"]
     assert all("--out results/full " in c for c in calls)
+
+
+def test_gpu_full_shared_trains_the_shared_model_alone_with_extra_options_into_its_folder(tmp_path):
+    res, calls = _gpu_full(tmp_path, "shared", GPU_FULL_ARGS="--amp bf16 --channels-last",
+                           GPU_FULL_OUT="results/full-bf16")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(calls) == 1 and calls[0].startswith("-m glowfast.experiments samples --config full")
+    assert "--out results/full-bf16/samples " in calls[0] and calls[0].endswith(" --amp bf16 --channels-last")
 
 
 def test_gpu_full_reports_a_cut_group_and_a_spent_budget(tmp_path):
