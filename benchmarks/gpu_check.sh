@@ -290,12 +290,12 @@ bench() {  # bench NAME pytest-args...
 
 startup() {
     # fresh processes, each with an empty Triton cache: what a user's first `python -m glowfast.train` pays
-    # (issue 6: < 20 s). The fused path as it runs by default (kernels precompiled in parallel; its cache is the
-    # one the later stages reuse), then without the precompile (the serial compiles it replaces: before/after),
-    # then the reference.
+    # (issue 6: < 20 s). The fused path with its kernels precompiled in parallel (`--precompile`; its cache is the
+    # one the later stages reuse), then as it runs by default, without the precompile (the serial compiles it
+    # would replace: before/after), then the reference.
     rm -rf "$WORK/triton_cache_startup" "$WORK/triton_cache_serial"
     local rc=0 run
-    for run in "fused auto triton_cache_startup" "fused off triton_cache_serial" "reference auto triton_cache_serial"; do
+    for run in "fused on triton_cache_startup" "fused off triton_cache_serial" "reference off triton_cache_serial"; do
         set -- $run
         TRITON_CACHE_DIR="$WORK/$3" $PY benchmarks/startup.py --config cifar10_K32 --batch 64 \
             --backend "$1" --precompile "$2" --out "$WORK/startup.json" || rc=1

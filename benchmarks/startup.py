@@ -5,9 +5,10 @@
 Times (seconds, wall clock, the GPU synchronised at each mark), in the order `python -m glowfast.train` pays
 them: `import` (torch + glowfast, CUDA context), `build` (the model on the device), `init` (ActNorm's
 data-dependent init: one training-mode forward, which runs the reference path), `precompile` (the fused
-kernels of a step compiled in parallel from a dry run, glowfast.fused.precompile_training_step; --precompile
-off skips it), `first_step` (the first fused forward + backward + Adamax: without precompile, Triton compiles
-every kernel here one after another; cuDNN autotuning, allocator growth), `second_step` (warm, for comparison)
+kernels of a step compiled in parallel from a dry run, glowfast.fused.precompile_training_step; --precompile on
+runs it, off and auto -- the trainer's default -- skip it), `first_step` (the first fused forward + backward +
+Adamax: without precompile, Triton compiles every kernel here one after another; cuDNN autotuning, allocator
+growth), `second_step` (warm, for comparison)
 and `to_first_step` = everything up to the end of the first step, what issue 6's "start-up under 20 s" bounds.
 Diagnostics: `first_step_compiles` (kernel variants the first step compiled itself: 0 after a precompile that covered
 it) and the precompile record's `dry_seconds` (its dry step's own share, before the wait for the compilations).
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="fused", choices=("fused", "reference", "auto"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--precompile", choices=("auto", "on", "off"), default="auto",
-                    help="compile the step's kernels in parallel before it (auto: on for the fused path on CUDA, "
-                         "as python -m glowfast.train does)")
+                    help="compile the step's kernels in parallel before it (auto: off, python -m glowfast.train's "
+                         "default since the H200 measured it slower)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         model(x)  # ActNorm's data-dependent init (the trainer's initialize_actnorm runs it before the first step)
     t_init = mark()
     path = model.resolve_backend(device)
-    precompile = args.precompile == "on" or (args.precompile == "auto" and path == "fused" and device.type == "cuda")
+    precompile = args.precompile == "on"
     report = None
     if precompile:
         from glowfast.fused import precompile_training_step

@@ -562,11 +562,12 @@ class Trainer:
     def precompile_kernels(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Before the first step: compile the fused kernels that step launches in parallel, from a dry run of it
         (glowfast.fused.precompile_training_step), instead of one after another at their first launches.
-        `precompile` in the config: None (default) = on CUDA only; True also runs the dry step elsewhere (the
-        interpreter compiles nothing: tests); False = off. Changes no state of the run, so a resumed or a
+        `precompile` in the config: True = on (on CPU the dry step runs and the interpreter compiles nothing:
+        tests); None (default) or False = off. Off by default since the first GPU measurement (H200, Triton 3.6):
+        the parallel compiles took as long as serial ones, and start-up to the end of the first step was 21.9 s
+        with it against 18.3 s without (benchmarks/RESULTS.md). Changes no state of the run, so a resumed or a
         precompiled run trains exactly as one without it."""
-        want = self.cfg.get("precompile")
-        if want is False or (want is None and self.device.type != "cuda"):
+        if not self.cfg.get("precompile"):
             return
         glow = unwrap(self.model)
         if glow.resolve_backend(self.device) != "fused":

@@ -324,7 +324,7 @@ def test_trainer_precompiles_before_its_first_step_and_trains_identically(tmp_pa
     session. (The in-process test above compares bit for bit on the GPU too, cuDNN pinned deterministic.)"""
     _cold_kernel_caches()
     on, state_on = _train_run(tmp_path, "on", ["--precompile"])
-    off, state_off = _train_run(tmp_path, "off", [] if KERNEL_DEVICE == "cpu" else ["--no-precompile"])  # default
+    off, state_off = _train_run(tmp_path, "off", [])  # the default
     pre = [r for r in on if r["type"] == "precompile"]
     assert len(pre) == 1 and pre[0]["step"] == 0 and pre[0]["launches"] > 0, pre
     if KERNEL_DEVICE == "cuda":
