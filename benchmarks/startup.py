@@ -10,8 +10,10 @@ runs it, off and auto -- the trainer's default -- skip it), `first_step` (the fi
 Adamax: without precompile, Triton compiles every kernel here one after another; cuDNN autotuning, allocator
 growth), `second_step` (warm, for comparison)
 and `to_first_step` = everything up to the end of the first step, what issue 6's "start-up under 20 s" bounds.
-Diagnostics: `first_step_compiles` (kernel variants the first step compiled itself: 0 after a precompile that covered
-it) and the precompile record's `dry_seconds` (its dry step's own share, before the wait for the compilations).
+Diagnostics: `construct_s` (the part of `build` that is the model's constructor on the CPU; the H200's 4.4 s
+`build` was unexplained), `first_step_compiles` (kernel variants the first step compiled itself: 0 after a
+precompile that covered it) and the precompile record's `dry_seconds` (its dry step's own share, before the wait
+for the compilations).
 (Before 2026-11-26 the init ran inside the "first step", and the kernels compiled in the second, unmeasured.)
 Run it with `TRITON_CACHE_DIR` pointing at an empty folder (benchmarks/gpu_check.sh does) or the Triton compile
 time is not included. Appends one JSON record per run to --out (a list).
@@ -60,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     t_import = mark()
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True  # as the benchmarks (and a tuned training run) use it
-    model = Glow(**model_config(args.config), backend=args.backend).to(device)
+    model = Glow(**model_config(args.config), backend=args.backend)
+    t_construct = time.perf_counter()  # the constructor alone (CPU: random orthogonal W, LU, conv inits)
+    model = model.to(device)
     x = torch.randint(0, 256, (args.batch, *model.image_shape), dtype=torch.uint8, device=device)
     step = glow_train_step(model, x)
     t_build = mark()
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR"),
         "precompile": None if report is None else report.as_record(),
         "import_s": round(t_import - T0, 3), "build_s": round(t_build - t_import, 3),
+        "construct_s": round(t_construct - t_import, 3),  # of build_s
         "init_s": round(t_init - t_build, 3), "precompile_s": round(t_pre - t_init, 3),
         "first_step_s": round(t_first - t_pre, 3), "first_step_compiles": first_step_compiles,
         "second_step_s": round(t_second - t_first, 4),
