@@ -142,6 +142,7 @@ else
 fi
 export GLOWFAST_GIT_COMMIT=$COMMIT
 PY=${PYTHON:-python3}  # the device image has python3 (its torch); a venv has both
+source benchmarks/pytest_workers.sh
 SUMMARY_ROWS=$WORK/stages.tsv
 : > "$SUMMARY_ROWS"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
@@ -249,16 +250,9 @@ tests() {
     for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || files+=("$f"); done
     # GPU_TESTS: pytest node ids or files instead of the whole suite (a rerun of what failed, in the time left)
     [ -n "${GPU_TESTS:-}" ] && read -r -a files <<< "$GPU_TESTS"
-    # GPU_TEST_WORKERS (default 4) pytest-xdist workers when xdist loads: installed (entry point), or carried
-    # (no entry point: loaded with -p, which an installed xdist would reject as registered twice); else serial
-    local n=${GPU_TEST_WORKERS:-4} probe=(--co -q tests/test_images.py)
-    if (( n > 1 )); then
-        if $PY -m pytest -n 2 "${probe[@]}" > /dev/null 2>&1; then
-            par=(-n "$n" --dist loadgroup)
-        elif $PY -m pytest -p xdist.plugin -n 2 "${probe[@]}" > /dev/null 2>&1; then
-            par=(-p xdist.plugin -n "$n" --dist loadgroup)
-        fi
-    fi
+    # GPU_TEST_WORKERS (default 4) pytest-xdist workers when xdist loads (benchmarks/pytest_workers.sh); else serial
+    read -r -a par <<< "$(pytest_workers "${GPU_TEST_WORKERS:-4}")"
+    if (( ${#par[@]} )); then par+=(--dist loadgroup); fi
     echo "pytest workers: ${par[*]:-serial}"
     pymod pytest -q -p no:cacheprovider -rfE --durations=25 --junitxml="$OUT/junit.xml" "${par[@]}" "${files[@]}"
 }

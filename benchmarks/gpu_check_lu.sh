@@ -8,12 +8,9 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'gpu_check_lu.sh needs a
 # no caching allocator: each tensor its own allocation, so an overrun into a neighbour in the same block is seen
 # LU_SANITIZER_WORKERS (default 4) pytest-xdist workers, each a process that memcheck follows: one process took
 # over 95 s for 125 of the 162 tests on an H200 (2026-11-26, cut by its time limit), so they are spread. xdist
-# installed (entry point) or carried on PYTHONPATH (loaded with -p, as gpu_check.sh's tests stage); else serial.
-par=() n=${LU_SANITIZER_WORKERS:-4} probe=(--co -q tests/test_batched_lu.py)
-if (( n > 1 )); then
-    if $PY -m pytest -n 2 "${probe[@]}" > /dev/null 2>&1; then par=(-n "$n")
-    elif $PY -m pytest -p xdist.plugin -n 2 "${probe[@]}" > /dev/null 2>&1; then par=(-p xdist.plugin -n "$n"); fi
-fi
+# installed or carried on PYTHONPATH (benchmarks/pytest_workers.sh, as gpu_check.sh's tests stage); else serial.
+source benchmarks/pytest_workers.sh
+read -r -a par <<< "$(pytest_workers "${LU_SANITIZER_WORKERS:-4}")"
 echo "pytest workers: ${par[*]:-serial}"
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check no \
     --target-processes all \
