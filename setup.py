@@ -7,6 +7,7 @@ nvcc is found. Install with `pip install --no-build-isolation -e .` after torch 
 import glob
 import os
 import shutil
+import sys
 
 # Without a GPU, cpp_extension guesses CUDA_HOME=/usr/local and finds no arch list; set sane defaults
 # before importing it. The environment overrides both.
@@ -34,9 +35,21 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and has_nvcc
 
 
+def _openmp_flags() -> list[str]:
+    """-fopenmp where torch's CPU parallel backend is OpenMP (Linux builds): ATen's at::parallel_for is a header
+    template that runs its loop in parallel only if the *extension* is compiled with OpenMP (_OPENMP defines
+    INTRA_OP_PARALLEL); without the flag the CPU kernels ran on one thread whatever torch.get_num_threads() said.
+    Compile flag only, not a link flag: the OpenMP symbols then resolve to the runtime libtorch_cpu already loads
+    (torch's bundled libgomp), never a second copy from the system compiler."""
+    if os.environ.get("GLOWFAST_NO_OPENMP", "0") == "1" or not sys.platform.startswith("linux"):
+        return []
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+
+
 def extensions():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++20"]
+    openmp = _openmp_flags()
+    cxx_flags = ["-O3", "-std=c++20", *openmp]
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
         return [

@@ -1,6 +1,7 @@
 // Operator schemas of glowfast._C (namespace `glowfast`) and the Python module stub.
 // Kernels: csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cpp + *.cu (CUDA, built with -DWITH_CUDA).
 // Fake (meta) implementations and autograd formulas are registered in Python (glowfast/ops/batched_lu.py).
+#include <ATen/Parallel.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -26,4 +27,19 @@ TORCH_LIBRARY(glowfast, m) {
 static struct PyModuleDef glowfast_c_module = {PyModuleDef_HEAD_INIT, "_C", "glowfast C++/CUDA operators", -1,
                                                nullptr};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&glowfast_c_module); }
+// `intra_op_parallel`: 1 when at::parallel_for in these kernels runs on torch's CPU threads. ATen's parallel_for is a
+// header template: it is parallel only where the extension itself is compiled with the CPU backend's flags
+// (setup.py adds -fopenmp), else it runs the whole range on the calling thread (tests/test_batched_lu.py checks it).
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&glowfast_c_module);
+#ifdef INTRA_OP_PARALLEL
+  constexpr long kIntraOpParallel = 1;
+#else
+  constexpr long kIntraOpParallel = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "intra_op_parallel", kIntraOpParallel) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

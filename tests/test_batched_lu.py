@@ -3,6 +3,7 @@
 import math
 import os
 import shutil
+import sys
 import types
 
 import numpy as np
@@ -735,6 +736,48 @@ def test_extension_has_its_cuda_kernels_where_nvcc_exists():
     if not (os.path.exists(os.path.join(cuda_home, "bin", "nvcc")) or shutil.which("nvcc")):
         pytest.skip("no nvcc here: the extension is built without CUDA kernels")
     assert has_cuda_kernels()
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available())
+                    or os.environ.get("GLOWFAST_NO_OPENMP") == "1",
+                    reason="setup.py adds -fopenmp only on Linux where torch's CPU threads are OpenMP ones (and not "
+                           "under GLOWFAST_NO_OPENMP=1)")
+def test_cpu_kernels_are_built_to_run_on_torchs_threads():
+    """at::parallel_for is a header template: compiled without OpenMP it runs every matrix on the calling thread
+    (as glowfast._C did before setup.py passed -fopenmp: one thread whatever torch.get_num_threads() said)."""
+    import glowfast._C
+
+    assert glowfast._C.intra_op_parallel == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_results_do_not_depend_on_the_thread_count(dtype):
+    """Each matrix is one task: splitting the batch over threads must give bit-identical results (forward, inverse,
+    logabsdet gradient and inverse gradient), for a ragged batch large enough to be split."""
+    gen = torch.Generator().manual_seed(7)
+    sizes = [1, 2, 3, 5, 8, 12, 24, 48] * 40
+    mats = [torch.randn(n, n, dtype=dtype, generator=gen) for n in sizes]
+    grads = [torch.randn(n, n, dtype=dtype, generator=gen) for n in sizes]
+
+    def run():
+        leaves = [m.clone().requires_grad_() for m in mats]
+        sign, logabsdet = batched_slogdet(leaves)
+        inverses = batched_inverse(leaves)
+        loss = (logabsdet * torch.arange(len(sizes), dtype=dtype)).sum()
+        loss = loss + sum((x * g).sum() for x, g in zip(inverses, grads))
+        loss.backward()
+        return [sign, logabsdet, *(x.detach() for x in inverses), *(w.grad for w in leaves)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = run()
+        torch.set_num_threads(max(2, threads))
+        parallel = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(serial, parallel, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_overflow_during_elimination_is_not_called_non_finite_input():
