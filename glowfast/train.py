@@ -31,6 +31,7 @@ import torch
 
 from . import __version__
 from ._checks import is_temperature
+from ._cli import cudnn_autotune
 from .checkpoint import CheckpointError, find_checkpoint
 from .data import is_folder_dataset
 from .image_folder import ImageReadError, canonical_name
@@ -40,7 +41,7 @@ OPTIMIZERS = ("adamax", "adam")
 RESUMABLE_OVERRIDES = ("steps", "epochs", "eval_interval", "ckpt_interval", "log_interval", "device", "backend",
                        "max_nonfinite", "progress", "num_workers", "eval_batch_size", "data_dir", "threads",
                        "cuda_graphs", "channels_last", "memory_saving", "gemm_networks", "triton_networks",
-                       "precompile")
+                       "precompile", "cudnn_benchmark")
 
 DEFAULTS_NOTE = "defaults: a small digits model that trains in a few minutes on 2 CPU cores"
 
@@ -151,6 +152,11 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
              "step) instead of one after another at their first launches; changes no numbers. Default: off "
              "(on an H200 with Triton 3.6 it did not pay: 21.9 s to the end of the first step with it, 18.3 s "
              "without)")
+    add(g, "--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+        help="CUDA: let cuDNN time its convolution algorithms at each new input shape and keep the fastest "
+             "(torch.backends.cudnn.benchmark; a few seconds of timing at start-up and at a new batch shape; "
+             "benchmarks/ measures with it on); --no-cudnn-benchmark keeps cuDNN's heuristic choice. No effect on "
+             "CPU")
     add(g, "--memory-saving", action=argparse.BooleanOptionalAction, default=False,
         help="fused backend: backward reconstructs each flow step's input from its output (the flow is "
              "invertible) instead of storing activations: much less activation memory for about one extra "
@@ -308,8 +314,10 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     except (RuntimeError, ValueError) as e:
         return _fail(f"--device {cfg['device']}: {e}")
     try:
-        return _run(cfg, run_dir, resume, dist_info, device, callbacks,
-                    (DatasetNotFoundError, dataset_info, get_dataset), Trainer, NonFiniteLossError, broadcast_object)
+        with cudnn_autotune(device, cfg.get("cudnn_benchmark", True)):  # a run saved before the option: on
+            return _run(cfg, run_dir, resume, dist_info, device, callbacks,
+                        (DatasetNotFoundError, dataset_info, get_dataset), Trainer, NonFiniteLossError,
+                        broadcast_object)
     finally:
         cleanup()
 

@@ -755,3 +755,10 @@ def test_bad_threads_and_alpha_are_one_line_errors(recorded_runs, tmp_path, caps
     assert cli.main(["ablation-coupling", option, value, "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
     assert recorded_runs == [] and not (tmp_path / "o").exists()
+
+
+def test_cudnn_autotuner_is_on_by_default_and_can_be_turned_off():
+    """As in glowfast.train: a CUDA run trains with cuDNN's autotuner (the speed benchmarks/ measures) unless
+    --no-cudnn-benchmark; the switch itself is glowfast._cli.cudnn_autotune (tests/test_train.py)."""
+    assert cli.parse_args(["samples"]).cudnn_benchmark is True
+    assert cli.parse_args(["samples", "--no-cudnn-benchmark"]).cudnn_benchmark is False

@@ -20,6 +20,7 @@ from glowfast.checkpoint import LAST, PREV, find_checkpoint, load_checkpoint
 from glowfast.data import get_dataset
 from glowfast.train import main
 
+from conftest import requires_cuda
 from helpers import BEYOND, BEYOND_MESSAGE
 
 # Grid cell: 8x8 digits are saved enlarged 4x (nearest) to 32x32, plus 1 px of padding.
@@ -728,3 +729,53 @@ def test_hflip_feeds_each_training_image_as_is_or_mirrored(tmp_path, dataset):
     mirrored = (flipped == plain.flip(-1)).flatten(1).all(1)
     assert bool((same | mirrored).all())
     assert 0.3 < float((~same).float().mean()) < 0.7
+
+
+def test_cudnn_autotune_sets_the_flag_for_cuda_work_only_and_restores_it():
+    """The CLIs' cuDNN autotuner switch: on (or off, as asked) for a CUDA device while the work runs, the caller's
+    value afterwards, also when the work raises; a CPU run leaves the flag alone. (The flag is a plain setting:
+    no GPU is needed to read or write it.)"""
+    from glowfast._cli import cudnn_autotune
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        for caller in (False, True):
+            for enabled in (False, True):
+                torch.backends.cudnn.benchmark = caller
+                with cudnn_autotune(torch.device("cuda", 0), enabled):
+                    assert torch.backends.cudnn.benchmark is enabled
+                assert torch.backends.cudnn.benchmark is caller
+                with cudnn_autotune(torch.device("cpu"), enabled):
+                    assert torch.backends.cudnn.benchmark is caller
+                with pytest.raises(RuntimeError, match="work failed"), cudnn_autotune(torch.device("cuda"), enabled):
+                    raise RuntimeError("work failed")
+                assert torch.backends.cudnn.benchmark is caller
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def test_cudnn_benchmark_option_is_recorded_and_may_change_on_resume(tmp_path):
+    run = tmp_path / "run"
+    assert main(TINY + ["--steps", "2", "--eval-interval", "2", "--run-dir", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["cudnn_benchmark"] is True
+    # a speed setting, not part of the model: a resumed run may turn it off
+    assert main(["--resume", str(run), "--steps", "4", "--no-cudnn-benchmark", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["cudnn_benchmark"] is False
+    assert json.loads((run / "summary.json").read_text())["step"] == 4
+
+
+@requires_cuda
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-cudnn-benchmark"], False)])
+def test_training_on_cuda_runs_with_cudnns_autotuner_as_asked(tmp_path, flag, expected):
+    seen = []
+
+    def record(event, trainer):
+        if event == "before_step":
+            seen.append(torch.backends.cudnn.benchmark)
+
+    before = torch.backends.cudnn.benchmark
+    args = [a if a != "cpu" else "cuda" for a in TINY]
+    assert main(args + ["--steps", "2", "--eval-interval", "2", "--run-dir", str(tmp_path / "run"), *flag],
+                callbacks=[record]) == 0
+    assert seen == [expected, expected]
+    assert torch.backends.cudnn.benchmark is before

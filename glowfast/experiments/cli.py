@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .._cli import cudnn_autotune
 from ..checkpoint import find_checkpoint
 from ..data import DatasetNotFoundError
 from ..ema import use_checkpoint_average
@@ -202,6 +203,10 @@ def parse_args(argv=None):
                     "said so, when its files are not under --data-dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                    help="CUDA: cuDNN times its convolution algorithms per input shape and keeps the fastest "
+                         "(torch.backends.cudnn.benchmark, as benchmarks/ measures); --no-cudnn-benchmark keeps "
+                         "its heuristic choice")
     return ap.parse_args(argv)
 
 
@@ -241,51 +246,55 @@ def main(argv=None) -> int:
                          ablation=replace(preset.ablation, seed=args.seed))
     argv_list = list(argv) if argv is not None else None
     prov = provenance(device, argv_list)
+    if device.type == "cuda":
+        prov["cudnn_benchmark"] = args.cudnn_benchmark
     ctx = Context(args, preset, notes, device, root)
-    timings, failed = {}, []
-    for name in names:
-        ctx.out = root if single else root / name
-        ctx.out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        _log(f"{name} (config {preset.name}, device {device}) -> {ctx.out}")
-        try:
-            if not name.startswith("ablation"):
-                # the shared model's headline first: an experiment that fails later (in sampling, say) cannot
-                # take it along
-                ctx.main_test_bpd()
-            results, md = run_one(ctx, name)
-        except Exception as e:  # noqa: BLE001 - one failed experiment must not lose the others of this command
-            failed.append(name)
-            tb = traceback.format_exc()
-            print(tb, file=sys.stderr)
-            _log(f"{name} FAILED: {type(e).__name__}: {e}")
-            results = {"error": f"{type(e).__name__}: {e}", "traceback": tb}
-            md = f"**This experiment failed**: `{type(e).__name__}: {e}` (the traceback is in results.json).\n"
-            if ctx._main_test_bpd is not None and not name.startswith("ablation"):
-                results["model"] = ctx.main_summary()
-        wall = time.perf_counter() - t0
-        timings[name] = wall
-        results = {"config": preset.name, "config_notes": preset.notes, "notes": notes, "wall_s": wall,
-                   "preset": {"main": asdict(preset.main), "ablation": asdict(preset.ablation)}, **results}
-        header = f"Config **{preset.name}**: {preset.notes}\n" + "".join(f"\n- {n}" for n in notes)
-        m = results.get("model")
-        if isinstance(m, dict) and "test_bpd_marginal" in m:
-            steps = "" if m.get("steps_done") is None else f", {m['steps_done']} steps"  # unknown: say nothing
-            steps += " (stopped by its time limit)" if m.get("stopped_by_time_limit") else ""
-            source = f", checkpoint {m['checkpoint']} ({m['eval_weights']} weights)" if m.get("checkpoint") else ""
-            header += (f"\n\nShared model: {m['spec']['dataset']} K={m['spec']['K']} L={m['spec']['L']} "
-                       f"hidden={m['spec']['hidden']}{steps}{source}; test bits/dim "
-                       f"{m['test_bpd_marginal']:.4f} (marginal p(x)"
-                       + (f", {m['test_bpd_given_true_class']:.4f} given the true class; generative-classifier "
-                          f"accuracy {m['generative_classifier_test_accuracy']:.3f}" if "test_bpd_given_true_class"
-                          in m else "") + f") on {m['n_test']} test images, {m['bpd_unit']}.")
-            if m.get("reference_check"):
-                rc = m["reference_check"]
-                header += (f" Fused path checked against the reference layers on the first {rc['n']} test images: "
-                           f"max |difference| {rc['max_abs_diff']:.2e} bits/dim.")
-        header += f"\n\nWall time of this command (this process, incl. training unless cached): {wall:.1f} s.\n\n"
-        write_results(ctx.out, name, results, header + md, prov)
-        _log(f"{name} {'FAILED' if name in failed else 'done'} in {wall:.1f}s")
+    # cuDNN's autotuner on while the models train and score (the speed benchmarks/ measures); restored after
+    with cudnn_autotune(device, args.cudnn_benchmark):
+        timings, failed = {}, []
+        for name in names:
+            ctx.out = root if single else root / name
+            ctx.out.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            _log(f"{name} (config {preset.name}, device {device}) -> {ctx.out}")
+            try:
+                if not name.startswith("ablation"):
+                    # the shared model's headline first: an experiment that fails later (in sampling, say) cannot
+                    # take it along
+                    ctx.main_test_bpd()
+                results, md = run_one(ctx, name)
+            except Exception as e:  # noqa: BLE001 - one failed experiment must not lose the others of this command
+                failed.append(name)
+                tb = traceback.format_exc()
+                print(tb, file=sys.stderr)
+                _log(f"{name} FAILED: {type(e).__name__}: {e}")
+                results = {"error": f"{type(e).__name__}: {e}", "traceback": tb}
+                md = f"**This experiment failed**: `{type(e).__name__}: {e}` (the traceback is in results.json).\n"
+                if ctx._main_test_bpd is not None and not name.startswith("ablation"):
+                    results["model"] = ctx.main_summary()
+            wall = time.perf_counter() - t0
+            timings[name] = wall
+            results = {"config": preset.name, "config_notes": preset.notes, "notes": notes, "wall_s": wall,
+                       "preset": {"main": asdict(preset.main), "ablation": asdict(preset.ablation)}, **results}
+            header = f"Config **{preset.name}**: {preset.notes}\n" + "".join(f"\n- {n}" for n in notes)
+            m = results.get("model")
+            if isinstance(m, dict) and "test_bpd_marginal" in m:
+                steps = "" if m.get("steps_done") is None else f", {m['steps_done']} steps"  # unknown: say nothing
+                steps += " (stopped by its time limit)" if m.get("stopped_by_time_limit") else ""
+                source = f", checkpoint {m['checkpoint']} ({m['eval_weights']} weights)" if m.get("checkpoint") else ""
+                header += (f"\n\nShared model: {m['spec']['dataset']} K={m['spec']['K']} L={m['spec']['L']} "
+                           f"hidden={m['spec']['hidden']}{steps}{source}; test bits/dim "
+                           f"{m['test_bpd_marginal']:.4f} (marginal p(x)"
+                           + (f", {m['test_bpd_given_true_class']:.4f} given the true class; generative-classifier "
+                              f"accuracy {m['generative_classifier_test_accuracy']:.3f}" if "test_bpd_given_true_class"
+                              in m else "") + f") on {m['n_test']} test images, {m['bpd_unit']}.")
+                if m.get("reference_check"):
+                    rc = m["reference_check"]
+                    header += (f" Fused path checked against the reference layers on the first {rc['n']} test images: "
+                               f"max |difference| {rc['max_abs_diff']:.2e} bits/dim.")
+            header += f"\n\nWall time of this command (this process, incl. training unless cached): {wall:.1f} s.\n\n"
+            write_results(ctx.out, name, results, header + md, prov)
+            _log(f"{name} {'FAILED' if name in failed else 'done'} in {wall:.1f}s")
     if failed:
         print(f"error: {len(failed)} experiment(s) failed: {', '.join(failed)} (their results.json hold the "
               "tracebacks; the others completed)", file=sys.stderr)
