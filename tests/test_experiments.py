@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,7 @@ def test_bad_arguments(capsys, tmp_path):
     assert not (tmp_path / "b").exists()
     # --steps -1 trained 0 steps and cached that model as trained (found by a user-study audit)
     for option, value, message in (("--steps", "-1", "--steps must be >= 1, got -1"),
+                                   ("--batch", "0", "--batch must be >= 1, got 0"),
                                    ("--time-limit", "0", "--time-limit must be > 0, got 0.0"),
                                    ("--alpha", "1", "--alpha must be in (0, 1), got 1.0")):
         assert main(["samples", "--config", "tiny", option, value, "--out", str(tmp_path / "s")]) == 2
@@ -762,3 +764,17 @@ def test_cudnn_autotuner_is_on_by_default_and_can_be_turned_off():
     --no-cudnn-benchmark; the switch itself is glowfast._cli.cudnn_autotune (tests/test_train.py)."""
     assert cli.parse_args(["samples"]).cudnn_benchmark is True
     assert cli.parse_args(["samples", "--no-cudnn-benchmark"]).cudnn_benchmark is False
+
+
+def test_batch_override_reaches_every_model(tmp_path):
+    """--batch sets the training batch of the shared, ablation and reverse (OOD) models, and so their cache names:
+    a model trained at another batch size is never loaded in its place."""
+    from glowfast.experiments.common import resolve_preset
+    from glowfast.experiments.ood_exp import _reverse_spec
+
+    base, _ = resolve_preset("tiny", tmp_path)
+    p, _ = resolve_preset("tiny", tmp_path, batch=16)
+    reverse = _reverse_spec(p.main, "fashion-mnist", p.reverse_steps, p.reverse_time_limit_s)
+    assert (p.main.batch, p.ablation.batch, reverse.batch) == (16, 16, 16) and base.main.batch != 16
+    assert p.main.key() != base.main.key() and p.ablation.key() != base.ablation.key()
+    assert replace(p.main, batch=base.main.batch) == base.main  # nothing else changed

@@ -193,6 +193,9 @@ def parse_args(argv=None):
     ap.add_argument("--backend", default="auto", choices=("auto", "reference", "fused"))
     ap.add_argument("--steps", type=int, default=None, help="override every model's number of training steps")
     ap.add_argument("--time-limit", type=float, default=None, help="override each model's training time cap (s)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="override every model's training batch size (e.g. to compare, within the same time cap, "
+                         "more steps on smaller batches)")
     ap.add_argument("--amp", default=None, choices=("none", "bf16"),
                     help="every model's coupling networks in bf16 autocast (default: the config's; none in every "
                          "config)")
@@ -214,6 +217,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     bad = [f"--{k.replace('_', '-')} must be {want}, got {v}" for k, v, ok, want in (
         ("steps", args.steps, args.steps is None or args.steps >= 1, ">= 1"),
+        ("batch", args.batch, args.batch is None or args.batch >= 1, ">= 1"),
         ("time_limit", args.time_limit, args.time_limit is None or args.time_limit > 0, "> 0"),
         ("alpha", args.alpha, 0 < args.alpha < 1, "in (0, 1)"),
         ("threads", args.threads, args.threads is None or args.threads >= 0, ">= 0")) if not ok]
@@ -235,7 +239,7 @@ def main(argv=None) -> int:
         return 2
     try:
         networks = {k: v for k, v in (("amp", args.amp), ("channels_last", args.channels_last)) if v is not None}
-        preset, notes = resolve_preset(args.config, args.data_dir, args.steps, args.time_limit, networks)
+        preset, notes = resolve_preset(args.config, args.data_dir, args.steps, args.time_limit, networks, args.batch)
     except DatasetNotFoundError as e:  # small / full without MNIST: one line, not a traceback
         print(f"error: --config {args.config}: {e}", file=sys.stderr)
         return 2

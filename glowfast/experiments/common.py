@@ -164,8 +164,10 @@ TINY_FALLBACK = "digits"  # used by the tiny config when MNIST is not under --da
 
 
 def resolve_preset(name: str, data_dir: str | os.PathLike, steps: int | None = None,
-                   time_limit: float | None = None, networks: dict | None = None) -> tuple[Preset, list[str]]:
-    """The preset, with the tiny config's fallback to digits when MNIST is missing; returns (preset, notes)."""
+                   time_limit: float | None = None, networks: dict | None = None,
+                   batch: int | None = None) -> tuple[Preset, list[str]]:
+    """The preset, with the tiny config's fallback to digits when MNIST is missing; returns (preset, notes).
+    `steps`, `time_limit`, `networks` ({"amp": ..., "channels_last": ...}) and `batch` override every model's."""
     if name not in PRESETS:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(PRESETS)}")
     p = PRESETS[name]
@@ -186,6 +188,8 @@ def resolve_preset(name: str, data_dir: str | os.PathLike, steps: int | None = N
                     ablation=replace(p.ablation, time_limit_s=time_limit), reverse_time_limit_s=time_limit)
     if networks:  # {"amp": ..., "channels_last": ...} for every model (the reverse model follows main)
         p = replace(p, main=replace(p.main, **networks), ablation=replace(p.ablation, **networks))
+    if batch is not None:  # the reverse model follows main
+        p = replace(p, main=replace(p.main, batch=batch), ablation=replace(p.ablation, batch=batch))
     return p, notes
 
 
