@@ -167,6 +167,39 @@ def test_gradients_match_torch_slogdet(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_list_packing_by_runs_of_equal_sizes_keeps_order_and_gradients(device):
+    """A list is packed one run of equal sizes at a time (one stack per run): runs of one, runs of several, a
+    transposed (non-contiguous) matrix inside a run and a matrix that needs no gradient must all keep their place in
+    the packed order, for the values and for each gradient, and for batched_inverse's list output."""
+    gen = torch.Generator().manual_seed(11)
+    sizes = (3, 3, 2, 5, 5, 5, 1, 3, 3)
+    base = [torch.randn(n, n, dtype=torch.float64, generator=gen).to(device) for n in sizes]
+    base[4] = base[4].mT  # non-contiguous, in the middle of a run
+    needs_grad = [i != 7 for i in range(len(sizes))]
+    # the transposed element is a view of a contiguous leaf holding its transpose
+    leaves = [(m if m.is_contiguous() else m.mT).clone().requires_grad_(g) for m, g in zip(base, needs_grad)]
+    ours = [leaf if m.is_contiguous() else leaf.mT for leaf, m in zip(leaves, base)]
+    assert not ours[4].is_contiguous()
+    theirs = [m.detach().clone().requires_grad_(g) for m, g in zip(base, needs_grad)]
+    w = torch.randn(len(sizes), dtype=torch.float64, generator=gen).to(device)
+    _, ld = batched_slogdet(ours)
+    inverses = batched_inverse(ours)
+    ref_ld = torch.stack([torch.linalg.slogdet(m)[1] for m in theirs])
+    ref_inv = [torch.linalg.inv(m) for m in theirs]
+    torch.testing.assert_close(ld, ref_ld.detach(), rtol=1e-10, atol=1e-10)
+    for a, b in zip(inverses, ref_inv, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-9, atol=1e-9)
+    g = [torch.randn(n, n, dtype=torch.float64, generator=gen).to(device) for n in sizes]
+    ((ld * w).sum() + sum((x * gi).sum() for x, gi in zip(inverses, g))).backward()
+    ((ref_ld * w).sum() + sum((x * gi).sum() for x, gi in zip(ref_inv, g))).backward()
+    for i, (a, b) in enumerate(zip(leaves, theirs, strict=True)):
+        if not needs_grad[i]:
+            assert a.grad is None and b.grad is None
+            continue
+        torch.testing.assert_close(a.grad, b.grad if ours[i] is a else b.grad.mT, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_batched_tensor_gradients(device, dtype):
     a = torch.randn(16, 9, 9, dtype=torch.float64).to(device, dtype).requires_grad_()

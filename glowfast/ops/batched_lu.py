@@ -177,7 +177,7 @@ torch.library.register_autograd(
 class _Layout:
     """Static description of a packed batch: sizes, offsets (Python ints) and their device tensors."""
 
-    __slots__ = ("sizes", "offsets", "numels", "total", "max_n", "uniform", "_device_tensors")
+    __slots__ = ("sizes", "offsets", "numels", "total", "max_n", "uniform", "runs", "_device_tensors")
 
     def __init__(self, sizes: tuple[int, ...], uniform: bool):
         self.sizes = sizes
@@ -190,6 +190,14 @@ class _Layout:
         self.total = acc
         self.max_n = max(sizes)
         self.uniform = uniform
+        # runs of consecutive equal sizes, (first index, count, n): a Glow's weights come level by level, so a
+        # list of them is a few runs, packed with one stack per run instead of one reshape per matrix
+        runs, start = [], 0
+        for i in range(1, len(sizes) + 1):
+            if i == len(sizes) or sizes[i] != sizes[start]:
+                runs.append((start, i - start, sizes[start]))
+                start = i
+        self.runs = tuple(runs)
         self._device_tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def make_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,27 +240,37 @@ def _check_dtype(dtype: torch.dtype, fn: str) -> None:
         raise ValueError(f"{fn}: dtype must be float32 or float64, got {kind} dtype {dtype}")
 
 
+def _stack_runs(mats, layout: _Layout) -> torch.Tensor:
+    """The matrices flattened back to back in a new buffer: one torch.stack per run of equal sizes (a C++ loop)
+    instead of a Python-level reshape per matrix (~2-3 µs each on a 2-core CPU, most of the list API's packing)."""
+    parts = [torch.stack(mats[i:i + k]).view(-1) if k > 1 else mats[i].reshape(-1) for i, k, _ in layout.runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class _PackList(torch.autograd.Function):
-    """cat of flattened matrices as ONE autograd node (backward: one split), instead of a view node per matrix
-    plus a cat node — the per-node cost dominated the list API's host overhead (benchmarks/RESULTS.md)."""
+    """The packing as ONE autograd node (backward: one unbind per run of equal sizes), instead of a node per
+    matrix plus a cat node -- the per-node cost dominated the list API's host overhead (benchmarks/RESULTS.md)."""
 
     @staticmethod
-    def forward(ctx, numels, *mats):
-        ctx.numels = numels
-        ctx.shapes = [m.shape for m in mats]
-        return torch.cat([m.reshape(-1) for m in mats])
+    def forward(ctx, layout, *mats):
+        ctx.layout = layout
+        return _stack_runs(mats, layout)
 
     @staticmethod
     def backward(ctx, grad):
-        parts = grad.split(ctx.numels)
-        return (None, *(part.view(shape) for part, shape in zip(parts, ctx.shapes)))
+        layout = ctx.layout
+        grads = []
+        for i, k, n in layout.runs:
+            start = layout.offsets[i]
+            grads.extend(grad[start:start + k * n * n].view(k, n, n).unbind(0))
+        return (None, *grads)
 
 
-def _cat_flat(mats, numels) -> torch.Tensor:
+def _cat_flat(mats, layout: _Layout) -> torch.Tensor:
     """A new flat buffer holding the flattened matrices back to back (always a copy, differentiable)."""
     if torch.compiler.is_compiling() or not any(m.requires_grad for m in mats):
-        return torch.cat([m.reshape(-1) for m in mats])
-    return _PackList.apply(numels, *mats)
+        return _stack_runs(mats, layout)
+    return _PackList.apply(layout, *mats)
 
 
 def _split_views(flat: torch.Tensor, layout: _Layout) -> list[torch.Tensor]:
@@ -410,7 +428,7 @@ class PackedMatrices:
             data = mats.clone(memory_format=torch.contiguous_format).view(-1)
         else:
             layout = _validate_list(mats, fn)
-            data = _cat_flat(mats, layout.numels)
+            data = _cat_flat(mats, layout)
         return cls._wrap(data, layout)
 
     @property
@@ -478,7 +496,7 @@ def _pack(mats, fn: str) -> tuple[torch.Tensor, _Layout, str]:
     if isinstance(mats, torch.Tensor):
         return mats.reshape(-1), _validate_batch(mats, fn), "batch"
     layout = _validate_list(mats, fn)
-    packed = _cat_flat(mats, layout.numels) if len(mats) > 1 else mats[0].reshape(-1)
+    packed = _cat_flat(mats, layout) if len(mats) > 1 else mats[0].reshape(-1)
     return packed, layout, "list"
 
 
