@@ -49,6 +49,7 @@ from torch import nn
 
 from .reference.coupling import CouplingNetwork
 
+AMP_MODES = ("none", "bf16")  # the --amp choices of the training CLIs and the experiments' ModelSpec.amp
 _OPTIONS = "_glowfast_net_options"  # per network: {"bf16": bool, "channels_last": bool, "gemm": bool, "triton": bool}
 _LAYOUTS = ("channels_last", "gemm", "triton")  # at most one of these per network
 

@@ -32,6 +32,7 @@ import torch
 from . import __version__
 from ._checks import is_temperature
 from ._cli import cudnn_autotune
+from .amp import AMP_MODES
 from .checkpoint import CheckpointError, find_checkpoint
 from .data import is_folder_dataset
 from .image_folder import ImageReadError, canonical_name
@@ -171,7 +172,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="run the coupling networks by glowfast's Triton kernels (each thin 3x3 conv one fused pass, the 1x1 a "
              "cuBLAS GEMM) instead of cuDNN, where they run (CUDA); the same function; with --amp bf16 its hidden "
              "activations are bf16; exclusive with --channels-last and --gemm-networks")
-    add(g, "--amp", choices=("none", "bf16"), default="none",
+    add(g, "--amp", choices=AMP_MODES, default="none",
         help="bf16: coupling networks under bf16 autocast; flow, log-determinants and loss stay fp32")
     add(g, "--threads", type=int, default=1,
         help="torch CPU threads; 0 = torch's default (one per core). 1 is the default because the small default "

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .._cli import cudnn_autotune
+from ..amp import AMP_MODES
 from ..checkpoint import find_checkpoint
 from ..data import DatasetNotFoundError
 from ..ema import use_checkpoint_average
@@ -196,7 +197,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=None,
                     help="override every model's training batch size (e.g. to compare, within the same time cap, "
                          "more steps on smaller batches)")
-    ap.add_argument("--amp", default=None, choices=("none", "bf16"),
+    ap.add_argument("--amp", default=None, choices=AMP_MODES,
                     help="every model's coupling networks in bf16 autocast (default: the config's; none in every "
                          "config)")
     ap.add_argument("--channels-last", action="store_true", default=None,

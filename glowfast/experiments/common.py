@@ -15,14 +15,14 @@ import sys
 import textwrap
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .._checks import check_device_exists
-from ..amp import apply_network_options
+from ..amp import AMP_MODES, apply_network_options
 from ..checkpoint import CheckpointError, find_checkpoint, save_checkpoint
 from ..data import DatasetNotFoundError, dataset_info, get_dataset, is_folder_dataset
 from ..ema import ParameterEMA
@@ -34,7 +34,6 @@ from ..model import Glow
 
 
 LR_DECAYS = ("none", "cosine")
-AMP_MODES = ("none", "bf16")
 
 
 def lr_factor(step: int, progress: float, warmup: int, decay: str) -> float:
@@ -94,13 +93,13 @@ class ModelSpec:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
 
     def key(self) -> str:
-        fields = asdict(self)
+        values = asdict(self)
         # specs that leave these at their defaults keep the cache names they had before the fields existed
-        for name, default in (("ema", 0.0), ("cuda_graphs", False), ("lr_decay", "none"), ("amp", "none"),
-                              ("channels_last", False)):
-            if fields[name] == default:
-                del fields[name]
-        blob = json.dumps(fields, sort_keys=True).encode()
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in ("ema", "cuda_graphs", "lr_decay", "amp", "channels_last"):
+            if values[name] == defaults[name]:
+                del values[name]
+        blob = json.dumps(values, sort_keys=True).encode()
         tag = f"{self.dataset}-{self.size}px-K{self.K}L{self.L}h{self.hidden}-{self.coupling}-{self.permutation}"
         return f"{tag}{'-cond' if self.conditional else ''}-{hashlib.sha1(blob).hexdigest()[:8]}"
 
