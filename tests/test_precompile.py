@@ -146,6 +146,29 @@ def test_dry_step_asks_for_exactly_the_variants_the_real_step_launches(options, 
     assert any("bwd" in k for k, _, _ in dry)
 
 
+@pytest.mark.parametrize("options", [CASES[0], CASES[-2]])
+def test_every_kernel_launch_asks_for_fused_multiply_adds(options, launch_log):
+    """The kernels were validated with Triton's a * b + c contraction on, which Triton 3.10 turns off by default:
+    every launch (training step and sampling) asks for it explicitly (glowfast.kernels._utils.FP_FUSION). Under
+    the interpreter the launches' own arguments are read; on a GPU the options of the variants Triton compiled."""
+    model = _model(**options)
+    x, y = _images(model), _labels(model)
+    _init(model, x, y)
+    _cold_kernel_caches()
+    _real_step(model, x, y)
+    with torch.no_grad():
+        model.sample(2)
+    if launch_log is not None:
+        kernels = {k for k, _, _ in launch_log}
+        assert any("bwd" in k for k in kernels) and any("inv" in k for k in kernels), kernels
+        asked = {dict(kwargs).get("enable_fp_fusion") for _, (_, kwargs), _ in launch_log}
+        assert asked == {"True"}, f"launches with enable_fp_fusion {asked}"
+        return
+    index = torch.cuda.current_device()
+    compiled = [c for k in KERNELS for c in k.device_caches[index][0].values()]
+    assert compiled and all(c.metadata.enable_fp_fusion for c in compiled)
+
+
 @pytest.mark.parametrize("shape", [(3, 8, 8), (20, 4, 4)], ids=["fused-levels", "wide-top-level"])
 def test_dry_step_changes_nothing_even_on_garbage(shape):
     """Parameters, buffers, existing gradients, the RNG and the training mode are as before, with the kernels'

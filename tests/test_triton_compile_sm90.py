@@ -36,6 +36,7 @@ def _start_compile_jobs():
     cache = tempfile.mkdtemp(prefix="glowfast-triton-cache-")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = cache
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"  # Triton 3.10's default: the kernels must not depend on it
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
     # Two workers: the dot-heavy cross_step kernels alone, the other three modules together.
     groups = {"cross_step": ["cross_step"],
@@ -127,6 +128,14 @@ TOLERATED_STACK_BYTES = {("_cross_step_bwd_kernel", 128, "tf32"): 320,
 
 
 @pytest.mark.parametrize("module", MODULES)
+def test_kernels_compile_with_fused_multiply_adds_whatever_the_default(module):
+    """The compile jobs run with TRITON_DEFAULT_FP_FUSION=0 (Triton 3.10's default); the kernels still contract
+    a * b + c into FMAs, as validated (glowfast.kernels._utils.FP_FUSION), so these resources are the launches'."""
+    unfused = [r for r in _results(module) if r["ok"] and not r["fp_fusion"]]
+    assert not unfused, f"{len(unfused)} specs compiled without FP fusion, e.g. {unfused[0]['kernel']}"
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_default_gpu_tiles_do_not_spill_registers(module):
     """A spill in these bandwidth-bound kernels moves tile data through local memory on every pixel tile.
 
@@ -169,7 +178,7 @@ def test_default_gpu_tiles_emit_no_wgmma_with_n_8(module):
 
 # ------------------------------------------------------------------ gaps found by mutation testing (12th session)
 def _compiled(shared: int):
-    return types.SimpleNamespace(metadata=types.SimpleNamespace(shared=shared), asm={})
+    return types.SimpleNamespace(metadata=types.SimpleNamespace(shared=shared, enable_fp_fusion=True), asm={})
 
 
 def _run(monkeypatch, capsys, compile_one):

@@ -48,8 +48,10 @@ def compile_one(kernel, constexprs: dict, options: dict, data_type: str = "*fp32
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from ._utils import FP_FUSION
+
     src = ASTSource(fn=kernel, signature=signature(kernel, constexprs, data_type), constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(options))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": FP_FUSION, **options})
 
 
 def _cuobjdump() -> str | None:
@@ -143,7 +145,8 @@ def main(argv: list[str]) -> int:
                 out = compile_one(kernel, constexprs, options, data_type)
                 shared = int(out.metadata.shared)
                 shapes = wgmma_shapes(out)
-                rec.update(ok=shared <= SM90_MAX_SHARED, shared=shared, **cubin_resources(out),
+                rec.update(ok=shared <= SM90_MAX_SHARED, shared=shared, fp_fusion=bool(out.metadata.enable_fp_fusion),
+                           **cubin_resources(out),
                            **({} if shapes is None else {"wgmma": shapes}))
                 if shared > SM90_MAX_SHARED:
                     rec["error"] = f"needs {shared} B of shared memory > {SM90_MAX_SHARED}"

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._utils import FP_FUSION
+
 _state = threading.local()
 
 
@@ -60,7 +62,7 @@ def compiled_variants() -> int:
         for attr in dir(mod):
             caches = getattr(getattr(mod, attr), "device_caches", None) if attr.endswith("_kernel") else None
             for entry in (caches or {}).values():
-                total += len(entry[0])  # (kernel_cache, key cache, target, backend, binder) in Triton 3.6-3.8
+                total += len(entry[0])  # (kernel_cache, key cache, target, backend, binder) in Triton 3.6-3.9
     return total
 
 
@@ -70,7 +72,9 @@ def is_dry() -> bool:
 
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
-    """`kernel[grid](*args, **kwargs)`, or inside `precompiling()` the same launch's compilation only."""
+    """`kernel[grid](*args, **kwargs)`, or inside `precompiling()` the same launch's compilation only; with
+    `enable_fp_fusion=FP_FUSION` unless the caller gives it (why: `glowfast.kernels._utils.FP_FUSION`)."""
+    kwargs.setdefault("enable_fp_fusion", FP_FUSION)
     report = getattr(_state, "report", None)
     if report is None:
         kernel[grid](*args, **kwargs)
