@@ -294,15 +294,18 @@ def _gpu_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int, int]:
 
 def _gpu_flat_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int, int]:
     """GPU tile of the flat weight gradient (`uses_flat_wgrad`), chosen without a GPU (spill-free on sm_90 under
-    Triton 3.6 and 3.8, tests/test_triton_compile_sm90.py); to be swept. Up to 128 (channel, tap) columns. Thin
-    input (conv1's weight, 512 outputs): all 9 x cin columns in one tile where they fit, the accumulator at 4K
+    Triton 3.6, 3.8 and 3.9, tests/test_triton_compile_sm90.py); to be swept. Up to 128 (channel, tap) columns.
+    Thin input (conv1's weight, 512 outputs): all 9 x cin columns in one tile where they fit, the accumulator at 4K
     elements (64 or 32 output channels), 64 pixels per step, 8 warps from 64 columns (4 spilled 160-1,440 B there:
     each column carries its own gather address). Wide input (conv3's weight, 512 hidden inputs, few outputs): 128
-    columns x up to 32 outputs, 32 pixels per step, 4 warps at 16 outputs and 8 at 32 (4 spilled 72 B)."""
+    columns x up to 32 outputs; at 16 outputs 32 pixels per step on 4 warps, at 32 outputs 16 pixels on 8 warps
+    (4 warps spilled 72 B; 32 pixels on 8 warps sat at 128 registers and spilled 8 B under Triton 3.9, TF32 dots on
+    bf16 data; 16 pixels: 80-128 registers under all three)."""
     cols = min(128, max(16, next_power_of_2(9 * cin)))
     if cin > cout:
-        bco = max(16, min(32, next_power_of_2(cout)))
-        return 32, cols, bco, 4 if bco == 16 else 8, _GPU_STAGES
+        if cout <= 16:
+            return 32, cols, 16, 4, _GPU_STAGES
+        return 16, cols, max(16, min(32, next_power_of_2(cout))), 8, _GPU_STAGES
     return 64, cols, 4096 // max(64, cols), 8 if cols >= 64 else 4, _GPU_STAGES
 
 
