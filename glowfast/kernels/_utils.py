@@ -203,7 +203,8 @@ KERNEL_KINDS = {
 # (tests/tolerances.py) and the 3xTF32 error analysis were all measured with contraction on, Triton's default up to
 # 3.9; Triton 3.10 turns that default off (3.9 warns that it will), and TRITON_DEFAULT_FP_FUSION changes it per
 # process. So every launch (`precompile.launch`) and the sm_90 compile check pass it explicitly: the kernels compute
-# the same thing under every Triton. TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off (Triton's debugging switch).
+# the same thing under every Triton. From Triton 3.9 on, TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off (its
+# debugging switch; Triton 3.6 and 3.8 have none).
 FP_FUSION = True
 
 

@@ -303,9 +303,7 @@ def _gpu_flat_wgrad_tile(cin: int, cout: int) -> tuple[int, int, int, int, int]:
     bf16 data; 16 pixels: 80-128 registers under all three)."""
     cols = min(128, max(16, next_power_of_2(9 * cin)))
     if cin > cout:
-        if cout <= 16:
-            return 32, cols, 16, 4, _GPU_STAGES
-        return 16, cols, max(16, min(32, next_power_of_2(cout))), 8, _GPU_STAGES
+        return (32, cols, 16, 4, _GPU_STAGES) if cout <= 16 else (16, cols, 32, 8, _GPU_STAGES)
     return 64, cols, 4096 // max(64, cols), 8 if cols >= 64 else 4, _GPU_STAGES
 
 
