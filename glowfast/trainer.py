@@ -237,6 +237,7 @@ class Trainer:
         self._run_dir_id: tuple[int, int] | None = None  # (device, inode) of the run folder, taken in setup()
         self.stop_agreed = False  # under DDP: whether any rank had requested it at this step's all-reduce
         self.log_window: list[dict] = []  # train records since the last metrics.jsonl train record
+        self._loader = None  # the training DataLoader of an on-disk dataset, made at the first epoch (_batches)
         if cfg.get("cuda_graphs"):
             if cfg.get("backend") == "reference" and not cfg["lu"]:
                 raise ValueError("--cuda-graphs with --backend reference and --no-lu: the reference computes plain-W "
@@ -469,13 +470,19 @@ class Trainer:
         if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
             batches = ((images[idx[i: i + bs]], labels[idx[i: i + bs]]) for i in range(0, len(idx) - bs + 1, bs))
         else:
-            from torch.utils.data import DataLoader
+            if self._loader is None:
+                from torch.utils.data import DataLoader
 
+                # One loader for the run, iterated once per epoch; its workers (if any) persist across epochs. A
+                # worker's start re-imports torch under Python 3.14's default start method (forkserver): restarted
+                # every epoch, they took 36 s where training took 3 s (docs/DESIGN.md, "Data loading"). Its own
+                # generator draws the workers' seeds, so the global RNG (dequantisation noise) is not touched.
+                workers = self.cfg.get("num_workers", 0)
+                self._loader = DataLoader(self.train_set, batch_size=bs, sampler=self.sampler, drop_last=True,
+                                          num_workers=workers, persistent_workers=workers > 0,
+                                          generator=torch.Generator(), pin_memory=self.device.type == "cuda")
             # the loader iterates the same sampler, at the same position: its k-th batch holds idx[k*bs:(k+1)*bs]
-            loader = DataLoader(self.train_set, batch_size=bs, sampler=self.sampler, drop_last=True,
-                                num_workers=self.cfg.get("num_workers", 0), generator=torch.Generator(),
-                                pin_memory=self.device.type == "cuda")
-            batches = ((x, torch.as_tensor(y)) for x, y in loader)
+            batches = ((x, torch.as_tensor(y)) for x, y in self._loader)
         for k, (x, y) in enumerate(batches):
             if flips is not None:  # in place: x is this batch's own copy (and stays in pinned memory)
                 m = flips[idx[k * bs: (k + 1) * bs]]
@@ -742,6 +749,7 @@ class Trainer:
         finally:
             restore_signals()
             bar.close()
+            self._loader = None  # its worker processes stop with it (a later fit() starts new ones)
             self.elapsed = time.perf_counter() - t_start  # training + evals + checkpoints of all sessions
             try:
                 self.summary = self._write_summary(status)

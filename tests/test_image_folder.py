@@ -345,3 +345,45 @@ def test_resume_repoints_a_moved_folder_and_a_bad_image_stops_in_one_line(tmp_pa
     assert step < 8 and err[-1].endswith(f"; resume with --resume {bad}")
     if (bad / "checkpoints" / LAST).exists():  # what was checkpointed before the bad image stands
         assert load_checkpoint(bad / "checkpoints" / LAST)["step"] <= step
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_loader_workers_start_once_and_train_the_same_run(tmp_path, start_method):
+    """--num-workers 2 decodes a folder's images in two worker processes, started by Python's default method (fork on
+    Linux up to 3.13; forkserver from 3.14, which pickles the dataset and re-imports torch in each worker). The same
+    two workers serve every epoch, and the run (three epochs, --hflip) trains the weights of reading in the main
+    process."""
+    import multiprocessing
+
+    from test_train_resume import _assert_same_weights
+
+    from glowfast.train import main as train_main
+
+    from test_train import TINY
+
+    for i, arr in enumerate(_digits(60)):
+        _write(tmp_path / "imgs" / f"{i:03d}.png", arr)
+    args = list(TINY)
+    args[args.index("digits")] = f"folder:{tmp_path / 'imgs'}"
+    args += ["--batch-size", "16", "--init-batch-size", "16", "--steps", "7", "--hflip"]
+    assert train_main(args + ["--run-dir", str(tmp_path / "main")]) == 0
+
+    workers_by_epoch: dict[int, set] = {}
+
+    def record(event, trainer):
+        if event == "before_step":  # the step's batch has been read
+            pids = {p.pid for p in multiprocessing.active_children()}
+            workers_by_epoch.setdefault(trainer.epoch, set()).add(frozenset(pids))
+
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(start_method, force=True)
+    try:
+        assert train_main(args + ["--num-workers", "2", "--run-dir", str(tmp_path / "workers")],
+                          callbacks=[record]) == 0
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert sorted(workers_by_epoch) == [0, 1, 2]  # 53 training images: 3 batches of 16 an epoch
+    seen = set().union(*workers_by_epoch.values())
+    assert len(seen) == 1 and len(next(iter(seen))) == 2, workers_by_epoch
+    assert not multiprocessing.active_children()  # the run's end stopped them
+    _assert_same_weights(tmp_path / "main", tmp_path / "workers")
