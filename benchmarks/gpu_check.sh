@@ -38,7 +38,8 @@
 #                (benchmarks/gpu_check_lu.sh, benchmarks/gpu_check_kernels.sh)
 #   startup      benchmarks/startup.py in fresh processes with an empty Triton cache: import, build, ActNorm init,
 #                first training step of the CIFAR-10 model (fused with its kernels precompiled in parallel, the
-#                default; fused compiling them at first launch; reference) -- issue 6's start-up target
+#                default; fused compiling them at first launch; reference) -- issue 6's start-up target; then
+#                benchmarks/compile_overlap.py: do Triton compiles overlap on threads here (compile_overlap.json)
 #   bench_model  benchmarks/bench_model.py: training step + sampling, reference / fused / peer (CIFAR-10 first)
 #   bench_ops    per-op benchmarks: bench_batched_lu.py, bench_fused_step.py, bench_flow_ops.py (in that order)
 #   tune         block-size sweep of the fused kernels (python -m glowfast.kernels.tune: the GPU_TILES defaults vs
@@ -294,6 +295,8 @@ startup() {
         TRITON_CACHE_DIR="$WORK/$3" $PY benchmarks/startup.py --config cifar10_K32 --batch 64 \
             --backend "$1" --precompile "$2" --out "$WORK/startup.json" || rc=1
     done
+    # why the H200's parallel precompile took as long as serial compiles: does the compiler overlap on threads here?
+    $PY benchmarks/compile_overlap.py --specs 8 --threads 8 --out "$WORK/compile_overlap.json" || rc=1
     return $rc
 }
 
@@ -415,6 +418,7 @@ jsons=()
 for n in model ops compile; do [ -s "$WORK/bench_$n.json" ] && jsons+=("$WORK/bench_$n.json"); done
 startup_args=()
 [ -s "$WORK/startup.json" ] && { startup_args=(--startup "$WORK/startup.json"); cp "$WORK/startup.json" "$LOGS/"; }
+[ -s "$WORK/compile_overlap.json" ] && cp "$WORK/compile_overlap.json" "$LOGS/"
 if want report && (( ${#jsons[@]} + ${#startup_args[@]} > 0 )); then
     # not through stage(): the budget may be spent, and this is the file the whole session is for (seconds)
     t0=$(date +%s)
