@@ -45,17 +45,17 @@ def flow_kernel_specs() -> list[tuple]:
 
 @contextlib.contextmanager
 def _empty_cache():
-    """Point Triton at a new, empty cache folder (read at each compile unless the knob was set explicitly), removed
-    on exit."""
-    with tempfile.TemporaryDirectory(prefix="glowfast-overlap-") as path:
-        os.environ["TRITON_CACHE_DIR"] = path
-        try:
-            from triton import knobs
+    """Point Triton's cache (`triton.knobs.cache.dir`, in every Triton glowfast takes) at a new, empty folder,
+    removed on exit."""
+    from triton import knobs
 
-            knobs.cache.dir = path
-        except (ImportError, AttributeError):
-            pass
-        yield
+    before = knobs.cache.dir
+    with tempfile.TemporaryDirectory(prefix="glowfast-overlap-") as path:
+        knobs.cache.dir = path
+        try:
+            yield
+        finally:
+            knobs.cache.dir = before
 
 
 def compile_all(specs: list[tuple], threads: int) -> float:
