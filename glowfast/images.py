@@ -30,11 +30,12 @@ def image_grid(images: torch.Tensor | np.ndarray, nrow: int, pad: int = 1, pad_v
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int, min_side: int = 32) -> None:
     """Save a grid PNG atomically (a reader never sees a half-written file); images smaller than `min_side` are
-    enlarged (nearest) so 8x8 digits stay visible."""
+    enlarged (nearest) so 8x8 digits stay visible. NaN pixels (`Glow.postprocess`'s overflowed images) are black."""
     from matplotlib.image import imsave  # PIL-backed: no pyplot, no display backend
 
     images = torch.as_tensor(images).detach().cpu()
     images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    images = images.nan_to_num(nan=0.0)  # NaN (an image the flow could not invert) black, not transparent
     scale = math.ceil(min_side / min(images.shape[-2:]))
     if scale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")

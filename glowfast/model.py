@@ -18,6 +18,7 @@ kernels instead of keeping activations (glowfast.invertible); same forward value
 
 import math
 import operator
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -250,9 +251,19 @@ class Glow(nn.Module):
         return x
 
     def postprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Model space -> float images in [0, 1] on the n_bits grid."""
+        """Model space -> float images in [0, 1] on the n_bits grid.
+
+        An image with any non-finite value (the inverse flow overflowed: an under-trained model, a high
+        temperature) comes back all NaN, with a RuntimeWarning that counts them: clamped, its inf pixels would pass
+        for black or white ones. `save_grid` draws NaN images black."""
+        overflowed = ~torch.isfinite(x).flatten(1).all(1)
         x = torch.floor((x + 0.5) * self.n_bins).clamp(0, self.n_bins - 1)
-        return x * (2 ** (8 - self.n_bits)) / 255.0
+        x = (x * (2 ** (8 - self.n_bits)) / 255.0).masked_fill(overflowed.view(-1, *[1] * (x.dim() - 1)), math.nan)
+        if can_synchronize(x) and bool(overflowed.any()):
+            warnings.warn(f"{int(overflowed.sum())} of {len(x)} images have non-finite values in model space (the "
+                          "inverse flow overflowed: an under-trained model or a high temperature); returned as NaN "
+                          "images", RuntimeWarning, stacklevel=2)
+        return x
 
     # ----------------------------------------------------------------------------------------- flow
     def _check_model_space(self, x: torch.Tensor) -> None:
@@ -388,7 +399,8 @@ class Glow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, y: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images as floats in [0, 1]; temperature scales every prior's standard deviation."""
+        """n images as floats in [0, 1]; temperature scales every prior's standard deviation. An image whose inverse
+        overflowed is all NaN, with a RuntimeWarning (``postprocess``)."""
         x = self.decode([None] * len(self.levels), y=y, temperature=temperature, generator=generator, n=n)
         return self.postprocess(x)
 

@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,6 +117,36 @@ def test_sample_shapes_range_and_generator():
     assert s1.shape == (5, 3, 8, 8) and s1.dtype == torch.float32
     assert bool((s1 >= 0).all() and (s1 <= 1).all())
     torch.testing.assert_close(s1, s2)
+
+
+@pytest.mark.filterwarnings("ignore:.* encountered in:RuntimeWarning")  # numpy's, from the Triton interpreter
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_samples_whose_inverse_overflows_are_nan_images_with_a_warning(backend, kernel_device, tmp_path):
+    """Class 1's top prior has log-std 100: exp(100) overflows fp32, so its samples are infinite before the inverse
+    flow even starts. They come back as all-NaN images with a warning that counts them (clamping gave them
+    saturated pixels that passed for an image); class 0's samples are untouched, and a grid draws the NaN black."""
+    from PIL import Image
+
+    from glowfast.images import save_grid
+
+    model = tiny_glow((1, 8, 8), n_classes=2, dtype=torch.float32).to(kernel_device)
+    model.backend = backend
+    c = model.prior.shape[0]
+    healthy = model.sample(4, temperature=0.7, y=torch.zeros(4, dtype=torch.long),
+                           generator=torch.Generator(kernel_device).manual_seed(1))
+    with torch.no_grad():
+        model.prior.class_embed.weight[c:, 1] = 100.0
+    y = torch.tensor([0, 1, 0, 1])
+    with pytest.warns(RuntimeWarning, match=r"^2 of 4 images have non-finite values in model space"):
+        s = model.sample(4, temperature=0.7, y=y, generator=torch.Generator(kernel_device).manual_seed(1))
+    assert bool(s[1].isnan().all() and s[3].isnan().all())
+    assert bool(((s[0::2] >= 0) & (s[0::2] <= 1)).all())
+    torch.testing.assert_close(s[0::2], healthy[0::2])  # y=0's noise is drawn as before: rows 0 and 2 of each batch
+    save_grid(s, tmp_path / "grid.png", nrow=4, min_side=8)
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGBA"))
+    cell = lambda i: grid[1:9, 1 + 9 * i: 9 + 9 * i]  # noqa: E731  (8x8 cells behind a 1-pixel border)
+    assert (cell(1)[..., :3] == 0).all() and (cell(1)[..., 3] == 255).all()  # black and opaque
+    assert (cell(0)[..., :3] > 0).any()
 
 
 def test_class_conditional_prior_and_head():

@@ -25,10 +25,10 @@ DIGIT_PAIRS = ((1, 7), (3, 8), (4, 9), (5, 6), (0, 6), (7, 2))
 
 
 def _finite(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Samples with non-finite pixels (an under-trained flow's inverse can overflow) set to 0, and the
-    fraction of samples that had any."""
+    """Samples whose inverse overflowed (an under-trained flow; `Glow.postprocess` returns them as NaN images) set
+    to 0, and the fraction of samples that did."""
     bad = ~torch.isfinite(x).flatten(1).all(1)
-    return torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0), float(bad.float().mean())
+    return torch.nan_to_num(x, nan=0.0), float(bad.float().mean())
 
 
 def _to_uint8(x01: torch.Tensor) -> torch.Tensor:
