@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", action="store_true",
                    help="class-conditional model: score the sets of its own dataset by p(x | true label) instead of "
                         "the marginal p(x) (other sets' labels are not its classes: they keep p(x))")
+    p.add_argument("--input-complexity", action="store_true",
+                   help="also the AUROC of Serrà et al. 2020's input-complexity score, bits/dim minus each image's "
+                        "length as a PNG in bits/dim (glowfast.ood.input_complexity_score; 1- or 3-channel models)")
     p.add_argument("--seed", type=int, default=0, help="dequantisation noise seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", choices=("reference", "fused", "auto"), default="auto")
@@ -287,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-image bits/dim as DIR/<dataset>_<split>.npy, and each image's index in its set as "
                         "DIR/<dataset>_<split>_index.npy (a random subset with --n; a folder:PATH set's name with "
                         "every run of characters other than letters, digits, '.' and '-' as '_', then '_' and the "
-                        "CRC-32 of NAME:SPLIT in hex)")
+                        "CRC-32 of NAME:SPLIT in hex); with --input-complexity also the PNG bits/dim as "
+                        "DIR/<stem>_png.npy")
     return p
 
 
@@ -328,7 +332,7 @@ def _load_images(name: str, split: str, data_dir, image_shape: tuple[int, int, i
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DatasetNotFoundError
-    from .ood import auroc
+    from .ood import auroc, png_bits_per_dim
     from .sample import load_run_model, training_options
 
     args = build_parser().parse_args(argv)
@@ -355,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.raw_weights)
     except ValueError as e:
         return fail(str(e))
+    if args.input_complexity and model.image_shape[0] not in (1, 3):
+        return fail(f"--input-complexity measures PNG lengths of 1- or 3-channel images; the model's have "
+                    f"{model.image_shape[0]}")
     cfg = training_options(state)
     data_dir = args.data_dir or cfg.get("data_dir") or "data"
     sets = {}  # every set loaded before any is scored: a missing one fails at once, not after minutes of scoring
@@ -369,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if tuple(s.images.shape[1:]) != model.image_shape:
             return fail(f"{spec}: images of shape {tuple(s.images.shape[1:])}, the model expects {model.image_shape}")
         sets[f"{name}:{split}"] = (name, s)
-    rows, scores = [], {}
+    rows, scores, png, complexity = [], {}, {}, {}
     for key, (name, s) in sets.items():
         # a set's labels are the model's classes only for the dataset it was trained on: any other set (noise,
         # another dataset's classes) is scored by the marginal p(x), and the table says which score each row is
@@ -388,23 +395,38 @@ def main(argv: list[str] | None = None) -> int:
         sem = float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 and finite else None
         row = {"dataset": key, "n": n, "mean_bpd": float(bpd.mean()) if finite else None, "sem_bpd": sem,
                "n_nonfinite": n_nonfinite, "score": "p(x | label)" if conditional else "p(x)"}
+        if args.input_complexity:
+            png[key] = png_bits_per_dim(s.images)
+            complexity[key] = bpd - png[key]  # Serrà et al.'s score in bits/dim (ood.input_complexity_score)
+            row["mean_png_bpd"] = float(png[key].mean())
         if rows:
-            first = scores[rows[0]["dataset"]]
-            row["auroc_vs_first"] = auroc(first, bpd) if finite and np.isfinite(first).all() else None
+            first_key = rows[0]["dataset"]
+            first_finite = bool(np.isfinite(scores[first_key]).all())
+            row["auroc_vs_first"] = auroc(scores[first_key], bpd) if finite and first_finite else None
+            if args.input_complexity:
+                row["auroc_input_complexity_vs_first"] = (auroc(complexity[first_key], complexity[key])
+                                                          if finite and first_finite else None)
         rows.append(row)
     header = "| dataset | score | images | mean bits/dim | ± s.e. | AUROC vs " + rows[0]["dataset"] + " (−log p) |"
+    if args.input_complexity:
+        header += " mean PNG bits/dim | AUROC (input complexity) |"
     print(f"{path} ({'moving average' if state.get('ema') is not None and not args.raw_weights else 'weights'}; "
           f"{args.dequant_samples} dequantisation draw(s), seed {args.seed})")
     if args.labels and all(r["score"] == "p(x)" for r in rows):
         print(f"note: --labels applies to the model's own dataset ({cfg.get('dataset', '?')}) and only to a "
               "class-conditional model; every set here is scored by p(x)")
-    print(header + "\n| --- | --- | ---: | ---: | ---: | ---: |")
+    print(header + "\n| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if args.input_complexity else ""))
+
+    def fmt(v):
+        return "—" if v is None else f"{v:.4f}"
+
     for r in rows:
-        a = r.get("auroc_vs_first")
-        sem = "—" if r["sem_bpd"] is None else f"{r['sem_bpd']:.4f}"
         mean = "non-finite" if r["mean_bpd"] is None else f"{r['mean_bpd']:.4f}"
-        print(f"| {r['dataset']} | {r['score'].replace('|', chr(92) + '|')} | {r['n']} | {mean} | {sem} | "
-              f"{'—' if a is None else f'{a:.4f}'} |")
+        line = (f"| {r['dataset']} | {r['score'].replace('|', chr(92) + '|')} | {r['n']} | {mean} | "
+                f"{fmt(r['sem_bpd'])} | {fmt(r.get('auroc_vs_first'))} |")
+        if args.input_complexity:
+            line += f" {fmt(r['mean_png_bpd'])} | {fmt(r.get('auroc_input_complexity_vs_first'))} |"
+        print(line)
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k not in ("json",)}
         Path(args.json).write_text(json.dumps({"checkpoint": str(path), "settings": settings, "rows": rows},
@@ -415,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             np.save(out / f"{_file_stem(key)}.npy", bpd)
             # which image of the set each score is (a subset with --n; the synthetic sets are generated in order)
             np.save(out / f"{_file_stem(key)}_index.npy", sets[key][1].index.numpy())
+            if key in png:
+                np.save(out / f"{_file_stem(key)}_png.npy", png[key])
     return 0
 
 

@@ -523,3 +523,38 @@ def test_synthetic_sets_default_to_10000_images(run, tmp_path):
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["dataset"], r["n"]) for r in rows] == [("digits:test", 297), ("noise:test", 10000)]
+
+
+def test_input_complexity_column_is_serras_score_recomputed_from_the_sets(run, tmp_path, capsys):
+    """--input-complexity: each row's PNG bits/dim is that of its set's scored images (found again from the saved
+    indices), and its AUROC is that of bits/dim minus PNG bits/dim (glowfast.ood's functions on the saved scores).
+    A model whose images PNG cannot hold (2 channels) is refused before anything is scored."""
+    from glowfast.data import get_dataset
+    from glowfast.ood import auroc, input_complexity_score, png_bits_per_dim
+
+    out, scores = tmp_path / "eval.json", tmp_path / "scores"
+    assert main(["--run", str(run), "--datasets", "digits", "constant", "--n", "200", "--device", "cpu",
+                 "--input-complexity", "--json", str(out), "--save-scores", str(scores)]) == 0
+    table = capsys.readouterr().out
+    assert "| mean PNG bits/dim | AUROC (input complexity) |" in table
+    rows = json.loads(out.read_text())["rows"]
+    digits = get_dataset("digits", "test")
+    images = torch.stack([digits[i][0] for i in np.load(scores / "digits_test_index.npy")])
+    png = png_bits_per_dim(images)
+    np.testing.assert_array_equal(np.load(scores / "digits_test_png.npy"), png)
+    assert rows[0]["mean_png_bpd"] == pytest.approx(png.mean(), rel=1e-12)
+    s_digits = input_complexity_score(np.load(scores / "digits_test.npy"), images)
+    s_constant = np.load(scores / "constant_test.npy") - np.load(scores / "constant_test_png.npy")
+    assert rows[1]["auroc_input_complexity_vs_first"] == pytest.approx(auroc(s_digits, s_constant), abs=1e-12)
+    assert rows[1]["auroc_input_complexity_vs_first"] != rows[1]["auroc_vs_first"]
+    assert rows[1]["mean_png_bpd"] < rows[0]["mean_png_bpd"]  # constant images compress better than digits
+
+    two_channels = tmp_path / "two.pt"
+    from glowfast import Glow
+    from glowfast.checkpoint import save_checkpoint
+    model = Glow((2, 8, 8), K=1, L=1, hidden_channels=4)
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config}, two_channels)
+    code = main(["--checkpoint", str(two_channels), "--datasets", "digits", "--device", "cpu", "--input-complexity"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--input-complexity measures PNG lengths of 1- or 3-channel images; the model's have 2" \
+        in err, err

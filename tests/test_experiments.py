@@ -129,6 +129,11 @@ def test_ood_and_typicality_contents(tiny_run):
         if v["median_bpd"] > o["models"]["digits"]["test_bpd_median"]:
             assert v["fraction_more_likely_than_median_test"] <= 0.5, name
     assert sets["inverted-digits"]["median_bpd"] > o["models"]["digits"]["test_bpd_median"]
+    # Serrà et al.'s input-complexity score subtracts each image's PNG bits/dim. A constant 8x8 image's PNG (9.1
+    # bits/dim at most) is shorter than every test digit's (13.0 at least), so against the constant set the score
+    # can only raise the AUROC of bits/dim (tests/test_ood.py proves the pairwise argument).
+    assert all(0.0 <= v["auroc_input_complexity"] <= 1.0 for v in sets.values())
+    assert sets["constant"]["auroc_input_complexity"] >= sets["constant"]["auroc"]
     t = json.loads((root / "typicality" / "results.json").read_text())
     # every M of the paper's list that the smallest scored set holds ten times over (nearly independent batches)
     n_min = min(t["n"]["test"], *(t["n"][name] for name in sets))
