@@ -231,9 +231,9 @@ def png_bits_per_dim(images) -> np.ndarray:
     """Each image's length as a lossless PNG (zlib level 9), in bits per dimension: 8 · bytes / (C·H·W).
 
     ``images``: uint8, shape (N, C, H, W) with C = 1 (greyscale) or 3 (RGB), a torch tensor or numpy array. The
-    PNG container's fixed bytes (≈ 57 for these images: signature, header, framing) are included, as Serrà et al.
-    count whole files: they add the same amount to every image of one size, so rankings and AUROCs between sets of
-    one size do not change, but the values are not comparable across image sizes.
+    PNG container's fixed bytes (≈ 57 for these images: signature, header, framing) are included: they add the
+    same amount to every image of one size, so rankings and AUROCs between sets of one size do not change, but the
+    values are not comparable across image sizes.
     """
     a = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
     if a.ndim != 4:
