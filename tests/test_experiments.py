@@ -165,6 +165,57 @@ def test_ood_cifar_without_its_data_says_so(tiny_run, tmp_path, capsys):
         assert "**cifar10 model skipped**" in (tmp_path / name / "results.md").read_text()
 
 
+@pytest.mark.filterwarnings("ignore:.* images have non-finite values:RuntimeWarning")
+def test_samples_that_overflow_are_counted_and_left_out_of_the_statistics(tiny_run, tmp_path, monkeypatch):
+    """The shared model with class 3's top-prior log-std set to 100 (exp(100) overflows fp32): every class-3 sample
+    overflows. The samples table counts exactly those, and its bits/dim and the classifier's fraction are those of
+    the other samples (recomputed here from the samples as drawn), not of black stand-ins."""
+    import shutil
+
+    from glowfast import Glow
+    from glowfast.evaluate import nll_bits_per_dim
+    from glowfast.experiments.common import PRESETS
+    from glowfast.experiments.generative import generative_classifier
+
+    drawn = []
+    sample = Glow.sample
+
+    def recording_sample(self, *args, **kwargs):
+        x = sample(self, *args, **kwargs)
+        drawn.append((self, kwargs["temperature"], kwargs.get("y"), x))
+        return x
+
+    monkeypatch.setattr(Glow, "sample", recording_sample)
+    root, empty = tiny_run
+    ckpt = tmp_path / "broken"
+    shutil.copytree(next(p for p in (root / "models").iterdir() if "-cond-" in p.name), ckpt)
+    last = ckpt / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    embed = state["model"]["prior.class_embed.weight"]
+    embed[embed.shape[0] // 2:, 3] = 100.0  # the log-std half of the top prior's parameters
+    torch.save(state, last)
+    assert main(["samples", *TINY, "--data-dir", str(empty), "--out", str(tmp_path / "s"), "--checkpoint",
+                 str(ckpt)]) == 0
+    data = _load(tmp_path / "s")
+    preset = PRESETS["tiny"]
+    for t, entry in data["temperatures"].items():
+        model, _, y, x = next(d for d in drawn if d[1] == float(t) and len(d[3]) == preset.grid_n)
+        overflowed = y == 3
+        assert bool(x[overflowed].isnan().all()) and bool(x[~overflowed].isfinite().all())
+        assert entry["fraction_nonfinite"] == pytest.approx(float(overflowed.float().mean()))
+        good = torch.round(x[~overflowed] * 255).to(torch.uint8)
+        assert entry["mean_bpd_of_samples"] == pytest.approx(float(nll_bits_per_dim(model, good, "cpu").mean()),
+                                                             rel=1e-6)
+        assert entry["pixel_mean"] == pytest.approx(float(x[~overflowed].mean()), rel=1e-6)
+    for t, entry in data["per_class"].items():
+        model, _, y, x = next(d for d in drawn if d[1] == float(t) and len(d[3]) == 10 * preset.per_class)
+        ok = y != 3
+        probs = generative_classifier(model, torch.round(x[ok] * 255).to(torch.uint8), "cpu")
+        assert entry["fraction_classified_as_conditioning_class"] == pytest.approx(
+            float((probs.argmax(1) == y[ok].numpy()).mean()))
+    assert "fraction of samples that overflowed" in (tmp_path / "s" / "results.md").read_text()
+
+
 def test_single_command_with_checkpoint(tiny_run, tmp_path, monkeypatch):
     """samples from a checkpoint: nothing trained. Its per-class grids have one row per class: the labels that
     every row's samples were drawn with (recorded on their way through Glow.sample and save_grid, both run

@@ -24,11 +24,10 @@ STRENGTHS = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 DIGIT_PAIRS = ((1, 7), (3, 8), (4, 9), (5, 6), (0, 6), (7, 2))
 
 
-def _finite(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Samples whose inverse overflowed (an under-trained flow; `Glow.postprocess` returns them as NaN images) set
-    to 0, and the fraction of samples that did."""
-    bad = ~torch.isfinite(x).flatten(1).all(1)
-    return torch.nan_to_num(x, nan=0.0), float(bad.float().mean())
+def _finite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the samples with those whose inverse overflowed -- an under-trained flow; `Glow.postprocess` returns them as
+    NaN images -- set to 0, drawn black; the mask of the samples that did not overflow)."""
+    return torch.nan_to_num(x, nan=0.0), torch.isfinite(x).flatten(1).all(1)
 
 
 def _to_uint8(x01: torch.Tensor) -> torch.Tensor:
@@ -80,13 +79,18 @@ def run_samples(ctx) -> tuple[dict, str]:
     figs, per_t = [], {}
     for T in TEMPERATURES:
         y = (torch.arange(n, device=ctx.device) % nc) if nc else None
-        x, bad = _finite(model.sample(n, temperature=T, y=y, generator=g).cpu())
+        x, ok = _finite(model.sample(n, temperature=T, y=y, generator=g).cpu())
         f = ctx.out / f"samples_T{T:.1f}.png"
         save_grid(f, x, nrow, title=f"{spec.dataset} samples, T = {T}" + (" (labels cycle 0..9)" if nc else ""))
         figs.append(f.name)
-        bpd = nll_bits_per_dim(model, _to_uint8(x), ctx.device)
-        per_t[str(T)] = {"figure": f.name, "mean_bpd_of_samples": float(bpd.mean()), "fraction_nonfinite": bad,
-                         "pixel_mean": float(x.mean()), "pixel_std": float(x.std())}
+        # statistics of the samples the model produced: an overflowed one is no image (its black stand-in would
+        # be scored and averaged as if the model had drawn it)
+        good = x[ok]
+        bpd = nll_bits_per_dim(model, _to_uint8(good), ctx.device) if len(good) else np.array([math.nan])
+        per_t[str(T)] = {"figure": f.name, "mean_bpd_of_samples": float(bpd.mean()),
+                         "fraction_nonfinite": float((~ok).float().mean()),
+                         "pixel_mean": float(good.mean()) if len(good) else math.nan,
+                         "pixel_std": float(good.std()) if len(good) > 1 else math.nan}
     # all temperatures side by side, same labels (one row per temperature)
     k = min(nrow * 2, 16)
     rows = []
@@ -103,15 +107,14 @@ def run_samples(ctx) -> tuple[dict, str]:
         for T in (0.7, 1.0):
             m = ctx.preset.per_class
             y = torch.arange(nc, device=ctx.device).repeat_interleave(m)
-            x = _finite(model.sample(nc * m, temperature=T, y=y, generator=g).cpu())[0]
+            x, ok = _finite(model.sample(nc * m, temperature=T, y=y, generator=g).cpu())
             f = ctx.out / f"samples_per_class_T{T:.1f}.png"
             save_grid(f, x, m, title=f"class-conditional samples, T = {T} (row = class)",
                       row_labels=[str(c) for c in range(nc)])
             figs.append(f.name)
-            probs = generative_classifier(model, _to_uint8(x), ctx.device)
-            per_class[str(T)] = {"figure": f.name,
-                                 "fraction_classified_as_conditioning_class":
-                                     float((probs.argmax(1) == y.cpu().numpy()).mean())}
+            right = (generative_classifier(model, _to_uint8(x[ok]), ctx.device).argmax(1) == y.cpu()[ok].numpy()
+                     if bool(ok.any()) else np.array([math.nan]))  # the samples that did not overflow
+            per_class[str(T)] = {"figure": f.name, "fraction_classified_as_conditioning_class": float(right.mean())}
     results = {"temperatures": per_t, "per_class": per_class, "model": ctx.main_summary(),
                "bpd_unit": bpd_unit_note(spec), "figures": figs}
     rows = [[T, per_t[str(T)]["mean_bpd_of_samples"], per_t[str(T)]["pixel_std"],
@@ -119,7 +122,8 @@ def run_samples(ctx) -> tuple[dict, str]:
     md = (f"Samples of the class-conditional {spec.dataset} model at temperatures {TEMPERATURES} (every prior's "
           "standard deviation is scaled by T, split priors included). Lower T trades diversity for quality.\n\n"
           + md_table(["T", "mean bits/dim of the samples (model's own marginal)", "pixel std",
-                     "fraction of samples with non-finite pixels (shown black)"], rows) + "\n")
+                     "fraction of samples that overflowed (shown black; left out of the other columns)"], rows)
+          + "\n")
     if per_class:
         md += "\nFraction of class-conditional samples that the model's own generative classifier " \
               "(argmax_y p(x|y)) assigns to the conditioning class: " + ", ".join(
