@@ -529,6 +529,8 @@ def test_input_complexity_column_is_serras_score_recomputed_from_the_sets(run, t
     """--input-complexity: each row's PNG bits/dim is that of its set's scored images (found again from the saved
     indices), and its AUROC is that of bits/dim minus PNG bits/dim (glowfast.ood's functions on the saved scores).
     A model whose images PNG cannot hold (2 channels) is refused before anything is scored."""
+    from glowfast import Glow
+    from glowfast.checkpoint import save_checkpoint
     from glowfast.data import get_dataset
     from glowfast.ood import auroc, input_complexity_score, png_bits_per_dim
 
@@ -550,8 +552,6 @@ def test_input_complexity_column_is_serras_score_recomputed_from_the_sets(run, t
     assert rows[1]["mean_png_bpd"] < rows[0]["mean_png_bpd"]  # constant images compress better than digits
 
     two_channels = tmp_path / "two.pt"
-    from glowfast import Glow
-    from glowfast.checkpoint import save_checkpoint
     model = Glow((2, 8, 8), K=1, L=1, hidden_channels=4)
     save_checkpoint({"model": model.state_dict(), "model_config": model.config}, two_channels)
     code = main(["--checkpoint", str(two_channels), "--datasets", "digits", "--device", "cpu", "--input-complexity"])

@@ -25,8 +25,8 @@ DIGIT_PAIRS = ((1, 7), (3, 8), (4, 9), (5, 6), (0, 6), (7, 2))
 
 
 def _finite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the samples with those whose inverse overflowed -- an under-trained flow; `Glow.postprocess` returns them as
-    NaN images -- set to 0, drawn black; the mask of the samples that did not overflow)."""
+    """(the samples, each one whose inverse overflowed -- a NaN image from `Glow.postprocess`, e.g. of an
+    under-trained flow -- set to 0 so grids draw it black; the mask of the samples that did not overflow)."""
     return torch.nan_to_num(x, nan=0.0), torch.isfinite(x).flatten(1).all(1)
 
 
