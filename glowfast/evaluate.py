@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if tuple(s.images.shape[1:]) != model.image_shape:
             return fail(f"{spec}: images of shape {tuple(s.images.shape[1:])}, the model expects {model.image_shape}")
         sets[f"{name}:{split}"] = (name, s)
-    rows, scores, png, complexity = [], {}, {}, {}
+    rows, scores, png = [], {}, {}
     for key, (name, s) in sets.items():
         # a set's labels are the model's classes only for the dataset it was trained on: any other set (noise,
         # another dataset's classes) is scored by the marginal p(x), and the table says which score each row is
@@ -397,14 +397,13 @@ def main(argv: list[str] | None = None) -> int:
                "n_nonfinite": n_nonfinite, "score": "p(x | label)" if conditional else "p(x)"}
         if args.input_complexity:
             png[key] = png_bits_per_dim(s.images)
-            complexity[key] = bpd - png[key]  # Serrà et al.'s score in bits/dim (ood.input_complexity_score)
             row["mean_png_bpd"] = float(png[key].mean())
         if rows:
             first_key = rows[0]["dataset"]
             first_finite = bool(np.isfinite(scores[first_key]).all())
             row["auroc_vs_first"] = auroc(scores[first_key], bpd) if finite and first_finite else None
-            if args.input_complexity:
-                row["auroc_input_complexity_vs_first"] = (auroc(complexity[first_key], complexity[key])
+            if args.input_complexity:  # Serrà et al.'s score, bits/dim - PNG bits/dim (ood.input_complexity_score)
+                row["auroc_input_complexity_vs_first"] = (auroc(scores[first_key] - png[first_key], bpd - png[key])
                                                           if finite and first_finite else None)
         rows.append(row)
     header = "| dataset | score | images | mean bits/dim | ± s.e. | AUROC vs " + rows[0]["dataset"] + " (−log p) |"

@@ -50,17 +50,16 @@ class Scores:
         self.ctx, self.t, self.n = ctx, trained, n
         self.spec = trained.spec
         self._cache: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+        self._complexity: dict[str, np.ndarray] = {}
 
     def images(self, name: str) -> torch.Tensor:
         return self.get(name)[1]
 
     def input_complexity(self, name: str) -> np.ndarray:
         """Serrà et al.'s score, bits/dim minus PNG bits/dim (glowfast.ood.input_complexity_score), per image."""
-        key = f"input-complexity:{name}"
-        if key not in self._cache:
-            nll, imgs = self.get(name)
-            self._cache[key] = (ood.input_complexity_score(nll, imgs), imgs)
-        return self._cache[key][0]
+        if name not in self._complexity:
+            self._complexity[name] = ood.input_complexity_score(*self.get(name))
+        return self._complexity[name]
 
     def nll(self, name: str) -> np.ndarray:
         return self.get(name)[0]
