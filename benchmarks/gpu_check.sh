@@ -362,8 +362,9 @@ tf32_bias() {
     $PY benchmarks/tf32_rounding.py "${args[@]}"
 }
 
+# (pytest_workers too: the tests stage calls it, and each stage runs in a fresh `bash -c`)
 export -f pymod env_info build tests sanitizer startup bench bench_model_cold bench_ops_files bench_compile tune train \
-    tf32_bias
+    tf32_bias pytest_workers
 export ROOT OUT WORK LOGS PY TRAIN_STEPS GPU_TESTS=${GPU_TESTS:-} GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4} TUNE_BUDGET=${TUNE_BUDGET:-75} \
     BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT:-} BENCH_OPS_SELECT=${BENCH_OPS_SELECT:-}
 

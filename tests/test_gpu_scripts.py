@@ -80,12 +80,16 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
 
 def test_gpu_check_reruns_only_the_named_tests(tmp_path):
     node = "tests/test_gpu_scripts.py::test_gpu_check_unknown_preset_is_refused"
-    res = _gpu_check(tmp_path, "session", GPU_CHECK_STAGES="tests", GPU_TESTS=node, GPU_TEST_WORKERS="1")
+    res = _gpu_check(tmp_path, "session", GPU_CHECK_STAGES="tests", GPU_TESTS=node, GPU_TEST_WORKERS="2")
     assert res.returncode == 0, res.stdout + res.stderr
     junit = (tmp_path / "out" / "junit.xml").read_text()
     assert junit.count("<testcase ") == 1
     assert 'name="test_gpu_check_unknown_preset_is_refused"' in junit
-    assert "| tests | ok |" in (tmp_path / "out" / "summary.md").read_text()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| tests | ok |" in summary
+    # the workers asked for, through pytest-xdist (a dev dependency): the 22nd session's GPU run went serial because
+    # the stage's fresh shell lacked the sourced pytest_workers function ("command not found")
+    assert "- test workers: pytest workers: -n 2 --dist loadgroup" in summary, summary
 
 
 # ------------------------------------------------------------------ gaps found by mutation testing (12th session)
