@@ -121,11 +121,8 @@ def test_batched_lu(cuda_timer, device, mode, which, impl):
     if device == "cuda" and impl in ("glowfast", "packed") and which == "cifar96":
         # Device time too: the call replayed from a CUDA graph, without the host's Python, dispatcher and autograd
         # work, which set the eager time of these 96 small matrices on the H200 (RESULTS.md); report.py grades
-        # issue 3's 30 / 80 us on both (tune.time_call falls back to eager calls, with a warning, if capture fails)
-        from glowfast.kernels.tune import time_call
-
-        device_s = time_call(fn, torch.device("cuda"), rounds=timing["n_rounds"], iterations=timing["iterations"])
-        cuda_timer.extra_info.update(graph_replay_us=round(device_s * 1e6, 2))
+        # issue 3's 30 / 80 us on both
+        cuda_timer.device_time(fn, rounds=timing["n_rounds"], iterations=timing["iterations"])
 
 
 # ------------------------------------------------------------------------------------------------ by hand

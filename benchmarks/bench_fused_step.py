@@ -108,22 +108,21 @@ def test_fused_op(cuda_timer, op, shape, mode):
 @pytest.mark.parametrize("precision", ["tf32x3", "tf32", "ieee"], ids=["tf32x3_default", "tf32_plain", "ieee"])
 def test_bandwidth(cuda_timer, kernel, mode, shape, precision):
     from glowfast.kernels import use_dot_precision
-    from glowfast.kernels.tune import copy_bandwidth_gbps, kernel_case, time_call
+    from glowfast.kernels.tune import copy_bandwidth_gbps, kernel_case
 
     cuda_timer.benchmark.group = f"bandwidth/{kernel}/{mode}/{_tag(shape)}"
     call, nbytes = kernel_case(kernel, mode, shape, "cuda")
     with use_dot_precision(precision):
         cuda_timer(call, device="cuda", variant=f"fused-{precision}", images=shape[0],
                    config={"kernel": kernel, "mode": mode, "shape": list(shape), "precision": precision}, **TIMING)
-    # Bandwidth from device time: CUDA events around a CUDA-graph replay of 20 calls (tune.time_call), as
+    # Bandwidth from device time: CUDA events around a CUDA-graph replay of 20 calls (cuda_timer.device_time), as
     # tune.md does. The eager host-timed median above includes each call's Python/launch overhead (tens of µs),
     # comparable with these kernels' ~30-50 µs at the large shapes, and would understate the bandwidth.
     with use_dot_precision(precision):
-        device_s = time_call(call, torch.device("cuda"), rounds=TIMING["n_rounds"], iterations=TIMING["iterations"])
+        device_s = cuda_timer.device_time(call, rounds=TIMING["n_rounds"], iterations=TIMING["iterations"])
     peak = copy_bandwidth_gbps()
     gbps = nbytes / device_s / 1e9
-    cuda_timer.extra_info.update(bytes_moved=nbytes, graph_replay_us=round(device_s * 1e6, 2),
-                                 effective_GBps=round(gbps, 1), copy_GBps=round(peak, 1),
+    cuda_timer.extra_info.update(bytes_moved=nbytes, effective_GBps=round(gbps, 1), copy_GBps=round(peak, 1),
                                  fraction_of_copy_bw=round(gbps / peak, 3))
 
 
@@ -189,6 +188,10 @@ def test_step_chain_nonnet(cuda_timer, shape, variant):
         t.requires_grad_(True)
     y0, ld0 = fn()
     grads = (torch.randn_like(y0), torch.randn_like(ld0))
+    # no autograd graph kept alive past here: it would keep the leaves' AccumulateGrad nodes made on the default
+    # stream, whose stream mismatch with the capture stream broke the reference chain's CUDA-graph capture on
+    # the H200 (22nd session: "AccumulateGrad node's stream does not match", then a failed capture)
+    del y0, ld0
 
     def call():
         for t in leaves:
@@ -199,9 +202,5 @@ def test_step_chain_nonnet(cuda_timer, shape, variant):
     cuda_timer(call, device="cuda", variant=variant, images=b,
                config={"shape": list(shape), "K": K_CHAIN, "mode": "fwdbwd"}, **TIMING)
     # Device time too: the same call replayed from a CUDA graph (forward + backward captured), which leaves out
-    # the host's launch overhead that bounds the eager time of these small shapes on both variants (tune.time_call;
-    # it falls back to eager calls, with a warning, where capture fails)
-    from glowfast.kernels.tune import time_call
-
-    device_s = time_call(call, torch.device("cuda"), rounds=TIMING["n_rounds"], iterations=TIMING["iterations"])
-    cuda_timer.extra_info.update(graph_replay_us=round(device_s * 1e6, 2))
+    # the host's launch overhead that bounds the eager time of these small shapes on both variants
+    cuda_timer.device_time(call, rounds=TIMING["n_rounds"], iterations=TIMING["iterations"])

@@ -30,7 +30,20 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["GraphedStep", "check_graphable"]
+__all__ = ["GraphedStep", "check_graphable", "clear_failed_capture"]
+
+
+def clear_failed_capture(device: torch.device) -> None:
+    """After a capture that raised: let `device`'s default CUDA generator draw random numbers again.
+
+    torch marks the generator as capturing when a capture begins and unmarks it only when the capture ends
+    cleanly. After a failed one every later random draw on that device raises "Offset increment outside graph
+    capture encountered unexpectedly" (22nd session: one benchmark whose capture failed failed the next 11 at
+    their first torch.randn). A copy of the generator's own state -- same seed and offset, not marked -- replaces
+    it."""
+    device = torch.device(device)
+    gen = torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index]
+    gen.graphsafe_set_state(gen.clone_state())
 
 
 def check_graphable(device: torch.device) -> None:
@@ -79,8 +92,12 @@ class GraphedStep:
 
             self._clear_grads()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.static_outputs = fn(*self.static_inputs)
+            try:
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self.static_outputs = fn(*self.static_inputs)
+            except BaseException:
+                clear_failed_capture(self.device)  # a caller that goes on eagerly can still draw noise
+                raise
         self._grads = [p.grad for p in self.params]
 
     def _clear_grads(self) -> None:

@@ -159,6 +159,26 @@ def test_class_conditional_model_captures_without_a_sync():
     torch.testing.assert_close(replayed, fn(x, y), rtol=1e-6, atol=1e-6)
 
 
+@requires_cuda
+def test_a_failed_capture_leaves_the_random_generator_usable():
+    """A capture that raises (here: a host read, not allowed while capturing) reaches the caller as its error; and
+    the default CUDA generator still draws afterwards, as the same seed draws without the failed capture.
+    Without glowfast.cuda_graph.clear_failed_capture torch left it marked as capturing: every later torch.randn
+    on the GPU raised "Offset increment outside graph capture encountered unexpectedly" (22nd session)."""
+    x = torch.ones(4, device="cuda")
+
+    def fn(x):
+        return x * float(x.sum())  # .item(): a host sync
+
+    torch.manual_seed(5)
+    expected = torch.randn(3, device="cuda")
+    torch.manual_seed(5)
+    with pytest.raises(Exception) as err:  # torch's own error for a sync during capture
+        GraphedStep(fn, (x,), [])
+    assert "Offset increment" not in str(err.value)
+    torch.testing.assert_close(torch.randn(3, device="cuda"), expected, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ gaps found by mutation testing (12th session)
 def test_graphed_step_needs_an_input():
     from glowfast.cuda_graph import GraphedStep

@@ -145,6 +145,23 @@ def test_time_call_on_cpu_is_the_median_seconds_per_call(monkeypatch):
     assert sec == pytest.approx(10e-3, rel=1e-9)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_call_that_cannot_be_captured_is_timed_eagerly_and_said_so():
+    """time_call_graphed falls back to eager calls with a warning, says the time is not a replay's, and leaves the
+    GPU's random generator usable for the next benchmark (a failed capture used to break every later randn)."""
+    x = torch.ones(1000, device="cuda")
+
+    def call():
+        return float(x.sum())  # a host sync: cannot be captured
+
+    with pytest.warns(UserWarning, match="CUDA-graph capture failed"):
+        sec, graphed = tune.time_call_graphed(call, torch.device("cuda"), rounds=3, iterations=2)
+    assert sec > 0 and graphed is False
+    torch.randn(8, device="cuda")
+    sec, graphed = tune.time_call_graphed(lambda: x.mul(2), torch.device("cuda"), rounds=3, iterations=2)
+    assert sec > 0 and graphed is True
+
+
 def test_sweep_reports_gb_per_s_of_the_bytes_moved(monkeypatch):
     """A fake case (standing in for a GPU kernel; `tune.kernel_case` monkeypatched) moving 1e6 bytes, timed (fake
     `time_call`) at 1 ms per call: 1e6 B / 1e-3 s = 1e9 B/s = 1.0 GB/s, and 1000 µs."""

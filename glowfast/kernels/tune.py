@@ -177,6 +177,9 @@ def _graph_of(call: Callable[[], object], iterations: int) -> torch.cuda.CUDAGra
         return graph
     except Exception as e:  # noqa: BLE001 - fall back to eager timing, whatever stopped the capture
         torch.cuda.synchronize()
+        from glowfast.cuda_graph import clear_failed_capture
+
+        clear_failed_capture(torch.device("cuda"))  # else the next torch.randn on this GPU raises
         # said, not silent: eager calls include the host's launch overhead, so the time is then an upper bound
         # (the bandwidth a lower bound) and the rows labelled graph_replay_us / tune.md are not graph replays
         warnings.warn(f"CUDA-graph capture failed ({type(e).__name__}: {e}); timing eager calls instead, which "
@@ -188,6 +191,13 @@ def time_call(call: Callable[[], object], device: torch.device, rounds: int, ite
               warmup: int = 3) -> float:
     """Median seconds per call over `rounds` samples of `iterations` calls: on a GPU, CUDA events around a CUDA
     graph replay of the calls (eager calls if they cannot be captured); on the CPU, perf_counter."""
+    return time_call_graphed(call, device, rounds, iterations, warmup)[0]
+
+
+def time_call_graphed(call: Callable[[], object], device: torch.device, rounds: int, iterations: int,
+                      warmup: int = 3) -> tuple[float, bool]:
+    """time_call's seconds, and whether they are CUDA-graph replays (False: eager calls, the host's launch
+    overhead included -- not the device time a benchmark may label them)."""
     for _ in range(warmup):
         call()
     graph = _graph_of(call, iterations) if device.type == "cuda" else None
@@ -209,7 +219,7 @@ def time_call(call: Callable[[], object], device: torch.device, rounds: int, ite
             for _ in range(iterations):
                 call()
             samples.append((time.perf_counter() - t0) / iterations)
-    return statistics.median(samples)
+    return statistics.median(samples), graph is not None
 
 
 _COPY_GBPS: dict[str, float] = {}
