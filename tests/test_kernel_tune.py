@@ -184,8 +184,8 @@ def test_backward_case_counts_x_and_dy_read_and_dx_written():
 
 
 def test_coupling_candidates_at_cifar_level_one_follow_the_documented_rule():
-    """coupling at 256x12x16x16: cp = 16, 256 pixels, default tile 256 (the GPU table's 512 clipped to the image;
-    the interpreter's whole image). The rule: default/2 ... default*8 = 128, 256, 512, 1024, 2048, kept if <= the
+    """coupling at 256x12x16x16: cp = 16, 256 pixels, default tile 256 (the GPU table's; the interpreter's whole
+    image). The rule: default/2 ... default*8 = 128, 256, 512, 1024, 2048, kept if <= the
     image (256) and 512 <= 16 * BLOCK_P <= 16384 (32 ... 1024): BLOCK_P 128 and 256, each with 4 and 8 warps."""
     cands = tune.candidates("coupling", (256, 12, 16, 16))
     assert cands[0] == tune.default_config("coupling", (256, 12, 16, 16)) and cands[0][0] == 256

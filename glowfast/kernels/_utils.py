@@ -185,7 +185,9 @@ GPU_TILES: dict[str, dict[int, tuple[int, int]]] = {
     "cross_step_bwd": {16: (32, 8), 32: (16, 8), 64: (32, 8), 128: (16, 8)},
     # coupling forward / inverse / backward (no tl.dot; cp = next power of two of C, from 2): a tile clipped
     # to a small image below 4K elements runs on 4 warps (coupling._launch_options)
-    "coupling": {2: (1024, 4), 4: (1024, 4), 8: (512, 8), 16: (512, 8), 32: (128, 8), 64: (64, 8),
+    # cp 16 (C = 12, CIFAR-10's first level): (256, 8), not (512, 8), from the H200 block sweep (22nd session:
+    # 1.39x forward, 1.34x backward at 64x12x128x128)
+    "coupling": {2: (1024, 4), 4: (1024, 4), 8: (512, 8), 16: (256, 8), 32: (128, 8), 64: (64, 8),
                  128: (32, 8)},
 }
 
@@ -226,11 +228,15 @@ GPU_TILES_IEEE: dict[str, dict[int, tuple[int, int]]] = {
 # are 16 pixels on 4 and 8 warps, not 8 and 16: there a warpgroup's share of the 16-pixel dot was 8 columns, a
 # wgmma with N = 8, whose shared-memory operand Triton reads past its end (triton-lang/triton#10629; memcheck
 # reported it on the H200, 16th session). Their first tiles spilled less (0-72 B at cp 64, 352-504 B at 128).
+# At cp 16 (C = 12) three entries are the H200 block sweep's best (22nd session, tune.md; both sweep shapes,
+# 64x12x128x128 and 256x12x16x16): fwd (128, 4) for (256, 4), 1.17x at the large shape; cross_step_fwd (128, 8) for
+# (256, 8), 1.50x / 1.07x; cross_step_bwd (32, 4) for (32, 8), 1.40x / 1.29x. The sweep compared every candidate's
+# outputs with the default's. Other cp were not swept yet.
 GPU_TILES_TF32X3: dict[str, dict[int, tuple[int, int]]] = {
-    "fwd": {16: (256, 4), 32: (256, 8), 64: (128, 8), 128: (16, 8)},
-    "cross_step_fwd": {16: (256, 8), 32: (64, 8), 64: (32, 8), 128: (16, 8)},
+    "fwd": {16: (128, 4), 32: (256, 8), 64: (128, 8), 128: (16, 8)},
+    "cross_step_fwd": {16: (128, 8), 32: (64, 8), 64: (32, 8), 128: (16, 8)},
     "actnorm_invconv_bwd": {16: (32, 4), 32: (32, 4), 64: (16, 4), 128: (16, 8)},
-    "cross_step_bwd": {16: (32, 8), 32: (16, 8), 64: (16, 4), 128: (16, 8)},
+    "cross_step_bwd": {16: (32, 4), 32: (16, 8), 64: (16, 4), 128: (16, 8)},
 }
 
 # The tiles of each dot precision where they differ from GPU_TILES (the "tf32" tiles, and the no-dot families').
