@@ -40,7 +40,9 @@ def clear_failed_capture(device: torch.device) -> None:
     cleanly. After a failed one every later random draw on that device raises "Offset increment outside graph
     capture encountered unexpectedly" (22nd session: one benchmark whose capture failed failed the next 11 at
     their first torch.randn). A copy of the generator's own state -- same seed and offset, not marked -- replaces
-    it."""
+    it. Graphs captured earlier keep the old state: their replays draw on, but no longer in step with the eager
+    draws (they may repeat numbers those draw), so a caller that keeps such graphs should not rely on the two
+    being independent."""
     device = torch.device(device)
     gen = torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index]
     gen.graphsafe_set_state(gen.clone_state())
