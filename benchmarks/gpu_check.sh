@@ -61,7 +61,8 @@
 # GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests, sanitizer and train (then tf32) side by side),
 # BENCH_MODEL_SELECT (pytest -k over bench_model's cases; session cifar10, extra mnist), BENCH_OPS_SELECT (pytest -k
 # over the per-op cases; session "not ieee and not tf32_plain"), TUNE_BUDGET (75; extra 45), TUNE_SHAPES and
-# TUNE_PROGRAMS_PER_SM (the sweep's shapes, BxCxHxW comma-separated, and extra programs per SM; tune() below),
+# TUNE_PROGRAMS_PER_SM and TUNE_PRECISIONS (the sweep's shapes, BxCxHxW comma-separated, extra programs per SM,
+# extra dot precisions; tune() below),
 # PYTHON (python3), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
 # adds the whole-model torch.compile benchmark to bench_compile, minutes of compilation per case) with
 # GPU_CHECK_COMPILE_MAX (seconds for bench_compile, default 200; 420 under the `compile` preset). A command for the
@@ -327,11 +328,13 @@ bench_compile() {
 tune() {
     # the issue's bandwidth shapes and CIFAR-10's levels, backward kernels first (most changed). cp 64 and 32 first:
     # the 22nd session's sweep covered cp 16 only (its best tiles are the defaults since); the reducing backward
-    # kernels also at 16 programs per SM (the rule's 4 left the cross-step backward at 5 % of the copy bandwidth)
+    # kernels also at 16 programs per SM (the rule's 4 left the cross-step backward at 5 % of the copy bandwidth),
+    # and the kernels with a dot also at exact fp32 ("ieee": half the instructions per pixel of the 3xTF32 default
+    # at cp 16 in the sm_90 SASS, so possibly exact and faster there)
     TRITON_CACHE_DIR="$WORK/triton_cache_startup" pymod glowfast.kernels.tune --out "$WORK/tune" --budget "${TUNE_BUDGET:-75}" \
         --kernels cross_step/bwd,actnorm_invconv/bwd,cross_step/fwd,coupling/bwd,coupling/fwd,actnorm_invconv/fwd \
         --shapes "${TUNE_SHAPES:-64x48x64x64,256x24x8x8,64x12x128x128,256x12x16x16}" \
-        --programs-per-sm "${TUNE_PROGRAMS_PER_SM-16}"
+        --programs-per-sm "${TUNE_PROGRAMS_PER_SM-16}" --precisions "${TUNE_PRECISIONS-ieee}"
     local rc=$?
     cp "$WORK/tune/tune.md" "$OUT/tune.md" 2>/dev/null  # also when a candidate failed: the table says which
     return $rc

@@ -96,6 +96,40 @@ def test_sweep_every_candidate_matches_the_default_on_every_kernel(tmp_path):
     assert "did not match" not in table
 
 
+def test_sweep_tries_other_dot_precisions_on_the_kernels_with_a_dot(tmp_path):
+    """--precisions: each kernel with a 1x1-conv dot also runs at the other dot precision (its own default tile
+    and candidates), recorded as such and compared with the default's outputs; the current precision is not run
+    twice, and the coupling kernel (no dot) gets no extra candidates."""
+    from glowfast.kernels import dot_precision
+
+    current = dot_precision(torch.device(KERNEL_DEVICE))
+    other = "tf32x3" if current == "ieee" else "ieee"
+    shape = (1, 12, 8, 8)
+    rc = tune.main(["--device", KERNEL_DEVICE, "--shapes", "1x12x8x8", "--kernels", "actnorm_invconv/bwd,coupling/fwd",
+                    "--block-p", "32", "--num-warps", "4", "--precisions", f"{other},{current}", "--rounds", "1",
+                    "--iterations", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    records = json.loads((tmp_path / "tune.json").read_text())["records"]
+    dot = [r for r in records if r["kernel"] == "actnorm_invconv"]
+    n = len(tune.candidates("actnorm_invconv", shape, (4,), [32], "bwd"))
+    assert [r.get("precision") for r in dot] == [None] * n + [other] * n
+    assert dot[0]["default"] and not any(r["default"] for r in dot[1:])
+    assert all(r["match"] and r["max_rel_diff"] <= tune.MATCH_RTOL for r in dot)
+    # the other precision did compute: at the default's own tile its outputs differ by rounding alone
+    same_tile = [r for r in dot if r.get("precision") and (r["block_p"], r["num_warps"]) ==
+                 (dot[0]["block_p"], dot[0]["num_warps"])]
+    assert same_tile and 0 < same_tile[0]["max_rel_diff"] <= 1e-5
+    assert not any("precision" in r for r in records if r["kernel"] == "coupling")
+    assert tune.config_text(dot[-1]) == f"({dot[-1]['block_p']}, 4, {other})"
+
+
+def test_an_unknown_dot_precision_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(["--device", KERNEL_DEVICE, "--precisions", "fp16", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "unknown dot precision ['fp16']" in capsys.readouterr().err
+
+
 def test_markdown_reports_a_mismatching_candidate():
     base = dict(kernel="coupling", mode="fwd", shape=[2, 6, 8, 8], bytes=100, us=10.0, GBps=1.0)
     records = [dict(base, block_p=64, num_warps=4, default=True, max_rel_diff=0.0, match=True),

@@ -16,8 +16,10 @@ step inverse) at each shape, every candidate (BLOCK_P, num_warps) runs under `la
 Shapes: the bandwidth shapes of issue 4 (batch 64, 12x128x128 and 48x64x64) first, then CIFAR-10's level
 shapes at batch 256. Candidates: BLOCK_P = the default /2 ... x8 (powers of two, 512-16K elements per tile,
 <= the image) x num_warps {4, 8}. `--budget` stops starting new cases once spent (the files then hold what
-finished). The defaults are the table `GPU_TILES` in glowfast/kernels/_utils.py: a tuning result is applied
-there (and must stay spill-free: tests/test_triton_compile_sm90.py), and measured again.
+finished). `--programs-per-sm` adds grid sizes for the reducing backward kernels, `--precisions` other dot
+precisions (e.g. exact fp32, "ieee") for the kernels with a dot. The defaults are the table `GPU_TILES` in
+glowfast/kernels/_utils.py: a tuning result is applied there (and must stay spill-free:
+tests/test_triton_compile_sm90.py), and measured again.
 
 `--networks` sweeps the coupling network's kernels instead (glowfast/kernels/coupling_net.py, `--triton-networks`):
 its four launch kinds (thin-input and thin-output conv, the two weight gradients) at CIFAR-10's level shapes, over
@@ -32,6 +34,7 @@ the output check means anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -267,11 +270,21 @@ def _measure_candidate(rec: dict, call, override, ref, device, rounds: int, iter
     return ref
 
 
+def _at_precision(precision: str | None):
+    """The dot precision of one candidate: None = the current one (whatever the caller or the environment set)."""
+    return contextlib.nullcontext() if precision is None else _utils.use_dot_precision(precision)
+
+
 def sweep(shapes, kernels=KERNELS, *, device="cuda", budget_s: float = 480.0, rounds: int = 7,
-          iterations: int = 10, num_warps=NUM_WARPS, block_ps=None, programs_per_sm=(), log=print,
+          iterations: int = 10, num_warps=NUM_WARPS, block_ps=None, programs_per_sm=(), precisions=(), log=print,
           records: list[dict] | None = None) -> list[dict]:
-    """One record per (kernel, mode, shape, BLOCK_P, num_warps), appended to `records` as each finishes (so an
-    interrupted sweep keeps what it measured); see the module docstring."""
+    """One record per (kernel, mode, shape, BLOCK_P, num_warps[, programs per SM][, dot precision]), appended to
+    `records` as each finishes (so an interrupted sweep keeps what it measured); see the module docstring.
+
+    `precisions`: other dot precisions to try too ("ieee", "tf32x3", "tf32"), for the kernels with a 1x1-conv dot,
+    each at its own candidate tiles; their outputs must match the default's within MATCH_RTOL as any candidate's.
+    Why: at 16 padded channels the exact-fp32 ("ieee") backward compiles to half the instructions per pixel of the
+    3xTF32 default, and half the registers (22nd session, sm_90 SASS), so it may be both exact and faster there."""
     device = torch.device(device)
     copy_gbps = copy_bandwidth_gbps() if device.type == "cuda" else None
     t_start = time.perf_counter()
@@ -285,12 +298,22 @@ def sweep(shapes, kernels=KERNELS, *, device="cuda", budget_s: float = 480.0, ro
             ref = None
             per_sm = (None, *(k for k in programs_per_sm if k is not None)) if (kernel, mode) in REDUCING \
                 else (None,)
-            configs = [(bp, nw, k) for bp, nw in candidates(kernel, shape, num_warps, block_ps, mode) for k in per_sm]
-            for bp, nw, k in configs:
+            current = _utils.dot_precision(device)
+            precs = (None, *dict.fromkeys(p for p in precisions if p != current)) if kernel != "coupling" \
+                else (None,)  # the coupling kernel has no dot
+            configs = []
+            for prec in precs:
+                with _at_precision(prec):  # the candidates around that precision's own default tile
+                    configs += [(prec, bp, nw, k) for bp, nw in candidates(kernel, shape, num_warps, block_ps, mode)
+                                for k in per_sm]
+            for prec, bp, nw, k in configs:
                 rec = dict(kernel=kernel, mode=mode, shape=list(shape), block_p=bp, num_warps=nw,
                            programs_per_sm=k, default=ref is None, bytes=nbytes)
+                if prec:
+                    rec["precision"] = prec
                 override = _utils.launch_override(block_p=bp, num_warps=nw, programs_per_sm=k)
-                ref = _measure_candidate(rec, call, override, ref, device, rounds, iterations, copy_gbps)
+                with _at_precision(prec):
+                    ref = _measure_candidate(rec, call, override, ref, device, rounds, iterations, copy_gbps)
                 records.append(rec)
                 if ref is None:  # the default config failed: nothing to compare with
                     break
@@ -320,15 +343,17 @@ def config_text(r: dict) -> str:
         flat = "" if "flat_k" not in r else (", flat K" if r["flat_k"] else ", tap-major K")
         return "(" + ", ".join(map(str, r["tile"])) + flat + ")"
     per_sm = f", {r['programs_per_sm']}/SM" if r.get("programs_per_sm") else ""
-    return f"({r['block_p']}, {r['num_warps']}{per_sm})"
+    prec = f", {r['precision']}" if r.get("precision") else ""
+    return f"({r['block_p']}, {r['num_warps']}{per_sm}{prec})"
 
 
 def markdown(records: list[dict], device_name: str) -> str:
     lines = [f"# Block-size sweep of the fused kernels ({device_name})", "",
              "Default = the current rule; best = the fastest candidate whose outputs match the default's. "
              "GB/s = compulsory bytes / median time; frac = of the measured device-to-device copy bandwidth. "
-             "Configurations: (BLOCK_P, warps[, programs/SM]) for the flow kernels; for the coupling network's "
-             "(coupling_net/*) (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) and, for its weight gradients, "
+             "Configurations: (BLOCK_P, warps[, programs/SM][, dot precision]) for the flow kernels; for the "
+             "coupling network's (coupling_net/*) (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) and, for its "
+             "weight gradients, "
              "(BLOCK_M, BLOCK_CI, BLOCK_CO, warps, stages).", "",
              "| kernel | shape | default | µs | GB/s | frac | best | µs | GB/s | frac | speed-up |",
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
@@ -546,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-warps", default="4,8")
     ap.add_argument("--programs-per-sm", default="",
                     help="also try these programs per SM for the reducing backward kernels, e.g. 2,8 (default rule: 4)")
+    ap.add_argument("--precisions", default="",
+                    help="also try these dot precisions for the kernels with a dot, e.g. ieee (default: the current "
+                         "one only; a candidate's outputs must still match the default's within MATCH_RTOL)")
     ap.add_argument("--budget", type=float, default=480.0, help="seconds; no new case starts after this")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iterations", type=int, default=10)
@@ -567,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     block_ps = [int(v) for v in args.block_p.split(",")] if args.block_p else None
     num_warps = tuple(int(v) for v in args.num_warps.split(","))
     programs_per_sm = tuple(int(v) for v in args.programs_per_sm.split(",") if v)
+    precisions = tuple(v for v in args.precisions.split(",") if v)
+    bad = [p for p in precisions if p not in _utils._DOT_PRECISIONS]
+    if bad:
+        ap.error(f"unknown dot precision {bad}; choose from {list(_utils._DOT_PRECISIONS)}")
     records: list[dict] = []
     try:
         if args.networks:
@@ -575,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sweep(shapes, kernels, device=device, budget_s=args.budget, rounds=args.rounds,
                   iterations=args.iterations, num_warps=num_warps, block_ps=block_ps,
-                  programs_per_sm=programs_per_sm, records=records)
+                  programs_per_sm=programs_per_sm, precisions=precisions, records=records)
     except KeyboardInterrupt:  # a time limit's SIGINT: write what finished
         print(f"interrupted: writing the {len(records)} records measured so far")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
