@@ -129,7 +129,9 @@ def test_samples_whose_inverse_overflows_are_nan_images_with_a_warning(backend, 
 
     from glowfast.images import save_grid
 
-    model = tiny_glow((1, 8, 8), n_classes=2, dtype=torch.float32).to(kernel_device)
+    with torch.device("cpu"):  # the same model on any device (kernel_device makes CUDA the default on a GPU)
+        model = tiny_glow((1, 8, 8), n_classes=2, dtype=torch.float32)
+    model = model.to(kernel_device)
     model.backend = backend
     c = model.prior.shape[0]
     healthy = model.sample(4, temperature=0.7, y=torch.zeros(4, dtype=torch.long),
