@@ -42,6 +42,9 @@
 #                benchmarks/compile_overlap.py: do Triton compiles overlap on threads here (compile_overlap.json)
 #   bench_model  benchmarks/bench_model.py: training step + sampling, reference / fused / peer (CIFAR-10 first)
 #   bench_ops    per-op benchmarks: bench_batched_lu.py, bench_fused_step.py, bench_flow_ops.py (in that order)
+#   profile      benchmarks/profile_step.py: where the CIFAR-10 B64 fused training step's device time goes (coupling
+#                networks, flow kernels, LU op, optimiser, the rest), fp32 and bf16 NHWC networks, eager steps under
+#                torch.profiler (logs/profile/, and its table in summary.md) -- what issue 6's speed-up must come from
 #   tune         block-size sweep of the fused kernels (python -m glowfast.kernels.tune: the GPU_TILES defaults vs
 #                larger/smaller tiles, outputs checked against the default's), the most-used kernels first
 #   train        a short real training run (MNIST if data/MNIST or gpudata/MNIST is there, fused backend; else digits); at
@@ -56,7 +59,7 @@
 #
 # Knobs (environment): GPU_CHECK_STAGES="env build tests ..." (stages, run in the order given after env, build and
 # the side-by-side group; the presets' lists above), GPU_CHECK_BUDGET
-# (seconds), MAX_<stage> caps (tests, sanitizer, bench_model, bench_ops, tune, train, tf32; preset defaults),
+# (seconds), MAX_<stage> caps (tests, sanitizer, bench_model, bench_ops, profile, tune, train, tf32; preset defaults),
 # GLOWFAST_GIT_COMMIT, GPU_TESTS (node ids or files instead of the whole suite: a rerun of what failed),
 # GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests, sanitizer and train (then tf32) side by side),
 # BENCH_MODEL_SELECT (pytest -k over bench_model's cases; session cifar10, extra mnist), BENCH_OPS_SELECT (pytest -k
@@ -101,7 +104,7 @@ case $PRESET in
              BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-cifar10}
              # the exact-fp32 bandwidth cases are information, not a target (report.py): kept out of the 90 s slot
              BENCH_OPS_SELECT=${BENCH_OPS_SELECT-not ieee and not tf32_plain} ;;
-    extra)   PRESET_STAGES="env build bench_compile bench_model tune report"
+    extra)   PRESET_STAGES="env build profile bench_compile bench_model tune report"
              # the rest of a session after `session` (set GPU_CHECK_BUDGET to the device time left, less a minute):
              # torch.compile(reference) per op (issue 6's per-op fused/compiled ratios; the whole-model compile, minutes
              # of it, is the `compile` preset's own session), the MNIST models, the block sweep
@@ -110,7 +113,7 @@ case $PRESET in
     check)   PRESET_STAGES="env build tests sanitizer train tf32"
              MAX_tests=${MAX_tests:-220}; MAX_sanitizer=${MAX_sanitizer:-120}; MAX_train=${MAX_train:-75}
              MAX_tf32=${MAX_tf32:-40} ;;
-    bench)   PRESET_STAGES="env build startup bench_model bench_ops tune report"
+    bench)   PRESET_STAGES="env build startup bench_model bench_ops profile tune report"
              MAX_bench_model=${MAX_bench_model:-200}; MAX_bench_ops=${MAX_bench_ops:-120}; MAX_tune=${MAX_tune:-90} ;;
     compile) PRESET_STAGES="env build bench_compile report"
              export GLOWFAST_BENCH_COMPILE_MODEL=${GLOWFAST_BENCH_COMPILE_MODEL:-cifar10_K32_B64}
@@ -124,11 +127,11 @@ case $PRESET in
              MAX_bench_ops=${MAX_bench_ops:-90}; MAX_bench_model=${MAX_bench_model:-120}
              BENCH_OPS_SELECT=${BENCH_OPS_SELECT-coupling_network and not gemm and not compiled}
              BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-cifar10 and graphed and not gemm} ;;
-    all)     PRESET_STAGES="env build tests sanitizer startup bench_model bench_ops tune train tf32 bench_compile report" ;;
+    all)     PRESET_STAGES="env build tests sanitizer startup bench_model bench_ops profile tune train tf32 bench_compile report" ;;
     *) echo "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|nets|all]"; exit 2 ;;
 esac
 STAGES=${GPU_CHECK_STAGES:-$PRESET_STAGES}
-ALL_STAGES="env build tests sanitizer startup bench_model bench_ops tune train tf32 bench_compile report"
+ALL_STAGES="env build tests sanitizer startup bench_model bench_ops profile tune train tf32 bench_compile report"
 for name in $STAGES; do
     [[ " $ALL_STAGES " == *" $name "* ]] || { echo "unknown stage '$name' (stages: $ALL_STAGES)"; exit 2; }
 done
@@ -325,6 +328,18 @@ bench_compile() {
         -k "compiled or compile_time"
 }
 
+profile() {
+    # the CIFAR-10 step at batch 64 (issue 6's first target), with fp32 cuDNN networks and with bf16 NHWC ones (the
+    # fastest graphed variant so far); the kernels startup/bench_model compiled are reused
+    local rc=0 flags
+    for flags in "" "--bf16 --channels-last"; do
+        # shellcheck disable=SC2086  # $flags: zero or two options
+        TRITON_CACHE_DIR="$WORK/triton_cache_startup" $PY benchmarks/profile_step.py --config cifar10_K32 --batch 64 \
+            --backend fused $flags --steps 5 --out "$LOGS/profile" || rc=1
+    done
+    return $rc
+}
+
 tune() {
     # the issue's bandwidth shapes and CIFAR-10's levels, backward kernels first (most changed). cp 64 and 32 first:
     # the 22nd session's sweep covered cp 16 only (its best tiles are the defaults since); the reducing backward
@@ -370,8 +385,8 @@ tf32_bias() {
 }
 
 # (pytest_workers too: the tests stage calls it, and each stage runs in a fresh `bash -c`)
-export -f pymod env_info build tests sanitizer startup bench bench_model_cold bench_ops_files bench_compile tune train \
-    tf32_bias pytest_workers
+export -f pymod env_info build tests sanitizer startup bench bench_model_cold bench_ops_files bench_compile profile tune \
+    train tf32_bias pytest_workers
 export ROOT OUT WORK LOGS PY TRAIN_STEPS GPU_TESTS=${GPU_TESTS:-} GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4} TUNE_BUDGET=${TUNE_BUDGET:-75} \
     BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT:-} BENCH_OPS_SELECT=${BENCH_OPS_SELECT:-}
 
@@ -384,6 +399,7 @@ run_stage() {  # the stage NAME with its cap, minimum and function
         startup)       stage startup 110 30 -- startup ;;
         bench_model)   stage bench_model "${MAX_bench_model:-170}" 40 -- bench_model_cold ;;
         bench_ops)     stage bench_ops "${MAX_bench_ops:-130}" 20 -- bench_ops_files ;;
+        profile)       stage profile "${MAX_profile:-60}" 20 -- profile ;;
         tune)          stage tune "${MAX_tune:-110}" 40 -- tune ;;
         train)         stage train "${MAX_train:-150}" 40 -- train ;;
         tf32)          stage tf32 "${MAX_tf32:-60}" 20 -- tf32_bias ;;
@@ -486,6 +502,9 @@ fi
         echo "## Training run (train_summary.json)"; echo; echo '```'; cat "$OUT/train_summary.json"; echo; echo '```'
     elif [ -f "$OUT/train_metrics.jsonl" ]; then
         echo "## Training run: last metrics records"; echo; echo '```'; tail -3 "$OUT/train_metrics.jsonl"; echo '```'
+    fi
+    if [ -f "$LOGS/profile/profile.md" ]; then
+        echo; sed -e '1s/^# /## /' -e '1!s/^## /### /' "$LOGS/profile/profile.md"
     fi
     if grep -q '^| ' "$LOGS/tf32.log" 2>/dev/null; then
         echo; echo "## TF32 vs float64: held-out bits/dim of the training run's model (tf32 stage)"; echo

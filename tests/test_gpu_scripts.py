@@ -47,7 +47,7 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "RESULTS.md").write_text("### Issue 6 targets\n| stale | row from an earlier run |\n")
-    res = _gpu_check(tmp_path, "session", GPU_CHECK_STAGES="env sanitizer train tf32 report",
+    res = _gpu_check(tmp_path, "session", GPU_CHECK_STAGES="env sanitizer train tf32 profile report",
                      GLOWFAST_GIT_COMMIT="0123abcd")
     assert res.returncode == 0, res.stdout + res.stderr
     summary = (out / "summary.md").read_text()
@@ -56,7 +56,7 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
     table = [line.split("|") for line in summary.splitlines()
              if line.startswith("| ") and not line.startswith(("| stage", "| ---"))]
     rows = {cells[1].strip(): cells[2].strip() for cells in table}
-    assert len(rows) == len(table) == 12  # one row per stage
+    assert len(rows) == len(table) == 13  # one row per stage
     assert rows["env"] == "ok"
     # both sanitizer scripts ran (side by side) and each failed with its one-line reason: no CUDA device
     assert rows["sanitizer"] == "FAIL (rc=1)"
@@ -69,6 +69,8 @@ def test_gpu_check_session_runs_selected_stages_and_summarises(tmp_path):
     assert "CUDA is not available" in summary
     assert rows["tf32"].startswith("FAIL") and "no training run checkpoint" in summary
     assert [name for name in rows if name in ("train", "tf32")] == ["train", "tf32"]
+    # the profile stage ran (after the side-by-side ones) and failed with profile_step.py's one-line reason
+    assert rows["profile"].startswith("FAIL") and "no CUDA device" in summary
     for name in ("build", "tests", "startup", "bench_model", "bench_ops", "tune", "bench_compile"):
         assert rows[name] == "not selected", name
     assert rows["report"] == "skipped (no benchmark JSON)"

@@ -1,0 +1,79 @@
+"""benchmarks/profile_step.py, where CI can check it: the kernel names it sorts (as torch.profiler reports them on
+an H200: glowfast's Triton launches, its LU op, cuDNN / cuBLAS, torch's optimiser and reductions) and a CPU run of
+the tiny configuration end to end. A GPU session has no time for a profile that fails on its first record."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/ on the path only for this import (it holds a conftest.py of its own, and model_configs)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+try:
+    import profile_step
+finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+
+NAMES = {
+    "_cross_step_bwd_kernel": "flow kernels (Triton)",
+    "_actnorm_invconv_fwd_kernel": "flow kernels (Triton)",
+    "_coupling_inv_kernel": "flow kernels (Triton)",
+    "_step_inverse_kernel": "flow kernels (Triton)",
+    "_conv3x3_wgrad_kernel": "coupling networks (Triton)",
+    "_conv3x3_kernel": "coupling networks (Triton)",
+    "_relu_backward_kernel": "coupling networks (Triton)",
+    "void glowfast::cuda::(anonymous namespace)::lu_factor_kernel<float>(float const*, float*, int*, float*, "
+    "float*, int*, glowfast::cuda::PackedLayoutDev, int)": "batched LU op",
+    "sm90_xmma_fprop_implicit_gemm_f32f32_tf32f32_f32_nchwkcrs_nchw_tilesize128x128x32_warpgroupsize1x1x1_"
+    "execute_segment_k_off_kernel__5x_cudnn": "convolutions and GEMMs (cuDNN, cuBLAS)",
+    "void cudnn::engines_precompiled::nchwToNhwcKernel<float, float, float, false, true, (cudnnKernelDataType_t)2>":
+        "convolutions and GEMMs (cuDNN, cuBLAS)",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    "TensorListMetadata<4>>": "optimiser",
+    "Optimizer.step#Adamax.step": "optimiser",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float>>>":
+        "reductions",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::sigmoid_kernel_cuda>": "elementwise and other",
+}
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_kernel_names_sort_into_their_parts(name):
+    assert profile_step.category(name) == NAMES[name]
+
+
+def test_cpu_run_writes_parts_that_sum_to_the_step_and_appends_records(tmp_path):
+    """Two runs into one folder: two records; each one's parts add up to its busy time, the top operators are
+    sorted, and the markdown has a section per record."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--config", "mnist_K4_h128", "--batch", "2",
+           "--device", "cpu", "--backend", "reference", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)]
+    for _ in range(2):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+    records = json.loads((tmp_path / "profile.json").read_text())
+    assert len(records) == 2
+    for r in records:
+        assert r["busy_ms_per_step"] > 0 and r["wall_ms_per_step"] > 0
+        assert sum(r["categories"].values()) == pytest.approx(r["busy_ms_per_step"], rel=1e-3)
+        # the reference model's step on the CPU is mostly its coupling networks' convolutions
+        assert max(r["categories"], key=r["categories"].get) == "convolutions and GEMMs (cuDNN, cuBLAS)"
+        times = [t["ms_per_step"] for t in r["top"]]
+        assert times == sorted(times, reverse=True) and len(times) == 15
+    md = (tmp_path / "profile.md").read_text()
+    assert md.count("## mnist_K4_h128, batch 2, reference (fp32 networks) on cpu") == 2
+
+
+def test_no_cuda_device_is_a_one_line_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit) as exit_info:
+        profile_step.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
