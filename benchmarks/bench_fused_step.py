@@ -10,7 +10,8 @@ this file imports nothing from it):
    variants "reference" (the reference layers' code: ActNorm2d, InvConv1x1, the coupling given h) and
    "fused" (1 actnorm_invconv + (K-1) cross_step + 1 coupling launch); the coupling networks are replaced by
    fixed leaf tensors h_k, so only what the kernels replace is timed (target: fused >= 3x faster). Each row also
-   records `graph_replay_us`, the call replayed from a CUDA graph (device time, no host launch overhead). Before
+   records `graph_replay_us`, the call replayed from a CUDA graph (device time, no host launch overhead; or
+   `eager_call_us` where the capture fails). Before
    the bandwidth cases: a session's time-limited bench_ops stage reaches issue 4's graded chain first.
 3. Bandwidth: `bandwidth/<kernel>/<fwd|inv|bwd>/B64_C12_128x128` and `.../B64_C48_64x64`: the raw launch
    functions (cases from glowfast.kernels.tune, whose block-size sweep measures the same way); extra_info

@@ -184,7 +184,7 @@ def _graph_of(call: Callable[[], object], iterations: int) -> torch.cuda.CUDAGra
 
         clear_failed_capture(torch.device("cuda"))  # else the next torch.randn on this GPU raises
         # said, not silent: eager calls include the host's launch overhead, so the time is then an upper bound
-        # (the bandwidth a lower bound) and the rows labelled graph_replay_us / tune.md are not graph replays
+        # (the bandwidth a lower bound); time_call_graphed reports it, and the benchmarks record it as eager_call_us
         warnings.warn(f"CUDA-graph capture failed ({type(e).__name__}: {e}); timing eager calls instead, which "
                       "include the launch overhead", stacklevel=2)
         return None
@@ -353,8 +353,7 @@ def markdown(records: list[dict], device_name: str) -> str:
              "GB/s = compulsory bytes / median time; frac = of the measured device-to-device copy bandwidth. "
              "Configurations: (BLOCK_P, warps[, programs/SM][, dot precision]) for the flow kernels; for the "
              "coupling network's (coupling_net/*) (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) and, for its "
-             "weight gradients, "
-             "(BLOCK_M, BLOCK_CI, BLOCK_CO, warps, stages).", "",
+             "weight gradients, (BLOCK_M, BLOCK_CI, BLOCK_CO, warps, stages).", "",
              "| kernel | shape | default | µs | GB/s | frac | best | µs | GB/s | frac | speed-up |",
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
 
