@@ -282,8 +282,9 @@ def random_config(seed: int) -> tuple[dict, tuple[int, int, int], int]:
 
 @pytest.mark.parametrize("seed", RANDOM_CONFIG_SEEDS)
 def test_random_whole_model_configurations_match_the_reference(seed, kernel_device):
-    """log p, every parameter's gradient (the class head's too), samples before quantisation and decode(encode(x))
-    of a randomly configured Glow: the fused backend against the reference, same parameters."""
+    """log p, every parameter's gradient (the class head's too), decode of given latents (the inverse flow a sample
+    at T = 0.7 runs, before quantisation) and decode(encode(x)) of a randomly configured Glow: the fused backend
+    against the reference, same parameters."""
     cfg, shape, batch = random_config(seed)
     # model, images and latents drawn on the CPU, whatever the default device: the same draw on a GPU as in CI, so
     # the seeds' "samples stay moderate" holds there too (a CUDA draw of seed 37 overflowed to 5e5, 22nd session)
