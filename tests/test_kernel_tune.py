@@ -208,6 +208,17 @@ def test_sweep_reports_gb_per_s_of_the_bytes_moved(monkeypatch):
     assert records[0]["us"] == 1000.0
 
 
+@pytest.mark.parametrize("kernel", ["actnorm_invconv", "cross_step"])
+def test_backward_without_weight_gradient_case_returns_no_weight_gradient_and_the_same_other_gradients(kernel):
+    """bwd_nodw is the backward launch with need_dw=False: no weight gradient, every other gradient as bwd's."""
+    with_dw = tune.kernel_case(kernel, "bwd", (2, 12, 8, 8), KERNEL_DEVICE)[0]()
+    without = tune.kernel_case(kernel, "bwd_nodw", (2, 12, 8, 8), KERNEL_DEVICE)[0]()
+    assert with_dw[-1] is not None and without[-1] is None
+    for a, b in zip(with_dw[:-1], without[:-1], strict=True):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
 def test_backward_case_counts_x_and_dy_read_and_dx_written():
     """Compulsory traffic of actnorm_invconv's backward: x and dy read, dx written, each 1*12*8*8 fp32 values
     (768 x 4 B = 3072 B): 3 x 3072 = 9216 B (the per-channel parameters and their gradients are not counted); the
@@ -246,6 +257,7 @@ def test_candidates_reach_the_rules_largest_tile_of_16k_elements():
     ("coupling", "bwd", 2, 1, 1, 1),        # z, h, dy read; dz, dh written
     ("cross_step", "fwd", 1, 1, 1, 0),
     ("cross_step", "bwd", 2, 1, 1, 1),
+    ("cross_step", "bwd_nodw", 2, 1, 1, 1),  # the same traffic (the weight gradient's partials are not counted)
     ("step_inverse", "fwd", 1, 1, 1, 0),
     ("actnorm_invconv", "inv", 1, 1, 0, 0),
 ])

@@ -49,15 +49,19 @@ from . import _utils
 from .coupling import _launch_options as _coupling_launch
 from .coupling import coupling_block_pixels
 
+# "bwd_nodw": the backward without the weight gradient (need_dw=False, as when W needs no gradient): its time is
+# what the rest of the loop costs, the bound on moving the weight gradient's product out of it (RESULTS.md)
 KERNELS = (
     ("actnorm_invconv", "fwd"), ("actnorm_invconv", "inv"), ("actnorm_invconv", "bwd"),
     ("coupling", "fwd"), ("coupling", "inv"), ("coupling", "bwd"),
     ("cross_step", "fwd"), ("cross_step", "bwd"), ("step_inverse", "fwd"),
+    ("actnorm_invconv", "bwd_nodw"), ("cross_step", "bwd_nodw"),
 )
 BANDWIDTH_SHAPES = ((64, 12, 128, 128), (64, 48, 64, 64))
 CIFAR_SHAPES = ((256, 12, 16, 16), (256, 24, 8, 8), (256, 48, 4, 4))
 NUM_WARPS = (4, 8)
-REDUCING = {("actnorm_invconv", "bwd"), ("cross_step", "bwd")}  # grid = programs per sample x batch
+REDUCING = {("actnorm_invconv", "bwd"), ("cross_step", "bwd"), ("actnorm_invconv", "bwd_nodw"),
+            ("cross_step", "bwd_nodw")}  # grid = programs per sample x batch
 MATCH_RTOL = 1e-4  # of max |output|: reduction order only (TF32 rounds the same inputs the same way)
 
 
@@ -74,7 +78,8 @@ def _padded_channels(kernel: str, c: int) -> int:
 TILE_KIND = {
     ("actnorm_invconv", "fwd"): "fwd", ("actnorm_invconv", "inv"): "fwd", ("step_inverse", "fwd"): "fwd",
     ("actnorm_invconv", "bwd"): "actnorm_invconv_bwd", ("cross_step", "fwd"): "cross_step_fwd",
-    ("cross_step", "bwd"): "cross_step_bwd",
+    ("cross_step", "bwd"): "cross_step_bwd", ("actnorm_invconv", "bwd_nodw"): "actnorm_invconv_bwd",
+    ("cross_step", "bwd_nodw"): "cross_step_bwd",
 }
 
 
@@ -142,6 +147,10 @@ def kernel_case(kernel: str, mode: str, shape, device) -> tuple[Callable[[], obj
         ("cross_step", "bwd"): (lambda: cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True),
                                 3 * n + 2 * nh),
         ("step_inverse", "fwd"): (lambda: step_inverse(x, hnet, bias, log_scale, weight, True), 2 * n + nh),
+        ("actnorm_invconv", "bwd_nodw"): (lambda: actnorm_invconv_backward(x, gy, bias, log_scale, weight,
+                                                                           need_dw=False), 3 * n),
+        ("cross_step", "bwd_nodw"): (lambda: cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True,
+                                                                 need_dw=False), 3 * n + 2 * nh),
     }
     return calls[(kernel, mode)]
 
