@@ -2,8 +2,9 @@
 
     python -m glowfast.kernels.tune --out $OUT/tune          # writes tune.json (every record) and tune.md
 
-For each launch function (forward, inverse, backward of actnorm_invconv, coupling and cross_step, and the fused
-step inverse) at each shape, every candidate (BLOCK_P, num_warps) runs under `launch_override`:
+For each launch function (forward, inverse, backward of actnorm_invconv, coupling and cross_step, the fused step
+inverse, and the two backward kernels without their weight gradient, "bwd_nodw") at each shape, every candidate
+(BLOCK_P, num_warps) runs under `launch_override`:
 
 1. its outputs are compared with the default configuration's (a tile size may change reduction order, nothing
    else; a candidate that differs by more than `MATCH_RTOL` of the output's scale is reported and never "best"),
