@@ -88,10 +88,12 @@ def test_backward_all_parameters(shape, perm, device, exact_precision):
 
 
 @pytest.mark.parametrize("programs", [1, 2, 3])
-@pytest.mark.parametrize("need_dx,need_dw", [(True, True), (False, False)])
-def test_backward_launch_loops_and_flags(need_dx, need_dw, programs, kernel_device):
+@pytest.mark.parametrize("need_dx,need_dw,dw_outside", [(True, True, False), (False, False, False),
+                                                        (True, True, True), (False, False, True)])
+def test_backward_launch_loops_and_flags(need_dx, need_dw, dw_outside, programs, kernel_device):
     """The standalone backward launch over 4 masked tiles per sample, optional outputs. programs > 1 is the GPU's
-    split reduction (one partial per program, unevenly many tiles each at 3), which CPU defaults never reach."""
+    split reduction (one partial per program, unevenly many tiles each at 3), which CPU defaults never reach.
+    dw_outside: the weight gradient from the u the kernel wrote (masked tiles included), by one GEMM after it."""
     actnorm, permute = make_layers(12, "plain", kernel_device)
     x = torch.randn(2, 12, 7, 9, requires_grad=True)
     y_ref = reference(actnorm, permute, x)
@@ -99,7 +101,7 @@ def test_backward_launch_loops_and_flags(need_dx, need_dw, programs, kernel_devi
     gx, gb, gls, gw = torch.autograd.grad(y_ref, [x, actnorm.bias, actnorm.log_scale, permute.weight], grad_y)
     dx, db, dls, dw = actnorm_invconv_backward(
         x.detach(), grad_y, actnorm.bias, actnorm.log_scale, permute.weight,
-        need_dx=need_dx, need_dw=need_dw, block_p=16, programs_per_sample=programs,
+        need_dx=need_dx, need_dw=need_dw, dw_outside=dw_outside, block_p=16, programs_per_sample=programs,
     )
     assert_exact(db, gb, "grad", "bias")
     assert_exact(dls, gls, "grad", "log_scale")

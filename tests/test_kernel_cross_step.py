@@ -123,11 +123,13 @@ def test_padded_pixels_cannot_put_nan_into_the_parameter_gradients(kernel_device
         torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("programs,need_dw", [(1, False), (2, True), (3, True)])
+@pytest.mark.parametrize("programs,need_dw,dw_outside", [(1, False, False), (2, True, False), (3, True, False),
+                                                         (3, True, True), (1, False, True)])
 @pytest.mark.parametrize("coupling", ["affine", "additive"])
-def test_backward_launch_loops_over_tiles(coupling, programs, need_dw, kernel_device):
+def test_backward_launch_loops_over_tiles(coupling, programs, need_dw, dw_outside, kernel_device):
     """Standalone backward over 4 masked tiles per sample. programs > 1 is the GPU's split reduction (one partial
-    per program, unevenly many tiles each at 3), which CPU defaults never reach; need_dw=False drops grad W."""
+    per program, unevenly many tiles each at 3), which CPU defaults never reach; need_dw=False drops grad W;
+    dw_outside computes it from the u the kernel wrote, by one GEMM after it."""
     step_k, step_next = make_steps(6, coupling, "plain", kernel_device)
     z = torch.randn(2, 6, 7, 9, requires_grad=True)
     h = net_out(step_k, z).detach().requires_grad_(True)
@@ -138,8 +140,8 @@ def test_backward_launch_loops_over_tiles(coupling, programs, need_dw, kernel_de
     loss = (out_ref * g_out).sum() + (ld_ref * g_ld).sum()
     gz, gh, gb, gls, gw = torch.autograd.grad(loss, [z, h, an.bias, an.log_scale, pm.weight])
     dz, dh, db, dls, dw = cross_step_backward(z.detach(), h.detach(), g_out, g_ld, an.bias, an.log_scale,
-                                              pm.weight, coupling == "affine", need_dw=need_dw, block_p=16,
-                                              programs_per_sample=programs)
+                                              pm.weight, coupling == "affine", need_dw=need_dw,
+                                              dw_outside=dw_outside, block_p=16, programs_per_sample=programs)
     if need_dw:
         assert_exact(dw, gw, "grad", "W")
     else:

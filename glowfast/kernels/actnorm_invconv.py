@@ -188,12 +188,13 @@ def _actnorm_invconv_inv_kernel(
 @triton.jit
 def _actnorm_invconv_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, w_ptr, bias_ptr, log_scale_ptr,
-    dw_part_ptr, dls_part_ptr, db_part_ptr,
+    dw_part_ptr, dls_part_ptr, db_part_ptr, u_ptr,
     C, HW, n_ptiles, G,
     CP: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, STORE_U: tl.constexpr,
 ):
-    """Program (g, b) loops over pixel tiles g, g + G, ... of sample b; writes one partial of each reduction."""
+    """Program (g, b) loops over pixel tiles g, g + G, ... of sample b; writes one partial of each reduction.
+    STORE_U (with NEED_DW off): writes u = (x + b) * s instead, for the weight gradient as one GEMM afterwards."""
     g = tl.program_id(0)
     b = tl.program_id(1)
     base = b.to(tl.int64) * C * HW
@@ -217,6 +218,8 @@ def _actnorm_invconv_bwd_kernel(
         db_acc += tl.sum(dx, axis=1)
         if NEED_DW:
             dw_acc = conv_dot(dy, tl.trans(u), dw_acc, PREC)
+        if STORE_U:
+            tl.store(u_ptr + base + offs, u, mask=mask)
     part = b * G + g
     r = tl.arange(0, CP)
     tl.store(dls_part_ptr + part * C + r, dls_acc, mask=r < C)
@@ -283,13 +286,16 @@ def actnorm_invconv_inverse(y, bias, log_scale, weight_inv, *, block_p: int | No
 
 def actnorm_invconv_backward(
     x, grad_y, bias, log_scale, weight, *,
-    need_dx: bool = True, need_dw: bool = True,
+    need_dx: bool = True, need_dw: bool = True, dw_outside: bool = False,
     block_p: int | None = None, programs_per_sample: int | None = None,
 ):
     """Gradients of y = W @ ((x + bias) * exp(log_scale)) given the layer input x and dL/dy.
 
     Returns (grad_x or None, grad_bias, grad_log_scale, grad_W or None), parameter grads in the parameters'
     dtypes. Reductions: per-program partials summed by torch (deterministic for a fixed grid).
+    `dw_outside`: the weight gradient as one fp32 GEMM over all pixels after the kernel, which writes u for it,
+    instead of a 3xTF32 product in its loop (an experiment: that product is most of the loop's instructions and
+    registers; benchmarks/RESULTS.md). Off by default until a GPU measures it.
     """
     x = check_nchw(x, "x")
     grad_y = grad_y.contiguous()
@@ -301,22 +307,33 @@ def actnorm_invconv_backward(
     G = max(1, min(G, n_pt))
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else x.new_empty(1)
-    dw_part = torch.empty((B * G, C, C), **f32) if need_dw else torch.empty(1, **f32)
+    outside = need_dw and dw_outside
+    dw_part = torch.empty((B * G, C, C), **f32) if need_dw and not outside else torch.empty(1, **f32)
     dls_part = torch.empty((B * G, C), **f32)
     db_part = torch.empty((B * G, C), **f32)
+    u = torch.empty((B, C, hw), **f32) if outside else torch.empty(1, **f32)
     with on_device_of(x):
         launch(_actnorm_invconv_bwd_kernel, (G, B),
-            x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part,
+            x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part, u,
             C, hw, n_pt, G,
-            CP=cp, BLOCK_P=bp, PREC=prec, NEED_DX=need_dx, NEED_DW=need_dw,
+            CP=cp, BLOCK_P=bp, PREC=prec, NEED_DX=need_dx, NEED_DW=need_dw and not outside, STORE_U=outside,
             **launch_options(cp, "actnorm_invconv_bwd", prec),
         )
     return (
         dx if need_dx else None,
         db_part.sum(0).to(bias.dtype),
         dls_part.sum(0).to(log_scale.dtype),
-        dw_part.sum(0).to(weight.dtype) if need_dw else None,
+        weight_grad(grad_y, u, dw_part, outside).to(weight.dtype) if need_dw else None,
     )
+
+
+def weight_grad(dy: torch.Tensor, u: torch.Tensor, dw_part: torch.Tensor, outside: bool) -> torch.Tensor:
+    """dL/dW = sum over samples and pixels of dy u^T: the kernel's per-program partials summed, or (`outside`) one
+    fp32 GEMM of dy with the u the kernel wrote, (B, C, HW) (exact unless torch's fp32 matmuls were allowed TF32)."""
+    if not outside:
+        return dw_part.sum(0)
+    B, C = u.shape[:2]
+    return torch.einsum("bip,bjp->ij", dy.reshape(B, C, -1).to(torch.float32), u)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -408,7 +425,8 @@ def compile_specs():
         (_actnorm_invconv_fwd_kernel, [{}], {}),
         (_actnorm_invconv_inv_kernel, [{}], {}),
         (_actnorm_invconv_bwd_kernel,
-         [dict(NEED_DX=True, NEED_DW=True), dict(NEED_DX=False, NEED_DW=False)], dict(NEED_DX=True, NEED_DW=True)),
+         [dict(NEED_DX=True, NEED_DW=True, STORE_U=False), dict(NEED_DX=False, NEED_DW=False, STORE_U=False),
+          dict(NEED_DX=True, NEED_DW=False, STORE_U=True)], dict(NEED_DX=True, NEED_DW=True, STORE_U=False)),
     ):
         kind = KERNEL_KINDS[kernel.__name__]
         specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest, kind)]

@@ -53,6 +53,7 @@ from .actnorm_invconv import (
     load_matrix,
     load_vec,
     tile_index,
+    weight_grad,
 )
 from .coupling import (
     _coupling_geometry,
@@ -99,10 +100,10 @@ def _cross_step_fwd_kernel(
 @triton.jit
 def _cross_step_bwd_kernel(
     z_ptr, h_ptr, dout_ptr, dld_ptr, dz_ptr, dh_ptr, w_ptr, bias_ptr, log_scale_ptr,
-    dw_part_ptr, dls_part_ptr, db_part_ptr,
+    dw_part_ptr, dls_part_ptr, db_part_ptr, u_ptr,
     C, CA, CB, HC, HW, n_ptiles, G,
     CP: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr, AFFINE: tl.constexpr,
-    NEED_DW: tl.constexpr,
+    NEED_DW: tl.constexpr, STORE_U: tl.constexpr,
 ):
     g = tl.program_id(0)
     b = tl.program_id(1)
@@ -127,6 +128,8 @@ def _cross_step_bwd_kernel(
         db_acc += tl.sum(dy, axis=1)
         if NEED_DW:
             dw_acc = conv_dot(dout, tl.trans(u), dw_acc, PREC)
+        if STORE_U:  # the weight gradient as one GEMM after the kernel (cross_step_backward's dw_outside)
+            tl.store(u_ptr + base + offs, u, mask=mask)
         dz, dshift, draw = coupling_bwd_tile(z, dy, shift, raw, is_b, dld, AFFINE)
         tl.store(dz_ptr + base + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         coupling_store_dh(dh_ptr, h_base, c, p, CA, CB, HW, dshift, draw, mask_b, AFFINE)
@@ -191,12 +194,13 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
 
 
 def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, affine: bool = True, *,
-                        need_dw: bool = True, block_p: int | None = None,
+                        need_dw: bool = True, dw_outside: bool = False, block_p: int | None = None,
                         programs_per_sample: int | None = None):
     """Gradients of (z_next, logdet) = cross_step(z, h, bias, log_scale, W).
 
     Returns (grad_z, grad_h, grad_bias, grad_log_scale, grad_W or None). grad_z is the direct path only
-    (the network's contribution to grad z_a comes back through grad_h).
+    (the network's contribution to grad z_a comes back through grad_h). `dw_outside`: as in
+    actnorm_invconv_backward (the weight gradient as one GEMM after the kernel; an experiment, off by default).
     """
     z = check_nchw(z, "z")
     h = check_nchw(h, "h")
@@ -214,14 +218,16 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     grad_logdet = grad_logdet.contiguous()
     dz = torch.empty_like(z)
     dh = torch.empty_like(h)
-    dw_part = torch.empty((B * G, C, C), **f32) if need_dw else torch.empty(1, **f32)
+    outside = need_dw and dw_outside
+    dw_part = torch.empty((B * G, C, C), **f32) if need_dw and not outside else torch.empty(1, **f32)
     dls_part = torch.empty((B * G, C), **f32)
     db_part = torch.empty((B * G, C), **f32)
+    u = torch.empty((B, C, hw), **f32) if outside else torch.empty(1, **f32)
     with on_device_of(z):
         launch(_cross_step_bwd_kernel, (G, B),
-            z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part,
+            z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part, u,
             C, ca, cb, hc, hw, n_pt, G,
-            CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, NEED_DW=need_dw,
+            CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, NEED_DW=need_dw and not outside, STORE_U=outside,
             **launch_options(cp, "cross_step_bwd", prec),
         )
     return (
@@ -229,7 +235,7 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
         dh,
         db_part.sum(0).to(bias.dtype),
         dls_part.sum(0).to(log_scale.dtype),
-        dw_part.sum(0).to(weight.dtype) if need_dw else None,
+        weight_grad(grad_out, u, dw_part, outside).to(weight.dtype) if need_dw else None,
     )
 
 
@@ -355,12 +361,13 @@ def _(y, h, bias, log_scale, weight_inv, affine):
 def compile_specs():
     """(kernel, constexprs, launch options, data pointer type) for every kernel and constexpr branch."""
     aff = [dict(AFFINE=True), dict(AFFINE=False)]
-    bwd = [dict(AFFINE=a, NEED_DW=d) for a in (True, False) for d in (True, False)]
+    bwd = [dict(AFFINE=a, NEED_DW=d, STORE_U=False) for a in (True, False) for d in (True, False)]
+    bwd += [dict(AFFINE=True, NEED_DW=False, STORE_U=True)]
     specs = []
     for kernel, branches, heaviest in (
         (_cross_step_fwd_kernel, aff, dict(AFFINE=True)),
         (_step_inverse_kernel, aff, dict(AFFINE=True)),
-        (_cross_step_bwd_kernel, bwd, dict(AFFINE=True, NEED_DW=True)),
+        (_cross_step_bwd_kernel, bwd, dict(AFFINE=True, NEED_DW=True, STORE_U=False)),
     ):
         kind = KERNEL_KINDS[kernel.__name__]
         specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest, kind)]
