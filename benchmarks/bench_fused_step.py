@@ -184,8 +184,10 @@ def test_step_chain_nonnet(cuda_timer, shape, variant):
 @pytest.mark.parametrize("kernel,mode", [
     ("actnorm_invconv", "fwd"), ("actnorm_invconv", "inv"), ("actnorm_invconv", "bwd"), ("coupling", "fwd"),
     ("coupling", "inv"), ("coupling", "bwd"), ("cross_step", "fwd"), ("cross_step", "bwd"), ("step_inverse", "fwd"),
-    # the two backward kernels without their weight gradient: information (report.py), what the rest costs
-    ("actnorm_invconv", "bwd_nodw"), ("cross_step", "bwd_nodw"),
+    # the two backward kernels without their weight gradient (what the rest costs) and with it as one GEMM after
+    # the kernel (dw_outside): information (report.py), the experiment of benchmarks/RESULTS.md
+    ("actnorm_invconv", "bwd_nodw"), ("cross_step", "bwd_nodw"), ("actnorm_invconv", "bwd_dwgemm"),
+    ("cross_step", "bwd_dwgemm"),
 ])
 # ids: the GPU default (3xTF32) is graded against issue 4's 70 %; plain TF32 (opt-in) and exact fp32 (evaluation)
 # are for information; `-k "not ieee and not tf32_plain"` keeps the graded rows only (gpu_check.sh session)

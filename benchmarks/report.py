@@ -426,6 +426,8 @@ def kernel_target_table(groups: OrderedDict) -> list[str]:
                     measured += ", from eager calls (the CUDA-graph capture failed: a lower bound)"
                 if "/bwd_nodw/" in g:  # a backward without its weight gradient: what the rest of its loop costs
                     exact.append(f"{g} ({variant}, without the weight gradient): {measured}")
+                elif "/bwd_dwgemm/" in g:  # the experiment: the weight gradient as one GEMM after the kernel
+                    exact.append(f"{g} ({variant}, the weight gradient as a GEMM after the kernel): {measured}")
                 elif variant == "fused-tf32x3":  # the kernels as training runs them (3xTF32 dots, the GPU default)
                     checks.append((f"{g} ({variant}) ≥ 70% of copy bandwidth", frac >= 0.7, measured))
                 else:  # plain TF32 (opt-in), exact fp32 dots (evaluation: CUDA-core FMAs): for information
@@ -445,7 +447,8 @@ def kernel_target_table(groups: OrderedDict) -> list[str]:
         lines += ["For information, not graded: other dot precisions -- plain TF32 (`tf32`, opt-in) and exact fp32 "
                   "(`ieee`, likelihood evaluation; its `tl.dot` runs on CUDA cores, ~20-40 FLOP per byte at 48 "
                   "channels: compute-bound, not a bandwidth target) -- and the backward kernels without their weight "
-                  "gradient (`bwd_nodw`): " + "; ".join(exact), ""]
+                  "gradient (`bwd_nodw`) or with it as one GEMM after the kernel (`bwd_dwgemm`): "
+                  + "; ".join(exact), ""]
     return lines
 
 

@@ -895,16 +895,22 @@ def test_bandwidth_target_is_at_least_70_percent(tmp_path, frac, met):
     assert table_row(md, f"{g} (fused-tf32x3) ≥ 70% of copy bandwidth")[1] == met
 
 
-def test_a_backward_without_its_weight_gradient_is_shown_not_graded(tmp_path):
+def test_backward_variants_are_shown_not_graded(tmp_path):
     """The bwd_nodw rows time the backward kernels with the weight gradient switched off (what the rest of the loop
-    costs): information beside the graded rows, never a target row of their own, at any precision."""
-    g, g_nodw = "bandwidth/cross_step/bwd/B64_C12_128x128", "bandwidth/cross_step/bwd_nodw/B64_C12_128x128"
+    costs), the bwd_dwgemm rows with it as a GEMM after the kernel (an experiment): information beside the graded
+    rows, never a target row of their own."""
+    g = "bandwidth/cross_step/bwd/B64_C12_128x128"
+    g_nodw, g_gemm = g.replace("/bwd/", "/bwd_nodw/"), g.replace("/bwd/", "/bwd_dwgemm/")
     md = report_of(tmp_path, [bench_row(g, "fused-tf32x3", 1e-3, fraction_of_copy_bw=0.05, effective_GBps=206.0),
                               bench_row(g_nodw, "fused-tf32x3", 1e-3, fraction_of_copy_bw=0.4,
-                                        effective_GBps=1700.0)])
+                                        effective_GBps=1700.0),
+                              bench_row(g_gemm, "fused-tf32x3", 1e-3, fraction_of_copy_bw=0.3,
+                                        effective_GBps=1300.0)])
     assert table_row(md, f"{g} (fused-tf32x3) ≥ 70% of copy bandwidth")[1] == "NO"
     assert "bwd_nodw/B64_C12_128x128 (fused-tf32x3) ≥ 70%" not in md
+    assert "bwd_dwgemm/B64_C12_128x128 (fused-tf32x3) ≥ 70%" not in md
     assert f"{g_nodw} (fused-tf32x3, without the weight gradient): 40% (1,700 GB/s)" in md
+    assert f"{g_gemm} (fused-tf32x3, the weight gradient as a GEMM after the kernel): 30% (1,300 GB/s)" in md
 
 
 def test_bandwidth_from_eager_calls_is_labelled_a_lower_bound(tmp_path):

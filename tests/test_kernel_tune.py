@@ -209,14 +209,19 @@ def test_sweep_reports_gb_per_s_of_the_bytes_moved(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", ["actnorm_invconv", "cross_step"])
-def test_backward_without_weight_gradient_case_returns_no_weight_gradient_and_the_same_other_gradients(kernel):
-    """bwd_nodw is the backward launch with need_dw=False: no weight gradient, every other gradient as bwd's."""
+def test_backward_variant_cases_compute_the_backwards_gradients(kernel):
+    """bwd_nodw is the backward launch with need_dw=False: no weight gradient, every other gradient as bwd's;
+    bwd_dwgemm (dw_outside=True) returns every gradient as bwd's, the weight gradient from its GEMM."""
     with_dw = tune.kernel_case(kernel, "bwd", (2, 12, 8, 8), KERNEL_DEVICE)[0]()
     without = tune.kernel_case(kernel, "bwd_nodw", (2, 12, 8, 8), KERNEL_DEVICE)[0]()
+    gemm = tune.kernel_case(kernel, "bwd_dwgemm", (2, 12, 8, 8), KERNEL_DEVICE)[0]()
     assert with_dw[-1] is not None and without[-1] is None
     for a, b in zip(with_dw[:-1], without[:-1], strict=True):
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    for a, b in zip(with_dw, gemm, strict=True):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_backward_case_counts_x_and_dy_read_and_dx_written():
@@ -258,6 +263,7 @@ def test_candidates_reach_the_rules_largest_tile_of_16k_elements():
     ("cross_step", "fwd", 1, 1, 1, 0),
     ("cross_step", "bwd", 2, 1, 1, 1),
     ("cross_step", "bwd_nodw", 2, 1, 1, 1),  # the same traffic (the weight gradient's partials are not counted)
+    ("cross_step", "bwd_dwgemm", 2, 1, 1, 1),  # the same compulsory traffic (u is the variant's own cost)
     ("step_inverse", "fwd", 1, 1, 1, 0),
     ("actnorm_invconv", "inv", 1, 1, 0, 0),
 ])

@@ -3,8 +3,8 @@
     python -m glowfast.kernels.tune --out $OUT/tune          # writes tune.json (every record) and tune.md
 
 For each launch function (forward, inverse, backward of actnorm_invconv, coupling and cross_step, the fused step
-inverse, and the two backward kernels without their weight gradient, "bwd_nodw") at each shape, every candidate
-(BLOCK_P, num_warps) runs under `launch_override`:
+inverse, and the two backward kernels without their weight gradient, "bwd_nodw", and with it as one GEMM after the
+kernel, "bwd_dwgemm") at each shape, every candidate (BLOCK_P, num_warps) runs under `launch_override`:
 
 1. its outputs are compared with the default configuration's (a tile size may change reduction order, nothing
    else; a candidate that differs by more than `MATCH_RTOL` of the output's scale is reported and never "best"),
@@ -51,18 +51,21 @@ from .coupling import _launch_options as _coupling_launch
 from .coupling import coupling_block_pixels
 
 # "bwd_nodw": the backward without the weight gradient (need_dw=False, as when W needs no gradient): its time is
-# what the rest of the loop costs, the bound on moving the weight gradient's product out of it (RESULTS.md)
+# what the rest of the loop costs, the bound on moving the weight gradient's product out of it (RESULTS.md).
+# "bwd_dwgemm": the backward with the weight gradient moved out of it (dw_outside=True: the kernel writes u, one GEMM
+# after it), the experiment that bound is for.
 KERNELS = (
     ("actnorm_invconv", "fwd"), ("actnorm_invconv", "inv"), ("actnorm_invconv", "bwd"),
     ("coupling", "fwd"), ("coupling", "inv"), ("coupling", "bwd"),
     ("cross_step", "fwd"), ("cross_step", "bwd"), ("step_inverse", "fwd"),
     ("actnorm_invconv", "bwd_nodw"), ("cross_step", "bwd_nodw"),
+    ("actnorm_invconv", "bwd_dwgemm"), ("cross_step", "bwd_dwgemm"),
 )
 BANDWIDTH_SHAPES = ((64, 12, 128, 128), (64, 48, 64, 64))
 CIFAR_SHAPES = ((256, 12, 16, 16), (256, 24, 8, 8), (256, 48, 4, 4))
 NUM_WARPS = (4, 8)
-REDUCING = {("actnorm_invconv", "bwd"), ("cross_step", "bwd"), ("actnorm_invconv", "bwd_nodw"),
-            ("cross_step", "bwd_nodw")}  # grid = programs per sample x batch
+REDUCING = {(k, m) for k in ("actnorm_invconv", "cross_step")
+            for m in ("bwd", "bwd_nodw", "bwd_dwgemm")}  # grid = programs per sample x batch
 MATCH_RTOL = 1e-4  # of max |output|: reduction order only (TF32 rounds the same inputs the same way)
 
 
@@ -80,7 +83,8 @@ TILE_KIND = {
     ("actnorm_invconv", "fwd"): "fwd", ("actnorm_invconv", "inv"): "fwd", ("step_inverse", "fwd"): "fwd",
     ("actnorm_invconv", "bwd"): "actnorm_invconv_bwd", ("cross_step", "fwd"): "cross_step_fwd",
     ("cross_step", "bwd"): "cross_step_bwd", ("actnorm_invconv", "bwd_nodw"): "actnorm_invconv_bwd",
-    ("cross_step", "bwd_nodw"): "cross_step_bwd",
+    ("cross_step", "bwd_nodw"): "cross_step_bwd", ("actnorm_invconv", "bwd_dwgemm"): "actnorm_invconv_bwd",
+    ("cross_step", "bwd_dwgemm"): "cross_step_bwd",
 }
 
 
@@ -152,6 +156,11 @@ def kernel_case(kernel: str, mode: str, shape, device) -> tuple[Callable[[], obj
                                                                            need_dw=False), 3 * n),
         ("cross_step", "bwd_nodw"): (lambda: cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True,
                                                                  need_dw=False), 3 * n + 2 * nh),
+        # the compulsory bytes of the backward (u's write and re-read are the variant's own cost)
+        ("actnorm_invconv", "bwd_dwgemm"): (lambda: actnorm_invconv_backward(x, gy, bias, log_scale, weight,
+                                                                             dw_outside=True), 3 * n),
+        ("cross_step", "bwd_dwgemm"): (lambda: cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True,
+                                                                   dw_outside=True), 3 * n + 2 * nh),
     }
     return calls[(kernel, mode)]
 
