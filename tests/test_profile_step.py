@@ -72,7 +72,7 @@ def test_no_cuda_device_is_a_one_line_error(tmp_path, capsys):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present")
+        pytest.skip("checks the error on a machine without CUDA; this one has a CUDA device")
     with pytest.raises(SystemExit) as exit_info:
         profile_step.main(["--device", "cuda", "--out", str(tmp_path)])
     assert exit_info.value.code == 2

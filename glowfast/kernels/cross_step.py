@@ -222,7 +222,7 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     dw_part = torch.empty((B * G, C, C), **f32) if need_dw and not outside else torch.empty(1, **f32)
     dls_part = torch.empty((B * G, C), **f32)
     db_part = torch.empty((B * G, C), **f32)
-    u = torch.empty((B, C, hw), **f32) if outside else torch.empty(1, **f32)
+    u = torch.empty((B, C, hw), **f32) if outside else dw_part  # the kernel reads u_ptr only with STORE_U
     with on_device_of(z):
         launch(_cross_step_bwd_kernel, (G, B),
             z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part, u,

@@ -54,18 +54,18 @@ from .coupling import coupling_block_pixels
 # what the rest of the loop costs, the bound on moving the weight gradient's product out of it (RESULTS.md).
 # "bwd_dwgemm": the backward with the weight gradient moved out of it (dw_outside=True: the kernel writes u, one GEMM
 # after it), the experiment that bound is for.
+BWD_VARIANTS = {"bwd_nodw": dict(need_dw=False), "bwd_dwgemm": dict(dw_outside=True)}  # the backward's keywords
 KERNELS = (
     ("actnorm_invconv", "fwd"), ("actnorm_invconv", "inv"), ("actnorm_invconv", "bwd"),
     ("coupling", "fwd"), ("coupling", "inv"), ("coupling", "bwd"),
     ("cross_step", "fwd"), ("cross_step", "bwd"), ("step_inverse", "fwd"),
-    ("actnorm_invconv", "bwd_nodw"), ("cross_step", "bwd_nodw"),
-    ("actnorm_invconv", "bwd_dwgemm"), ("cross_step", "bwd_dwgemm"),
+    *((k, m) for m in BWD_VARIANTS for k in ("actnorm_invconv", "cross_step")),
 )
 BANDWIDTH_SHAPES = ((64, 12, 128, 128), (64, 48, 64, 64))
 CIFAR_SHAPES = ((256, 12, 16, 16), (256, 24, 8, 8), (256, 48, 4, 4))
 NUM_WARPS = (4, 8)
 REDUCING = {(k, m) for k in ("actnorm_invconv", "cross_step")
-            for m in ("bwd", "bwd_nodw", "bwd_dwgemm")}  # grid = programs per sample x batch
+            for m in ("bwd", *BWD_VARIANTS)}  # grid = programs per sample x batch
 MATCH_RTOL = 1e-4  # of max |output|: reduction order only (TF32 rounds the same inputs the same way)
 
 
@@ -82,10 +82,9 @@ def _padded_channels(kernel: str, c: int) -> int:
 TILE_KIND = {
     ("actnorm_invconv", "fwd"): "fwd", ("actnorm_invconv", "inv"): "fwd", ("step_inverse", "fwd"): "fwd",
     ("actnorm_invconv", "bwd"): "actnorm_invconv_bwd", ("cross_step", "fwd"): "cross_step_fwd",
-    ("cross_step", "bwd"): "cross_step_bwd", ("actnorm_invconv", "bwd_nodw"): "actnorm_invconv_bwd",
-    ("cross_step", "bwd_nodw"): "cross_step_bwd", ("actnorm_invconv", "bwd_dwgemm"): "actnorm_invconv_bwd",
-    ("cross_step", "bwd_dwgemm"): "cross_step_bwd",
+    ("cross_step", "bwd"): "cross_step_bwd",
 }
+TILE_KIND.update({(k, m): TILE_KIND[(k, "bwd")] for k in ("actnorm_invconv", "cross_step") for m in BWD_VARIANTS})
 
 
 def default_config(kernel: str, shape, mode: str = "fwd") -> tuple[int, int]:
@@ -141,26 +140,20 @@ def kernel_case(kernel: str, mode: str, shape, device) -> tuple[Callable[[], obj
     weight = torch.linalg.qr(torch.randn(c, c, generator=g, dtype=torch.float64))[0].float().to(device)
     gy, gld = randn(b, c, h, w), randn(b)
     n, nh = x.numel() * x.element_size(), hnet.numel() * hnet.element_size()
+    kw = BWD_VARIANTS.get(mode, {})  # a backward variant: the backward's call with its keywords, the same
+    # compulsory bytes (u's write and re-read under dw_outside are that variant's own cost)
+    mode = "bwd" if mode in BWD_VARIANTS else mode
     calls = {
         ("actnorm_invconv", "fwd"): (lambda: actnorm_invconv_forward(x, bias, log_scale, weight), 2 * n),
         ("actnorm_invconv", "inv"): (lambda: actnorm_invconv_inverse(x, bias, log_scale, weight), 2 * n),
-        ("actnorm_invconv", "bwd"): (lambda: actnorm_invconv_backward(x, gy, bias, log_scale, weight), 3 * n),
+        ("actnorm_invconv", "bwd"): (lambda: actnorm_invconv_backward(x, gy, bias, log_scale, weight, **kw), 3 * n),
         ("coupling", "fwd"): (lambda: coupling_forward(x, hnet, True), 2 * n + nh),
         ("coupling", "inv"): (lambda: coupling_inverse(x, hnet, True), 2 * n + nh),
         ("coupling", "bwd"): (lambda: coupling_backward(x, hnet, gy, gld, True), 3 * n + 2 * nh),
         ("cross_step", "fwd"): (lambda: cross_step_forward(x, hnet, bias, log_scale, weight, True), 2 * n + nh),
-        ("cross_step", "bwd"): (lambda: cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True),
+        ("cross_step", "bwd"): (lambda: cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True, **kw),
                                 3 * n + 2 * nh),
         ("step_inverse", "fwd"): (lambda: step_inverse(x, hnet, bias, log_scale, weight, True), 2 * n + nh),
-        ("actnorm_invconv", "bwd_nodw"): (lambda: actnorm_invconv_backward(x, gy, bias, log_scale, weight,
-                                                                           need_dw=False), 3 * n),
-        ("cross_step", "bwd_nodw"): (lambda: cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True,
-                                                                 need_dw=False), 3 * n + 2 * nh),
-        # the compulsory bytes of the backward (u's write and re-read are the variant's own cost)
-        ("actnorm_invconv", "bwd_dwgemm"): (lambda: actnorm_invconv_backward(x, gy, bias, log_scale, weight,
-                                                                             dw_outside=True), 3 * n),
-        ("cross_step", "bwd_dwgemm"): (lambda: cross_step_backward(x, hnet, gy, gld, bias, log_scale, weight, True,
-                                                                   dw_outside=True), 3 * n + 2 * nh),
     }
     return calls[(kernel, mode)]
 
