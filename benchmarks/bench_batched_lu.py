@@ -12,6 +12,8 @@ Implementations (extra_info["impl"]; variant names as benchmarks/report.py knows
   flat buffer, validated once at construction; gradients go to its one leaf `.data`): the list's per-call
   validation, cat and per-matrix autograd nodes are gone. report.py lists it in the detail table, where its
   "fused speed-up" is t_packed / t_fused (< 1: packed is faster than the list API).
+- packed_shared (variant "packed_shared_kernels", CUDA only): packed with GLOWFAST_LU_CUDA_KERNELS=shared, the
+  shared-memory kernels instead of the register kernels that serve n <= 64 by default (csrc/cuda).
 Modes: slogdet fwd, slogdet fwdbwd (backward of sum(logabsdet) to every matrix), inverse fwd.
 Group names: `batched_lu/<op>-<mode>/<set>`. CUDA rounds are synchronised (cuda_timer in conftest.py).
 CPU: few rounds (the 4096-matrix loop is ~0.1 s per call here).
@@ -30,7 +32,9 @@ from glowfast.ops import PackedMatrices, batched_inverse, batched_slogdet
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA"))]
-IMPLS = {"loop": "reference", "grouped": "peer", "glowfast": "fused", "packed": "packed"}
+IMPLS = {"loop": "reference", "grouped": "peer", "glowfast": "fused", "packed": "packed",
+         "packed_shared": "packed_shared_kernels"}
+PACKED = ("packed", "packed_shared")
 TIMING = {
     ("cpu", "cifar96"): dict(n_rounds=10, warmup=2, iterations=5),
     ("cpu", "batch4096x48"): dict(n_rounds=3, warmup=1, iterations=1),
@@ -61,7 +65,7 @@ def _groups(mats):
 
 
 def _slogdet(impl: str, mats):
-    if impl in ("glowfast", "packed"):
+    if impl in ("glowfast", *PACKED):
         return batched_slogdet(mats)[1]
     if impl == "loop":
         return torch.stack([torch.linalg.slogdet(m)[1] for m in mats])
@@ -69,7 +73,7 @@ def _slogdet(impl: str, mats):
 
 
 def _inverse(impl: str, mats):
-    if impl in ("glowfast", "packed"):
+    if impl in ("glowfast", *PACKED):
         return batched_inverse(mats)
     if impl == "loop":
         return [torch.linalg.inv(m) for m in mats]
@@ -80,11 +84,15 @@ def _inverse(impl: str, mats):
 @pytest.mark.parametrize("which", ["cifar96", "batch4096x48"])
 @pytest.mark.parametrize("mode", ["slogdet-fwd", "slogdet-fwdbwd", "inverse-fwd"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_batched_lu(cuda_timer, device, mode, which, impl):
+def test_batched_lu(cuda_timer, monkeypatch, device, mode, which, impl):
+    if impl == "packed_shared":
+        if device != "cuda":
+            pytest.skip("the CUDA op's kernel choice")
+        monkeypatch.setenv("GLOWFAST_LU_CUDA_KERNELS", "shared")  # read at each launch (and at graph capture)
     benchmark = cuda_timer.benchmark
     benchmark.group = f"batched_lu/{mode}/{which}"
     mats = _matrices(which, device)
-    inputs = PackedMatrices.from_list(mats) if impl == "packed" else mats
+    inputs = PackedMatrices.from_list(mats) if impl in PACKED else mats
     if mode == "slogdet-fwd":
 
         def fn():
@@ -96,7 +104,7 @@ def test_batched_lu(cuda_timer, device, mode, which, impl):
             with torch.no_grad():
                 return _inverse(impl, inputs)
     else:
-        if impl == "packed":
+        if impl in PACKED:
             leaves = [inputs.data.requires_grad_()]  # the one leaf of all 96 (or 4096) matrices
         elif isinstance(mats, torch.Tensor):
             leaves = [mats.requires_grad_()]
@@ -118,7 +126,7 @@ def test_batched_lu(cuda_timer, device, mode, which, impl):
         timing = dict(n_rounds=5, warmup=2, iterations=3, event_check=False) if which == "cifar96" else \
             dict(n_rounds=3, warmup=1, iterations=1, event_check=False)
     cuda_timer(fn, device=device, variant=IMPLS[impl], impl=impl, set=which, mode=mode, **timing)
-    if device == "cuda" and impl in ("glowfast", "packed") and which == "cifar96":
+    if device == "cuda" and impl in ("glowfast", *PACKED) and which == "cifar96":
         # Device time too: the call replayed from a CUDA graph, without the host's Python, dispatcher and autograd
         # work, which set the eager time of these 96 small matrices on the H200 (RESULTS.md); report.py grades
         # issue 3's 30 / 80 us on both

@@ -415,6 +415,90 @@ def test_cuda_large_matrices_global_memory_path(dtype):
         torch.testing.assert_close(g.grad.cpu().double(), torch.linalg.inv(m.to(dtype).double()).T, atol=tol, rtol=tol)
 
 
+def _lu_cases(gen):
+    """(matrix, pivots_are_lapacks) pairs: random, zero diagonal, permutations, small integers (ties between
+    candidate pivots: LAPACK takes the smallest row), a zero column (singular: no swap at that step), every n from
+    1 to 64. After the first column of an integer matrix, ties between rounded values may fall either way."""
+    cases = [(torch.randn(n, n, dtype=torch.float64, generator=gen), True) for n in range(1, 65)]
+    for n in (1, 2, 12, 31, 32, 33, 48, 64):
+        singular = torch.randn(n, n, dtype=torch.float64, generator=gen)
+        singular[:, n // 2] = 0
+        cases += [(_needs_pivoting(n, gen), True), (_permutation(n, gen), True), (singular, True),
+                  (torch.randint(-2, 3, (n, n), generator=gen).double(), False)]
+    return cases
+
+
+def _factor_and_invert(mats, dtype, scale, device):
+    sizes = [m.shape[0] for m in mats]
+    packed = PackedMatrices.from_list([m.to(device, dtype) for m in mats])
+    offsets, sizes_t = torch.tensor(packed.offsets, device=device), torch.tensor(sizes, device=device)
+    ops = torch.ops.glowfast
+    factors, pivots, sign, ld, _ = ops.lu_factor_packed(packed.data, offsets, sizes_t, max(sizes))
+    inverse = ops.lu_inverse_packed(factors, pivots, offsets, sizes_t, max(sizes))
+    grad = ops.lu_inverse_packed(factors, pivots, offsets, sizes_t, max(sizes), True, scale.to(device, dtype))
+    return [t.cpu() for t in (factors, pivots, sign, ld, inverse, grad)]
+
+
+def _check_against_lapack(cases, mats, scale, out, dtype):
+    factors, pivots, sign, ld, inverse, grad = out
+    eps = torch.finfo(dtype).eps
+    off = 0
+    for i, ((_, lapack_pivots), m) in enumerate(zip(cases, mats)):
+        n = m.shape[0]
+        block = slice(off, off + n * n)
+        off += n * n
+        _, their_piv, _ = torch.linalg.lu_factor_ex(m)
+        piv = pivots[i, :n].long()
+        checked = n if lapack_pivots else 1
+        assert torch.equal(piv[:checked], their_piv[:checked].long() - 1), (i, n)
+        perm, lo, up = torch.lu_unpack(factors[block].view(n, n).double(), piv.int() + 1)
+        torch.testing.assert_close(perm @ lo @ up, m, rtol=0, atol=50 * n * eps * m.abs().max().item())
+        assert lo.abs().max().item() <= 1  # partial pivoting: no multiplier above 1
+        their_sign, their_ld = torch.linalg.slogdet(m)
+        assert sign[i].item() == their_sign.item(), (i, n)
+        if their_sign.item() == 0:
+            assert ld[i].item() == -math.inf
+            assert torch.isnan(inverse[block]).all() and torch.isnan(grad[block]).all()
+            continue
+        torch.testing.assert_close(ld[i].double(), their_ld, rtol=0, atol=_tol(dtype, n))
+        x = inverse[block].view(n, n).double()
+        expected_grad = scale[i].to(dtype).double() * x.T
+        torch.testing.assert_close(grad[block].view(n, n).double(), expected_grad, rtol=4 * eps, atol=0)
+        bound = 50 * n * torch.linalg.cond(m).item() * eps
+        torch.testing.assert_close(x @ m, torch.eye(n, dtype=torch.float64), rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_kernel_gives_lapacks_factors(dtype):
+    gen = torch.Generator().manual_seed(31)
+    cases = _lu_cases(gen)
+    mats = [m.to(dtype).double() for m, _ in cases]  # the values the kernel sees
+    scale = torch.randn(len(mats), dtype=torch.float64, generator=gen)
+    _check_against_lapack(cases, mats, scale, _factor_and_invert(mats, dtype, scale, "cpu"), dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernel_families_agree_and_give_lapacks_factors(monkeypatch, dtype):
+    """The CUDA op has two kernel families for max_n <= 64 (GLOWFAST_LU_CUDA_KERNELS): the register kernels
+    (default) and the shared-memory ones (which also serve larger n). Both do the same arithmetic per element, so
+    their factors, pivots and log-determinants must be identical; both must give LAPACK's pivots and factors, and
+    inverses and scaled transposed inverses (the slogdet gradient) that invert the matrix; in one ragged call and in
+    batches of one width (NB 32 and 64)."""
+    gen = torch.Generator().manual_seed(31)
+    cases = _lu_cases(gen)
+    for group in (cases, [c for c in cases if c[0].shape[0] <= 32], [c for c in cases if c[0].shape[0] == 48]):
+        mats = [m.to(dtype).double() for m, _ in group]
+        scale = torch.randn(len(mats), dtype=torch.float64, generator=gen)
+        results = {}
+        for kernels in ("registers", "shared"):
+            monkeypatch.setenv("GLOWFAST_LU_CUDA_KERNELS", kernels)
+            results[kernels] = _factor_and_invert(mats, dtype, scale, "cuda")
+            _check_against_lapack(group, mats, scale, results[kernels], dtype)
+        for ours, theirs in zip(results["registers"][:4], results["shared"][:4]):  # factors, pivots, sign, ld
+            assert torch.equal(ours, theirs)
+
+
 @requires_cuda
 def test_cuda_too_large_is_a_clear_error():
     with pytest.raises(ValueError, match=f"exceeds the CUDA kernels' limit n <= {MAX_N_CUDA}"):

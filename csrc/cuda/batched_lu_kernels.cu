@@ -1,12 +1,15 @@
 // CUDA kernels of the batched LU ops: one thread block per matrix of a packed ragged batch (one launch for all).
-// A matrix with n <= smem_n (64, or less if the device's shared memory is smaller) is factored in shared memory
-// (leading dimension padded to an odd number: conflict-free column access); larger ones in place in global
-// memory. Partial pivoting by a warp-level argmax (ties -> smallest row, as LAPACK). log|det| is summed in
-// float64. Only <cuda_runtime.h> is included (build time).
+// Batches whose largest n is <= 64 run the register kernels (below; the default). Otherwise a matrix with
+// n <= smem_n (64, or less if the device's shared memory is smaller) is factored in shared memory (leading
+// dimension padded to an odd number: conflict-free column access); larger ones in place in global memory.
+// Partial pivoting by a warp-level argmax (ties -> smallest row, as LAPACK). log|det| is summed in float64. Only
+// <cuda_runtime.h> is included (build time).
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "../batched_lu_cuda.h"
 
@@ -331,6 +334,245 @@ __global__ void lu_inverse_kernel(const T* __restrict__ lu, const int32_t* __res
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Register kernels, for batches whose largest matrix has n <= kRegMaxN (every matrix of a Glow model). A small
+// LU is bound by latency, not flops: the shared-memory kernels above pay two block barriers and a shared-memory
+// round trip of the trailing matrix per column. Here the data stays in registers:
+// - factor: thread r owns row r. Pivoting is logical: each thread tracks where LAPACK's row swaps have moved its
+//   row (cur), so the pivots, the ties (smallest row) and the factors are those of the kernels above. Each warp
+//   proposes its best row (written to shared memory by its owner), one barrier per column picks the pivot;
+// - inverse: thread c solves A x = e_c for column c of A^-1, reading L and U from shared memory (every thread
+//   reads the same entry: a broadcast); no barrier in the solve.
+// The loops are unrolled over NB so that the row / column arrays index registers; n < NB only breaks early.
+// ---------------------------------------------------------------------------------------------------------
+constexpr int kRegMaxN = 64;
+
+template <typename T, int NB>
+__global__ void __launch_bounds__(NB)
+    lu_factor_rows_kernel(const T* __restrict__ in, T* __restrict__ lu, int32_t* __restrict__ piv_out,
+                          T* __restrict__ sign_out, T* __restrict__ lad_out, int32_t* __restrict__ info_out,
+                          PackedLayoutDev L) {
+  constexpr int kLd = NB + 1, kWarps = (NB + 31) / 32;
+  __shared__ T sm[NB * kLd];                      // the matrix in, the factors out (coalesced global access)
+  __shared__ __align__(16) T prop[2][kWarps][NB];  // each warp's proposed pivot row, double-buffered by column
+  __shared__ T prop_v[2][kWarps];
+  __shared__ int prop_i[2][kWarps];
+  __shared__ int32_t piv[NB];
+  const int64_t b = blockIdx.x;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  int32_t* pv_out = piv_out + b * L.max_n;
+  int64_t off;
+  int n;
+  if (!read_layout(L, b, &off, &n)) {
+    if (tid == 0) {
+      sign_out[b] = quiet_nan<T>();
+      lad_out[b] = quiet_nan<T>();
+      info_out[b] = kBadLayout;
+    }
+    for (int k = tid; k < L.max_n; k += NB) pv_out[k] = k;
+    return;
+  }
+  int bad = 0;
+  for (int e = tid; e < n * n; e += NB) {
+    const int r = e / n, c = e - r * n;
+    const T v = in[off + e];
+    bad |= !isfinite(v);
+    sm[r * kLd + c] = v;
+  }
+  bad = __syncthreads_or(bad);
+  if (bad) {
+    for (int e = tid; e < n * n; e += NB) lu[off + e] = in[off + e];
+    if (tid == 0) {
+      sign_out[b] = quiet_nan<T>();
+      lad_out[b] = quiet_nan<T>();
+      info_out[b] = kNonFinite;
+    }
+    for (int k = tid; k < L.max_n; k += NB) pv_out[k] = k;
+    return;
+  }
+  const bool live = tid < n;
+  T a[NB];
+#pragma unroll
+  for (int c = 0; c < NB; ++c) a[c] = live && c < n ? sm[tid * kLd + c] : T(0);
+  bool done = !live;  // the row has been a pivot (or is padding)
+  int cur = tid, pos = tid;
+#pragma unroll
+  for (int k = 0; k < NB; ++k) {
+    if (k >= n) break;
+    const int buf = k & 1;
+    // argmax |a[cur, k]| over the rows not yet pivots, ties -> smallest current row; a NaN is never a pivot.
+    T v = T(-1);
+    int vi = k;
+    if (!done && fabs(a[k]) > T(-1)) {
+      v = fabs(a[k]);
+      vi = cur;
+    }
+    T wv = v;
+    int wi = vi;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const T ov = __shfl_xor_sync(0xffffffffu, wv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, wi, o);
+      if (ov > wv || (ov == wv && oi < wi)) {
+        wv = ov;
+        wi = oi;
+      }
+    }
+    if (v >= T(0) && vi == wi) {  // this row is the warp's proposal (current rows are distinct)
+#pragma unroll
+      for (int c = k; c < NB; ++c) prop[buf][warp][c] = a[c];
+    }
+    if (lane == 0) {
+      prop_v[buf][warp] = wv;
+      prop_i[buf][warp] = wi;
+    }
+    if (kWarps > 1) {
+      __syncthreads();
+    } else {
+      __syncwarp();
+    }
+    T best = prop_v[buf][0];
+    int p = prop_i[buf][0], w = 0;
+#pragma unroll
+    for (int j = 1; j < kWarps; ++j) {
+      const T ov = prop_v[buf][j];
+      const int oi = prop_i[buf][j];
+      if (ov > best || (ov == best && oi < p)) {
+        best = ov;
+        p = oi;
+        w = j;
+      }
+    }
+    if (tid == 0) piv[k] = best > T(0) ? p : k;
+    if (best > T(0)) {  // swap rows k and p, eliminate below the pivot
+      if (!done && cur == p) {
+        done = true;
+        pos = k;
+      } else if (!done && cur == k) {
+        cur = p;
+      }
+      if (!done) {
+        const T* prow = prop[buf][w];
+        const T l = a[k] / prow[k];
+        a[k] = l;
+#pragma unroll
+        for (int c = k + 1; c < NB; ++c) a[c] -= l * prow[c];
+      }
+    } else if (!done && cur == k) {  // zero (or NaN) column: no swap, nothing to eliminate
+      done = true;
+      pos = k;
+    }
+  }
+  __syncthreads();  // every read of sm (the load above) is done
+  if (live) {
+#pragma unroll
+    for (int c = 0; c < NB; ++c) {
+      if (c < n) sm[pos * kLd + c] = a[c];
+    }
+  }
+  __syncthreads();
+  slogdet_from_factors(sm, kLd, n, piv, b, sign_out, lad_out, info_out);
+  for (int e = tid; e < n * n; e += NB) {
+    const int r = e / n, c = e - r * n;
+    lu[off + e] = sm[r * kLd + c];
+  }
+  for (int k = tid; k < L.max_n; k += NB) pv_out[k] = k < n ? piv[k] : k;
+}
+
+template <typename T, int NB>
+__global__ void __launch_bounds__(NB)
+    lu_inverse_cols_kernel(const T* __restrict__ lu, const int32_t* __restrict__ piv_in, const T* __restrict__ scale,
+                           bool transpose, T* __restrict__ out, PackedLayoutDev L) {
+  constexpr int kLd = NB + 1;
+  __shared__ T sa[NB * kLd];  // the factors (zero beyond n), then the inverse, transposed
+  __shared__ T dinv[NB];
+  __shared__ int32_t piv[NB];
+  const int64_t b = blockIdx.x;
+  const int tid = static_cast<int>(threadIdx.x);
+  int64_t off;
+  int n;
+  if (!read_layout(L, b, &off, &n)) return;  // nothing can be written safely
+  const T s = scale != nullptr ? scale[b] : T(1);
+  if (s == T(0)) {
+    for (int e = tid; e < n * n; e += NB) out[off + e] = T(0);
+    return;
+  }
+  int bad = 0;
+  for (int e = tid; e < NB * NB; e += NB) {
+    const int r = e / NB, c = e - r * NB;
+    T v = T(0);
+    if (r < n && c < n) {
+      v = lu[off + static_cast<int64_t>(r) * n + c];
+      bad |= !isfinite(v);
+    }
+    sa[r * kLd + c] = v;
+  }
+  if (tid < n) {
+    const int p = piv_in[b * L.max_n + tid];
+    bad |= p < tid || p >= n;
+    piv[tid] = p;
+    const T d = lu[off + static_cast<int64_t>(tid) * n + tid];
+    bad |= d == T(0);
+    dinv[tid] = T(1) / d;
+  }
+  bad = __syncthreads_or(bad);
+  if (bad) {  // singular or non-finite factors, or corrupt pivots
+    for (int e = tid; e < n * n; e += NB) out[off + e] = quiet_nan<T>();
+    return;
+  }
+  // Column c of P: e_c moved by the row swaps in order.
+  const int c = tid;
+  int q = c;
+  for (int k = 0; k < n; ++k) {
+    const int p = piv[k];
+    if (q == k) {
+      q = p;
+    } else if (q == p) {
+      q = k;
+    }
+  }
+  T x[NB];
+#pragma unroll
+  for (int i = 0; i < NB; ++i) x[i] = i == q ? T(1) : T(0);
+  // L y = P e_c (unit lower), then U x = y; two accumulators halve the dependent chain.
+#pragma unroll
+  for (int i = 1; i < NB; ++i) {
+    if (i >= n) break;
+    T acc0 = T(0), acc1 = T(0);
+#pragma unroll
+    for (int j = 0; j + 1 < i; j += 2) {
+      acc0 += sa[i * kLd + j] * x[j];
+      acc1 += sa[i * kLd + j + 1] * x[j + 1];
+    }
+    if (i % 2 == 1) acc0 += sa[i * kLd + i - 1] * x[i - 1];
+    x[i] -= acc0 + acc1;
+  }
+#pragma unroll
+  for (int i = NB - 1; i >= 0; --i) {
+    if (i >= n) continue;
+    T acc0 = T(0), acc1 = T(0);
+#pragma unroll
+    for (int j = i + 1; j + 1 < NB; j += 2) {
+      acc0 += sa[i * kLd + j] * x[j];
+      acc1 += sa[i * kLd + j + 1] * x[j + 1];
+    }
+    if ((NB - 1 - i) % 2 == 1) acc0 += sa[i * kLd + NB - 1] * x[NB - 1];
+    x[i] = (x[i] - (acc0 + acc1)) * dinv[i];
+  }
+  __syncthreads();  // every read of the factors is done
+  if (c < n) {
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+      if (i < n) sa[c * kLd + i] = x[i];  // sa[c][i] = X[i, c]
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < n * n; e += NB) {
+    const int r = e / n, cc = e - r * n;  // output (r, cc) = X[r, cc], or X[cc, r] when transposing
+    out[off + e] = (transpose ? sa[r * kLd + cc] : sa[cc * kLd + r]) * s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Backward of the inverse: out = -(X^T G X^T), M = X^T G as the intermediate.
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
@@ -381,6 +623,16 @@ __global__ void inverse_backward_kernel(const T* __restrict__ inv, const T* __re
 // ---------------------------------------------------------------------------------------------------------
 // Launch configuration
 // ---------------------------------------------------------------------------------------------------------
+// NB of the register kernels for this batch (32 or 64), or 0 for the shared-memory kernels: those serve
+// max_n > kRegMaxN, and every batch when GLOWFAST_LU_CUDA_KERNELS=shared (read per launch, so tests and benchmarks
+// can compare the two on one build).
+int register_kernel_width(int max_n) {
+  if (max_n > kRegMaxN) return 0;
+  const char* choice = std::getenv("GLOWFAST_LU_CUDA_KERNELS");
+  if (choice != nullptr && std::strcmp(choice, "shared") == 0) return 0;
+  return max_n <= 32 ? 32 : 64;
+}
+
 int threads_for(int max_n) {
   int t = ((max_n * max_n / 4 + 31) / 32) * 32;
   return t < 64 ? 64 : (t > 256 ? 256 : t);
@@ -429,6 +681,17 @@ template <typename T>
 cudaError_t lu_factor_launch(const T* in, T* lu, int32_t* pivots, T* sign, T* logabsdet, int32_t* info,
                              PackedLayoutDev L, cudaStream_t stream) {
   if (L.count == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(L.count);
+  switch (register_kernel_width(L.max_n)) {
+    case 32:
+      lu_factor_rows_kernel<T, 32><<<blocks, 32, 0, stream>>>(in, lu, pivots, sign, logabsdet, info, L);
+      return cudaGetLastError();
+    case 64:
+      lu_factor_rows_kernel<T, 64><<<blocks, 64, 0, stream>>>(in, lu, pivots, sign, logabsdet, info, L);
+      return cudaGetLastError();
+    default:
+      break;
+  }
   const int s = choose_smem_n(L.max_n, [&](int m) { return factor_bytes<T>(L.max_n, m); });
   const size_t bytes = factor_bytes<T>(L.max_n, s);
   cudaError_t err = allow_smem(lu_factor_kernel<T>, bytes);
@@ -442,6 +705,17 @@ template <typename T>
 cudaError_t lu_inverse_launch(const T* lu, const int32_t* pivots, const T* scale, bool transpose, T* out,
                               PackedLayoutDev L, cudaStream_t stream) {
   if (L.count == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(L.count);
+  switch (register_kernel_width(L.max_n)) {
+    case 32:
+      lu_inverse_cols_kernel<T, 32><<<blocks, 32, 0, stream>>>(lu, pivots, scale, transpose, out, L);
+      return cudaGetLastError();
+    case 64:
+      lu_inverse_cols_kernel<T, 64><<<blocks, 64, 0, stream>>>(lu, pivots, scale, transpose, out, L);
+      return cudaGetLastError();
+    default:
+      break;
+  }
   const int s = choose_smem_n(L.max_n, [&](int m) { return inverse_bytes<T>(L.max_n, m); });
   const size_t bytes = inverse_bytes<T>(L.max_n, s);
   cudaError_t err = allow_smem(lu_inverse_kernel<T>, bytes);

@@ -5,8 +5,12 @@
 
 A list of matrices of different sizes (e.g. the 96 1x1-convolution weights of a Glow) is packed into one flat
 buffer (plus per-matrix offsets and sizes, cached per layout and device) and handled by a single kernel launch:
-LU with partial pivoting, one CPU task (``at::parallel_for``) or one CUDA block per matrix (in shared memory for
-n <= 64, in global memory above). log|det| is summed in float64 even for float32 input.
+LU with partial pivoting, one CPU task (``at::parallel_for``) or one CUDA block per matrix. On CUDA, a batch whose
+largest matrix has n <= 64 runs the register kernels (one thread per row to factor, one per column to invert: no
+trailing-matrix round trips through shared memory, one barrier per column); larger ones run the shared-memory
+kernels (in global memory above n = 64). ``GLOWFAST_LU_CUDA_KERNELS=shared`` selects the shared-memory kernels for
+every batch (read at each launch; the tests compare the two). Pivots follow LAPACK (ties: the smallest row) in all
+of them. log|det| is summed in float64 even for float32 input.
 
 Packed storage (``PackedMatrices``)
     A list costs host time on every call: each matrix is checked, the list is concatenated, and each list
