@@ -13,6 +13,7 @@ benchmarks/gpu_check_lu.sh under compute-sanitizer) still have to run on a GPU.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -43,9 +44,9 @@ pytestmark = [pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not fo
 def emulated_source(cu: str) -> str:
     """The .cu file as plain C++ for the emulator: `k<<<g, b, s, st>>>(args)` -> `emu::launch(k, g, b, s, st,
     args)`, and dynamic shared memory from the emulated block."""
-    out, launches = re.subn(r"(\w+<T>)<<<(.*?)>>>\(", r"emu::launch(\1, \2, ", cu, flags=re.S)
+    out, launches = re.subn(r"(\w+<T(?:, \d+)?>)<<<(.*?)>>>\(", r"emu::launch(\1, \2, ", cu, flags=re.S)
     out, smem = re.subn(r"extern __shared__[^;]*?(\w+)\[\];", r"unsigned char* \1 = emu::dynamic_smem();", out)
-    assert launches == 3 and smem == 3, f"the kernel source changed shape: {launches} launches, {smem} smem"
+    assert launches == 7 and smem == 5, f"the kernel source changed shape: {launches} launches, {smem} smem"
     return out
 
 
@@ -82,8 +83,11 @@ class Result:
 def run_emulated(exe: Path, op: int, mats: list[np.ndarray] | None = None, *, dtype=np.float64,
                  sizes: list[int] | None = None, offsets: list[int] | None = None, numel: int | None = None,
                  max_n: int | None = None, smem_limit: int = H100_SMEM, flags: int = 0,
-                 extra: tuple[np.ndarray, ...] = (), packed: np.ndarray | None = None) -> Result:
-    """Packs `mats` (or takes a hand-made layout), runs one launcher in the emulator, unpacks its outputs."""
+                 extra: tuple[np.ndarray, ...] = (), packed: np.ndarray | None = None,
+                 kernels: str | None = None) -> Result:
+    """Packs `mats` (or takes a hand-made layout), runs one launcher in the emulator, unpacks its outputs.
+    kernels: GLOWFAST_LU_CUDA_KERNELS for the launch ("shared": the shared-memory kernels even for max_n <= 64;
+    None: the launchers' default, the register kernels there)."""
     if mats is not None:
         sizes = [m.shape[0] for m in mats]
         offsets = packed_offsets(sizes)
@@ -96,7 +100,10 @@ def run_emulated(exe: Path, op: int, mats: list[np.ndarray] | None = None, *, dt
     d = exe.parent
     req, resp = d / f"req{op}.bin", d / f"resp{op}.bin"
     req.write_bytes(b"".join(np.ascontiguousarray(p).tobytes() for p in parts))
-    r = subprocess.run([str(exe), str(req), str(resp)], capture_output=True, text=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != "GLOWFAST_LU_CUDA_KERNELS"}
+    if kernels is not None:
+        env["GLOWFAST_LU_CUDA_KERNELS"] = kernels
+    r = subprocess.run([str(exe), str(req), str(resp)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and "Sanitizer" not in r.stderr, f"emulated launch failed:\n{r.stderr[-6000:]}"
     raw = resp.read_bytes()
     status = np.frombuffer(raw[:16], np.int64)
@@ -113,12 +120,12 @@ def run_emulated(exe: Path, op: int, mats: list[np.ndarray] | None = None, *, dt
 
 
 def run_inverse(exe: Path, factors: dict[str, np.ndarray], sizes: list[int], *, dtype, smem_limit: int, flags: int,
-                scale: np.ndarray | None = None) -> Result:
+                scale: np.ndarray | None = None, kernels: str | None = None) -> Result:
     """The inverse launcher on the outputs of a factor launch (flags: 1 transpose; scale given adds 2)."""
     extra = (factors["piv"],) + ((scale,) if scale is not None else ())
     return run_emulated(exe, INVERSE, None, sizes=sizes, offsets=packed_offsets(sizes), numel=factors["lu"].size,
                         max_n=max(sizes), packed=factors["lu"], dtype=dtype, smem_limit=smem_limit,
-                        flags=flags | (2 if scale is not None else 0), extra=extra)
+                        flags=flags | (2 if scale is not None else 0), extra=extra, kernels=kernels)
 
 
 def packed_offsets(sizes: list[int]) -> list[int]:
@@ -222,19 +229,68 @@ def test_factor_every_n_1_to_96_and_global_memory_path(tmp_path_factory, dtype, 
     np.testing.assert_array_equal(a["sign"], sign_cpu.numpy())
 
 
-def test_factor_status_codes(tmp_path_factory):
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("top", [32, 64], ids=["nb32", "nb64"])
+def test_register_kernels_do_the_shared_kernels_arithmetic(tmp_path_factory, dtype, top):
+    """Every n from 1 to 32 (one warp per matrix) or to 64 (two warps), permutations, a zero column and small
+    integers (ties between candidate pivots), in one launch of the register kernels: the factors, pivots and
+    log-determinants of the shared-memory kernels bit for bit (the same operations on each element, only where
+    the data lives differs), the C++ CPU op's pivots, and inverses (plain, transposed, scaled, one scale zero)
+    against numpy."""
+    exe = driver("plain", tmp_path_factory)
+    rng = np.random.default_rng(9)
+    mats = [needs_pivoting(n, rng) if n % 3 == 0 else well_conditioned(n, rng) for n in range(1, top + 1)]
+    mats += [np.eye(n)[rng.permutation(n)] for n in (top // 2, top)]
+    singular = well_conditioned(top, rng)
+    singular[:, top // 3] = 0.0
+    mats += [singular, rng.integers(-2, 3, (top, top)).astype(np.float64)]  # the ties last
+    sizes = [m.shape[0] for m in mats]
+    ours = run_emulated(exe, FACTOR, mats, dtype=dtype).arrays
+    theirs = run_emulated(exe, FACTOR, mats, dtype=dtype, kernels="shared").arrays
+    for name in ("lu", "piv", "sign", "logabsdet", "info"):
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    assert (ours["info"][:-2] == OK).all() and ours["info"][-2] == SINGULAR
+    piv = ours["piv"].reshape(len(mats), top)
+    np.testing.assert_array_equal(piv[:-1], cpu_op_factor(mats[:-1], dtype)[1].numpy())
+    ref_sign, ref_lad = slogdet64(mats[:-2], dtype)
+    np.testing.assert_array_equal(ours["sign"][:-2], ref_sign)
+    tol = 1e-10 if dtype == np.float64 else 2e-4
+    np.testing.assert_allclose(ours["logabsdet"][:-2], ref_lad, rtol=0, atol=tol * max(1, np.abs(ref_lad).max()))
+    scale = rng.uniform(0.5, 2, len(mats)).astype(dtype)
+    scale[1] = 0.0
+    eps = np.finfo(dtype).eps
+    for flags, sc in ((0, None), (1, None), (3, scale)):
+        res = run_inverse(exe, ours, sizes, dtype=dtype, smem_limit=H100_SMEM, flags=flags, scale=sc)
+        assert res.error == 0
+        for b, (m, x) in enumerate(zip(mats, unpack(res.arrays["out"], sizes))):
+            if sc is not None and sc[b] == 0:
+                assert (x == 0).all()
+            elif ours["info"][b] == SINGULAR:
+                assert np.isnan(x).all()
+            else:
+                m64 = m.astype(dtype).astype(np.float64)
+                ref = np.linalg.inv(m64)
+                ref = ref.T if flags & 1 else ref
+                ref = ref * np.float64(sc[b]) if sc is not None else ref
+                bound = 50 * m.shape[0] * np.linalg.cond(m64) * eps * np.abs(ref).max()
+                np.testing.assert_allclose(x, ref, rtol=0, atol=bound, err_msg=f"matrix {b}, flags {flags}")
+
+
+@pytest.mark.parametrize("big", [70, 40], ids=["shared_kernels", "register_kernels"])
+def test_factor_status_codes(tmp_path_factory, big):
     """Singular -> sign 0, -inf, status 1; non-finite input -> NaN, status 2, LU = the input; a corrupt layout
     (size 0, size > max_n, an offset past the buffer) -> NaN, status 3 and identity pivots, never a stray access."""
     exe = driver("plain", tmp_path_factory)
     rng = np.random.default_rng(1)
     singular = well_conditioned(5, rng)
     singular[:, 2] = 0.0
-    dup = well_conditioned(70, rng)
-    dup[40] = dup[3]  # global-memory path, singular by a repeated row (exactly: elimination gives a zero row)
+    dup = well_conditioned(big, rng)
+    dup[big - 30] = dup[3]  # singular by a repeated row (exactly: elimination gives a zero row); big = 70: the
+    # shared-memory kernels (max_n > 64; this one in global memory), big = 40: the register kernels
     nonfinite = well_conditioned(4, rng)
     nonfinite[1, 3] = np.inf
-    nan70 = well_conditioned(70, rng)
-    nan70[69, 0] = np.nan
+    nan70 = well_conditioned(big, rng)
+    nan70[big - 1, 0] = np.nan
     mats = [singular, dup, nonfinite, nan70, np.zeros((1, 1)), well_conditioned(3, rng)]
     a = run_emulated(exe, FACTOR, mats).arrays
     np.testing.assert_array_equal(a["info"], [SINGULAR, SINGULAR, NONFINITE, NONFINITE, SINGULAR, OK])
@@ -289,22 +345,23 @@ def test_inverse_transpose_and_scale(tmp_path_factory, dtype, smem_limit):
             assert (unpack(res.arrays["out"], sizes)[3] == 0).all()
 
 
-def test_inverse_of_bad_factors_is_nan(tmp_path_factory):
+@pytest.mark.parametrize("big", [70, 40], ids=["shared_kernels", "register_kernels"])
+def test_inverse_of_bad_factors_is_nan(tmp_path_factory, big):
     """Singular factors, non-finite factors and corrupt pivots (p < k or p >= n) -> all-NaN inverse."""
     exe = driver("plain", tmp_path_factory)
     rng = np.random.default_rng(3)
-    sizes = [4, 4, 4, 4, 70]
-    lus = [np.triu(well_conditioned(4, rng)) + np.eye(4) for _ in range(4)] + [np.eye(70) * 2.0]
+    sizes = [4, 4, 4, 4, big]
+    lus = [np.triu(well_conditioned(4, rng)) + np.eye(4) for _ in range(4)] + [np.eye(big) * 2.0]
     lus[0][2, 2] = 0.0
     lus[1][0, 3] = np.nan
-    piv = np.tile(np.arange(70, dtype=np.int32), (5, 1))
+    piv = np.tile(np.arange(big, dtype=np.int32), (5, 1))
     piv[2, 1] = 0  # p < k
     piv[3, 0] = 4  # p >= n
     res = run_emulated(exe, INVERSE, lus, extra=(piv,))
     outs = unpack(res.arrays["out"], sizes)
     for b in range(4):
         assert np.isnan(outs[b]).all(), f"matrix {b}"
-    np.testing.assert_allclose(outs[4], np.eye(70) / 2.0, atol=1e-15)
+    np.testing.assert_allclose(outs[4], np.eye(big) / 2.0, atol=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -364,16 +421,19 @@ def test_empty_batch_launches_nothing(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------------
 # Sanitizers: the emulated counterpart of compute-sanitizer memcheck / racecheck
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sizes, limits", [
+    ([1, 3, 12, 31, 64, 65, 97], (H100_SMEM, 16 * 1024)),  # max_n > 64: the shared- and global-memory kernels
+    ([1, 3, 12, 31, 48, 64], (H100_SMEM, 48 * 1024)),  # the register kernels (NB 64), float64's without an opt-in
+], ids=["shared_kernels", "register_kernels"])
 @pytest.mark.parametrize("kind", ["asan", "tsan"])
-def test_kernels_clean_under_sanitizers(tmp_path_factory, kind):
+def test_kernels_clean_under_sanitizers(tmp_path_factory, kind, sizes, limits):
     """All three kernels on a ragged batch crossing every path (shared memory, global memory, a singular and a
     non-finite matrix), in float32 with the H100's shared-memory limit and in float64 with 16 KiB, and on the
     corrupt layout: no out-of-bounds access, no undefined behaviour, no data race, and the same outputs as the
     plain build."""
     exe, plain = driver(kind, tmp_path_factory), driver("plain", tmp_path_factory)
     rng = np.random.default_rng(5)
-    sizes = [1, 3, 12, 31, 64, 65, 97]
-    for dtype, smem_limit in ((np.float32, H100_SMEM), (np.float64, 16 * 1024)):
+    for dtype, smem_limit in zip((np.float32, np.float64), limits):
         mats = [well_conditioned(n, rng) for n in sizes]
         mats[2][:, 5] = 0.0
         mats[3][0, 0] = np.nan
@@ -387,7 +447,7 @@ def test_kernels_clean_under_sanitizers(tmp_path_factory, kind):
                                 smem_limit=smem_limit, flags=4,
                                 extra=(np.concatenate([m.astype(dtype).ravel() for m in mats]),))
             outs.append([a["info"], a["logabsdet"], a["lu"], inv.arrays["out"], grad.arrays["out"]])
-        np.testing.assert_array_equal(outs[0][0], [OK, OK, SINGULAR, NONFINITE, OK, OK, OK])
+        np.testing.assert_array_equal(outs[0][0], [OK, OK, SINGULAR, NONFINITE] + [OK] * (len(sizes) - 4))
         for got, want in zip(outs[0], outs[1]):
             np.testing.assert_array_equal(got, want)
     for op in (FACTOR, INVERSE, INVERSE_BACKWARD):
@@ -395,20 +455,27 @@ def test_kernels_clean_under_sanitizers(tmp_path_factory, kind):
         assert res.error == 0
 
 
-@pytest.mark.parametrize("kind, original, mutant, report", [
+@pytest.mark.parametrize("kind, original, mutant, report, kernels", [
     pytest.param("tsan", "    }\n    __syncthreads();\n    if (rstart <= k) rstart += t.rstep;",
-                 "    }\n    if (rstart <= k) rstart += t.rstep;", "ThreadSanitizer: data race", id="missing_barrier"),
+                 "    }\n    if (rstart <= k) rstart += t.rstep;", "ThreadSanitizer: data race", "shared",
+                 id="missing_barrier"),
     pytest.param("asan", "return align16(sizeof(int32_t) * max_n) + sizeof(T) * s * odd_ld(s);",
                  "return align16(sizeof(int32_t) * max_n) + sizeof(T) * s * s;",
-                 "AddressSanitizer: heap-buffer-overflow", id="shared_memory_too_small"),
+                 "AddressSanitizer: heap-buffer-overflow", "shared", id="shared_memory_too_small"),
+    pytest.param("tsan", "    if (kWarps > 1) {\n      __syncthreads();\n    } else {\n      __syncwarp();\n    }\n",
+                 "", "ThreadSanitizer: data race", None, id="register_kernel_missing_barrier"),
+    pytest.param("asan", "kBytes = kPiv + sizeof(int32_t) * NB;\n};\ntemplate <typename T, int NB>\nstruct Inverse",
+                 "kBytes = kPiv;\n};\ntemplate <typename T, int NB>\nstruct Inverse",
+                 "AddressSanitizer: heap-buffer-overflow", None, id="register_kernel_shared_memory_too_small"),
 ])
-def test_sanitizers_catch_planted_bugs(tmp_path, kind, original, mutant, report):
+def test_sanitizers_catch_planted_bugs(tmp_path, kind, original, mutant, report, kernels):
     """The check above can fail: a factorisation without the barrier between the pivot step (warp 0) and the
     trailing update (all threads) is reported as a data race, and a shared-memory buffer sized without the
-    padded leading dimension as a heap-buffer-overflow."""
+    padded leading dimension as a heap-buffer-overflow; in the register kernels, a column step without the barrier
+    after which each warp reads the other's proposed pivot row, and shared memory sized without the pivots."""
     source = KERNELS.read_text()
     assert source.count(original) == 1, "the planted bug's anchor is gone from the kernel source"
     exe = build_driver(source.replace(original, mutant), kind, tmp_path)
     rng = np.random.default_rng(6)
     with pytest.raises(AssertionError, match=report):
-        run_emulated(exe, FACTOR, [well_conditioned(n, rng) for n in (5, 12, 40)])
+        run_emulated(exe, FACTOR, [well_conditioned(n, rng) for n in (5, 12, 40)], kernels=kernels)

@@ -346,17 +346,35 @@ __global__ void lu_inverse_kernel(const T* __restrict__ lu, const int32_t* __res
 // ---------------------------------------------------------------------------------------------------------
 constexpr int kRegMaxN = 64;
 
+// Shared memory of the register kernels (dynamic, carved here): the matrix in and the factors out (coalesced global
+// access), each warp's proposed pivot row and its (|value|, row), double-buffered by column, and the pivots.
+template <typename T, int NB>
+struct FactorRowsSmem {
+  static constexpr int kLd = NB + 1, kWarps = (NB + 31) / 32;
+  static constexpr size_t kProp = sizeof(T) * NB * kLd, kPropV = kProp + sizeof(T) * 2 * kWarps * NB,
+                          kPropI = kPropV + sizeof(T) * 2 * kWarps, kPiv = kPropI + sizeof(int) * 2 * kWarps,
+                          kBytes = kPiv + sizeof(int32_t) * NB;
+};
+template <typename T, int NB>
+struct InverseColsSmem {  // the factors (zero beyond n), then the inverse transposed; 1 / diagonal; the pivots
+  static constexpr int kLd = NB + 1;
+  static constexpr size_t kDinv = sizeof(T) * NB * kLd, kPiv = kDinv + sizeof(T) * NB,
+                          kBytes = kPiv + sizeof(int32_t) * NB;
+};
+
 template <typename T, int NB>
 __global__ void __launch_bounds__(NB)
     lu_factor_rows_kernel(const T* __restrict__ in, T* __restrict__ lu, int32_t* __restrict__ piv_out,
                           T* __restrict__ sign_out, T* __restrict__ lad_out, int32_t* __restrict__ info_out,
                           PackedLayoutDev L) {
-  constexpr int kLd = NB + 1, kWarps = (NB + 31) / 32;
-  __shared__ T sm[NB * kLd];                      // the matrix in, the factors out (coalesced global access)
-  __shared__ __align__(16) T prop[2][kWarps][NB];  // each warp's proposed pivot row, double-buffered by column
-  __shared__ T prop_v[2][kWarps];
-  __shared__ int prop_i[2][kWarps];
-  __shared__ int32_t piv[NB];
+  using S = FactorRowsSmem<T, NB>;
+  constexpr int kLd = S::kLd, kWarps = S::kWarps;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sm = reinterpret_cast<T*>(smem_raw);
+  T* prop = reinterpret_cast<T*>(smem_raw + S::kProp);  // [2][kWarps][NB]
+  T* prop_v = reinterpret_cast<T*>(smem_raw + S::kPropV);
+  int* prop_i = reinterpret_cast<int*>(smem_raw + S::kPropI);
+  int32_t* piv = reinterpret_cast<int32_t*>(smem_raw + S::kPiv);
   const int64_t b = blockIdx.x;
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   int32_t* pv_out = piv_out + b * L.max_n;
@@ -419,23 +437,23 @@ __global__ void __launch_bounds__(NB)
     }
     if (v >= T(0) && vi == wi) {  // this row is the warp's proposal (current rows are distinct)
 #pragma unroll
-      for (int c = k; c < NB; ++c) prop[buf][warp][c] = a[c];
+      for (int c = k; c < NB; ++c) prop[(buf * kWarps + warp) * NB + c] = a[c];
     }
     if (lane == 0) {
-      prop_v[buf][warp] = wv;
-      prop_i[buf][warp] = wi;
+      prop_v[buf * kWarps + warp] = wv;
+      prop_i[buf * kWarps + warp] = wi;
     }
     if (kWarps > 1) {
       __syncthreads();
     } else {
       __syncwarp();
     }
-    T best = prop_v[buf][0];
-    int p = prop_i[buf][0], w = 0;
+    T best = prop_v[buf * kWarps];
+    int p = prop_i[buf * kWarps], w = 0;
 #pragma unroll
     for (int j = 1; j < kWarps; ++j) {
-      const T ov = prop_v[buf][j];
-      const int oi = prop_i[buf][j];
+      const T ov = prop_v[buf * kWarps + j];
+      const int oi = prop_i[buf * kWarps + j];
       if (ov > best || (ov == best && oi < p)) {
         best = ov;
         p = oi;
@@ -451,7 +469,7 @@ __global__ void __launch_bounds__(NB)
         cur = p;
       }
       if (!done) {
-        const T* prow = prop[buf][w];
+        const T* prow = prop + (buf * kWarps + w) * NB;
         const T l = a[k] / prow[k];
         a[k] = l;
 #pragma unroll
@@ -482,10 +500,12 @@ template <typename T, int NB>
 __global__ void __launch_bounds__(NB)
     lu_inverse_cols_kernel(const T* __restrict__ lu, const int32_t* __restrict__ piv_in, const T* __restrict__ scale,
                            bool transpose, T* __restrict__ out, PackedLayoutDev L) {
-  constexpr int kLd = NB + 1;
-  __shared__ T sa[NB * kLd];  // the factors (zero beyond n), then the inverse, transposed
-  __shared__ T dinv[NB];
-  __shared__ int32_t piv[NB];
+  using S = InverseColsSmem<T, NB>;
+  constexpr int kLd = S::kLd;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sa = reinterpret_cast<T*>(smem_raw);
+  T* dinv = reinterpret_cast<T*>(smem_raw + S::kDinv);
+  int32_t* piv = reinterpret_cast<int32_t*>(smem_raw + S::kPiv);
   const int64_t b = blockIdx.x;
   const int tid = static_cast<int>(threadIdx.x);
   int64_t off;
@@ -626,11 +646,16 @@ __global__ void inverse_backward_kernel(const T* __restrict__ inv, const T* __re
 // NB of the register kernels for this batch (32 or 64), or 0 for the shared-memory kernels: those serve
 // max_n > kRegMaxN, and every batch when GLOWFAST_LU_CUDA_KERNELS=shared (read per launch, so tests and benchmarks
 // can compare the two on one build).
+// Their shared memory (<= 36 KiB) needs no opt-in; a device (or the emulator's) with less gets the others.
+int smem_optin_limit();
+template <typename T>
 int register_kernel_width(int max_n) {
   if (max_n > kRegMaxN) return 0;
   const char* choice = std::getenv("GLOWFAST_LU_CUDA_KERNELS");
   if (choice != nullptr && std::strcmp(choice, "shared") == 0) return 0;
-  return max_n <= 32 ? 32 : 64;
+  const int nb = max_n <= 32 ? 32 : 64;
+  const size_t bytes = nb == 32 ? FactorRowsSmem<T, 32>::kBytes : FactorRowsSmem<T, 64>::kBytes;  // > the inverse's
+  return bytes <= 48 * 1024 && bytes <= static_cast<size_t>(smem_optin_limit()) ? nb : 0;
 }
 
 int threads_for(int max_n) {
@@ -682,12 +707,14 @@ cudaError_t lu_factor_launch(const T* in, T* lu, int32_t* pivots, T* sign, T* lo
                              PackedLayoutDev L, cudaStream_t stream) {
   if (L.count == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(L.count);
-  switch (register_kernel_width(L.max_n)) {
+  switch (register_kernel_width<T>(L.max_n)) {
     case 32:
-      lu_factor_rows_kernel<T, 32><<<blocks, 32, 0, stream>>>(in, lu, pivots, sign, logabsdet, info, L);
+      lu_factor_rows_kernel<T, 32><<<blocks, 32, FactorRowsSmem<T, 32>::kBytes, stream>>>(
+          in, lu, pivots, sign, logabsdet, info, L);
       return cudaGetLastError();
     case 64:
-      lu_factor_rows_kernel<T, 64><<<blocks, 64, 0, stream>>>(in, lu, pivots, sign, logabsdet, info, L);
+      lu_factor_rows_kernel<T, 64><<<blocks, 64, FactorRowsSmem<T, 64>::kBytes, stream>>>(
+          in, lu, pivots, sign, logabsdet, info, L);
       return cudaGetLastError();
     default:
       break;
@@ -706,12 +733,14 @@ cudaError_t lu_inverse_launch(const T* lu, const int32_t* pivots, const T* scale
                               PackedLayoutDev L, cudaStream_t stream) {
   if (L.count == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(L.count);
-  switch (register_kernel_width(L.max_n)) {
+  switch (register_kernel_width<T>(L.max_n)) {
     case 32:
-      lu_inverse_cols_kernel<T, 32><<<blocks, 32, 0, stream>>>(lu, pivots, scale, transpose, out, L);
+      lu_inverse_cols_kernel<T, 32><<<blocks, 32, InverseColsSmem<T, 32>::kBytes, stream>>>(
+          lu, pivots, scale, transpose, out, L);
       return cudaGetLastError();
     case 64:
-      lu_inverse_cols_kernel<T, 64><<<blocks, 64, 0, stream>>>(lu, pivots, scale, transpose, out, L);
+      lu_inverse_cols_kernel<T, 64><<<blocks, 64, InverseColsSmem<T, 64>::kBytes, stream>>>(
+          lu, pivots, scale, transpose, out, L);
       return cudaGetLastError();
     default:
       break;

@@ -45,6 +45,7 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
+#define __launch_bounds__(...)
 
 using std::fabs;
 using std::isfinite;
