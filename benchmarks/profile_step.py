@@ -31,7 +31,7 @@ CATEGORIES = (
     ("flow kernels (Triton)", r"_actnorm_invconv_\w*kernel|_cross_step_\w*kernel|_coupling_(fwd|inv|bwd)_kernel"
                               r"|_step_inverse_kernel"),
     ("coupling networks (Triton)", r"_conv3x3\w*kernel|_relu_backward_kernel"),
-    ("batched LU op", r"lu_factor_kernel|lu_inverse_kernel|inverse_backward_kernel|glowfast::"),
+    ("batched LU op", r"lu_factor\w*_kernel|lu_inverse\w*_kernel|inverse_backward_kernel|glowfast::"),
     ("convolutions and GEMMs (cuDNN, cuBLAS)", r"conv|cudnn|gemm|xmma|cutlass|sm\d+_|implicit|wgrad|dgrad|fprop"
                                               r"|nchwToNhwc|nhwcToNchw|mkldnn|addmm|\bmm\b|matmul"),
     ("optimiser", r"multi_tensor|(?i:adam)|foreach"),
@@ -48,14 +48,24 @@ def category(name: str) -> str:
     return OTHER
 
 
+def device_kernel_times_us(events) -> dict[str, tuple[float, int]]:
+    """{name: (total µs, count)} of the CUDA kernels among profiler events. Not the GPU-side user annotations
+    (e.g. "Optimizer.step#Adamax.step"): they span a range of the device timeline, idle gaps included, and the
+    kernels inside them count already (on the H100 the optimiser's annotation alone read 12.9 ms of a 70.8 ms step
+    whose real optimiser kernels took 2.3 ms)."""
+    out: dict[str, tuple[float, int]] = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            t, n = out.get(e.name, (0.0, 0))
+            out[e.name] = (t + e.time_range.elapsed_us(), n + 1)
+    return out
+
+
 def _kernel_times_us(prof, on_cuda: bool) -> dict[str, tuple[float, int]]:
     """{name: (total µs, count)}: CUDA kernels' durations, or on the CPU each operator's self time."""
     out: dict[str, tuple[float, int]] = {}
     if on_cuda:
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                t, n = out.get(e.name, (0.0, 0))
-                out[e.name] = (t + e.time_range.elapsed_us(), n + 1)
+        return device_kernel_times_us(prof.events())
     else:
         for e in prof.key_averages():
             if e.self_cpu_time_total > 0:

@@ -15,6 +15,7 @@ from glowfast.kernels import _utils, tune
 from glowfast.kernels.coupling import coupling_block_pixels
 
 from conftest import KERNEL_DEVICE
+from tolerances import assert_exact
 
 TINY = [(2, 6, 8, 8), (1, 3, 5, 7)]  # C even/odd, H*W a multiple of the tile / not
 # On a GPU each candidate is a Triton compilation (~1 s): there the sweep test keeps one shape and one extra
@@ -98,8 +99,9 @@ def test_sweep_every_candidate_matches_the_default_on_every_kernel(tmp_path):
 
 def test_sweep_tries_other_dot_precisions_on_the_kernels_with_a_dot(tmp_path):
     """--precisions: each kernel with a 1x1-conv dot also runs at the other dot precision (its own default tile
-    and candidates), recorded as such and compared with the default's outputs; the current precision is not run
-    twice, and the coupling kernel (no dot) gets no extra candidates."""
+    and candidates: on a GPU the exact-fp32 default tile differs from 3xTF32's), recorded as such and compared with
+    the default's outputs; the current precision is not run twice, and the coupling kernel (no dot) gets no extra
+    candidates."""
     from glowfast.kernels import dot_precision
 
     current = dot_precision(torch.device(KERNEL_DEVICE))
@@ -112,13 +114,13 @@ def test_sweep_tries_other_dot_precisions_on_the_kernels_with_a_dot(tmp_path):
     records = json.loads((tmp_path / "tune.json").read_text())["records"]
     dot = [r for r in records if r["kernel"] == "actnorm_invconv"]
     n = len(tune.candidates("actnorm_invconv", shape, (4,), [32], "bwd"))
-    assert [r.get("precision") for r in dot] == [None] * n + [other] * n
+    with _utils.use_dot_precision(other):
+        n_other = len(tune.candidates("actnorm_invconv", shape, (4,), [32], "bwd"))
+    assert [r.get("precision") for r in dot] == [None] * n + [other] * n_other
     assert dot[0]["default"] and not any(r["default"] for r in dot[1:])
     assert all(r["match"] and r["max_rel_diff"] <= tune.MATCH_RTOL for r in dot)
-    # the other precision did compute: at the default's own tile its outputs differ by rounding alone
-    same_tile = [r for r in dot if r.get("precision") and (r["block_p"], r["num_warps"]) ==
-                 (dot[0]["block_p"], dot[0]["num_warps"])]
-    assert same_tile and 0 < same_tile[0]["max_rel_diff"] <= 1e-5
+    # the other precision did compute: its outputs differ from the default's by rounding alone
+    assert all(0 < r["max_rel_diff"] <= 1e-5 for r in dot if r.get("precision"))
     assert not any("precision" in r for r in records if r["kernel"] == "coupling")
     assert tune.config_text(dot[-1]) == f"({dot[-1]['block_p']}, 4, {other})"
 
@@ -211,17 +213,19 @@ def test_sweep_reports_gb_per_s_of_the_bytes_moved(monkeypatch):
 @pytest.mark.parametrize("kernel", ["actnorm_invconv", "cross_step"])
 def test_backward_variant_cases_compute_the_backwards_gradients(kernel):
     """bwd_nodw is the backward launch with need_dw=False: no weight gradient, every other gradient as bwd's;
-    bwd_dwgemm (dw_outside=True) returns every gradient as bwd's, the weight gradient from its GEMM."""
+    bwd_dwgemm (dw_outside=True) returns every gradient as bwd's, the weight gradient from its GEMM. As bwd's up to
+    summation order (their tiles differ: on the H100, 2e-6 in one of 12 per-channel sums): the exact gradient
+    tolerance."""
     with_dw = tune.kernel_case(kernel, "bwd", (2, 12, 8, 8), KERNEL_DEVICE)[0]()
     without = tune.kernel_case(kernel, "bwd_nodw", (2, 12, 8, 8), KERNEL_DEVICE)[0]()
     gemm = tune.kernel_case(kernel, "bwd_dwgemm", (2, 12, 8, 8), KERNEL_DEVICE)[0]()
     assert with_dw[-1] is not None and without[-1] is None
     for a, b in zip(with_dw[:-1], without[:-1], strict=True):
         if a is not None:
-            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+            assert_exact(b, a, "grad")
     for a, b in zip(with_dw, gemm, strict=True):
         if a is not None:
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            assert_exact(b, a, "grad")
 
 
 def test_backward_case_counts_x_and_dy_read_and_dx_written():

@@ -29,6 +29,10 @@ NAMES = {
     "_relu_backward_kernel": "coupling networks (Triton)",
     "void glowfast::cuda::(anonymous namespace)::lu_factor_kernel<float>(float const*, float*, int*, float*, "
     "float*, int*, glowfast::cuda::PackedLayoutDev, int)": "batched LU op",
+    "void glowfast::cuda::(anonymous namespace)::lu_factor_rows_kernel<float, 64>(float const*, float*, int*, "
+    "float*, float*, int*, glowfast::cuda::PackedLayoutDev)": "batched LU op",
+    "void glowfast::cuda::(anonymous namespace)::lu_inverse_cols_kernel<float, 64>(float const*, int const*, "
+    "float const*, bool, float*, glowfast::cuda::PackedLayoutDev)": "batched LU op",
     "sm90_xmma_fprop_implicit_gemm_f32f32_tf32f32_f32_nchwkcrs_nchw_tilesize128x128x32_warpgroupsize1x1x1_"
     "execute_segment_k_off_kernel__5x_cudnn": "convolutions and GEMMs (cuDNN, cuBLAS)",
     "void cudnn::engines_precompiled::nchwToNhwcKernel<float, float, float, false, true, (cudnnKernelDataType_t)2>":
@@ -45,6 +49,24 @@ NAMES = {
 @pytest.mark.parametrize("name", list(NAMES))
 def test_kernel_names_sort_into_their_parts(name):
     assert profile_step.category(name) == NAMES[name]
+
+
+def test_gpu_user_annotations_are_not_counted_as_kernels():
+    """Profiler records as torch.profiler gives them on a GPU (name, device type, user-annotation flag, time
+    range): the GPU-side range of "Optimizer.step#Adamax.step" covers its kernels and the gaps between them, so
+    only the kernels count (the H100's first profile counted the range too: 12.9 of 70.8 ms)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, us, device=DeviceType.CUDA, annotation=False):
+        span = SimpleNamespace(elapsed_us=lambda: us)
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation, time_range=span)
+
+    adam = "void at::native::multi_tensor_apply_kernel<TensorListMetadata<4>>"
+    events = [event("Optimizer.step#Adamax.step", 12936.0, annotation=True), event(adam, 300.0), event(adam, 200.0),
+              event("aten::_foreach_add_", 40.0, device=DeviceType.CPU)]
+    assert profile_step.device_kernel_times_us(events) == {adam: (500.0, 2)}
 
 
 def test_cpu_run_writes_parts_that_sum_to_the_step_and_appends_records(tmp_path):
