@@ -108,12 +108,14 @@ def _coupling_tail(x, h):
     return torch.cat([x[:, :c_a], y_b], dim=1), log_sigmoid_shifted(raw).flatten(1).sum(1)
 
 
-@pytest.mark.parametrize("variant", ["reference", "fused"])
+@pytest.mark.parametrize("variant", ["reference", "fused", "fused_dwgemm"])
 @pytest.mark.parametrize("shape", CIFAR, ids=_tag)
 def test_step_chain_nonnet(cuda_timer, shape, variant):
-    """K flow steps without their networks (h_k fixed leaves), forward + backward of y and logdet."""
+    """K flow steps without their networks (h_k fixed leaves), forward + backward of y and logdet. fused_dwgemm:
+    the fused chain with the 1x1 conv's weight gradient as one GEMM after each backward kernel
+    (glowfast.kernels.use_weight_grad("gemm")), shown beside the graded fused row by report.py."""
     from glowfast.fused import level_weights
-    from glowfast.kernels import apply_actnorm_invconv, apply_coupling, apply_cross_step
+    from glowfast.kernels import apply_actnorm_invconv, apply_coupling, apply_cross_step, use_weight_grad
 
     cuda_timer.benchmark.group = f"step_nonnet/fwdbwd/{_tag(shape)}"
     b, c, h, w = shape
@@ -172,11 +174,12 @@ def test_step_chain_nonnet(cuda_timer, shape, variant):
         y, ld = fn()
         torch.autograd.backward((y, ld), grads)
 
-    cuda_timer(call, device="cuda", variant=variant, images=b,
-               config={"shape": list(shape), "K": K_CHAIN, "mode": "fwdbwd"}, **TIMING)
-    # Device time too: the same call replayed from a CUDA graph (forward + backward captured), which leaves out
-    # the host's launch overhead that bounds the eager time of these small shapes on both variants
-    cuda_timer.device_time(call, rounds=TIMING["n_rounds"], iterations=TIMING["iterations"])
+    with use_weight_grad("gemm" if variant == "fused_dwgemm" else "kernel"):  # also while the graph is captured
+        cuda_timer(call, device="cuda", variant=variant, images=b,
+                   config={"shape": list(shape), "K": K_CHAIN, "mode": "fwdbwd"}, **TIMING)
+        # Device time too: the same call replayed from a CUDA graph (forward + backward captured), which leaves out
+        # the host's launch overhead that bounds the eager time of these small shapes on both variants
+        cuda_timer.device_time(call, rounds=TIMING["n_rounds"], iterations=TIMING["iterations"])
 
 
 # ---------------------------------------------------------------------------------------------- 3. bandwidth

@@ -5,6 +5,10 @@ Every coupling x permutation x lu choice; outputs, log-determinants, inverses, g
 decode(encode(x)). Tolerances: tests/tolerances.py.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -254,6 +258,51 @@ def test_glow_fused_matches_reference(coupling, permutation, lu, batch, device, 
     assert float(dx["reference"].abs().max()) > 0
     assert_exact(dx["fused"], dx["reference"], "grad", "d log_density / d x")
     _assert_encode_decode_match_reference(model, x)
+
+
+@pytest.mark.parametrize("memory_saving", [False, True], ids=["stored", "memory-saving"])
+@pytest.mark.parametrize("coupling", ["affine", "additive"])
+def test_weight_gradient_as_a_gemm_keeps_every_gradient(coupling, memory_saving, kernel_device, exact_precision,
+                                                        monkeypatch):
+    """use_weight_grad("gemm") (GLOWFAST_WEIGHT_GRAD=gemm): both backward kernels with a dot write u and the 1x1
+    conv's weight gradient is one GEMM after them -- the reference's log p gradients, for both couplings (the
+    cross-step kernel's two STORE_U branches) and the memory-saving backward; "kernel" is the default. The
+    backward launches are watched (the launcher itself runs) to see that the mode took effect."""
+    from glowfast.kernels import actnorm_invconv, cross_step, use_weight_grad, weight_grad_mode
+
+    store_u = {}
+    for module in (actnorm_invconv, cross_step):
+        def watched(kernel, grid, *args, _launch=module.launch, **constexprs):
+            if "STORE_U" in constexprs:
+                store_u.setdefault(kernel.__name__, set()).add(constexprs["STORE_U"])
+            return _launch(kernel, grid, *args, **constexprs)
+        monkeypatch.setattr(module, "launch", watched)
+    assert weight_grad_mode() == "kernel"
+    model = make_glow(coupling, "invconv", True, kernel_device)
+    model.memory_saving = memory_saving
+    images = torch.randint(0, 256, (2, 3, 12, 4), dtype=torch.uint8, device=kernel_device)
+    params, names, lp_ref, g_ref = _reference_log_prob_and_grads(model, images)
+    model.backend = "fused"
+    with use_weight_grad("gemm"):
+        assert weight_grad_mode() == "gemm"
+        lp = model.log_prob(images, dequantize=False)
+        g = torch.autograd.grad(lp.sum(), params, allow_unused=True)
+    assert weight_grad_mode() == "kernel"
+    assert_exact(lp, lp_ref, "logdet", "log_prob")
+    assert_grads_exact(g, g_ref, names)
+    assert store_u and all(v == {True} for v in store_u.values()), store_u
+    store_u.clear()
+    torch.autograd.grad(model.log_prob(images, dequantize=False).sum(), params, allow_unused=True)
+    assert store_u and all(v == {False} for v in store_u.values()), store_u
+    with pytest.raises(ValueError, match="mode must be one of"):
+        with use_weight_grad("cublas"):
+            pass
+
+
+def test_bad_weight_gradient_mode_in_the_environment_is_an_import_error():
+    r = subprocess.run([sys.executable, "-c", "import glowfast.kernels"], capture_output=True, text=True,
+                       env={**os.environ, "GLOWFAST_WEIGHT_GRAD": "gemmm"})
+    assert r.returncode != 0 and "GLOWFAST_WEIGHT_GRAD must be one of ('kernel', 'gemm'), got 'gemmm'" in r.stderr
 
 
 # Whole models the cases above do not combine, drawn by seed from every option the model takes (21st session: a

@@ -106,6 +106,41 @@ def use_dot_precision(precision: str | None):
         _dot_precision_override = old
 
 
+# How the backward kernels with a 1x1-conv dot form the weight gradient dL/dW = sum over pixels of dy u^T:
+# "kernel" (the default): a 3xTF32 product per pixel tile in the kernel's loop, per-program partials summed after;
+# "gemm": the kernel writes u and one fp32 GEMM over all pixels follows (that product is most of the loop's
+# instructions and registers, benchmarks/RESULTS.md; which is faster is for a GPU to say). GLOWFAST_WEIGHT_GRAD sets
+# it for a process, `use_weight_grad` for a block of code; an explicit `dw_outside=` argument wins over both.
+_WEIGHT_GRAD_MODES = ("kernel", "gemm")
+_weight_grad_mode: str = os.environ.get("GLOWFAST_WEIGHT_GRAD") or "kernel"
+if _weight_grad_mode not in _WEIGHT_GRAD_MODES:
+    raise ValueError(f"GLOWFAST_WEIGHT_GRAD must be one of {_WEIGHT_GRAD_MODES}, got {_weight_grad_mode!r}")
+
+
+def weight_grad_mode() -> str:
+    """"kernel" or "gemm": how the backward kernels form the 1x1 conv's weight gradient (see above)."""
+    return _weight_grad_mode
+
+
+def weight_grad_outside(dw_outside: bool | None) -> bool:
+    """The backward launchers' `dw_outside` argument resolved: given, it wins; None follows `weight_grad_mode()`."""
+    return _weight_grad_mode == "gemm" if dw_outside is None else bool(dw_outside)
+
+
+@contextlib.contextmanager
+def use_weight_grad(mode: str):
+    """Temporarily form the weight gradient in the kernel ("kernel") or as one GEMM after it ("gemm")."""
+    global _weight_grad_mode
+    if mode not in _WEIGHT_GRAD_MODES:
+        raise ValueError(f"mode must be one of {_WEIGHT_GRAD_MODES}, got {mode!r}")
+    old = _weight_grad_mode
+    _weight_grad_mode = mode
+    try:
+        yield
+    finally:
+        _weight_grad_mode = old
+
+
 # The widest channel tile compiled for sm_90 and tested (cp = 128, i.e. C up to 128 per flow step).
 MAX_CHANNELS = 128
 

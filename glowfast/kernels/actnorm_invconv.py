@@ -41,6 +41,7 @@ from ._utils import (
     on_device_of,
     reduction_programs,
     refuse_double_backward,
+    weight_grad_outside,
 )
 from .precompile import launch
 
@@ -286,7 +287,7 @@ def actnorm_invconv_inverse(y, bias, log_scale, weight_inv, *, block_p: int | No
 
 def actnorm_invconv_backward(
     x, grad_y, bias, log_scale, weight, *,
-    need_dx: bool = True, need_dw: bool = True, dw_outside: bool = False,
+    need_dx: bool = True, need_dw: bool = True, dw_outside: bool | None = None,
     block_p: int | None = None, programs_per_sample: int | None = None,
 ):
     """Gradients of y = W @ ((x + bias) * exp(log_scale)) given the layer input x and dL/dy.
@@ -294,8 +295,9 @@ def actnorm_invconv_backward(
     Returns (grad_x or None, grad_bias, grad_log_scale, grad_W or None), parameter grads in the parameters'
     dtypes. Reductions: per-program partials summed by torch (deterministic for a fixed grid).
     `dw_outside`: the weight gradient as one fp32 GEMM over all pixels after the kernel, which writes u for it,
-    instead of a 3xTF32 product in its loop (an experiment: that product is most of the loop's instructions and
-    registers; benchmarks/RESULTS.md). Off by default until a GPU measures it.
+    instead of a 3xTF32 product in its loop (that product is most of the loop's instructions and registers;
+    benchmarks/RESULTS.md). None (the default) follows `glowfast.kernels.weight_grad_mode()` ("kernel" unless
+    GLOWFAST_WEIGHT_GRAD=gemm or `use_weight_grad("gemm")`).
     """
     x = check_nchw(x, "x")
     grad_y = grad_y.contiguous()
@@ -307,7 +309,7 @@ def actnorm_invconv_backward(
     G = max(1, min(G, n_pt))
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else x.new_empty(1)
-    outside = need_dw and dw_outside
+    outside = need_dw and weight_grad_outside(dw_outside)
     dw_part = torch.empty((B * G, C, C), **f32) if need_dw and not outside else torch.empty(1, **f32)
     dls_part = torch.empty((B * G, C), **f32)
     db_part = torch.empty((B * G, C), **f32)

@@ -43,6 +43,7 @@ from ._utils import (
     on_device_of,
     reduction_programs,
     refuse_double_backward,
+    weight_grad_outside,
 )
 from .actnorm_invconv import (
     _params,
@@ -194,13 +195,13 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
 
 
 def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, affine: bool = True, *,
-                        need_dw: bool = True, dw_outside: bool = False, block_p: int | None = None,
+                        need_dw: bool = True, dw_outside: bool | None = None, block_p: int | None = None,
                         programs_per_sample: int | None = None):
     """Gradients of (z_next, logdet) = cross_step(z, h, bias, log_scale, W).
 
     Returns (grad_z, grad_h, grad_bias, grad_log_scale, grad_W or None). grad_z is the direct path only
     (the network's contribution to grad z_a comes back through grad_h). `dw_outside`: as in
-    actnorm_invconv_backward (the weight gradient as one GEMM after the kernel; an experiment, off by default).
+    actnorm_invconv_backward (the weight gradient as one GEMM after the kernel; None follows weight_grad_mode()).
     """
     z = check_nchw(z, "z")
     h = check_nchw(h, "h")
@@ -218,7 +219,7 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     grad_logdet = grad_logdet.contiguous()
     dz = torch.empty_like(z)
     dh = torch.empty_like(h)
-    outside = need_dw and dw_outside
+    outside = need_dw and weight_grad_outside(dw_outside)
     dw_part = torch.empty((B * G, C, C), **f32) if need_dw and not outside else torch.empty(1, **f32)
     dls_part = torch.empty((B * G, C), **f32)
     db_part = torch.empty((B * G, C), **f32)
@@ -362,7 +363,7 @@ def compile_specs():
     """(kernel, constexprs, launch options, data pointer type) for every kernel and constexpr branch."""
     aff = [dict(AFFINE=True), dict(AFFINE=False)]
     bwd = [dict(AFFINE=a, NEED_DW=d, STORE_U=False) for a in (True, False) for d in (True, False)]
-    bwd += [dict(AFFINE=True, NEED_DW=False, STORE_U=True)]
+    bwd += [dict(AFFINE=a, NEED_DW=False, STORE_U=True) for a in (True, False)]
     specs = []
     for kernel, branches, heaviest in (
         (_cross_step_fwd_kernel, aff, dict(AFFINE=True)),
