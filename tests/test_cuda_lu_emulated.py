@@ -424,7 +424,8 @@ def test_empty_batch_launches_nothing(tmp_path_factory):
 @pytest.mark.parametrize("sizes, limits", [
     ([1, 3, 12, 31, 64, 65, 97], (H100_SMEM, 16 * 1024)),  # max_n > 64: the shared- and global-memory kernels
     ([1, 3, 12, 31, 48, 64], (H100_SMEM, 48 * 1024)),  # the register kernels (NB 64), float64's without an opt-in
-], ids=["shared_kernels", "register_kernels"])
+    ([1, 3, 12, 31, 5, 32], (H100_SMEM, 48 * 1024)),  # the register kernels on one warp (NB 32)
+], ids=["shared_kernels", "register_kernels", "register_kernels_one_warp"])
 @pytest.mark.parametrize("kind", ["asan", "tsan"])
 def test_kernels_clean_under_sanitizers(tmp_path_factory, kind, sizes, limits):
     """All three kernels on a ragged batch crossing every path (shared memory, global memory, a singular and a
