@@ -49,6 +49,41 @@ __device__ inline bool read_layout(const PackedLayoutDev& L, int64_t b, int64_t*
   return true;
 }
 
+// A matrix the factor kernels cannot factor (corrupt layout, non-finite input): NaN sign and log|det|, its status,
+// identity pivots. Every thread of the block calls it.
+template <typename T>
+__device__ inline void report_unfactored(int64_t b, int32_t status, int max_n, int tid, int nt, T* sign_out,
+                                         T* lad_out, int32_t* info_out, int32_t* pv_out) {
+  if (tid == 0) {
+    sign_out[b] = quiet_nan<T>();
+    lad_out[b] = quiet_nan<T>();
+    info_out[b] = status;
+  }
+  for (int k = tid; k < max_n; k += nt) pv_out[k] = k;
+}
+
+template <typename T>
+__device__ inline void fill(T* out, int count, T value, int tid, int nt) {
+  for (int e = tid; e < count; e += nt) out[e] = value;
+}
+
+// The inverse kernels' pivots (checked: k <= p < n) and 1 / diagonal of the factors, into shared memory; returns
+// nonzero (this thread's share) if a pivot is corrupt or a diagonal entry zero (singular).
+template <typename T>
+__device__ inline int load_pivots_and_inverse_diagonal(const T* lu, const int32_t* piv_in, int n, int tid, int nt,
+                                                       int32_t* piv, T* dinv) {
+  int bad = 0;
+  for (int k = tid; k < n; k += nt) {
+    const int p = piv_in[k];
+    bad |= p < k || p >= n;
+    piv[k] = p;
+    const T d = lu[static_cast<int64_t>(k) * n + k];
+    bad |= d == T(0);
+    dinv[k] = T(1) / d;
+  }
+  return bad;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // LU factorisation
 // ---------------------------------------------------------------------------------------------------------
@@ -160,12 +195,7 @@ __global__ void lu_factor_kernel(const T* __restrict__ in, T* __restrict__ lu, i
   int64_t off;
   int n;
   if (!read_layout(L, b, &off, &n)) {
-    if (tid == 0) {
-      sign_out[b] = quiet_nan<T>();
-      lad_out[b] = quiet_nan<T>();
-      info_out[b] = kBadLayout;
-    }
-    for (int k = tid; k < L.max_n; k += nt) pv_out[k] = k;
+    report_unfactored(b, kBadLayout, L.max_n, tid, nt, sign_out, lad_out, info_out, pv_out);
     return;
   }
   const bool use_smem = n <= smem_n;
@@ -188,12 +218,7 @@ __global__ void lu_factor_kernel(const T* __restrict__ in, T* __restrict__ lu, i
     if (use_smem) {
       for (int e = tid; e < n * n; e += nt) lu[off + e] = in[off + e];
     }
-    if (tid == 0) {
-      sign_out[b] = quiet_nan<T>();
-      lad_out[b] = quiet_nan<T>();
-      info_out[b] = kNonFinite;
-    }
-    for (int k = tid; k < L.max_n; k += nt) pv_out[k] = k;
+    report_unfactored(b, kNonFinite, L.max_n, tid, nt, sign_out, lad_out, info_out, pv_out);
     return;
   }
   if (use_smem) {
@@ -280,7 +305,7 @@ __global__ void lu_inverse_kernel(const T* __restrict__ lu, const int32_t* __res
   if (!read_layout(L, b, &off, &n)) return;  // nothing can be written safely
   const T s = scale != nullptr ? scale[b] : T(1);
   if (s == T(0)) {
-    for (int e = tid; e < n * n; e += nt) out[off + e] = T(0);
+    fill(out + off, n * n, T(0), tid, nt);
     return;
   }
   const bool use_smem = n <= smem_n;
@@ -294,17 +319,10 @@ __global__ void lu_inverse_kernel(const T* __restrict__ lu, const int32_t* __res
       sa[r * ld + c] = v;
     }
   }
-  for (int k = tid; k < n; k += nt) {
-    const int p = piv_in[b * L.max_n + k];
-    bad |= p < k || p >= n;
-    piv[k] = p;
-    const T d = lu[off + static_cast<int64_t>(k) * n + k];
-    bad |= d == T(0);
-    dinv[k] = T(1) / d;
-  }
+  bad |= load_pivots_and_inverse_diagonal(lu + off, piv_in + b * L.max_n, n, tid, nt, piv, dinv);
   bad = __syncthreads_or(bad);
   if (bad) {  // singular or non-finite factors, or corrupt pivots
-    for (int e = tid; e < n * n; e += nt) out[off + e] = quiet_nan<T>();
+    fill(out + off, n * n, quiet_nan<T>(), tid, nt);
     return;
   }
   if (use_smem) {
@@ -381,12 +399,7 @@ __global__ void __launch_bounds__(NB)
   int64_t off;
   int n;
   if (!read_layout(L, b, &off, &n)) {
-    if (tid == 0) {
-      sign_out[b] = quiet_nan<T>();
-      lad_out[b] = quiet_nan<T>();
-      info_out[b] = kBadLayout;
-    }
-    for (int k = tid; k < L.max_n; k += NB) pv_out[k] = k;
+    report_unfactored(b, kBadLayout, L.max_n, tid, NB, sign_out, lad_out, info_out, pv_out);
     return;
   }
   int bad = 0;
@@ -399,12 +412,7 @@ __global__ void __launch_bounds__(NB)
   bad = __syncthreads_or(bad);
   if (bad) {
     for (int e = tid; e < n * n; e += NB) lu[off + e] = in[off + e];
-    if (tid == 0) {
-      sign_out[b] = quiet_nan<T>();
-      lad_out[b] = quiet_nan<T>();
-      info_out[b] = kNonFinite;
-    }
-    for (int k = tid; k < L.max_n; k += NB) pv_out[k] = k;
+    report_unfactored(b, kNonFinite, L.max_n, tid, NB, sign_out, lad_out, info_out, pv_out);
     return;
   }
   const bool live = tid < n;
@@ -513,7 +521,7 @@ __global__ void __launch_bounds__(NB)
   if (!read_layout(L, b, &off, &n)) return;  // nothing can be written safely
   const T s = scale != nullptr ? scale[b] : T(1);
   if (s == T(0)) {
-    for (int e = tid; e < n * n; e += NB) out[off + e] = T(0);
+    fill(out + off, n * n, T(0), tid, NB);
     return;
   }
   int bad = 0;
@@ -526,17 +534,10 @@ __global__ void __launch_bounds__(NB)
     }
     sa[r * kLd + c] = v;
   }
-  if (tid < n) {
-    const int p = piv_in[b * L.max_n + tid];
-    bad |= p < tid || p >= n;
-    piv[tid] = p;
-    const T d = lu[off + static_cast<int64_t>(tid) * n + tid];
-    bad |= d == T(0);
-    dinv[tid] = T(1) / d;
-  }
+  bad |= load_pivots_and_inverse_diagonal(lu + off, piv_in + b * L.max_n, n, tid, NB, piv, dinv);
   bad = __syncthreads_or(bad);
   if (bad) {  // singular or non-finite factors, or corrupt pivots
-    for (int e = tid; e < n * n; e += NB) out[off + e] = quiet_nan<T>();
+    fill(out + off, n * n, quiet_nan<T>(), tid, NB);
     return;
   }
   // Column c of P: e_c moved by the row swaps in order.
