@@ -1,6 +1,7 @@
 """The CUDA batched-LU kernels compiled for sm_90 without a GPU (nvcc -Xptxas -v): every kernel, float and
-double, compiles with no register spills (they work in shared memory; a spill would add local-memory traffic
-to every elimination step). Skipped where nvcc is missing."""
+double, and the register kernels at both widths (NB 32 and 64), compiles with no register spills (a spill would
+add local-memory traffic to every elimination step; the register kernels keep a row or column of NB values in
+registers). Skipped where nvcc is missing."""
 
 import os
 import re
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "batched_lu_kernels.cu"
-KERNELS = ("lu_factor_kernel", "lu_inverse_kernel", "inverse_backward_kernel")
+KERNELS = ("lu_factor_kernel", "lu_inverse_kernel", "inverse_backward_kernel", "lu_factor_rows_kernel",
+           "lu_inverse_cols_kernel")
+REGISTER_KERNELS = ("lu_factor_rows_kernel", "lu_inverse_cols_kernel")  # templated on NB too
 
 
 def _nvcc() -> str | None:
@@ -32,12 +35,17 @@ def test_lu_kernels_compile_for_sm90_without_spills(tmp_path):
     found = {}
     for block in blocks:
         name = block.split("'", 1)[0]
-        kernel = next((k for k in KERNELS if k in name), None)
-        dtype = "double" if re.search(r"I[d]E", name) else "float"
+        # the kernel's name as it appears mangled: its length, then the name (lu_factor_kernel is not a prefix of
+        # lu_factor_rows_kernel there)
+        kernel = next((k for k in KERNELS if f"{len(k)}{k}I" in name), None)
+        dtype = "double" if re.search(r"I[d](E|Li)", name) else "float"
+        width = re.search(r"Li(\d+)EE", name)
         spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", block)]
         regs = re.search(r"Used (\d+) registers", block)
         assert kernel and spills and regs, f"unparsed ptxas output for {name}:\n{block[:500]}"
-        found[(kernel, dtype)] = (int(regs.group(1)), sum(spills))
-    assert set(found) == {(k, d) for k in KERNELS for d in ("float", "double")}, found
+        found[(kernel, dtype, int(width.group(1)) if width else None)] = (int(regs.group(1)), sum(spills))
+    expected = {(k, d, None) for k in KERNELS if k not in REGISTER_KERNELS for d in ("float", "double")}
+    expected |= {(k, d, nb) for k in REGISTER_KERNELS for d in ("float", "double") for nb in (32, 64)}
+    assert set(found) == expected, found
     spilled = {k: v for k, v in found.items() if v[1]}
     assert not spilled, f"(registers, spill bytes) of spilling kernels: {spilled}"
