@@ -239,18 +239,29 @@ def test_backward_case_counts_x_and_dy_read_and_dx_written():
 
 def test_coupling_candidates_at_cifar_level_one_follow_the_documented_rule():
     """coupling at 256x12x16x16: cp = 16, 256 pixels, default tile 256 (the GPU table's; the interpreter's whole
-    image). The rule: default/2 ... default*8 = 128, 256, 512, 1024, 2048, kept if <= the
-    image (256) and 512 <= 16 * BLOCK_P <= 16384 (32 ... 1024): BLOCK_P 128 and 256, each with 4 and 8 warps."""
+    image). The rule: default/4 ... default*8 = 64, 128, 256, 512, 1024, 2048, kept if <= the
+    image (256) and 512 <= 16 * BLOCK_P <= 16384 (32 ... 1024): BLOCK_P 64, 128 and 256, each with 4 and 8 warps."""
     cands = tune.candidates("coupling", (256, 12, 16, 16))
     assert cands[0] == tune.default_config("coupling", (256, 12, 16, 16)) and cands[0][0] == 256
-    assert sorted(cands) == [(128, 4), (128, 8), (256, 4), (256, 8)]
+    assert sorted(cands) == [(64, 4), (64, 8), (128, 4), (128, 8), (256, 4), (256, 8)]
+
+
+def test_candidates_reach_a_quarter_of_the_cp64_forward_tiles():
+    """At 64x48x64x64 (cp 64) the forward actnorm + 1x1 conv's default (128, 8) holds one program per SM; the
+    sweep also tries a quarter of it, 32 pixels (cp x 32 = 2048 elements), on 4 and 8 warps. (From the GPU
+    table's tile: the interpreter's default is the whole image.)"""
+    gpu_default = _utils.gpu_tile("fwd", 64, "tf32x3")
+    assert gpu_default == (128, 8)
+    cands = tune.candidates("actnorm_invconv", (64, 48, 64, 64), mode="fwd", default=gpu_default)
+    assert cands[0] == gpu_default and {(32, 4), (32, 8), (64, 4), (64, 8)} <= set(cands), cands
+    assert min(bp for bp, _ in cands) == 32
 
 
 # ------------------------------------------------------------------ gaps found by mutation testing (12th session)
 def test_candidates_reach_the_rules_largest_tile_of_16k_elements():
     """The documented rule keeps tiles of 512 ... 16384 elements (cp x BLOCK_P): at the issue's bandwidth shape
     64x12x128x128 (cp 16, 16384 pixels per image) a 1024-pixel tile is exactly 16384 elements, a candidate wherever
-    it lies within default/2 ... default*8 -- for the interpreter's defaults (2048) and the GPU table's forward
+    it lies within default/4 ... default*8 -- for the interpreter's defaults (2048) and the GPU table's forward
     ones (512); the GPU's spill-free backward tiles (64 for cross_step) reach 512 only."""
     for kernel, mode in (("coupling", "fwd"), ("actnorm_invconv", "fwd"), ("cross_step", "bwd")):
         cands = tune.candidates(kernel, (64, 12, 128, 128), mode=mode)

@@ -15,7 +15,7 @@ kernel, "bwd_dwgemm") at each shape, every candidate (BLOCK_P, num_warps) runs u
    its fraction of the measured device-to-device copy bandwidth (issue 4's target: >= 0.70).
 
 Shapes: the bandwidth shapes of issue 4 (batch 64, 12x128x128 and 48x64x64) first, then CIFAR-10's level
-shapes at batch 256. Candidates: BLOCK_P = the default /2 ... x8 (powers of two, 512-16K elements per tile,
+shapes at batch 256. Candidates: BLOCK_P = the default /4 ... x8 (powers of two, 512-16K elements per tile,
 <= the image) x num_warps {4, 8}. `--budget` stops starting new cases once spent (the files then hold what
 finished). `--programs-per-sm` adds grid sizes for the reducing backward kernels, `--precisions` other dot
 precisions (e.g. exact fp32, "ieee") for the kernels with a dot. The defaults are the table `GPU_TILES` in
@@ -98,16 +98,22 @@ def default_config(kernel: str, shape, mode: str = "fwd") -> tuple[int, int]:
     return _utils.block_pixels(cp, hw, kind), _utils.launch_options(cp, kind)["num_warps"]
 
 
-def candidates(kernel: str, shape, num_warps=NUM_WARPS, block_ps=None, mode: str = "fwd") -> list[tuple[int, int]]:
-    """Default first, then BLOCK_P in default/2 ... default*8 (512-16K tile elements, <= image) x num_warps.
+def candidates(kernel: str, shape, num_warps=NUM_WARPS, block_ps=None, mode: str = "fwd",
+               default: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """Default first, then BLOCK_P in default/4 ... default*8 (512-16K tile elements, <= image) x num_warps.
 
-    Up to 8x: the spill-free defaults of the backward kernels are far smaller than the tiles they replaced."""
+    Up to 8x: the spill-free defaults of the backward kernels are far smaller than the tiles they replaced. Down to
+    /4: at cp 64 the 3xTF32 forward kernels' default tiles hold one program per SM (200-255 registers x 256
+    threads, 48-64 KiB of shared memory: sm_90 cubins, benchmarks/RESULTS.md), and the H100 measured them at 21-28 %
+    of the copy bandwidth; a quarter of the tile fits 3-4 programs per SM. `default`: the tile to start from
+    (default_config's if None)."""
     _, c, h, w = shape
     cp = _padded_channels(kernel, c)
-    default = default_config(kernel, shape, mode)
+    default = default or default_config(kernel, shape, mode)
     if block_ps is None:
         cap = max(16, _utils.next_power_of_2(h * w))
-        block_ps = [bp for bp in (default[0] // 2, default[0], default[0] * 2, default[0] * 4, default[0] * 8)
+        block_ps = [bp for bp in (default[0] // 4, default[0] // 2, default[0], default[0] * 2, default[0] * 4,
+                                  default[0] * 8)
                     if 16 <= bp <= cap and 512 <= cp * bp <= 16384]
     out = [default]
     out += [(bp, nw) for bp in block_ps for nw in num_warps if (bp, nw) != default]
