@@ -329,10 +329,11 @@ bench_compile() {
 }
 
 profile() {
-    # the CIFAR-10 step at batch 64 (issue 6's first target), with fp32 cuDNN networks and with bf16 NHWC ones (the
-    # fastest graphed variant so far); the kernels startup/bench_model compiled are reused
+    # the CIFAR-10 step at batch 64 (issue 6's first target), with bf16 NHWC networks (the fastest graphed variant so
+    # far: first, since the H100's first profile stage ran out of time after the fp32 one) and with fp32 cuDNN
+    # networks; the kernels startup/bench_model compiled are reused
     local rc=0 flags
-    for flags in "" "--bf16 --channels-last"; do
+    for flags in "--bf16 --channels-last" ""; do
         # shellcheck disable=SC2086  # $flags: zero or two options
         TRITON_CACHE_DIR="$WORK/triton_cache_startup" $PY benchmarks/profile_step.py --config cifar10_K32 --batch 64 \
             --backend fused $flags --steps 5 --out "$LOGS/profile" || rc=1
@@ -345,9 +346,11 @@ tune() {
     # the 22nd session's sweep covered cp 16 only (its best tiles are the defaults since); the reducing backward
     # kernels also at 16 programs per SM (the rule's 4 left the cross-step backward at 5 % of the copy bandwidth),
     # and the kernels with a dot also at exact fp32 ("ieee": half the instructions per pixel of the 3xTF32 default
-    # at cp 16 in the sm_90 SASS, so possibly exact and faster there)
+    # at cp 16 in the sm_90 SASS, so possibly exact and faster there). The actnorm + 1x1 conv forward leads: its tile
+    # family (also the inverse's and the step inverse's) holds one program per SM at cp 64 with the default tile, and
+    # the candidates now reach the quarter tiles that hold three (RESULTS.md, fifth run)
     TRITON_CACHE_DIR="$WORK/triton_cache_startup" pymod glowfast.kernels.tune --out "$WORK/tune" --budget "${TUNE_BUDGET:-75}" \
-        --kernels cross_step/bwd,actnorm_invconv/bwd,cross_step/fwd,coupling/bwd,coupling/fwd,actnorm_invconv/fwd \
+        --kernels actnorm_invconv/fwd,cross_step/bwd,actnorm_invconv/bwd,cross_step/fwd,coupling/bwd,coupling/fwd \
         --shapes "${TUNE_SHAPES:-64x48x64x64,256x24x8x8,64x12x128x128,256x12x16x16}" \
         --programs-per-sm "${TUNE_PROGRAMS_PER_SM-16}" --precisions "${TUNE_PRECISIONS-ieee}"
     local rc=$?
