@@ -63,14 +63,10 @@ def device_kernel_times_us(events) -> dict[str, tuple[float, int]]:
 
 def _kernel_times_us(prof, on_cuda: bool) -> dict[str, tuple[float, int]]:
     """{name: (total µs, count)}: CUDA kernels' durations, or on the CPU each operator's self time."""
-    out: dict[str, tuple[float, int]] = {}
     if on_cuda:
         return device_kernel_times_us(prof.events())
-    else:
-        for e in prof.key_averages():
-            if e.self_cpu_time_total > 0:
-                out[e.key] = (float(e.self_cpu_time_total), int(e.count))
-    return out
+    return {e.key: (float(e.self_cpu_time_total), int(e.count)) for e in prof.key_averages()
+            if e.self_cpu_time_total > 0}
 
 
 def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = False, channels_last: bool = False,

@@ -103,10 +103,10 @@ def candidates(kernel: str, shape, num_warps=NUM_WARPS, block_ps=None, mode: str
     """Default first, then BLOCK_P in default/4 ... default*8 (512-16K tile elements, <= image) x num_warps.
 
     Up to 8x: the spill-free defaults of the backward kernels are far smaller than the tiles they replaced. Down to
-    /4: at cp 64 the 3xTF32 forward kernels' default tiles hold one program per SM (200-255 registers x 256
+    /4: at cp 64 the 3xTF32 forward kernels' default tiles hold one program per SM (185-215 registers x 256
     threads, 48-64 KiB of shared memory: sm_90 cubins, benchmarks/RESULTS.md), and the H100 measured them at 21-28 %
-    of the copy bandwidth; a quarter of the tile fits 3-4 programs per SM. `default`: the tile to start from
-    (default_config's if None)."""
+    of the copy bandwidth; a quarter of the actnorm + 1x1 conv tile fits 3 programs per SM. `default`: the tile to
+    start from (default_config's if None)."""
     _, c, h, w = shape
     cp = _padded_channels(kernel, c)
     default = default or default_config(kernel, shape, mode)
