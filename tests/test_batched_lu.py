@@ -470,6 +470,7 @@ def _check_against_lapack(cases, mats, scale, out, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_kernel_gives_lapacks_factors(dtype):
+    """The C++ CPU op on the cases above: LAPACK's pivots and factors, inverses, scaled transposed inverses."""
     gen = torch.Generator().manual_seed(31)
     cases = _lu_cases(gen)
     mats = [m.to(dtype).double() for m, _ in cases]  # the values the kernel sees
