@@ -87,7 +87,7 @@ def _inverse(impl: str, mats):
 def test_batched_lu(cuda_timer, monkeypatch, device, mode, which, impl):
     if impl == "packed_shared":
         if device != "cuda":
-            pytest.skip("the CUDA op's kernel choice")
+            pytest.skip("packed_shared picks the CUDA op's shared-memory kernels: CUDA only")
         monkeypatch.setenv("GLOWFAST_LU_CUDA_KERNELS", "shared")  # read at each launch (and at graph capture)
     benchmark = cuda_timer.benchmark
     benchmark.group = f"batched_lu/{mode}/{which}"

@@ -307,13 +307,8 @@ def actnorm_invconv_backward(
     bias, log_scale, weight = _params(bias, log_scale, weight, C, x)
     G = programs_per_sample or reduction_programs(B, n_pt, x.device)
     G = max(1, min(G, n_pt))
-    f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else x.new_empty(1)
-    outside = need_dw and weight_grad_outside(dw_outside)
-    dw_part = torch.empty((B * G, C, C), **f32) if need_dw and not outside else torch.empty(1, **f32)
-    dls_part = torch.empty((B * G, C), **f32)
-    db_part = torch.empty((B * G, C), **f32)
-    u = torch.empty((B, C, hw), **f32) if outside else dw_part  # the kernel reads u_ptr only with STORE_U
+    outside, dw_part, dls_part, db_part, u = param_grad_buffers(B, G, C, hw, need_dw, dw_outside, x.device)
     with on_device_of(x):
         launch(_actnorm_invconv_bwd_kernel, (G, B),
             x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part, u,
@@ -321,12 +316,27 @@ def actnorm_invconv_backward(
             CP=cp, BLOCK_P=bp, PREC=prec, NEED_DX=need_dx, NEED_DW=need_dw and not outside, STORE_U=outside,
             **launch_options(cp, "actnorm_invconv_bwd", prec),
         )
-    return (
-        dx if need_dx else None,
-        db_part.sum(0).to(bias.dtype),
-        dls_part.sum(0).to(log_scale.dtype),
-        weight_grad(grad_y, u, dw_part, outside).to(weight.dtype) if need_dw else None,
-    )
+    return (dx if need_dx else None,
+            *param_grads(grad_y, u, dw_part, dls_part, db_part, outside, need_dw, bias, log_scale, weight))
+
+
+def param_grad_buffers(B: int, G: int, C: int, hw: int, need_dw: bool, dw_outside: bool | None, device):
+    """(outside, dw_part, dls_part, db_part, u) for a backward kernel with a 1x1-conv dot and G programs per sample:
+    per-program partial sums of dW (unless the weight gradient is `outside` the kernel: `weight_grad_outside`),
+    d log_scale and d bias, and u (B, C, HW) for the GEMM when outside (else dw_part: the kernel reads u_ptr only
+    with STORE_U)."""
+    f32 = dict(device=device, dtype=torch.float32)
+    outside = need_dw and weight_grad_outside(dw_outside)
+    dw_part = torch.empty((B * G, C, C), **f32) if need_dw and not outside else torch.empty(1, **f32)
+    u = torch.empty((B, C, hw), **f32) if outside else dw_part
+    return outside, dw_part, torch.empty((B * G, C), **f32), torch.empty((B * G, C), **f32), u
+
+
+def param_grads(dy, u, dw_part, dls_part, db_part, outside: bool, need_dw: bool, bias, log_scale, weight):
+    """(grad_bias, grad_log_scale, grad_W or None) from the buffers of `param_grad_buffers`, in the parameters'
+    dtypes."""
+    return (db_part.sum(0).to(bias.dtype), dls_part.sum(0).to(log_scale.dtype),
+            weight_grad(dy, u, dw_part, outside).to(weight.dtype) if need_dw else None)
 
 
 def weight_grad(dy: torch.Tensor, u: torch.Tensor, dw_part: torch.Tensor, outside: bool) -> torch.Tensor:

@@ -43,7 +43,6 @@ from ._utils import (
     on_device_of,
     reduction_programs,
     refuse_double_backward,
-    weight_grad_outside,
 )
 from .actnorm_invconv import (
     _params,
@@ -53,8 +52,9 @@ from .actnorm_invconv import (
     conv_dot,
     load_matrix,
     load_vec,
+    param_grad_buffers,
+    param_grads,
     tile_index,
-    weight_grad,
 )
 from .coupling import (
     _coupling_geometry,
@@ -219,11 +219,7 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     grad_logdet = grad_logdet.contiguous()
     dz = torch.empty_like(z)
     dh = torch.empty_like(h)
-    outside = need_dw and weight_grad_outside(dw_outside)
-    dw_part = torch.empty((B * G, C, C), **f32) if need_dw and not outside else torch.empty(1, **f32)
-    dls_part = torch.empty((B * G, C), **f32)
-    db_part = torch.empty((B * G, C), **f32)
-    u = torch.empty((B, C, hw), **f32) if outside else dw_part  # the kernel reads u_ptr only with STORE_U
+    outside, dw_part, dls_part, db_part, u = param_grad_buffers(B, G, C, hw, need_dw, dw_outside, z.device)
     with on_device_of(z):
         launch(_cross_step_bwd_kernel, (G, B),
             z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part, u,
@@ -231,13 +227,7 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
             CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, NEED_DW=need_dw and not outside, STORE_U=outside,
             **launch_options(cp, "cross_step_bwd", prec),
         )
-    return (
-        dz,
-        dh,
-        db_part.sum(0).to(bias.dtype),
-        dls_part.sum(0).to(log_scale.dtype),
-        weight_grad(grad_out, u, dw_part, outside).to(weight.dtype) if need_dw else None,
-    )
+    return dz, dh, *param_grads(grad_out, u, dw_part, dls_part, db_part, outside, need_dw, bias, log_scale, weight)
 
 
 def step_inverse(y, h, bias, log_scale, weight_inv, affine: bool = True, *, block_p: int | None = None):
