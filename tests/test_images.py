@@ -89,3 +89,16 @@ def test_save_grid_enlarges_by_the_smallest_integer_factor_reaching_min_side(tmp
     assert out.shape[:2] == (cell + 2, cell + 2)
     expected = np.kron(img[0, 0].numpy() / 255, np.ones((scale, scale)))
     np.testing.assert_allclose(out[1:-1, 1:-1, 0], expected, atol=1.5 / 255)  # the gray colormap may round a level
+
+
+def test_grid_is_built_on_the_cpu_under_another_default_device(tmp_path):
+    """A caller may have set torch's default device (a GPU user: torch.set_default_device("cuda")); the grid is
+    still a CPU array. The meta device stands in for the GPU here: any non-CPU default failed the same way."""
+    x = torch.rand(3, 1, 4, 5)
+    with torch.device("meta"):
+        g = image_grid(x, nrow=2, pad=1, pad_value=0.5)
+    np.testing.assert_array_equal(g, image_grid(x, nrow=2, pad=1, pad_value=0.5))
+    assert g.shape == (2 * 5 + 1, 2 * 6 + 1)
+    with torch.device("meta"):
+        save_grid(x, tmp_path / "grid.png", nrow=2, min_side=4)
+    assert imread(tmp_path / "grid.png").shape[:2] == g.shape
