@@ -257,6 +257,67 @@ def test_candidates_reach_a_quarter_of_the_cp64_forward_tiles():
     assert min(bp for bp, _ in cands) == 32
 
 
+def _warpgroup_pixel_share(cp: int, block_p: int, num_warps: int) -> int:
+    """Pixels per warpgroup in a (cp x cp) @ (cp x block_p) wgmma dot, as Triton lays it out on sm_90 (read off the
+    PTX of every tile: tests/test_triton_compile_sm90.py): warpgroups take 64 rows of cp each first, the rest
+    split the pixels."""
+    groups = max(1, num_warps // 4)
+    over_rows = max(1, min(groups, cp // 64))
+    return block_p // (groups // over_rows)
+
+
+def test_dot_tiles_clipped_to_small_images_keep_16_pixels_per_warpgroup(monkeypatch):
+    """CIFAR-10's third level (48 channels, 4x4) clips every cp-64 tile to 16 pixels; on the table's 8 warps that is
+    8 pixels per warpgroup, an N=8 wgmma that Triton miscompiles (triton-lang/triton#10629; the H100 sweep crashed
+    on one). The launch then runs fewer warps. Unclipped tiles keep the table's warps, and the coupling kernels
+    (no dot) are untouched."""
+    monkeypatch.setattr(_utils, "is_interpret", lambda: False)
+    assert _utils.gpu_tile("fwd", 64, "tf32x3") == (128, 8)
+    assert _utils.launch_options(64, "fwd", "tf32x3", _utils.block_pixels(64, 16, "fwd", "tf32x3")) == \
+        dict(num_warps=4, num_stages=_utils.NUM_STAGES)
+    for prec in ("tf32", "tf32x3", "ieee"):
+        for kind in _utils.DOT_KINDS:
+            for cp in _utils.GPU_TILES[kind]:
+                bp, nw = _utils.gpu_tile(kind, cp, prec)
+                assert _utils.launch_options(cp, kind, prec, bp)["num_warps"] == nw  # the table's tile as it is
+                for hw in (1, 16, 24, 64, 256, 1024):
+                    clipped = _utils.block_pixels(cp, hw, kind, prec)
+                    warps = _utils.launch_options(cp, kind, prec, clipped)["num_warps"]
+                    assert warps <= nw and (cp < 64 or _warpgroup_pixel_share(cp, clipped, warps) >= 16), \
+                        (kind, prec, cp, hw, clipped, warps)
+    assert _utils.launch_options(16, "coupling", None, 16)["num_warps"] == _utils.gpu_tile("coupling", 16)[1]
+
+
+def test_a_forced_warp_count_that_splits_the_pixels_below_16_is_an_error(kernel_device):
+    """`launch_override(num_warps=8)` on a 16-pixel cp-64 tile (what crashed the H100 sweep) raises before any
+    launch, naming the problem, on every device; 4 warps run."""
+    from glowfast.kernels import cross_step_backward
+
+    with pytest.raises(ValueError, match=r"num_warps=8 is too many for a 64-channel tile of 16 pixels"), \
+            _utils.launch_override(num_warps=8):
+        _utils.launch_options(64, "cross_step_bwd", "tf32x3", 16)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 48, 4, 4, generator=g).to(kernel_device)
+    h = (0.1 * torch.randn(2, 48, 4, 4, generator=g)).to(kernel_device)
+    params = [(0.1 * torch.randn(48, generator=g)).to(kernel_device) for _ in range(2)]
+    weight = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))[0].float().to(kernel_device)
+    args = (z, h, torch.randn_like(z), torch.randn(2, device=kernel_device), *params, weight)
+    with pytest.raises(ValueError, match="too many"), _utils.launch_override(num_warps=8):
+        cross_step_backward(*args, block_p=16)
+    with _utils.launch_override(num_warps=4):
+        assert all(torch.isfinite(t).all() for t in cross_step_backward(*args, block_p=16) if t is not None)
+
+
+def test_candidates_leave_out_tiles_that_split_the_pixels_below_16_per_warpgroup():
+    """At 64x48x64x64 (cp 64) the cross-step backward's 16-pixel tile is tried on 4 warps, not 8 (the H100 sweep's
+    crash); at cp 32 (C = 24: no wgmma) 16 pixels still run on 8 warps, and the coupling kernels (no dot) keep every
+    candidate."""
+    cands = tune.candidates("cross_step", (64, 48, 64, 64), mode="bwd", default=(16, 4))
+    assert (16, 4) in cands and (16, 8) not in cands and (32, 8) in cands, cands
+    assert (16, 8) in tune.candidates("cross_step", (64, 24, 64, 64), mode="bwd", default=(32, 4))
+    assert (64, 8) in tune.candidates("coupling", (64, 48, 64, 64), default=(64, 8))
+
+
 # ------------------------------------------------------------------ gaps found by mutation testing (12th session)
 def test_candidates_reach_the_rules_largest_tile_of_16k_elements():
     """The documented rule keeps tiles of 512 ... 16384 elements (cp x BLOCK_P): at the issue's bandwidth shape

@@ -96,13 +96,18 @@ def wgmma_shapes(compiled) -> list[str] | None:
 def is_production(kernel_name: str, constexprs: dict, options: dict, data_type: str) -> bool:
     """True for a launch configuration a GPU runs (fp32 data): the tile `gpu_tile` gives for the spec's dot precision
     (GPU_TILES_TF32X3 for the default "tf32x3", GPU_TILES_IEEE for likelihood evaluation's "ieee", GPU_TILES for
-    "tf32" and the no-dot kernels)."""
-    from ._utils import GPU_TILES, KERNEL_KINDS, gpu_tile
+    "tf32" and the no-dot kernels), or a dot kernel's tile clipped to a smaller image (fewer pixels, down to 16) on
+    the warps `launch_options` gives it."""
+    from ._utils import DOT_KINDS, GPU_TILES, KERNEL_KINDS, gpu_tile, launch_options
 
     kind, cp, prec = KERNEL_KINDS[kernel_name], constexprs["CP"], constexprs.get("PREC", "tf32")
     if data_type != "*fp32" or cp not in GPU_TILES[kind]:
         return False
-    return (constexprs["BLOCK_P"], options["num_warps"]) == gpu_tile(kind, cp, prec)
+    bp, num_warps = gpu_tile(kind, cp, prec)
+    if kind not in DOT_KINDS or constexprs["BLOCK_P"] == bp:
+        return (constexprs["BLOCK_P"], options["num_warps"]) == (bp, num_warps)
+    clipped = constexprs["BLOCK_P"]
+    return clipped < bp and options["num_warps"] == launch_options(cp, kind, prec, clipped)["num_warps"]
 
 
 def resource_table(records: list[dict]) -> str:

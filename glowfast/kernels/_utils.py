@@ -311,9 +311,39 @@ NUM_STAGES = 1
 SM90_MAX_SHARED = 232448
 
 
-def launch_options(cp: int, kind: str = "fwd", precision: str | None = None) -> dict:
-    """Keyword launch options of a kernel of family `kind` whose tile has cp (padded) channels."""
-    return dict(num_warps=overridden_num_warps() or gpu_tile(kind, cp, precision)[1], num_stages=NUM_STAGES)
+# The kernel families whose 1x1 conv is a tl.dot (the coupling kernels have none).
+DOT_KINDS = ("fwd", "cross_step_fwd", "actnorm_invconv_bwd", "cross_step_bwd")
+
+
+def max_dot_warps(cp: int, block_p: int) -> int:
+    """Most warps a dot kernel may run with on a (cp, block_p) tile: each warpgroup's share of the pixels >= 16.
+
+    Why: on sm_90, from cp 64 Triton computes the (cp x cp) @ (cp x block_p) dots as Hopper wgmma instructions,
+    giving each warpgroup (4 warps) 64 rows of cp first and then splitting the pixel columns among the rest. A share
+    of 8 columns is a wgmma with N = 8, whose shared-memory operand Triton reads past its end (triton-lang/triton
+    #10629; memcheck reported it on the H200, 16th session). The H100 tile sweep (24th session) crashed with an
+    illegal address on such a tile (cross-step backward, cp 64, 16 pixels on 8 warps). Checked against the PTX of
+    every tile in tests/test_triton_compile_sm90.py. Below cp 64 there is no wgmma and no limit."""
+    if cp < 64:
+        return 16
+    return min(16, 4 * (cp // 64) * max(1, block_p // 16))
+
+
+def launch_options(cp: int, kind: str = "fwd", precision: str | None = None, block_p: int | None = None) -> dict:
+    """Keyword launch options of a kernel of family `kind` whose tile has cp (padded) channels and `block_p` pixels.
+
+    A dot kernel's tile clipped to a small image (CIFAR-10's 4x4 level: 16 pixels) runs on fewer warps than its
+    GPU_TILES entry (`max_dot_warps`); a forced warp count (`launch_override`) that the tile cannot take is an
+    error, not a launch."""
+    forced = overridden_num_warps()
+    num_warps = forced or gpu_tile(kind, cp, precision)[1]
+    if kind in DOT_KINDS and block_p is not None and num_warps > max_dot_warps(cp, block_p):
+        if forced:
+            raise ValueError(f"num_warps={forced} is too many for a {cp}-channel tile of {block_p} pixels: a "
+                             f"warpgroup's share of the pixels would be under 16 (an N=8 wgmma, which Triton "
+                             f"miscompiles: triton-lang/triton#10629); at most {max_dot_warps(cp, block_p)} warps")
+        num_warps = max_dot_warps(cp, block_p)
+    return dict(num_warps=num_warps, num_stages=NUM_STAGES)
 
 
 @functools.lru_cache(maxsize=8)
@@ -413,4 +443,10 @@ def compile_spec_grid(branches: list[dict], heaviest: dict, kind: str) -> list[t
         for cp, (bp, nw) in tiles.items():
             out.append((dict(CP=cp, BLOCK_P=bp, PREC=prec, **heaviest), dict(num_warps=nw, num_stages=NUM_STAGES),
                         "*fp32"))
+            # from cp 64 (wgmma), the tile clipped to smaller images, on the warps launch_options gives it
+            clipped = bp // 2
+            while cp >= 64 and clipped >= 16:
+                out.append((dict(CP=cp, BLOCK_P=clipped, PREC=prec, **heaviest),
+                            launch_options(cp, kind, prec, clipped), "*fp32"))
+                clipped //= 2
     return out

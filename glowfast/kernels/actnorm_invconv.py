@@ -264,7 +264,7 @@ def actnorm_invconv_forward(x, bias, log_scale, weight, *, block_p: int | None =
     with on_device_of(x):
         launch(_actnorm_invconv_fwd_kernel, (n_pt, B),
             x, y, weight, bias, log_scale, C, hw,
-            CP=cp, BLOCK_P=bp, PREC=prec, **launch_options(cp, "fwd", prec),
+            CP=cp, BLOCK_P=bp, PREC=prec, **launch_options(cp, "fwd", prec, bp),
         )
     return y
 
@@ -280,7 +280,7 @@ def actnorm_invconv_inverse(y, bias, log_scale, weight_inv, *, block_p: int | No
     with on_device_of(y):
         launch(_actnorm_invconv_inv_kernel, (n_pt, B),
             y, x, weight_inv, bias, log_scale, C, hw,
-            CP=cp, BLOCK_P=bp, PREC=prec, **launch_options(cp, "fwd", prec),
+            CP=cp, BLOCK_P=bp, PREC=prec, **launch_options(cp, "fwd", prec, bp),
         )
     return x
 
@@ -314,7 +314,7 @@ def actnorm_invconv_backward(
             x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part, u,
             C, hw, n_pt, G,
             CP=cp, BLOCK_P=bp, PREC=prec, NEED_DX=need_dx, NEED_DW=need_dw and not outside, STORE_U=outside,
-            **launch_options(cp, "actnorm_invconv_bwd", prec),
+            **launch_options(cp, "actnorm_invconv_bwd", prec, bp),
         )
     return (dx if need_dx else None,
             *param_grads(grad_y, u, dw_part, dls_part, db_part, outside, need_dw, bias, log_scale, weight))

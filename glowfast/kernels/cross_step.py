@@ -189,7 +189,7 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
     with on_device_of(z):
         launch(_cross_step_fwd_kernel, (G, B),
             z, h, out, weight, bias, log_scale, ld_part, C, ca, cb, hc, hw, n_pt, G,
-            CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, **launch_options(cp, "cross_step_fwd", prec),
+            CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, **launch_options(cp, "cross_step_fwd", prec, bp),
         )
     return out, ld_part.sum(1).to(torch.promote_types(z.dtype, h.dtype))
 
@@ -225,7 +225,7 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
             z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part, u,
             C, ca, cb, hc, hw, n_pt, G,
             CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, NEED_DW=need_dw and not outside, STORE_U=outside,
-            **launch_options(cp, "cross_step_bwd", prec),
+            **launch_options(cp, "cross_step_bwd", prec, bp),
         )
     return dz, dh, *param_grads(grad_out, u, dw_part, dls_part, db_part, outside, need_dw, bias, log_scale, weight)
 
@@ -242,7 +242,7 @@ def step_inverse(y, h, bias, log_scale, weight_inv, affine: bool = True, *, bloc
     with on_device_of(y):
         launch(_step_inverse_kernel, (n_pt, B),
             y, h, x, weight_inv, bias, log_scale, C, ca, cb, hc, hw,
-            CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, **launch_options(cp, "fwd", prec),
+            CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, **launch_options(cp, "fwd", prec, bp),
         )
     return x
 

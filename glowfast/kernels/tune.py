@@ -95,7 +95,8 @@ def default_config(kernel: str, shape, mode: str = "fwd") -> tuple[int, int]:
         bp = coupling_block_pixels(cp, hw)
         return bp, _coupling_launch(cp, bp)["num_warps"]
     kind = TILE_KIND[(kernel, mode)]
-    return _utils.block_pixels(cp, hw, kind), _utils.launch_options(cp, kind)["num_warps"]
+    bp = _utils.block_pixels(cp, hw, kind)
+    return bp, _utils.launch_options(cp, kind, block_p=bp)["num_warps"]
 
 
 def candidates(kernel: str, shape, num_warps=NUM_WARPS, block_ps=None, mode: str = "fwd",
@@ -106,7 +107,8 @@ def candidates(kernel: str, shape, num_warps=NUM_WARPS, block_ps=None, mode: str
     /4: at cp 64 the 3xTF32 forward kernels' default tiles hold one program per SM (185-215 registers x 256
     threads, 48-64 KiB of shared memory: sm_90 cubins, benchmarks/RESULTS.md), and the H100 measured them at 21-28 %
     of the copy bandwidth; a quarter of the actnorm + 1x1 conv tile fits 3 programs per SM. `default`: the tile to
-    start from (default_config's if None)."""
+    start from (default_config's if None). Not the dot kernels' tiles with more warps than `max_dot_warps` (an N=8
+    wgmma, which Triton miscompiles: the H100 sweep crashed on one, 24th session)."""
     _, c, h, w = shape
     cp = _padded_channels(kernel, c)
     default = default or default_config(kernel, shape, mode)
@@ -116,7 +118,8 @@ def candidates(kernel: str, shape, num_warps=NUM_WARPS, block_ps=None, mode: str
                                   default[0] * 8)
                     if 16 <= bp <= cap and 512 <= cp * bp <= 16384]
     out = [default]
-    out += [(bp, nw) for bp in block_ps for nw in num_warps if (bp, nw) != default]
+    out += [(bp, nw) for bp in block_ps for nw in num_warps
+            if (bp, nw) != default and (kernel == "coupling" or nw <= _utils.max_dot_warps(cp, bp))]
     return out
 
 
