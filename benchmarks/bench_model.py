@@ -12,6 +12,10 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
 - graphed_bf16_nhwc: `graphed` plus the coupling networks in bf16 (autocast) and channels_last
              (`--cuda-graphs --amp bf16 --channels-last`): the fastest configuration, with bf16's rounding in
              the networks' outputs (the flow and the log-determinants stay fp32).
+- graphed_bf16_nhwc_compiled: graphed_bf16_nhwc with each coupling network one torch.compile'd function
+             (`--compile-networks`, glowfast.amp.compiled_network_forward: cuDNN convolutions, the small ops between
+             them fused by inductor). Its compile happens in the eager step before the capture; extra_info
+             ["compile_s"]: that step's time (a warm process: inductor's caches may hold the graphs already).
 - graphed_gemm / graphed_bf16_gemm: `graphed` with the coupling networks' convolutions as GEMMs over pixels
              (`--gemm-networks`; fp32, or bf16 autocast) instead of cuDNN.
 - graphed_triton / graphed_bf16_triton: `graphed` with glowfast's Triton coupling networks (`--triton-networks`:
@@ -76,7 +80,8 @@ SAMPLE_CASES = [
 # graphed_triton early: a time-capped GPU session measures the variants in this order (the GEMM layouts, measured
 # slower than cuDNN on the H200, last among the graphed ones)
 VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_triton", "graphed_bf16_nhwc",
-            "graphed_bf16_triton", "graphed_bf16_triton_dots", "graphed_gemm", "graphed_bf16_gemm", "compiled", "peer"]
+            "graphed_bf16_nhwc_compiled", "graphed_bf16_triton", "graphed_bf16_triton_dots", "graphed_gemm",
+            "graphed_bf16_gemm", "compiled", "peer"]
 N_SAMPLES = 64
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
 ROUNDS = {"cpu": 5, "cuda": 10}
@@ -106,7 +111,8 @@ def _check_fused(cuda_timer, device: str) -> None:
 
 
 def _graphed_train_step(model, x):
-    """(step, capture seconds): forward + backward replayed from a CUDA graph, Adamax step eager."""
+    """(step, capture seconds, first eager step's seconds): forward + backward replayed from a CUDA graph, Adamax
+    step eager."""
     from glowfast.cuda_graph import GraphedStep
 
     _init_actnorm(model, x)
@@ -120,7 +126,10 @@ def _graphed_train_step(model, x):
     # one eager step before the peak counter starts: cuDNN autotunes this variant's convolutions on their first
     # call (bf16 and channels_last are configurations no earlier case tuned) with trial workspaces, a one-time
     # cost that the eager variants pay in their warm-up calls, outside their peak too
+    t0 = time.perf_counter()
     loss_and_grads(x)
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
     for p in model.parameters():
         p.grad = None
     # the peak memory of a graphed step is the capture's: its activations stay in the graph's private pool
@@ -140,7 +149,7 @@ def _graphed_train_step(model, x):
         opt.step()
         return loss
 
-    return step, capture_s
+    return step, capture_s, first_s
 
 
 def _init_actnorm(model, x) -> None:
@@ -279,6 +288,7 @@ def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch
         from glowfast.amp import (
             enable_bf16_networks,
             enable_channels_last_networks,
+            enable_compiled_networks,
             enable_gemm_networks,
             enable_triton_networks,
         )
@@ -291,12 +301,16 @@ def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch
             monkeypatch.setattr(coupling_net, "_BF16_DOTS", True)
         if "bf16" in variant:
             enable_bf16_networks(model)
-        if variant.endswith("nhwc"):
+        if variant.endswith(("nhwc", "nhwc_compiled")):
             enable_channels_last_networks(model)
+        if variant.endswith("compiled"):
+            enable_compiled_networks(model)
         if variant.endswith("gemm"):
             enable_gemm_networks(model)
-        step, capture_s = _graphed_train_step(model, _images(cfg, batch, device))
+        step, capture_s, first_s = _graphed_train_step(model, _images(cfg, batch, device))
         extra["capture_s"] = round(capture_s, 3)
+        if variant.endswith("compiled"):
+            extra["compile_s"] = round(first_s, 2)
     elif variant == "compiled":
         if not cuda_timer.compile_model_enabled(device, f"{config_name}_B{batch}"):
             pytest.skip("whole-model torch.compile benchmark off (GLOWFAST_BENCH_COMPILE_MODEL=1 or a case list)")

@@ -70,14 +70,22 @@ def _kernel_times_us(prof, on_cuda: bool) -> dict[str, tuple[float, int]]:
 
 
 def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = False, channels_last: bool = False,
-            triton_networks: bool = False, steps: int = 5, warmup: int = 3, top: int = 15) -> dict:
+            triton_networks: bool = False, compile_networks: bool = False, steps: int = 5, warmup: int = 3,
+            top: int = 15) -> dict:
     from glowfast import Glow
 
     torch.manual_seed(0)
     model = Glow(**model_config(config), backend=backend).to(device)
-    if bf16 or channels_last or triton_networks:
-        from glowfast.amp import enable_bf16_networks, enable_channels_last_networks, enable_triton_networks
+    if bf16 or channels_last or triton_networks or compile_networks:
+        from glowfast.amp import (
+            enable_bf16_networks,
+            enable_channels_last_networks,
+            enable_compiled_networks,
+            enable_triton_networks,
+        )
 
+        if compile_networks:
+            enable_compiled_networks(model)
         if triton_networks:
             enable_triton_networks(model)
         if bf16:
@@ -111,7 +119,8 @@ def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = 
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     return dict(
         config=config, batch=batch, device=torch.cuda.get_device_name(device) if on_cuda else "cpu",
-        backend=backend, bf16=bf16, channels_last=channels_last, triton_networks=triton_networks, steps=steps,
+        backend=backend, bf16=bf16, channels_last=channels_last, triton_networks=triton_networks,
+        compile_networks=compile_networks, steps=steps,
         torch=torch.__version__, time="device (kernels)" if on_cuda else "CPU (operators' self time)",
         wall_ms_per_step=round(wall_ms, 3), busy_ms_per_step=round(total_ms, 3),
         categories={k: round(v / steps / 1e3, 4) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
@@ -124,7 +133,8 @@ def markdown(records: list[dict]) -> str:
     lines = ["# Where a training step's time goes (benchmarks/profile_step.py)", ""]
     for r in records:
         flags = ", ".join(f for f, on in (("bf16 networks", r["bf16"]), ("channels_last", r["channels_last"]),
-                                          ("Triton networks", r["triton_networks"])) if on) or "fp32 networks"
+                                          ("Triton networks", r["triton_networks"]),
+                                          ("compiled networks", r.get("compile_networks"))) if on) or "fp32 networks"
         lines += [f"## {r['config']}, batch {r['batch']}, {r['backend']} ({flags}) on {r['device']}", "",
                   f"{r['time']}: {r['busy_ms_per_step']:.2f} ms per step, wall time {r['wall_ms_per_step']:.2f} ms "
                   f"per eager step ({r['steps']} steps profiled, torch {r['torch']}).", "",
@@ -147,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="coupling networks in bf16 (glowfast.amp)")
     ap.add_argument("--channels-last", action="store_true", help="coupling networks in channels_last")
     ap.add_argument("--triton-networks", action="store_true", help="glowfast's Triton coupling networks")
+    ap.add_argument("--compile-networks", action="store_true", help="coupling networks torch.compile'd (glowfast.amp)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", required=True, help="folder: profile.json (appended) and profile.md")
@@ -154,7 +165,8 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("no CUDA device (--device cpu profiles operators on the CPU, a smoke run)")
     rec = profile(args.config, args.batch, args.device, args.backend, bf16=args.bf16,
-                  channels_last=args.channels_last, triton_networks=args.triton_networks, steps=args.steps,
+                  channels_last=args.channels_last, triton_networks=args.triton_networks,
+                  compile_networks=args.compile_networks, steps=args.steps,
                   warmup=args.warmup)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

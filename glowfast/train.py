@@ -42,7 +42,7 @@ OPTIMIZERS = ("adamax", "adam")
 RESUMABLE_OVERRIDES = ("steps", "epochs", "eval_interval", "ckpt_interval", "log_interval", "device", "backend",
                        "max_nonfinite", "progress", "num_workers", "eval_batch_size", "data_dir", "threads",
                        "cuda_graphs", "channels_last", "memory_saving", "gemm_networks", "triton_networks",
-                       "precompile", "cudnn_benchmark")
+                       "compile_networks", "precompile", "cudnn_benchmark")
 
 DEFAULTS_NOTE = "defaults: a small digits model that trains in a few minutes on 2 CPU cores"
 
@@ -172,6 +172,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="run the coupling networks by glowfast's Triton kernels (each thin 3x3 conv one fused pass, the 1x1 a "
              "cuBLAS GEMM) instead of cuDNN, where they run (CUDA); the same function; with --amp bf16 its hidden "
              "activations are bf16; exclusive with --channels-last and --gemm-networks")
+    add(g, "--compile-networks", action=argparse.BooleanOptionalAction, default=False,
+        help="run the coupling networks as one torch.compile'd function (cuDNN convolutions, the small ops between "
+             "them fused by inductor), with --amp bf16 and --channels-last if given; the first step of each image "
+             "size compiles (start-up); the same function; exclusive with --gemm-networks and --triton-networks")
     add(g, "--amp", choices=AMP_MODES, default="none",
         help="bf16: coupling networks under bf16 autocast; flow, log-determinants and loss stay fp32")
     add(g, "--threads", type=int, default=1,
@@ -285,6 +289,10 @@ def validate(cfg: dict) -> None:
     layouts = [f"--{k.replace('_', '-')}" for k in ("channels_last", "gemm_networks", "triton_networks") if cfg.get(k)]
     if len(layouts) > 1:
         raise ValueError(f"{' and '.join(layouts)} are different network layouts; choose one")
+    replaced = [f"--{k.replace('_', '-')}" for k in ("gemm_networks", "triton_networks") if cfg.get(k)]
+    if cfg.get("compile_networks") and replaced:
+        raise ValueError(f"--compile-networks compiles the standard network, which {replaced[0]} replaces; "
+                         "choose one")
 
 
 def _one_line(e: BaseException) -> str:

@@ -346,6 +346,22 @@ def test_triton_networks_option(tmp_path, capsys):
     assert triton_networks_enabled(model) and bf16_networks_enabled(model)
 
 
+def test_compile_networks_option(tmp_path, capsys):
+    """--compile-networks trains with --amp bf16 and --channels-last, is kept in the checkpoint's config so the model
+    reloads with all three, and refuses the networks that replace the standard forward."""
+    from glowfast.amp import bf16_networks_enabled, channels_last_networks_enabled, compiled_networks_enabled
+    from glowfast.sample import load_model
+
+    run = tmp_path / "compiled"
+    assert main(TINY + ["--steps", "2", "--eval-interval", "2", "--compile-networks", "--amp", "bf16",
+                        "--channels-last", "--run-dir", str(run)]) == 0
+    model = load_model(load_checkpoint(run / "checkpoints" / LAST), torch.device("cpu"), "reference")
+    assert compiled_networks_enabled(model) and bf16_networks_enabled(model) and channels_last_networks_enabled(model)
+    for other in (["--gemm-networks"], ["--triton-networks"]):
+        assert main(TINY + ["--steps", "2", "--compile-networks", *other, "--run-dir", str(tmp_path / "x")]) == 2
+        assert "choose one" in capsys.readouterr().err
+
+
 def test_one_process_per_run_folder(tmp_path):
     """While a run trains, a second process on its folder (the same --run-dir, or --resume of it) exits 2 with a
     clear error and changes nothing; the run then completes as if alone."""

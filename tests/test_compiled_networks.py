@@ -1,0 +1,96 @@
+"""--compile-networks (glowfast.amp.compiled_network_forward): the standard coupling network as one torch.compile'd
+function of its input and weights = the module, values and every gradient, alone, with bf16 and channels_last, and
+inside a fused Glow; its conflicts and refusals. (torch.compile on the CPU here: inductor's C++ code; each new input
+shape compiles, so the cases are few.)"""
+
+import copy
+
+import pytest
+import torch
+
+from glowfast.amp import (
+    compiled_network_forward,
+    compiled_networks_enabled,
+    coupling_networks,
+    disable_compiled_networks,
+    disable_gemm_networks,
+    enable_bf16_networks,
+    enable_channels_last_networks,
+    enable_compiled_networks,
+    enable_gemm_networks,
+    enable_triton_networks,
+)
+from glowfast.reference.coupling import CouplingNetwork
+
+from helpers import assert_option_keeps_the_fused_model
+from tolerances import assert_exact
+
+
+def _weighted_grads(out, inputs):
+    weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+    return torch.autograd.grad((out * weights).sum(), inputs)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 8, 8), (2, 2, 5, 3)])
+def test_compiled_network_equals_the_module(shape):
+    """fp32: the compiled function = CouplingNetwork.forward, output and the gradients of x and every parameter
+    (the exact-fp32 tolerances); odd, non-square images too."""
+    torch.manual_seed(0)
+    net = CouplingNetwork(shape[1], 32, 2 * shape[1])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(*shape, requires_grad=True)
+    inputs = [x, *net.parameters()]
+    ref = net(x)
+    out = compiled_network_forward(net, x)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    assert_exact(out, ref, "out", "network output")
+    names = ["x", *(n for n, _ in net.named_parameters())]
+    for name, a, e in zip(names, _weighted_grads(out, inputs), _weighted_grads(ref, inputs), strict=True):
+        assert a.shape == e.shape, name
+        assert_exact(a, e, "grad", name)
+
+
+def test_compiled_bf16_channels_last_network_equals_the_eager_options():
+    """With bf16 and channels_last (the fast GPU configuration) the compiled function computes what the eager
+    options compute: the same bf16 operations (inductor may round its fused intermediates differently: bf16's
+    tolerance), fp32 NCHW output, fp32 gradients."""
+    torch.manual_seed(0)
+    net = CouplingNetwork(6, 32, 12)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    holder = torch.nn.ModuleList([net])
+    enable_bf16_networks(holder)
+    enable_channels_last_networks(holder)
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    inputs = [x, *net.parameters()]
+    ref = net(x)  # the eager options
+    assert enable_compiled_networks(holder) == 1 and compiled_networks_enabled(holder)
+    out = net(x)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(out, compiled_network_forward(net, x))  # bf16 really ran (fp32 differs)
+    for a, e in zip(_weighted_grads(out, inputs), _weighted_grads(ref, inputs), strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, e, rtol=5e-2, atol=5e-2)
+
+
+def test_compiled_networks_in_the_fused_model_and_their_errors(kernel_device):
+    """In a fused Glow: the same likelihood and gradients; a deep copy keeps the option; gemm and triton networks
+    exclude it with a clear error; a non-standard network is refused, changing nothing."""
+    m = assert_option_keeps_the_fused_model(kernel_device, enable_compiled_networks)
+    assert compiled_networks_enabled(copy.deepcopy(m))
+    for other in (enable_gemm_networks, enable_triton_networks):
+        with pytest.raises(ValueError, match="enable one of them"):
+            other(m)
+    assert disable_compiled_networks(m) == 4 and enable_gemm_networks(m) == 4
+    with pytest.raises(ValueError, match="two different forwards"):
+        enable_compiled_networks(m)
+    assert disable_gemm_networks(m) == 4
+    plain = copy.deepcopy(m)
+    coupling_networks(plain)[0].conv1.padding = (2, 2)
+    with pytest.raises(ValueError, match="standard coupling network"):
+        enable_compiled_networks(plain)
+    assert not any(compiled_networks_enabled(n) for n in coupling_networks(plain))
