@@ -213,18 +213,32 @@ def _standard_network_math(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, 
 
 @functools.cache
 def _compiled_network_math():
-    # one compiled function for all networks (their weights are its inputs): graphs per input shape and grad mode,
-    # not per network; dynamo's own limit on graphs per function (recompile_limit) then falls back to eager
+    # one compiled function for all networks (their weights are its inputs): graphs per input shape, grad mode and
+    # options, not per network
     return torch.compile(_standard_network_math)
+
+
+# Graphs the compiled network may hold: one per (input shape, grad mode, options), i.e. the levels x the batch sizes
+# of training (grad), ActNorm's init, evaluation and sampling (no grad). Dynamo's default limit per function (8)
+# ran out on the H100 (24th session): the benchmark process's B64 case (3 levels, with and without grad) and then
+# its B256 case, whose later levels fell back to eager networks and measured no gain. Raised for this function's
+# calls only (torch._dynamo.config.patch around the call); beyond it dynamo warns and runs the network eagerly.
+RECOMPILE_LIMIT = 64
+_LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def compiled_network_forward(net: CouplingNetwork, x: torch.Tensor, bf16: bool = False,
                              channels_last: bool = False) -> torch.Tensor:
     """`CouplingNetwork.forward` of a standard network by one `torch.compile`d function (the module docstring's
-    "compiled"); the output is NCHW-contiguous in x's dtype."""
+    "compiled"); the output is NCHW-contiguous in x's dtype. Inside a model that torch.compile traces itself, the
+    plain function (the outer compile fuses it)."""
     c1, c2, c3 = net.conv1, net.conv2, net.conv3
-    return _compiled_network_math()(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight, c3.conv.bias,
-                                    c3.logs, float(c3.logscale_factor), bf16, channels_last)
+    args = (x, c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight, c3.conv.bias, c3.logs,
+            float(c3.logscale_factor), bf16, channels_last)
+    if torch.compiler.is_compiling():
+        return _standard_network_math(*args)
+    with torch._dynamo.config.patch(**{_LIMIT_KEY: max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, _LIMIT_KEY))}):
+        return _compiled_network_math()(*args)
 
 
 def _triton_network_runs(x: torch.Tensor) -> bool:

@@ -94,3 +94,35 @@ def test_compiled_networks_in_the_fused_model_and_their_errors(kernel_device):
     with pytest.raises(ValueError, match="standard coupling network"):
         enable_compiled_networks(plain)
     assert not any(compiled_networks_enabled(n) for n in coupling_networks(plain))
+
+
+def test_every_level_and_batch_size_gets_its_graph_beyond_dynamos_default_limit():
+    """One graph per input shape (and grad mode): a CIFAR-10 run needs 3 levels x (training, init, evaluation,
+    sampling), more than dynamo's default 8 graphs per function, past which the H100 benchmark's second batch size
+    ran eager networks. Here the global limit is 2 and four shapes (which dynamo may cover with static or dynamic
+    graphs) still compile past it: more than 2 graphs (dynamo's own counter; without the raised limit, 2)."""
+    import torch._dynamo.utils
+
+    from glowfast import amp
+
+    torch._dynamo.reset()  # as in a fresh process: no graph of an earlier test covers these shapes
+    torch.manual_seed(0)
+    nets = {c: CouplingNetwork(c, 8, 2 * c) for c in (1, 2)}
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(**{amp._LIMIT_KEY: 2}), torch.no_grad():
+        for c, side in ((1, 4), (1, 6), (2, 4), (2, 6)):
+            x = torch.randn(1, c, side, side)
+            torch.testing.assert_close(compiled_network_forward(nets[c], x), nets[c](x), rtol=1e-5, atol=1e-6)
+        assert getattr(torch._dynamo.config, amp._LIMIT_KEY) == 2  # the caller's setting is back after each call
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before > 2
+
+
+def test_a_model_compiled_as_a_whole_traces_the_network_in_its_own_graph():
+    """Under an outer torch.compile (a user compiling the whole model) the network is traced as plain ops, in one
+    graph with its caller (fullgraph: no break at the inner compiled function or its config patch)."""
+    torch.manual_seed(0)
+    net = CouplingNetwork(2, 8, 4)
+    x = torch.randn(1, 2, 5, 5)
+    outer = torch.compile(lambda t: compiled_network_forward(net, t) * 2.0, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(outer(x), net(x) * 2.0, rtol=1e-5, atol=1e-6)
