@@ -50,6 +50,13 @@ def _model(backend="fused", memory_saving=False, networks=None):
         from glowfast.amp import enable_triton_networks
 
         enable_triton_networks(model)
+    if networks and networks.startswith("compiled"):
+        from glowfast.amp import enable_bf16_networks, enable_channels_last_networks, enable_compiled_networks
+
+        enable_compiled_networks(model)
+        if networks == "compiled_bf16_nhwc":
+            enable_bf16_networks(model)
+            enable_channels_last_networks(model)
     return model
 
 
@@ -70,10 +77,14 @@ def _eager_grads(model, x):
 
 @requires_cuda
 @pytest.mark.parametrize("backend,memory_saving,networks", [("fused", False, None), ("reference", False, None),
-                                                            ("fused", True, None), ("fused", False, "triton")])
+                                                            ("fused", True, None), ("fused", False, "triton"),
+                                                            ("fused", False, "compiled"),
+                                                            ("fused", False, "compiled_bf16_nhwc")])
 def test_replay_matches_eager(backend, memory_saving, networks, monkeypatch):
     """memory_saving: the invertible backward (W^-1 from the batched LU op, no host read) is captured too; triton:
-    the coupling networks by glowfast's kernels (--triton-networks), whose launches and GEMMs are captured too."""
+    the coupling networks by glowfast's kernels (--triton-networks), whose launches and GEMMs are captured too;
+    compiled: the networks' torch.compile'd graphs (--compile-networks; compiled in the capture's warm-up), in
+    fp32 and as the fastest configuration runs them (bf16, channels_last)."""
     # replay and eager run the same algorithms only if cuDNN may not pick a non-deterministic one per call
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
