@@ -31,6 +31,9 @@ CATEGORIES = (
     ("flow kernels (Triton)", r"_actnorm_invconv_\w*kernel|_cross_step_\w*kernel|_coupling_(fwd|inv|bwd)_kernel"
                               r"|_step_inverse_kernel"),
     ("coupling networks (Triton)", r"_conv3x3\w*kernel|_relu_backward_kernel"),
+    # inductor's generated kernels (triton_poi_fused_..., triton_red_..., triton_per_...): the compiled networks'
+    # fused glue (--compile-networks), the only torch.compile'd code in a glowfast step
+    ("compiled networks' fused ops (inductor)", r"^triton_(poi|red|per|tem|for)_"),
     ("batched LU op", r"lu_factor\w*_kernel|lu_inverse\w*_kernel|inverse_backward_kernel|glowfast::"),
     ("convolutions and GEMMs (cuDNN, cuBLAS)", r"conv|cudnn|gemm|xmma|cutlass|sm\d+_|implicit|wgrad|dgrad|fprop"
                                               r"|nchwToNhwc|nhwcToNchw|mkldnn|addmm|\bmm\b|matmul"),

@@ -62,8 +62,8 @@ from .reference.coupling import CouplingNetwork
 AMP_MODES = ("none", "bf16")  # the --amp choices of the training CLIs and the experiments' ModelSpec.amp
 # per network: {"bf16": bool, "channels_last": bool, "gemm": bool, "triton": bool, "compiled": bool}
 _OPTIONS = "_glowfast_net_options"
-_LAYOUTS = ("channels_last", "gemm", "triton")  # at most one of these per network
-# options that cannot run together: the layouts, and compiled (the standard forward) with the forwards that replace it
+# options that cannot run together: the three layouts (channels_last, gemm, triton: at most one per network), and
+# compiled (the standard forward) with the forwards that replace it
 _CONFLICTS = {"channels_last": ("gemm", "triton"), "gemm": ("channels_last", "triton", "compiled"),
               "triton": ("channels_last", "gemm", "compiled"), "compiled": ("gemm", "triton")}
 

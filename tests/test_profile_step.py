@@ -43,6 +43,10 @@ NAMES = {
     "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float>>>":
         "reductions",
     "void at::native::vectorized_elementwise_kernel<4, at::native::sigmoid_kernel_cuda>": "elementwise and other",
+    # inductor's names (torch 2.11's scheme; --compile-networks): pointwise, reduction and persistent reduction
+    "triton_poi_fused__to_copy_add_convolution_relu_0": "compiled networks' fused ops (inductor)",
+    "triton_red_fused_convolution_backward_sum_threshold_backward_3": "compiled networks' fused ops (inductor)",
+    "triton_per_fused__to_copy_mul_sum_1": "compiled networks' fused ops (inductor)",
 }
 
 
