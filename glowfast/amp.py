@@ -259,7 +259,7 @@ def _forward_with_options(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
         return apply_coupling_network(net, x, torch.bfloat16 if opts["bf16"] else torch.float32)
     # elsewhere a Triton network runs as the plain module (under autocast if bf16), the same function
-    if opts["compiled"] and x.is_floating_point():
+    if opts.get("compiled") and x.is_floating_point():  # .get: a whole model pickled before the option existed
         return compiled_network_forward(net, x, opts["bf16"], opts["channels_last"])
     if opts["gemm"]:
         forward = gemm_network_forward
@@ -296,7 +296,7 @@ def _set_option(model: nn.Module, name: str, value: bool) -> int:
                              "stride 1, with biases)")
     for net in nets:
         opts = getattr(net, _OPTIONS, None)
-        if bool(opts and opts[name]) == value:
+        if bool(opts and opts.get(name)) == value:
             continue
         if opts is None:
             opts = {"bf16": False, "channels_last": False, "gemm": False, "triton": False, "compiled": False}

@@ -126,3 +126,18 @@ def test_a_model_compiled_as_a_whole_traces_the_network_in_its_own_graph():
     outer = torch.compile(lambda t: compiled_network_forward(net, t) * 2.0, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(outer(x), net(x) * 2.0, rtol=1e-5, atol=1e-6)
+
+
+def test_options_pickled_before_the_compiled_option_still_run():
+    """A whole model saved (torch.save) by a glowfast without this option holds option dicts without its key: it
+    still runs, and the option can be enabled on it."""
+    torch.manual_seed(0)
+    net = CouplingNetwork(2, 8, 4)
+    holder = torch.nn.ModuleList([net])
+    enable_bf16_networks(holder)
+    del net._glowfast_net_options["compiled"]  # the dict as the earlier version pickled it
+    x = torch.randn(1, 2, 4, 4)
+    with torch.no_grad():
+        before = net(x)
+        assert enable_compiled_networks(holder) == 1
+        torch.testing.assert_close(net(x), before, rtol=2e-2, atol=2e-2)
