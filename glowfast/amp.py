@@ -193,9 +193,18 @@ def gemm_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
 
 def _standard_network_math(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                            b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, logs: torch.Tensor,
-                           logscale_factor: float, bf16: bool, channels_last: bool) -> torch.Tensor:
+                           logscale_factor: float, bf16: bool, channels_last: bool, pad: int = 0) -> torch.Tensor:
     """`CouplingNetwork.forward` of the standard network as a function of its input and weights: what
-    `compiled_network_forward` compiles (the same ops, under the same autocast, as the module under its options)."""
+    `compiled_network_forward` compiles (the same ops, under the same autocast, as the module under its options).
+    `pad` > 0: the thin convolutions' input (conv1) and output (conv3) channels zero-padded to a multiple of it and
+    the output sliced back, the same function (`pad_network_channels`)."""
+    out_channels = w3.shape[0]
+    if pad:
+        fn = torch.nn.functional
+        extra_in, extra_out = -x.shape[1] % pad, -out_channels % pad
+        x, w1 = fn.pad(x, (0, 0, 0, 0, 0, extra_in)), fn.pad(w1, (0, 0, 0, 0, 0, extra_in))
+        w3 = fn.pad(w3, (0, 0, 0, 0, 0, 0, 0, extra_out))
+        b3, logs = fn.pad(b3, (0, extra_out)), fn.pad(logs, (0, extra_out))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -208,7 +217,7 @@ def _standard_network_math(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, 
             h = torch.nn.functional.conv2d(h, w2, b2)
         h = torch.relu(h)
         out = torch.nn.functional.conv2d(h, w3, b3, padding=1) * torch.exp(logs * logscale_factor).view(1, -1, 1, 1)
-    return out.to(x.dtype).contiguous()
+    return out[:, :out_channels].to(x.dtype).contiguous()
 
 
 @functools.cache
@@ -226,6 +235,26 @@ def _compiled_network_math():
 RECOMPILE_LIMIT = 64
 _LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
+# Compiled networks only: zero-pad the thin convolutions' channels (conv1's input, conv3's output) to a multiple of
+# this (0: off). cuDNN pads them itself for its bf16 tensor-core kernels, in separate kernels: 512 calls, 1.2 ms of
+# the H100's bf16 NHWC B64 step (24th session); padded in the compiled graph, inductor fuses the padding into the
+# casts around them. Off by default until timed (benchmark variant graphed_bf16_nhwc_compiled_pad8).
+_channel_pad = 0
+
+
+@contextlib.contextmanager
+def pad_network_channels(multiple: int):
+    """Inside, compiled networks (`compiled_network_forward`) pad their thin channel counts to a multiple of
+    `multiple` (0: no padding); the same function. Graphs compiled or captured inside keep it."""
+    global _channel_pad
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 0:
+        raise ValueError(f"the channel padding must be an int >= 0, got {multiple!r}")
+    old, _channel_pad = _channel_pad, multiple
+    try:
+        yield
+    finally:
+        _channel_pad = old
+
 
 def compiled_network_forward(net: CouplingNetwork, x: torch.Tensor, bf16: bool = False,
                              channels_last: bool = False) -> torch.Tensor:
@@ -234,7 +263,7 @@ def compiled_network_forward(net: CouplingNetwork, x: torch.Tensor, bf16: bool =
     plain function (the outer compile fuses it)."""
     c1, c2, c3 = net.conv1, net.conv2, net.conv3
     args = (x, c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight, c3.conv.bias, c3.logs,
-            float(c3.logscale_factor), bf16, channels_last)
+            float(c3.logscale_factor), bf16, channels_last, _channel_pad)
     if torch.compiler.is_compiling():
         return _standard_network_math(*args)
     with torch._dynamo.config.patch(**{_LIMIT_KEY: max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, _LIMIT_KEY))}):

@@ -141,3 +141,56 @@ def test_options_pickled_before_the_compiled_option_still_run():
         before = net(x)
         assert enable_compiled_networks(holder) == 1
         torch.testing.assert_close(net(x), before, rtol=2e-2, atol=2e-2)
+
+
+def test_channel_padding_computes_the_same_function():
+    """pad_network_channels(8): conv1's 6 input channels and conv3's 12 output channels zero-padded to 16 inside the
+    compiled function, the output sliced back: the module's values and every gradient (exact-fp32 tolerances), and
+    the gradients keep the parameters' shapes. A bad multiple is refused."""
+    from glowfast.amp import pad_network_channels
+
+    torch.manual_seed(0)
+    net = CouplingNetwork(6, 32, 12)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    inputs = [x, *net.parameters()]
+    ref = net(x)
+    with pad_network_channels(8):
+        out = compiled_network_forward(net, x)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert_exact(out, ref, "out", "network output")
+    names = ["x", *(n for n, _ in net.named_parameters())]
+    for name, a, e in zip(names, _weighted_grads(out, inputs), _weighted_grads(ref, inputs), strict=True):
+        assert a.shape == e.shape, name
+        assert_exact(a, e, "grad", name)
+    for bad in (-8, 2.5, True):
+        with pytest.raises(ValueError, match="channel padding"), pad_network_channels(bad):
+            pass
+
+
+def test_channel_padding_really_pads_the_thin_convolutions():
+    """The padded math (eager, under a dispatch mode that records every convolution): conv1 reads 8 channels, not 6,
+    and conv3 writes 16, not 12; the 512-wide 1x1 is untouched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from glowfast.amp import _standard_network_math
+
+    class Convolutions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.convolution.default:
+                self.shapes.append((args[0].shape[1], out.shape[1]))
+            return out
+
+    net = CouplingNetwork(6, 32, 12)
+    c1, c2, c3 = net.conv1, net.conv2, net.conv3
+    with torch.no_grad(), Convolutions() as mode:
+        _standard_network_math(torch.randn(1, 6, 4, 4), c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight,
+                               c3.conv.bias, c3.logs, 3.0, False, False, 8)
+    assert mode.shapes == [(8, 32), (32, 32), (32, 16)]
