@@ -196,3 +196,17 @@ def test_graphed_step_needs_an_input():
 
     with pytest.raises(ValueError, match="needs at least one input tensor"):
         GraphedStep(lambda: torch.zeros(()), [], [])
+
+
+@requires_cuda
+def test_graphed_training_run_with_compiled_bf16_nhwc_networks(tmp_path):
+    """The README's fastest configuration through the training CLI: --cuda-graphs with --amp bf16 --channels-last
+    --compile-networks trains (finite, decreasing loss), evaluates and resumes."""
+    run = tmp_path / "compiled"
+    options = ["--cuda-graphs", "--amp", "bf16", "--channels-last", "--compile-networks"]
+    assert main(CUDA_TINY + ["--steps", "8", "--eval-interval", "4", *options, "--run-dir", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    train = [r for r in _metrics(run) if r["type"] == "train"]
+    assert train and all(math.isfinite(r["loss"]) for r in train) and train[-1]["loss"] < train[0]["loss"]
+    assert main(["--resume", str(run), "--steps", "10", "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["step"] == 10
