@@ -22,6 +22,7 @@ from glowfast.amp import (
 )
 from glowfast.reference.coupling import CouplingNetwork
 
+from conftest import cuda_devices
 from helpers import assert_option_keeps_the_fused_model
 from tolerances import assert_exact
 
@@ -31,16 +32,17 @@ def _weighted_grads(out, inputs):
     return torch.autograd.grad((out * weights).sum(), inputs)
 
 
+@pytest.mark.parametrize("device", cuda_devices())
 @pytest.mark.parametrize("shape", [(3, 6, 8, 8), (2, 2, 5, 3)])
-def test_compiled_network_equals_the_module(shape):
+def test_compiled_network_equals_the_module(device, shape, exact_precision):
     """fp32: the compiled function = CouplingNetwork.forward, output and the gradients of x and every parameter
-    (the exact-fp32 tolerances); odd, non-square images too."""
+    (the exact-fp32 tolerances; on a GPU without TF32); odd, non-square images too."""
     torch.manual_seed(0)
-    net = CouplingNetwork(shape[1], 32, 2 * shape[1])
+    net = CouplingNetwork(shape[1], 32, 2 * shape[1]).to(device)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.2)
-    x = torch.randn(*shape, requires_grad=True)
+    x = torch.randn(*shape, device=device, requires_grad=True)
     inputs = [x, *net.parameters()]
     ref = net(x)
     out = compiled_network_forward(net, x)
@@ -52,19 +54,20 @@ def test_compiled_network_equals_the_module(shape):
         assert_exact(a, e, "grad", name)
 
 
-def test_compiled_bf16_channels_last_network_equals_the_eager_options():
+@pytest.mark.parametrize("device", cuda_devices())
+def test_compiled_bf16_channels_last_network_equals_the_eager_options(device):
     """With bf16 and channels_last (the fast GPU configuration) the compiled function computes what the eager
     options compute: the same bf16 operations (inductor may round its fused intermediates differently: bf16's
     tolerance), fp32 NCHW output, fp32 gradients."""
     torch.manual_seed(0)
-    net = CouplingNetwork(6, 32, 12)
+    net = CouplingNetwork(6, 32, 12).to(device)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.2)
     holder = torch.nn.ModuleList([net])
     enable_bf16_networks(holder)
     enable_channels_last_networks(holder)
-    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    x = torch.randn(2, 6, 8, 8, device=device, requires_grad=True)
     inputs = [x, *net.parameters()]
     ref = net(x)  # the eager options
     assert enable_compiled_networks(holder) == 1 and compiled_networks_enabled(holder)
@@ -143,18 +146,19 @@ def test_options_pickled_before_the_compiled_option_still_run():
         torch.testing.assert_close(net(x), before, rtol=2e-2, atol=2e-2)
 
 
-def test_channel_padding_computes_the_same_function():
+@pytest.mark.parametrize("device", cuda_devices())
+def test_channel_padding_computes_the_same_function(device, exact_precision):
     """pad_network_channels(8): conv1's 6 input channels and conv3's 12 output channels zero-padded to 16 inside the
     compiled function, the output sliced back: the module's values and every gradient (exact-fp32 tolerances), and
     the gradients keep the parameters' shapes. A bad multiple is refused."""
     from glowfast.amp import pad_network_channels
 
     torch.manual_seed(0)
-    net = CouplingNetwork(6, 32, 12)
+    net = CouplingNetwork(6, 32, 12).to(device)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.2)
-    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    x = torch.randn(2, 6, 5, 7, device=device, requires_grad=True)
     inputs = [x, *net.parameters()]
     ref = net(x)
     with pad_network_channels(8):
