@@ -300,6 +300,7 @@ def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch
             enable_compiled_networks,
             enable_gemm_networks,
             enable_triton_networks,
+            pad_network_channels,
         )
 
         if "triton" in variant:
@@ -316,8 +317,6 @@ def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch
             enable_compiled_networks(model)
         if variant.endswith("gemm"):
             enable_gemm_networks(model)
-        from glowfast.amp import pad_network_channels
-
         with pad_network_channels(8 if variant.endswith("_pad8") else 0):  # the graphs keep it (no Python in replays)
             step, capture_s, first_s = _graphed_train_step(model, _images(cfg, batch, device),
                                                            compile_optimizer=variant.endswith("_opt"))

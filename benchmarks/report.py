@@ -87,8 +87,7 @@ TARGET_IMG_S = {"train_step/cifar10_K32_B64": 2400.0, "train_step/cifar10_K32_B2
 STARTUP_TARGET_S = 20.0
 TRAINING_PATHS = ("fused", "memory_saving", "graphed", "graphed_gemm", "graphed_triton", "graphed_bf16_nhwc",
                   "graphed_bf16_nhwc_compiled", "graphed_bf16_nhwc_compiled_opt", "graphed_bf16_nhwc_compiled_pad8",
-                  "graphed_bf16_triton",
-                  "graphed_bf16_triton_dots", "graphed_bf16_gemm")
+                  "graphed_bf16_triton", "graphed_bf16_triton_dots", "graphed_bf16_gemm")
 
 
 def canonical_variant(bench: dict) -> str:

@@ -147,12 +147,17 @@ def nhwc_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
     TFLOP/s, i.e. ~0.06 ms per forward, for a plain matmul of that size). Same function as the module's
     forward (tested).
     """
-    h = torch.relu(net.conv1(x))
-    b, c, hgt, wid = h.shape
-    w = net.conv2.weight.flatten(1)  # (out, in): a view of a 1x1 kernel in either memory format
-    rows = h.permute(0, 2, 3, 1).reshape(b * hgt * wid, c)  # a view of channels_last memory
-    h = conv_precision_linear(rows, w, net.conv2.bias).view(b, hgt, wid, -1).permute(0, 3, 1, 2)
+    h = _conv1x1_as_gemm(torch.relu(net.conv1(x)), net.conv2.weight, net.conv2.bias)
     return net.conv3(torch.relu(h))
+
+
+def _conv1x1_as_gemm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 1x1 convolution of channels_last `h` as one GEMM over its B*H*W pixel rows (views, no copy), at the
+    convolution's precision (`conv_precision_linear`: a plain addmm while torch.compile traces)."""
+    b, c, hgt, wid = h.shape
+    rows = h.permute(0, 2, 3, 1).reshape(b * hgt * wid, c)  # a view of channels_last memory
+    w = weight.flatten(1)  # (out, in): a view of a 1x1 kernel in either memory format
+    return conv_precision_linear(rows, w, bias).view(b, hgt, wid, -1).permute(0, 3, 1, 2)
 
 
 def _is_standard_network(net: CouplingNetwork) -> bool:
@@ -210,9 +215,7 @@ def _standard_network_math(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, 
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         h = torch.relu(torch.nn.functional.conv2d(x, w1, b1, padding=1))
         if channels_last and bf16:  # the 1x1 as one GEMM over the pixel rows, as nhwc_network_forward (bf16: no
-            b, c, hgt, wid = h.shape  # TF32 question; fp32 keeps cuDNN, whose TF32 follows the conv flag)
-            rows = h.permute(0, 2, 3, 1).reshape(b * hgt * wid, c)
-            h = torch.addmm(b2, rows, w2.flatten(1).t()).view(b, hgt, wid, -1).permute(0, 3, 1, 2)
+            h = _conv1x1_as_gemm(h, w2, b2)  # TF32 question; fp32 keeps cuDNN, whose TF32 follows the conv flag)
         else:
             h = torch.nn.functional.conv2d(h, w2, b2)
         h = torch.relu(h)
