@@ -339,11 +339,17 @@ profile() {
     # the CIFAR-10 step at batch 64 (issue 6's first target): with compiled bf16 NHWC networks (the fastest graphed
     # variant so far, 24th session: first), with bf16 NHWC networks and with fp32 cuDNN networks; the kernels
     # startup/bench_model compiled are reused
-    local rc=0 flags
-    for flags in "--bf16 --channels-last --compile-networks" "--bf16 --channels-last" ""; do
-        # shellcheck disable=SC2086  # $flags: zero to three options
-        TRITON_CACHE_DIR="$WORK/triton_cache_startup" $PY benchmarks/profile_step.py --config cifar10_K32 --batch 64 \
-            --backend fused $flags --steps 5 --out "$LOGS/profile" || rc=1
+    # PROFILE_BATCHES (default "64") and PROFILE_FLAGS (';'-separated option sets, "none" for the fp32 step) pick
+    # other steps
+    local rc=0 flags batch sets
+    IFS=';' read -r -a sets <<< "${PROFILE_FLAGS:---bf16 --channels-last --compile-networks;--bf16 --channels-last;none}"
+    for batch in ${PROFILE_BATCHES:-64}; do
+        for flags in "${sets[@]}"; do
+            [ "$flags" = none ] && flags=""
+            # shellcheck disable=SC2086  # $flags: zero to three options
+            TRITON_CACHE_DIR="$WORK/triton_cache_startup" $PY benchmarks/profile_step.py --config cifar10_K32 \
+                --batch "$batch" --backend fused $flags --steps 5 --out "$LOGS/profile" || rc=1
+        done
     done
     return $rc
 }
