@@ -20,10 +20,10 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
              the eager step was 2.35 ms of device time per B64 step on the H100, ~16 passes over the 44M
              parameters where one would do). Its compile is in the timer's warm-up calls (first_call). A
              measurement, not a training option yet (the trainer's learning-rate schedule would recompile it).
-- graphed_bf16_nhwc_compiled_pad8: graphed_bf16_nhwc_compiled with the thin convolutions' channels zero-padded
-             to multiples of 8 in the compiled graph (glowfast.amp.pad_network_channels; cuDNN's own padding
-             kernels took 1.2 ms of the H100's B64 step). A measurement for that default.
-- graphed_bf16_nhwc_compiled_opt_pad8: both of the last two.
+- graphed_bf16_nhwc_compiled_pad0: graphed_bf16_nhwc_compiled without the thin convolutions' channel padding
+             (pad_network_channels(0)). The compiled bf16 networks zero-pad them to multiples of 8 in the graph by
+             default since the 25th session (glowfast.amp.network_channel_pad): this variant, then called `_pad8`
+             the other way round, measured 26.4 against 28.5 ms at B64 and 55.7 against 57.0 ms at B256 (H200).
 - graphed_gemm / graphed_bf16_gemm: `graphed` with the coupling networks' convolutions as GEMMs over pixels
              (`--gemm-networks`; fp32, or bf16 autocast) instead of cuDNN.
 - graphed_triton / graphed_bf16_triton: `graphed` with glowfast's Triton coupling networks (`--triton-networks`:
@@ -89,8 +89,7 @@ SAMPLE_CASES = [
 # slower than cuDNN on the H200, last among the graphed ones)
 VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_triton", "graphed_bf16_nhwc",
             "graphed_bf16_nhwc_compiled", "graphed_bf16_triton", "graphed_bf16_triton_dots", "graphed_gemm",
-            "graphed_bf16_gemm", "graphed_bf16_nhwc_compiled_opt", "graphed_bf16_nhwc_compiled_pad8",
-            "graphed_bf16_nhwc_compiled_opt_pad8", "compiled",
+            "graphed_bf16_gemm", "graphed_bf16_nhwc_compiled_opt", "graphed_bf16_nhwc_compiled_pad0", "compiled",
             "peer"]
 N_SAMPLES = 64
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
@@ -319,7 +318,7 @@ def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch
             enable_compiled_networks(model)
         if variant.endswith("gemm"):
             enable_gemm_networks(model)
-        with pad_network_channels(8 if "_pad8" in variant else 0):  # the graphs keep it (no Python in replays)
+        with pad_network_channels(0 if variant.endswith("_pad0") else None):  # the graphs keep it
             step, capture_s, first_s = _graphed_train_step(model, _images(cfg, batch, device),
                                                            compile_optimizer="_opt" in variant)
         extra["capture_s"] = round(capture_s, 3)

@@ -66,8 +66,8 @@ SECTION_NOTES = {
                   "that plus the coupling networks in bf16 and channels_last (`--amp bf16 --channels-last`); "
                   "`graphed_bf16_nhwc_compiled` = that with each network one torch.compile'd function "
                   "(`--compile-networks`; its compile_s: the first, compiling, step), `_opt` with the Adamax step "
-                  "compiled too, `_pad8` with the thin convs' channels padded to multiples of 8 in the graph "
-                  "(`_opt_pad8`: both); "
+                  "compiled too, `_pad0` without the thin convs' channels padded to multiples of 8 in the graph "
+                  "(the default since the 25th session; that run's `_pad8` was the padded one); "
                   "`graphed_gemm` / `graphed_bf16_gemm` = graphs with the networks' convs as GEMMs "
                   "(`--gemm-networks`); `graphed_triton` / `graphed_bf16_triton` = graphs with glowfast's Triton "
                   "coupling networks (`--triton-networks`; fp32 or bf16 activations); `graphed_bf16_triton_dots` = "
@@ -87,8 +87,8 @@ PEER_ANCHOR_IMG_S = {"train_step/cifar10_K32_B64": 244.0, "train_step/cifar10_K3
 TARGET_IMG_S = {"train_step/cifar10_K32_B64": 2400.0, "train_step/cifar10_K32_B256": 5700.0}  # the issue's numbers
 STARTUP_TARGET_S = 20.0
 TRAINING_PATHS = ("fused", "memory_saving", "graphed", "graphed_gemm", "graphed_triton", "graphed_bf16_nhwc",
-                  "graphed_bf16_nhwc_compiled", "graphed_bf16_nhwc_compiled_opt", "graphed_bf16_nhwc_compiled_pad8",
-                  "graphed_bf16_nhwc_compiled_opt_pad8", "graphed_bf16_triton", "graphed_bf16_triton_dots",
+                  "graphed_bf16_nhwc_compiled", "graphed_bf16_nhwc_compiled_opt", "graphed_bf16_nhwc_compiled_pad0",
+                  "graphed_bf16_nhwc_compiled_pad8", "graphed_bf16_triton", "graphed_bf16_triton_dots",
                   "graphed_bf16_gemm")
 
 

@@ -35,7 +35,8 @@ small kernels that took half of the bf16 channels_last step's device time on the
 35.3 ms of kernels per CIFAR-10 B64 step, 14.9 ms of them convolutions). One function for every network: its graphs
 are per input shape (one per level, plus the no-grad ones of sampling), not per network. Exclusive with gemm and
 triton. The first call of each shape compiles (seconds to a minute: start-up), and the function is the same up to
-summation order.
+summation order. Under bf16 the thin convolutions' channels are zero-padded to multiples of 8 inside the graph
+(`network_channel_pad`, `pad_network_channels`; measured faster), the same function.
 
 Precision: the GEMMs of both layouts run at the precision of the convolutions they replace (TF32 iff cuDNN's
 convolutions would use it, the rule the fused kernels' dots follow), forward and backward, whatever cuBLAS's own
@@ -239,19 +240,31 @@ RECOMPILE_LIMIT = 64
 _LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 # Compiled networks only: zero-pad the thin convolutions' channels (conv1's input, conv3's output) to a multiple of
-# this (0: off). cuDNN pads them itself for its bf16 tensor-core kernels, in separate kernels: 512 calls, 1.2 ms of
-# the H100's bf16 NHWC B64 step (24th session); padded in the compiled graph, inductor fuses the padding into the
-# casts around them. Off by default until timed (benchmark variant graphed_bf16_nhwc_compiled_pad8).
-_channel_pad = 0
+# this. cuDNN pads them itself for its bf16 tensor-core kernels, in separate kernels: 512 calls, 1.2 ms of the
+# H100's bf16 NHWC B64 step (24th session); padded in the compiled graph, inductor fuses the padding into the casts
+# around them. Measured on the H200 (25th session, graphed bf16 NHWC step): 28.5 -> 26.4 ms at B64, 57.0 -> 55.7 ms
+# at B256, so bf16 networks pad to 8 by default; fp32 (TF32) networks were not timed and do not (0).
+# None: that default; an int (pad_network_channels): that multiple for every compiled network, 0 = off.
+BF16_CHANNEL_PAD = 8
+_channel_pad: int | None = None
+
+
+def network_channel_pad(bf16: bool) -> int:
+    """The multiple a compiled network pads its thin channel counts to (0: none): `pad_network_channels`'s inside
+    it, else BF16_CHANNEL_PAD for bf16 networks and 0 for fp32 ones."""
+    if _channel_pad is None:
+        return BF16_CHANNEL_PAD if bf16 else 0
+    return _channel_pad
 
 
 @contextlib.contextmanager
-def pad_network_channels(multiple: int):
+def pad_network_channels(multiple: int | None):
     """Inside, compiled networks (`compiled_network_forward`) pad their thin channel counts to a multiple of
-    `multiple` (0: no padding); the same function. Graphs compiled or captured inside keep it."""
+    `multiple` (0: no padding; None: the default, `network_channel_pad`); the same function. Graphs compiled or
+    captured inside keep it."""
     global _channel_pad
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 0:
-        raise ValueError(f"the channel padding must be an int >= 0, got {multiple!r}")
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 0):
+        raise ValueError(f"the channel padding must be an int >= 0 or None, got {multiple!r}")
     old, _channel_pad = _channel_pad, multiple
     try:
         yield
@@ -266,7 +279,7 @@ def compiled_network_forward(net: CouplingNetwork, x: torch.Tensor, bf16: bool =
     plain function (the outer compile fuses it)."""
     c1, c2, c3 = net.conv1, net.conv2, net.conv3
     args = (x, c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight, c3.conv.bias, c3.logs,
-            float(c3.logscale_factor), bf16, channels_last, _channel_pad)
+            float(c3.logscale_factor), bf16, channels_last, network_channel_pad(bf16))
     if torch.compiler.is_compiling():
         return _standard_network_math(*args)
     with torch._dynamo.config.patch(**{_LIMIT_KEY: max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, _LIMIT_KEY))}):

@@ -169,9 +169,45 @@ def test_channel_padding_computes_the_same_function(device, exact_precision):
     for name, a, e in zip(names, _weighted_grads(out, inputs), _weighted_grads(ref, inputs), strict=True):
         assert a.shape == e.shape, name
         assert_exact(a, e, "grad", name)
-    for bad in (-8, 2.5, True):
+    for bad in (-8, 2.5, True, "8"):
         with pytest.raises(ValueError, match="channel padding"), pad_network_channels(bad):
             pass
+
+
+def test_bf16_networks_pad_to_eight_by_default_and_the_context_overrides_it():
+    """The default (measured faster on the H200: bf16 pads, fp32 does not); a pad_network_channels context sets one
+    multiple for both, nested contexts restore the outer one, and None inside a context is the default again."""
+    from glowfast.amp import BF16_CHANNEL_PAD, network_channel_pad, pad_network_channels
+
+    assert (network_channel_pad(True), network_channel_pad(False)) == (BF16_CHANNEL_PAD, 0) == (8, 0)
+    with pad_network_channels(0):
+        assert (network_channel_pad(True), network_channel_pad(False)) == (0, 0)
+        with pad_network_channels(4):
+            assert (network_channel_pad(True), network_channel_pad(False)) == (4, 4)
+        with pad_network_channels(None):
+            assert (network_channel_pad(True), network_channel_pad(False)) == (8, 0)
+        assert network_channel_pad(True) == 0
+    assert (network_channel_pad(True), network_channel_pad(False)) == (8, 0)
+
+
+def test_default_bf16_padding_keeps_the_compiled_network_equal_to_the_unpadded_one():
+    """A compiled bf16 network with the default padding (6 -> 8 and 12 -> 16 channels) against the same network
+    with the padding off: the same function up to bf16 rounding, values and the input's gradient."""
+    from glowfast.amp import pad_network_channels
+
+    torch.manual_seed(0)
+    net = CouplingNetwork(6, 32, 12)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(2, 6, 4, 4, requires_grad=True)
+    padded = compiled_network_forward(net, x, bf16=True)
+    (gx_padded,) = torch.autograd.grad(padded.square().sum(), x)
+    with pad_network_channels(0):
+        plain = compiled_network_forward(net, x, bf16=True)
+    (gx_plain,) = torch.autograd.grad(plain.square().sum(), x)
+    torch.testing.assert_close(padded, plain, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx_padded, gx_plain, rtol=3e-2, atol=3e-2)
 
 
 def test_channel_padding_really_pads_the_thin_convolutions():
