@@ -25,7 +25,7 @@ import pytest
 import glowfast.kernels._compile_check as cc
 from glowfast.kernels._utils import SM90_MAX_SHARED
 
-MODULES = ("actnorm_invconv", "coupling", "cross_step", "coupling_net")
+MODULES = ("actnorm_invconv", "coupling", "cross_step", "coupling_net", "adamax")
 # Under pytest-xdist with --dist loadgroup, one worker runs this whole module (the compile jobs start once).
 pytestmark = pytest.mark.xdist_group("sm90_compile")
 _ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +38,9 @@ def _start_compile_jobs():
     env["TRITON_CACHE_DIR"] = cache
     env["TRITON_DEFAULT_FP_FUSION"] = "0"  # Triton 3.10's default: the kernels must not depend on it
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
-    # Two workers: the dot-heavy cross_step kernels alone, the other three modules together.
+    # Two workers: the dot-heavy cross_step kernels alone, the other modules together.
     groups = {"cross_step": ["cross_step"],
-              "actnorm_invconv+coupling+coupling_net": ["actnorm_invconv", "coupling", "coupling_net"]}
+              "others": ["actnorm_invconv", "coupling", "coupling_net", "adamax"]}
     jobs = {}
     for name, mods in groups.items():
         out = tempfile.NamedTemporaryFile(prefix=f"glowfast-compile-{name}-", suffix=".log", delete=False)

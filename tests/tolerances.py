@@ -9,6 +9,8 @@ EXACT — fp32 everywhere: the Triton interpreter (CPU, what CI runs) or a GPU w
       log-determinants        rtol 1e-5, atol 1e-5 · max(1, max|ref|)   (sums over C·H·W terms)
       gradients               rtol 1e-4, atol 1e-5 · max(1, max|ref|)   (sums over B·H·W pixels)
       decode(encode(x)) - x   fused error <= 4 x reference error + 1e-5
+      optimiser (FusedAdamax against torch.optim.Adamax, parameters and state after a few steps)
+                              rtol 1e-6, atol 1e-6 (elementwise: fused multiply-adds and one division's rounding)
 
 TF32 — a GPU with the default fast tl.dot (TF32 inputs, fp32 accumulation) against a float64 reference, with
     flash-attention's rule: the fast path's error vs float64 must be at most TF32_FACTOR (2) times the error of
@@ -42,6 +44,7 @@ EXACT = {
     "out": dict(rtol=1e-5, atol=1e-5),
     "logdet": dict(rtol=1e-5, atol=1e-5),
     "grad": dict(rtol=1e-4, atol=1e-5),
+    "optim": dict(rtol=1e-6, atol=1e-6),
 }
 ROUNDTRIP_FACTOR = 4.0
 ROUNDTRIP_SLACK = 1e-5

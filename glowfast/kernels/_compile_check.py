@@ -26,16 +26,20 @@ import tempfile
 import time
 import traceback
 
-MODULES = ("actnorm_invconv", "coupling", "cross_step", "coupling_net")
+MODULES = ("actnorm_invconv", "coupling", "cross_step", "coupling_net", "adamax")
 # Pointers that always hold fp32 (parameters, per-sample logdet grads, reduction partials).
 _FP32_POINTERS = {"w_ptr", "w_inv_ptr", "bias_ptr", "log_scale_ptr", "dld_ptr", "scale_ptr", "colsum_ptr", "u_ptr"}
 
 
-def signature(kernel, constexprs: dict, data_type: str = "*fp32") -> dict:
+def signature(kernel, constexprs: dict, data_type: str = "*fp32", arg_types: dict | None = None) -> dict:
+    """Triton's signature: `arg_types` (a module's ARG_TYPES) for the arguments it names; else data pointers
+    `data_type` (fp32 for parameters and partials), other arguments i32."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif arg_types and name in arg_types:
+            sig[name] = arg_types[name]
         elif name.endswith("_ptr"):
             sig[name] = "*fp32" if (name in _FP32_POINTERS or "part" in name) else data_type
         else:
@@ -43,14 +47,14 @@ def signature(kernel, constexprs: dict, data_type: str = "*fp32") -> dict:
     return sig
 
 
-def compile_one(kernel, constexprs: dict, options: dict, data_type: str = "*fp32"):
+def compile_one(kernel, constexprs: dict, options: dict, data_type: str = "*fp32", arg_types: dict | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from ._utils import FP_FUSION
 
-    src = ASTSource(fn=kernel, signature=signature(kernel, constexprs, data_type), constexprs=constexprs)
+    src = ASTSource(fn=kernel, signature=signature(kernel, constexprs, data_type, arg_types), constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": FP_FUSION, **options})
 
 
@@ -147,7 +151,7 @@ def main(argv: list[str]) -> int:
                        options=options, production=production(kernel.__name__, constexprs, options, data_type))
             t0 = time.perf_counter()
             try:
-                out = compile_one(kernel, constexprs, options, data_type)
+                out = compile_one(kernel, constexprs, options, data_type, getattr(mod, "ARG_TYPES", None))
                 shared = int(out.metadata.shared)
                 shapes = wgmma_shapes(out)
                 rec.update(ok=shared <= SM90_MAX_SHARED, shared=shared, fp_fusion=bool(out.metadata.enable_fp_fusion),
