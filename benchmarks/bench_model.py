@@ -24,6 +24,12 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
              (pad_network_channels(0)). The compiled bf16 networks zero-pad them to multiples of 8 in the graph by
              default since the 25th session (glowfast.amp.network_channel_pad): this variant, then called `_pad8`
              the other way round, measured 26.4 against 28.5 ms at B64 and 55.7 against 57.0 ms at B256 (H200).
+- graphed_bf16_nhwc_compiled_fusedopt: graphed_bf16_nhwc_compiled with glowfast.optim.FusedAdamax (the Adamax
+             update as one Triton kernel, 7 passes over the parameters; no compile) instead of torch's foreach step.
+- graphed_bf16_nhwc_compiled_gemm3x3: graphed_bf16_nhwc_compiled with the thin 3x3 convolutions as GEMMs in the
+             compiled graph (glowfast.amp.thin_convolutions_as_gemms: im2col + GEMM for conv1, GEMM to taps + shifted
+             tap sums for conv3); cuDNN's 3x3 kernels ran at ~70 TFLOP/s, ~25 ms of the H200's B256 step.
+             `_gemm3x3_fusedopt`: both.
 - graphed_gemm / graphed_bf16_gemm: `graphed` with the coupling networks' convolutions as GEMMs over pixels
              (`--gemm-networks`; fp32, or bf16 autocast) instead of cuDNN.
 - graphed_triton / graphed_bf16_triton: `graphed` with glowfast's Triton coupling networks (`--triton-networks`:
@@ -89,7 +95,9 @@ SAMPLE_CASES = [
 # slower than cuDNN on the H200, last among the graphed ones)
 VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_triton", "graphed_bf16_nhwc",
             "graphed_bf16_nhwc_compiled", "graphed_bf16_triton", "graphed_bf16_triton_dots", "graphed_gemm",
-            "graphed_bf16_gemm", "graphed_bf16_nhwc_compiled_opt", "graphed_bf16_nhwc_compiled_pad0", "compiled",
+            "graphed_bf16_gemm", "graphed_bf16_nhwc_compiled_opt", "graphed_bf16_nhwc_compiled_pad0",
+            "graphed_bf16_nhwc_compiled_fusedopt", "graphed_bf16_nhwc_compiled_gemm3x3",
+            "graphed_bf16_nhwc_compiled_gemm3x3_fusedopt", "compiled",
             "peer"]
 N_SAMPLES = 64
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
@@ -119,13 +127,19 @@ def _check_fused(cuda_timer, device: str) -> None:
         pytest.skip(f"fused backend cannot run on {device}: {reason}")
 
 
-def _graphed_train_step(model, x, compile_optimizer: bool = False):
+def _graphed_train_step(model, x, compile_optimizer: bool = False, fused_optimizer: bool = False):
     """(step, capture seconds, first eager step's seconds): forward + backward replayed from a CUDA graph, Adamax
-    step eager (or torch.compile'd: `compile_optimizer`, compiled in the timer's warm-up calls)."""
+    step eager (or torch.compile'd: `compile_optimizer`, compiled in the timer's warm-up calls; or glowfast's
+    FusedAdamax: `fused_optimizer`)."""
     from glowfast.cuda_graph import GraphedStep
 
     _init_actnorm(model, x)
-    opt = torch.optim.Adamax(model.parameters(), lr=LR)
+    if fused_optimizer:
+        from glowfast.optim import FusedAdamax
+
+        opt = FusedAdamax(model.parameters(), lr=LR)
+    else:
+        opt = torch.optim.Adamax(model.parameters(), lr=LR)
     opt_step = torch.compile(opt.step) if compile_optimizer else opt.step
 
     def loss_and_grads(x):
@@ -302,6 +316,7 @@ def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch
             enable_gemm_networks,
             enable_triton_networks,
             pad_network_channels,
+            thin_convolutions_as_gemms,
         )
 
         if "triton" in variant:
@@ -318,9 +333,12 @@ def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch
             enable_compiled_networks(model)
         if variant.endswith("gemm"):
             enable_gemm_networks(model)
-        with pad_network_channels(0 if variant.endswith("_pad0") else None):  # the graphs keep it
+        # the graphs keep these (no Python in replays)
+        with pad_network_channels(0 if variant.endswith("_pad0") else None), \
+                thin_convolutions_as_gemms("_gemm3x3" in variant):
             step, capture_s, first_s = _graphed_train_step(model, _images(cfg, batch, device),
-                                                           compile_optimizer="_opt" in variant)
+                                                           compile_optimizer=variant.endswith("_opt"),
+                                                           fused_optimizer=variant.endswith("_fusedopt"))
         extra["capture_s"] = round(capture_s, 3)
         if "nhwc_compiled" in variant:
             extra["compile_s"] = round(first_s, 2)

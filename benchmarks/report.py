@@ -67,7 +67,8 @@ SECTION_NOTES = {
                   "`graphed_bf16_nhwc_compiled` = that with each network one torch.compile'd function "
                   "(`--compile-networks`; its compile_s: the first, compiling, step), `_opt` with the Adamax step "
                   "compiled too, `_pad0` without the thin convs' channels padded to multiples of 8 in the graph "
-                  "(the default since the 25th session; that run's `_pad8` was the padded one); "
+                  "(the default since the 25th session; that run's `_pad8` was the padded one), `_fusedopt` with "
+                  "glowfast's FusedAdamax, `_gemm3x3` with the thin 3x3 convs as GEMMs in the graph; "
                   "`graphed_gemm` / `graphed_bf16_gemm` = graphs with the networks' convs as GEMMs "
                   "(`--gemm-networks`); `graphed_triton` / `graphed_bf16_triton` = graphs with glowfast's Triton "
                   "coupling networks (`--triton-networks`; fp32 or bf16 activations); `graphed_bf16_triton_dots` = "
@@ -88,7 +89,9 @@ TARGET_IMG_S = {"train_step/cifar10_K32_B64": 2400.0, "train_step/cifar10_K32_B2
 STARTUP_TARGET_S = 20.0
 TRAINING_PATHS = ("fused", "memory_saving", "graphed", "graphed_gemm", "graphed_triton", "graphed_bf16_nhwc",
                   "graphed_bf16_nhwc_compiled", "graphed_bf16_nhwc_compiled_opt", "graphed_bf16_nhwc_compiled_pad0",
-                  "graphed_bf16_nhwc_compiled_pad8", "graphed_bf16_triton", "graphed_bf16_triton_dots",
+                  "graphed_bf16_nhwc_compiled_pad8", "graphed_bf16_nhwc_compiled_fusedopt",
+                  "graphed_bf16_nhwc_compiled_gemm3x3", "graphed_bf16_nhwc_compiled_gemm3x3_fusedopt",
+                  "graphed_bf16_triton", "graphed_bf16_triton_dots",
                   "graphed_bf16_gemm")
 
 

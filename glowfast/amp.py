@@ -197,13 +197,47 @@ def gemm_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
     return y * torch.exp(net.conv3.logs * net.conv3.logscale_factor).view(1, -1, 1, 1)
 
 
+def _conv3x3_thin_input_as_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """conv2d(x, w, bias, padding=1) for few input channels (conv1): im2col of x by padding and nine slices (9 * C_in
+    columns in (kh, kw, c) order; one gather kernel under torch.compile), then one GEMM over the B*H*W pixel rows
+    to the wide output, returned as a (B, C_out, H, W) view of those rows (channels_last memory)."""
+    b, c, hgt, wid = x.shape
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # (B, H+2, W+2, C)
+    cols = torch.cat([xp[:, i:i + hgt, j:j + wid] for i in range(3) for j in range(3)], dim=3)
+    rows = cols.reshape(b * hgt * wid, 9 * c)
+    out = torch.addmm(bias, rows, w.permute(0, 2, 3, 1).reshape(w.shape[0], 9 * c).t())
+    return out.view(b, hgt, wid, -1).permute(0, 3, 1, 2)
+
+
+def _conv3x3_thin_output_as_gemm(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """conv2d(h, w, bias, padding=1) for few output channels (conv3): one GEMM of h's pixel rows to 9 * C_out tap
+    channels z (tap (kh, kw) of output o: w[o, :, kh, kw] . h[q]), then each output pixel p sums its nine taps
+    z[p + (kh - 1, kw - 1), (kh, kw)], zero outside the image (padding and slices: one kernel under torch.compile;
+    the sum in fp32 at least). No im2col of the wide input. Returns (B, C_out, H, W)."""
+    b, c, hgt, wid = h.shape
+    out_ch = w.shape[0]
+    rows = h.permute(0, 2, 3, 1).reshape(b * hgt * wid, c)
+    taps = w.permute(2, 3, 0, 1).reshape(9 * out_ch, c)  # rows in (kh, kw, o) order
+    z = torch.mm(rows, taps.t())
+    acc = torch.promote_types(z.dtype, torch.float32)  # bf16 taps summed in fp32
+    zp = torch.nn.functional.pad(z.to(acc).view(b, hgt, wid, 9, out_ch), (0, 0, 0, 0, 1, 1, 1, 1))  # B,H+2,W+2,9,C
+    y = bias.to(acc)
+    for i in range(3):
+        for j in range(3):
+            y = y + zp[:, i:i + hgt, j:j + wid, 3 * i + j]
+    return y.permute(0, 3, 1, 2)
+
+
 def _standard_network_math(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                            b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, logs: torch.Tensor,
-                           logscale_factor: float, bf16: bool, channels_last: bool, pad: int = 0) -> torch.Tensor:
+                           logscale_factor: float, bf16: bool, channels_last: bool, pad: int = 0,
+                           thin_gemms: bool = False) -> torch.Tensor:
     """`CouplingNetwork.forward` of the standard network as a function of its input and weights: what
     `compiled_network_forward` compiles (the same ops, under the same autocast, as the module under its options).
     `pad` > 0: the thin convolutions' input (conv1) and output (conv3) channels zero-padded to a multiple of it and
-    the output sliced back, the same function (`pad_network_channels`)."""
+    the output sliced back, the same function (`pad_network_channels`). `thin_gemms`: those two 3x3 convolutions
+    as GEMMs over the pixel rows instead of cuDNN's (`_conv3x3_thin_input_as_gemm`, `_conv3x3_thin_output_as_gemm`;
+    `thin_convolutions_as_gemms`), the same function up to summation order."""
     out_channels = w3.shape[0]
     if pad:
         fn = torch.nn.functional
@@ -214,13 +248,22 @@ def _standard_network_math(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        h = torch.relu(torch.nn.functional.conv2d(x, w1, b1, padding=1))
-        if channels_last and bf16:  # the 1x1 as one GEMM over the pixel rows, as nhwc_network_forward (bf16: no
-            h = _conv1x1_as_gemm(h, w2, b2)  # TF32 question; fp32 keeps cuDNN, whose TF32 follows the conv flag)
+        if thin_gemms:
+            h = torch.relu(_conv3x3_thin_input_as_gemm(x, w1, b1))
+        else:
+            h = torch.relu(torch.nn.functional.conv2d(x, w1, b1, padding=1))
+        # the 1x1 as one GEMM over the pixel rows, as nhwc_network_forward (bf16: no TF32 question; fp32 keeps
+        # cuDNN, whose TF32 follows the conv flag, unless the thin convolutions are GEMMs too)
+        if (channels_last and bf16) or thin_gemms:
+            h = _conv1x1_as_gemm(h, w2, b2)
         else:
             h = torch.nn.functional.conv2d(h, w2, b2)
         h = torch.relu(h)
-        out = torch.nn.functional.conv2d(h, w3, b3, padding=1) * torch.exp(logs * logscale_factor).view(1, -1, 1, 1)
+        if thin_gemms:
+            out = _conv3x3_thin_output_as_gemm(h, w3, b3)
+        else:
+            out = torch.nn.functional.conv2d(h, w3, b3, padding=1)
+        out = out * torch.exp(logs * logscale_factor).view(1, -1, 1, 1)
     return out[:, :out_channels].to(x.dtype).contiguous()
 
 
@@ -272,6 +315,29 @@ def pad_network_channels(multiple: int | None):
         _channel_pad = old
 
 
+# Compiled networks only: the thin 3x3 convolutions as GEMMs over the pixel rows (`_standard_network_math`'s
+# thin_gemms). In the H200's B256 profile (25th session) the 3x3 convolutions' cuDNN kernels (forward, data and weight
+# gradients) took ~25 of the step's 61 ms of kernels at ~70 TFLOP/s, where the 1x1's GEMMs run near the tensor cores'
+# peak: as GEMMs their shapes are wide (K = 9 * C_in for conv1, N = 9 * C_out for conv3) and the im2col / tap sums
+# are one fused kernel each under torch.compile. Off until timed (bench variant graphed_bf16_nhwc_compiled_gemm3x3).
+# In fp32 the GEMMs run at cuBLAS's precision (full fp32 unless torch.backends.cuda.matmul.allow_tf32), not cuDNN's.
+_thin_gemms = False
+
+
+@contextlib.contextmanager
+def thin_convolutions_as_gemms(enabled: bool = True):
+    """Inside, compiled networks (`compiled_network_forward`) run their thin 3x3 convolutions as GEMMs; the same
+    function up to summation order. Graphs compiled or captured inside keep it."""
+    global _thin_gemms
+    if not isinstance(enabled, bool):
+        raise ValueError(f"thin_convolutions_as_gemms takes True or False, got {enabled!r}")
+    old, _thin_gemms = _thin_gemms, enabled
+    try:
+        yield
+    finally:
+        _thin_gemms = old
+
+
 def compiled_network_forward(net: CouplingNetwork, x: torch.Tensor, bf16: bool = False,
                              channels_last: bool = False) -> torch.Tensor:
     """`CouplingNetwork.forward` of a standard network by one `torch.compile`d function (the module docstring's
@@ -279,7 +345,7 @@ def compiled_network_forward(net: CouplingNetwork, x: torch.Tensor, bf16: bool =
     plain function (the outer compile fuses it)."""
     c1, c2, c3 = net.conv1, net.conv2, net.conv3
     args = (x, c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight, c3.conv.bias, c3.logs,
-            float(c3.logscale_factor), bf16, channels_last, network_channel_pad(bf16))
+            float(c3.logscale_factor), bf16, channels_last, network_channel_pad(bf16), _thin_gemms)
     if torch.compiler.is_compiling():
         return _standard_network_math(*args)
     with torch._dynamo.config.patch(**{_LIMIT_KEY: max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, _LIMIT_KEY))}):

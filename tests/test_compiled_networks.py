@@ -24,7 +24,7 @@ from glowfast.reference.coupling import CouplingNetwork
 
 from conftest import cuda_devices
 from helpers import assert_option_keeps_the_fused_model
-from tolerances import assert_exact
+from tolerances import assert_bf16, assert_exact
 
 
 def _weighted_grads(out, inputs):
@@ -234,3 +234,114 @@ def test_channel_padding_really_pads_the_thin_convolutions():
         _standard_network_math(torch.randn(1, 6, 4, 4), c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight,
                                c3.conv.bias, c3.logs, 3.0, False, False, 8)
     assert mode.shapes == [(8, 32), (32, 32), (32, 16)]
+
+
+# ------------------------------------------------------------------ the thin 3x3 convolutions as GEMMs (25th session)
+def _thin_gemm_math(net, x, bf16=False, channels_last=False, pad=0):
+    from glowfast.amp import _standard_network_math
+
+    c1, c2, c3 = net.conv1, net.conv2, net.conv3
+    return _standard_network_math(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight, c3.conv.bias, c3.logs,
+                                  float(c3.logscale_factor), bf16, channels_last, pad, True)
+
+
+@pytest.mark.parametrize("pad", [0, 8])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (1, 2, 1, 4)])
+def test_thin_gemms_equal_the_module_in_float64(shape, pad):
+    """The GEMM forms of the 3x3 convolutions (im2col + GEMM for conv1, GEMM to taps + shifted tap sums for conv3)
+    in float64, eager: the module's output and the gradients of x and every parameter to float64 rounding; odd,
+    non-square images, a 1-pixel-high one (every tap but the middle row falls outside), with and without padding."""
+    torch.manual_seed(0)
+    net = CouplingNetwork(shape[1], 16, 2 * shape[1]).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    inputs = [x, *net.parameters()]
+    out, ref = _thin_gemm_math(net, x, pad=pad), net(x)
+    assert out.shape == ref.shape and out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    names = ["x", *(n for n, _ in net.named_parameters())]
+    for name, a, e in zip(names, _weighted_grads(out, inputs), _weighted_grads(ref, inputs), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_thin_gemms_leave_no_convolution():
+    """Under thin_gemms the network launches no convolution at all (the 1x1 is a GEMM as well): three matrix
+    products instead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    net = CouplingNetwork(6, 32, 12)
+    with torch.no_grad(), Ops() as mode:
+        _thin_gemm_math(net, torch.randn(1, 6, 4, 4))
+    assert not [n for n in mode.names if "convolution" in n]
+    assert sum(n.split(".")[0] in ("mm", "addmm") for n in mode.names) == 3
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+def test_compiled_thin_gemms_equal_the_module(device, exact_precision):
+    """compiled_network_forward inside thin_convolutions_as_gemms(): the module's output and every gradient at the
+    exact-fp32 tolerances (compiled; on a GPU without TF32), padded as bf16 networks pad by default; a bad value
+    is refused."""
+    from glowfast.amp import pad_network_channels, thin_convolutions_as_gemms
+
+    torch.manual_seed(0)
+    net = CouplingNetwork(6, 32, 12).to(device)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(2, 6, 5, 7, device=device, requires_grad=True)
+    inputs = [x, *net.parameters()]
+    ref = net(x)
+    with thin_convolutions_as_gemms(), pad_network_channels(8):
+        out = compiled_network_forward(net, x)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    assert_exact(out, ref, "out", "network output")
+    names = ["x", *(n for n, _ in net.named_parameters())]
+    for name, a, e in zip(names, _weighted_grads(out, inputs), _weighted_grads(ref, inputs), strict=True):
+        assert_exact(a, e, "grad", name)
+    with pytest.raises(ValueError, match="True or False"), thin_convolutions_as_gemms(1):
+        pass
+
+
+@pytest.mark.parametrize("device", cuda_devices())
+def test_compiled_bf16_thin_gemms_err_as_the_eager_bf16_options(device):
+    """bf16 channels_last with the thin GEMMs (the benchmark variant) against a float64 module: errors within the
+    BF16 rule of the eager bf16 options' errors (tolerances.py; the GEMM to taps rounds each tap to bf16 before the
+    fp32 sum, where cuDNN rounds the sum once), fp32 NCHW output and fp32 gradients."""
+    from glowfast.amp import thin_convolutions_as_gemms
+
+    torch.manual_seed(0)
+    net = CouplingNetwork(6, 32, 12).to(device)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    net64 = copy.deepcopy(net).double()
+    x = torch.randn(2, 6, 8, 8, device=device, requires_grad=True)
+    x64 = x.detach().double().requires_grad_(True)
+    ref64 = net64(x64)
+    grads64 = _weighted_grads(ref64, [x64, *net64.parameters()])
+    holder = torch.nn.ModuleList([net])
+    enable_bf16_networks(holder)
+    enable_channels_last_networks(holder)
+    inputs = [x, *net.parameters()]
+    ref = net(x)  # the eager options: cuDNN's bf16 convolutions
+    enable_compiled_networks(holder)
+    with thin_convolutions_as_gemms():
+        out = net(x)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert_bf16(out, ref, ref64, "out", "network output")
+    names = ["x", *(n for n, _ in net.named_parameters())]
+    for name, a, e, e64 in zip(names, _weighted_grads(out, inputs), _weighted_grads(ref, inputs), grads64,
+                               strict=True):
+        assert a.dtype == torch.float32
+        assert_bf16(a, e, e64, "grad", name)
