@@ -42,7 +42,7 @@ OPTIMIZERS = ("adamax", "adam")
 RESUMABLE_OVERRIDES = ("steps", "epochs", "eval_interval", "ckpt_interval", "log_interval", "device", "backend",
                        "max_nonfinite", "progress", "num_workers", "eval_batch_size", "data_dir", "threads",
                        "cuda_graphs", "channels_last", "memory_saving", "gemm_networks", "triton_networks",
-                       "compile_networks", "precompile", "cudnn_benchmark")
+                       "compile_networks", "precompile", "cudnn_benchmark", "fused_optimizer")
 
 DEFAULTS_NOTE = "defaults: a small digits model that trains in a few minutes on 2 CPU cores"
 
@@ -107,6 +107,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add(g, "--warmup-steps", type=int, default=100, help="linear learning-rate warm-up from lr/warmup to lr")
     add(g, "--lr-schedule", choices=("constant", "cosine"), default="constant",
         help="after warm-up: constant, or a cosine decay from lr over the remaining steps (0 after the last)")
+    add(g, "--fused-optimizer", action=argparse.BooleanOptionalAction, default=False,
+        help="adamax only: its update as one Triton kernel on CUDA (glowfast.optim.FusedAdamax: the same optimiser, "
+             "state and checkpoints; torch's step elsewhere); may change on --resume")
     add(g, "--weight-decay", type=float, default=0.0)
     add(g, "--grad-clip", type=float, default=50.0, help="clip the global gradient norm to this (0: off)")
     add(g, "--ema-decay", type=float, default=0.0,
@@ -286,6 +289,8 @@ def validate(cfg: dict) -> None:
     bad = [t for t in cfg.get("temperatures") or () if not is_temperature(t)]
     if bad:  # else the first evaluation's sample grids would fail, hundreds of steps in
         raise ValueError(f"--temperatures must be finite and >= 0, got {bad[0]}")
+    if cfg.get("fused_optimizer") and cfg["optimizer"].lower() != "adamax":
+        raise ValueError(f"--fused-optimizer fuses Adamax's update; --optimizer is {cfg['optimizer']}")
     layouts = [f"--{k.replace('_', '-')}" for k in ("channels_last", "gemm_networks", "triton_networks") if cfg.get(k)]
     if len(layouts) > 1:
         raise ValueError(f"{' and '.join(layouts)} are different network layouts; choose one")

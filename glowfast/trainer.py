@@ -253,6 +253,10 @@ class Trainer:
         params = self.model.parameters()
         wd = self.cfg.get("weight_decay", 0.0)
         if opt == "adamax":
+            if self.cfg.get("fused_optimizer"):  # the same optimiser and state dict, one kernel per update
+                from .optim import FusedAdamax
+
+                return FusedAdamax(params, lr=self.cfg["lr"], weight_decay=wd)
             return torch.optim.Adamax(params, lr=self.cfg["lr"], weight_decay=wd)
         if opt == "adam":
             return torch.optim.Adam(params, lr=self.cfg["lr"], weight_decay=wd)

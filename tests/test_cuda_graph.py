@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from glowfast.checkpoint import LAST, load_checkpoint
 from glowfast.cuda_graph import GraphedStep, check_graphable
 from glowfast.model import Glow
 from glowfast.train import main
@@ -210,3 +211,30 @@ def test_graphed_training_run_with_compiled_bf16_nhwc_networks(tmp_path):
     assert train and all(math.isfinite(r["loss"]) for r in train) and train[-1]["loss"] < train[0]["loss"]
     assert main(["--resume", str(run), "--steps", "10", "--no-progress"]) == 0
     assert json.loads((run / "summary.json").read_text())["step"] == 10
+
+
+@requires_cuda
+def test_graphed_training_run_with_the_fused_optimizer(tmp_path):
+    """--cuda-graphs with --fused-optimizer: FusedAdamax's kernel updates the graph's gradient tensors after each
+    replay (its pointer tables built once and kept), and the run's weights stay those of the same run with torch's
+    Adamax (a loose tolerance: eight steps of GPU rounding); it resumes."""
+    from glowfast.optim import FusedAdamax
+
+    counts = []
+
+    def count(event, trainer):
+        if event == "after_step":
+            assert isinstance(trainer.optimizer, FusedAdamax)
+            counts.append((trainer.optimizer.kernel_steps, len(trainer.optimizer._tables)))
+
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    assert main(CUDA_TINY + ["--steps", "8", "--eval-interval", "8", "--cuda-graphs", "--run-dir", str(plain)]) == 0
+    assert main(CUDA_TINY + ["--steps", "8", "--eval-interval", "8", "--cuda-graphs", "--fused-optimizer",
+                             "--run-dir", str(fused)], callbacks=[count]) == 0
+    assert counts == [(k, 1) for k in range(1, 9)]
+    a = load_checkpoint(plain / "checkpoints" / LAST)["model"]
+    b = load_checkpoint(fused / "checkpoints" / LAST)["model"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert main(["--resume", str(fused), "--steps", "10", "--no-progress"]) == 0
+    assert json.loads((fused / "summary.json").read_text())["step"] == 10

@@ -362,6 +362,39 @@ def test_compile_networks_option(tmp_path, capsys):
         assert "choose one" in capsys.readouterr().err
 
 
+def test_fused_optimizer_option_trains_as_adamax_and_may_change_on_resume(tmp_path, capsys):
+    """--fused-optimizer: FusedAdamax's kernel makes the updates (here under the interpreter, CI's kernel device), and
+    the run's weights equal torch's Adamax run's after the same steps (the optimiser tolerance); its checkpoint
+    resumes without the flag and goes on as the plain run does; with --optimizer adam it is refused."""
+    from glowfast.optim import FusedAdamax
+
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    kernel_steps = []
+
+    def count(event, trainer):
+        if event == "after_step":
+            assert isinstance(trainer.optimizer, FusedAdamax)
+            kernel_steps.append(trainer.optimizer.kernel_steps)
+
+    assert main(TINY + ["--steps", "3", "--eval-interval", "3", "--run-dir", str(plain)]) == 0
+    assert main(TINY + ["--steps", "3", "--eval-interval", "3", "--fused-optimizer", "--run-dir", str(fused)],
+                callbacks=[count]) == 0
+    assert kernel_steps == [1, 2, 3]
+    assert json.loads((fused / "config.json").read_text())["fused_optimizer"] is True
+    for step in (3, 5):
+        a, b = _model_state(plain), _model_state(fused)
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        if step == 3:
+            assert main(["--resume", str(plain), "--steps", "5", "--no-progress"]) == 0
+            assert main(["--resume", str(fused), "--steps", "5", "--no-fused-optimizer", "--no-progress"]) == 0
+    assert load_checkpoint(fused / "checkpoints" / LAST)["step"] == 5
+    assert main(TINY + ["--steps", "2", "--optimizer", "adam", "--fused-optimizer", "--run-dir",
+                        str(tmp_path / "x")]) == 2
+    assert "--fused-optimizer fuses Adamax's update" in capsys.readouterr().err
+
+
 def test_one_process_per_run_folder(tmp_path):
     """While a run trains, a second process on its folder (the same --run-dir, or --resume of it) exits 2 with a
     clear error and changes nothing; the run then completes as if alone."""
