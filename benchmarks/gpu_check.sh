@@ -337,13 +337,15 @@ bench_compile() {
 }
 
 profile() {
-    # the CIFAR-10 step at batch 64 (issue 6's first target): with compiled bf16 NHWC networks (the fastest graphed
-    # variant so far, 24th session: first), with bf16 NHWC networks and with fp32 cuDNN networks; the kernels
-    # startup/bench_model compiled are reused
-    # PROFILE_BATCHES (default "64") and PROFILE_FLAGS (';'-separated option sets, "none" for the fp32 step) pick
-    # other steps
+    # the CIFAR-10 step at batch 64 (issue 6's first target): compiled bf16 NHWC networks with their thin 3x3 convs
+    # as GEMMs and FusedAdamax (written in the 25th session for the B256 gap, untimed), then the compiled networks
+    # as they are (the fastest measured), then bf16 NHWC networks; the kernels startup/bench_model compiled are
+    # reused. PROFILE_BATCHES (default "64") and PROFILE_FLAGS (';'-separated option sets, "none" for the fp32 step)
+    # pick other steps
     local rc=0 flags batch sets
-    IFS=';' read -r -a sets <<< "${PROFILE_FLAGS:---bf16 --channels-last --compile-networks;--bf16 --channels-last;none}"
+    local default="--bf16 --channels-last --compile-networks --thin-gemms --fused-optimizer"
+    default+=";--bf16 --channels-last --compile-networks;--bf16 --channels-last"
+    IFS=';' read -r -a sets <<< "${PROFILE_FLAGS:-$default}"
     for batch in ${PROFILE_BATCHES:-64}; do
         for flags in "${sets[@]}"; do
             [ "$flags" = none ] && flags=""

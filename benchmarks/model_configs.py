@@ -20,9 +20,15 @@ def model_config(name: str) -> dict:
     return {**CONFIGS[name], **COMMON}
 
 
-def glow_train_step(model, x):
-    """One training step on the fixed batch x: forward (mean bits/dim), backward, Adamax step; returns the loss."""
-    opt = torch.optim.Adamax(model.parameters(), lr=LR)
+def glow_train_step(model, x, fused_optimizer: bool = False):
+    """One training step on the fixed batch x: forward (mean bits/dim), backward, Adamax step (glowfast's
+    FusedAdamax with `fused_optimizer`); returns the loss."""
+    if fused_optimizer:
+        from glowfast.optim import FusedAdamax
+
+        opt = FusedAdamax(model.parameters(), lr=LR)
+    else:
+        opt = torch.optim.Adamax(model.parameters(), lr=LR)
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -73,9 +73,10 @@ def _kernel_times_us(prof, on_cuda: bool) -> dict[str, tuple[float, int]]:
 
 
 def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = False, channels_last: bool = False,
-            triton_networks: bool = False, compile_networks: bool = False, steps: int = 5, warmup: int = 3,
-            top: int = 15) -> dict:
+            triton_networks: bool = False, compile_networks: bool = False, thin_gemms: bool = False,
+            fused_optimizer: bool = False, steps: int = 5, warmup: int = 3, top: int = 15) -> dict:
     from glowfast import Glow
+    from glowfast.amp import thin_convolutions_as_gemms
 
     torch.manual_seed(0)
     model = Glow(**model_config(config), backend=backend).to(device)
@@ -98,7 +99,14 @@ def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = 
     x = torch.randint(0, 256, (batch, *model_config(config)["image_shape"]), dtype=torch.uint8, device=device)
     with torch.no_grad():
         model(x)  # ActNorm's data-dependent init
-    step = glow_train_step(model, x)
+    with thin_convolutions_as_gemms(thin_gemms):  # read at each call of a compiled network
+        return _profile_step(glow_train_step(model, x, fused_optimizer), device, steps, warmup, top,
+                             dict(config=config, batch=batch, backend=backend, bf16=bf16, channels_last=channels_last,
+                                  triton_networks=triton_networks, compile_networks=compile_networks,
+                                  thin_gemms=thin_gemms, fused_optimizer=fused_optimizer))
+
+
+def _profile_step(step, device: str, steps: int, warmup: int, top: int, options: dict) -> dict:
     on_cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     for _ in range(warmup):  # kernel compiles, cuDNN's autotuner, allocator growth
@@ -121,9 +129,7 @@ def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = 
     total_ms = sum(by_cat.values()) / steps / 1e3
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     return dict(
-        config=config, batch=batch, device=torch.cuda.get_device_name(device) if on_cuda else "cpu",
-        backend=backend, bf16=bf16, channels_last=channels_last, triton_networks=triton_networks,
-        compile_networks=compile_networks, steps=steps,
+        **options, device=torch.cuda.get_device_name(device) if on_cuda else "cpu", steps=steps,
         torch=torch.__version__, time="device (kernels)" if on_cuda else "CPU (operators' self time)",
         wall_ms_per_step=round(wall_ms, 3), busy_ms_per_step=round(total_ms, 3),
         categories={k: round(v / steps / 1e3, 4) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
@@ -137,7 +143,9 @@ def markdown(records: list[dict]) -> str:
     for r in records:
         flags = ", ".join(f for f, on in (("bf16 networks", r["bf16"]), ("channels_last", r["channels_last"]),
                                           ("Triton networks", r["triton_networks"]),
-                                          ("compiled networks", r.get("compile_networks"))) if on) or "fp32 networks"
+                                          ("compiled networks", r.get("compile_networks")),
+                                          ("thin 3x3 convs as GEMMs", r.get("thin_gemms")),
+                                          ("FusedAdamax", r.get("fused_optimizer"))) if on) or "fp32 networks"
         lines += [f"## {r['config']}, batch {r['batch']}, {r['backend']} ({flags}) on {r['device']}", "",
                   f"{r['time']}: {r['busy_ms_per_step']:.2f} ms per step, wall time {r['wall_ms_per_step']:.2f} ms "
                   f"per eager step ({r['steps']} steps profiled, torch {r['torch']}).", "",
@@ -161,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--channels-last", action="store_true", help="coupling networks in channels_last")
     ap.add_argument("--triton-networks", action="store_true", help="glowfast's Triton coupling networks")
     ap.add_argument("--compile-networks", action="store_true", help="coupling networks torch.compile'd (glowfast.amp)")
+    ap.add_argument("--thin-gemms", action="store_true",
+                    help="with --compile-networks: the thin 3x3 convs as GEMMs (amp.thin_convolutions_as_gemms)")
+    ap.add_argument("--fused-optimizer", action="store_true", help="glowfast.optim.FusedAdamax instead of torch's")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", required=True, help="folder: profile.json (appended) and profile.md")
@@ -169,7 +180,8 @@ def main(argv=None) -> int:
         ap.error("no CUDA device (--device cpu profiles operators on the CPU, a smoke run)")
     rec = profile(args.config, args.batch, args.device, args.backend, bf16=args.bf16,
                   channels_last=args.channels_last, triton_networks=args.triton_networks,
-                  compile_networks=args.compile_networks, steps=args.steps,
+                  compile_networks=args.compile_networks, thin_gemms=args.thin_gemms,
+                  fused_optimizer=args.fused_optimizer, steps=args.steps,
                   warmup=args.warmup)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ the tiny configuration end to end. A GPU session has no time for a profile that 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,19 @@ def test_cpu_run_writes_parts_that_sum_to_the_step_and_appends_records(tmp_path)
         assert times == sorted(times, reverse=True) and len(times) == 15
     md = (tmp_path / "profile.md").read_text()
     assert md.count("## mnist_K4_h128, batch 2, reference (fp32 networks) on cpu") == 2
+
+
+def test_fused_optimizer_run_is_recorded_and_named(tmp_path):
+    """--fused-optimizer profiles the step with FusedAdamax (here its kernel under the interpreter): the record says
+    so, the heading names it, and the optimiser's part is there."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--config", "mnist_K4_h128", "--batch", "2",
+           "--device", "cpu", "--backend", "reference", "--steps", "1", "--warmup", "0", "--fused-optimizer",
+           "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    (r,) = json.loads((tmp_path / "profile.json").read_text())
+    assert r["fused_optimizer"] is True and r["thin_gemms"] is False and r["categories"]["optimiser"] > 0
+    assert "## mnist_K4_h128, batch 2, reference (FusedAdamax) on cpu" in (tmp_path / "profile.md").read_text()
 
 
 def test_no_cuda_device_is_a_one_line_error(tmp_path, capsys):
