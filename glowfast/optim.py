@@ -6,9 +6,9 @@ kernel that reads and writes each tensor once instead of torch's six foreach pas
 fp32 rounding (fused multiply-adds; tests/test_optim.py).
 
 Where the kernel cannot run, the group steps with torch's own functional Adamax instead, the same update: CPU
-tensors outside the Triton interpreter, non-fp32 or non-contiguous tensors (`kernels.adamax.check_group`), and the
-`capturable` / `differentiable` variants (which torch's Adamax takes as options; this class keeps them on torch's
-path). `kernel_steps` counts the group updates the kernel made.
+tensors outside the Triton interpreter, non-fp32 or non-contiguous tensors (`kernels.adamax.check_group`), and
+`capturable` groups (torch's option; kept on torch's path). `differentiable=True` is refused. `kernel_steps` counts
+the group updates the kernel made.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def _kernel_runs(t: torch.Tensor) -> bool:
 
 class FusedAdamax(torch.optim.Adamax):
     """`torch.optim.Adamax(params, lr, betas, eps, weight_decay, maximize=...)` with a fused update (module
-    docstring). `foreach`, `capturable` and `differentiable` are torch's options and run torch's step."""
+    docstring). `foreach` and `capturable` are torch's options and run torch's step; `differentiable` is refused."""
 
     def __init__(self, params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, **kwargs):
+        if kwargs.get("differentiable"):  # its step must run with grad enabled, which this one's does not
+            raise ValueError("FusedAdamax does not take differentiable=True; use torch.optim.Adamax")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
         self._tables: dict = {}  # (group index[, tensor indices]) -> kernels.adamax.AdamaxTables
         self.kernel_steps = 0
@@ -57,11 +59,11 @@ class FusedAdamax(torch.optim.Adamax):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            if group["capturable"] or group["differentiable"] or not self._fusable(params, grads, exp_avgs, exp_infs):
+            if group["capturable"] or not self._fusable(params, grads, exp_avgs, exp_infs):
                 torch_adamax(params, grads, exp_avgs, exp_infs, steps, eps=group["eps"], beta1=beta1, beta2=beta2,
                              lr=group["lr"], weight_decay=group["weight_decay"], foreach=group["foreach"],
-                             maximize=group["maximize"], differentiable=group["differentiable"],
-                             capturable=group["capturable"], has_complex=has_complex)
+                             maximize=group["maximize"], differentiable=False, capturable=group["capturable"],
+                             has_complex=has_complex)
                 continue
             self._fused_group_step(gi, group, params, grads, exp_avgs, exp_infs, steps)
         return loss

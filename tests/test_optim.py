@@ -10,7 +10,7 @@ import torch
 
 from glowfast.optim import FusedAdamax
 
-from conftest import kernel_devices
+from conftest import kernel_devices, requires_cuda
 from tolerances import assert_exact
 
 # sizes around the kernel's block (BLOCK = 1024 elements per program): inside one, one short, one over, two full,
@@ -126,8 +126,8 @@ def test_tables_follow_the_tensors_after_a_loaded_state(device):
 
 
 def test_unfusable_groups_run_torch_adamax():
-    """float64 parameters, a non-contiguous one, and CPU tensors outside the interpreter: torch's own step, the
-    same values bit for bit, and the kernel never runs."""
+    """float64 parameters, a non-contiguous one, and CPU tensors outside the interpreter: torch's own step, the same
+    values bit for bit, and the kernel never runs; differentiable=True is refused."""
     import os
 
     for p in (torch.randn(5, 4, dtype=torch.float64), torch.randn(6, 4).t()):
@@ -139,6 +139,8 @@ def test_unfusable_groups_run_torch_adamax():
             ref.step()
         assert fused.kernel_steps == 0
         assert torch.equal(ours[0], theirs[0]) and not torch.equal(ours[0], p)
+    with pytest.raises(ValueError, match="differentiable"):
+        FusedAdamax(_params("cpu"), differentiable=True)
     if os.environ.get("TRITON_INTERPRET") != "1":
         cpu = [torch.randn(10, requires_grad=True)]
         opt = FusedAdamax(cpu)
@@ -190,3 +192,16 @@ def test_fused_adamax_trains_a_glow_model_as_torch_adamax(device):
     assert fused.kernel_steps == 3
     for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert_exact(a, b, "grad", name)  # three steps of training: the gradients' summation-order tolerance
+
+
+@requires_cuda
+def test_capturable_groups_run_torch_adamax():
+    """capturable=True (torch's option for steps inside CUDA graphs; CUDA only): torch's own step, bit for bit."""
+    ours = _params("cuda", sizes=[(3000,)])
+    theirs = _twin(ours)
+    fused, ref = FusedAdamax(ours, lr=1e-2, capturable=True), torch.optim.Adamax(theirs, lr=1e-2, capturable=True)
+    for step in range(2):
+        _set_grads(step, ours, theirs)
+        fused.step()
+        ref.step()
+    assert fused.kernel_steps == 0 and torch.equal(ours[0], theirs[0])
