@@ -70,7 +70,7 @@ import time
 
 import pytest
 import torch
-from model_configs import LR, glow_train_step, model_config
+from model_configs import LR, adamax, glow_train_step, model_config
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA, reason="full-size configuration: CUDA only")
@@ -134,12 +134,7 @@ def _graphed_train_step(model, x, compile_optimizer: bool = False, fused_optimiz
     from glowfast.cuda_graph import GraphedStep
 
     _init_actnorm(model, x)
-    if fused_optimizer:
-        from glowfast.optim import FusedAdamax
-
-        opt = FusedAdamax(model.parameters(), lr=LR)
-    else:
-        opt = torch.optim.Adamax(model.parameters(), lr=LR)
+    opt = adamax(model.parameters(), fused_optimizer)
     opt_step = torch.compile(opt.step) if compile_optimizer else opt.step
 
     def loss_and_grads(x):

@@ -349,7 +349,7 @@ profile() {
     for batch in ${PROFILE_BATCHES:-64}; do
         for flags in "${sets[@]}"; do
             [ "$flags" = none ] && flags=""
-            # shellcheck disable=SC2086  # $flags: zero to three options
+            # shellcheck disable=SC2086  # $flags: zero to five options
             TRITON_CACHE_DIR="$WORK/triton_cache_startup" $PY benchmarks/profile_step.py --config cifar10_K32 \
                 --batch "$batch" --backend fused $flags --steps 5 --out "$LOGS/profile" || rc=1
         done

@@ -20,15 +20,19 @@ def model_config(name: str) -> dict:
     return {**CONFIGS[name], **COMMON}
 
 
+def adamax(params, fused: bool = False) -> torch.optim.Optimizer:
+    """The benchmarks' optimiser: torch's Adamax at LR, or glowfast's FusedAdamax (`fused`)."""
+    if fused:
+        from glowfast.optim import FusedAdamax
+
+        return FusedAdamax(params, lr=LR)
+    return torch.optim.Adamax(params, lr=LR)
+
+
 def glow_train_step(model, x, fused_optimizer: bool = False):
     """One training step on the fixed batch x: forward (mean bits/dim), backward, Adamax step (glowfast's
     FusedAdamax with `fused_optimizer`); returns the loss."""
-    if fused_optimizer:
-        from glowfast.optim import FusedAdamax
-
-        opt = FusedAdamax(model.parameters(), lr=LR)
-    else:
-        opt = torch.optim.Adamax(model.parameters(), lr=LR)
+    opt = adamax(model.parameters(), fused_optimizer)
 
     def step():
         opt.zero_grad(set_to_none=True)

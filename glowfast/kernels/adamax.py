@@ -36,7 +36,7 @@ from .precompile import launch
 
 BLOCK = 1024  # elements per program, 8 per thread: 48 registers on sm_90 (2048 on 4 warps took 216, no spill)
 NUM_WARPS = 4
-# Non-pointer arguments that are not i32 (the sm_90 compile check's signature; _compile_check.signature)
+# The arguments whose types are not the sm_90 compile check's defaults (fp32 data pointers, i32 scalars)
 ARG_TYPES = {"table_ptr": "*i64", "numel_ptr": "*i64", "chunk_tensor_ptr": "*i32", "chunk_start_ptr": "*i64",
              "neg_clr": "fp32", "lerp_weight": "fp32", "beta2": "fp32", "eps": "fp32", "weight_decay": "fp32"}
 
