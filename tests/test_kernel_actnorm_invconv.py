@@ -19,7 +19,7 @@ from glowfast.kernels import (
 from glowfast.reference import ActNorm2d, InvConv1x1, Reverse, Shuffle
 
 from conftest import kernel_devices, requires_cuda
-from helpers import KERNEL_SHAPES, randomize_
+from helpers import KERNEL_SHAPES, OpLog, randomize_
 from tolerances import (
     TF32Conv1x1,
     TF32x3Conv1x1,
@@ -93,16 +93,20 @@ def test_backward_all_parameters(shape, perm, device, exact_precision):
 def test_backward_launch_loops_and_flags(need_dx, need_dw, dw_outside, programs, kernel_device):
     """The standalone backward launch over 4 masked tiles per sample, optional outputs. programs > 1 is the GPU's
     split reduction (one partial per program, unevenly many tiles each at 3), which CPU defaults never reach.
-    dw_outside: the weight gradient from the u the kernel wrote (masked tiles included), by one GEMM after it."""
+    dw_outside: the weight gradient from the u the kernel wrote (masked tiles included), by one GEMM after it. The
+    partials of all three parameter gradients are summed by one reduction."""
     actnorm, permute = make_layers(12, "plain", kernel_device)
     x = torch.randn(2, 12, 7, 9, requires_grad=True)
     y_ref = reference(actnorm, permute, x)
     grad_y = torch.randn_like(y_ref)
     gx, gb, gls, gw = torch.autograd.grad(y_ref, [x, actnorm.bias, actnorm.log_scale, permute.weight], grad_y)
-    dx, db, dls, dw = actnorm_invconv_backward(
-        x.detach(), grad_y, actnorm.bias, actnorm.log_scale, permute.weight,
-        need_dx=need_dx, need_dw=need_dw, dw_outside=dw_outside, block_p=16, programs_per_sample=programs,
-    )
+    with OpLog() as log:
+        dx, db, dls, dw = actnorm_invconv_backward(
+            x.detach(), grad_y, actnorm.bias, actnorm.log_scale, permute.weight,
+            need_dx=need_dx, need_dw=need_dw, dw_outside=dw_outside, block_p=16, programs_per_sample=programs,
+        )
+    # the parameter gradients' per-program partials share one buffer: one reduction sums them (three before)
+    assert [name for name, _, _ in log.calls].count("aten.sum") == 1
     assert_exact(db, gb, "grad", "bias")
     assert_exact(dls, gls, "grad", "log_scale")
     if need_dx:

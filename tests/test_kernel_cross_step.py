@@ -16,7 +16,7 @@ from glowfast.kernels import (
 from glowfast.reference import FlowStep
 
 from conftest import kernel_devices, requires_cuda
-from helpers import KERNEL_SHAPES, randomize_
+from helpers import KERNEL_SHAPES, OpLog, randomize_
 from tolerances import TF32Conv1x1, TF32x3Conv1x1, assert_exact, assert_grads_exact, assert_tf32, assert_tf32x3
 
 SHAPES = KERNEL_SHAPES
@@ -129,7 +129,8 @@ def test_padded_pixels_cannot_put_nan_into_the_parameter_gradients(kernel_device
 def test_backward_launch_loops_over_tiles(coupling, programs, need_dw, dw_outside, kernel_device):
     """Standalone backward over 4 masked tiles per sample. programs > 1 is the GPU's split reduction (one partial
     per program, unevenly many tiles each at 3), which CPU defaults never reach; need_dw=False drops grad W;
-    dw_outside computes it from the u the kernel wrote, by one GEMM after it."""
+    dw_outside computes it from the u the kernel wrote, by one GEMM after it. One reduction sums the partials of all
+    three parameter gradients."""
     step_k, step_next = make_steps(6, coupling, "plain", kernel_device)
     z = torch.randn(2, 6, 7, 9, requires_grad=True)
     h = net_out(step_k, z).detach().requires_grad_(True)
@@ -139,9 +140,11 @@ def test_backward_launch_loops_over_tiles(coupling, programs, need_dw, dw_outsid
     g_out, g_ld = torch.randn_like(out_ref), torch.randn(2)
     loss = (out_ref * g_out).sum() + (ld_ref * g_ld).sum()
     gz, gh, gb, gls, gw = torch.autograd.grad(loss, [z, h, an.bias, an.log_scale, pm.weight])
-    dz, dh, db, dls, dw = cross_step_backward(z.detach(), h.detach(), g_out, g_ld, an.bias, an.log_scale,
-                                              pm.weight, coupling == "affine", need_dw=need_dw,
-                                              dw_outside=dw_outside, block_p=16, programs_per_sample=programs)
+    with OpLog() as log:
+        dz, dh, db, dls, dw = cross_step_backward(z.detach(), h.detach(), g_out, g_ld, an.bias, an.log_scale,
+                                                  pm.weight, coupling == "affine", need_dw=need_dw,
+                                                  dw_outside=dw_outside, block_p=16, programs_per_sample=programs)
+    assert [name for name, _, _ in log.calls].count("aten.sum") == 1  # one reduction for the three gradients
     if need_dw:
         assert_exact(dw, gw, "grad", "W")
     else:

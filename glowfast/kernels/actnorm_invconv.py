@@ -190,7 +190,7 @@ def _actnorm_invconv_inv_kernel(
 def _actnorm_invconv_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, w_ptr, bias_ptr, log_scale_ptr,
     dw_part_ptr, dls_part_ptr, db_part_ptr, u_ptr,
-    C, HW, n_ptiles, G,
+    C, HW, n_ptiles, G, part_row,
     CP: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, STORE_U: tl.constexpr,
 ):
@@ -223,11 +223,11 @@ def _actnorm_invconv_bwd_kernel(
             tl.store(u_ptr + base + offs, u, mask=mask)
     part = b * G + g
     r = tl.arange(0, CP)
-    tl.store(dls_part_ptr + part * C + r, dls_acc, mask=r < C)
-    tl.store(db_part_ptr + part * C + r, db_acc, mask=r < C)
+    tl.store(dls_part_ptr + part * part_row + r, dls_acc, mask=r < C)
+    tl.store(db_part_ptr + part * part_row + r, db_acc, mask=r < C)
     if NEED_DW:
         wmask = (r[:, None] < C) & (r[None, :] < C)
-        tl.store(dw_part_ptr + part * C * C + r[:, None] * C + r[None, :], dw_acc, mask=wmask)
+        tl.store(dw_part_ptr + part * part_row + r[:, None] * C + r[None, :], dw_acc, mask=wmask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,44 +308,47 @@ def actnorm_invconv_backward(
     G = programs_per_sample or reduction_programs(B, n_pt, x.device)
     G = max(1, min(G, n_pt))
     dx = torch.empty_like(x) if need_dx else x.new_empty(1)
-    outside, dw_part, dls_part, db_part, u = param_grad_buffers(B, G, C, hw, need_dw, dw_outside, x.device)
+    outside, parts, (dw_part, dls_part, db_part), u = param_grad_buffers(B, G, C, hw, need_dw, dw_outside, x.device)
     with on_device_of(x):
         launch(_actnorm_invconv_bwd_kernel, (G, B),
             x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part, u,
-            C, hw, n_pt, G,
+            C, hw, n_pt, G, parts.shape[1],
             CP=cp, BLOCK_P=bp, PREC=prec, NEED_DX=need_dx, NEED_DW=need_dw and not outside, STORE_U=outside,
             **launch_options(cp, "actnorm_invconv_bwd", prec, bp),
         )
     return (dx if need_dx else None,
-            *param_grads(grad_y, u, dw_part, dls_part, db_part, outside, need_dw, bias, log_scale, weight))
+            *param_grads(grad_y, u, parts, outside, need_dw, bias, log_scale, weight))
 
 
 def param_grad_buffers(B: int, G: int, C: int, hw: int, need_dw: bool, dw_outside: bool | None, device):
-    """(outside, dw_part, dls_part, db_part, u) for a backward kernel with a 1x1-conv dot and G programs per sample:
-    per-program partial sums of dW (unless the weight gradient is `outside` the kernel: `weight_grad_outside`),
-    d log_scale and d bias, and u (B, C, HW) for the GEMM when outside (else dw_part: the kernel reads u_ptr only
-    with STORE_U)."""
+    """(outside, parts, (dw_part, dls_part, db_part), u) for a backward kernel with a 1x1-conv dot and G programs
+    per sample. `parts` is one (B*G, row) fp32 buffer of the per-program partial sums, each row [dW (C*C, unless the
+    weight gradient is `outside` the kernel: `weight_grad_outside`, or not needed) | d log_scale (C) | d bias (C)];
+    the kernel writes them through the three views (row stride `part_row` = row), and `param_grads` sums them in
+    one reduction (three per backward call before: ~190 small kernels per CIFAR-10 training step). u (B, C, HW)
+    for the GEMM when outside (else a placeholder: the kernel reads u_ptr only with STORE_U)."""
     f32 = dict(device=device, dtype=torch.float32)
     outside = need_dw and weight_grad_outside(dw_outside)
-    dw_part = torch.empty((B * G, C, C), **f32) if need_dw and not outside else torch.empty(1, **f32)
-    u = torch.empty((B, C, hw), **f32) if outside else dw_part
-    return outside, dw_part, torch.empty((B * G, C), **f32), torch.empty((B * G, C), **f32), u
+    n_dw = C * C if need_dw and not outside else 0
+    parts = torch.empty((B * G, n_dw + 2 * C), **f32)
+    views = (parts[:, :n_dw] if n_dw else parts, parts[:, n_dw:n_dw + C], parts[:, n_dw + C:])
+    u = torch.empty((B, C, hw), **f32) if outside else parts
+    return outside, parts, views, u
 
 
-def param_grads(dy, u, dw_part, dls_part, db_part, outside: bool, need_dw: bool, bias, log_scale, weight):
+def param_grads(dy, u, parts, outside: bool, need_dw: bool, bias, log_scale, weight):
     """(grad_bias, grad_log_scale, grad_W or None) from the buffers of `param_grad_buffers`, in the parameters'
-    dtypes."""
-    return (db_part.sum(0).to(bias.dtype), dls_part.sum(0).to(log_scale.dtype),
-            weight_grad(dy, u, dw_part, outside).to(weight.dtype) if need_dw else None)
-
-
-def weight_grad(dy: torch.Tensor, u: torch.Tensor, dw_part: torch.Tensor, outside: bool) -> torch.Tensor:
-    """dL/dW = sum over samples and pixels of dy u^T: the kernel's per-program partials summed, or (`outside`) one
-    fp32 GEMM of dy with the u the kernel wrote, (B, C, HW) (exact unless torch's fp32 matmuls were allowed TF32)."""
-    if not outside:
-        return dw_part.sum(0)
-    B, C = u.shape[:2]
-    return torch.einsum("bip,bjp->ij", dy.reshape(B, C, -1).to(torch.float32), u)
+    dtypes: the partials summed over programs in one reduction; or (`outside`) the weight gradient as one fp32 GEMM
+    of dy with the u the kernel wrote, (B, C, HW) (exact unless torch's fp32 matmuls were allowed TF32)."""
+    C = bias.numel()
+    sums = parts.sum(0)
+    n_dw = sums.numel() - 2 * C
+    grad_w = None
+    if need_dw:
+        grad_w = sums[:n_dw].view(C, C) if not outside else \
+            torch.einsum("bip,bjp->ij", dy.reshape(u.shape[0], C, -1).to(torch.float32), u)
+        grad_w = grad_w.to(weight.dtype)
+    return sums[n_dw + C:].to(bias.dtype), sums[n_dw:n_dw + C].to(log_scale.dtype), grad_w
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,9 +402,10 @@ def _(x, bias, log_scale, weight):
 def actnorm_invconv_backward_op(x: torch.Tensor, grad_y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor,
                                 weight: torch.Tensor, need_dx: bool, need_dw: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`actnorm_invconv_backward`; a gradient that is not needed comes back as an empty tensor."""
+    """`actnorm_invconv_backward`; a gradient that is not needed comes back as an empty tensor. The parameter
+    gradients are copied out of their shared reduction buffer (a custom op's outputs may not alias each other)."""
     dx, db, dls, dw = actnorm_invconv_backward(x, grad_y, bias, log_scale, weight, need_dx=need_dx, need_dw=need_dw)
-    return (dx if need_dx else x.new_empty(0), db, dls, dw if need_dw else weight.new_empty(0))
+    return (dx if need_dx else x.new_empty(0), db.clone(), dls.clone(), dw.clone() if need_dw else weight.new_empty(0))
 
 
 @actnorm_invconv_backward_op.register_fake

@@ -102,7 +102,7 @@ def _cross_step_fwd_kernel(
 def _cross_step_bwd_kernel(
     z_ptr, h_ptr, dout_ptr, dld_ptr, dz_ptr, dh_ptr, w_ptr, bias_ptr, log_scale_ptr,
     dw_part_ptr, dls_part_ptr, db_part_ptr, u_ptr,
-    C, CA, CB, HC, HW, n_ptiles, G,
+    C, CA, CB, HC, HW, n_ptiles, G, part_row,
     CP: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr, AFFINE: tl.constexpr,
     NEED_DW: tl.constexpr, STORE_U: tl.constexpr,
 ):
@@ -136,11 +136,11 @@ def _cross_step_bwd_kernel(
         coupling_store_dh(dh_ptr, h_base, c, p, CA, CB, HW, dshift, draw, mask_b, AFFINE)
     part = b * G + g
     r = tl.arange(0, CP)
-    tl.store(dls_part_ptr + part * C + r, dls_acc, mask=r < C)
-    tl.store(db_part_ptr + part * C + r, db_acc, mask=r < C)
+    tl.store(dls_part_ptr + part * part_row + r, dls_acc, mask=r < C)
+    tl.store(db_part_ptr + part * part_row + r, db_acc, mask=r < C)
     if NEED_DW:
         wmask = (r[:, None] < C) & (r[None, :] < C)
-        tl.store(dw_part_ptr + part * C * C + r[:, None] * C + r[None, :], dw_acc, mask=wmask)
+        tl.store(dw_part_ptr + part * part_row + r[:, None] * C + r[None, :], dw_acc, mask=wmask)
 
 
 @triton.jit
@@ -219,15 +219,15 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     grad_logdet = grad_logdet.contiguous()
     dz = torch.empty_like(z)
     dh = torch.empty_like(h)
-    outside, dw_part, dls_part, db_part, u = param_grad_buffers(B, G, C, hw, need_dw, dw_outside, z.device)
+    outside, parts, (dw_part, dls_part, db_part), u = param_grad_buffers(B, G, C, hw, need_dw, dw_outside, z.device)
     with on_device_of(z):
         launch(_cross_step_bwd_kernel, (G, B),
             z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part, u,
-            C, ca, cb, hc, hw, n_pt, G,
+            C, ca, cb, hc, hw, n_pt, G, parts.shape[1],
             CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, NEED_DW=need_dw and not outside, STORE_U=outside,
             **launch_options(cp, "cross_step_bwd", prec, bp),
         )
-    return dz, dh, *param_grads(grad_out, u, dw_part, dls_part, db_part, outside, need_dw, bias, log_scale, weight)
+    return dz, dh, *param_grads(grad_out, u, parts, outside, need_dw, bias, log_scale, weight)
 
 
 def step_inverse(y, h, bias, log_scale, weight_inv, affine: bool = True, *, block_p: int | None = None):
@@ -299,10 +299,11 @@ def cross_step_backward_op(z: torch.Tensor, h: torch.Tensor, grad_out: torch.Ten
                            grad_logdet: torch.Tensor | None, bias: torch.Tensor, log_scale: torch.Tensor,
                            weight: torch.Tensor, affine: bool, need_dw: bool
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`cross_step_backward`; grad_W comes back as an empty tensor when it is not needed."""
+    """`cross_step_backward`; grad_W comes back as an empty tensor when it is not needed. The parameter gradients
+    are copied out of their shared reduction buffer (a custom op's outputs may not alias each other)."""
     dz, dh, db, dls, dw = cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, affine,
                                               need_dw=need_dw)
-    return dz, dh, db, dls, dw if need_dw else weight.new_empty(0)
+    return dz, dh, db.clone(), dls.clone(), dw.clone() if need_dw else weight.new_empty(0)
 
 
 @cross_step_backward_op.register_fake
