@@ -3,10 +3,12 @@
 The fused (Triton) variants of the same ops live in bench_fused_step.py (the kernel engineer's file) under
 the same group names, so benchmarks/report.py puts them side by side and computes fused/reference and
 fused/compiled. Group names: `<op>/<fwd|fwdbwd>/B<batch>_C<channels>_<H>x<W>`; variants (extra_info) are
-`reference` and `compiled` here, except in two groups that hold their own fast variants: `step_params/*` (the
-parameter-side ops of all 96 CIFAR-10 steps; `fused` = glowfast.fused.level_weights) and `coupling_net/*` (one
-coupling network; `fused` / `fused_bf16` = channels_last with the 1x1 as a GEMM, `gemm` / `gemm_bf16` = every
-conv as a GEMM over pixels, `triton` = glowfast's Triton network).
+`reference` and `compiled` here, except in three groups that hold their own fast variants: `step_params/*` (the
+parameter-side ops of all 96 CIFAR-10 steps; `fused` = glowfast.fused.level_weights), `coupling_net/*` (one
+coupling network; `fused` / `fused_bf16` = channels_last with the 1x1 as a GEMM, `fused_bf16_compiled` = that as
+one torch.compile'd function, `_gemm3x3` with the thin 3x3 convs as GEMMs too, `gemm` / `gemm_bf16` = every conv as
+a GEMM over pixels, `triton` = glowfast's Triton network) and `optimizer/adamax/*` (one Adamax update of the
+CIFAR-10 model's parameters; `fused` = glowfast.optim.FusedAdamax).
 
 Ops (CIFAR-10 Glow shapes: the three levels after squeezing, 12x16x16, 24x8x8, 48x4x4)
 - actnorm_invconv: ActNorm2d -> InvConv1x1 (the reference layers' code) at the kernels' function boundary:
@@ -187,7 +189,8 @@ def test_step_params(cuda_timer, variant, device, mode):
 NET_SHAPES = [pytest.param((b, *s), id=f"B{b}_C{s[0]}_{s[1]}x{s[2]}") for b in (64, 256) for s in LEVEL_SHAPES]
 
 
-@pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "gemm", "gemm_bf16", "triton", "triton_bf16",
+@pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "fused_bf16_compiled",
+                                     "fused_bf16_compiled_gemm3x3", "gemm", "gemm_bf16", "triton", "triton_bf16",
                                      "triton_bf16_dots", "compiled"])
 @pytest.mark.parametrize("shape", NET_SHAPES)
 @pytest.mark.skipif(not HAS_CUDA, reason="hidden-512 coupling networks: CUDA only (seconds per call on a CPU)")
@@ -199,12 +202,16 @@ def test_coupling_network(cuda_timer, shape, variant, monkeypatch):
     glowfast.amp.gemm_network_forward); triton / triton_bf16 = glowfast's Triton network (`--triton-networks`,
     glowfast.kernels.coupling_net: thin 3x3 convs as fused implicit-GEMM kernels; fp32 or bf16 activations);
     triton_bf16_dots = triton_bf16 with bf16 tensor-core dots in the 3x3 convs (`use_bf16_dots`); compiled =
-    torch.compile of the NCHW module. Input and output stay NCHW, as the flow hands them over."""
+    torch.compile of the NCHW module; fused_bf16_compiled = fused_bf16 as one torch.compile'd function
+    (`--compile-networks`; the thin channels padded to 8), and `_gemm3x3` with its thin 3x3 convs as GEMMs
+    (glowfast.amp.thin_convolutions_as_gemms). Input and output stay NCHW, as the flow hands them over."""
     from glowfast.amp import (
         enable_bf16_networks,
         enable_channels_last_networks,
+        enable_compiled_networks,
         enable_gemm_networks,
         enable_triton_networks,
+        thin_convolutions_as_gemms,
     )
     from glowfast.reference.coupling import CouplingNetwork
 
@@ -216,8 +223,10 @@ def test_coupling_network(cuda_timer, shape, variant, monkeypatch):
     holder.net = CouplingNetwork(ca, 512, 2 * cb).to(device)
     with torch.no_grad():
         holder.net.conv3.conv.weight.normal_(0, 0.01)  # not the all-zero init: a realistic trained network
-    if variant in ("fused", "fused_bf16"):
+    if variant.startswith("fused"):
         enable_channels_last_networks(holder)
+    if "_compiled" in variant:
+        enable_compiled_networks(holder)
     if variant in ("gemm", "gemm_bf16"):
         enable_gemm_networks(holder)
     if variant.startswith("triton"):
@@ -238,17 +247,45 @@ def test_coupling_network(cuda_timer, shape, variant, monkeypatch):
     grad_out = torch.randn(b, 2 * cb, h, w, device=device)
     params = [x, *net.parameters()]
 
+    thin_gemms = variant.endswith("_gemm3x3")
+
     def call():
         for p in params:
             p.grad = None
-        out = fn(x)
+        with thin_convolutions_as_gemms(thin_gemms):
+            out = fn(x)
         out.backward(grad_out)
         return out
 
     extra = {}
-    if variant == "compiled":
+    if "compiled" in variant:
         with cuda_timer.fresh_compile_caches(extra):
             compile_s, _ = cuda_timer.first_call(call, device)
         extra["compile_s"] = round(compile_s, 2)
     cuda_timer(call, device=device, variant=variant, images=b, config={"shape": list(shape), "hidden": 512},
                **TIMING[device], **extra)
+
+
+# ------------------------------------------------------------------------------------------ the optimiser step
+@pytest.mark.parametrize("variant", ["reference", "fused"])
+@pytest.mark.skipif(not HAS_CUDA, reason="the CIFAR-10 model's 44M parameters: CUDA only")
+def test_adamax_step(cuda_timer, variant):
+    """One Adamax update of a CIFAR-10 Glow's parameters (K=32, L=3, hidden 512: ~44M in ~1,350 tensors), the
+    gradients given: reference = torch.optim.Adamax's foreach step (what the trainer runs by default); fused =
+    glowfast.optim.FusedAdamax (`--fused-optimizer`: one Triton kernel over all tensors, 7 passes over their
+    memory). Its time per call is the optimiser's share of every training step."""
+    from model_configs import adamax, model_config
+
+    from glowfast import Glow
+
+    device = "cuda"
+    if variant == "fused":
+        cuda_timer.skip_unless_fused(device)
+    cuda_timer.benchmark.group = "optimizer/adamax/cifar10_K32"
+    params = list(Glow(**model_config("cifar10_K32"), backend="reference").to(device).parameters())
+    gen = torch.Generator(device=device).manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-3
+    opt = adamax(params, fused=variant == "fused")
+    cuda_timer(opt.step, device=device, variant=variant,
+               config={"parameters": sum(p.numel() for p in params), "tensors": len(params)}, **TIMING[device])
