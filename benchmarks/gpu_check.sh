@@ -38,7 +38,9 @@
 #                (benchmarks/gpu_check_lu.sh, benchmarks/gpu_check_kernels.sh)
 #   startup      benchmarks/startup.py in fresh processes with an empty Triton cache: import, build, ActNorm init,
 #                first training step of the CIFAR-10 model (fused with its kernels precompiled in parallel, the
-#                default; fused compiling them at first launch; reference) -- issue 6's start-up target; then
+#                default; fused compiling them at first launch; reference; the fastest step's options, bf16 NHWC
+#                compiled networks and FusedAdamax, with empty inductor and Triton caches) -- issue 6's start-up
+#                target; then
 #                benchmarks/compile_overlap.py: do Triton compiles overlap on threads here (compile_overlap.json)
 #   bench_model  benchmarks/bench_model.py: training step + sampling, reference / fused / peer (CIFAR-10 first)
 #   bench_ops    per-op benchmarks: bench_batched_lu.py, bench_fused_step.py, bench_flow_ops.py (in that order)
@@ -59,7 +61,8 @@
 #
 # Knobs (environment): GPU_CHECK_STAGES="env build tests ..." (stages, run in the order given after env, build and
 # the side-by-side group; the presets' lists above), GPU_CHECK_BUDGET
-# (seconds), MAX_<stage> caps (tests, sanitizer, bench_model, bench_ops, profile, tune, train, tf32; preset defaults),
+# (seconds), MAX_<stage> caps (tests, sanitizer, startup, bench_model, bench_ops, profile, tune, train, tf32; preset
+# defaults),
 # GLOWFAST_GIT_COMMIT, GPU_TESTS (node ids or files instead of the whole suite: a rerun of what failed),
 # GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests, sanitizer and train (then tf32) side by side),
 # BENCH_MODEL_SELECT (pytest -k over bench_model's cases; session cifar10, extra mnist), BENCH_OPS_SELECT (pytest -k
@@ -300,13 +303,19 @@ startup() {
     # fresh processes, each with an empty Triton cache: what a user's first `python -m glowfast.train` pays
     # (issue 6: < 20 s). The fused path with its kernels precompiled in parallel (`--precompile`; its cache is the
     # one the later stages reuse), then as it runs by default, without the precompile (the serial compiles it
-    # would replace: before/after), then the reference.
-    rm -rf "$WORK/triton_cache_startup" "$WORK/triton_cache_serial"
+    # would replace: before/after), then the reference; last the fastest step's options (bf16 NHWC compiled
+    # networks, FusedAdamax) with empty Triton and inductor caches: the networks compile in its first step
+    rm -rf "$WORK/triton_cache_startup" "$WORK/triton_cache_serial" "$WORK/triton_cache_compiled" \
+        "$WORK/inductor_cache_startup"
     local rc=0 run
-    for run in "fused on triton_cache_startup" "fused off triton_cache_serial" "reference off triton_cache_serial"; do
+    for run in "fused on triton_cache_startup" "fused off triton_cache_serial" "reference off triton_cache_serial" \
+               "fused off triton_cache_compiled bf16_nhwc_compiled"; do
         set -- $run
-        TRITON_CACHE_DIR="$WORK/$3" $PY benchmarks/startup.py --config cifar10_K32 --batch 64 \
-            --backend "$1" --precompile "$2" --out "$WORK/startup.json" || rc=1
+        local options=()
+        [ -n "${4:-}" ] && options=(--networks "$4" --fused-optimizer)
+        TORCHINDUCTOR_CACHE_DIR="$WORK/inductor_cache_startup" TRITON_CACHE_DIR="$WORK/$3" \
+            $PY benchmarks/startup.py --config cifar10_K32 --batch 64 --backend "$1" --precompile "$2" \
+            "${options[@]}" --out "$WORK/startup.json" || rc=1
     done
     # why the H200's parallel precompile took as long as serial compiles: does the compiler overlap on threads here?
     $PY benchmarks/compile_overlap.py --specs 8 --threads 8 --out "$WORK/compile_overlap.json" || rc=1
@@ -415,7 +424,7 @@ run_stage() {  # the stage NAME with its cap, minimum and function
         build)         stage build 240 30 -- build ;;
         tests)         stage tests "${MAX_tests:-170}" 30 -- tests ;;
         sanitizer)     stage sanitizer "${MAX_sanitizer:-150}" 20 -- sanitizer ;;
-        startup)       stage startup 110 30 -- startup ;;
+        startup)       stage startup "${MAX_startup:-170}" 30 -- startup ;;
         bench_model)   stage bench_model "${MAX_bench_model:-170}" 40 -- bench_model_cold ;;
         bench_ops)     stage bench_ops "${MAX_bench_ops:-130}" 20 -- bench_ops_files ;;
         profile)       stage profile "${MAX_profile:-60}" 20 -- profile ;;

@@ -16,7 +16,9 @@ precompile that covered it) and the precompile record's `dry_seconds` (its dry s
 for the compilations).
 (Before 2026-11-26 the init ran inside the "first step", and the kernels compiled in the second, unmeasured.)
 Run it with `TRITON_CACHE_DIR` pointing at an empty folder (benchmarks/gpu_check.sh does) or the Triton compile
-time is not included. Appends one JSON record per run to --out (a list).
+time is not included (and TORCHINDUCTOR_CACHE_DIR too with `--networks bf16_nhwc_compiled`). `--networks` and
+`--fused-optimizer` give the step the training CLI's options of those names. Appends one JSON record per run to
+--out (a list).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ import time
 from pathlib import Path
 
 T0 = time.perf_counter()
+# --networks: the glowfast.amp options each choice enables
+NETWORK_OPTIONS = {"plain": (), "bf16_nhwc": ("bf16", "channels_last"),
+                   "bf16_nhwc_compiled": ("bf16", "channels_last", "compiled")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precompile", choices=("auto", "on", "off"), default="auto",
                     help="compile the step's kernels in parallel before it (auto: off, python -m glowfast.train's "
                          "default since the H200 measured it slower)")
+    ap.add_argument("--networks", choices=tuple(NETWORK_OPTIONS), default="plain",
+                    help="coupling network options: plain (fp32 cuDNN), bf16_nhwc (--amp bf16 --channels-last), "
+                         "bf16_nhwc_compiled (+ --compile-networks: the fastest step, whose first step compiles "
+                         "the networks; set TORCHINDUCTOR_CACHE_DIR to an empty folder for a cold start)")
+    ap.add_argument("--fused-optimizer", action="store_true", help="glowfast.optim.FusedAdamax (--fused-optimizer)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -65,12 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     model = Glow(**model_config(args.config), backend=args.backend)
     t_construct = time.perf_counter()  # the constructor alone (CPU: random orthogonal W, LU, conv inits)
     model = model.to(device)
+    from glowfast.amp import apply_network_options, eager_networks
+
+    options = NETWORK_OPTIONS[args.networks]
+    apply_network_options(model, {"amp": "bf16" if "bf16" in options else "none",
+                                  "channels_last": "channels_last" in options,
+                                  "compile_networks": "compiled" in options})
     x = torch.randint(0, 256, (args.batch, *model.image_shape), dtype=torch.uint8, device=device)
-    step = glow_train_step(model, x)
+    step = glow_train_step(model, x, args.fused_optimizer)
     t_build = mark()
 
-    with torch.no_grad():
-        model(x)  # ActNorm's data-dependent init (the trainer's initialize_actnorm runs it before the first step)
+    # ActNorm's data-dependent init, as the trainer's initialize_actnorm runs it before the first step (compiled
+    # networks eagerly: the first step compiles them)
+    with torch.no_grad(), eager_networks():
+        model(x)
     t_init = mark()
     path = model.resolve_backend(device)
     precompile = args.precompile == "on"
@@ -91,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     step()
     t_second = mark()
     record = {
-        "config": args.config, "batch": args.batch, "backend": args.backend,
+        "config": args.config, "batch": args.batch, "backend": args.backend, "networks": args.networks,
+        "fused_optimizer": args.fused_optimizer, "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
         "compute_path": path, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "glowfast": glowfast.__version__,
         "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR"),

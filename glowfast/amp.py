@@ -338,6 +338,23 @@ def thin_convolutions_as_gemms(enabled: bool = True):
         _thin_gemms = old
 
 
+_eager_only = False
+
+
+@contextlib.contextmanager
+def eager_networks():
+    """Inside, compiled networks run their eager options instead (the same function, no compile). For one-off
+    passes such as ActNorm's data-dependent init (glowfast.trainer.initialize_actnorm): compiled, it would compile
+    graphs for a batch size and grad mode training never uses (a quarter of the start-up compile on the CPU), and
+    dynamo, seeing a second batch size, would compile training's graphs for a dynamic one."""
+    global _eager_only
+    old, _eager_only = _eager_only, True
+    try:
+        yield
+    finally:
+        _eager_only = old
+
+
 def compiled_network_forward(net: CouplingNetwork, x: torch.Tensor, bf16: bool = False,
                              channels_last: bool = False) -> torch.Tensor:
     """`CouplingNetwork.forward` of a standard network by one `torch.compile`d function (the module docstring's
@@ -370,7 +387,8 @@ def _forward_with_options(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
         return apply_coupling_network(net, x, torch.bfloat16 if opts["bf16"] else torch.float32)
     # elsewhere a Triton network runs as the plain module (under autocast if bf16), the same function
-    if opts.get("compiled") and x.is_floating_point():  # .get: a whole model pickled before the option existed
+    # .get: a whole model pickled before the option existed
+    if opts.get("compiled") and x.is_floating_point() and not _eager_only:
         return compiled_network_forward(net, x, opts["bf16"], opts["channels_last"])
     if opts["gemm"]:
         forward = gemm_network_forward

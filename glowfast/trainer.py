@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .amp import apply_network_options
+from .amp import apply_network_options, eager_networks
 from .checkpoint import (
     LAST,
     PREV,
@@ -101,7 +101,8 @@ def initialize_actnorm(model: Glow, dataset, batch_size: int, seed: int, device:
     The images come from a private generator (the global RNG and the data order are untouched); under
     torch.distributed each rank takes a disjoint part of the same random subset and ActNorm averages the
     statistics over ranks, so the initialised parameters are identical everywhere. Runs the reference
-    backend (the same math) so it does not depend on a fused path's handling of the init.
+    backend (the same math) so it does not depend on a fused path's handling of the init, and compiled coupling
+    networks eagerly (`glowfast.amp.eager_networks`: nothing compiled for this one pass).
     """
     dist_info = dist_info or DistInfo()
     g = torch.Generator().manual_seed(seed + 7_654_321)
@@ -117,7 +118,8 @@ def initialize_actnorm(model: Glow, dataset, batch_size: int, seed: int, device:
     glow.train()
     glow.backend = "reference"
     try:
-        glow(x, y)
+        with eager_networks():  # compiled networks: no graphs for this one pass (glowfast.amp.eager_networks)
+            glow(x, y)
     finally:
         glow.backend = backend
         glow.train(was_training)

@@ -247,6 +247,22 @@ def test_startup_script_times_the_init_apart_and_precompiles_the_fused_step(tmp_
     assert cells[2] == "fused" and cells[6].startswith("nothing compiled")
 
 
+def test_startup_script_takes_the_network_options_and_the_fused_optimizer(tmp_path):
+    """--networks bf16_nhwc and --fused-optimizer (its kernel interpreted here) give the step those options; the
+    record keeps them and the report's path cell names them."""
+    out = tmp_path / "startup.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--config", "mnist_K4_h128",
+                           "--batch", "2", "--backend", "reference", "--device", "cpu", "--networks", "bf16_nhwc",
+                           "--fused-optimizer", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())
+    assert r["networks"] == "bf16_nhwc" and r["fused_optimizer"] is True and r["loss"] > 0
+    cells = table_row(run_report("--startup", out).stdout, "mnist_K4_h128")
+    assert cells[2] == "reference (bf16_nhwc, FusedAdamax)"
+
+
 def test_issue4_kernel_targets(bench_json, tmp_path):
     """Bandwidth rows are checked against 70% of the copy bandwidth, the K-step chain against 3x the reference."""
     data = json.loads(bench_json.read_text())

@@ -345,3 +345,28 @@ def test_compiled_bf16_thin_gemms_err_as_the_eager_bf16_options(device):
                                strict=True):
         assert a.dtype == torch.float32
         assert_bf16(a, e, e64, "grad", name)
+
+
+def test_eager_networks_compile_nothing_and_compute_the_same():
+    """Inside eager_networks() (ActNorm's init pass in the trainer) a compiled network runs its eager options:
+    dynamo compiles no frame, and the output is the compiled one's (exact-fp32 tolerance); outside it compiles."""
+    from torch._dynamo.utils import counters
+
+    from glowfast.amp import eager_networks
+
+    torch.manual_seed(0)
+    net = CouplingNetwork(2, 16, 4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    holder = torch.nn.ModuleList([net])
+    enable_compiled_networks(holder)
+    x = torch.randn(1, 2, 3, 5)
+    torch._dynamo.reset()
+    counters.clear()
+    with eager_networks():
+        eager = net(x)
+    assert sum(counters["frames"].values()) == 0
+    compiled = net(x)
+    assert counters["frames"]["ok"] >= 1
+    assert_exact(eager, compiled, "out", "network output")
