@@ -172,8 +172,11 @@ def _graphed_train_step(model, x, compile_optimizer: bool = False, fused_optimiz
 
 
 def _init_actnorm(model, x) -> None:
-    """Data-dependent actnorm init (the first training batch), eagerly, before any timing or compiling."""
-    with torch.no_grad():
+    """Data-dependent actnorm init (the first training batch), eagerly, before any timing or compiling; compiled
+    networks run eagerly for it, as in the trainer (glowfast.amp.eager_networks: no graphs for this pass)."""
+    from glowfast.amp import eager_networks
+
+    with torch.no_grad(), eager_networks():
         model(x)
 
 

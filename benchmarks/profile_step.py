@@ -97,8 +97,10 @@ def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = 
         if channels_last:
             enable_channels_last_networks(model)
     x = torch.randint(0, 256, (batch, *model_config(config)["image_shape"]), dtype=torch.uint8, device=device)
-    with torch.no_grad():
-        model(x)  # ActNorm's data-dependent init
+    from glowfast.amp import eager_networks
+
+    with torch.no_grad(), eager_networks():
+        model(x)  # ActNorm's data-dependent init (compiled networks eagerly, as the trainer runs it)
     with thin_convolutions_as_gemms(thin_gemms):  # read at each call of a compiled network
         return _profile_step(glow_train_step(model, x, fused_optimizer), device, steps, warmup, top,
                              dict(config=config, batch=batch, backend=backend, bf16=bf16, channels_last=channels_last,
