@@ -32,22 +32,20 @@ def _weighted_grads(out, inputs):
     return torch.autograd.grad((out * weights).sum(), inputs)
 
 
-@pytest.mark.parametrize("device", cuda_devices())
-@pytest.mark.parametrize("shape", [(3, 6, 8, 8), (2, 2, 5, 3)])
-def test_compiled_network_equals_the_module(device, shape, exact_precision):
-    """fp32: the compiled function = CouplingNetwork.forward, output and the gradients of x and every parameter
-    (the exact-fp32 tolerances; on a GPU without TF32); odd, non-square images too."""
+def _random_network(cin, hidden, cout, device="cpu", std=0.2, dtype=torch.float32):
+    """A standard network (seed 0) with every parameter drawn from N(0, std^2): no zero-initialised conv3."""
     torch.manual_seed(0)
-    net = CouplingNetwork(shape[1], 32, 2 * shape[1]).to(device)
+    net = CouplingNetwork(cin, hidden, cout).to(device=device, dtype=dtype)
     with torch.no_grad():
         for p in net.parameters():
-            p.normal_(0, 0.2)
-    x = torch.randn(*shape, device=device, requires_grad=True)
-    inputs = [x, *net.parameters()]
-    ref = net(x)
-    out = compiled_network_forward(net, x)
-    assert out.is_contiguous() and out.dtype == torch.float32
+            p.normal_(0, std)
+    return net
+
+
+def _assert_exact_with_grads(out, ref, x, net):
+    """out = ref and the gradients of x and every parameter equal, shapes included (exact-fp32 tolerances)."""
     assert_exact(out, ref, "out", "network output")
+    inputs = [x, *net.parameters()]
     names = ["x", *(n for n, _ in net.named_parameters())]
     for name, a, e in zip(names, _weighted_grads(out, inputs), _weighted_grads(ref, inputs), strict=True):
         assert a.shape == e.shape, name
@@ -55,15 +53,24 @@ def test_compiled_network_equals_the_module(device, shape, exact_precision):
 
 
 @pytest.mark.parametrize("device", cuda_devices())
+@pytest.mark.parametrize("shape", [(3, 6, 8, 8), (2, 2, 5, 3)])
+def test_compiled_network_equals_the_module(device, shape, exact_precision):
+    """fp32: the compiled function = CouplingNetwork.forward, output and the gradients of x and every parameter
+    (the exact-fp32 tolerances; on a GPU without TF32); odd, non-square images too."""
+    net = _random_network(shape[1], 32, 2 * shape[1], device)
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    ref = net(x)
+    out = compiled_network_forward(net, x)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    _assert_exact_with_grads(out, ref, x, net)
+
+
+@pytest.mark.parametrize("device", cuda_devices())
 def test_compiled_bf16_channels_last_network_equals_the_eager_options(device):
     """With bf16 and channels_last (the fast GPU configuration) the compiled function computes what the eager
     options compute: the same bf16 operations (inductor may round its fused intermediates differently: bf16's
     tolerance), fp32 NCHW output, fp32 gradients."""
-    torch.manual_seed(0)
-    net = CouplingNetwork(6, 32, 12).to(device)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.2)
+    net = _random_network(6, 32, 12, device)
     holder = torch.nn.ModuleList([net])
     enable_bf16_networks(holder)
     enable_channels_last_networks(holder)
@@ -153,22 +160,13 @@ def test_channel_padding_computes_the_same_function(device, exact_precision):
     the gradients keep the parameters' shapes. A bad multiple is refused."""
     from glowfast.amp import pad_network_channels
 
-    torch.manual_seed(0)
-    net = CouplingNetwork(6, 32, 12).to(device)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.2)
+    net = _random_network(6, 32, 12, device)
     x = torch.randn(2, 6, 5, 7, device=device, requires_grad=True)
-    inputs = [x, *net.parameters()]
     ref = net(x)
     with pad_network_channels(8):
         out = compiled_network_forward(net, x)
     assert out.shape == ref.shape and out.is_contiguous()
-    assert_exact(out, ref, "out", "network output")
-    names = ["x", *(n for n, _ in net.named_parameters())]
-    for name, a, e in zip(names, _weighted_grads(out, inputs), _weighted_grads(ref, inputs), strict=True):
-        assert a.shape == e.shape, name
-        assert_exact(a, e, "grad", name)
+    _assert_exact_with_grads(out, ref, x, net)
     for bad in (-8, 2.5, True, "8"):
         with pytest.raises(ValueError, match="channel padding"), pad_network_channels(bad):
             pass
@@ -195,11 +193,7 @@ def test_default_bf16_padding_keeps_the_compiled_network_equal_to_the_unpadded_o
     with the padding off: the same function up to bf16 rounding, values and the input's gradient."""
     from glowfast.amp import pad_network_channels
 
-    torch.manual_seed(0)
-    net = CouplingNetwork(6, 32, 12)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.2)
+    net = _random_network(6, 32, 12)
     x = torch.randn(2, 6, 4, 4, requires_grad=True)
     padded = compiled_network_forward(net, x, bf16=True)
     (gx_padded,) = torch.autograd.grad(padded.square().sum(), x)
@@ -251,11 +245,7 @@ def test_thin_gemms_equal_the_module_in_float64(shape, pad):
     """The GEMM forms of the 3x3 convolutions (im2col + GEMM for conv1, GEMM to taps + shifted tap sums for conv3)
     in float64, eager: the module's output and the gradients of x and every parameter to float64 rounding; odd,
     non-square images, a 1-pixel-high one (every tap but the middle row falls outside), with and without padding."""
-    torch.manual_seed(0)
-    net = CouplingNetwork(shape[1], 16, 2 * shape[1]).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
+    net = _random_network(shape[1], 16, 2 * shape[1], std=0.3, dtype=torch.float64)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     inputs = [x, *net.parameters()]
     out, ref = _thin_gemm_math(net, x, pad=pad), net(x)
@@ -294,21 +284,13 @@ def test_compiled_thin_gemms_equal_the_module(device, exact_precision):
     is refused."""
     from glowfast.amp import pad_network_channels, thin_convolutions_as_gemms
 
-    torch.manual_seed(0)
-    net = CouplingNetwork(6, 32, 12).to(device)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.2)
+    net = _random_network(6, 32, 12, device)
     x = torch.randn(2, 6, 5, 7, device=device, requires_grad=True)
-    inputs = [x, *net.parameters()]
     ref = net(x)
     with thin_convolutions_as_gemms(), pad_network_channels(8):
         out = compiled_network_forward(net, x)
     assert out.is_contiguous() and out.dtype == torch.float32
-    assert_exact(out, ref, "out", "network output")
-    names = ["x", *(n for n, _ in net.named_parameters())]
-    for name, a, e in zip(names, _weighted_grads(out, inputs), _weighted_grads(ref, inputs), strict=True):
-        assert_exact(a, e, "grad", name)
+    _assert_exact_with_grads(out, ref, x, net)
     with pytest.raises(ValueError, match="True or False"), thin_convolutions_as_gemms(1):
         pass
 
@@ -320,11 +302,7 @@ def test_compiled_bf16_thin_gemms_err_as_the_eager_bf16_options(device):
     fp32 sum, where cuDNN rounds the sum once), fp32 NCHW output and fp32 gradients."""
     from glowfast.amp import thin_convolutions_as_gemms
 
-    torch.manual_seed(0)
-    net = CouplingNetwork(6, 32, 12).to(device)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.2)
+    net = _random_network(6, 32, 12, device)
     net64 = copy.deepcopy(net).double()
     x = torch.randn(2, 6, 8, 8, device=device, requires_grad=True)
     x64 = x.detach().double().requires_grad_(True)
@@ -354,11 +332,7 @@ def test_eager_networks_compile_nothing_and_compute_the_same():
 
     from glowfast.amp import eager_networks
 
-    torch.manual_seed(0)
-    net = CouplingNetwork(2, 16, 4)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.2)
+    net = _random_network(2, 16, 4)
     holder = torch.nn.ModuleList([net])
     enable_compiled_networks(holder)
     x = torch.randn(1, 2, 3, 5)
