@@ -243,7 +243,7 @@ def fused_chain(steps: Sequence, x: torch.Tensor, weights: Sequence[torch.Tensor
     ca = x.shape[1] // 2
     first = steps[0]
     z = ops.actnorm_invconv(x, first.actnorm.bias, first.actnorm.log_scale, weights[0])
-    coupling_ld = None
+    lds = []  # the affine couplings' logdets, summed once at the end (not one add kernel per step)
     for k, step in enumerate(steps):
         affine = _is_affine(step)
         h = step.coupling.net(z[:, :ca])
@@ -253,8 +253,10 @@ def fused_chain(steps: Sequence, x: torch.Tensor, weights: Sequence[torch.Tensor
         else:
             z, ld = ops.coupling(z, h, affine)
         if affine:
-            coupling_ld = ld if coupling_ld is None else coupling_ld + ld
-    return z, coupling_ld
+            lds.append(ld)
+    if len(lds) < 2:
+        return z, lds[0] if lds else None
+    return z, torch.stack(lds).sum(0)
 
 
 def inverse_float64(mats: torch.Tensor, check: bool) -> torch.Tensor:

@@ -557,3 +557,30 @@ def test_cpu_tensors_get_exact_fp32_dots(monkeypatch):
     assert _utils.dot_precision("cuda") == "tf32x3"
     monkeypatch.setattr(_utils, "_cudnn_conv_allows_tf32", lambda: False)
     assert _utils.dot_precision("cuda") == "ieee"
+
+
+@pytest.mark.parametrize("coupling", ["affine", "additive"])
+def test_forward_chain_fills_nothing_and_sums_the_logdets_once(coupling, kernel_device):
+    """The K-step kernel chain's forward with affine couplings: no zero fill of their logdet partials (every program
+    stores its slot: a fill was one more kernel per step), and their logdets summed by one stack and sum at the end
+    (not one add per step); the output and logdet still equal the reference's. Additive: no logdet."""
+    from helpers import OpLog
+
+    steps = make_steps(4, 4, coupling, "invconv", True, kernel_device)
+    x = torch.randn(2, 4, 6, 5)
+    with torch.no_grad():
+        weights, _ = fused.level_weights(steps)
+        with OpLog() as log:
+            y, ld = fused.fused_chain(steps, x, weights)
+        z, coupling_ld = x, torch.zeros(2)  # the reference, step by step: the couplings' logdets alone
+        for s in steps:
+            z, ld_k = s.coupling(s.permute(s.actnorm(z)[0])[0])
+            coupling_ld = coupling_ld + ld_k
+    names = [name for name, _, _ in log.calls]
+    assert_exact(y, z, "out", "y")
+    if coupling == "affine":
+        assert "aten.zeros" not in names
+        assert names.count("aten.stack") == 1 and names.count("aten.add") == 0
+        assert_exact(ld, coupling_ld, "logdet", "logdet")
+    else:
+        assert ld is None and "aten.stack" not in names

@@ -240,13 +240,26 @@ def coupling_forward(z, h, affine: bool = True, *, block_p: int | None = None,
     B, C, ca, cb, hc, hw, cp, bp, n_pt = _coupling_geometry(z, h, affine, block_p)
     G = max(1, min(programs_per_sample or n_pt, n_pt))
     y = torch.empty_like(z)
-    ld_part = torch.zeros((B, G), device=z.device, dtype=torch.float32)
+    ld_part = logdet_partials(B, G, affine, z.device)
     with on_device_of(z):
         launch(_coupling_fwd_kernel, (G, B),
             z, h, y, ld_part, C, ca, cb, hc, hw, n_pt, G,
             CP=cp, BLOCK_P=bp, AFFINE=affine, **_launch_options(cp, bp),
         )
-    return y, ld_part.sum(1).to(torch.promote_types(z.dtype, h.dtype))
+    return y, logdet_of(ld_part, B, affine, torch.promote_types(z.dtype, h.dtype))
+
+
+def logdet_partials(B: int, G: int, affine: bool, device) -> torch.Tensor:
+    """The forward kernels' (B, G) per-program logdet partials: uninitialised, since with `affine` every program
+    stores its slot (a zero fill would be one more kernel per flow step); a placeholder when additive (no store)."""
+    return torch.empty((B, G) if affine else (1,), device=device, dtype=torch.float32)
+
+
+def logdet_of(ld_part: torch.Tensor, B: int, affine: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The per-sample logdet (B,) from `logdet_partials` after the launch: their sum, or zeros when additive."""
+    if not affine:
+        return torch.zeros(B, device=ld_part.device, dtype=dtype)
+    return ld_part.sum(1).to(dtype)
 
 
 def coupling_inverse(y, h, affine: bool = True, *, block_p: int | None = None):

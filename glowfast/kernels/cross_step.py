@@ -64,6 +64,8 @@ from .coupling import (
     coupling_load_h,
     coupling_store_dh,
     logdet_like,
+    logdet_of,
+    logdet_partials,
 )
 from .precompile import launch
 
@@ -185,13 +187,13 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
     bias, log_scale, weight = _params(bias, log_scale, weight, C, z)
     G = max(1, min(programs_per_sample or n_pt, n_pt))
     out = torch.empty_like(z)
-    ld_part = torch.zeros((B, G), device=z.device, dtype=torch.float32)
+    ld_part = logdet_partials(B, G, affine, z.device)
     with on_device_of(z):
         launch(_cross_step_fwd_kernel, (G, B),
             z, h, out, weight, bias, log_scale, ld_part, C, ca, cb, hc, hw, n_pt, G,
             CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, **launch_options(cp, "cross_step_fwd", prec, bp),
         )
-    return out, ld_part.sum(1).to(torch.promote_types(z.dtype, h.dtype))
+    return out, logdet_of(ld_part, B, affine, torch.promote_types(z.dtype, h.dtype))
 
 
 def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, affine: bool = True, *,
