@@ -235,6 +235,8 @@ def test_graphed_training_run_with_the_fused_optimizer(tmp_path):
     a = load_checkpoint(plain / "checkpoints" / LAST)["model"]
     b = load_checkpoint(fused / "checkpoints" / LAST)["model"]
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        # atol: eight updates of up to lr = 3e-3 each, from gradients that cuDNN's autotuned (TF32) algorithms may
+        # round differently in the two runs; a wrong update (a missing bias correction: 10x the first step) errs more
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
     assert main(["--resume", str(fused), "--steps", "10", "--no-progress"]) == 0
     assert json.loads((fused / "summary.json").read_text())["step"] == 10
