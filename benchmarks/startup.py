@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 T0 = time.perf_counter()
-# --networks: the glowfast.amp options each choice enables
-NETWORK_OPTIONS = {"plain": (), "bf16_nhwc": ("bf16", "channels_last"),
-                   "bf16_nhwc_compiled": ("bf16", "channels_last", "compiled")}
+# --networks: the training config's network options each choice sets (glowfast.amp.apply_network_options)
+NETWORK_OPTIONS = {"plain": {}, "bf16_nhwc": {"amp": "bf16", "channels_last": True},
+                   "bf16_nhwc_compiled": {"amp": "bf16", "channels_last": True, "compile_networks": True}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(device)
     from glowfast.amp import apply_network_options, eager_networks
 
-    options = NETWORK_OPTIONS[args.networks]
-    apply_network_options(model, {"amp": "bf16" if "bf16" in options else "none",
-                                  "channels_last": "channels_last" in options,
-                                  "compile_networks": "compiled" in options})
+    apply_network_options(model, NETWORK_OPTIONS[args.networks])
     x = torch.randint(0, 256, (args.batch, *model.image_shape), dtype=torch.uint8, device=device)
     step = glow_train_step(model, x, args.fused_optimizer)
     t_build = mark()

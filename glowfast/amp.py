@@ -301,18 +301,23 @@ def network_channel_pad(bf16: bool) -> int:
 
 
 @contextlib.contextmanager
-def pad_network_channels(multiple: int | None):
-    """Inside, compiled networks (`compiled_network_forward`) pad their thin channel counts to a multiple of
-    `multiple` (0: no padding; None: the default, `network_channel_pad`); the same function. Graphs compiled or
-    captured inside keep it."""
-    global _channel_pad
-    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 0):
-        raise ValueError(f"the channel padding must be an int >= 0 or None, got {multiple!r}")
-    old, _channel_pad = _channel_pad, multiple
+def _module_setting(name: str, value):
+    """Set this module's global `name` to `value` inside, and restore it after (the compiled networks' switches)."""
+    old = globals()[name]
+    globals()[name] = value
     try:
         yield
     finally:
-        _channel_pad = old
+        globals()[name] = old
+
+
+def pad_network_channels(multiple: int | None):
+    """Inside (a context manager), compiled networks (`compiled_network_forward`) pad their thin channel counts to a
+    multiple of `multiple` (0: no padding; None: the default, `network_channel_pad`); the same function. Graphs
+    compiled or captured inside keep it."""
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 0):
+        raise ValueError(f"the channel padding must be an int >= 0 or None, got {multiple!r}")
+    return _module_setting("_channel_pad", multiple)
 
 
 # Compiled networks only: the thin 3x3 convolutions as GEMMs over the pixel rows (`_standard_network_math`'s
@@ -324,35 +329,23 @@ def pad_network_channels(multiple: int | None):
 _thin_gemms = False
 
 
-@contextlib.contextmanager
 def thin_convolutions_as_gemms(enabled: bool = True):
-    """Inside, compiled networks (`compiled_network_forward`) run their thin 3x3 convolutions as GEMMs; the same
-    function up to summation order. Graphs compiled or captured inside keep it."""
-    global _thin_gemms
+    """Inside (a context manager), compiled networks (`compiled_network_forward`) run their thin 3x3 convolutions as
+    GEMMs; the same function up to summation order. Graphs compiled or captured inside keep it."""
     if not isinstance(enabled, bool):
         raise ValueError(f"thin_convolutions_as_gemms takes True or False, got {enabled!r}")
-    old, _thin_gemms = _thin_gemms, enabled
-    try:
-        yield
-    finally:
-        _thin_gemms = old
+    return _module_setting("_thin_gemms", enabled)
 
 
 _eager_only = False
 
 
-@contextlib.contextmanager
 def eager_networks():
-    """Inside, compiled networks run their eager options instead (the same function, no compile). For one-off
-    passes such as ActNorm's data-dependent init (glowfast.trainer.initialize_actnorm): compiled, it would compile
-    graphs for a batch size and grad mode training never uses (a quarter of the start-up compile on the CPU), and
-    dynamo, seeing a second batch size, would compile training's graphs for a dynamic one."""
-    global _eager_only
-    old, _eager_only = _eager_only, True
-    try:
-        yield
-    finally:
-        _eager_only = old
+    """Inside (a context manager), compiled networks run their eager options instead (the same function, no
+    compile). For one-off passes such as ActNorm's data-dependent init (glowfast.trainer.initialize_actnorm):
+    compiled, it would compile graphs for a batch size and grad mode training never uses (a quarter of the start-up
+    compile on the CPU), and dynamo, seeing a second batch size, would compile training's graphs for a dynamic one."""
+    return _module_setting("_eager_only", True)
 
 
 def compiled_network_forward(net: CouplingNetwork, x: torch.Tensor, bf16: bool = False,
