@@ -190,8 +190,9 @@ NET_SHAPES = [pytest.param((b, *s), id=f"B{b}_C{s[0]}_{s[1]}x{s[2]}") for b in (
 
 
 @pytest.mark.parametrize("variant", ["reference", "fused", "fused_bf16", "fused_bf16_compiled",
-                                     "fused_bf16_compiled_gemm3x3", "gemm", "gemm_bf16", "triton", "triton_bf16",
-                                     "triton_bf16_dots", "compiled"])
+                                     "fused_bf16_compiled_gemm3x3", "fused_bf16_compiled_epilogue",
+                                     "fused_bf16_compiled_gemm3x3_epilogue", "gemm", "gemm_bf16", "triton",
+                                     "triton_bf16", "triton_bf16_dots", "compiled"])
 @pytest.mark.parametrize("shape", NET_SHAPES)
 @pytest.mark.skipif(not HAS_CUDA, reason="hidden-512 coupling networks: CUDA only (seconds per call on a CPU)")
 def test_coupling_network(cuda_timer, shape, variant, monkeypatch):
@@ -203,14 +204,16 @@ def test_coupling_network(cuda_timer, shape, variant, monkeypatch):
     glowfast.kernels.coupling_net: thin 3x3 convs as fused implicit-GEMM kernels; fp32 or bf16 activations);
     triton_bf16_dots = triton_bf16 with bf16 tensor-core dots in the 3x3 convs (`use_bf16_dots`); compiled =
     torch.compile of the NCHW module; fused_bf16_compiled = fused_bf16 as one torch.compile'd function
-    (`--compile-networks`; the thin channels padded to 8), and `_gemm3x3` with its thin 3x3 convs as GEMMs
-    (glowfast.amp.thin_convolutions_as_gemms). Input and output stay NCHW, as the flow hands them over."""
+    (`--compile-networks`; the thin channels padded to 8), `_gemm3x3` with its thin 3x3 convs as GEMMs
+    (glowfast.amp.thin_convolutions_as_gemms), `_epilogue` with the ReLUs after its GEMMs in their epilogues
+    (glowfast.amp.relu_in_gemm_epilogues). Input and output stay NCHW, as the flow hands them over."""
     from glowfast.amp import (
         enable_bf16_networks,
         enable_channels_last_networks,
         enable_compiled_networks,
         enable_gemm_networks,
         enable_triton_networks,
+        relu_in_gemm_epilogues,
         thin_convolutions_as_gemms,
     )
     from glowfast.reference.coupling import CouplingNetwork
@@ -247,12 +250,12 @@ def test_coupling_network(cuda_timer, shape, variant, monkeypatch):
     grad_out = torch.randn(b, 2 * cb, h, w, device=device)
     params = [x, *net.parameters()]
 
-    thin_gemms = variant.endswith("_gemm3x3")
+    thin_gemms, relu_epilogue = "_gemm3x3" in variant, variant.endswith("_epilogue")
 
     def call():
         for p in params:
             p.grad = None
-        with thin_convolutions_as_gemms(thin_gemms):
+        with thin_convolutions_as_gemms(thin_gemms), relu_in_gemm_epilogues(relu_epilogue):
             out = fn(x)
         out.backward(grad_out)
         return out

@@ -30,6 +30,10 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
              compiled graph (glowfast.amp.thin_convolutions_as_gemms: im2col + GEMM for conv1, GEMM to taps + shifted
              tap sums for conv3); cuDNN's 3x3 kernels ran at ~70 TFLOP/s, ~25 ms of the H200's B256 step.
              `_gemm3x3_fusedopt`: both.
+- graphed_bf16_nhwc_compiled_epilogue: graphed_bf16_nhwc_compiled with the ReLU after each GEMM of the networks in
+             the GEMM's epilogue (glowfast.amp.relu_in_gemm_epilogues: cuBLASLt's RELU_BIAS instead of one more
+             pass over a 512-channel activation). `_epilogue_fusedopt`: with FusedAdamax; `_gemm3x3_epilogue_fusedopt`:
+             all three.
 - graphed_gemm / graphed_bf16_gemm: `graphed` with the coupling networks' convolutions as GEMMs over pixels
              (`--gemm-networks`; fp32, or bf16 autocast) instead of cuDNN.
 - graphed_triton / graphed_bf16_triton: `graphed` with glowfast's Triton coupling networks (`--triton-networks`:
@@ -97,7 +101,9 @@ VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_triton", 
             "graphed_bf16_nhwc_compiled", "graphed_bf16_triton", "graphed_bf16_triton_dots", "graphed_gemm",
             "graphed_bf16_gemm", "graphed_bf16_nhwc_compiled_opt", "graphed_bf16_nhwc_compiled_pad0",
             "graphed_bf16_nhwc_compiled_fusedopt", "graphed_bf16_nhwc_compiled_gemm3x3",
-            "graphed_bf16_nhwc_compiled_gemm3x3_fusedopt", "compiled",
+            "graphed_bf16_nhwc_compiled_gemm3x3_fusedopt", "graphed_bf16_nhwc_compiled_epilogue",
+            "graphed_bf16_nhwc_compiled_epilogue_fusedopt", "graphed_bf16_nhwc_compiled_gemm3x3_epilogue_fusedopt",
+            "compiled",
             "peer"]
 N_SAMPLES = 64
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
@@ -314,6 +320,7 @@ def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch
             enable_gemm_networks,
             enable_triton_networks,
             pad_network_channels,
+            relu_in_gemm_epilogues,
             thin_convolutions_as_gemms,
         )
 
@@ -333,7 +340,7 @@ def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch
             enable_gemm_networks(model)
         # the graphs keep these (no Python in replays)
         with pad_network_channels(0 if variant.endswith("_pad0") else None), \
-                thin_convolutions_as_gemms("_gemm3x3" in variant):
+                thin_convolutions_as_gemms("_gemm3x3" in variant), relu_in_gemm_epilogues("_epilogue" in variant):
             step, capture_s, first_s = _graphed_train_step(model, _images(cfg, batch, device),
                                                            compile_optimizer=variant.endswith("_opt"),
                                                            fused_optimizer=variant.endswith("_fusedopt"))

@@ -68,7 +68,8 @@ SECTION_NOTES = {
                   "(`--compile-networks`; its compile_s: the first, compiling, step), `_opt` with the Adamax step "
                   "compiled too, `_pad0` without the thin convs' channels padded to multiples of 8 in the graph "
                   "(the default since the 25th session; that run's `_pad8` was the padded one), `_fusedopt` with "
-                  "glowfast's FusedAdamax, `_gemm3x3` with the thin 3x3 convs as GEMMs in the graph; "
+                  "glowfast's FusedAdamax, `_gemm3x3` with the thin 3x3 convs as GEMMs in the graph, `_epilogue` "
+                  "with the ReLUs after the networks' GEMMs in the GEMMs' epilogues; "
                   "`graphed_gemm` / `graphed_bf16_gemm` = graphs with the networks' convs as GEMMs "
                   "(`--gemm-networks`); `graphed_triton` / `graphed_bf16_triton` = graphs with glowfast's Triton "
                   "coupling networks (`--triton-networks`; fp32 or bf16 activations); `graphed_bf16_triton_dots` = "
@@ -79,7 +80,9 @@ SECTION_NOTES = {
                     "`triton` / `triton_bf16` = glowfast's Triton network, thin 3x3 convs as fused implicit-GEMM "
                     "kernels (`--triton-networks`; fp32 or bf16 activations); `triton_bf16_dots` = triton_bf16 "
                     "with bf16 tensor-core dots in its 3x3 convs (`use_bf16_dots`); `compiled` = torch.compile of "
-                    "the NCHW module.",
+                    "the NCHW module; `fused_bf16_compiled` = fused_bf16 as one torch.compile'd function "
+                    "(`--compile-networks`), `_gemm3x3` with its thin 3x3 convs as GEMMs, `_epilogue` with its "
+                    "ReLUs in the GEMMs' epilogues.",
     "step_params": "`reference` = each step builds its own W and log-determinant (the reference layers); `fused` "
                    "= glowfast.fused.level_weights (all steps of a level in batched ops). Host-bound.",
 }
@@ -91,6 +94,8 @@ TRAINING_PATHS = ("fused", "memory_saving", "graphed", "graphed_gemm", "graphed_
                   "graphed_bf16_nhwc_compiled", "graphed_bf16_nhwc_compiled_opt", "graphed_bf16_nhwc_compiled_pad0",
                   "graphed_bf16_nhwc_compiled_pad8", "graphed_bf16_nhwc_compiled_fusedopt",
                   "graphed_bf16_nhwc_compiled_gemm3x3", "graphed_bf16_nhwc_compiled_gemm3x3_fusedopt",
+                  "graphed_bf16_nhwc_compiled_epilogue", "graphed_bf16_nhwc_compiled_epilogue_fusedopt",
+                  "graphed_bf16_nhwc_compiled_gemm3x3_epilogue_fusedopt",
                   "graphed_bf16_triton", "graphed_bf16_triton_dots",
                   "graphed_bf16_gemm")
 

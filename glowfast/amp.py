@@ -36,7 +36,9 @@ small kernels that took half of the bf16 channels_last step's device time on the
 are per input shape (one per level, plus the no-grad ones of sampling), not per network. Exclusive with gemm and
 triton. The first call of each shape compiles (seconds to a minute: start-up), and the function is the same up to
 summation order. Under bf16 the thin convolutions' channels are zero-padded to multiples of 8 inside the graph
-(`network_channel_pad`, `pad_network_channels`; measured faster), the same function.
+(`network_channel_pad`, `pad_network_channels`; measured faster), the same function. Two more switches, off until
+timed: the thin 3x3 convolutions as GEMMs (`thin_convolutions_as_gemms`) and the ReLUs in the GEMMs' epilogues
+(`relu_in_gemm_epilogues`).
 
 Precision: the GEMMs of both layouts run at the precision of the convolutions they replace (TF32 iff cuDNN's
 convolutions would use it, the rule the fused kernels' dots follow), forward and backward, whatever cuBLAS's own
@@ -152,13 +154,49 @@ def nhwc_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
     return net.conv3(torch.relu(h))
 
 
-def _conv1x1_as_gemm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _conv1x1_as_gemm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     product=conv_precision_linear) -> torch.Tensor:
     """The 1x1 convolution of channels_last `h` as one GEMM over its B*H*W pixel rows (views, no copy), at the
-    convolution's precision (`conv_precision_linear`: a plain addmm while torch.compile traces)."""
+    convolution's precision (`conv_precision_linear`: a plain addmm while torch.compile traces); `product`
+    `_gemm_relu`: with the ReLU after it in the GEMM's epilogue."""
     b, c, hgt, wid = h.shape
     rows = h.permute(0, 2, 3, 1).reshape(b * hgt * wid, c)  # a view of channels_last memory
     w = weight.flatten(1)  # (out, in): a view of a 1x1 kernel in either memory format
-    return conv_precision_linear(rows, w, bias).view(b, hgt, wid, -1).permute(0, 3, 1, 2)
+    return product(rows, w, bias).view(b, hgt, wid, -1).permute(0, 3, 1, 2)
+
+
+class _GemmReLU(torch.autograd.Function):
+    """relu(bias + a @ w.T) with the ReLU in the GEMM's epilogue (`torch._addmm_activation`: on CUDA cuBLASLt's
+    RELU_BIAS epilogue, so the activation is written once, instead of written by the GEMM, then read and written
+    again by the ReLU); the backward is ReLU's (the mask from the output) and addmm's. torch has no derivative
+    for `_addmm_activation`, hence this Function."""
+
+    @staticmethod
+    def forward(ctx, a, w, bias):
+        out = torch._addmm_activation(bias, a, w.t())
+        ctx.save_for_backward(a, w, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w, out = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's own backward
+        grad_a = torch.mm(grad, w) if ctx.needs_input_grad[0] else None
+        grad_w = torch.mm(grad.t(), a) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_a, grad_w, grad_bias
+
+
+def _gemm_relu(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """relu(bias + a @ w.T) as `_GemmReLU` (the ReLU in the GEMM's epilogue). Under autocast the operands are cast
+    to its dtype first, as autocast casts addmm's (it does not know `_addmm_activation`); else the product runs
+    at cuBLAS's precision, as a plain addmm under torch.compile (the compiled networks' only use of it)."""
+    device_type = a.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _GemmReLU.apply(a.to(dtype), w.to(dtype), bias.to(dtype))
+    return _GemmReLU.apply(a, w, bias)
 
 
 def _is_standard_network(net: CouplingNetwork) -> bool:
@@ -197,15 +235,18 @@ def gemm_network_forward(net: CouplingNetwork, x: torch.Tensor) -> torch.Tensor:
     return y * torch.exp(net.conv3.logs * net.conv3.logscale_factor).view(1, -1, 1, 1)
 
 
-def _conv3x3_thin_input_as_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """conv2d(x, w, bias, padding=1) for few input channels (conv1): im2col of x by padding and nine slices (9 * C_in
-    columns in (kh, kw, c) order; one gather kernel under torch.compile), then one GEMM over the B*H*W pixel rows
-    to the wide output, returned as a (B, C_out, H, W) view of those rows (channels_last memory)."""
+def _conv3x3_thin_input_as_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
+                                relu_epilogue: bool = False) -> torch.Tensor:
+    """relu(conv2d(x, w, bias, padding=1)) for few input channels (conv1): im2col of x by padding and nine slices
+    (9 * C_in columns in (kh, kw, c) order; one gather kernel under torch.compile), then one GEMM over the B*H*W
+    pixel rows to the wide output, returned as a (B, C_out, H, W) view of those rows (channels_last memory). The
+    ReLU in the GEMM's epilogue if `relu_epilogue` (`_gemm_relu`)."""
     b, c, hgt, wid = x.shape
     xp = torch.nn.functional.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # (B, H+2, W+2, C)
     cols = torch.cat([xp[:, i:i + hgt, j:j + wid] for i in range(3) for j in range(3)], dim=3)
     rows = cols.reshape(b * hgt * wid, 9 * c)
-    out = torch.addmm(bias, rows, w.permute(0, 2, 3, 1).reshape(w.shape[0], 9 * c).t())
+    w_rows = w.permute(0, 2, 3, 1).reshape(w.shape[0], 9 * c)
+    out = _gemm_relu(rows, w_rows, bias) if relu_epilogue else torch.relu(torch.addmm(bias, rows, w_rows.t()))
     return out.view(b, hgt, wid, -1).permute(0, 3, 1, 2)
 
 
@@ -231,13 +272,15 @@ def _conv3x3_thin_output_as_gemm(h: torch.Tensor, w: torch.Tensor, bias: torch.T
 def _standard_network_math(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                            b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, logs: torch.Tensor,
                            logscale_factor: float, bf16: bool, channels_last: bool, pad: int = 0,
-                           thin_gemms: bool = False) -> torch.Tensor:
+                           thin_gemms: bool = False, relu_epilogue: bool = False) -> torch.Tensor:
     """`CouplingNetwork.forward` of the standard network as a function of its input and weights: what
     `compiled_network_forward` compiles (the same ops, under the same autocast, as the module under its options).
     `pad` > 0: the thin convolutions' input (conv1) and output (conv3) channels zero-padded to a multiple of it and
     the output sliced back, the same function (`pad_network_channels`). `thin_gemms`: those two 3x3 convolutions
     as GEMMs over the pixel rows instead of cuDNN's (`_conv3x3_thin_input_as_gemm`, `_conv3x3_thin_output_as_gemm`;
-    `thin_convolutions_as_gemms`), the same function up to summation order."""
+    `thin_convolutions_as_gemms`), the same function up to summation order. `relu_epilogue`: the ReLUs after
+    the GEMMs (conv2's when it is one, conv1's under thin_gemms) in their epilogues (`_gemm_relu`;
+    `relu_in_gemm_epilogues`), the same function."""
     out_channels = w3.shape[0]
     if pad:
         fn = torch.nn.functional
@@ -249,16 +292,17 @@ def _standard_network_math(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, 
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         if thin_gemms:
-            h = torch.relu(_conv3x3_thin_input_as_gemm(x, w1, b1))
+            h = _conv3x3_thin_input_as_gemm(x, w1, b1, relu_epilogue)
         else:
             h = torch.relu(torch.nn.functional.conv2d(x, w1, b1, padding=1))
         # the 1x1 as one GEMM over the pixel rows, as nhwc_network_forward (bf16: no TF32 question; fp32 keeps
         # cuDNN, whose TF32 follows the conv flag, unless the thin convolutions are GEMMs too)
-        if (channels_last and bf16) or thin_gemms:
-            h = _conv1x1_as_gemm(h, w2, b2)
+        if ((channels_last and bf16) or thin_gemms) and relu_epilogue:
+            h = _conv1x1_as_gemm(h, w2, b2, _gemm_relu)
+        elif (channels_last and bf16) or thin_gemms:
+            h = torch.relu(_conv1x1_as_gemm(h, w2, b2))
         else:
-            h = torch.nn.functional.conv2d(h, w2, b2)
-        h = torch.relu(h)
+            h = torch.relu(torch.nn.functional.conv2d(h, w2, b2))
         if thin_gemms:
             out = _conv3x3_thin_output_as_gemm(h, w3, b3)
         else:
@@ -337,6 +381,22 @@ def thin_convolutions_as_gemms(enabled: bool = True):
     return _module_setting("_thin_gemms", enabled)
 
 
+# Compiled networks only: the ReLU after each GEMM of the network (conv2's when it is one: bf16 channels_last, or
+# thin_gemms; conv1's under thin_gemms) in the GEMM's epilogue (`_gemm_relu`: cuBLASLt's RELU_BIAS). In the compiled
+# graph the ReLU is otherwise one more pass over a 512-channel activation per GEMM, read and written: at B256, ~2 of
+# the ~10 such passes per network call that inductor's 12.2 ms of kernels make (H200 profile, 25th session).
+# Off until timed (bench variants with `_epilogue`).
+_relu_epilogue = False
+
+
+def relu_in_gemm_epilogues(enabled: bool = True):
+    """Inside (a context manager), compiled networks (`compiled_network_forward`) compute the ReLU after each of
+    their GEMMs in the GEMM's epilogue; the same function. Graphs compiled or captured inside keep it."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"relu_in_gemm_epilogues takes True or False, got {enabled!r}")
+    return _module_setting("_relu_epilogue", enabled)
+
+
 _eager_only = False
 
 
@@ -355,7 +415,7 @@ def compiled_network_forward(net: CouplingNetwork, x: torch.Tensor, bf16: bool =
     plain function (the outer compile fuses it)."""
     c1, c2, c3 = net.conv1, net.conv2, net.conv3
     args = (x, c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight, c3.conv.bias, c3.logs,
-            float(c3.logscale_factor), bf16, channels_last, network_channel_pad(bf16), _thin_gemms)
+            float(c3.logscale_factor), bf16, channels_last, network_channel_pad(bf16), _thin_gemms, _relu_epilogue)
     if torch.compiler.is_compiling():
         return _standard_network_math(*args)
     with torch._dynamo.config.patch(**{_LIMIT_KEY: max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, _LIMIT_KEY))}):

@@ -1074,3 +1074,16 @@ def test_an_empty_or_partial_start_up_file_is_one_line(tmp_path, content, messag
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     expected = f"{st}: {message}" if content else f"{st}: not a benchmarks/startup.py output ({message})"
     assert proc.stderr.strip() == expected
+
+
+def test_every_training_variant_of_bench_model_is_checked_against_the_targets():
+    """Each glowfast training-step variant bench_model.py times (all but the reference, torch.compile of it and the
+    peer) is one report.py checks against issue 6's img/s targets (TRAINING_PATHS): a new variant left out would be
+    timed and never compared. bench_model's VARIANTS read from its source (importing it needs the benchmarks' path)."""
+    import ast
+
+    tree = ast.parse((ROOT / "benchmarks" / "bench_model.py").read_text())
+    variants = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "VARIANTS" for t in node.targets))
+    assert "graphed_bf16_nhwc_compiled_epilogue" in variants
+    assert set(variants) - {"reference", "compiled", "peer"} <= set(_report_module().TRAINING_PATHS)

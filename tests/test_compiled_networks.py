@@ -231,24 +231,26 @@ def test_channel_padding_really_pads_the_thin_convolutions():
 
 
 # ------------------------------------------------------------------ the thin 3x3 convolutions as GEMMs (25th session)
-def _thin_gemm_math(net, x, bf16=False, channels_last=False, pad=0):
+def _thin_gemm_math(net, x, bf16=False, channels_last=False, pad=0, relu_epilogue=False):
     from glowfast.amp import _standard_network_math
 
     c1, c2, c3 = net.conv1, net.conv2, net.conv3
     return _standard_network_math(x, c1.weight, c1.bias, c2.weight, c2.bias, c3.conv.weight, c3.conv.bias, c3.logs,
-                                  float(c3.logscale_factor), bf16, channels_last, pad, True)
+                                  float(c3.logscale_factor), bf16, channels_last, pad, True, relu_epilogue)
 
 
+@pytest.mark.parametrize("relu_epilogue", [False, True])
 @pytest.mark.parametrize("pad", [0, 8])
 @pytest.mark.parametrize("shape", [(2, 6, 5, 7), (1, 2, 1, 4)])
-def test_thin_gemms_equal_the_module_in_float64(shape, pad):
+def test_thin_gemms_equal_the_module_in_float64(shape, pad, relu_epilogue):
     """The GEMM forms of the 3x3 convolutions (im2col + GEMM for conv1, GEMM to taps + shifted tap sums for conv3)
     in float64, eager: the module's output and the gradients of x and every parameter to float64 rounding; odd,
-    non-square images, a 1-pixel-high one (every tap but the middle row falls outside), with and without padding."""
+    non-square images, a 1-pixel-high one (every tap but the middle row falls outside), with and without padding,
+    with and without the ReLUs in the GEMMs' epilogues (`_gemm_relu`: its own backward)."""
     net = _random_network(shape[1], 16, 2 * shape[1], std=0.3, dtype=torch.float64)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     inputs = [x, *net.parameters()]
-    out, ref = _thin_gemm_math(net, x, pad=pad), net(x)
+    out, ref = _thin_gemm_math(net, x, pad=pad, relu_epilogue=relu_epilogue), net(x)
     assert out.shape == ref.shape and out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     names = ["x", *(n for n, _ in net.named_parameters())]
@@ -275,6 +277,12 @@ def test_thin_gemms_leave_no_convolution():
         _thin_gemm_math(net, torch.randn(1, 6, 4, 4))
     assert not [n for n in mode.names if "convolution" in n]
     assert sum(n.split(".")[0] in ("mm", "addmm") for n in mode.names) == 3
+    # with the ReLUs in the epilogues: conv1's and conv2's GEMMs are _addmm_activation, and no ReLU runs apart
+    with torch.no_grad(), Ops() as mode:
+        _thin_gemm_math(net, torch.randn(1, 6, 4, 4), relu_epilogue=True)
+    ops = [n.split(".")[0] for n in mode.names]
+    assert ops.count("_addmm_activation") == 2 and ops.count("mm") == 1 and "addmm" not in ops
+    assert not [n for n in ops if n.startswith("relu")]
 
 
 @pytest.mark.parametrize("device", cuda_devices())
@@ -296,11 +304,33 @@ def test_compiled_thin_gemms_equal_the_module(device, exact_precision):
 
 
 @pytest.mark.parametrize("device", cuda_devices())
-def test_compiled_bf16_thin_gemms_err_as_the_eager_bf16_options(device):
-    """bf16 channels_last with the thin GEMMs (the benchmark variant) against a float64 module: errors within the
-    BF16 rule of the eager bf16 options' errors (tolerances.py; the GEMM to taps rounds each tap to bf16 before the
-    fp32 sum, where cuDNN rounds the sum once), fp32 NCHW output and fp32 gradients."""
-    from glowfast.amp import thin_convolutions_as_gemms
+def test_compiled_relu_epilogues_equal_the_module(device, exact_precision):
+    """compiled_network_forward inside relu_in_gemm_epilogues() (with the thin GEMMs, so that both conv1's and
+    conv2's ReLUs are in epilogues: test_thin_gemms_leave_no_convolution counts the ops): the module's output and
+    every gradient at the exact-fp32 tolerances, compiled; a bad value is refused."""
+    from glowfast.amp import relu_in_gemm_epilogues, thin_convolutions_as_gemms
+
+    net = _random_network(6, 32, 12, device)
+    x = torch.randn(2, 6, 5, 3, device=device, requires_grad=True)
+    ref = net(x)
+    with thin_convolutions_as_gemms(), relu_in_gemm_epilogues():
+        out = compiled_network_forward(net, x)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    _assert_exact_with_grads(out, ref, x, net)
+    with pytest.raises(ValueError, match="True or False"), relu_in_gemm_epilogues(1):
+        pass
+
+
+@pytest.mark.parametrize("options", [(True, False), (False, True)], ids=["gemm3x3", "relu_epilogue"])
+@pytest.mark.parametrize("device", cuda_devices())
+def test_compiled_bf16_thin_gemms_err_as_the_eager_bf16_options(device, options):
+    """bf16 channels_last with the thin GEMMs, or with conv2's ReLU in its GEMM's epilogue (the benchmark variants)
+    against a float64 module: errors within the BF16 rule of the eager bf16 options' errors (tolerances.py; the GEMM
+    to taps rounds each tap to bf16 before the fp32 sum, where cuDNN rounds the sum once), fp32 NCHW output and
+    fp32 gradients."""
+    from glowfast.amp import relu_in_gemm_epilogues, thin_convolutions_as_gemms
+
+    thin_gemms, relu_epilogue = options
 
     net = _random_network(6, 32, 12, device)
     net64 = copy.deepcopy(net).double()
@@ -314,7 +344,7 @@ def test_compiled_bf16_thin_gemms_err_as_the_eager_bf16_options(device):
     inputs = [x, *net.parameters()]
     ref = net(x)  # the eager options: cuDNN's bf16 convolutions
     enable_compiled_networks(holder)
-    with thin_convolutions_as_gemms():
+    with thin_convolutions_as_gemms(thin_gemms), relu_in_gemm_epilogues(relu_epilogue):
         out = net(x)
     assert out.dtype == torch.float32 and out.is_contiguous()
     assert_bf16(out, ref, ref64, "out", "network output")

@@ -104,7 +104,8 @@ def test_fused_optimizer_run_is_recorded_and_named(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     (r,) = json.loads((tmp_path / "profile.json").read_text())
-    assert r["fused_optimizer"] is True and r["thin_gemms"] is False and r["categories"]["optimiser"] > 0
+    assert r["fused_optimizer"] is True and r["thin_gemms"] is False and r["relu_epilogue"] is False
+    assert r["categories"]["optimiser"] > 0
     assert "## mnist_K4_h128, batch 2, reference (FusedAdamax) on cpu" in (tmp_path / "profile.md").read_text()
 
 
