@@ -17,6 +17,12 @@
 #                                             # cuDNN vs glowfast's Triton network, per network (coupling_net/*) and
 #                                             # in the graphed CIFAR-10 training step (fp32 and bf16) -- issue 6's
 #                                             # throughput question
+#     bash benchmarks/gpu_check.sh speed      # issue 6's throughput question (~450 s): the graphed bf16 NHWC CIFAR-10
+#                                             # step with compiled networks, B64 and B256, with and without each
+#                                             # untimed option (FusedAdamax, ReLU epilogues, thin convs as GEMMs),
+#                                             # then the B256 profile of the step with all of them
+#     bash benchmarks/gpu_check.sh kernels    # issue 4's open rows (~300 s): the K-step chain (with exact-fp32 dots
+#                                             # too), the backward kernels' bandwidth, FusedAdamax's step
 #     bash benchmarks/gpu_check.sh all        # every stage in one command (a longer GPU_CHECK_BUDGET than 540 s)
 #
 # ($OUT is set by the device tool; default ./gpu_out.) A session has 15 minutes of device time, the machine's
@@ -138,8 +144,28 @@ not memory_saving and not _opt and not _pad0}
              MAX_bench_ops=${MAX_bench_ops:-90}; MAX_bench_model=${MAX_bench_model:-120}
              BENCH_OPS_SELECT=${BENCH_OPS_SELECT-coupling_network and not gemm and not compiled}
              BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-cifar10 and graphed and not gemm} ;;
+    speed)   PRESET_STAGES="env build bench_model profile report"
+             # issue 6's throughput question in one call (~450 s with a cold build): the graphed bf16 NHWC CIFAR-10
+             # step with compiled networks at B64 and B256 as measured before (the baseline, on this machine) and
+             # with the options written since and not timed: FusedAdamax (`_fusedopt`), the ReLUs in the GEMMs'
+             # epilogues (`_epilogue`), both, and both with the thin 3x3 convs as GEMMs (`_gemm3x3_epilogue_
+             # fusedopt`); ten cases, three network graphs per batch size. Then the B256 profile of the last.
+             MAX_bench_model=${MAX_bench_model:-300}; MAX_profile=${MAX_profile:-80}
+             PROFILE_BATCHES=${PROFILE_BATCHES:-256}
+             PROFILE_FLAGS=${PROFILE_FLAGS:---bf16 --channels-last --compile-networks --thin-gemms --relu-epilogue \
+--fused-optimizer}
+             BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-cifar10 and nhwc_compiled and not _opt and not _pad0 and \
+not (gemm3x3 and not epilogue)} ;;
+    kernels) PRESET_STAGES="env build bench_ops report"
+             # issue 4's open rows (~300 s with a cold build): the K-step chain at the six CIFAR-10 shapes (reference,
+             # fused, and the ungraded fused_dwgemm and fused_ieee: exact-fp32 dots, half the 3xTF32 backward
+             # loop's instructions at 16 channels), the backward kernels' bandwidth at 3xTF32 and exact fp32, and
+             # the FusedAdamax step against torch's
+             MAX_bench_ops=${MAX_bench_ops:-240}
+             BENCH_OPS_SELECT=${BENCH_OPS_SELECT-step_chain or adamax or (bandwidth and bwd and not tf32_plain and \
+not nodw and not dwgemm)} ;;
     all)     PRESET_STAGES="env build tests sanitizer startup bench_model bench_ops profile tune train tf32 bench_compile report" ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|nets|all]"; exit 2 ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|nets|speed|kernels|all]"; exit 2 ;;
 esac
 STAGES=${GPU_CHECK_STAGES:-$PRESET_STAGES}
 ALL_STAGES="env build tests sanitizer startup bench_model bench_ops profile tune train tf32 bench_compile report"
@@ -347,18 +373,19 @@ bench_compile() {
 
 profile() {
     # the CIFAR-10 step at batch 64 (issue 6's first target): compiled bf16 NHWC networks with their thin 3x3 convs
-    # as GEMMs and FusedAdamax (written in the 25th session for the B256 gap, untimed), then the compiled networks
-    # as they are (the fastest measured), then bf16 NHWC networks; the kernels startup/bench_model compiled are
-    # reused. PROFILE_BATCHES (default "64") and PROFILE_FLAGS (';'-separated option sets, "none" for the fp32 step)
-    # pick other steps
+    # as GEMMs, the ReLUs in the GEMMs' epilogues and FusedAdamax (written in the 25th/26th sessions for the B256
+    # gap, untimed), then the compiled networks as they are (the fastest measured), then bf16 NHWC networks; the
+    # kernels startup/bench_model compiled are reused. PROFILE_BATCHES (default "64") and PROFILE_FLAGS
+    # (';'-separated option sets, "none" for the fp32 step) pick other steps
     local rc=0 flags batch sets
-    local default="--bf16 --channels-last --compile-networks --thin-gemms --fused-optimizer"
+    local default="--bf16 --channels-last --compile-networks --thin-gemms --relu-epilogue --fused-optimizer"
     default+=";--bf16 --channels-last --compile-networks;--bf16 --channels-last"
     IFS=';' read -r -a sets <<< "${PROFILE_FLAGS:-$default}"
     for batch in ${PROFILE_BATCHES:-64}; do
         for flags in "${sets[@]}"; do
             [ "$flags" = none ] && flags=""
-            # shellcheck disable=SC2086  # $flags: zero to five options
+            echo "profile_step.py --batch $batch $flags"
+            # shellcheck disable=SC2086  # $flags: zero to six options
             TRITON_CACHE_DIR="$WORK/triton_cache_startup" $PY benchmarks/profile_step.py --config cifar10_K32 \
                 --batch "$batch" --backend fused $flags --steps 5 --out "$LOGS/profile" || rc=1
         done
@@ -417,6 +444,7 @@ export -f pymod env_info build tests sanitizer startup bench bench_model_cold be
     train tf32_bias pytest_workers
 export ROOT OUT WORK LOGS PY TRAIN_STEPS GPU_TESTS=${GPU_TESTS:-} GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4} TUNE_BUDGET=${TUNE_BUDGET:-75} \
     BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT:-} BENCH_OPS_SELECT=${BENCH_OPS_SELECT:-}
+export PROFILE_BATCHES PROFILE_FLAGS  # (a preset's values reach the profile stage's shell; unset ones stay unset)
 
 run_stage() {  # the stage NAME with its cap, minimum and function
     case $1 in

@@ -960,17 +960,20 @@ def test_step_chain_target_is_graded_on_graph_replays_too(tmp_path, g_ref, g_fus
     assert row[1:] == [met, f"{g_ref / g_fused:.2f}× ({g_ref:,.0f} vs {g_fused:,.0f} µs)"]
 
 
-def test_step_chain_with_weight_gradients_as_gemms_is_shown_not_graded(tmp_path):
-    """The fused_dwgemm chain (use_weight_grad("gemm")) gets an information line with its ratios to the reference,
-    eager and on device time, and no target row of its own: the graded row stays the default fused chain's."""
+def test_step_chain_with_weight_gradients_as_gemms_or_exact_dots_is_shown_not_graded(tmp_path):
+    """The fused_dwgemm chain (use_weight_grad("gemm")) and the fused_ieee one (exact-fp32 dots) get information
+    lines with their ratios to the reference, eager and on device time, and no target row of their own: the graded
+    row stays the default fused chain's."""
     g = "step_nonnet/fwdbwd/B64_C12_16x16"
     md = report_of(tmp_path, [bench_row(g, "reference", 6e-3, graph_replay_us=900.0),
                               bench_row(g, "fused", 3e-3, graph_replay_us=450.0),
-                              bench_row(g, "fused_dwgemm", 2e-3, graph_replay_us=250.0)])
+                              bench_row(g, "fused_dwgemm", 2e-3, graph_replay_us=250.0),
+                              bench_row(g, "fused_ieee", 1.5e-3, graph_replay_us=200.0)])
     assert f"{g} (fused, weight gradients as GEMMs): 3.00× the reference, 3.60× on device time (250 µs)" in md
+    assert f"{g} (fused, exact-fp32 dots): 4.00× the reference, 4.50× on device time (200 µs)" in md
     graded = table_row(md, f"{g}: fused ≥ 3× the reference, CUDA-graph replays (device time)")
     assert graded[1:3] == ["NO", "2.00× (900 vs 450 µs)"]
-    assert "fused_dwgemm ≥ 3×" not in md
+    assert "fused_dwgemm ≥ 3×" not in md and "fused_ieee ≥ 3×" not in md
 
 
 def test_the_packed_lu_variant_is_graded_too(tmp_path):

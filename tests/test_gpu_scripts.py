@@ -32,7 +32,8 @@ def _gpu_check(tmp_path, *args, **env):
 def test_gpu_check_unknown_preset_is_refused(tmp_path):
     res = _gpu_check(tmp_path, "sesion")
     assert res.returncode == 2
-    assert "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|nets|all]" in res.stdout
+    usage = "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|nets|speed|kernels|all]"
+    assert usage in res.stdout
 
 
 def test_gpu_check_unknown_stage_is_refused_before_anything_runs(tmp_path):
@@ -213,3 +214,18 @@ def test_cpp_exception_probe_passes_here_and_reports_a_crash():
     assert "C++ exception probe: FAILED (killed by signal 11)" in res.stdout
     assert "cxx11 abi" in res.stdout and ("gdb backtrace:" in res.stdout or "gdb: not found" in res.stdout)
     assert probe.RAISE.count("lu_factor_packed") == 1  # the probe raises the op's own check, as the test does
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the preset where the CUDA stages fail fast")
+def test_gpu_check_speed_preset_profiles_the_all_options_step_at_b256(tmp_path):
+    """The `speed` preset's profile settings reach the profile stage (which runs in a shell of its own): the B256
+    step with every untimed option, and nothing else."""
+    import tarfile
+
+    res = _gpu_check(tmp_path, "speed", GPU_CHECK_STAGES="env profile")
+    assert res.returncode == 0, res.stdout + res.stderr
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
+        log = tar.extractfile("logs/profile.log").read().decode()
+    runs = [line for line in log.splitlines() if line.startswith("profile_step.py --batch")]
+    assert runs == ["profile_step.py --batch 256 --bf16 --channels-last --compile-networks --thin-gemms "
+                    "--relu-epilogue --fused-optimizer"]
