@@ -17,9 +17,10 @@
 #                                             # cuDNN vs glowfast's Triton network, per network (coupling_net/*) and
 #                                             # in the graphed CIFAR-10 training step (fp32 and bf16) -- issue 6's
 #                                             # throughput question
-#     bash benchmarks/gpu_check.sh speed      # issue 6's throughput question (~450 s): the graphed bf16 NHWC CIFAR-10
+#     bash benchmarks/gpu_check.sh speed      # issue 6's throughput question (~520 s): the graphed bf16 NHWC CIFAR-10
 #                                             # step with compiled networks, B64 and B256, with and without each
-#                                             # untimed option (FusedAdamax, ReLU epilogues, thin convs as GEMMs),
+#                                             # untimed option (FusedAdamax, ReLU epilogues, thin convs as GEMMs,
+#                                             # exact-fp32 flow dots),
 #                                             # then the B256 profile of the step with all of them
 #     bash benchmarks/gpu_check.sh kernels    # issue 4's open rows (~300 s): the K-step chain (with exact-fp32 dots
 #                                             # too), the backward kernels' bandwidth, FusedAdamax's step
@@ -145,12 +146,13 @@ not memory_saving and not _opt and not _pad0}
              BENCH_OPS_SELECT=${BENCH_OPS_SELECT-coupling_network and not gemm and not compiled}
              BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-cifar10 and graphed and not gemm} ;;
     speed)   PRESET_STAGES="env build bench_model profile report"
-             # issue 6's throughput question in one call (~450 s with a cold build): the graphed bf16 NHWC CIFAR-10
+             # issue 6's throughput question in one call (~520 s with a cold build): the graphed bf16 NHWC CIFAR-10
              # step with compiled networks at B64 and B256 as measured before (the baseline, on this machine) and
              # with the options written since and not timed: FusedAdamax (`_fusedopt`), the ReLUs in the GEMMs'
-             # epilogues (`_epilogue`), both, and both with the thin 3x3 convs as GEMMs (`_gemm3x3_epilogue_
-             # fusedopt`); ten cases, three network graphs per batch size. Then the B256 profile of the last.
-             MAX_bench_model=${MAX_bench_model:-300}; MAX_profile=${MAX_profile:-80}
+             # epilogues (`_epilogue`), both, both with the thin 3x3 convs as GEMMs (`_gemm3x3_epilogue_fusedopt`),
+             # and both with the flow kernels' dots in exact fp32 (`_epilogue_fusedopt_ieee`); twelve cases, three
+             # network graphs per batch size. Then the B256 profile of the step with all the network options.
+             MAX_bench_model=${MAX_bench_model:-330}; MAX_profile=${MAX_profile:-80}
              PROFILE_BATCHES=${PROFILE_BATCHES:-256}
              PROFILE_FLAGS=${PROFILE_FLAGS:---bf16 --channels-last --compile-networks --thin-gemms --relu-epilogue \
 --fused-optimizer}

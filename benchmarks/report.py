@@ -69,7 +69,8 @@ SECTION_NOTES = {
                   "compiled too, `_pad0` without the thin convs' channels padded to multiples of 8 in the graph "
                   "(the default since the 25th session; that run's `_pad8` was the padded one), `_fusedopt` with "
                   "glowfast's FusedAdamax, `_gemm3x3` with the thin 3x3 convs as GEMMs in the graph, `_epilogue` "
-                  "with the ReLUs after the networks' GEMMs in the GEMMs' epilogues; "
+                  "with the ReLUs after the networks' GEMMs in the GEMMs' epilogues, `_ieee` with the flow kernels' "
+                  "dots in exact fp32; "
                   "`graphed_gemm` / `graphed_bf16_gemm` = graphs with the networks' convs as GEMMs "
                   "(`--gemm-networks`); `graphed_triton` / `graphed_bf16_triton` = graphs with glowfast's Triton "
                   "coupling networks (`--triton-networks`; fp32 or bf16 activations); `graphed_bf16_triton_dots` = "
@@ -96,6 +97,7 @@ TRAINING_PATHS = ("fused", "memory_saving", "graphed", "graphed_gemm", "graphed_
                   "graphed_bf16_nhwc_compiled_gemm3x3", "graphed_bf16_nhwc_compiled_gemm3x3_fusedopt",
                   "graphed_bf16_nhwc_compiled_epilogue", "graphed_bf16_nhwc_compiled_epilogue_fusedopt",
                   "graphed_bf16_nhwc_compiled_gemm3x3_epilogue_fusedopt",
+                  "graphed_bf16_nhwc_compiled_epilogue_fusedopt_ieee",
                   "graphed_bf16_triton", "graphed_bf16_triton_dots",
                   "graphed_bf16_gemm")
 
