@@ -108,20 +108,23 @@ def _coupling_tail(x, h):
     return torch.cat([x[:, :c_a], y_b], dim=1), log_sigmoid_shifted(raw).flatten(1).sum(1)
 
 
-@pytest.mark.parametrize("variant", ["reference", "fused", "fused_dwgemm", "fused_ieee"])
+@pytest.mark.parametrize("variant", ["reference", "fused", "fused_dwgemm", "fused_ieee", "fused_exactbwd"])
 @pytest.mark.parametrize("shape", CIFAR, ids=_tag)
 def test_step_chain_nonnet(cuda_timer, shape, variant):
     """K flow steps without their networks (h_k fixed leaves), forward + backward of y and logdet. fused_dwgemm:
     the fused chain with the 1x1 conv's weight gradient as one GEMM after each backward kernel
     (glowfast.kernels.use_weight_grad("gemm")); fused_ieee: with exact-fp32 dots (use_dot_precision("ieee"):
     CUDA-core FMAs, about half the backward loop's instructions of the 3xTF32 default at 16 channels in the sm_90
-    SASS, 22nd session, and no TF32 rounding at all); both shown beside the graded fused row by report.py."""
+    SASS, 22nd session, and no TF32 rounding at all); fused_exactbwd: exact-fp32 dots in the backward kernels up to
+    32 channels only (use_exact_backward_dots(), the candidate default: the forward kernels gain nothing from exact
+    dots, and at 48 channels they cost more); all shown beside the graded fused row by report.py."""
     from glowfast.fused import level_weights
     from glowfast.kernels import (
         apply_actnorm_invconv,
         apply_coupling,
         apply_cross_step,
         use_dot_precision,
+        use_exact_backward_dots,
         use_weight_grad,
     )
 
@@ -184,7 +187,8 @@ def test_step_chain_nonnet(cuda_timer, shape, variant):
 
     # also while the graph is captured
     with use_weight_grad("gemm" if variant == "fused_dwgemm" else "kernel"), \
-            use_dot_precision("ieee" if variant == "fused_ieee" else None):
+            use_dot_precision("ieee" if variant == "fused_ieee" else None), \
+            use_exact_backward_dots(32 if variant == "fused_exactbwd" else 0):
         cuda_timer(call, device="cuda", variant=variant, images=b,
                    config={"shape": list(shape), "K": K_CHAIN, "mode": "fwdbwd"}, **TIMING)
         # Device time too: the same call replayed from a CUDA graph (forward + backward captured), which leaves out

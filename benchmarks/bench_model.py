@@ -33,9 +33,10 @@ Variants (extra_info["variant"], what benchmarks/report.py computes ratios betwe
 - graphed_bf16_nhwc_compiled_epilogue: graphed_bf16_nhwc_compiled with the ReLU after each GEMM of the networks in
              the GEMM's epilogue (glowfast.amp.relu_in_gemm_epilogues: cuBLASLt's RELU_BIAS instead of one more
              pass over a 512-channel activation). `_epilogue_fusedopt`: with FusedAdamax; `_gemm3x3_epilogue_fusedopt`:
-             all three. `_epilogue_fusedopt_ieee`: `_epilogue_fusedopt` with the flow kernels' 1x1 conv dots in exact
-             fp32 (use_dot_precision("ieee"): CUDA-core FMAs instead of the 3xTF32 default; about half the
-             backward loop's instructions at 16 channels, and the cross-step backward was 2.9 ms of the B256 step).
+             all three. `_epilogue_fusedopt_exactbwd`: `_epilogue_fusedopt` with the flow's backward kernels at up to
+             32 channels on exact-fp32 dots (glowfast.kernels.use_exact_backward_dots: CUDA-core FMAs instead of the
+             3xTF32 default; half the backward loop's instructions at 16 and 32 channels in the sm_90 SASS, and the
+             cross-step backward was 2.9 ms of the B256 step).
 - graphed_gemm / graphed_bf16_gemm: `graphed` with the coupling networks' convolutions as GEMMs over pixels
              (`--gemm-networks`; fp32, or bf16 autocast) instead of cuDNN.
 - graphed_triton / graphed_bf16_triton: `graphed` with glowfast's Triton coupling networks (`--triton-networks`:
@@ -105,7 +106,7 @@ VARIANTS = ["reference", "fused", "memory_saving", "graphed", "graphed_triton", 
             "graphed_bf16_nhwc_compiled_fusedopt", "graphed_bf16_nhwc_compiled_gemm3x3",
             "graphed_bf16_nhwc_compiled_gemm3x3_fusedopt", "graphed_bf16_nhwc_compiled_epilogue",
             "graphed_bf16_nhwc_compiled_epilogue_fusedopt", "graphed_bf16_nhwc_compiled_gemm3x3_epilogue_fusedopt",
-            "graphed_bf16_nhwc_compiled_epilogue_fusedopt_ieee", "compiled",
+            "graphed_bf16_nhwc_compiled_epilogue_fusedopt_exactbwd", "compiled",
             "peer"]
 N_SAMPLES = 64
 # timed rounds / warm-up calls per device (a CPU step of the smoke config takes ~0.5 s)
@@ -341,11 +342,11 @@ def test_train_step(cuda_timer, config_name, batch, device, variant, monkeypatch
         if variant.endswith("gemm"):
             enable_gemm_networks(model)
         # the graphs keep these (no Python in replays)
-        from glowfast.kernels import use_dot_precision
+        from glowfast.kernels import use_exact_backward_dots
 
         with pad_network_channels(0 if variant.endswith("_pad0") else None), \
                 thin_convolutions_as_gemms("_gemm3x3" in variant), relu_in_gemm_epilogues("_epilogue" in variant), \
-                use_dot_precision("ieee" if variant.endswith("_ieee") else None):
+                use_exact_backward_dots(32 if variant.endswith("_exactbwd") else 0):
             step, capture_s, first_s = _graphed_train_step(model, _images(cfg, batch, device),
                                                            compile_optimizer=variant.endswith("_opt"),
                                                            fused_optimizer="_fusedopt" in variant)

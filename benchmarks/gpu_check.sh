@@ -20,7 +20,7 @@
 #     bash benchmarks/gpu_check.sh speed      # issue 6's throughput question (~520 s): the graphed bf16 NHWC CIFAR-10
 #                                             # step with compiled networks, B64 and B256, with and without each
 #                                             # untimed option (FusedAdamax, ReLU epilogues, thin convs as GEMMs,
-#                                             # exact-fp32 flow dots),
+#                                             # exact-fp32 backward dots),
 #                                             # then the B256 profile of the step with all of them
 #     bash benchmarks/gpu_check.sh kernels    # issue 4's open rows (~300 s): the K-step chain (with exact-fp32 dots
 #                                             # too), the backward kernels' bandwidth, FusedAdamax's step
@@ -150,8 +150,9 @@ not memory_saving and not _opt and not _pad0}
              # step with compiled networks at B64 and B256 as measured before (the baseline, on this machine) and
              # with the options written since and not timed: FusedAdamax (`_fusedopt`), the ReLUs in the GEMMs'
              # epilogues (`_epilogue`), both, both with the thin 3x3 convs as GEMMs (`_gemm3x3_epilogue_fusedopt`),
-             # and both with the flow kernels' dots in exact fp32 (`_epilogue_fusedopt_ieee`); twelve cases, three
-             # network graphs per batch size. Then the B256 profile of the step with all the network options.
+             # and both with the flow's backward kernels on exact-fp32 dots up to 32 channels
+             # (`_epilogue_fusedopt_exactbwd`: use_exact_backward_dots); twelve cases, three network graphs per batch
+             # size. Then the B256 profile of the step with all the network options.
              MAX_bench_model=${MAX_bench_model:-330}; MAX_profile=${MAX_profile:-80}
              PROFILE_BATCHES=${PROFILE_BATCHES:-256}
              PROFILE_FLAGS=${PROFILE_FLAGS:---bf16 --channels-last --compile-networks --thin-gemms --relu-epilogue \
@@ -160,12 +161,12 @@ not memory_saving and not _opt and not _pad0}
 not (gemm3x3 and not epilogue)} ;;
     kernels) PRESET_STAGES="env build bench_ops report"
              # issue 4's open rows (~300 s with a cold build): the K-step chain at the six CIFAR-10 shapes (reference,
-             # fused, and the ungraded fused_dwgemm and fused_ieee: exact-fp32 dots, half the 3xTF32 backward
-             # loop's instructions at 16 channels), the backward kernels' bandwidth at 3xTF32 and exact fp32, and
-             # the FusedAdamax step against torch's
-             MAX_bench_ops=${MAX_bench_ops:-240}
-             BENCH_OPS_SELECT=${BENCH_OPS_SELECT-step_chain or adamax or (bandwidth and bwd and not tf32_plain and \
-not nodw and not dwgemm)} ;;
+             # fused, and the ungraded fused_ieee and fused_exactbwd: exact-fp32 dots everywhere, or in the backward
+             # kernels up to 32 channels, whose loops take half the 3xTF32 instructions there), the bandwidth of the
+             # backward kernels with a dot at 3xTF32 and exact fp32, and the FusedAdamax step; 34 cases
+             MAX_bench_ops=${MAX_bench_ops:-200}
+             BENCH_OPS_SELECT=${BENCH_OPS_SELECT-(step_chain and not dwgemm) or adamax or (bandwidth and bwd and not \
+coupling- and not tf32_plain and not nodw and not dwgemm)} ;;
     all)     PRESET_STAGES="env build tests sanitizer startup bench_model bench_ops profile tune train tf32 bench_compile report" ;;
     *) echo "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|nets|speed|kernels|all]"; exit 2 ;;
 esac

@@ -69,8 +69,8 @@ SECTION_NOTES = {
                   "compiled too, `_pad0` without the thin convs' channels padded to multiples of 8 in the graph "
                   "(the default since the 25th session; that run's `_pad8` was the padded one), `_fusedopt` with "
                   "glowfast's FusedAdamax, `_gemm3x3` with the thin 3x3 convs as GEMMs in the graph, `_epilogue` "
-                  "with the ReLUs after the networks' GEMMs in the GEMMs' epilogues, `_ieee` with the flow kernels' "
-                  "dots in exact fp32; "
+                  "with the ReLUs after the networks' GEMMs in the GEMMs' epilogues, `_exactbwd` with the flow's "
+                  "backward kernels at up to 32 channels on exact-fp32 dots; "
                   "`graphed_gemm` / `graphed_bf16_gemm` = graphs with the networks' convs as GEMMs "
                   "(`--gemm-networks`); `graphed_triton` / `graphed_bf16_triton` = graphs with glowfast's Triton "
                   "coupling networks (`--triton-networks`; fp32 or bf16 activations); `graphed_bf16_triton_dots` = "
@@ -97,7 +97,7 @@ TRAINING_PATHS = ("fused", "memory_saving", "graphed", "graphed_gemm", "graphed_
                   "graphed_bf16_nhwc_compiled_gemm3x3", "graphed_bf16_nhwc_compiled_gemm3x3_fusedopt",
                   "graphed_bf16_nhwc_compiled_epilogue", "graphed_bf16_nhwc_compiled_epilogue_fusedopt",
                   "graphed_bf16_nhwc_compiled_gemm3x3_epilogue_fusedopt",
-                  "graphed_bf16_nhwc_compiled_epilogue_fusedopt_ieee",
+                  "graphed_bf16_nhwc_compiled_epilogue_fusedopt_exactbwd",
                   "graphed_bf16_triton", "graphed_bf16_triton_dots",
                   "graphed_bf16_gemm")
 
@@ -474,7 +474,8 @@ def kernel_target_table(groups: OrderedDict) -> list[str]:
                                f"{gr / gf:.2f}× ({gr:,.0f} vs {gf:,.0f} µs)"))
             # the chain's other fused variants, not graded: the weight gradients as GEMMs (use_weight_grad("gemm"))
             # and exact-fp32 dots (use_dot_precision("ieee"))
-            for name, label in (("fused_dwgemm", "weight gradients as GEMMs"), ("fused_ieee", "exact-fp32 dots")):
+            for name, label in (("fused_dwgemm", "weight gradients as GEMMs"), ("fused_ieee", "exact-fp32 dots"),
+                                ("fused_exactbwd", "exact-fp32 dots in the backward kernels up to 32 channels")):
                 other = rows.get(name)
                 go = other and other["info"].get("graph_replay_us")
                 if other and other["time"] and tr:
@@ -486,7 +487,8 @@ def kernel_target_table(groups: OrderedDict) -> list[str]:
                   "(`ieee`, likelihood evaluation; its `tl.dot` runs on CUDA cores, ~20-40 FLOP per byte at 48 "
                   "channels: compute-bound, not a bandwidth target) -- and the backward kernels without their weight "
                   "gradient (`bwd_nodw`) or with it as one GEMM after the kernel (`bwd_dwgemm`; in the K-step chain "
-                  "`fused_dwgemm`), and the K-step chain with exact-fp32 dots (`fused_ieee`): "
+                  "`fused_dwgemm`), and the K-step chain with exact-fp32 dots (`fused_ieee`), or in its backward "
+                  "kernels up to 32 channels (`fused_exactbwd`): "
                   + "; ".join(exact), ""]
     return lines
 

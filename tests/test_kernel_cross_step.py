@@ -286,3 +286,81 @@ def test_tf32x3_error_is_fp32_level(C, perm, device):
     for name, a, emulated, r32, r64 in zip(names, fast, split, ref32, exact, strict=True):
         assert_exact(a, emulated, "out" if name == "out" else "grad", f"{name} vs the 3xTF32 emulation")
         assert_tf32x3(a, r32, r64, name)
+
+
+def test_exact_backward_dots_policy():
+    """use_exact_backward_dots(max_cp): the backward kernels' dots in exact fp32 at padded channel counts up to
+    max_cp where the default is 3xTF32 (a CUDA device, cuDNN's TF32 on; no GPU needed to ask); the forward kernels,
+    larger cp, a forced precision and CPU tensors keep theirs; off by default and again after; bad limits refused."""
+    from glowfast.kernels._utils import backward_dot_precision, dot_precision, use_exact_backward_dots
+
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        assert [backward_dot_precision("cuda", cp) for cp in (16, 32, 64)] == ["tf32x3"] * 3
+        with use_exact_backward_dots():
+            assert [backward_dot_precision("cuda", cp) for cp in (16, 32, 64)] == ["ieee", "ieee", "tf32x3"]
+            assert dot_precision("cuda") == "tf32x3"  # what the forward kernels ask
+            for forced in ("tf32x3", "tf32"):
+                with use_dot_precision(forced):
+                    assert backward_dot_precision("cuda", 16) == forced
+            assert backward_dot_precision("cpu", 64) == "ieee"
+            with use_exact_backward_dots(16):
+                assert [backward_dot_precision("cuda", cp) for cp in (16, 32)] == ["ieee", "tf32x3"]
+            with use_exact_backward_dots(0):
+                assert backward_dot_precision("cuda", 16) == "tf32x3"
+        assert backward_dot_precision("cuda", 16) == "tf32x3"
+        torch.backends.cudnn.allow_tf32 = False  # exact fp32 everywhere already
+        with use_exact_backward_dots():
+            assert backward_dot_precision("cuda", 64) == "ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    for bad in (-1, 16.0, True, None):
+        with pytest.raises(ValueError, match="max_cp"), use_exact_backward_dots(bad):
+            pass
+
+
+@requires_cuda
+@pytest.mark.parametrize("C", [12, 48])
+def test_exact_backward_dots_reach_the_backward_kernels_only(C, monkeypatch):
+    """On a GPU under use_exact_backward_dots(): the backward launches at C = 12 (cp 16) run exact-fp32 dots and
+    the forward ones 3xTF32, at C = 48 (cp 64) everything stays 3xTF32; the gradients are bit for bit those of the
+    forced exact-fp32 kernels (the same backward kernels on the same inputs: each function here takes the leaves
+    themselves, and its backward recomputes from them, whatever its forward's precision)."""
+    from glowfast.kernels import actnorm_invconv, apply_actnorm_invconv, cross_step, use_exact_backward_dots
+
+    launches = []
+    for module in (actnorm_invconv, cross_step):
+        real = module.launch
+        monkeypatch.setattr(module, "launch", lambda kernel, grid, *a, _real=real, **k: (
+            launches.append((kernel.__name__, k.get("PREC"))), _real(kernel, grid, *a, **k))[1])
+    step_k, step_next = make_steps(C, "affine", "lu", "cuda")
+    an, pm = step_next.actnorm, step_next.permute
+    gen = torch.Generator().manual_seed(C)
+    z = torch.randn(2, C, 9, 7, generator=gen).cuda().requires_grad_(True)
+    h = net_out(step_k, z).detach().requires_grad_(True)
+    g_out, g_ld = torch.randn(2, C, 9, 7, generator=gen).cuda(), torch.randn(2, generator=gen).cuda()
+    leaves = [z, h, an.bias, an.log_scale, *pm.parameters()]
+    names = ["z", "h", "bias", "log_scale", *(f"permute.{n}" for n, _ in pm.named_parameters())]
+
+    def grads():
+        x = apply_actnorm_invconv(z, an.bias, an.log_scale, pm.weight_matrix())
+        out, ld = apply_cross_step(z, h, an.bias, an.log_scale, pm.weight_matrix(), True)
+        return torch.autograd.grad(((x + out) * g_out).sum() + (ld * g_ld).sum(), leaves)
+
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with use_exact_backward_dots():
+            policy = grads()
+        seen = dict(launches)
+        with use_dot_precision("ieee"):
+            exact = grads()
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    backward = "ieee" if C <= 32 else "tf32x3"
+    assert seen == {"_actnorm_invconv_fwd_kernel": "tf32x3", "_cross_step_fwd_kernel": "tf32x3",
+                    "_cross_step_bwd_kernel": backward, "_actnorm_invconv_bwd_kernel": backward}
+    if C <= 32:
+        for name, a, e in zip(names, policy, exact, strict=True):
+            assert torch.equal(a, e), name

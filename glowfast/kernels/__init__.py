@@ -9,7 +9,14 @@ the same op as a torch.library custom op with a fake implementation for torch.co
   `--triton-networks`, glowfast.amp.enable_triton_networks) — forward, backward.
 """
 
-from ._utils import dot_precision, is_interpret, use_dot_precision, use_weight_grad, weight_grad_mode
+from ._utils import (
+    dot_precision,
+    is_interpret,
+    use_dot_precision,
+    use_exact_backward_dots,
+    use_weight_grad,
+    weight_grad_mode,
+)
 from .actnorm_invconv import (
     ActNormInvConvFunction,
     actnorm_invconv_backward,
@@ -37,7 +44,8 @@ __all__ = [
     "actnorm_invconv_inverse", "CouplingFunction", "apply_coupling", "coupling_backward", "coupling_forward",
     "coupling_inverse", "CouplingNetworkFunction", "apply_coupling_network",
     "CrossStepFunction", "apply_cross_step", "cross_step_backward", "cross_step_forward",
-    "step_inverse", "dot_precision", "is_interpret", "use_dot_precision", "use_weight_grad", "weight_grad_mode",
+    "step_inverse", "dot_precision", "is_interpret", "use_dot_precision", "use_exact_backward_dots", "use_weight_grad",
+    "weight_grad_mode",
 ]
 
 

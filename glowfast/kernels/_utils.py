@@ -106,6 +106,43 @@ def use_dot_precision(precision: str | None):
         _dot_precision_override = old
 
 
+# Exact-fp32 dots in the backward kernels at small channel counts, where the default would be 3xTF32 (opt-in until a
+# GPU times it: `use_exact_backward_dots`). In the sm_90 SASS (26th session, Triton 3.8, the default tiles) the
+# cross-step backward's pixel loop takes 74.5 warp-instructions per pixel with exact-fp32 dots against 157.6 with
+# 3xTF32 at cp 16, in 79 registers against 217 (3 programs of 8 warps per SM against 2 of 4), and 186.5 against 376
+# at cp 32; the actnorm + 1x1 conv backward 40.4 against 81.4 at cp 16. At cp 64 exact fp32 is the heavier (530
+# against 311), and the forward kernels gain nothing at any cp (cp 16: 62.0 against 58.6). The backward kernels'
+# instruction issue, not memory, bounds them (benchmarks/RESULTS.md), and the cross-step backward is most of the
+# K-step chain at B256 C12, one of issue 4's three shapes short of 3x. 0 = off.
+_exact_backward_max_cp = 0
+
+
+def backward_dot_precision(device: torch.device | str | None, cp: int) -> str:
+    """The dot precision of a backward kernel at padded channel count `cp`: `dot_precision(device)`, except
+    "ieee" where that is the 3xTF32 default (not forced by `use_dot_precision`) and cp is at most
+    `use_exact_backward_dots`'s limit. Exact fp32 is at least as accurate as 3xTF32: the same function."""
+    precision = dot_precision(device)
+    if precision == "tf32x3" and _dot_precision_override is None and cp <= _exact_backward_max_cp:
+        return "ieee"
+    return precision
+
+
+@contextlib.contextmanager
+def use_exact_backward_dots(max_cp: int = 32):
+    """Inside, the backward kernels at padded channel counts up to `max_cp` (16 = C <= 16, 32 = C <= 32) use
+    exact-fp32 dots instead of the 3xTF32 default (`backward_dot_precision`); 0 turns it off. Graphs captured inside
+    keep it."""
+    global _exact_backward_max_cp
+    if isinstance(max_cp, bool) or not isinstance(max_cp, int) or max_cp < 0:
+        raise ValueError(f"max_cp must be an int >= 0, got {max_cp!r}")
+    old = _exact_backward_max_cp
+    _exact_backward_max_cp = max_cp
+    try:
+        yield
+    finally:
+        _exact_backward_max_cp = old
+
+
 # How the backward kernels with a 1x1-conv dot form the weight gradient dL/dW = sum over pixels of dy u^T:
 # "kernel" (the default): a 3xTF32 product per pixel tile in the kernel's loop, per-program partials summed after;
 # "gemm": the kernel writes u and one fp32 GEMM over all pixels follows (that product is most of the loop's

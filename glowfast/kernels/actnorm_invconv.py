@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ._utils import (
     KERNEL_KINDS,
+    backward_dot_precision,
     block_pixels,
     cdiv,
     channel_pad,
@@ -302,7 +303,7 @@ def actnorm_invconv_backward(
     x = check_nchw(x, "x")
     grad_y = grad_y.contiguous()
     check_grads(x, grad_y)
-    prec = dot_precision(x.device)
+    prec = backward_dot_precision(x.device, channel_pad(x.shape[1]))
     B, C, hw, cp, bp, n_pt = _geometry(x, block_p, "actnorm_invconv_bwd", prec)
     bias, log_scale, weight = _params(bias, log_scale, weight, C, x)
     G = programs_per_sample or reduction_programs(B, n_pt, x.device)

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ._utils import (
     KERNEL_KINDS,
+    backward_dot_precision,
     block_pixels,
     cdiv,
     channel_pad,
@@ -210,7 +211,7 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     grad_out = grad_out.contiguous()
     check_device(z, h)
     check_grads(z, grad_out, grad_logdet if affine else None)
-    prec = dot_precision(z.device)
+    prec = backward_dot_precision(z.device, channel_pad(z.shape[1]))
     B, C, ca, cb, hc, hw, cp, bp, n_pt = _geometry(z, h, affine, block_p, "cross_step_bwd", prec)
     bias, log_scale, weight = _params(bias, log_scale, weight, C, z)
     G = programs_per_sample or reduction_programs(B, n_pt, z.device)
