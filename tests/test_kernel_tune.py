@@ -410,7 +410,8 @@ def test_exactly_max_channels_runs_through_a_kernel(kernel_device):
 
 @pytest.mark.parametrize("kind", ["fwd", "cross_step_fwd", "actnorm_invconv_bwd", "cross_step_bwd", "coupling"])
 def test_gpu_tile_takes_each_dot_precisions_table(kind):
-    """GPU_TILES_IEEE holds the exact-fp32 tiles of the forward families, GPU_TILES_TF32X3 the 3xTF32 tiles (the
+    """GPU_TILES_IEEE holds the exact-fp32 tiles of the forward families (and lists the backward tiles that
+    use_exact_backward_dots runs exact, for the sm_90 check), GPU_TILES_TF32X3 the 3xTF32 tiles (the
     GPU default) of every family with a dot; "tf32" launches, the coupling kernels (no dot) and cp values without
     an entry use GPU_TILES. With no precision given: the default's, i.e. 3xTF32 under PyTorch's default flags."""
     ieee, tf32x3 = _utils.GPU_TILES_IEEE.get(kind, {}), _utils.GPU_TILES_TF32X3.get(kind, {})

@@ -216,3 +216,47 @@ def test_more_shared_memory_than_an_sm90_block_has_is_a_failure(monkeypatch, cap
     rc, records = _run(monkeypatch, capsys, lambda *a, **k: _compiled(SM90_MAX_SHARED + 1))
     assert rc == 1 and not any(r["ok"] for r in records)
     assert all(f"needs {SM90_MAX_SHARED + 1} B of shared memory" in r["error"] for r in records)
+
+
+def test_exact_backward_dots_take_fewer_instructions_up_to_32_channels():
+    """The SASS count behind `use_exact_backward_dots` (glowfast.kernels._utils): at the default tiles the cross-step
+    backward's loop (cp 16 and 32) and the actnorm + 1x1 conv backward's (cp 16) take at most 3/4 of the 3xTF32
+    warp-instructions per pixel with exact-fp32 dots, in fewer registers. Each record's loop count comes from
+    cuobjdump -sass (`_compile_check.loop_instructions`)."""
+    records = [r for m in ("actnorm_invconv", "cross_step") for r in _results(m)
+               if r.get("loop_instructions") and r["data"] == "*fp32"]
+    if not records:
+        pytest.skip("this Triton has no bundled cuobjdump to read the SASS")
+    from glowfast.kernels._utils import gpu_tile
+
+    heaviest = dict(AFFINE=True, NEED_DX=True, NEED_DW=True, STORE_U=False)
+
+    def per_pixel(kernel, kind, cp, prec):
+        """(warp-instructions per pixel, registers) of the heaviest branch at the default tile"""
+        bp, warps = gpu_tile(kind, cp, prec)
+        found = [r for r in records if r["kernel"] == kernel and r["options"]["num_warps"] == warps
+                 and r["constexprs"]["CP"] == cp and r["constexprs"]["PREC"] == prec
+                 and r["constexprs"]["BLOCK_P"] == bp
+                 and all(r["constexprs"].get(k, v) == v for k, v in heaviest.items())]
+        assert found, f"{kernel} cp {cp} {prec}: the default tile was not compiled"
+        return found[0]["loop_instructions"] * warps / bp, found[0]["regs"]
+
+    for kernel, kind, cps in (("_cross_step_bwd_kernel", "cross_step_bwd", (16, 32)),
+                              ("_actnorm_invconv_bwd_kernel", "actnorm_invconv_bwd", (16,))):
+        for cp in cps:
+            (exact, exact_regs), (split, split_regs) = (per_pixel(kernel, kind, cp, p) for p in ("ieee", "tf32x3"))
+            assert exact <= 0.75 * split and exact_regs < split_regs, (kernel, cp, exact, split)
+
+
+def test_loop_table_shows_each_default_tiles_heaviest_branch():
+    """`--loops`: one row per (kernel, cp, precision), from the full default tile's heaviest constexpr branch (most
+    loop instructions), not a clipped tile or a lighter branch; warp-instructions per pixel = loop x warps / pixels,
+    programs per SM from the registers."""
+    def rec(block_p, need_dw, regs, loop):
+        return dict(kernel="_k", data="*fp32", options=dict(num_warps=8), regs=regs, loop_instructions=loop,
+                    constexprs=dict(CP=16, BLOCK_P=block_p, PREC="ieee", NEED_DW=need_dw))
+
+    table = cc.loop_table([rec(32, False, 64, 200), rec(16, True, 90, 400), rec(32, True, 79, 298),
+                           {**rec(32, True, 79, 298), "data": "*bf16"}])
+    assert [line for line in table.splitlines() if line.startswith("| _k")] == [
+        "| _k | 16 | ieee | (32, 8) | 79 | 3 | 298 | 74.5 |"]

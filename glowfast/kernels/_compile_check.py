@@ -1,6 +1,7 @@
 """GPU-free compile check: compile glowfast's Triton kernels for sm_90 with `triton.compile`.
 
-Run as `python -m glowfast.kernels._compile_check [--table] [actnorm_invconv|coupling|cross_step|coupling_net ...]`
+Run as `python -m glowfast.kernels._compile_check [--table] [--loops] [actnorm_invconv|coupling|cross_step|coupling_net
+...]`
 with TRITON_INTERPRET unset (under the interpreter `@triton.jit` yields interpreter objects that cannot be
 compiled) and TRITON_CACHE_DIR pointing at a scratch folder. Prints one JSON line per compiled spec and exits
 non-zero if any spec fails to compile or needs more shared memory than an sm_90 block can have.
@@ -12,7 +13,8 @@ Each record also carries the machine-code resources of the cubin Triton built (`
 --dump-resource-usage`, Triton's own copy): registers, stack frame and local memory bytes per thread. A
 register spill in one of these bandwidth-bound kernels sends tile data through local memory on every pixel
 tile, so the records flag the default GPU launch configurations (`production`: the GPU_TILES entries) and
-tests/test_triton_compile_sm90.py requires them to be spill-free.
+tests/test_triton_compile_sm90.py requires them to be spill-free. The dot kernels' default tiles also carry their
+pixel-tile loop's SASS instruction count (`loop_instructions`; `--loops` prints them as a table).
 """
 
 from __future__ import annotations
@@ -83,6 +85,31 @@ def cubin_resources(compiled) -> dict:
     return dict(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3))) if m else {}
 
 
+def loop_instructions(compiled) -> int | None:
+    """SASS instructions (per warp) of the kernel's longest loop -- the pixel-tile loop of the kernels that loop over
+    tiles -- or of the whole kernel where it has no loop (one tile per program); None without cuobjdump. Times the
+    warps per program over the tile's pixels, that is the kernel's warp-instructions per pixel: what bounds the
+    backward kernels with a dot, which are issue-bound, not memory-bound (benchmarks/RESULTS.md)."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/k.cubin"
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, timeout=120).stdout
+    addresses = []  # (address, backward branch target or None) per instruction
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if m:
+            branch = re.search(r"\bBRA\s+0x([0-9a-f]+)", m.group(2))
+            addresses.append((int(m.group(1), 16), int(branch.group(1), 16) if branch else None))
+    if not addresses:
+        return None
+    loops = [(at - target) // 16 + 1 for at, target in addresses if target is not None and target < at]
+    return max(loops) if loops else len(addresses)
+
+
 def wgmma_shapes(compiled) -> list[str] | None:
     """The Hopper warpgroup MMA shapes in the kernel's PTX, e.g. "m64n32k8.f32.tf32.tf32" ([] without wgmma; None
     where the build holds no PTX to read).
@@ -136,11 +163,38 @@ def resource_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def loop_table(records: list[dict]) -> str:
+    """Markdown table of the dot kernels' default tiles per dot precision (the full tile, its heaviest constexpr
+    branch): registers, programs per SM (65,536 registers, 64 warps), the pixel-tile loop's SASS instructions per
+    warp and warp-instructions per pixel."""
+    import triton
+
+    lines = [f"Triton {triton.__version__}, sm_90, the dot kernels' default tiles (fp32 data):", "",
+             "| kernel | cp | dot precision | tile (pixels, warps) | registers | programs / SM | loop instructions / "
+             "warp | warp-instructions / pixel |", "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    rows = sorted((r for r in records if r.get("loop_instructions") and r["data"] == "*fp32"),
+                  key=lambda r: (r["constexprs"]["CP"], r["kernel"], r["constexprs"]["PREC"],
+                                 -r["constexprs"]["BLOCK_P"], -r["loop_instructions"]))
+    seen = set()
+    for r in rows:
+        c, warps = r["constexprs"], r["options"]["num_warps"]
+        key = (r["kernel"], c["CP"], c["PREC"])
+        if key in seen:  # a clipped tile of the same default, or a lighter constexpr branch: the first is the row
+            continue
+        seen.add(key)
+        programs = min(65536 // (max(r.get("regs", 0), 24) * 32 * warps), 64 // warps)
+        per_pixel = r["loop_instructions"] * warps / c["BLOCK_P"]
+        lines.append(f"| {r['kernel']} | {c['CP']} | {c['PREC']} | ({c['BLOCK_P']}, {warps}) | {r.get('regs', '?')} "
+                     f"| {programs} | {r['loop_instructions']} | {per_pixel:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     from ._utils import SM90_MAX_SHARED
 
     table = "--table" in argv
-    argv = [a for a in argv if a != "--table"]
+    loops = "--loops" in argv
+    argv = [a for a in argv if a not in ("--table", "--loops")]
     failures = 0
     records = []
     for mod_name in argv or MODULES:
@@ -157,6 +211,8 @@ def main(argv: list[str]) -> int:
                 rec.update(ok=shared <= SM90_MAX_SHARED, shared=shared, fp_fusion=bool(out.metadata.enable_fp_fusion),
                            **cubin_resources(out),
                            **({} if shapes is None else {"wgmma": shapes}))
+                if rec["production"] and "PREC" in constexprs:  # the dot kernels' default tiles
+                    rec["loop_instructions"] = loop_instructions(out)
                 if shared > SM90_MAX_SHARED:
                     rec["error"] = f"needs {shared} B of shared memory > {SM90_MAX_SHARED}"
             except Exception:  # noqa: BLE001 - report every failure, not just the first
@@ -164,10 +220,12 @@ def main(argv: list[str]) -> int:
             rec["seconds"] = round(time.perf_counter() - t0, 2)
             failures += not rec["ok"]
             records.append(rec)
-            if not table:
+            if not (table or loops):
                 print(json.dumps(rec), flush=True)
     if table:
         print(resource_table(records))
+    if loops:
+        print(loop_table(records))
     return 1 if failures else 0
 
 

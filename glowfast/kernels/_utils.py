@@ -289,6 +289,10 @@ FP_FUSION = True
 GPU_TILES_IEEE: dict[str, dict[int, tuple[int, int]]] = {
     "fwd": {16: (128, 4), 32: (128, 8), 64: (32, 8)},
     "cross_step_fwd": {16: (128, 4), 32: (64, 8), 64: (32, 8)},
+    # the backward kernels where `use_exact_backward_dots` runs them exact: GPU_TILES' tiles, listed so that the
+    # sm_90 check compiles them (spill-free: 64-128 registers; at cp 64 the exact cross-step backward spills)
+    "actnorm_invconv_bwd": {16: (64, 4), 32: (32, 4)},
+    "cross_step_bwd": {16: (32, 8), 32: (16, 8)},
 }
 
 
