@@ -110,7 +110,7 @@ def use_dot_precision(precision: str | None):
 # GPU times it: `use_exact_backward_dots`). In the sm_90 SASS (26th session, Triton 3.8, the default tiles) the
 # cross-step backward's pixel loop takes 74.5 warp-instructions per pixel with exact-fp32 dots against 157.6 with
 # 3xTF32 at cp 16, in 79 registers against 217 (3 programs of 8 warps per SM against 2 of 4), and 186.5 against 376
-# at cp 32; the actnorm + 1x1 conv backward 40.4 against 81.4 at cp 16. At cp 64 exact fp32 is the heavier (530
+# at cp 32; the actnorm + 1x1 conv backward 38.9 against 80.4 at cp 16. At cp 64 exact fp32 is the heavier (530
 # against 311), and the forward kernels gain nothing at any cp (cp 16: 62.0 against 58.6). The backward kernels'
 # instruction issue, not memory, bounds them (benchmarks/RESULTS.md), and the cross-step backward is most of the
 # K-step chain at B256 C12, one of issue 4's three shapes short of 3x. 0 = off.
