@@ -152,11 +152,11 @@ not memory_saving and not _opt and not _pad0}
              # epilogues (`_epilogue`), both, both with the thin 3x3 convs as GEMMs (`_gemm3x3_epilogue_fusedopt`),
              # and both with the flow's backward kernels on exact-fp32 dots up to 32 channels
              # (`_epilogue_fusedopt_exactbwd`: use_exact_backward_dots); twelve cases, three network graphs per batch
-             # size. Then the B256 profile of the step with all the network options.
+             # size. Then the B256 profile of the step with every option.
              MAX_bench_model=${MAX_bench_model:-330}; MAX_profile=${MAX_profile:-80}
              PROFILE_BATCHES=${PROFILE_BATCHES:-256}
              PROFILE_FLAGS=${PROFILE_FLAGS:---bf16 --channels-last --compile-networks --thin-gemms --relu-epilogue \
---fused-optimizer}
+--fused-optimizer --exact-backward-dots}
              BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-cifar10 and nhwc_compiled and not _opt and not _pad0 and \
 not (gemm3x3 and not epilogue)} ;;
     kernels) PRESET_STAGES="env build bench_ops report"
@@ -376,19 +376,20 @@ bench_compile() {
 
 profile() {
     # the CIFAR-10 step at batch 64 (issue 6's first target): compiled bf16 NHWC networks with their thin 3x3 convs
-    # as GEMMs, the ReLUs in the GEMMs' epilogues and FusedAdamax (written in the 25th/26th sessions for the B256
-    # gap, untimed), then the compiled networks as they are (the fastest measured), then bf16 NHWC networks; the
+    # as GEMMs, the ReLUs in the GEMMs' epilogues, FusedAdamax and exact-fp32 backward dots (written in the 25th and
+    # 26th sessions for the B256 gap, untimed), then the compiled networks as they are (the fastest measured), then bf16 NHWC networks; the
     # kernels startup/bench_model compiled are reused. PROFILE_BATCHES (default "64") and PROFILE_FLAGS
     # (';'-separated option sets, "none" for the fp32 step) pick other steps
     local rc=0 flags batch sets
     local default="--bf16 --channels-last --compile-networks --thin-gemms --relu-epilogue --fused-optimizer"
+    default+=" --exact-backward-dots"
     default+=";--bf16 --channels-last --compile-networks;--bf16 --channels-last"
     IFS=';' read -r -a sets <<< "${PROFILE_FLAGS:-$default}"
     for batch in ${PROFILE_BATCHES:-64}; do
         for flags in "${sets[@]}"; do
             [ "$flags" = none ] && flags=""
             echo "profile_step.py --batch $batch $flags"
-            # shellcheck disable=SC2086  # $flags: zero to six options
+            # shellcheck disable=SC2086  # $flags: zero to seven options
             TRITON_CACHE_DIR="$WORK/triton_cache_startup" $PY benchmarks/profile_step.py --config cifar10_K32 \
                 --batch "$batch" --backend fused $flags --steps 5 --out "$LOGS/profile" || rc=1
         done

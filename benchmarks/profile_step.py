@@ -74,10 +74,11 @@ def _kernel_times_us(prof, on_cuda: bool) -> dict[str, tuple[float, int]]:
 
 def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = False, channels_last: bool = False,
             triton_networks: bool = False, compile_networks: bool = False, thin_gemms: bool = False,
-            relu_epilogue: bool = False, fused_optimizer: bool = False, steps: int = 5, warmup: int = 3,
-            top: int = 15) -> dict:
+            relu_epilogue: bool = False, fused_optimizer: bool = False, exact_backward_dots: bool = False,
+            steps: int = 5, warmup: int = 3, top: int = 15) -> dict:
     from glowfast import Glow
     from glowfast.amp import relu_in_gemm_epilogues, thin_convolutions_as_gemms
+    from glowfast.kernels import use_exact_backward_dots
 
     torch.manual_seed(0)
     model = Glow(**model_config(config), backend=backend).to(device)
@@ -102,13 +103,14 @@ def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = 
 
     with torch.no_grad(), eager_networks():
         model(x)  # ActNorm's data-dependent init (compiled networks eagerly, as the trainer runs it)
-    # read at each call of a compiled network
-    with thin_convolutions_as_gemms(thin_gemms), relu_in_gemm_epilogues(relu_epilogue):
+    # read at each call of a compiled network / of a backward kernel's wrapper
+    with thin_convolutions_as_gemms(thin_gemms), relu_in_gemm_epilogues(relu_epilogue), \
+            use_exact_backward_dots(32 if exact_backward_dots else 0):
         return _profile_step(glow_train_step(model, x, fused_optimizer), device, steps, warmup, top,
                              dict(config=config, batch=batch, backend=backend, bf16=bf16, channels_last=channels_last,
                                   triton_networks=triton_networks, compile_networks=compile_networks,
                                   thin_gemms=thin_gemms, relu_epilogue=relu_epilogue,
-                                  fused_optimizer=fused_optimizer))
+                                  fused_optimizer=fused_optimizer, exact_backward_dots=exact_backward_dots))
 
 
 def _profile_step(step, device: str, steps: int, warmup: int, top: int, options: dict) -> dict:
@@ -151,7 +153,9 @@ def markdown(records: list[dict]) -> str:
                                           ("compiled networks", r.get("compile_networks")),
                                           ("thin 3x3 convs as GEMMs", r.get("thin_gemms")),
                                           ("ReLUs in GEMM epilogues", r.get("relu_epilogue")),
-                                          ("FusedAdamax", r.get("fused_optimizer"))) if on) or "fp32 networks"
+                                          ("FusedAdamax", r.get("fused_optimizer")),
+                                          ("exact-fp32 backward dots", r.get("exact_backward_dots"))) if on) \
+            or "fp32 networks"
         lines += [f"## {r['config']}, batch {r['batch']}, {r['backend']} ({flags}) on {r['device']}", "",
                   f"{r['time']}: {r['busy_ms_per_step']:.2f} ms per step, wall time {r['wall_ms_per_step']:.2f} ms "
                   f"per eager step ({r['steps']} steps profiled, torch {r['torch']}).", "",
@@ -180,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--relu-epilogue", action="store_true",
                     help="with --compile-networks: the ReLUs in the GEMMs' epilogues (amp.relu_in_gemm_epilogues)")
     ap.add_argument("--fused-optimizer", action="store_true", help="glowfast.optim.FusedAdamax instead of torch's")
+    ap.add_argument("--exact-backward-dots", action="store_true",
+                    help="the flow's backward kernels up to 32 channels on exact-fp32 dots (use_exact_backward_dots)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", required=True, help="folder: profile.json (appended) and profile.md")
@@ -189,7 +195,8 @@ def main(argv=None) -> int:
     rec = profile(args.config, args.batch, args.device, args.backend, bf16=args.bf16,
                   channels_last=args.channels_last, triton_networks=args.triton_networks,
                   compile_networks=args.compile_networks, thin_gemms=args.thin_gemms,
-                  relu_epilogue=args.relu_epilogue, fused_optimizer=args.fused_optimizer, steps=args.steps,
+                  relu_epilogue=args.relu_epilogue, fused_optimizer=args.fused_optimizer,
+                  exact_backward_dots=args.exact_backward_dots, steps=args.steps,
                   warmup=args.warmup)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

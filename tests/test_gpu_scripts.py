@@ -228,4 +228,4 @@ def test_gpu_check_speed_preset_profiles_the_all_options_step_at_b256(tmp_path):
         log = tar.extractfile("logs/profile.log").read().decode()
     runs = [line for line in log.splitlines() if line.startswith("profile_step.py --batch")]
     assert runs == ["profile_step.py --batch 256 --bf16 --channels-last --compile-networks --thin-gemms "
-                    "--relu-epilogue --fused-optimizer"]
+                    "--relu-epilogue --fused-optimizer --exact-backward-dots"]

@@ -97,16 +97,17 @@ def test_cpu_run_writes_parts_that_sum_to_the_step_and_appends_records(tmp_path)
 
 def test_fused_optimizer_run_is_recorded_and_named(tmp_path):
     """--fused-optimizer profiles the step with FusedAdamax (here its kernel under the interpreter): the record says
-    so, the heading names it, and the optimiser's part is there."""
+    so, the heading names it, and the optimiser's part is there; --exact-backward-dots is recorded and named too."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--config", "mnist_K4_h128", "--batch", "2",
            "--device", "cpu", "--backend", "reference", "--steps", "1", "--warmup", "0", "--fused-optimizer",
-           "--out", str(tmp_path)]
+           "--exact-backward-dots", "--out", str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     (r,) = json.loads((tmp_path / "profile.json").read_text())
     assert r["fused_optimizer"] is True and r["thin_gemms"] is False and r["relu_epilogue"] is False
-    assert r["categories"]["optimiser"] > 0
-    assert "## mnist_K4_h128, batch 2, reference (FusedAdamax) on cpu" in (tmp_path / "profile.md").read_text()
+    assert r["exact_backward_dots"] is True and r["categories"]["optimiser"] > 0
+    heading = "## mnist_K4_h128, batch 2, reference (FusedAdamax, exact-fp32 backward dots) on cpu"
+    assert heading in (tmp_path / "profile.md").read_text()
 
 
 def test_no_cuda_device_is_a_one_line_error(tmp_path, capsys):
