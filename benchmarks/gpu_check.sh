@@ -22,8 +22,8 @@
 #                                             # untimed option (FusedAdamax, ReLU epilogues, thin convs as GEMMs,
 #                                             # exact-fp32 backward dots),
 #                                             # then the B256 profile of the step with all of them
-#     bash benchmarks/gpu_check.sh kernels    # issue 4's open rows (~300 s): the K-step chain (with exact-fp32 dots
-#                                             # too), the backward kernels' bandwidth, FusedAdamax's step
+#     bash benchmarks/gpu_check.sh kernels    # issue 4's open rows (~380 s): the K-step chain (with exact-fp32 dots
+#                                             # too), the backward kernels' bandwidth, FusedAdamax's step, a sweep
 #     bash benchmarks/gpu_check.sh all        # every stage in one command (a longer GPU_CHECK_BUDGET than 540 s)
 #
 # ($OUT is set by the device tool; default ./gpu_out.) A session has 15 minutes of device time, the machine's
@@ -74,8 +74,8 @@
 # GPU_TEST_WORKERS (4; session 8), GPU_CHECK_PARALLEL (1: tests, sanitizer and train (then tf32) side by side),
 # BENCH_MODEL_SELECT (pytest -k over bench_model's cases; session cifar10, extra mnist), BENCH_OPS_SELECT (pytest -k
 # over the per-op cases; session "not ieee and not tf32_plain"), TUNE_BUDGET (75; extra 45), TUNE_SHAPES and
-# TUNE_PROGRAMS_PER_SM and TUNE_PRECISIONS (the sweep's shapes, BxCxHxW comma-separated, extra programs per SM,
-# extra dot precisions; tune() below),
+# TUNE_PROGRAMS_PER_SM and TUNE_PRECISIONS and TUNE_KERNELS (the sweep's shapes, BxCxHxW comma-separated, extra
+# programs per SM, extra dot precisions, kernel/mode list; tune() below),
 # PYTHON (python3), TRAIN_STEPS (default 1000), GLOWFAST_BENCH_COMPILE_MODEL=cifar10_K32_B64 (or 1 for every case:
 # adds the whole-model torch.compile benchmark to bench_compile, minutes of compilation per case) with
 # GPU_CHECK_COMPILE_MAX (seconds for bench_compile, default 200; 420 under the `compile` preset). A command for the
@@ -159,12 +159,16 @@ not memory_saving and not _opt and not _pad0}
 --fused-optimizer --exact-backward-dots}
              BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT-cifar10 and nhwc_compiled and not _opt and not _pad0 and \
 not (gemm3x3 and not epilogue)} ;;
-    kernels) PRESET_STAGES="env build bench_ops report"
-             # issue 4's open rows (~300 s with a cold build): the K-step chain at the six CIFAR-10 shapes (reference,
+    kernels) PRESET_STAGES="env build bench_ops tune report"
+             # issue 4's open rows (~380 s with a cold build): the K-step chain at the six CIFAR-10 shapes (reference,
              # fused, and the ungraded fused_ieee and fused_exactbwd: exact-fp32 dots everywhere, or in the backward
              # kernels up to 32 channels, whose loops take half the 3xTF32 instructions there), the bandwidth of the
-             # backward kernels with a dot at 3xTF32 and exact fp32, and the FusedAdamax step; 34 cases
-             MAX_bench_ops=${MAX_bench_ops:-200}
+             # backward kernels with a dot at 3xTF32 and exact fp32, and the FusedAdamax step; 34 cases. Then the
+             # block sweep of those backward kernels with exact-fp32 candidates too (their default tiles were chosen
+             # for the 3xTF32 registers; exact, they hold 64-128), at C = 12 and 24 (~60 s; cut first)
+             MAX_bench_ops=${MAX_bench_ops:-200}; MAX_tune=${MAX_tune:-75}; TUNE_BUDGET=${TUNE_BUDGET:-60}
+             TUNE_KERNELS=${TUNE_KERNELS:-cross_step/bwd,actnorm_invconv/bwd}; TUNE_PRECISIONS=${TUNE_PRECISIONS-ieee}
+             TUNE_SHAPES=${TUNE_SHAPES:-64x12x128x128,256x12x16x16,256x24x8x8}
              BENCH_OPS_SELECT=${BENCH_OPS_SELECT-(step_chain and not dwgemm) or adamax or (bandwidth and bwd and not \
 coupling- and not tf32_plain and not nodw and not dwgemm)} ;;
     all)     PRESET_STAGES="env build tests sanitizer startup bench_model bench_ops profile tune train tf32 bench_compile report" ;;
@@ -405,10 +409,12 @@ tune() {
     # at cp 16 in the sm_90 SASS, so possibly exact and faster there). The actnorm + 1x1 conv forward leads: its tile
     # family (also the inverse's and the step inverse's) holds one program per SM at cp 64 with the default tile, and
     # the candidates now reach the quarter tiles that hold three (RESULTS.md, fifth run)
-    TRITON_CACHE_DIR="$WORK/triton_cache_startup" pymod glowfast.kernels.tune --out "$WORK/tune" --budget "${TUNE_BUDGET:-75}" \
-        --kernels actnorm_invconv/fwd,cross_step/bwd,actnorm_invconv/bwd,cross_step/fwd,coupling/bwd,coupling/fwd \
-        --shapes "${TUNE_SHAPES:-64x48x64x64,256x24x8x8,64x12x128x128,256x12x16x16}" \
-        --programs-per-sm "${TUNE_PROGRAMS_PER_SM-16}" --precisions "${TUNE_PRECISIONS-ieee}"
+    local kernels=actnorm_invconv/fwd,cross_step/bwd,actnorm_invconv/bwd,cross_step/fwd,coupling/bwd,coupling/fwd
+    local args=(--budget "${TUNE_BUDGET:-75}" --kernels "${TUNE_KERNELS:-$kernels}"
+                --shapes "${TUNE_SHAPES:-64x48x64x64,256x24x8x8,64x12x128x128,256x12x16x16}"
+                --programs-per-sm "${TUNE_PROGRAMS_PER_SM-16}" --precisions "${TUNE_PRECISIONS-ieee}")
+    echo "glowfast.kernels.tune ${args[*]}"
+    TRITON_CACHE_DIR="$WORK/triton_cache_startup" pymod glowfast.kernels.tune --out "$WORK/tune" "${args[@]}"
     local rc=$?
     cp "$WORK/tune/tune.md" "$OUT/tune.md" 2>/dev/null  # also when a candidate failed: the table says which
     return $rc
@@ -448,7 +454,8 @@ export -f pymod env_info build tests sanitizer startup bench bench_model_cold be
     train tf32_bias pytest_workers
 export ROOT OUT WORK LOGS PY TRAIN_STEPS GPU_TESTS=${GPU_TESTS:-} GPU_TEST_WORKERS=${GPU_TEST_WORKERS:-4} TUNE_BUDGET=${TUNE_BUDGET:-75} \
     BENCH_MODEL_SELECT=${BENCH_MODEL_SELECT:-} BENCH_OPS_SELECT=${BENCH_OPS_SELECT:-}
-export PROFILE_BATCHES PROFILE_FLAGS  # (a preset's values reach the profile stage's shell; unset ones stay unset)
+# (a preset's values reach the stages' shells; unset ones stay unset)
+export PROFILE_BATCHES PROFILE_FLAGS TUNE_KERNELS TUNE_SHAPES TUNE_PRECISIONS TUNE_PROGRAMS_PER_SM
 
 run_stage() {  # the stage NAME with its cap, minimum and function
     case $1 in

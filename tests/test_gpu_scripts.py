@@ -229,3 +229,19 @@ def test_gpu_check_speed_preset_profiles_the_all_options_step_at_b256(tmp_path):
     runs = [line for line in log.splitlines() if line.startswith("profile_step.py --batch")]
     assert runs == ["profile_step.py --batch 256 --bf16 --channels-last --compile-networks --thin-gemms "
                     "--relu-epilogue --fused-optimizer --exact-backward-dots"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the preset where the CUDA stages fail fast")
+def test_gpu_check_kernels_preset_sweeps_the_backward_kernels_with_exact_dots(tmp_path):
+    """The `kernels` preset's sweep settings reach the tune stage's own shell: the two backward kernels with a dot,
+    at C = 12 and 24, with exact-fp32 candidates; the stage then fails with tune's one-line reason (no CUDA)."""
+    import tarfile
+
+    res = _gpu_check(tmp_path, "kernels", GPU_CHECK_STAGES="env tune")
+    assert res.returncode == 0, res.stdout + res.stderr
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
+        log = tar.extractfile("logs/tune.log").read().decode()
+    assert log.splitlines()[0] == ("glowfast.kernels.tune --budget 60 --kernels cross_step/bwd,actnorm_invconv/bwd "
+                                   "--shapes 64x12x128x128,256x12x16x16,256x24x8x8 --programs-per-sm 16 "
+                                   "--precisions ieee")
+    assert "no CUDA device" in (tmp_path / "out" / "summary.md").read_text()
