@@ -320,6 +320,27 @@ def test_exact_backward_dots_policy():
             pass
 
 
+def test_exact_backward_dots_from_the_environment():
+    """GLOWFAST_EXACT_BACKWARD_MAX_CP sets the limit for a process (what `python -m glowfast.train` can be given);
+    anything but an int >= 0 stops the import with the variable's name."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import torch; torch.backends.cudnn.allow_tf32 = True; from glowfast.kernels import _utils; "
+             "print([_utils.backward_dot_precision('cuda', cp) for cp in (16, 32, 64)])")
+    def run(value):
+        env = {**os.environ, "GLOWFAST_EXACT_BACKWARD_MAX_CP": value}
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+
+    ok = run("16")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.strip() == "['ieee', 'tf32x3', 'tf32x3']"
+    for value in ("-1", "32.0", "all"):
+        bad = run(value)
+        assert bad.returncode != 0 and "GLOWFAST_EXACT_BACKWARD_MAX_CP must be an int >= 0" in bad.stderr, value
+
+
 @requires_cuda
 @pytest.mark.parametrize("C", [12, 48])
 def test_exact_backward_dots_reach_the_backward_kernels_only(C, monkeypatch):

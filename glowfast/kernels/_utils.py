@@ -113,8 +113,16 @@ def use_dot_precision(precision: str | None):
 # at cp 32; the actnorm + 1x1 conv backward 38.9 against 80.4 at cp 16. At cp 64 exact fp32 is the heavier (530
 # against 311), and the forward kernels gain nothing at any cp (cp 16: 62.0 against 58.6). The backward kernels'
 # instruction issue, not memory, bounds them (benchmarks/RESULTS.md), and the cross-step backward is most of the
-# K-step chain at B256 C12, one of issue 4's three shapes short of 3x. 0 = off.
-_exact_backward_max_cp = 0
+# K-step chain at B256 C12, one of issue 4's three shapes short of 3x. 0 = off; the environment variable
+# GLOWFAST_EXACT_BACKWARD_MAX_CP sets it for a process (e.g. 32 for `python -m glowfast.train` on a GPU).
+def _max_cp_from_environment() -> int:
+    value = os.environ.get("GLOWFAST_EXACT_BACKWARD_MAX_CP") or "0"
+    if not value.isdigit():
+        raise ValueError(f"GLOWFAST_EXACT_BACKWARD_MAX_CP must be an int >= 0 (a padded channel count), got {value!r}")
+    return int(value)
+
+
+_exact_backward_max_cp = _max_cp_from_environment()
 
 
 def backward_dot_precision(device: torch.device | str | None, cp: int) -> str:
