@@ -329,6 +329,7 @@ def test_exact_backward_dots_from_the_environment():
 
     probe = ("import torch; torch.backends.cudnn.allow_tf32 = True; from glowfast.kernels import _utils; "
              "print([_utils.backward_dot_precision('cuda', cp) for cp in (16, 32, 64)])")
+
     def run(value):
         env = {**os.environ, "GLOWFAST_EXACT_BACKWARD_MAX_CP": value}
         return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
