@@ -77,7 +77,7 @@ def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = 
             relu_epilogue: bool = False, fused_optimizer: bool = False, exact_backward_dots: bool = False,
             steps: int = 5, warmup: int = 3, top: int = 15) -> dict:
     from glowfast import Glow
-    from glowfast.amp import relu_in_gemm_epilogues, thin_convolutions_as_gemms
+    from glowfast.amp import eager_networks, relu_in_gemm_epilogues, thin_convolutions_as_gemms
     from glowfast.kernels import use_exact_backward_dots
 
     torch.manual_seed(0)
@@ -99,8 +99,6 @@ def profile(config: str, batch: int, device: str, backend: str, *, bf16: bool = 
         if channels_last:
             enable_channels_last_networks(model)
     x = torch.randint(0, 256, (batch, *model_config(config)["image_shape"]), dtype=torch.uint8, device=device)
-    from glowfast.amp import eager_networks
-
     with torch.no_grad(), eager_networks():
         model(x)  # ActNorm's data-dependent init (compiled networks eagerly, as the trainer runs it)
     # read at each call of a compiled network / of a backward kernel's wrapper

@@ -1,6 +1,7 @@
 """Input validation shared by layers and the model: clear errors instead of silent NaNs."""
 
 import math
+import os
 
 import torch
 
@@ -8,6 +9,12 @@ import torch
 def is_temperature(t) -> bool:
     """A sampling temperature: a finite real number >= 0 (a bool is not one)."""
     return not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t) and t >= 0
+
+
+def triton_kernels_run_on(t: torch.Tensor) -> bool:
+    """Whether glowfast's Triton kernels can take `t`: a CUDA tensor, or a CPU tensor under TRITON_INTERPRET=1
+    (read from the environment, so that asking never imports Triton in a CPU-only process)."""
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def check_image_batch(x: torch.Tensor, channels: int | None = None, name: str = "input") -> None:

@@ -55,11 +55,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 from torch import nn
 
+from ._checks import triton_kernels_run_on
 from .reference.coupling import CouplingNetwork
 
 AMP_MODES = ("none", "bf16")  # the --amp choices of the training CLIs and the experiments' ModelSpec.amp
@@ -297,10 +297,8 @@ def _standard_network_math(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, 
             h = torch.relu(torch.nn.functional.conv2d(x, w1, b1, padding=1))
         # the 1x1 as one GEMM over the pixel rows, as nhwc_network_forward (bf16: no TF32 question; fp32 keeps
         # cuDNN, whose TF32 follows the conv flag, unless the thin convolutions are GEMMs too)
-        if ((channels_last and bf16) or thin_gemms) and relu_epilogue:
-            h = _conv1x1_as_gemm(h, w2, b2, _gemm_relu)
-        elif (channels_last and bf16) or thin_gemms:
-            h = torch.relu(_conv1x1_as_gemm(h, w2, b2))
+        if (channels_last and bf16) or thin_gemms:
+            h = _conv1x1_as_gemm(h, w2, b2, _gemm_relu) if relu_epilogue else torch.relu(_conv1x1_as_gemm(h, w2, b2))
         else:
             h = torch.relu(torch.nn.functional.conv2d(h, w2, b2))
         if thin_gemms:
@@ -423,11 +421,11 @@ def compiled_network_forward(net: CouplingNetwork, x: torch.Tensor, bf16: bool =
 
 
 def _triton_network_runs(x: torch.Tensor) -> bool:
-    """Whether the Triton network's kernels run on x: fp32 CUDA tensors, or fp32 CPU tensors under the interpreter
-    (read from the environment, so a CPU-only process never imports Triton here)."""
+    """Whether the Triton network's kernels run on x: fp32 tensors they can take (`triton_kernels_run_on`), not
+    while torch.compile traces."""
     if x.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
-    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return triton_kernels_run_on(x)
 
 
 def _forward_with_options(net: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -13,17 +13,12 @@ the group updates the kernel made.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import torch
 from torch.optim.adamax import adamax as torch_adamax
 
-
-def _kernel_runs(t: torch.Tensor) -> bool:
-    """CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (read from the environment: a CPU-only process never
-    imports Triton here)."""
-    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+from ._checks import triton_kernels_run_on
 
 
 class FusedAdamax(torch.optim.Adamax):
@@ -72,7 +67,7 @@ class FusedAdamax(torch.optim.Adamax):
     def _fusable(params, grads, exp_avgs, exp_infs) -> bool:
         from .kernels.adamax import check_group  # here: Triton loads only when the kernel may run
 
-        return _kernel_runs(params[0]) and check_group(params, grads, exp_avgs, exp_infs) is None
+        return triton_kernels_run_on(params[0]) and check_group(params, grads, exp_avgs, exp_infs) is None
 
     def _fused_group_step(self, gi, group, params, grads, exp_avgs, exp_infs, steps) -> None:
         from .kernels.adamax import AdamaxTables, adamax_update

@@ -29,6 +29,14 @@ def _gpu_check(tmp_path, *args, **env):
                           text=True, env=full_env, timeout=120)
 
 
+def _stage_log(tmp_path, stage: str) -> str:
+    """A stage's log from the logs.tar.gz gpu_check.sh wrote under tmp_path/out."""
+    import tarfile
+
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
+        return tar.extractfile(f"logs/{stage}.log").read().decode()
+
+
 def test_gpu_check_unknown_preset_is_refused(tmp_path):
     res = _gpu_check(tmp_path, "sesion")
     assert res.returncode == 2
@@ -220,12 +228,9 @@ def test_cpp_exception_probe_passes_here_and_reports_a_crash():
 def test_gpu_check_speed_preset_profiles_the_all_options_step_at_b256(tmp_path):
     """The `speed` preset's profile settings reach the profile stage (which runs in a shell of its own): the B256
     step with every untimed option, and nothing else."""
-    import tarfile
-
     res = _gpu_check(tmp_path, "speed", GPU_CHECK_STAGES="env profile")
     assert res.returncode == 0, res.stdout + res.stderr
-    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
-        log = tar.extractfile("logs/profile.log").read().decode()
+    log = _stage_log(tmp_path, "profile")
     runs = [line for line in log.splitlines() if line.startswith("profile_step.py --batch")]
     assert runs == ["profile_step.py --batch 256 --bf16 --channels-last --compile-networks --thin-gemms "
                     "--relu-epilogue --fused-optimizer --exact-backward-dots"]
@@ -235,12 +240,9 @@ def test_gpu_check_speed_preset_profiles_the_all_options_step_at_b256(tmp_path):
 def test_gpu_check_kernels_preset_sweeps_the_backward_kernels_with_exact_dots(tmp_path):
     """The `kernels` preset's sweep settings reach the tune stage's own shell: the two backward kernels with a dot,
     at C = 12 and 24, with exact-fp32 candidates; the stage then fails with tune's one-line reason (no CUDA)."""
-    import tarfile
-
     res = _gpu_check(tmp_path, "kernels", GPU_CHECK_STAGES="env tune")
     assert res.returncode == 0, res.stdout + res.stderr
-    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
-        log = tar.extractfile("logs/tune.log").read().decode()
+    log = _stage_log(tmp_path, "tune")
     assert log.splitlines()[0] == ("glowfast.kernels.tune --budget 60 --kernels cross_step/bwd,actnorm_invconv/bwd "
                                    "--shapes 64x12x128x128,256x12x16x16,256x24x8x8 --programs-per-sm 16 "
                                    "--precisions ieee")

@@ -24,14 +24,13 @@ Public API
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_device
+from ._utils import check_device, on_device_of
 from .precompile import launch
 
 BLOCK = 1024  # elements per program, 8 per thread: 48 registers on sm_90 (2048 on 4 warps took 216, no spill)
@@ -136,7 +135,7 @@ def adamax_update(tables: AdamaxTables, neg_clr: float, beta1: float, beta2: flo
     if n_chunks == 0:
         return
     lerp_weight = 1.0 - beta1
-    with torch.cuda.device(tables.table.device) if tables.table.is_cuda else contextlib.nullcontext():
+    with on_device_of(tables.table):
         launch(_adamax_kernel, (n_chunks,), tables.table, tables.numel, tables.chunk_tensor, tables.chunk_start,
                float(neg_clr), lerp_weight, float(beta2), float(eps), float(weight_decay), MAXIMIZE=bool(maximize),
                WEIGHT_DECAY=weight_decay != 0, LERP_HIGH=lerp_weight >= 0.5, BLOCK=BLOCK, num_warps=NUM_WARPS)
