@@ -472,8 +472,8 @@ def kernel_target_table(groups: OrderedDict) -> list[str]:
             if gf and gr:
                 checks.append((f"{g}: fused ≥ 3× the reference, CUDA-graph replays (device time)", gr / gf >= 3,
                                f"{gr / gf:.2f}× ({gr:,.0f} vs {gf:,.0f} µs)"))
-            # the chain's other fused variants, not graded: the weight gradients as GEMMs (use_weight_grad("gemm"))
-            # and exact-fp32 dots (use_dot_precision("ieee"))
+            # the chain's other fused variants, not graded: the weight gradients as GEMMs (use_weight_grad("gemm")),
+            # exact-fp32 dots (use_dot_precision("ieee")), or in the backward kernels only (use_exact_backward_dots)
             for name, label in (("fused_dwgemm", "weight gradients as GEMMs"), ("fused_ieee", "exact-fp32 dots"),
                                 ("fused_exactbwd", "exact-fp32 dots in the backward kernels up to 32 channels")):
                 other = rows.get(name)
