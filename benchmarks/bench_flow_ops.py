@@ -151,7 +151,7 @@ def _per_step_params(levels):
 
 
 def _per_level_params(levels):
-    """glowfast.fused.level_weights: all K steps of a level in a handful of batched ops."""
+    """glowfast.fused.level_weights: all K steps of a level at once (on a GPU its two lu_weights kernels)."""
     from glowfast.fused import level_weights
 
     weights, ld = [], 0.0
@@ -162,15 +162,34 @@ def _per_level_params(levels):
     return weights, ld
 
 
+def _per_level_params_torch(levels):
+    """The same in a handful of batched torch ops per level (glowfast.fused.lu_level_weights_torch: level_weights
+    before the lu_weights kernels, and still where they do not run)."""
+    from glowfast.fused import lu_level_weights_torch
+
+    weights, ld = [], 0.0
+    for steps in levels:
+        w, level_ld = lu_level_weights_torch([s.permute for s in steps], [s.actnorm.log_scale for s in steps])
+        weights += list(w.unbind(0))
+        ld = ld + level_ld
+    return weights, ld
+
+
+_PARAM_SIDES = {"reference": _per_step_params, "fused": _per_level_params, "batched_torch": _per_level_params_torch}
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_ONLY)])
-@pytest.mark.parametrize("variant", ["reference", "fused"])
+@pytest.mark.parametrize("variant", list(_PARAM_SIDES))
 def test_step_params(cuda_timer, variant, device, mode):
-    """Host-bound: W and the parameter log-determinants of all 96 steps (per step vs batched per level)."""
+    """W and the parameter log-determinants of all 96 steps: per step (reference), batched per level in torch ops
+    (batched_torch), and level_weights (fused: on a GPU the lu_weights kernels, one copy and one kernel per level
+    forward, one kernel backward, where batched_torch runs ~18 and ~12 small kernels). Host-bound in eager mode; on
+    a GPU the device time of a CUDA-graph replay is recorded too."""
     cuda_timer.benchmark.group = f"step_params/{mode}/cifar10_K32_L3"
     levels = _cifar10_steps(device)
     params = [p for steps in levels for s in steps for p in (*s.actnorm.parameters(), *s.permute.parameters())]
-    build = _per_level_params if variant == "fused" else _per_step_params
+    build = _PARAM_SIDES[variant]
 
     def call():
         if mode == "fwd":
@@ -183,6 +202,8 @@ def test_step_params(cuda_timer, variant, device, mode):
         return ld
 
     cuda_timer(call, device=device, variant=variant, config={"steps": 96, "mode": mode}, **TIMING[device])
+    if device == "cuda":
+        cuda_timer.device_time(call, rounds=TIMING["cuda"]["n_rounds"], iterations=TIMING["cuda"]["iterations"])
 
 
 # ------------------------------------------------------------------------------------------ coupling networks

@@ -163,14 +163,15 @@ not (gemm3x3 and not epilogue)} ;;
              # issue 4's open rows (~380 s with a cold build): the K-step chain at the six CIFAR-10 shapes (reference,
              # fused, and the ungraded fused_ieee and fused_exactbwd: exact-fp32 dots everywhere, or in the backward
              # kernels up to 32 channels, whose loops take half the 3xTF32 instructions there), the bandwidth of the
-             # backward kernels with a dot at 3xTF32 and exact fp32, and the FusedAdamax step; 34 cases. Then the
+             # backward kernels with a dot at 3xTF32 and exact fp32, the FusedAdamax step, and the parameter side of
+             # all 96 steps (step_params: the lu_weights kernels against the batched torch ops); 40 cases. Then the
              # block sweep of those backward kernels with exact-fp32 candidates too (their default tiles were chosen
              # for the 3xTF32 registers; exact, they hold 64-128), at C = 12 and 24 (~60 s; cut first)
              MAX_bench_ops=${MAX_bench_ops:-200}; MAX_tune=${MAX_tune:-75}; TUNE_BUDGET=${TUNE_BUDGET:-60}
              TUNE_KERNELS=${TUNE_KERNELS:-cross_step/bwd,actnorm_invconv/bwd}; TUNE_PRECISIONS=${TUNE_PRECISIONS-ieee}
              TUNE_SHAPES=${TUNE_SHAPES:-64x12x128x128,256x12x16x16,256x24x8x8}
-             BENCH_OPS_SELECT=${BENCH_OPS_SELECT-(step_chain and not dwgemm) or adamax or (bandwidth and bwd and not \
-coupling- and not tf32_plain and not nodw and not dwgemm)} ;;
+             BENCH_OPS_SELECT=${BENCH_OPS_SELECT-(step_chain and not dwgemm) or (step_params and cuda) or adamax or \
+(bandwidth and bwd and not coupling- and not tf32_plain and not nodw and not dwgemm)} ;;
     all)     PRESET_STAGES="env build tests sanitizer startup bench_model bench_ops profile tune train tf32 bench_compile report" ;;
     *) echo "usage: bash benchmarks/gpu_check.sh [session|extra|check|bench|compile|nets|speed|kernels|all]"; exit 2 ;;
 esac

@@ -84,8 +84,11 @@ SECTION_NOTES = {
                     "the NCHW module; `fused_bf16_compiled` = fused_bf16 as one torch.compile'd function "
                     "(`--compile-networks`), `_gemm3x3` with its thin 3x3 convs as GEMMs, `_epilogue` with its "
                     "ReLUs in the GEMMs' epilogues.",
-    "step_params": "`reference` = each step builds its own W and log-determinant (the reference layers); `fused` "
-                   "= glowfast.fused.level_weights (all steps of a level in batched ops). Host-bound.",
+    "step_params": "`reference` = each step builds its own W and log-determinant (the reference layers); "
+                   "`batched_torch` = all steps of a level in batched torch ops "
+                   "(glowfast.fused.lu_level_weights_torch); `fused` = glowfast.fused.level_weights (on a GPU the "
+                   "lu_weights kernels: one copy and one kernel per level forward, one backward). Host-bound in eager "
+                   "mode; on a GPU `graph_replay_us` is the device time.",
 }
 # Issue 6 targets (H100): group -> list of (description, check(rows) -> (ok | None, detail))
 PEER_ANCHOR_IMG_S = {"train_step/cifar10_K32_B64": 244.0, "train_step/cifar10_K32_B256": 952.0}

@@ -16,8 +16,10 @@ Reverse run as a 1x1 conv with their permutation matrix (logdet 0): exact under 
 the value (plain TF32: 2^-11) — and an overflowed (inf) entry spreads NaN across the
 channels (0 * inf), where the reference's indexing keeps one inf. The log-determinant's parameter-only part,
 H*W*(sum(log_scale) + log|det W|), is added in torch; log|det W| comes from `w_logabsdets` (the model's batched
-LU op) or from the layer's own `log_abs_det()` (LU: sum(log_s)). W comes from `permute.weight_matrix()`, which
-is differentiable, so gradients reach the LU factors through torch autograd. Autograd saves per step only the
+LU op) or from the layer's own `log_abs_det()` (LU: sum(log_s)). The level's W's and that part come from
+`level_weights`, differentiable, so gradients reach the LU factors: for LU steps where the kernels run, from
+glowfast.kernels.lu_weights (every step's W = P L U and the summed log_scale and log_s in one kernel each way, plus
+one copy of the parameters), else from the layers' formulas in batched torch ops. Autograd saves per step only the
 kernel inputs z_k and h_k (plus what the network itself saves), never the intermediate activations.
 
 The inverse runs one fused kernel per step, last step first: h_k = NN(y_k[:, :C_a]), then
@@ -66,13 +68,14 @@ from .kernels import _utils
 from .kernels.actnorm_invconv import ActNormInvConvFunction, actnorm_invconv_op
 from .kernels.coupling import CouplingFunction, coupling_op
 from .kernels.cross_step import CrossStepFunction, cross_step_op, step_inverse, step_inverse_op
+from .kernels.lu_weights import lu_level_weights, lu_weights_run_on
 from .reference import AdditiveCoupling, AffineCoupling, InvConv1x1, Permute2d
 from .reference import steps_forward as reference_steps_forward
 
 batched_lu_ops()  # decided at import, outside any code torch.compile traces
 
 __all__ = ["fused_available", "check_fused_available", "precompile_record", "precompile_training_step", "steps_forward",
-           "steps_inverse", "step_weights", "level_weights", "level_weight_inverses"]
+           "steps_inverse", "step_weights", "level_weights", "level_weight_inverses", "lu_level_weights_torch"]
 
 
 class _Ops(NamedTuple):
@@ -171,24 +174,22 @@ def level_weights(steps: Sequence, w_logabsdets: Sequence[torch.Tensor | None] |
     """Every step's (C, C) matrix W and the steps' summed per-pixel parameter log-determinant
     sum_k (sum(log_scale_k) + log|det W_k|), computed for all steps at once.
 
-    Same values as `step_weights` and the layers' `log_abs_det()` per step, but in a handful of batched ops
-    (stack the K steps' LU factors, two batched matmuls) instead of ~10 small ops per step: for the CIFAR-10
-    model's 96 steps that is ~1,000 fewer forward and ~2,000 fewer backward ops per training step, host time
-    during which a GPU would sit idle (benchmarks/RESULTS.md, "Host-side overhead"). Mixed permutation types
-    fall back to the per-step functions.
+    Same values as `step_weights` and the layers' `log_abs_det()` per step, but for all steps at once instead of
+    ~10 small ops per step (for the CIFAR-10 model's 96 steps ~1,000 fewer forward and ~2,000 fewer backward ops
+    per training step, host time during which a GPU would sit idle: benchmarks/RESULTS.md, "Host-side overhead"):
+    LU steps where the kernels run by glowfast.kernels.lu_weights (a copy and one kernel forward, one kernel
+    backward), elsewhere (and while torch.compile traces) by a handful of batched torch ops (stack the K steps' LU
+    factors, two batched matmuls). Mixed permutation types fall back to the per-step functions.
     """
     steps = list(steps)
-    log_scale_sum = torch.stack([s.actnorm.log_scale for s in steps]).sum()
     given = [] if w_logabsdets is None else [ld is not None for ld in w_logabsdets]
-    if _same_permutations(steps, InvConv1x1, lu=True) and not any(given):  # given values: the per-step path
-        perms = [s.permute for s in steps]
-        first = perms[0]
-        lower = torch.stack([p.lower for p in perms]) * first.lower_mask + first.eye
-        log_s = torch.stack([p.log_s for p in perms])
-        diag = torch.diag_embed(torch.stack([p.sign_s for p in perms]) * torch.exp(log_s))
-        upper = torch.stack([p.upper for p in perms]) * first.lower_mask.T + diag
-        w = torch.stack([p.p for p in perms]) @ lower @ upper
-        return list(w.unbind(0)), log_scale_sum + log_s.sum()
+    lu = _same_permutations(steps, InvConv1x1, lu=True) and not any(given)  # given values: the per-step path
+    perms, log_scales = [s.permute for s in steps], [s.actnorm.log_scale for s in steps]
+    if lu:
+        lu_weights = lu_level_weights if lu_weights_run_on(perms, log_scales) else lu_level_weights_torch
+        w, param_ld = lu_weights(perms, log_scales)
+        return list(w.unbind(0)), param_ld
+    log_scale_sum = torch.stack(log_scales).sum()
     if _same_permutations(steps, Permute2d):
         eye = torch.eye(steps[0].channels, device=log_scale_sum.device)
         w = eye[torch.stack([s.permute.perm for s in steps])]
@@ -198,6 +199,19 @@ def level_weights(steps: Sequence, w_logabsdets: Sequence[torch.Tensor | None] |
     w_lds = [None] * len(steps) if w_logabsdets is None else w_logabsdets
     w_ld_sum = sum(_w_logabsdet(s, ld) for s, ld in zip(steps, w_lds, strict=True))
     return [step_weights(s) for s in steps], log_scale_sum + w_ld_sum
+
+
+def lu_level_weights_torch(perms: Sequence, log_scales: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`glowfast.kernels.lu_weights.lu_level_weights` by batched torch ops: every step's W (K, C, C) of the
+    InvConv1x1(lu=True) layers `perms` and sum_k (sum(log_scale_k) + sum(log_s_k)); for devices without the kernels,
+    float64, and torch.compile's traces."""
+    first = perms[0]
+    lower = torch.stack([p.lower for p in perms]) * first.lower_mask + first.eye
+    log_s = torch.stack([p.log_s for p in perms])
+    diag = torch.diag_embed(torch.stack([p.sign_s for p in perms]) * torch.exp(log_s))
+    upper = torch.stack([p.upper for p in perms]) * first.lower_mask.T + diag
+    w = torch.stack([p.p for p in perms]) @ lower @ upper
+    return w, torch.stack(list(log_scales)).sum() + log_s.sum()
 
 
 def steps_forward(steps: Sequence, x: torch.Tensor,

@@ -25,7 +25,7 @@ import pytest
 import glowfast.kernels._compile_check as cc
 from glowfast.kernels._utils import SM90_MAX_SHARED
 
-MODULES = ("actnorm_invconv", "coupling", "cross_step", "coupling_net", "adamax")
+MODULES = ("actnorm_invconv", "coupling", "cross_step", "coupling_net", "adamax", "lu_weights")
 # Under pytest-xdist with --dist loadgroup, one worker runs this whole module (the compile jobs start once).
 pytestmark = pytest.mark.xdist_group("sm90_compile")
 _ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _start_compile_jobs():
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
     # Two workers: the dot-heavy cross_step kernels alone, the other modules together.
     groups = {"cross_step": ["cross_step"],
-              "others": ["actnorm_invconv", "coupling", "coupling_net", "adamax"]}
+              "others": ["actnorm_invconv", "coupling", "coupling_net", "adamax", "lu_weights"]}
     jobs = {}
     for name, mods in groups.items():
         out = tempfile.NamedTemporaryFile(prefix=f"glowfast-compile-{name}-", suffix=".log", delete=False)
@@ -120,8 +120,10 @@ def test_every_kernel_compiles_for_sm90(module):
 # configuration, and a small share of any model's pixels. One more under "tf32x3": the cross-step backward at cp 64
 # (CIFAR-10's 48-channel level) spills 64-96 B at every tile without that wgmma (Triton 3.8 / 3.6); under the opt-in
 # "tf32" its (32, 8) tile clipped to a 4x4 image, 16 pixels on 4 warps (8 warps would be that wgmma), spills 8 B
-# (Triton 3.8). Keyed by (kernel, cp, dot precision).
-TOLERATED_STACK_BYTES = {("_cross_step_bwd_kernel", 128, "tf32"): 320,
+# (Triton 3.8). The parameter-side backward (lu_weights) at cp 128 spills 488 B on its 16 warps: one program per step
+# of a level wider than 64 channels, once per training step. Keyed by (kernel, cp, dot precision).
+TOLERATED_STACK_BYTES = {("_lu_weights_bwd_kernel", 128, None): 512,
+                         ("_cross_step_bwd_kernel", 128, "tf32"): 320,
                          ("_actnorm_invconv_bwd_kernel", 128, "tf32"): 192,
                          ("_cross_step_bwd_kernel", 128, "tf32x3"): 592,
                          ("_actnorm_invconv_bwd_kernel", 128, "tf32x3"): 400,

@@ -7,6 +7,9 @@ the same op as a torch.library custom op with a fake implementation for torch.co
   inverse of one whole step.
 - `coupling_net`: the coupling network itself, its thin 3x3 convolutions as fused implicit-GEMM kernels (opt-in:
   `--triton-networks`, glowfast.amp.enable_triton_networks) — forward, backward.
+- `lu_weights`: the parameter side of a level of LU steps, every W = P L U and the summed log-determinant —
+  forward, backward (glowfast.fused.level_weights).
+- `adamax`: the Adamax update over every parameter tensor (glowfast.optim.FusedAdamax).
 """
 
 from ._utils import (
@@ -48,11 +51,3 @@ __all__ = [
     "weight_grad_mode",
 ]
 
-
-def all_compile_specs():
-    """Every kernel with representative constexprs: (kernel, constexprs, launch options) for the sm_90 check."""
-    import importlib
-
-    mods = [importlib.import_module(f"{__name__}.{m}")
-            for m in ("actnorm_invconv", "coupling", "cross_step", "coupling_net")]
-    return [spec for m in mods for spec in m.compile_specs()]

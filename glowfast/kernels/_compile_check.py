@@ -28,7 +28,7 @@ import tempfile
 import time
 import traceback
 
-MODULES = ("actnorm_invconv", "coupling", "cross_step", "coupling_net", "adamax")
+MODULES = ("actnorm_invconv", "coupling", "cross_step", "coupling_net", "adamax", "lu_weights")
 # Pointers that always hold fp32 (parameters, per-sample logdet grads, reduction partials).
 _FP32_POINTERS = {"w_ptr", "w_inv_ptr", "bias_ptr", "log_scale_ptr", "dld_ptr", "scale_ptr", "colsum_ptr", "u_ptr"}
 

@@ -1,9 +1,10 @@
 """Compile the Triton kernels a step launches, all at once and in parallel, before the step first runs.
 
 Triton compiles a kernel the first time it is launched with a new specialisation, on the launching thread, one
-after another. A CIFAR-10 Glow's first training step launches 18 kernel variants (6 kernels x 3 channel counts;
-counted under the interpreter); compiling them for sm_90 took 9.7 s serially on this project's idle 2-core VM, most
-of issue 6's 20 s start-up budget. Triton's compiler releases the GIL (2 threads: 5.2 s, 1.87x faster; both in
+after another. A CIFAR-10 Glow's first training step launched 18 kernel variants (6 kernels x 3 channel counts;
+counted under the interpreter), 20 since the parameter side's two (glowfast.kernels.lu_weights, one tile for every
+level); compiling the 18 for sm_90 took 9.7 s serially on this project's idle 2-core VM, most of issue 6's 20 s
+start-up budget. Triton's compiler releases the GIL (2 threads: 5.2 s, 1.87x faster; both in
 benchmarks/RESULTS.md), so the variants can compile side by side.
 
 `precompiling()` runs a step *dry*: every glowfast kernel launch inside it (`launch`) becomes
@@ -57,7 +58,7 @@ def compiled_variants() -> int:
     import importlib
 
     total = 0
-    for name in ("actnorm_invconv", "coupling", "cross_step", "coupling_net"):
+    for name in ("actnorm_invconv", "coupling", "cross_step", "coupling_net", "lu_weights", "adamax"):
         mod = importlib.import_module(f"{__package__}.{name}")
         for attr in dir(mod):
             caches = getattr(getattr(mod, attr), "device_caches", None) if attr.endswith("_kernel") else None
