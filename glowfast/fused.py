@@ -253,17 +253,26 @@ def steps_forward(steps: Sequence, x: torch.Tensor,
 
 def fused_chain(steps: Sequence, x: torch.Tensor, weights: Sequence[torch.Tensor], ops: _Ops = _EAGER_OPS
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The kernel chain of K steps given their W's: (y, sum of the affine couplings' logdets, or None)."""
+    """The kernel chain of K steps given their W's: (y, sum of the affine couplings' logdets, or None).
+
+    Each network's input z_k[:, :C_a] is a view output of the eager Function that wrote z_k, so its gradient
+    reaches that Function's backward kernel, which adds it (ActNormInvConvFunction's `network_channels`), instead
+    of autograd adding it in a zero-filled copy and a sum per step; the custom ops (torch.compile) slice z_k."""
     ca = x.shape[1] // 2
+    eager = ops is _EAGER_OPS
+    network_channels = (ca,) if eager else ()
     first = steps[0]
-    z = ops.actnorm_invconv(x, first.actnorm.bias, first.actnorm.log_scale, weights[0])
+    out = ops.actnorm_invconv(x, first.actnorm.bias, first.actnorm.log_scale, weights[0], *network_channels)
+    z, za = out if eager else (out, out[:, :ca])
     lds = []  # the affine couplings' logdets, summed once at the end (not one add kernel per step)
     for k, step in enumerate(steps):
         affine = _is_affine(step)
-        h = step.coupling.net(z[:, :ca])
+        h = step.coupling.net(za)
         if k + 1 < len(steps):
             nxt = steps[k + 1]
-            z, ld = ops.cross_step(z, h, nxt.actnorm.bias, nxt.actnorm.log_scale, weights[k + 1], affine)
+            out = ops.cross_step(z, h, nxt.actnorm.bias, nxt.actnorm.log_scale, weights[k + 1], affine,
+                                 *network_channels)
+            z, ld, za = out if eager else (*out, out[0][:, :ca])
         else:
             z, ld = ops.coupling(z, h, affine)
         if affine:

@@ -22,6 +22,8 @@ Public API
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -188,15 +190,29 @@ def _actnorm_invconv_inv_kernel(
 
 
 @triton.jit
+def load_grad_with_network_part(dy_ptr, base, offs, mask, c, p, b, da_ptr, NA, da_sb, da_sc, da_sp,
+                                HAS_DA: tl.constexpr):
+    """dL/dy of a (CP, BLOCK_P) tile, plus (HAS_DA) the gradient that reached y's first NA channels through the
+    next coupling network's input (a view of y; any strides with one pixel stride da_sp: NCHW or channels_last),
+    which autograd would otherwise add in two more kernels (slice_backward's zero-filled copy, then the sum)."""
+    dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DA:
+        da_offs = b.to(tl.int64) * da_sb + c[:, None] * da_sc + p[None, :].to(tl.int64) * da_sp
+        dy += tl.load(da_ptr + da_offs, mask=mask & (c[:, None] < NA), other=0.0).to(tl.float32)
+    return dy
+
+
+@triton.jit
 def _actnorm_invconv_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, w_ptr, bias_ptr, log_scale_ptr,
-    dw_part_ptr, dls_part_ptr, db_part_ptr, u_ptr,
-    C, HW, n_ptiles, G, part_row,
+    dw_part_ptr, dls_part_ptr, db_part_ptr, u_ptr, da_ptr,
+    C, HW, n_ptiles, G, part_row, NA, da_sb, da_sc, da_sp,
     CP: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, STORE_U: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, STORE_U: tl.constexpr, HAS_DA: tl.constexpr,
 ):
     """Program (g, b) loops over pixel tiles g, g + G, ... of sample b; writes one partial of each reduction.
-    STORE_U (with NEED_DW off): writes u = (x + b) * s instead, for the weight gradient as one GEMM afterwards."""
+    STORE_U (with NEED_DW off): writes u = (x + b) * s instead, for the weight gradient as one GEMM afterwards.
+    HAS_DA: dL/dy also has the part da that reached y[:, :NA] through a view (`load_grad_with_network_part`)."""
     g = tl.program_id(0)
     b = tl.program_id(1)
     base = b.to(tl.int64) * C * HW
@@ -207,9 +223,9 @@ def _actnorm_invconv_bwd_kernel(
     dls_acc = tl.zeros((CP,), dtype=tl.float32)
     db_acc = tl.zeros((CP,), dtype=tl.float32)
     for pt in range(g, n_ptiles, G):
-        _, _, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
+        c, p, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = load_grad_with_network_part(dy_ptr, base, offs, mask, c, p, b, da_ptr, NA, da_sb, da_sc, da_sp, HAS_DA)
         dx, du, u = actnorm_conv_bwd_tile(x, dy, w_t, bias, log_scale, PREC)
         if NEED_DX:
             tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -288,7 +304,7 @@ def actnorm_invconv_inverse(y, bias, log_scale, weight_inv, *, block_p: int | No
 
 def actnorm_invconv_backward(
     x, grad_y, bias, log_scale, weight, *,
-    need_dx: bool = True, need_dw: bool = True, dw_outside: bool | None = None,
+    need_dx: bool = True, need_dw: bool = True, dw_outside: bool | None = None, grad_y_a: torch.Tensor | None = None,
     block_p: int | None = None, programs_per_sample: int | None = None,
 ):
     """Gradients of y = W @ ((x + bias) * exp(log_scale)) given the layer input x and dL/dy.
@@ -299,6 +315,8 @@ def actnorm_invconv_backward(
     instead of a 3xTF32 product in its loop (that product is most of the loop's instructions and registers;
     benchmarks/RESULTS.md). None (the default) follows `glowfast.kernels.weight_grad_mode()` ("kernel" unless
     GLOWFAST_WEIGHT_GRAD=gemm or `use_weight_grad("gemm")`).
+    `grad_y_a`: more gradient for y's first C_a channels, (B, C_a, H, W), that reached them through a view (the
+    next coupling network's input, `network_input_grad`); the kernel adds it to grad_y's.
     """
     x = check_nchw(x, "x")
     grad_y = grad_y.contiguous()
@@ -310,15 +328,51 @@ def actnorm_invconv_backward(
     G = max(1, min(G, n_pt))
     dx = torch.empty_like(x) if need_dx else x.new_empty(1)
     outside, parts, (dw_part, dls_part, db_part), u = param_grad_buffers(B, G, C, hw, need_dw, dw_outside, x.device)
+    grad_y, da = network_input_grad(grad_y, grad_y_a, outside)
     with on_device_of(x):
         launch(_actnorm_invconv_bwd_kernel, (G, B),
-            x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part, u,
-            C, hw, n_pt, G, parts.shape[1],
+            x, grad_y, dx, weight, bias, log_scale, dw_part, dls_part, db_part, u, da.tensor,
+            C, hw, n_pt, G, parts.shape[1], *da.geometry,
             CP=cp, BLOCK_P=bp, PREC=prec, NEED_DX=need_dx, NEED_DW=need_dw and not outside, STORE_U=outside,
-            **launch_options(cp, "actnorm_invconv_bwd", prec, bp),
+            HAS_DA=da.present, **launch_options(cp, "actnorm_invconv_bwd", prec, bp),
         )
     return (dx if need_dx else None,
             *param_grads(grad_y, u, parts, outside, need_dw, bias, log_scale, weight))
+
+
+class NetworkGrad(NamedTuple):
+    """A backward kernel's HAS_DA arguments: the tensor (a placeholder when absent), (NA, batch, channel and pixel
+    strides), and whether it is present."""
+
+    tensor: torch.Tensor
+    geometry: tuple[int, int, int, int]
+    present: bool
+
+
+def network_input_grad(grad_y: torch.Tensor, grad_y_a: torch.Tensor | None, outside: bool
+                       ) -> tuple[torch.Tensor, NetworkGrad]:
+    """(grad_y, the HAS_DA arguments) of a backward launch given the extra gradient `grad_y_a` of y[:, :C_a].
+
+    grad_y_a is read in place where its pixels have one stride (NCHW or channels_last views, what networks hand
+    back), else made contiguous. With the weight gradient `outside` the kernel (a GEMM of the whole grad_y after
+    it), the two are summed here instead, since that GEMM needs the sum."""
+    if grad_y_a is None:
+        return grad_y, NetworkGrad(grad_y, (0, 0, 0, 0), False)
+    B, C, H, W = grad_y.shape
+    if grad_y_a.dim() != 4 or grad_y_a.shape[0] != B or grad_y_a.shape[2:] != grad_y.shape[2:] \
+            or not 0 < grad_y_a.shape[1] <= C:
+        raise ValueError(f"the network input's gradient must be (B, C_a <= {C}, {H}, {W}) beside the output's "
+                         f"{tuple(grad_y.shape)}; got {tuple(grad_y_a.shape)}")
+    check_device(grad_y, grad_y_a)
+    if outside:
+        total = grad_y.clone()
+        total[:, :grad_y_a.shape[1]] += grad_y_a
+        return total, NetworkGrad(grad_y, (0, 0, 0, 0), False)
+    sb, sc, sh, sw = grad_y_a.stride()
+    if H > 1 and sh != W * sw:
+        grad_y_a = grad_y_a.contiguous()
+        sb, sc, _, sw = grad_y_a.stride()
+    return grad_y, NetworkGrad(grad_y_a, (grad_y_a.shape[1], sb, sc, sw), True)
 
 
 def param_grad_buffers(B: int, G: int, C: int, hw: int, need_dw: bool, dw_outside: bool | None, device):
@@ -358,23 +412,28 @@ def param_grads(dy, u, parts, outside: bool, need_dw: bool, bias, log_scale, wei
 
 
 class ActNormInvConvFunction(torch.autograd.Function):
-    """y = W @ ((x + bias) * exp(log_scale)). Saves x, bias, log_scale, W."""
+    """y = W @ ((x + bias) * exp(log_scale)). Saves x, bias, log_scale, W.
+
+    `network_channels` > 0: also returns y[:, :network_channels], a view, for the next coupling network's input;
+    its gradient then comes to this backward beside y's and the kernel adds the two (without the view output,
+    autograd adds the network's gradient to y's in two more kernels: slice_backward's zero-filled copy, then the
+    sum)."""
 
     @staticmethod
-    def forward(ctx, x, bias, log_scale, weight):
+    def forward(ctx, x, bias, log_scale, weight, network_channels=0):
         y = actnorm_invconv_forward(x, bias, log_scale, weight)
         ctx.save_for_backward(x, bias, log_scale, weight)
-        return y
+        return (y, y[:, :network_channels]) if network_channels else y
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_y_a=None):
         refuse_double_backward("ActNormInvConvFunction")
         x, bias, log_scale, weight = ctx.saved_tensors
         dx, db, dls, dw = actnorm_invconv_backward(
             x, grad_y, bias, log_scale, weight,
-            need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[3],
+            need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[3], grad_y_a=grad_y_a,
         )
-        return dx, db, dls, dw
+        return dx, db, dls, dw, None
 
 
 def apply_actnorm_invconv(x, bias, log_scale, weight) -> torch.Tensor:
@@ -442,8 +501,11 @@ def compile_specs():
         (_actnorm_invconv_fwd_kernel, [{}], {}),
         (_actnorm_invconv_inv_kernel, [{}], {}),
         (_actnorm_invconv_bwd_kernel,
-         [dict(NEED_DX=True, NEED_DW=True, STORE_U=False), dict(NEED_DX=False, NEED_DW=False, STORE_U=False),
-          dict(NEED_DX=True, NEED_DW=False, STORE_U=True)], dict(NEED_DX=True, NEED_DW=True, STORE_U=False)),
+         [dict(NEED_DX=True, NEED_DW=True, STORE_U=False, HAS_DA=False),
+          dict(NEED_DX=False, NEED_DW=False, STORE_U=False, HAS_DA=False),
+          dict(NEED_DX=True, NEED_DW=False, STORE_U=True, HAS_DA=False),
+          dict(NEED_DX=True, NEED_DW=True, STORE_U=False, HAS_DA=True)],
+         dict(NEED_DX=True, NEED_DW=True, STORE_U=False, HAS_DA=True)),  # training's launch (glowfast.fused)
     ):
         kind = KERNEL_KINDS[kernel.__name__]
         specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest, kind)]

@@ -51,8 +51,10 @@ from .actnorm_invconv import (
     actnorm_conv_fwd_tile,
     actnorm_conv_inv_tile,
     conv_dot,
+    load_grad_with_network_part,
     load_matrix,
     load_vec,
+    network_input_grad,
     param_grad_buffers,
     param_grads,
     tile_index,
@@ -104,10 +106,10 @@ def _cross_step_fwd_kernel(
 @triton.jit
 def _cross_step_bwd_kernel(
     z_ptr, h_ptr, dout_ptr, dld_ptr, dz_ptr, dh_ptr, w_ptr, bias_ptr, log_scale_ptr,
-    dw_part_ptr, dls_part_ptr, db_part_ptr, u_ptr,
-    C, CA, CB, HC, HW, n_ptiles, G, part_row,
+    dw_part_ptr, dls_part_ptr, db_part_ptr, u_ptr, da_ptr,
+    C, CA, CB, HC, HW, n_ptiles, G, part_row, NA, da_sb, da_sc, da_sp,
     CP: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr, AFFINE: tl.constexpr,
-    NEED_DW: tl.constexpr, STORE_U: tl.constexpr,
+    NEED_DW: tl.constexpr, STORE_U: tl.constexpr, HAS_DA: tl.constexpr,
 ):
     g = tl.program_id(0)
     b = tl.program_id(1)
@@ -123,7 +125,8 @@ def _cross_step_bwd_kernel(
     for pt in range(g, n_ptiles, G):
         c, p, offs, mask = tile_index(pt, C, HW, CP, BLOCK_P)
         z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dout = load_grad_with_network_part(dout_ptr, base, offs, mask, c, p, b, da_ptr, NA, da_sb, da_sc, da_sp,
+                                           HAS_DA)
         shift, raw, is_b, mask_b = coupling_load_h(h_ptr, h_base, c, p, C, CA, CB, HW, AFFINE)
         y, _ = coupling_fwd_tile(z, shift, raw, is_b, mask_b, AFFINE)
         dy, du, u = actnorm_conv_bwd_tile(y, dout, w_t, bias, log_scale, PREC)
@@ -198,13 +201,15 @@ def cross_step_forward(z, h, bias, log_scale, weight, affine: bool = True, *,
 
 
 def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, affine: bool = True, *,
-                        need_dw: bool = True, dw_outside: bool | None = None, block_p: int | None = None,
-                        programs_per_sample: int | None = None):
+                        need_dw: bool = True, dw_outside: bool | None = None, grad_out_a: torch.Tensor | None = None,
+                        block_p: int | None = None, programs_per_sample: int | None = None):
     """Gradients of (z_next, logdet) = cross_step(z, h, bias, log_scale, W).
 
     Returns (grad_z, grad_h, grad_bias, grad_log_scale, grad_W or None). grad_z is the direct path only
     (the network's contribution to grad z_a comes back through grad_h). `dw_outside`: as in
     actnorm_invconv_backward (the weight gradient as one GEMM after the kernel; None follows weight_grad_mode()).
+    `grad_out_a`: more gradient for z_next's first C_a channels (the next network's input), added in the kernel
+    (as actnorm_invconv_backward's grad_y_a).
     """
     z = check_nchw(z, "z")
     h = check_nchw(h, "h")
@@ -223,12 +228,13 @@ def cross_step_backward(z, h, grad_out, grad_logdet, bias, log_scale, weight, af
     dz = torch.empty_like(z)
     dh = torch.empty_like(h)
     outside, parts, (dw_part, dls_part, db_part), u = param_grad_buffers(B, G, C, hw, need_dw, dw_outside, z.device)
+    grad_out, da = network_input_grad(grad_out, grad_out_a, outside)
     with on_device_of(z):
         launch(_cross_step_bwd_kernel, (G, B),
-            z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part, u,
-            C, ca, cb, hc, hw, n_pt, G, parts.shape[1],
+            z, h, grad_out, grad_logdet, dz, dh, weight, bias, log_scale, dw_part, dls_part, db_part, u, da.tensor,
+            C, ca, cb, hc, hw, n_pt, G, parts.shape[1], *da.geometry,
             CP=cp, BLOCK_P=bp, PREC=prec, AFFINE=affine, NEED_DW=need_dw and not outside, STORE_U=outside,
-            **launch_options(cp, "cross_step_bwd", prec, bp),
+            HAS_DA=da.present, **launch_options(cp, "cross_step_bwd", prec, bp),
         )
     return dz, dh, *param_grads(grad_out, u, parts, outside, need_dw, bias, log_scale, weight)
 
@@ -256,23 +262,26 @@ def step_inverse(y, h, bias, log_scale, weight_inv, affine: bool = True, *, bloc
 
 
 class CrossStepFunction(torch.autograd.Function):
-    """(z_next, logdet) = cross_step(z, h, bias, log_scale, W, affine). Saves z, h, bias, log_scale, W."""
+    """(z_next, logdet) = cross_step(z, h, bias, log_scale, W, affine). Saves z, h, bias, log_scale, W.
+    `network_channels` > 0: also returns z_next[:, :network_channels], a view for the next network's input, whose
+    gradient the backward kernel adds (as ActNormInvConvFunction's)."""
 
     @staticmethod
-    def forward(ctx, z, h, bias, log_scale, weight, affine):
+    def forward(ctx, z, h, bias, log_scale, weight, affine, network_channels=0):
         out, logdet = cross_step_forward(z, h, bias, log_scale, weight, affine)
         ctx.affine = affine
         ctx.save_for_backward(z, h, bias, log_scale, weight)
-        return out, logdet
+        return (out, logdet, out[:, :network_channels]) if network_channels else (out, logdet)
 
     @staticmethod
-    def backward(ctx, grad_out, grad_logdet):
+    def backward(ctx, grad_out, grad_logdet, grad_out_a=None):
         refuse_double_backward("CrossStepFunction")
         z, h, bias, log_scale, weight = ctx.saved_tensors
         dz, dh, db, dls, dw = cross_step_backward(
             z, h, grad_out, grad_logdet, bias, log_scale, weight, ctx.affine, need_dw=ctx.needs_input_grad[4],
+            grad_out_a=grad_out_a,
         )
-        return dz, dh, db, dls, dw, None
+        return dz, dh, db, dls, dw, None, None
 
 
 def apply_cross_step(z, h, bias, log_scale, weight, affine: bool = True):
@@ -356,13 +365,15 @@ def _(y, h, bias, log_scale, weight_inv, affine):
 def compile_specs():
     """(kernel, constexprs, launch options, data pointer type) for every kernel and constexpr branch."""
     aff = [dict(AFFINE=True), dict(AFFINE=False)]
-    bwd = [dict(AFFINE=a, NEED_DW=d, STORE_U=False) for a in (True, False) for d in (True, False)]
-    bwd += [dict(AFFINE=a, NEED_DW=False, STORE_U=True) for a in (True, False)]
+    bwd = [dict(AFFINE=a, NEED_DW=d, STORE_U=False, HAS_DA=False) for a in (True, False) for d in (True, False)]
+    bwd += [dict(AFFINE=a, NEED_DW=False, STORE_U=True, HAS_DA=False) for a in (True, False)]
+    # training's launch: the next network's input gradient added in the kernel (HAS_DA)
+    heaviest_bwd = dict(AFFINE=True, NEED_DW=True, STORE_U=False, HAS_DA=True)
     specs = []
     for kernel, branches, heaviest in (
         (_cross_step_fwd_kernel, aff, dict(AFFINE=True)),
         (_step_inverse_kernel, aff, dict(AFFINE=True)),
-        (_cross_step_bwd_kernel, bwd, dict(AFFINE=True, NEED_DW=True, STORE_U=False)),
+        (_cross_step_bwd_kernel, bwd + [heaviest_bwd, dict(heaviest_bwd, AFFINE=False)], heaviest_bwd),
     ):
         kind = KERNEL_KINDS[kernel.__name__]
         specs += [(kernel, cx, opts, dt) for cx, opts, dt in compile_spec_grid(branches, heaviest, kind)]
