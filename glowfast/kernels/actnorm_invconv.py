@@ -196,9 +196,10 @@ def load_grad_with_network_part(dy_ptr, base, offs, mask, c, p, b, da_ptr, NA, d
     next coupling network's input (a view of y; any strides with one pixel stride da_sp: NCHW or channels_last),
     which autograd would otherwise add in two more kernels (slice_backward's zero-filled copy, then the sum)."""
     dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DA:
-        da_offs = b.to(tl.int64) * da_sb + c[:, None] * da_sc + p[None, :].to(tl.int64) * da_sp
-        dy += tl.load(da_ptr + da_offs, mask=mask & (c[:, None] < NA), other=0.0).to(tl.float32)
+    if HAS_DA:  # int32 offsets within the sample (as the tiles' own), the sample's base in int64
+        da_sample = da_ptr + b.to(tl.int64) * da_sb
+        dy += tl.load(da_sample + c[:, None] * da_sc + p[None, :] * da_sp, mask=mask & (c[:, None] < NA),
+                      other=0.0).to(tl.float32)
     return dy
 
 
