@@ -29,7 +29,7 @@ from model_configs import glow_train_step, model_config
 # csrc/cuda/batched_lu_kernels.cu; cuDNN's and cuBLAS's kernel names carry conv / gemm / their tile families.
 CATEGORIES = (
     ("flow kernels (Triton)", r"_actnorm_invconv_\w*kernel|_cross_step_\w*kernel|_coupling_(fwd|inv|bwd)_kernel"
-                              r"|_step_inverse_kernel"),
+                              r"|_step_inverse_kernel|_lu_weights_\w*kernel"),
     ("coupling networks (Triton)", r"_conv3x3\w*kernel|_relu_backward_kernel"),
     # inductor's generated kernels (triton_poi_fused_..., triton_red_..., triton_per_...): the compiled networks'
     # fused glue (--compile-networks), the only torch.compile'd code in a glowfast step

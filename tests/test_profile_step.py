@@ -25,6 +25,8 @@ NAMES = {
     "_actnorm_invconv_fwd_kernel": "flow kernels (Triton)",
     "_coupling_inv_kernel": "flow kernels (Triton)",
     "_step_inverse_kernel": "flow kernels (Triton)",
+    "_lu_weights_fwd_kernel": "flow kernels (Triton)",
+    "_lu_weights_bwd_kernel": "flow kernels (Triton)",
     "_conv3x3_wgrad_kernel": "coupling networks (Triton)",
     "_conv3x3_kernel": "coupling networks (Triton)",
     "_relu_backward_kernel": "coupling networks (Triton)",
