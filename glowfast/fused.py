@@ -10,7 +10,8 @@ A flow step is ActNorm2d -> permutation (InvConv1x1 / Shuffle / Reverse) -> coup
                                                                      ActNorm + 1x1 conv, y_k never stored)
     y       = coupling(z_{K-1}, h_{K-1})                 1 kernel   (last step's coupling)
 
-so K steps cost K + 1 kernels besides the networks, each a single read/write pass over NCHW data. Shuffle and
+so K steps cost K + 1 kernels besides the networks (and the level's parameter side, `level_weights`: a copy and
+one kernel for LU steps), each a single read/write pass over NCHW data. Shuffle and
 Reverse run as a 1x1 conv with their permutation matrix (logdet 0): exact under "ieee" dots; under the default
 3xTF32 (or plain TF32) their activations go through the same split (rounding) as the 1x1 conv's — within 2^-22 of
 the value (plain TF32: 2^-11) — and an overflowed (inf) entry spreads NaN across the

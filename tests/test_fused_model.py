@@ -559,6 +559,31 @@ def test_cpu_tensors_get_exact_fp32_dots(monkeypatch):
     assert _utils.dot_precision("cuda") == "ieee"
 
 
+@pytest.mark.parametrize("hw", [(4, 4), (64, 64)])
+def test_a_one_tile_image_needs_no_partial_sum(hw, kernel_device):
+    """The coupling and cross-step forwards launch one program per pixel tile; where the image is one tile (G = 1),
+    the program writes the sample's logdet itself and no sum kernel follows; larger images sum their partials once.
+    Both equal the reference's logdet."""
+    from glowfast.kernels import coupling_forward, cross_step_forward
+
+    from helpers import OpLog
+
+    steps = make_steps(2, 4, "affine", "invconv", True, kernel_device)
+    x = torch.randn(2, 4, *hw)
+    with torch.no_grad():
+        h = steps[0].coupling.net(x[:, :2])
+        w = steps[1].permute.weight_matrix()
+        with OpLog() as log:
+            _, ld_coupling = coupling_forward(x, h, True)
+            _, ld_cross = cross_step_forward(x, h, steps[1].actnorm.bias, steps[1].actnorm.log_scale, w, True)
+        _, expected = steps[0].coupling(x)
+    names = [name for name, _, _ in log.calls]  # 64x64: more than one tile (the interpreter's are <= 2,048)
+    assert names.count("aten.sum") == (0 if hw == (4, 4) else 2), names
+    assert ld_coupling.shape == ld_cross.shape == (2,)
+    assert_exact(ld_coupling, expected, "logdet", "coupling logdet")
+    assert_exact(ld_cross, expected, "logdet", "cross-step logdet (its coupling's)")
+
+
 @pytest.mark.parametrize("coupling", ["affine", "additive"])
 def test_forward_chain_fills_nothing_and_sums_the_logdets_once(coupling, kernel_device):
     """The K-step kernel chain's forward with affine couplings: no zero fill of their logdet partials (every program

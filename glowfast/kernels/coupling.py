@@ -251,15 +251,20 @@ def coupling_forward(z, h, affine: bool = True, *, block_p: int | None = None,
 
 def logdet_partials(B: int, G: int, affine: bool, device) -> torch.Tensor:
     """The forward kernels' (B, G) per-program logdet partials: uninitialised, since with `affine` every program
-    stores its slot (a zero fill would be one more kernel per flow step); a placeholder when additive (no store)."""
-    return torch.empty((B, G) if affine else (1,), device=device, dtype=torch.float32)
+    stores its slot (a zero fill would be one more kernel per flow step); a placeholder when additive (no store).
+    One program per sample (G = 1: images of one pixel tile, CIFAR-10's second and third levels) writes the logdet
+    itself, a (B,) buffer (the kernels' slot b * G + g is b), and `logdet_of` returns it without a sum kernel."""
+    if not affine:
+        return torch.empty((1,), device=device, dtype=torch.float32)
+    return torch.empty((B, G) if G > 1 else (B,), device=device, dtype=torch.float32)
 
 
 def logdet_of(ld_part: torch.Tensor, B: int, affine: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The per-sample logdet (B,) from `logdet_partials` after the launch: their sum, or zeros when additive."""
+    """The per-sample logdet (B,) from `logdet_partials` after the launch: their sum (the buffer itself when one
+    program per sample wrote it), or zeros when additive."""
     if not affine:
         return torch.zeros(B, device=ld_part.device, dtype=dtype)
-    return ld_part.sum(1).to(dtype)
+    return (ld_part.sum(1) if ld_part.dim() == 2 else ld_part).to(dtype)
 
 
 def coupling_inverse(y, h, affine: bool = True, *, block_p: int | None = None):
