@@ -84,14 +84,16 @@ def test_frozen_tensors_get_no_gradient_and_the_others_theirs(kernel_device):
 
 def test_level_weights_runs_one_copy_and_one_kernel_each_way(kernel_device):
     """glowfast.fused.level_weights on LU steps where the kernels run: the forward's only torch op with data is one
-    cat (no stack, exp, diag_embed or matmul: they were ~18 small kernels), the backward has no matmul, and the
-    W's and log-determinant come from LUWeightsFunction."""
+    cat (no stack, exp, diag_embed or matmul: they were ~18 small kernels; the P's were checked by the first call
+    and are not again), the backward has no matmul, and the W's and log-determinant come from LUWeightsFunction."""
     steps = make_steps(4, 6, "affine", "invconv", True, kernel_device)
+    fused.level_weights(steps)  # the first call checks each P once (permutation_matrices); not again after
     with OpLog() as forward:
         weights, param_ld = fused.level_weights(steps)
     names = [name for name, _, _ in forward.calls]
     assert names.count("aten.cat") == 1
-    assert not {"aten.stack", "aten.exp", "aten.diag_embed", "aten.bmm", "aten.mm", "aten.matmul"} & set(names)
+    assert not {"aten.stack", "aten.exp", "aten.diag_embed", "aten.bmm", "aten.mm", "aten.matmul", "aten.eq"} & \
+        set(names)
     assert param_ld.grad_fn.name() == "LUWeightsFunctionBackward"
     with OpLog() as backward:
         (torch.stack(weights).sum() + param_ld).backward()
@@ -115,6 +117,41 @@ def test_level_weights_keeps_torch_ops_where_the_kernels_do_not_apply(kernel_dev
     w_ref, ld_ref, _ = _reference(perms, log_scales)
     assert_exact(weights[0].cpu(), w_ref[0], "out", "W (130 channels)")
     assert_exact(param_ld.cpu(), ld_ref, "logdet", "param_ld (130 channels)")
+
+
+def test_a_p_that_is_no_permutation_takes_the_torch_ops(kernel_device):
+    """The kernels gather rows where the reference multiplies by P. A P that is no permutation matrix (edited, or
+    loaded from elsewhere) is found once per tensor version and level_weights then computes the reference's product;
+    restored in place (a new version), P is checked again and the kernels take it back."""
+    steps = make_steps(2, 5, "affine", "invconv", True, kernel_device)
+    perms, log_scales = [s.permute for s in steps], [s.actnorm.log_scale for s in steps]
+    assert lu_weights_run_on(perms, log_scales)
+    original = perms[1].p.clone()
+    for bad in (2 * original, original[[0, 0, 2, 3, 4]], original + 0.5 * torch.eye(5)):
+        with torch.no_grad():
+            perms[1].p.copy_(bad)
+        assert not lu_weights_run_on(perms, log_scales)
+        weights, param_ld = fused.level_weights(steps)
+        assert param_ld.grad_fn.name() != "LUWeightsFunctionBackward"
+        w_ref, _, _ = _reference(perms, log_scales)
+        assert_exact(weights[1].cpu(), w_ref[1], "out", "W with that P")
+    with torch.no_grad():
+        perms[1].p.copy_(original)
+    assert lu_weights_run_on(perms, log_scales)
+    assert fused.level_weights(steps)[1].grad_fn.name() == "LUWeightsFunctionBackward"
+
+
+def test_an_inference_mode_p_is_checked_every_time(kernel_device):
+    """A P made under torch.inference_mode has no version counter: it is checked on every call, never cached."""
+    from glowfast.kernels.lu_weights import permutation_matrices
+
+    with torch.inference_mode():
+        good, bad = torch.eye(4)[[1, 0, 3, 2]], torch.eye(4)[[1, 1, 3, 2]]
+    assert permutation_matrices([good]) and permutation_matrices([good])
+    assert not permutation_matrices([bad]) and not permutation_matrices([good, bad])
+    with torch.inference_mode():
+        good[0, 0] = 1.0  # two 1s in row 0 now, in place: no cached answer may survive it
+    assert not permutation_matrices([good])
 
 
 def test_kernels_and_torch_ops_agree_on_a_deep_level(kernel_device):

@@ -14,17 +14,19 @@ kernel), one forward kernel (program k builds W_k; program 0 also sums the log-d
 writing every step's gradients into one buffer whose views are the gradients.
 
 Same function as the reference, forward and backward, up to the fp32 summation order of the products and sums. The
-products with P are row gathers (P is a permutation matrix: the layer's definition, built by its LU at init), which
-for finite values is what the reference's fp32 product with P computes exactly; the products with L and U are
-exact fp32 (`input_precision="ieee"`), as torch's fp32 matmuls are unless TF32 was allowed for them; the masks
-multiply as the reference's do (an inf in an entry they remove gives NaN, as there). Non-finite factors give a
-non-finite W; a NaN spreads over fewer entries than the reference's product with P spreads it (tested).
+products with P are row gathers (P is a permutation matrix: the layer's definition, built by its LU at init, and
+checked: `permutation_matrices`), which for finite values is what the reference's fp32 product with P computes
+exactly; the products with L and U are exact fp32 (`input_precision="ieee"`), as torch's fp32 matmuls are unless TF32
+was allowed for them; the masks multiply as the reference's do (an inf in an entry they remove gives NaN, as there).
+Non-finite factors give a non-finite W; a NaN spreads over fewer entries than the reference's product with P spreads
+it (tested).
 
 Public API
 - `lu_level_weights(perms, log_scales)` -> (W (K, C, C), param_ld 0-d): differentiable w.r.t. every `lower`,
   `upper`, `log_s` and `log_scale` (`LUWeightsFunction`); `perms` are the steps' InvConv1x1(lu=True) layers.
 - `lu_weights_run_on(perms, log_scales)`: whether the kernels take these tensors (else glowfast.fused keeps its
-  torch ops, which torch.compile also traces: this Function is eager-only).
+  torch ops, which torch.compile also traces: this Function is eager-only); among the conditions, that every P is a
+  permutation matrix (`permutation_matrices`, checked once per tensor version).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _source_rows(step_ptr, C, CP: tl.constexpr):
         j = jb + tl.arange(0, KB)
         p = tl.load(step_ptr + r[:, None] * C + j[None, :], mask=(r[:, None] < C) & (j[None, :] < C), other=0.0)
         src += tl.sum(p * j[None, :].to(tl.float32), axis=1)
-    return src.to(tl.int32)
+    return tl.minimum(tl.maximum(src.to(tl.int32), 0), C - 1)  # in bounds whatever P holds (it is checked)
 
 
 @triton.jit
@@ -94,7 +96,8 @@ def _target_rows(step_ptr, m, C, CP: tl.constexpr):
     """dst[m] with P[dst[m], m] = 1 for the columns m (a vector) of P: P^T @ M is M's rows gathered by dst."""
     r = tl.arange(0, CP)
     p = tl.load(step_ptr + r[:, None] * C + m[None, :], mask=(r[:, None] < C) & (m[None, :] < C), other=0.0)
-    return tl.sum(p * r[:, None].to(tl.float32), axis=0).to(tl.int32)
+    dst = tl.sum(p * r[:, None].to(tl.float32), axis=0).to(tl.int32)
+    return tl.minimum(tl.maximum(dst, 0), C - 1)  # in bounds whatever P holds (it is checked)
 
 
 @triton.jit
@@ -183,7 +186,40 @@ def lu_weights_run_on(perms, log_scales) -> bool:
     return all(t.dtype == torch.float32 and t.device == first.device
                for perm, log_scale in zip(perms, log_scales, strict=True)
                for t in (perm.p, perm.lower, perm.upper, perm.sign_s, perm.log_s, log_scale)) and \
-        all(perm.lower.shape == (c, c) and log_scale.shape == (c,) for perm, log_scale in zip(perms, log_scales))
+        all(perm.lower.shape == (c, c) and log_scale.shape == (c,) for perm, log_scale in zip(perms, log_scales)) \
+        and permutation_matrices([perm.p for perm in perms])
+
+
+_CHECKED = "_glowfast_permutation_version"  # on a P tensor: the version (tensor._version) found a permutation
+
+
+def permutation_matrices(ps) -> bool:
+    """Whether every P is a permutation matrix (0/1 entries, one 1 in each row and column), which the kernels'
+    row gathers take it to be (InvConv1x1 builds it so; a P loaded or edited otherwise would give a wrong W). Checked
+    once per tensor and version (one host sync; an in-place write, such as load_state_dict's, bumps the version).
+    While a CUDA graph is being captured an unchecked P is not checked (a sync is not allowed there): False, and
+    level_weights takes the torch ops, right for any P."""
+    unchecked = [p for p in ps if _version(p) is None or getattr(p, _CHECKED, None) != _version(p)]
+    if not unchecked:
+        return True
+    if unchecked[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    stacked = torch.stack(unchecked)
+    valid = ((stacked == 0) | (stacked == 1)).all() & (stacked.sum(1) == 1).all() & (stacked.sum(2) == 1).all()
+    if not bool(valid):
+        return False
+    for p in unchecked:
+        if _version(p) is not None:
+            setattr(p, _CHECKED, _version(p))
+    return True
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's version counter; None for an inference-mode tensor, which has none (its P is then checked every call)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class LUWeightsFunction(torch.autograd.Function):
