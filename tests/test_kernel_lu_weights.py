@@ -135,6 +135,8 @@ def test_a_p_that_is_no_permutation_takes_the_torch_ops(kernel_device):
         assert param_ld.grad_fn.name() != "LUWeightsFunctionBackward"
         w_ref, _, _ = _reference(perms, log_scales)
         assert_exact(weights[1].cpu(), w_ref[1], "out", "W with that P")
+        with pytest.raises(ValueError, match="must be a permutation matrix"):
+            lu_level_weights(perms, log_scales)
     with torch.no_grad():
         perms[1].p.copy_(original)
     assert lu_weights_run_on(perms, log_scales)

@@ -224,7 +224,8 @@ def _version(t: torch.Tensor) -> int | None:
 
 class LUWeightsFunction(torch.autograd.Function):
     """(W (K, C, C), param_ld) of K LU-parametrised steps; inputs: K, C, then per step
-    (p, lower, upper, sign_s, log_s, log_scale) flattened. Saves the packed copy of the inputs."""
+    (p, lower, upper, sign_s, log_s, log_scale) flattened, each P a permutation matrix (`lu_level_weights` checks).
+    Saves the packed copy of the inputs."""
 
     @staticmethod
     def forward(ctx, n_steps: int, channels: int, *flat):
@@ -264,6 +265,10 @@ def lu_level_weights(perms, log_scales) -> tuple[torch.Tensor, torch.Tensor]:
     c = perms[0].lower.shape[0]
     flat = _packed_inputs(perms, log_scales)
     check_device(*flat)
+    if not permutation_matrices([perm.p for perm in perms]):
+        raise ValueError("lu_level_weights: every step's P must be a permutation matrix, checked once per tensor "
+                         "version and never while a CUDA graph is being captured (call it once before capturing); "
+                         "glowfast.fused.level_weights takes torch ops for any other P")
     return LUWeightsFunction.apply(len(perms), c, *flat)
 
 
