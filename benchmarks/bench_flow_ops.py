@@ -150,32 +150,33 @@ def _per_step_params(levels):
     return weights, ld
 
 
-def _per_level_params(levels):
+def _per_level_params(levels, level_fn):
+    """W and the summed log-determinant of every level by `level_fn(steps)` -> (W's, level log-determinant)."""
+    weights, ld = [], 0.0
+    for steps in levels:
+        w, level_ld = level_fn(steps)
+        weights += list(w)
+        ld = ld + level_ld
+    return weights, ld
+
+
+def _level_weights(steps):
     """glowfast.fused.level_weights: all K steps of a level at once (on a GPU its two lu_weights kernels)."""
     from glowfast.fused import level_weights
 
-    weights, ld = [], 0.0
-    for steps in levels:
-        w, level_ld = level_weights(steps)
-        weights += w
-        ld = ld + level_ld
-    return weights, ld
+    return level_weights(steps)
 
 
-def _per_level_params_torch(levels):
-    """The same in a handful of batched torch ops per level (glowfast.fused.lu_level_weights_torch: level_weights
-    before the lu_weights kernels, and still where they do not run)."""
+def _level_weights_torch(steps):
+    """The same in a handful of batched torch ops (glowfast.fused.lu_level_weights_torch: level_weights before the
+    lu_weights kernels, and still where they do not run)."""
     from glowfast.fused import lu_level_weights_torch
 
-    weights, ld = [], 0.0
-    for steps in levels:
-        w, level_ld = lu_level_weights_torch([s.permute for s in steps], [s.actnorm.log_scale for s in steps])
-        weights += list(w.unbind(0))
-        ld = ld + level_ld
-    return weights, ld
+    return lu_level_weights_torch([s.permute for s in steps], [s.actnorm.log_scale for s in steps])
 
 
-_PARAM_SIDES = {"reference": _per_step_params, "fused": _per_level_params, "batched_torch": _per_level_params_torch}
+_PARAM_SIDES = {"reference": _per_step_params, "fused": lambda levels: _per_level_params(levels, _level_weights),
+                "batched_torch": lambda levels: _per_level_params(levels, _level_weights_torch)}
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -69,7 +69,7 @@ from .kernels import _utils
 from .kernels.actnorm_invconv import ActNormInvConvFunction, actnorm_invconv_op
 from .kernels.coupling import CouplingFunction, coupling_op
 from .kernels.cross_step import CrossStepFunction, cross_step_op, step_inverse, step_inverse_op
-from .kernels.lu_weights import lu_level_weights, lu_weights_run_on
+from .kernels.lu_weights import try_lu_level_weights
 from .reference import AdditiveCoupling, AffineCoupling, InvConv1x1, Permute2d
 from .reference import steps_forward as reference_steps_forward
 
@@ -187,8 +187,7 @@ def level_weights(steps: Sequence, w_logabsdets: Sequence[torch.Tensor | None] |
     lu = _same_permutations(steps, InvConv1x1, lu=True) and not any(given)  # given values: the per-step path
     perms, log_scales = [s.permute for s in steps], [s.actnorm.log_scale for s in steps]
     if lu:
-        lu_weights = lu_level_weights if lu_weights_run_on(perms, log_scales) else lu_level_weights_torch
-        w, param_ld = lu_weights(perms, log_scales)
+        w, param_ld = try_lu_level_weights(perms, log_scales) or lu_level_weights_torch(perms, log_scales)
         return list(w.unbind(0)), param_ld
     log_scale_sum = torch.stack(log_scales).sum()
     if _same_permutations(steps, Permute2d):

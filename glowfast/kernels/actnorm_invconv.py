@@ -357,8 +357,9 @@ def network_input_grad(grad_y: torch.Tensor, grad_y_a: torch.Tensor | None, outs
     grad_y_a is read in place where its pixels have one stride (NCHW or channels_last views, what networks hand
     back), else made contiguous. With the weight gradient `outside` the kernel (a GEMM of the whole grad_y after
     it), the two are summed here instead, since that GEMM needs the sum."""
+    absent = NetworkGrad(grad_y, (0, 0, 0, 0), False)  # the kernel reads nothing through it
     if grad_y_a is None:
-        return grad_y, NetworkGrad(grad_y, (0, 0, 0, 0), False)
+        return grad_y, absent
     B, C, H, W = grad_y.shape
     if grad_y_a.dim() != 4 or grad_y_a.shape[0] != B or grad_y_a.shape[2:] != grad_y.shape[2:] \
             or not 0 < grad_y_a.shape[1] <= C:
@@ -368,7 +369,7 @@ def network_input_grad(grad_y: torch.Tensor, grad_y_a: torch.Tensor | None, outs
     if outside:
         total = grad_y.clone()
         total[:, :grad_y_a.shape[1]] += grad_y_a
-        return total, NetworkGrad(grad_y, (0, 0, 0, 0), False)
+        return total, absent
     sb, sc, sh, sw = grad_y_a.stride()
     if H > 1 and sh != W * sw:
         grad_y_a = grad_y_a.contiguous()

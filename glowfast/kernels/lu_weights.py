@@ -24,6 +24,7 @@ it (tested).
 Public API
 - `lu_level_weights(perms, log_scales)` -> (W (K, C, C), param_ld 0-d): differentiable w.r.t. every `lower`,
   `upper`, `log_s` and `log_scale` (`LUWeightsFunction`); `perms` are the steps' InvConv1x1(lu=True) layers.
+- `try_lu_level_weights(perms, log_scales)`: the same, or None where the kernels do not take these tensors.
 - `lu_weights_run_on(perms, log_scales)`: whether the kernels take these tensors (else glowfast.fused keeps its
   torch ops, which torch.compile also traces: this Function is eager-only); among the conditions, that every P is a
   permutation matrix (`permutation_matrices`, checked once per tensor version).
@@ -167,8 +168,9 @@ def _lu_weights_bwd_kernel(packed_ptr, dw_ptr, dld_ptr, grad_ptr, C, CP: tl.cons
     tl.store(g + 2 * C * C + C + r, tl.zeros((CP,), dtype=tl.float32) + dld, mask=r < C)
 
 
-def _packed_inputs(perms, log_scales) -> list[torch.Tensor]:
-    return [t.reshape(-1) for perm, log_scale in zip(perms, log_scales, strict=True)
+def _step_inputs(perms, log_scales) -> list[torch.Tensor]:
+    """Every step's tensors in the packed order: per step (p, lower, upper, sign_s, log_s, log_scale)."""
+    return [t for perm, log_scale in zip(perms, log_scales, strict=True)
             for t in (perm.p, perm.lower, perm.upper, perm.sign_s, perm.log_s, log_scale)]
 
 
@@ -183,9 +185,7 @@ def lu_weights_run_on(perms, log_scales) -> bool:
     c = first.shape[0]
     if c > MAX_CHANNELS or len(perms) * (3 * c * c + 3 * c) >= 2**31:  # the kernels' tile and int32 offsets
         return False
-    return all(t.dtype == torch.float32 and t.device == first.device
-               for perm, log_scale in zip(perms, log_scales, strict=True)
-               for t in (perm.p, perm.lower, perm.upper, perm.sign_s, perm.log_s, log_scale)) and \
+    return all(t.dtype == torch.float32 and t.device == first.device for t in _step_inputs(perms, log_scales)) and \
         all(perm.lower.shape == (c, c) and log_scale.shape == (c,) for perm, log_scale in zip(perms, log_scales)) \
         and permutation_matrices([perm.p for perm in perms])
 
@@ -250,7 +250,7 @@ class LUWeightsFunction(torch.autograd.Function):
         with on_device_of(packed):
             launch(_lu_weights_bwd_kernel, (n_steps,), packed, grad_w.contiguous(), grad_ld.contiguous(), grad,
                    c, CP=cp, num_warps=warps)
-        # the step count and channels; then each step's flat inputs, as _packed_inputs orders them (views of grad)
+        # the step count and channels; then each step's flat inputs, as _step_inputs orders them (views of grad)
         per_step = zip(*(part.unbind(0) for part in grad.split((c * c, c * c, c, c), dim=1)), strict=True)
         out = [None, None]
         for d_lower, d_upper, d_log_s, d_log_scale in per_step:
@@ -262,14 +262,23 @@ class LUWeightsFunction(torch.autograd.Function):
 def lu_level_weights(perms, log_scales) -> tuple[torch.Tensor, torch.Tensor]:
     """Every step's W (K, C, C) and sum_k (sum(log_scale_k) + sum(log_s_k)) (0-d) of K InvConv1x1(lu=True) layers
     `perms` and their ActNorm log-scales, by the two kernels (module docstring); differentiable."""
-    c = perms[0].lower.shape[0]
-    flat = _packed_inputs(perms, log_scales)
-    check_device(*flat)
+    check_device(*_step_inputs(perms, log_scales))
     if not permutation_matrices([perm.p for perm in perms]):
         raise ValueError("lu_level_weights: every step's P must be a permutation matrix, checked once per tensor "
                          "version and never while a CUDA graph is being captured (call it once before capturing); "
                          "glowfast.fused.level_weights takes torch ops for any other P")
-    return LUWeightsFunction.apply(len(perms), c, *flat)
+    return _apply(perms, log_scales)
+
+
+def try_lu_level_weights(perms, log_scales) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`lu_level_weights` where the kernels take these tensors (`lu_weights_run_on`), else None (the caller then
+    computes them otherwise: glowfast.fused.level_weights's torch ops); each check made once."""
+    return _apply(perms, log_scales) if lu_weights_run_on(perms, log_scales) else None
+
+
+def _apply(perms, log_scales) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = [t.reshape(-1) for t in _step_inputs(perms, log_scales)]
+    return LUWeightsFunction.apply(len(perms), perms[0].lower.shape[0], *flat)
 
 
 def is_production_spec(kernel_name: str, constexprs: dict, options: dict, data_type: str) -> bool:
